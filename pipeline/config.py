@@ -1,0 +1,200 @@
+"""Typed, validated job configuration.
+
+A job file is YAML (safe-loaded) mapped onto frozen pydantic models, one per stage.
+Unknown fields are errors, and every error names its field (``dedup.phash.max_hamming``).
+``--set stage.key=value`` overrides are applied to the raw mapping before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the field. The CLI exits 2 on it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(Section):
+    # a glob of webdataset .tar shards, or a directory in LAION's precomputed-embedding layout
+    path: str = Field(min_length=1)
+    format: Literal["auto", "webdataset", "laion_embeddings"] = "auto"
+
+
+class ReadConfig(Section):
+    max_image_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=64_000_000, gt=0)  # decompression-bomb guard
+    max_caption_bytes: int = Field(default=16 * 1024, gt=0)
+    require_caption: bool = True
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
+
+
+class PhashConfig(Section):
+    enabled: bool = True
+    max_hamming: int = Field(default=10, ge=0, le=64)
+
+
+class ClipConfig(Section):
+    enabled: bool = False
+    model: str = "ViT-B-32"
+    pretrained: str | None = None  # a hub tag, or a local checkpoint file/dir
+    batch_size: int = Field(default=32, gt=0)
+    threshold: float = Field(default=0.95, gt=0, le=1)  # cosine for a semantic duplicate
+    device: str = "auto"  # auto | cpu | cuda
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class ClusterConfig(Section):
+    n_cells: int = Field(default=0, ge=0)  # 0 = choose from the data size
+    top_m: int = Field(default=3, ge=1)  # cells each vector is assigned to
+    sample_size: int = Field(default=100_000, gt=0)  # k-means training sample
+
+
+class DedupConfig(Section):
+    exact: bool = True
+    phash: PhashConfig = PhashConfig()
+    clip: ClipConfig = ClipConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    keeper: str = "resolution"  # resolution | earliest | centre | column:<name>[:asc|desc]
+    embeddings_dir: str | None = None  # persisted per-shard embeddings; default OUTPUT/embeddings
+
+
+class TriggersConfig(Section):
+    enabled: bool = True
+    min_keyword_count: int = Field(default=20, ge=1)
+    min_pair_count: int = Field(default=10, ge=1)
+    min_p_cluster_given_keyword: float = Field(default=0.5, ge=0, le=1)
+    min_p_keyword_given_cluster: float = Field(default=0.3, ge=0, le=1)
+    max_q_value: float = Field(default=0.01, gt=0, le=1)
+    bigrams: bool = False
+    objects: tuple[str, ...] = ()  # empty = the default vocabulary
+    object_source: Literal["auto", "metadata", "clip", "none"] = "auto"
+
+
+class ProbeConfig(Section):
+    enabled: bool = False
+    model: str | None = None  # a local diffusers directory or a hub id
+    metric: Literal["magnitude", "anisotropy"] = "magnitude"
+    seeds: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=16, gt=0)
+    budget: Literal["all", "cluster_representatives", "triggers", "sample"] = "all"
+    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    threshold: float | None = None  # None = calibrate on reference captions
+    reference_captions: str | None = None
+    target_fpr: float = Field(default=0.01, gt=0, lt=1)
+    device: str = "auto"
+
+
+class DecideConfig(Section):
+    drop_failed: bool = True
+    drop_duplicates: bool = True  # drop non-representative members of duplicate clusters
+    drop_flagged_probe: bool = True
+    diversify_full_duplication: bool = True
+    diversify_triggers: bool = True
+
+
+class DiversifyConfig(Section):
+    enabled: bool = True
+    strategies: tuple[str, ...] = ("MC", "RT", "CWR", "RC", "RNA")
+    n_alternatives: int = Field(default=4, ge=1)
+    gaussian_noise_sigma: float = Field(default=0.1, ge=0)
+
+
+class OutputConfig(Section):
+    dir: str = Field(default="out/run", min_length=1)
+    filtered_shards: bool = False
+    report: bool = True
+
+
+class RunConfig(Section):
+    runner: str = "DirectRunner"
+    max_failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    seed: int = 0
+
+
+class JobConfig(Section):
+    name: str = Field(min_length=1)
+    input: InputConfig
+    output: OutputConfig = OutputConfig()
+    read: ReadConfig = ReadConfig()
+    dedup: DedupConfig = DedupConfig()
+    triggers: TriggersConfig = TriggersConfig()
+    probe: ProbeConfig = ProbeConfig()
+    decide: DecideConfig = DecideConfig()
+    diversify: DiversifyConfig = DiversifyConfig()
+    run: RunConfig = RunConfig()
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(job)"
+        lines.append(f"{field}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override to a raw mapping (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    dotted, value = assignment.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"job file {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"job file {path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"job file {path}: the top level must be a mapping")
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_job(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    input_path: str | None = None,
+    output_dir: str | None = None,
+) -> JobConfig:
+    raw = load_raw(path)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    if input_path is not None:
+        raw.setdefault("input", {})
+        if not isinstance(raw["input"], dict):
+            raise ConfigError("input: must be a mapping")
+        raw["input"]["path"] = input_path
+    if output_dir is not None:
+        raw.setdefault("output", {})
+        if not isinstance(raw["output"], dict):
+            raise ConfigError("output: must be a mapping")
+        raw["output"]["dir"] = output_dir
+    return parse_config(raw)

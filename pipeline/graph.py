@@ -1,0 +1,133 @@
+"""Build the Beam graph of a webdataset job from its config; returns the named outputs.
+
+Stages only annotate; ``Decide`` turns annotations into decisions; writers persist each table.
+"""
+
+from __future__ import annotations
+
+import os
+
+import apache_beam as beam
+
+from schemas import arrow
+from transforms.annotate import Annotate, annotation_row
+from transforms.decide import Decide, blocklist_row
+from transforms.decode import DecodeImages
+from transforms.dedup import FindDuplicates
+from transforms.read_shards import ReadLimits, ReadShards
+from transforms.write import WriteTable
+
+
+def read_limits(cfg) -> ReadLimits:
+    r = cfg.read
+    return ReadLimits(max_image_bytes=r.max_image_bytes, max_caption_bytes=r.max_caption_bytes,
+                      require_caption=r.require_caption, image_extensions=tuple(r.image_extensions))
+
+
+def _failure_row(f) -> dict:
+    return {"key": f.key, "shard": f.shard, "stage": f.stage, "error_type": f.error_type,
+            "message": f.message, "url": f.url}
+
+
+def _by_shard(row: dict) -> str:
+    return row["shard"]
+
+
+def _cluster_rows(a) -> list[dict]:
+    if a.cluster_size < 2:
+        return []
+    return [{"key": a.key, "cluster_id": a.cluster_id, "embedder": a.embedder or "exact",
+             "similarity": a.similarity, "cluster_size": a.cluster_size, "is_representative": a.is_representative}]
+
+
+def add_dedup(cfg, dec: dict) -> dict:
+    """Wire the duplicate finders that the config enables; returns FindDuplicates' outputs."""
+    edges = []
+    neighbours = []
+    if cfg.dedup.phash.enabled:
+        from transforms.phash import FindPhashCopies
+
+        found = dec["codes"] | "FindPhashCopies" >> FindPhashCopies(cfg.dedup.phash)
+        edges.append(found["edges"])
+        neighbours.append(found["neighbours"])
+    if cfg.dedup.clip.enabled and "clip_edges" in dec:
+        edges.append(dec["clip_edges"])
+        neighbours.append(dec["clip_neighbours"])
+    inputs = {"infos": dec["infos"]}
+    if edges:
+        inputs["edges"] = tuple(edges) | "EmbedderEdges" >> beam.Flatten()
+    out = inputs | "FindDuplicates" >> FindDuplicates(cfg.dedup.keeper, cfg.dedup.exact)
+    out["neighbours"] = neighbours
+    return out
+
+
+def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> dict:
+    """Wire the whole job; returns the PCollections of written paths and the decisions."""
+    paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
+    read = paths | "ReadShards" >> ReadShards(read_limits(cfg))
+    dec = read["samples"] | "DecodeImages" >> DecodeImages(cfg.read.max_image_pixels, cfg.dedup.phash.enabled)
+    dup = add_dedup(cfg, dec)
+    failures = (read["failures"], dec["failures"]) | "AllFailures" >> beam.Flatten()
+
+    keyed = {
+        "info": dec["infos"] | "KeyInfo" >> beam.Map(lambda i: (i.key, i)),
+        "failure": failures | "KeyFailure" >> beam.Map(lambda f: (f.key, f)),
+        "assignment": dup["assignments"] | "KeyAssignment" >> beam.Map(lambda a: (a.key, a)),
+    }
+    duplication = None
+    if cfg.triggers.enabled:
+        from transforms.triggers import MineTriggers
+
+        mined = {"infos": dec["infos"], "assignments": dup["assignments"]} | "MineTriggers" >> MineTriggers(cfg.triggers)
+        keyed["codes"] = mined["codes"]
+        duplication = mined["duplication"] | "DuplicationClass" >> beam.Map(lambda kv: (kv[0], kv[1]["class"]))
+        _write(mined["keywords"], out_dir, "triggers/keywords", lambda r: "all",
+               lambda r: (-r["npmi"], r["keyword"], r["cluster_id"]))
+        _write(mined["objects"], out_dir, "triggers/objects", lambda r: "all",
+               lambda r: (r["q_value"], r["keyword"], r["object"]))
+    if cfg.probe.enabled:
+        from transforms.probe import ProbeCaptions
+
+        probed = dec["infos"] | "ProbeCaptions" >> ProbeCaptions(cfg.probe)
+        keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
+        keyed["failure"] = (keyed["failure"], probed["failures"] | "KeyProbeFailure" >> beam.Map(
+            lambda f: (f.key, f))) | "WithProbeFailures" >> beam.Flatten()
+        shard_of = keyed["info"] | "ShardOf" >> beam.Map(lambda kv: (kv[0], kv[1].shard))
+        score_rows = ({"s": keyed["score"], "shard": shard_of} | "JoinScoreShard" >> beam.CoGroupByKey()
+                      | "ScoreRows" >> beam.FlatMap(_score_rows))
+        _write(score_rows, out_dir, "scores", lambda r: r["_shard"], lambda r: (r["key"],))
+
+    annotations = keyed | "Annotate" >> Annotate(duplication)
+    rows = annotations | "Decide" >> Decide(cfg.decide)
+    outputs = {"annotations": annotations, "manifest": rows}
+    _write(annotations | "AnnotationRows" >> beam.Map(annotation_row), out_dir, "annotations", _by_shard,
+           lambda r: (r["key"],))
+    _write(rows, out_dir, "manifest", _by_shard, lambda r: (r["key"],))
+    _write(failures | "FailureRows" >> beam.Map(_failure_row), out_dir, "failures", _by_shard,
+           lambda r: (r["key"], r["stage"], r["error_type"]))
+    _write(dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows), out_dir, "clusters",
+           lambda r: "all", lambda r: (r["cluster_id"], r["key"]))
+    if dup["neighbours"]:
+        nn = tuple(dup["neighbours"]) | "AllNeighbours" >> beam.Flatten()
+        _write(nn | "NeighbourRows" >> beam.Map(_neighbour_row), out_dir, "neighbours", lambda r: r["embedder"],
+               lambda r: (r["key"],))
+    dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == "drop")
+    _write(dropped | "BlockRows" >> beam.Map(lambda r: dict(blocklist_row(r), _shard=r["shard"])),
+           out_dir, "blocklist", lambda r: r["_shard"], lambda r: (r["key"],))
+    _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
+    return outputs
+
+
+def _score_rows(item) -> list[dict]:
+    _, grouped = item
+    shards = list(grouped["shard"])
+    return [dict(r, _shard=shards[0] if shards else "unknown") for r in grouped["s"]]
+
+
+def _neighbour_row(n) -> dict:
+    return {"key": n.key, "embedder": n.embedder, "nn_key": n.nn_key, "nn_similarity": float(n.nn_similarity)}
+
+
+def _write(pcoll, out_dir: str, table: str, partition, sort_key):
+    label = table.replace("/", "_")
+    return pcoll | f"Write_{label}" >> WriteTable(os.path.join(out_dir, table), arrow.TABLES[table], partition, sort_key)

@@ -1,0 +1,79 @@
+"""``run.json``: resolved config, versions, counters per stage, timings, input/output counts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+
+PACKAGES = ("memsieve", "apache-beam", "pyarrow", "numpy", "pillow", "torch", "open_clip_torch", "faiss-cpu",
+            "diffusers", "transformers", "spacy", "webdataset")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def beam_counters(result) -> dict[str, dict[str, int]]:
+    """Beam metrics -> {namespace: {name: value}} (counters summed, distributions as sums/counts)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    out: dict[str, dict] = {}
+    try:
+        queried = result.metrics().query(MetricsFilter())
+    except Exception:  # some runners do not report metrics
+        return out
+    for c in queried.get("counters", []):
+        ns = out.setdefault(c.key.metric.namespace, {})
+        name = c.key.metric.name
+        ns[name] = ns.get(name, 0) + int(c.committed if c.committed is not None else c.attempted or 0)
+    for d in queried.get("distributions", []):
+        ns = out.setdefault(d.key.metric.namespace, {})
+        value = d.committed if d.committed is not None else d.attempted
+        if value is not None:
+            ns[d.key.metric.name + "_sum"] = ns.get(d.key.metric.name + "_sum", 0) + int(value.sum)
+            ns[d.key.metric.name + "_count"] = ns.get(d.key.metric.name + "_count", 0) + int(value.count)
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def table_counts(out_dir: str, tables: list[str]) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    counts = {}
+    for table in tables:
+        folder = os.path.join(out_dir, table)
+        if not os.path.isdir(folder):
+            continue
+        counts[table] = sum(pq.ParquetFile(os.path.join(folder, p)).metadata.num_rows
+                            for p in sorted(os.listdir(folder)) if p.endswith(".parquet"))
+    return counts
+
+
+def checksums(out_dir: str, tables: list[str]) -> dict[str, str]:
+    """sha256 per output file, so two runs can be compared for determinism."""
+    out = {}
+    for table in tables:
+        folder = os.path.join(out_dir, table)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".parquet"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    out[f"{table}/{name}"] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def write_run_json(path: str, info: dict) -> None:
+    from transforms.write import atomic_write_text
+
+    info = dict(info, argv=sys.argv[1:])
+    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")

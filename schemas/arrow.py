@@ -1,0 +1,188 @@
+"""Versioned Arrow schemas of the output tables (contract.md).
+
+Each table carries ``memsieve.schema`` and ``memsieve.schema_version`` in its metadata; a
+reader can check them. Bump the version when a column changes meaning or type.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    meta = {b"memsieve.schema": name.encode(), b"memsieve.schema_version": SCHEMA_VERSION.encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+MANIFEST = _schema(
+    "manifest",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("status", pa.string(), nullable=False),  # ok | failed
+        pa.field("decision", pa.string(), nullable=False),  # keep | drop | diversify
+        pa.field("reasons", pa.list_(pa.string())),
+        pa.field("cluster_id", pa.string()),
+        pa.field("cluster_size", pa.int64()),
+        pa.field("is_representative", pa.bool_()),
+        pa.field("width", pa.int64()),
+        pa.field("height", pa.int64()),
+        pa.field("duplication", pa.string()),  # "" | full | partial
+        pa.field("trigger_codes", pa.list_(pa.string())),
+        pa.field("probe_score", pa.float64()),
+    ],
+)
+
+FAILURES = _schema(
+    "failures",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string()),
+        pa.field("url", pa.string()),
+    ],
+)
+
+CLUSTERS = _schema(
+    "clusters",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.string(), nullable=False),
+        pa.field("embedder", pa.string(), nullable=False),
+        pa.field("similarity", pa.float64()),
+        pa.field("cluster_size", pa.int64()),
+        pa.field("is_representative", pa.bool_()),
+    ],
+)
+
+NEIGHBOURS = _schema(
+    "neighbours",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("embedder", pa.string(), nullable=False),
+        pa.field("nn_key", pa.string()),
+        pa.field("nn_similarity", pa.float64()),
+    ],
+)
+
+KEYWORD_TRIGGERS = _schema(
+    "triggers_keywords",
+    [
+        pa.field("keyword", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.string(), nullable=False),
+        pa.field("n_keyword", pa.int64()),
+        pa.field("n_cluster", pa.int64()),
+        pa.field("n_both", pa.int64()),
+        pa.field("npmi", pa.float64()),
+        pa.field("p_value", pa.float64()),
+        pa.field("q_value", pa.float64()),
+        pa.field("p_cluster_given_keyword", pa.float64()),
+        pa.field("p_keyword_given_cluster", pa.float64()),
+    ],
+)
+
+OBJECT_TRIGGERS = _schema(
+    "triggers_objects",
+    [
+        pa.field("keyword", pa.string(), nullable=False),
+        pa.field("object", pa.string(), nullable=False),
+        pa.field("n_keyword", pa.int64()),
+        pa.field("n_both", pa.int64()),
+        pa.field("lift", pa.float64()),
+        pa.field("p_value", pa.float64()),
+        pa.field("q_value", pa.float64()),
+        pa.field("relation", pa.string()),
+    ],
+)
+
+SCORES = _schema(
+    "scores",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("score", pa.float64()),
+        pa.field("metric", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("threshold", pa.float64()),
+        pa.field("flagged", pa.bool_()),
+    ],
+)
+
+DIVERSIFY = _schema(
+    "diversify",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("alternatives", pa.list_(pa.string())),
+        pa.field("strategy", pa.string()),
+        pa.field("gaussian_noise_sigma", pa.float64()),
+    ],
+)
+
+BLOCKLIST = _schema(
+    "blocklist",
+    [
+        pa.field("url", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+    ],
+)
+
+ANNOTATIONS = _schema(
+    "annotations",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("failure_stage", pa.string()),
+        pa.field("failure_type", pa.string()),
+        pa.field("width", pa.int64()),
+        pa.field("height", pa.int64()),
+        pa.field("cluster_id", pa.string()),
+        pa.field("cluster_size", pa.int64()),
+        pa.field("is_representative", pa.bool_()),
+        pa.field("cluster_embedder", pa.string()),
+        pa.field("cluster_similarity", pa.float64()),
+        pa.field("duplication", pa.string()),
+        pa.field("trigger_codes", pa.list_(pa.string())),
+        pa.field("probe_score", pa.float64()),
+        pa.field("probe_flagged", pa.bool_()),
+    ],
+)
+
+SHARDS = _schema(
+    "shards",
+    [
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("path", pa.string()),
+        pa.field("members", pa.int64()),
+        pa.field("keys", pa.int64()),
+        pa.field("sidecar_rows", pa.int64()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("events", pa.list_(pa.string())),
+    ],
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "shards": SHARDS,
+    "manifest": MANIFEST,
+    "failures": FAILURES,
+    "clusters": CLUSTERS,
+    "neighbours": NEIGHBOURS,
+    "triggers/keywords": KEYWORD_TRIGGERS,
+    "triggers/objects": OBJECT_TRIGGERS,
+    "scores": SCORES,
+    "diversify": DIVERSIFY,
+    "blocklist": BLOCKLIST,
+    "annotations": ANNOTATIONS,
+}

@@ -1,0 +1,109 @@
+"""Typed elements that travel between the pipeline's stages.
+
+Every element carries the sample ``key`` (the webdataset ``__key__``) so joins use it.
+Elements are frozen dataclasses: cheap to pickle, hashable where needed, and typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One webdataset sample as read from a shard (image bytes still encoded)."""
+
+    key: str
+    shard: str
+    url: str
+    caption: str
+    meta_json: str  # the sample's json member, re-serialized (sorted keys) or "{}"
+    image: bytes
+    image_ext: str  # member extension: jpg, png, webp, ...
+    sha256: str  # sha256 of the image bytes in the tar
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A dead-letter record: a sample (or input row) that could not be processed."""
+
+    key: str
+    shard: str
+    stage: str  # read | download | decode | embed | probe | ...
+    error_type: str  # a specific code, e.g. corrupt_image, truncated_tar, bad_caption_encoding
+    message: str
+    url: str = ""
+    caption: str = ""
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """What the annotation stages keep of a decoded sample (no pixels)."""
+
+    key: str
+    shard: str
+    url: str
+    caption: str
+    sha256: str
+    pixel_sha256: str  # sha256 of the decoded RGB pixels plus their shape
+    width: int
+    height: int
+    meta_json: str = "{}"
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A duplicate edge between two samples found by one embedder (key_a < key_b)."""
+
+    key_a: str
+    key_b: str
+    similarity: float
+    embedder: str  # exact | phash | clip | ...
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A sample's nearest neighbour under one embedder, so thresholds can move later."""
+
+    key: str
+    embedder: str
+    nn_key: str
+    nn_similarity: float
+
+
+@dataclass(frozen=True)
+class ClusterAssignment:
+    """A sample's duplicate cluster (union over all embedders' edges)."""
+
+    key: str
+    cluster_id: str
+    cluster_size: int
+    is_representative: bool
+    embedder: str  # the strongest embedder that linked it: exact > phash > clip
+    similarity: float  # to the cluster's representative (1.0 for the representative)
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Everything known about one key, joined; the policy stage reads only this."""
+
+    key: str
+    shard: str
+    url: str = ""
+    caption: str = ""
+    sha256: str = ""
+    status: str = "ok"  # ok | failed
+    failure_stage: str = ""
+    failure_type: str = ""
+    width: int = 0
+    height: int = 0
+    cluster_id: str = ""
+    cluster_size: int = 1
+    is_representative: bool = True
+    cluster_embedder: str = ""
+    cluster_similarity: float = 1.0
+    duplication: str = ""  # "" | full | partial (caption duplication of its cluster)
+    trigger_codes: tuple[str, ...] = field(default_factory=tuple)
+    probe_score: float | None = None
+    probe_flagged: bool = False

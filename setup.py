@@ -1,0 +1,59 @@
+"""memsieve: curate text-to-image training sets against memorization."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "apache-beam==2.77.0",
+    "pyarrow>=17,<26",
+    "protobuf<7",
+    "numpy>=1.26,<2.6",
+    "pillow>=10.3",
+    "pyyaml>=6.0",
+    "webdataset==1.0.2",
+    "faiss-cpu==1.15.1",
+    "rich>=13",
+    "jinja2>=3.1",
+    "matplotlib>=3.8",
+    "scipy>=1.11",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "open_clip_torch==3.3.0",
+    "diffusers==0.42.1",
+    "transformers==5.23.0",
+    "safetensors>=0.4",
+    "spacy==3.8.18",
+    "spacy-lookups-data==1.0.5",
+    "datasketch==2.0.0",
+    "psutil>=5.9",
+]
+
+EXTRAS = {
+    "dev": [
+        "pytest==9.2.0",
+        "pytest-timeout==2.4.0",
+        "ruff==0.17.5",
+        "pandas>=2.2",
+        "duckdb>=1.1",
+        "imagehash==4.3.2",
+        "scikit-image>=0.24",
+        "scikit-learn>=1.5",
+        "dask==2026.8.0",
+        "distributed==2026.8.0",
+        "playwright==1.65.2",
+    ],
+    "gcp": ["apache-beam[gcp]==2.77.0"],
+    "aws": ["apache-beam[aws]==2.77.0"],
+}
+
+setup(
+    name="memsieve",
+    version="0.1.0",
+    description="Batch pipeline that curates text-to-image training sets against memorization",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pipeline*", "transforms*", "schemas*", "memsieve*"]),
+    include_package_data=True,
+    package_data={"pipeline": ["templates/*.html", "jobs/*.yaml"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["memsieve=pipeline.cli:main"]},
+)

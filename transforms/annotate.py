@@ -1,0 +1,93 @@
+"""Join everything known about a key into one ``Annotation`` (the policy stage's only input)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import apache_beam as beam
+
+from schemas.elements import Annotation, ClusterAssignment, Failure, SampleInfo
+
+
+def build_annotation(key: str, grouped: dict, duplication: dict[str, str]) -> Annotation | None:
+    """Pure: the joined lists for one key -> an Annotation (None when the key has no record)."""
+    infos: list[SampleInfo] = sorted(grouped.get("info", []), key=lambda i: i.shard)
+    failures: list[Failure] = sorted(grouped.get("failure", []), key=lambda f: (f.shard, f.stage, f.error_type))
+    assignments: list[ClusterAssignment] = list(grouped.get("assignment", []))
+    codes = sorted({c for codes in grouped.get("codes", []) for c in codes})
+    scores = list(grouped.get("score", []))
+    if infos:
+        i = infos[0]
+        base = Annotation(key=key, shard=i.shard, url=i.url, caption=i.caption, sha256=i.sha256,
+                          width=i.width, height=i.height)
+        late = [f for f in failures if f.shard == i.shard and f.stage not in ("read", "download", "decode")]
+        if late:  # a later stage (embed, probe) could not process it
+            f = late[0]
+            base = _replace(base, status="failed", failure_stage=f.stage, failure_type=f.error_type)
+    elif failures:
+        f = failures[0]
+        base = Annotation(key=key, shard=f.shard, url=f.url, caption=f.caption, sha256=f.sha256,
+                          status="failed", failure_stage=f.stage, failure_type=f.error_type)
+    else:
+        return None
+    fields: dict = {"trigger_codes": tuple(codes)}
+    if assignments and base.status == "ok":
+        a = assignments[0]
+        fields.update(cluster_id=a.cluster_id, cluster_size=a.cluster_size, is_representative=a.is_representative,
+                      cluster_embedder=a.embedder, cluster_similarity=a.similarity,
+                      duplication=duplication.get(a.cluster_id, "") if a.cluster_size > 1 else "")
+    if scores:
+        s = scores[0]
+        fields.update(probe_score=float(s["score"]), probe_flagged=bool(s.get("flagged")))
+    return _replace(base, **fields)
+
+
+def _replace(a: Annotation, **kw) -> Annotation:
+    from dataclasses import replace
+
+    return replace(a, **kw)
+
+
+def annotation_row(a: Annotation) -> dict:
+    from dataclasses import asdict
+
+    row = asdict(a)
+    row["trigger_codes"] = list(a.trigger_codes)
+    return row
+
+
+def annotation_from_row(row: dict) -> Annotation:
+    fields = dict(row)
+    fields["trigger_codes"] = tuple(fields.get("trigger_codes") or ())
+    known = set(Annotation.__dataclass_fields__)
+    cleaned = {k: v for k, v in fields.items() if k in known}
+    for name, default in (("url", ""), ("caption", ""), ("sha256", ""), ("cluster_id", ""), ("duplication", ""),
+                          ("failure_stage", ""), ("failure_type", ""), ("cluster_embedder", "")):
+        if cleaned.get(name) is None:
+            cleaned[name] = default
+    return Annotation(**cleaned)
+
+
+def _emit(item, duplication) -> Iterator[Annotation]:
+    key, grouped = item
+    a = build_annotation(key, grouped, duplication or {})
+    if a is not None:
+        yield a
+
+
+class Annotate(beam.PTransform):
+    """{"info", "failure", "assignment", "codes", "score"} keyed PCollections -> Annotation.
+
+    ``duplication`` (cluster_id -> full|partial) is a small side input: one entry per
+    duplicate cluster.
+    """
+
+    def __init__(self, duplication=None):
+        super().__init__()
+        self.duplication = duplication
+
+    def expand(self, keyed: dict):
+        joined = keyed | "JoinByKey" >> beam.CoGroupByKey()
+        if self.duplication is None:
+            return joined | "Build" >> beam.FlatMap(_emit, duplication={})
+        return joined | "Build" >> beam.FlatMap(_emit, duplication=beam.pvalue.AsDict(self.duplication))

@@ -1,0 +1,289 @@
+"""Stream img2dataset / webdataset shards into samples, with a dead letter for bad ones.
+
+A shard is read member by member (``tarfile`` in stream mode over Beam's filesystems, so
+local paths, gs:// and s3:// all work when their extras are installed). Members are grouped by
+webdataset key; a group becomes a ``Sample`` or a ``Failure`` with a specific error type.
+The img2dataset ``.parquet`` sidecar is read too, so that rows it recorded as failed (never in
+the tar) and rows lost to a truncated tar still reach the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import apache_beam as beam
+
+from schemas.elements import Failure, Sample
+
+log = logging.getLogger(__name__)
+
+SAMPLES = "samples"
+FAILURES = "failures"
+SHARD_EVENTS = "shard_events"
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_caption_bytes: int = 16 * 1024
+    max_member_bytes: int = 64 * 1024 * 1024
+    require_caption: bool = True
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
+
+
+def shard_name(path: str) -> str:
+    base = posixpath.basename(path.replace("\\", "/"))
+    return base[:-4] if base.endswith(".tar") else base
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``dir/00001.jpg`` -> (``dir/00001``, ``jpg``) as webdataset does; None when unusable."""
+    base = posixpath.basename(name)
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    prefix = posixpath.dirname(name)
+    return (posixpath.join(prefix, stem) if prefix else stem), ext.lower()
+
+
+def is_unsafe_name(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/") or "\\" in name
+
+
+def _decode_text(raw: bytes, what: str, limit: int) -> tuple[str | None, str, str]:
+    """-> (text, error_type, message); text None on error."""
+    if len(raw) > limit:
+        return None, f"{what}_too_long", f"{what} is {len(raw)} bytes, the limit is {limit}"
+    try:
+        return raw.decode("utf-8"), "", ""
+    except UnicodeDecodeError as exc:
+        return None, f"bad_{what}_encoding", f"{what} is not UTF-8: {exc}"
+
+
+def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLimits) -> Sample | Failure:
+    """Turn the members of one key into a Sample, or a Failure naming what is wrong."""
+    meta: dict = {}
+    if "json" in members:
+        try:
+            loaded = json.loads(members["json"].decode("utf-8"))
+            meta = loaded if isinstance(loaded, dict) else {}
+            if not isinstance(loaded, dict):
+                raise ValueError("the json member is not an object")
+        except (UnicodeDecodeError, ValueError) as exc:
+            return Failure(key, shard, "read", "invalid_json", f"json member: {exc}")
+    url = str(meta.get("url") or "")
+    image_ext = next((e for e in limits.image_extensions if e in members), None)
+    if image_ext is None:
+        others = ",".join(sorted(members)) or "nothing"
+        return Failure(key, shard, "read", "missing_image", f"no image member (has: {others})", url)
+    image = members[image_ext]
+    if not image:
+        return Failure(key, shard, "read", "empty_image", f"the {image_ext} member is 0 bytes", url)
+    if len(image) > limits.max_image_bytes:
+        msg = f"image is {len(image)} bytes, the limit is {limits.max_image_bytes}"
+        return Failure(key, shard, "read", "image_too_large", msg, url)
+    sha = hashlib.sha256(image).hexdigest()
+    if "txt" in members:
+        caption, err, msg = _decode_text(members["txt"], "caption", limits.max_caption_bytes)
+        if caption is None:
+            return Failure(key, shard, "read", err, msg, url, sha256=sha)
+    elif isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    else:
+        caption = ""
+    if limits.require_caption and not caption.strip():
+        return Failure(key, shard, "read", "missing_caption", "no caption (txt member empty or absent)", url, sha256=sha)
+    meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
+    return Sample(key, shard, url, caption.strip(), meta_json, image, image_ext, sha)
+
+
+def read_sidecar(parquet_path: str) -> list[dict]:
+    """Rows of an img2dataset ``.parquet`` sidecar (key, status, url, caption, error_message)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(parquet_path) as f:
+        table = pq.read_table(f)
+    wanted = [c for c in ("key", "status", "url", "caption", "error_message") if c in table.column_names]
+    return table.select(wanted).to_pylist()
+
+
+def _iter_members(fileobj, limits: ReadLimits) -> Iterator[tuple[str, bytes | None, str]]:
+    """Yield (name, data, error) per regular member; data None with an error for bad members."""
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            if info.size > limits.max_member_bytes:
+                yield info.name, None, f"member_too_large:{info.size}"
+                continue
+            handle = tar.extractfile(info)
+            yield info.name, (handle.read() if handle else b""), ""
+
+
+@dataclass
+class _ShardState:
+    shard: str
+    limits: ReadLimits
+    seen: set
+    n_members: int = 0
+    truncated: str = ""
+
+    def flush(self, key: str | None, members: dict[str, bytes], bad: list[str]) -> Iterator:
+        if key is None:
+            return
+        if key in self.seen:
+            yield beam.pvalue.TaggedOutput(
+                FAILURES, Failure(key, self.shard, "read", "duplicate_key", "the key repeats within the shard")
+            )
+            return
+        self.seen.add(key)
+        if bad:
+            yield beam.pvalue.TaggedOutput(FAILURES, Failure(key, self.shard, "read", bad[0].split(":")[0], bad[0]))
+            return
+        result = build_sample(key, self.shard, members, self.limits)
+        if isinstance(result, Failure) and self.truncated and result.error_type.startswith("missing_"):
+            result = Failure(key, self.shard, "read", "truncated_tar", f"{result.message}; {self.truncated}", result.url)
+        yield beam.pvalue.TaggedOutput(FAILURES, result) if isinstance(result, Failure) else result
+
+
+class ReadShardFn(beam.DoFn):
+    """One shard path in; samples out, failures and one shard summary as tagged outputs."""
+
+    def __init__(self, limits: ReadLimits):
+        self.limits = limits
+
+    def process(self, path: str) -> Iterable:
+        from apache_beam.io.filesystems import FileSystems
+
+        state = _ShardState(shard_name(path), self.limits, set())
+        events: list[str] = []
+        sidecar = self._sidecar(path, events)
+        key, members, bad = None, {}, []
+        try:
+            with FileSystems.open(path, compression_type="uncompressed") as raw:
+                for name, data, err in _iter_members(raw, self.limits):
+                    state.n_members += 1
+                    split = split_member_name(name)
+                    if split is None:
+                        events.append(f"unrecognized_member:{name[:200]}")
+                        continue
+                    if split[0] != key:
+                        yield from state.flush(key, members, bad)
+                        key, members, bad = split[0], {}, []
+                    if is_unsafe_name(name):
+                        bad.append(f"unsafe_member_name: {name[:200]}")
+                    elif err:
+                        bad.append(err)
+                    else:
+                        members[split[1]] = data
+        except Exception as exc:  # tarfile.ReadError, EOFError, zlib/OS errors: keep what came before
+            state.truncated = f"shard unreadable after {state.n_members} members: {type(exc).__name__}: {exc}"
+            events.append(f"truncated_tar:{state.truncated}")
+            log.warning("shard %s: %s", state.shard, state.truncated)
+        yield from state.flush(key, members, bad)
+        yield from self._sidecar_failures(state, sidecar)
+        summary = {"shard": state.shard, "path": path, "members": state.n_members, "keys": len(state.seen),
+                   "sidecar_rows": len(sidecar), "truncated": bool(state.truncated), "events": events}
+        beam.metrics.Metrics.counter("read", "shards").inc()
+        log.info("read shard %s: %d keys from %d members%s", state.shard, len(state.seen), state.n_members,
+                 " (truncated)" if state.truncated else "")
+        yield beam.pvalue.TaggedOutput(SHARD_EVENTS, summary)
+
+    def _sidecar(self, path: str, events: list[str]) -> list[dict]:
+        from apache_beam.io.filesystems import FileSystems
+
+        side = path[:-4] + ".parquet" if path.endswith(".tar") else path + ".parquet"
+        if not FileSystems.exists(side):
+            return []
+        try:
+            return read_sidecar(side)
+        except Exception as exc:  # a corrupt sidecar must not lose the tar's samples
+            events.append(f"bad_sidecar:{type(exc).__name__}: {exc}")
+            return []
+
+    def _sidecar_failures(self, state: _ShardState, rows: list[dict]) -> Iterator:
+        for row in rows:
+            key = str(row.get("key") or "")
+            if not key or key in state.seen:
+                continue
+            state.seen.add(key)
+            status = str(row.get("status") or "unknown")
+            url, caption = str(row.get("url") or ""), str(row.get("caption") or "")
+            if status != "success":
+                msg = str(row.get("error_message") or status)
+                failure = Failure(key, state.shard, "download", status, msg, url, caption)
+            elif state.truncated:
+                failure = Failure(key, state.shard, "read", "truncated_tar", state.truncated, url, caption)
+            else:
+                msg = "listed as success in the parquet sidecar but absent from the tar"
+                failure = Failure(key, state.shard, "read", "missing_from_shard", msg, url, caption)
+            yield beam.pvalue.TaggedOutput(FAILURES, failure)
+
+
+def _loser_keys(item: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
+    key, shards = item
+    for shard in sorted(shards)[1:]:
+        yield key, shard
+
+
+class _SplitDuplicateKeys(beam.DoFn):
+    def process(self, sample: Sample, losers: dict) -> Iterator:
+        if losers and sample.shard in losers.get(sample.key, ()):
+            msg = f"the key also appears in shard {min(losers[sample.key + '#first'])}"
+            yield beam.pvalue.TaggedOutput(FAILURES, Failure(sample.key, sample.shard, "read", "duplicate_key", msg,
+                                                             sample.url, sample.caption, sample.sha256))
+        else:
+            yield sample
+
+
+def _losers_map(pairs: list[tuple[str, str]], firsts: list[tuple[str, str]]) -> dict:
+    out: dict = {}
+    for key, shard in pairs:
+        out.setdefault(key, set()).add(shard)
+    for key, shard in firsts:
+        out.setdefault(key + "#first", set()).add(shard)
+    return out
+
+
+class ReadShards(beam.PTransform):
+    """Shard paths -> {"samples": Sample, "failures": Failure, "shards": summary dict}.
+
+    Keys that repeat across shards keep their first occurrence (by shard name); the others go
+    to the dead letter as ``duplicate_key``. Only (key, shard) pairs are shuffled for that.
+    """
+
+    def __init__(self, limits: ReadLimits):
+        super().__init__()
+        self.limits = limits
+
+    def expand(self, paths):
+        read = (
+            paths
+            | "Reshuffle" >> beam.Reshuffle()
+            | "ReadShard" >> beam.ParDo(ReadShardFn(self.limits)).with_outputs(FAILURES, SHARD_EVENTS, main=SAMPLES)
+        )
+        by_key = (
+            read[SAMPLES]
+            | "KeyShard" >> beam.Map(lambda s: (s.key, s.shard))
+            | "GroupKeys" >> beam.GroupByKey()
+            | "RepeatedOnly" >> beam.Filter(lambda kv: len(list(kv[1])) > 1)
+        )
+        losers = by_key | "Losers" >> beam.FlatMap(_loser_keys)
+        firsts = by_key | "Firsts" >> beam.Map(lambda kv: (kv[0], sorted(kv[1])[0]))
+        loser_map = (
+            losers
+            | "LosersList" >> beam.combiners.ToList()
+            | "LosersMap" >> beam.Map(_losers_map, firsts=beam.pvalue.AsList(firsts))
+        )
+        split = read[SAMPLES] | "SplitDuplicateKeys" >> beam.ParDo(
+            _SplitDuplicateKeys(), losers=beam.pvalue.AsSingleton(loser_map)
+        ).with_outputs(FAILURES, main=SAMPLES)
+        failures = (read[FAILURES], split[FAILURES]) | "MergeReadFailures" >> beam.Flatten()
+        return {"samples": split[SAMPLES], "failures": failures, "shards": read[SHARD_EVENTS]}
