@@ -35,12 +35,11 @@ EXTRAS = {
         "pandas>=2.2",
         "duckdb>=1.1",
         "imagehash==4.3.2",
-        "scikit-image>=0.24",
-        "scikit-learn>=1.5",
         "dask==2026.8.0",
         "distributed==2026.8.0",
         "playwright==1.65.2",
     ],
+    "demo": ["scikit-image>=0.24", "scikit-learn>=1.5"],
     "gcp": ["apache-beam[gcp]==2.77.0"],
     "aws": ["apache-beam[aws]==2.77.0"],
 }

@@ -34,7 +34,12 @@ class ReadLimits:
     max_caption_bytes: int = 16 * 1024
     max_member_bytes: int = 64 * 1024 * 1024
     require_caption: bool = True
-    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm",
+                                         "pbm")
+
+
+# image members memsieve recognises but cannot decode: a specific error rather than "missing"
+UNSUPPORTED_IMAGE_EXTENSIONS = ("svg", "heic", "heif", "avif", "jxl", "ico", "psd", "raw", "cr2", "nef")
 
 
 def shard_name(path: str) -> str:
@@ -80,6 +85,10 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLi
     url = str(meta.get("url") or "")
     image_ext = next((e for e in limits.image_extensions if e in members), None)
     if image_ext is None:
+        unsupported = [e for e in UNSUPPORTED_IMAGE_EXTENSIONS if e in members]
+        if unsupported:
+            msg = f"the image member is .{unsupported[0]}, which is not a supported raster format"
+            return Failure(key, shard, "read", "unsupported_image_format", msg, url)
         others = ",".join(sorted(members)) or "nothing"
         return Failure(key, shard, "read", "missing_image", f"no image member (has: {others})", url)
     image = members[image_ext]
