@@ -59,7 +59,8 @@ class ClusterConfig(Section):
 
 
 class DedupConfig(Section):
-    exact: bool = True
+    exact: bool = True  # same image bytes
+    exact_pixels: bool = True  # same decoded pixels in other bytes (costs a hash of the pixels)
     phash: PhashConfig = PhashConfig()
     clip: ClipConfig = ClipConfig()
     cluster: ClusterConfig = ClusterConfig()

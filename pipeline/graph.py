@@ -56,7 +56,7 @@ def add_dedup(cfg, dec: dict) -> dict:
     inputs = {"infos": dec["infos"]}
     if edges:
         inputs["edges"] = tuple(edges) | "EmbedderEdges" >> beam.Flatten()
-    out = inputs | "FindDuplicates" >> FindDuplicates(cfg.dedup.keeper, cfg.dedup.exact)
+    out = inputs | "FindDuplicates" >> FindDuplicates(cfg.dedup.keeper, cfg.dedup.exact, cfg.dedup.exact_pixels)
     out["neighbours"] = neighbours
     return out
 
@@ -65,7 +65,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
     """Wire the whole job; returns the PCollections of written paths and the decisions."""
     paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
     read = paths | "ReadShards" >> ReadShards(read_limits(cfg))
-    dec = read["samples"] | "DecodeImages" >> DecodeImages(cfg.read.max_image_pixels, cfg.dedup.phash.enabled)
+    dec = read["samples"] | "DecodeImages" >> DecodeImages(
+        cfg.read.max_image_pixels, cfg.dedup.phash.enabled, cfg.dedup.exact and cfg.dedup.exact_pixels)
     dup = add_dedup(cfg, dec)
     failures = (read["failures"], dec["failures"]) | "AllFailures" >> beam.Flatten()
 

@@ -96,12 +96,15 @@ def pixel_digest(img) -> str:
 
 
 class DecodeImagesFn(beam.DoFn):
-    def __init__(self, max_pixels: int, phash: bool):
+    def __init__(self, max_pixels: int, phash: bool, pixel_hash: bool = True):
         self.max_pixels = max_pixels
         self.phash = phash
+        self.pixel_hash = pixel_hash
         self._hash = None
 
     def setup(self):
+        self._decoded = beam.metrics.Metrics.counter("decode", "decoded")
+        self._usec = beam.metrics.Metrics.distribution("decode", "usec")
         if self.phash:
             from transforms.phash import compute_hashes
 
@@ -118,22 +121,24 @@ class DecodeImagesFn(beam.DoFn):
                 sample.url, sample.caption, sample.sha256))
             return
         yield SampleInfo(sample.key, sample.shard, sample.url, sample.caption, sample.sha256,
-                         pixel_digest(img), img.width, img.height, sample.meta_json)
+                         pixel_digest(img) if self.pixel_hash else "", img.width, img.height, sample.meta_json)
         if self._hash is not None:
             yield beam.pvalue.TaggedOutput(CODES, (sample.key, self._hash(img).tobytes()))
-        beam.metrics.Metrics.counter("decode", "decoded").inc()
-        beam.metrics.Metrics.distribution("decode", "usec").update(int((time.perf_counter() - start) * 1e6))
+        self._decoded.inc()
+        self._usec.update(int((time.perf_counter() - start) * 1e6))
 
 
 class DecodeImages(beam.PTransform):
     """Samples -> {"infos": SampleInfo, "codes": (key, phash bytes), "failures": Failure}."""
 
-    def __init__(self, max_pixels: int, phash: bool):
+    def __init__(self, max_pixels: int, phash: bool, pixel_hash: bool = True):
         super().__init__()
         self.max_pixels = max_pixels
         self.phash = phash
+        self.pixel_hash = pixel_hash
 
     def expand(self, samples):
-        out = samples | "Decode" >> beam.ParDo(DecodeImagesFn(self.max_pixels, self.phash)).with_outputs(
+        fn = DecodeImagesFn(self.max_pixels, self.phash, self.pixel_hash)
+        out = samples | "Decode" >> beam.ParDo(fn).with_outputs(
             CODES, FAILURES, main=INFOS)
         return {"infos": out[INFOS], "codes": out[CODES], "failures": out[FAILURES]}

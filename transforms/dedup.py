@@ -109,8 +109,8 @@ def _edges_by_cluster(edges: list[Edge], comp: dict[str, str]) -> dict[str, list
 
 def _join_member(item) -> Iterator[tuple[str, SampleInfo]]:
     _, grouped = item
-    infos, comps = list(grouped["info"]), list(grouped["comp"])
-    if infos and comps:
+    infos, comps = sorted(grouped["info"], key=lambda i: i.shard), list(grouped["comp"])
+    if infos and comps:  # a key repeated across shards: the first shard's record wins
         yield comps[0], infos[0]
 
 
@@ -121,16 +121,18 @@ class FindDuplicates(beam.PTransform):
     Every info gets an assignment: singletons form a cluster of size 1 under their own key.
     """
 
-    def __init__(self, keeper: str, exact: bool = True):
+    def __init__(self, keeper: str, exact: bool = True, exact_pixels: bool = True):
         super().__init__()
         self.keeper = keeper
         self.exact = exact
+        self.exact_pixels = exact_pixels
 
     def expand(self, inputs):
         infos = inputs["infos"]
         edge_sets = [inputs["edges"]] if "edges" in inputs else []
         if self.exact:
-            for name, field in (("exact", "sha256"), ("pixels", "pixel_sha256")):
+            digests = [("exact", "sha256")] + ([("pixels", "pixel_sha256")] if self.exact_pixels else [])
+            for name, field in digests:
                 edge_sets.append(
                     infos
                     | f"By{name}" >> beam.Map(lambda i, f=field: (getattr(i, f), i.key))
@@ -141,6 +143,7 @@ class FindDuplicates(beam.PTransform):
             tuple(edge_sets) | "AllEdges" >> beam.Flatten() if edge_sets
             else infos.pipeline | "NoEdges" >> beam.Create([])
         )
+        edges = edges | "NoSelfEdges" >> beam.Filter(lambda e: e.key_a != e.key_b)
         edge_list = edges | "EdgeList" >> beam.combiners.ToList()
         comp = edge_list | "Components" >> beam.FlatMap(_gather_components)
         by_cluster = edge_list | "EdgesByCluster" >> beam.Map(

@@ -236,36 +236,20 @@ class ReadShardFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(FAILURES, failure)
 
 
-def _loser_keys(item: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
+def duplicate_key_failures(item: tuple[str, Iterable[str]]) -> Iterator[Failure]:
+    """(key, shards) -> a ``duplicate_key`` failure for every occurrence after the first shard."""
     key, shards = item
-    for shard in sorted(shards)[1:]:
-        yield key, shard
-
-
-class _SplitDuplicateKeys(beam.DoFn):
-    def process(self, sample: Sample, losers: dict) -> Iterator:
-        if losers and sample.shard in losers.get(sample.key, ()):
-            msg = f"the key also appears in shard {min(losers[sample.key + '#first'])}"
-            yield beam.pvalue.TaggedOutput(FAILURES, Failure(sample.key, sample.shard, "read", "duplicate_key", msg,
-                                                             sample.url, sample.caption, sample.sha256))
-        else:
-            yield sample
-
-
-def _losers_map(pairs: list[tuple[str, str]], firsts: list[tuple[str, str]]) -> dict:
-    out: dict = {}
-    for key, shard in pairs:
-        out.setdefault(key, set()).add(shard)
-    for key, shard in firsts:
-        out.setdefault(key + "#first", set()).add(shard)
-    return out
+    ordered = sorted(shards)
+    for shard in ordered[1:]:
+        yield Failure(key, shard, "read", "duplicate_key", f"the key also appears in shard {ordered[0]}")
 
 
 class ReadShards(beam.PTransform):
     """Shard paths -> {"samples": Sample, "failures": Failure, "shards": summary dict}.
 
-    Keys that repeat across shards keep their first occurrence (by shard name); the others go
-    to the dead letter as ``duplicate_key``. Only (key, shard) pairs are shuffled for that.
+    Keys that repeat across shards keep their first occurrence (by shard name); the others are
+    reported in the dead letter as ``duplicate_key`` (only (key, shard) pairs are shuffled for
+    that, off the main path) and the join by key downstream keeps the first shard's record.
     """
 
     def __init__(self, limits: ReadLimits):
@@ -278,21 +262,11 @@ class ReadShards(beam.PTransform):
             | "Reshuffle" >> beam.Reshuffle()
             | "ReadShard" >> beam.ParDo(ReadShardFn(self.limits)).with_outputs(FAILURES, SHARD_EVENTS, main=SAMPLES)
         )
-        by_key = (
+        repeated = (
             read[SAMPLES]
             | "KeyShard" >> beam.Map(lambda s: (s.key, s.shard))
             | "GroupKeys" >> beam.GroupByKey()
-            | "RepeatedOnly" >> beam.Filter(lambda kv: len(list(kv[1])) > 1)
+            | "RepeatedKeys" >> beam.FlatMap(duplicate_key_failures)
         )
-        losers = by_key | "Losers" >> beam.FlatMap(_loser_keys)
-        firsts = by_key | "Firsts" >> beam.Map(lambda kv: (kv[0], sorted(kv[1])[0]))
-        loser_map = (
-            losers
-            | "LosersList" >> beam.combiners.ToList()
-            | "LosersMap" >> beam.Map(_losers_map, firsts=beam.pvalue.AsList(firsts))
-        )
-        split = read[SAMPLES] | "SplitDuplicateKeys" >> beam.ParDo(
-            _SplitDuplicateKeys(), losers=beam.pvalue.AsSingleton(loser_map)
-        ).with_outputs(FAILURES, main=SAMPLES)
-        failures = (read[FAILURES], split[FAILURES]) | "MergeReadFailures" >> beam.Flatten()
-        return {"samples": split[SAMPLES], "failures": failures, "shards": read[SHARD_EVENTS]}
+        failures = (read[FAILURES], repeated) | "MergeReadFailures" >> beam.Flatten()
+        return {"samples": read[SAMPLES], "failures": failures, "shards": read[SHARD_EVENTS]}

@@ -1,0 +1,107 @@
+"""Benchmark: read+decode through the pipeline vs. a bare tarfile + PIL loop, same shards.
+
+    python scripts/bench_read.py [--copies 8] [--shards '../shared/data/flickr8k-dev/img2dataset-256/*.tar']
+
+The real Flickr8k shards are replicated under new keys (``--copies``) so start-up does not
+dominate. Both sides run on one core: the pipeline on the in-process DirectRunner with one
+worker, the loop in this process. Prints samples/s for each and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import sys
+import tarfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def replicate(shards: list[str], copies: int, out_dir: str) -> list[str]:
+    """Copy each shard ``copies`` times with the keys prefixed, so keys stay unique."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for c in range(copies):
+        for s, src in enumerate(shards):
+            dst = os.path.join(out_dir, f"{c:03d}{s:02d}.tar")
+            paths.append(dst)
+            if os.path.exists(dst):
+                continue
+            with tarfile.open(src) as tin, tarfile.open(dst + ".tmp", "w") as tout:
+                for m in tin:
+                    if m.isfile():
+                        data = tin.extractfile(m).read()
+                        m.name = f"c{c:03d}_{m.name}"
+                        tout.addfile(m, io.BytesIO(data))
+            os.replace(dst + ".tmp", dst)
+    return paths
+
+
+def bare_loop(paths: list[str]) -> int:
+    from PIL import Image
+
+    n = 0
+    for path in paths:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if m.isfile() and m.name.endswith(".jpg"):
+                    img = Image.open(io.BytesIO(tar.extractfile(m).read()))
+                    img.load()
+                    img.convert("RGB")
+                    n += 1
+    return n
+
+
+def pipeline_run(paths: list[str], pixel_hash: bool) -> int:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from transforms.decode import DecodeImages
+    from transforms.read_shards import ReadLimits, ReadShards
+
+    from apache_beam.metrics.metric import MetricsFilter
+
+    opts = PipelineOptions(["--runner=DirectRunner", "--direct_num_workers=1"])
+    p = beam.Pipeline(options=opts)
+    read = p | beam.Create(paths) | ReadShards(ReadLimits())
+    _ = read["samples"] | DecodeImages(64_000_000, phash=False, pixel_hash=pixel_hash)
+    result = p.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_name("decoded"))["counters"]
+    return sum(c.committed for c in counters)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", default="../shared/data/flickr8k-dev/img2dataset-256/*.tar")
+    parser.add_argument("--copies", type=int, default=8)
+    parser.add_argument("--work", default="out/bench/read")
+    args = parser.parse_args()
+    shards = sorted(glob.glob(args.shards))
+    if not shards:
+        print(f"no shards match {args.shards}", file=sys.stderr)
+        return 2
+    paths = replicate(shards, args.copies, args.work)
+    bare_loop(paths[:1])  # warm the page cache and imports
+    t = time.perf_counter()
+    n_bare = bare_loop(paths)
+    bare_s = time.perf_counter() - t
+    bare_rate = n_bare / bare_s
+    print(f"shards: {len(paths)} ({args.copies} copies of {len(shards)}), images: {n_bare}")
+    print(f"bare tarfile+PIL loop          : {bare_rate:8.1f} samples/s ({bare_s:.2f} s, 1 core)")
+    for pixel_hash in (False, True):
+        t = time.perf_counter()
+        n_pipe = pipeline_run(paths, pixel_hash)
+        pipe_s = time.perf_counter() - t
+        pipe_rate = n_pipe / pipe_s
+        label = "pipeline read+decode" + (" +pixel hash" if pixel_hash else "")
+        print(f"{label:31s}: {pipe_rate:8.1f} samples/s ({pipe_s:.2f} s incl. Beam start-up, 1 worker, "
+              f"{n_pipe} images); ratio {pipe_rate / bare_rate:.1%} (target >= 70%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
