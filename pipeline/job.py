@@ -93,8 +93,11 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
     log.info("job %s: %d shards -> %s", cfg.name, len(shards), out_dir)
     pipeline = beam.Pipeline(options=beam_options(cfg, beam_args))
     build_graph(pipeline, cfg, shards, out_dir)
-    result = pipeline.run()
-    result.wait_until_finish()
+    from pipeline import progress
+
+    with progress.live(len(shards), ["samples decoded"]):
+        result = pipeline.run()
+        result.wait_until_finish()
     pipeline_s = time.time() - started
     post = time.time()
     n_blocked = write_blocklist_txt(out_dir)

@@ -75,5 +75,8 @@ def checksums(out_dir: str, tables: list[str]) -> dict[str, str]:
 def write_run_json(path: str, info: dict) -> None:
     from transforms.write import atomic_write_text
 
-    info = dict(info, argv=sys.argv[1:])
+    from schemas.run_summary import RUN_SUMMARY_VERSION, RunSummary
+
+    info = dict(info, argv=sys.argv[1:], schema_version=RUN_SUMMARY_VERSION)
+    RunSummary.model_validate(info)  # a malformed summary is a bug: fail loudly
     atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")

@@ -16,6 +16,20 @@ def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
+SAMPLES = _schema(
+    "samples",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("meta_json", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("image_ext", pa.string()),
+        pa.field("sha256", pa.string()),
+    ],
+)
+
 MANIFEST = _schema(
     "manifest",
     [

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.config import parse_config
 from pipeline.job import run_job
+from schemas.run_summary import RunSummary
 from tests.shardkit import add_member, jpeg_bytes, sample, write_shard, write_sidecar
 from transforms.write import read_table
 
@@ -34,6 +35,7 @@ def test_flickr_shards_553_keys(flickr_shards, tmp_path):
     assert info["summary"]["keys"] == 553
     assert info["summary"]["failures_by_type"] == {"failed_to_download": 3}
     run = json.loads((out / "run.json").read_text())
+    RunSummary.model_validate(run)
     assert run["outputs"]["manifest"] == 553
     assert run["counters"]["decode"]["decoded"] == 550
     assert sum(r["status"] == "failed" for r in rows) == 3

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
+from pipeline import progress
 from schemas.elements import Failure, Sample, SampleInfo
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class DecodeImagesFn(beam.DoFn):
         if self._hash is not None:
             yield beam.pvalue.TaggedOutput(CODES, (sample.key, self._hash(img).tobytes()))
         self._decoded.inc()
+        progress.advance("samples decoded")
         self._usec.update(int((time.perf_counter() - start) * 1e6))
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 
+from pipeline import progress
 from schemas.elements import Failure, Sample
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ class ReadShardFn(beam.DoFn):
         summary = {"shard": state.shard, "path": path, "members": state.n_members, "keys": len(state.seen),
                    "sidecar_rows": len(sidecar), "truncated": bool(state.truncated), "events": events}
         beam.metrics.Metrics.counter("read", "shards").inc()
+        progress.advance("shards")
         log.info("read shard %s: %d keys from %d members%s", state.shard, len(state.seen), state.n_members,
                  " (truncated)" if state.truncated else "")
         yield beam.pvalue.TaggedOutput(SHARD_EVENTS, summary)
