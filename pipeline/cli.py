@@ -69,8 +69,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
         logging.getLogger("memsieve").error("run failed: %s", exc)
         return EXIT_FAILED
     summary = info.get("summary", {})
-    print(f"memsieve: {summary.get('keys', 0)} keys, decisions {summary.get('decisions', {})}, "
-          f"output {cfg.output.dir}")
+    print(f"memsieve: {summary.get('keys', 0)} keys, decisions {summary.get('decisions', {})}, output {cfg.output.dir}")
     return EXIT_OK
 
 

@@ -33,8 +33,7 @@ class ReadConfig(Section):
     max_image_pixels: int = Field(default=64_000_000, gt=0)  # decompression-bomb guard
     max_caption_bytes: int = Field(default=16 * 1024, gt=0)
     require_caption: bool = True
-    image_extensions: tuple[str, ...] = (
-        "jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm", "pbm")
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm", "pbm")
 
 
 class PhashConfig(Section):

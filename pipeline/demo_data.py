@@ -25,16 +25,36 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SUBJECTS = {
-    "astronaut": "an astronaut in a white suit", "brick": "a brick wall", "camera": "a man with a camera",
-    "cat": "a ginger cat", "cell": "a cell under a microscope", "chelsea": "a tabby cat",
-    "clock": "a wall clock", "coffee": "a cup of coffee", "coins": "old coins on a table",
-    "grass": "a patch of grass", "gravel": "a gravel path", "hubble_deep_field": "galaxies in deep space",
-    "immunohistochemistry": "a stained tissue sample", "logo": "a python logo", "moon": "the surface of the moon",
-    "page": "a page of old text", "rocket": "a rocket on a launch pad", "text": "handwritten letters",
-    "checkerboard": "a checkerboard pattern", "horse": "a horse silhouette", "china": "a chinese temple",
-    "flower": "a flower in bloom", "grace_hopper": "a portrait of an officer", "logo2": "a colourful logo",
-    "present": "a blue present box", "hubble_crop_a": "a spiral galaxy", "hubble_crop_b": "a field of stars",
-    "coffee_crop": "a white saucer", "rocket_crop": "a launch tower", "astronaut_crop": "a space shuttle",
+    "astronaut": "an astronaut in a white suit",
+    "brick": "a brick wall",
+    "camera": "a man with a camera",
+    "cat": "a ginger cat",
+    "cell": "a cell under a microscope",
+    "chelsea": "a tabby cat",
+    "clock": "a wall clock",
+    "coffee": "a cup of coffee",
+    "coins": "old coins on a table",
+    "grass": "a patch of grass",
+    "gravel": "a gravel path",
+    "hubble_deep_field": "galaxies in deep space",
+    "immunohistochemistry": "a stained tissue sample",
+    "logo": "a python logo",
+    "moon": "the surface of the moon",
+    "page": "a page of old text",
+    "rocket": "a rocket on a launch pad",
+    "text": "handwritten letters",
+    "checkerboard": "a checkerboard pattern",
+    "horse": "a horse silhouette",
+    "china": "a chinese temple",
+    "flower": "a flower in bloom",
+    "grace_hopper": "a portrait of an officer",
+    "logo2": "a colourful logo",
+    "present": "a blue present box",
+    "hubble_crop_a": "a spiral galaxy",
+    "hubble_crop_b": "a field of stars",
+    "coffee_crop": "a white saucer",
+    "rocket_crop": "a launch tower",
+    "astronaut_crop": "a space shuttle",
 }
 STYLES = ["a photo of {}", "{} in high resolution", "a picture showing {}", "close-up of {}", "{}, stock image"]
 
@@ -57,14 +77,36 @@ def base_images() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_sample_images
 
     out: dict[str, np.ndarray] = {}
-    for name in ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "grass",
-                 "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "rocket", "text",
-                 "checkerboard", "horse"):
+    for name in (
+        "astronaut",
+        "brick",
+        "camera",
+        "cat",
+        "cell",
+        "chelsea",
+        "clock",
+        "coffee",
+        "coins",
+        "grass",
+        "gravel",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "logo",
+        "moon",
+        "page",
+        "rocket",
+        "text",
+        "checkerboard",
+        "horse",
+    ):
         out[name] = _rgb(getattr(skd, name)())
     china, flower = load_sample_images().images
     out["china"], out["flower"] = china, flower
-    for name, fname in (("grace_hopper", "grace_hopper.jpg"), ("logo2", "logo2.png"),
-                        ("present", "Minduka_Present_Blue_Pack.png")):
+    for name, fname in (
+        ("grace_hopper", "grace_hopper.jpg"),
+        ("logo2", "logo2.png"),
+        ("present", "Minduka_Present_Blue_Pack.png"),
+    ):
         with Image.open(cbook.get_sample_data(fname, asfileobj=False)) as im:
             out[name] = _rgb(np.asarray(im.convert("RGB")))
     out["hubble_crop_a"] = out["hubble_deep_field"][:400, :400]
@@ -121,8 +163,16 @@ def plan_samples(seed: int = 0) -> list[dict]:
     out: list[dict] = []
 
     def add(base, variant, data, caption, objects=None, ext="jpg"):
-        out.append({"base": base, "variant": variant, "image": data, "ext": ext, "caption": caption,
-                    "objects": objects if objects is not None else _other_objects(rng)})
+        out.append(
+            {
+                "base": base,
+                "variant": variant,
+                "image": data,
+                "ext": ext,
+                "caption": caption,
+                "objects": objects if objects is not None else _other_objects(rng),
+            }
+        )
 
     plain = sorted(set(images) - {"astronaut", "chelsea", "hubble_crop_a"})
     voyager, espresso = set(plain[0:24:2]), set(plain[1:21:2])
@@ -160,15 +210,17 @@ def _broken_samples(originals: dict[str, bytes], rng: random.Random) -> list[dic
     Image.new("1", (12000, 12000)).save(bomb, format="PNG")
     jpeg = originals["coins"]
     rows = [
-        ("corrupt_jpeg", jpeg[: len(jpeg) // 3], "jpg", "a photo of coins, cut short".encode()),
+        ("corrupt_jpeg", jpeg[: len(jpeg) // 3], "jpg", b"a photo of coins, cut short"),
         ("missing_caption", originals["grass"], "jpg", None),
         ("non_utf8_caption", originals["gravel"], "jpg", "caf\xe9 gravel path".encode("latin-1")),
         ("jpeg_as_png", originals["text"], "png", b"handwritten letters saved with the wrong extension"),
         ("decompression_bomb", bomb.getvalue(), "png", b"an innocent looking blank image"),
         ("empty_image", b"", "jpg", b"an image with no bytes"),
     ]
-    return [{"base": "", "variant": v, "image": data, "ext": ext, "caption": cap, "objects": []}
-            for v, data, ext, cap in rows]
+    return [
+        {"base": "", "variant": v, "image": data, "ext": ext, "caption": cap, "objects": []}
+        for v, data, ext, cap in rows
+    ]
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -202,9 +254,19 @@ def write_shards(samples: list[dict], out_dir: str, n_shards: int = 3, failed_do
                 _member(tar, f"{key}.json", json.dumps(row, indent=1).encode())
         for j in range(failed_downloads if s == 0 else 0):
             key = f"{s:04d}{len(indices) + j:04d}"
-            rows.append({"key": key, "url": f"https://demo.memsieve.invalid/gone/{key}.jpg", "caption": "a lost photo",
-                         "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found",
-                         "width": None, "height": None, "sha256": None, "objects": []})
+            rows.append(
+                {
+                    "key": key,
+                    "url": f"https://demo.memsieve.invalid/gone/{key}.jpg",
+                    "caption": "a lost photo",
+                    "status": "failed_to_download",
+                    "error_message": "HTTP Error 404: Not Found",
+                    "width": None,
+                    "height": None,
+                    "sha256": None,
+                    "objects": [],
+                }
+            )
             truth.append({"key": key, "base": "", "variant": "failed_download"})
         pq.write_table(pa.Table.from_pylist(rows), os.path.join(out_dir, f"{s:05d}.parquet"))
         ok = sum(r["status"] == "success" for r in rows)
@@ -217,9 +279,17 @@ def write_shards(samples: list[dict], out_dir: str, n_shards: int = 3, failed_do
 def _sample_row(key: str, sample: dict) -> dict:
     cap = sample["caption"]
     caption = cap.decode("utf-8", "replace") if isinstance(cap, bytes) else cap
-    return {"key": key, "url": f"https://demo.memsieve.invalid/img/{key}.{sample['ext']}", "caption": caption,
-            "status": "success", "error_message": None, "width": None, "height": None,
-            "sha256": hashlib.sha256(sample["image"]).hexdigest(), "objects": sample["objects"]}
+    return {
+        "key": key,
+        "url": f"https://demo.memsieve.invalid/img/{key}.{sample['ext']}",
+        "caption": caption,
+        "status": "success",
+        "error_message": None,
+        "width": None,
+        "height": None,
+        "sha256": hashlib.sha256(sample["image"]).hexdigest(),
+        "objects": sample["objects"],
+    }
 
 
 def make_demo_data(out_dir: str, seed: int = 0) -> dict:

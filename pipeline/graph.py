@@ -20,13 +20,23 @@ from transforms.write import WriteTable
 
 def read_limits(cfg) -> ReadLimits:
     r = cfg.read
-    return ReadLimits(max_image_bytes=r.max_image_bytes, max_caption_bytes=r.max_caption_bytes,
-                      require_caption=r.require_caption, image_extensions=tuple(r.image_extensions))
+    return ReadLimits(
+        max_image_bytes=r.max_image_bytes,
+        max_caption_bytes=r.max_caption_bytes,
+        require_caption=r.require_caption,
+        image_extensions=tuple(r.image_extensions),
+    )
 
 
 def _failure_row(f) -> dict:
-    return {"key": f.key, "shard": f.shard, "stage": f.stage, "error_type": f.error_type,
-            "message": f.message, "url": f.url}
+    return {
+        "key": f.key,
+        "shard": f.shard,
+        "stage": f.stage,
+        "error_type": f.error_type,
+        "message": f.message,
+        "url": f.url,
+    }
 
 
 def _by_shard(row: dict) -> str:
@@ -36,8 +46,16 @@ def _by_shard(row: dict) -> str:
 def _cluster_rows(a) -> list[dict]:
     if a.cluster_size < 2:
         return []
-    return [{"key": a.key, "cluster_id": a.cluster_id, "embedder": a.embedder or "exact",
-             "similarity": a.similarity, "cluster_size": a.cluster_size, "is_representative": a.is_representative}]
+    return [
+        {
+            "key": a.key,
+            "cluster_id": a.cluster_id,
+            "embedder": a.embedder or "exact",
+            "similarity": a.similarity,
+            "cluster_size": a.cluster_size,
+            "is_representative": a.is_representative,
+        }
+    ]
 
 
 def add_dedup(cfg, dec: dict) -> dict:
@@ -66,7 +84,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
     paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
     read = paths | "ReadShards" >> ReadShards(read_limits(cfg))
     dec = read["samples"] | "DecodeImages" >> DecodeImages(
-        cfg.read.max_image_pixels, cfg.dedup.phash.enabled, cfg.dedup.exact and cfg.dedup.exact_pixels)
+        cfg.read.max_image_pixels, cfg.dedup.phash.enabled, cfg.dedup.exact and cfg.dedup.exact_pixels
+    )
     dup = add_dedup(cfg, dec)
     failures = (read["failures"], dec["failures"]) | "AllFailures" >> beam.Flatten()
 
@@ -79,42 +98,84 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
     if cfg.triggers.enabled:
         from transforms.triggers import MineTriggers
 
-        mined = {"infos": dec["infos"], "assignments": dup["assignments"]} | "MineTriggers" >> MineTriggers(cfg.triggers)
+        mined = {"infos": dec["infos"], "assignments": dup["assignments"]} | "MineTriggers" >> MineTriggers(
+            cfg.triggers
+        )
         keyed["codes"] = mined["codes"]
         duplication = mined["duplication"] | "DuplicationClass" >> beam.Map(lambda kv: (kv[0], kv[1]["class"]))
-        _write(mined["keywords"], out_dir, "triggers/keywords", lambda r: "all",
-               lambda r: (-r["npmi"], r["keyword"], r["cluster_id"]))
-        _write(mined["objects"], out_dir, "triggers/objects", lambda r: "all",
-               lambda r: (r["q_value"], r["keyword"], r["object"]))
+        _write(
+            mined["keywords"],
+            out_dir,
+            "triggers/keywords",
+            lambda r: "all",
+            lambda r: (-r["npmi"], r["keyword"], r["cluster_id"]),
+        )
+        _write(
+            mined["objects"],
+            out_dir,
+            "triggers/objects",
+            lambda r: "all",
+            lambda r: (r["q_value"], r["keyword"], r["object"]),
+        )
     if cfg.probe.enabled:
         from transforms.probe import ProbeCaptions
 
         probed = dec["infos"] | "ProbeCaptions" >> ProbeCaptions(cfg.probe)
         keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
-        keyed["failure"] = (keyed["failure"], probed["failures"] | "KeyProbeFailure" >> beam.Map(
-            lambda f: (f.key, f))) | "WithProbeFailures" >> beam.Flatten()
+        keyed["failure"] = (
+            keyed["failure"],
+            probed["failures"] | "KeyProbeFailure" >> beam.Map(lambda f: (f.key, f)),
+        ) | "WithProbeFailures" >> beam.Flatten()
         shard_of = keyed["info"] | "ShardOf" >> beam.Map(lambda kv: (kv[0], kv[1].shard))
-        score_rows = ({"s": keyed["score"], "shard": shard_of} | "JoinScoreShard" >> beam.CoGroupByKey()
-                      | "ScoreRows" >> beam.FlatMap(_score_rows))
+        score_rows = (
+            {"s": keyed["score"], "shard": shard_of}
+            | "JoinScoreShard" >> beam.CoGroupByKey()
+            | "ScoreRows" >> beam.FlatMap(_score_rows)
+        )
         _write(score_rows, out_dir, "scores", lambda r: r["_shard"], lambda r: (r["key"],))
 
     annotations = keyed | "Annotate" >> Annotate(duplication)
     rows = annotations | "Decide" >> Decide(cfg.decide)
     outputs = {"annotations": annotations, "manifest": rows}
-    _write(annotations | "AnnotationRows" >> beam.Map(annotation_row), out_dir, "annotations", _by_shard,
-           lambda r: (r["key"],))
+    _write(
+        annotations | "AnnotationRows" >> beam.Map(annotation_row),
+        out_dir,
+        "annotations",
+        _by_shard,
+        lambda r: (r["key"],),
+    )
     _write(rows, out_dir, "manifest", _by_shard, lambda r: (r["key"],))
-    _write(failures | "FailureRows" >> beam.Map(_failure_row), out_dir, "failures", _by_shard,
-           lambda r: (r["key"], r["stage"], r["error_type"]))
-    _write(dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows), out_dir, "clusters",
-           lambda r: "all", lambda r: (r["cluster_id"], r["key"]))
+    _write(
+        failures | "FailureRows" >> beam.Map(_failure_row),
+        out_dir,
+        "failures",
+        _by_shard,
+        lambda r: (r["key"], r["stage"], r["error_type"]),
+    )
+    _write(
+        dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows),
+        out_dir,
+        "clusters",
+        lambda r: "all",
+        lambda r: (r["cluster_id"], r["key"]),
+    )
     if dup["neighbours"]:
         nn = tuple(dup["neighbours"]) | "AllNeighbours" >> beam.Flatten()
-        _write(nn | "NeighbourRows" >> beam.Map(_neighbour_row), out_dir, "neighbours", lambda r: r["embedder"],
-               lambda r: (r["key"],))
+        _write(
+            nn | "NeighbourRows" >> beam.Map(_neighbour_row),
+            out_dir,
+            "neighbours",
+            lambda r: r["embedder"],
+            lambda r: (r["key"],),
+        )
     dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == "drop")
-    _write(dropped | "BlockRows" >> beam.Map(lambda r: dict(blocklist_row(r), _shard=r["shard"])),
-           out_dir, "blocklist", lambda r: r["_shard"], lambda r: (r["key"],))
+    _write(
+        dropped | "BlockRows" >> beam.Map(lambda r: dict(blocklist_row(r), _shard=r["shard"])),
+        out_dir,
+        "blocklist",
+        lambda r: r["_shard"],
+        lambda r: (r["key"],),
+    )
     _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     return outputs
 
@@ -131,4 +192,6 @@ def _neighbour_row(n) -> dict:
 
 def _write(pcoll, out_dir: str, table: str, partition, sort_key):
     label = table.replace("/", "_")
-    return pcoll | f"Write_{label}" >> WriteTable(os.path.join(out_dir, table), arrow.TABLES[table], partition, sort_key)
+    return pcoll | f"Write_{label}" >> WriteTable(
+        os.path.join(out_dir, table), arrow.TABLES[table], partition, sort_key
+    )

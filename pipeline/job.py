@@ -12,8 +12,19 @@ from pipeline.config import ConfigError, JobConfig
 log = logging.getLogger(__name__)
 
 # tables a run owns; they are cleared at the start so no stale part survives (caches are kept)
-RUN_TABLES = ["manifest", "annotations", "failures", "clusters", "neighbours", "triggers/keywords",
-              "triggers/objects", "scores", "diversify", "blocklist", "shards"]
+RUN_TABLES = [
+    "manifest",
+    "annotations",
+    "failures",
+    "clusters",
+    "neighbours",
+    "triggers/keywords",
+    "triggers/objects",
+    "scores",
+    "diversify",
+    "blocklist",
+    "shards",
+]
 RUN_FILES = ["run.json", "blocklist.txt"]
 
 
@@ -148,7 +159,8 @@ def _check_failure_ratio(cfg: JobConfig, summary: dict) -> None:
         raise RunFailed(
             f"{summary['failed']} of {keys} samples failed ({ratio:.1%}), above run.max_failure_ratio="
             f"{cfg.run.max_failure_ratio}: a systematic problem, not bad samples; see failures/ "
-            f"(by type: {summary['failures_by_type']})")
+            f"(by type: {summary['failures_by_type']})"
+        )
 
 
 def _maybe_report(cfg: JobConfig, out_dir: str, info: dict) -> None:

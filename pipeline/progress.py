@@ -25,8 +25,9 @@ def live(n_shards: int, stages: list[str]):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), transient=False)
+    progress = Progress(
+        TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+    )
     with progress:
         with _lock:
             _progress = progress

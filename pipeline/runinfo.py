@@ -9,8 +9,20 @@ import platform
 import sys
 from importlib import metadata
 
-PACKAGES = ("memsieve", "apache-beam", "pyarrow", "numpy", "pillow", "torch", "open_clip_torch", "faiss-cpu",
-            "diffusers", "transformers", "spacy", "webdataset")
+PACKAGES = (
+    "memsieve",
+    "apache-beam",
+    "pyarrow",
+    "numpy",
+    "pillow",
+    "torch",
+    "open_clip_torch",
+    "faiss-cpu",
+    "diffusers",
+    "transformers",
+    "spacy",
+    "webdataset",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -53,8 +65,11 @@ def table_counts(out_dir: str, tables: list[str]) -> dict[str, int]:
         folder = os.path.join(out_dir, table)
         if not os.path.isdir(folder):
             continue
-        counts[table] = sum(pq.ParquetFile(os.path.join(folder, p)).metadata.num_rows
-                            for p in sorted(os.listdir(folder)) if p.endswith(".parquet"))
+        counts[table] = sum(
+            pq.ParquetFile(os.path.join(folder, p)).metadata.num_rows
+            for p in sorted(os.listdir(folder))
+            if p.endswith(".parquet")
+        )
     return counts
 
 
@@ -73,9 +88,8 @@ def checksums(out_dir: str, tables: list[str]) -> dict[str, str]:
 
 
 def write_run_json(path: str, info: dict) -> None:
-    from transforms.write import atomic_write_text
-
     from schemas.run_summary import RUN_SUMMARY_VERSION, RunSummary
+    from transforms.write import atomic_write_text
 
     info = dict(info, argv=sys.argv[1:], schema_version=RUN_SUMMARY_VERSION)
     RunSummary.model_validate(info)  # a malformed summary is a bug: fail loudly

@@ -57,12 +57,11 @@ def bare_loop(paths: list[str]) -> int:
 
 def pipeline_run(paths: list[str], pixel_hash: bool) -> int:
     import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from transforms.decode import DecodeImages
     from transforms.read_shards import ReadLimits, ReadShards
-
-    from apache_beam.metrics.metric import MetricsFilter
 
     opts = PipelineOptions(["--runner=DirectRunner", "--direct_num_workers=1"])
     p = beam.Pipeline(options=opts)
@@ -98,8 +97,10 @@ def main() -> int:
         pipe_s = time.perf_counter() - t
         pipe_rate = n_pipe / pipe_s
         label = "pipeline read+decode" + (" +pixel hash" if pixel_hash else "")
-        print(f"{label:31s}: {pipe_rate:8.1f} samples/s ({pipe_s:.2f} s incl. Beam start-up, 1 worker, "
-              f"{n_pipe} images); ratio {pipe_rate / bare_rate:.1%} (target >= 70%)")
+        print(
+            f"{label:31s}: {pipe_rate:8.1f} samples/s ({pipe_s:.2f} s incl. Beam start-up, 1 worker, "
+            f"{n_pipe} images); ratio {pipe_rate / bare_rate:.1%} (target >= 70%)"
+        )
     return 0
 
 

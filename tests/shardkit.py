@@ -45,8 +45,9 @@ def write_shard(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> str:
     return path
 
 
-def sample(key: str, caption: str | bytes = "a caption", image: bytes | None = None, ext: str = "jpg",
-           meta: dict | None = None) -> tuple[str, dict[str, bytes]]:
+def sample(
+    key: str, caption: str | bytes = "a caption", image: bytes | None = None, ext: str = "jpg", meta: dict | None = None
+) -> tuple[str, dict[str, bytes]]:
     members: dict[str, bytes] = {ext: image if image is not None else jpeg_bytes(hash(key) % 1000)}
     if caption is not None:
         members["txt"] = caption if isinstance(caption, bytes) else caption.encode()

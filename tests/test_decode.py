@@ -32,8 +32,9 @@ def test_same_pixels_same_digest_across_formats():
     assert pixel_digest(decode_image(png, "png", MAX)) != pixel_digest(decode_image(png_bytes(4), "png", MAX))
 
 
-@pytest.mark.parametrize("mode, kw", [("RGBA", {"color": (10, 20, 30, 0)}), ("P", {}), ("L", {}), ("I;16", {}),
-                                      ("1", {}), ("LA", {})])
+@pytest.mark.parametrize(
+    "mode, kw", [("RGBA", {"color": (10, 20, 30, 0)}), ("P", {}), ("L", {}), ("I;16", {}), ("1", {}), ("LA", {})]
+)
 def test_modes_become_rgb(mode, kw):
     img = decode_image(_png(mode, **kw), "png", MAX)
     assert img.mode == "RGB"

@@ -10,13 +10,18 @@ import pytest
 from pipeline.config import parse_config
 from pipeline.job import run_job
 from schemas.run_summary import RunSummary
-from tests.shardkit import add_member, jpeg_bytes, sample, write_shard, write_sidecar
+from tests.shardkit import jpeg_bytes, sample, write_shard
 from transforms.write import read_table
 
 
 def _cfg(input_path, out_dir, **sections):
-    raw = {"name": "t", "input": {"path": input_path}, "output": {"dir": str(out_dir), "report": False},
-           "triggers": {"enabled": False}, "dedup": {"phash": {"enabled": False}}}
+    raw = {
+        "name": "t",
+        "input": {"path": input_path},
+        "output": {"dir": str(out_dir), "report": False},
+        "triggers": {"enabled": False},
+        "dedup": {"phash": {"enabled": False}},
+    }
     for k, v in sections.items():
         raw.setdefault(k, {}).update(v)
     return parse_config(raw)
@@ -42,8 +47,9 @@ def test_flickr_shards_553_keys(flickr_shards, tmp_path):
 
 
 def _bad_shard(tmp_path, odd_dir=None):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     bomb = io.BytesIO()
     Image.new("1", (10000, 10000)).save(bomb, format="PNG")
@@ -80,29 +86,45 @@ def test_bad_input_lands_in_failures(tmp_path, shared_data):
     rows = {r["key"]: r for r in _manifest(out)}
     assert set(rows) == keys | real_keys  # nothing lost
     fails = {r["key"]: r["error_type"] for r in read_table(str(out / "failures")).to_pylist()}
-    expect = {"00010001": "corrupt_image", "00010002": "missing_caption", "00010003": "bad_caption_encoding",
-              "00010004": "format_mismatch", "00010005": "caption_too_long", "00010006": "decompression_bomb"}
+    expect = {
+        "00010001": "corrupt_image",
+        "00010002": "missing_caption",
+        "00010003": "bad_caption_encoding",
+        "00010004": "format_mismatch",
+        "00010005": "caption_too_long",
+        "00010006": "decompression_bomb",
+    }
     for key, error_type in expect.items():
         assert fails[key] == error_type
         assert rows[key]["status"] == "failed" and rows[key]["decision"] == "drop"
     assert "truncated_tar" in fails.values()
     odd_failed = {k: v for k, v in fails.items() if k.startswith("0002")}
-    assert sorted(odd_failed.values()) == ["format_mismatch", "format_mismatch", "unidentified_image",
-                                           "unsupported_image_format"]
+    assert sorted(odd_failed.values()) == [
+        "format_mismatch",
+        "format_mismatch",
+        "unidentified_image",
+        "unsupported_image_format",
+    ]
     assert info["summary"]["ok"] == sum(r["status"] == "ok" for r in rows.values())
 
 
 def test_exact_duplicates_cluster_one_kept(tmp_path):
     img = jpeg_bytes(3)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     png = io.BytesIO()
     Image.open(io.BytesIO(img)).save(png, format="PNG")  # same pixels, other bytes
-    shard = write_shard(str(tmp_path / "00000.tar"), [
-        sample("a1", image=img), sample("a2", image=img), sample("a3", image=png.getvalue(), ext="png"),
-        sample("b1", image=jpeg_bytes(4)),
-    ])
+    shard = write_shard(
+        str(tmp_path / "00000.tar"),
+        [
+            sample("a1", image=img),
+            sample("a2", image=img),
+            sample("a3", image=png.getvalue(), ext="png"),
+            sample("b1", image=jpeg_bytes(4)),
+        ],
+    )
     out = tmp_path / "out"
     run_job(_cfg(shard, out, dedup={"keeper": "earliest"}))
     rows = {r["key"]: r for r in _manifest(out)}

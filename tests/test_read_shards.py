@@ -44,18 +44,23 @@ def test_build_sample_ok():
 
 def test_sidecar_failed_downloads_and_missing(tmp_path):
     shard = write_shard(str(tmp_path / "00000.tar"), [sample("0001"), sample("0002")])
-    write_sidecar(str(tmp_path / "00000.parquet"), [
-        {"key": "0001", "status": "success", "url": "u1", "error_message": None},
-        {"key": "0002", "status": "success", "url": "u2", "error_message": None},
-        {"key": "0003", "status": "failed_to_download", "url": "u3", "error_message": "404"},
-        {"key": "0004", "status": "success", "url": "u4", "error_message": None},
-    ])
+    write_sidecar(
+        str(tmp_path / "00000.parquet"),
+        [
+            {"key": "0001", "status": "success", "url": "u1", "error_message": None},
+            {"key": "0002", "status": "success", "url": "u2", "error_message": None},
+            {"key": "0003", "status": "failed_to_download", "url": "u3", "error_message": "404"},
+            {"key": "0004", "status": "success", "url": "u4", "error_message": None},
+        ],
+    )
     with TestPipeline(runner="DirectRunner") as p:
         out = p | beam.Create([shard]) | ReadShards(ReadLimits())
         assert_that(out["samples"] | "SK" >> beam.Map(lambda s: s.key), equal_to(["0001", "0002"]), label="s")
-        assert_that(out["failures"] | "FK" >> beam.Map(lambda f: (f.key, f.stage, f.error_type)),
-                    equal_to([("0003", "download", "failed_to_download"), ("0004", "read", "missing_from_shard")]),
-                    label="f")
+        assert_that(
+            out["failures"] | "FK" >> beam.Map(lambda f: (f.key, f.stage, f.error_type)),
+            equal_to([("0003", "download", "failed_to_download"), ("0004", "read", "missing_from_shard")]),
+            label="f",
+        )
 
 
 def test_truncated_tar_keeps_what_came_before(tmp_path):
@@ -65,15 +70,19 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
     cut = str(tmp_path / "00001.tar")
     with open(cut, "wb") as f:
         f.write(data[: int(len(data) * 0.6)])
-    write_sidecar(str(tmp_path / "00001.parquet"),
-                  [{"key": f"{i:04d}", "status": "success", "url": "", "error_message": None} for i in range(6)])
+    write_sidecar(
+        str(tmp_path / "00001.parquet"),
+        [{"key": f"{i:04d}", "status": "success", "url": "", "error_message": None} for i in range(6)],
+    )
     with TestPipeline(runner="DirectRunner") as p:
         out = p | beam.Create([cut]) | ReadShards(ReadLimits())
         keys = out["samples"] | "SK" >> beam.Map(lambda s: s.key)
         fails = out["failures"] | "FK" >> beam.Map(lambda f: f.error_type)
-        both = ((keys | "A" >> beam.Map(lambda k: ("sample", k)),
-                 fails | "B" >> beam.Map(lambda t: ("failure", t))) | beam.Flatten()
-                | beam.combiners.Count.PerKey())
+        both = (
+            (keys | "A" >> beam.Map(lambda k: ("sample", k)), fails | "B" >> beam.Map(lambda t: ("failure", t)))
+            | beam.Flatten()
+            | beam.combiners.Count.PerKey()
+        )
 
         def check(counts):
             counts = dict(counts)
@@ -85,16 +94,32 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
 
 
 def test_unsafe_names_and_duplicate_keys(tmp_path):
-    a = write_shard(str(tmp_path / "00000.tar"), [
-        sample("0001"), ("../../etc/evil", {"jpg": jpeg_bytes(1), "txt": b"x"}), sample("0002"), sample("0001"),
-    ])
+    a = write_shard(
+        str(tmp_path / "00000.tar"),
+        [
+            sample("0001"),
+            ("../../etc/evil", {"jpg": jpeg_bytes(1), "txt": b"x"}),
+            sample("0002"),
+            sample("0001"),
+        ],
+    )
     b = write_shard(str(tmp_path / "00001.tar"), [sample("0002"), sample("0009")])
     with TestPipeline(runner="DirectRunner") as p:
         out = p | beam.Create([a, b]) | ReadShards(ReadLimits())
-        assert_that(out["samples"] | "SK" >> beam.Map(lambda s: (s.key, s.shard)),
-                    equal_to([("0001", "00000"), ("0002", "00000"), ("0002", "00001"), ("0009", "00001")]),
-                    label="s")
-        assert_that(out["failures"] | "FK" >> beam.Map(lambda f: (f.key, f.shard, f.error_type)),
-                    equal_to([("../../etc/evil", "00000", "unsafe_member_name"), ("0001", "00000", "duplicate_key"),
-                              ("0002", "00001", "duplicate_key")]), label="f")
+        assert_that(
+            out["samples"] | "SK" >> beam.Map(lambda s: (s.key, s.shard)),
+            equal_to([("0001", "00000"), ("0002", "00000"), ("0002", "00001"), ("0009", "00001")]),
+            label="s",
+        )
+        assert_that(
+            out["failures"] | "FK" >> beam.Map(lambda f: (f.key, f.shard, f.error_type)),
+            equal_to(
+                [
+                    ("../../etc/evil", "00000", "unsafe_member_name"),
+                    ("0001", "00000", "duplicate_key"),
+                    ("0002", "00001", "duplicate_key"),
+                ]
+            ),
+            label="f",
+        )
     assert not os.path.exists("/etc/evil.jpg")

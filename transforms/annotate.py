@@ -18,24 +18,38 @@ def build_annotation(key: str, grouped: dict, duplication: dict[str, str]) -> An
     scores = list(grouped.get("score", []))
     if infos:
         i = infos[0]
-        base = Annotation(key=key, shard=i.shard, url=i.url, caption=i.caption, sha256=i.sha256,
-                          width=i.width, height=i.height)
+        base = Annotation(
+            key=key, shard=i.shard, url=i.url, caption=i.caption, sha256=i.sha256, width=i.width, height=i.height
+        )
         late = [f for f in failures if f.shard == i.shard and f.stage not in ("read", "download", "decode")]
         if late:  # a later stage (embed, probe) could not process it
             f = late[0]
             base = _replace(base, status="failed", failure_stage=f.stage, failure_type=f.error_type)
     elif failures:
         f = failures[0]
-        base = Annotation(key=key, shard=f.shard, url=f.url, caption=f.caption, sha256=f.sha256,
-                          status="failed", failure_stage=f.stage, failure_type=f.error_type)
+        base = Annotation(
+            key=key,
+            shard=f.shard,
+            url=f.url,
+            caption=f.caption,
+            sha256=f.sha256,
+            status="failed",
+            failure_stage=f.stage,
+            failure_type=f.error_type,
+        )
     else:
         return None
     fields: dict = {"trigger_codes": tuple(codes)}
     if assignments and base.status == "ok":
         a = assignments[0]
-        fields.update(cluster_id=a.cluster_id, cluster_size=a.cluster_size, is_representative=a.is_representative,
-                      cluster_embedder=a.embedder, cluster_similarity=a.similarity,
-                      duplication=duplication.get(a.cluster_id, "") if a.cluster_size > 1 else "")
+        fields.update(
+            cluster_id=a.cluster_id,
+            cluster_size=a.cluster_size,
+            is_representative=a.is_representative,
+            cluster_embedder=a.embedder,
+            cluster_similarity=a.similarity,
+            duplication=duplication.get(a.cluster_id, "") if a.cluster_size > 1 else "",
+        )
     if scores:
         s = scores[0]
         fields.update(probe_score=float(s["score"]), probe_flagged=bool(s.get("flagged")))
@@ -61,8 +75,16 @@ def annotation_from_row(row: dict) -> Annotation:
     fields["trigger_codes"] = tuple(fields.get("trigger_codes") or ())
     known = set(Annotation.__dataclass_fields__)
     cleaned = {k: v for k, v in fields.items() if k in known}
-    for name, default in (("url", ""), ("caption", ""), ("sha256", ""), ("cluster_id", ""), ("duplication", ""),
-                          ("failure_stage", ""), ("failure_type", ""), ("cluster_embedder", "")):
+    for name, default in (
+        ("url", ""),
+        ("caption", ""),
+        ("sha256", ""),
+        ("cluster_id", ""),
+        ("duplication", ""),
+        ("failure_stage", ""),
+        ("failure_type", ""),
+        ("cluster_embedder", ""),
+    ):
         if cleaned.get(name) is None:
             cleaned[name] = default
     return Annotation(**cleaned)

@@ -39,11 +39,22 @@ def decide(a: Annotation, cfg) -> tuple[str, list[str]]:
 
 def manifest_row(a: Annotation, decision: str, reasons: list[str]) -> dict:
     return {
-        "key": a.key, "shard": a.shard, "url": a.url, "caption": a.caption, "sha256": a.sha256,
-        "status": a.status, "decision": decision, "reasons": list(reasons),
-        "cluster_id": a.cluster_id or a.key, "cluster_size": int(a.cluster_size),
-        "is_representative": bool(a.is_representative), "width": int(a.width), "height": int(a.height),
-        "duplication": a.duplication, "trigger_codes": list(a.trigger_codes), "probe_score": a.probe_score,
+        "key": a.key,
+        "shard": a.shard,
+        "url": a.url,
+        "caption": a.caption,
+        "sha256": a.sha256,
+        "status": a.status,
+        "decision": decision,
+        "reasons": list(reasons),
+        "cluster_id": a.cluster_id or a.key,
+        "cluster_size": int(a.cluster_size),
+        "is_representative": bool(a.is_representative),
+        "width": int(a.width),
+        "height": int(a.height),
+        "duplication": a.duplication,
+        "trigger_codes": list(a.trigger_codes),
+        "probe_score": a.probe_score,
     }
 
 

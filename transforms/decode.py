@@ -25,9 +25,18 @@ FAILURES = "failures"
 
 # which PIL formats each member extension may hold
 EXTENSION_FORMATS = {
-    "jpg": {"JPEG", "MPO"}, "jpeg": {"JPEG", "MPO"}, "png": {"PNG"}, "webp": {"WEBP"},
-    "bmp": {"BMP"}, "gif": {"GIF"}, "tiff": {"TIFF"}, "tif": {"TIFF"},
-    "ppm": {"PPM"}, "pgm": {"PPM"}, "pbm": {"PPM"}, "pnm": {"PPM"},
+    "jpg": {"JPEG", "MPO"},
+    "jpeg": {"JPEG", "MPO"},
+    "png": {"PNG"},
+    "webp": {"WEBP"},
+    "bmp": {"BMP"},
+    "gif": {"GIF"},
+    "tiff": {"TIFF"},
+    "tif": {"TIFF"},
+    "ppm": {"PPM"},
+    "pgm": {"PPM"},
+    "pbm": {"PPM"},
+    "pnm": {"PPM"},
 }
 
 
@@ -117,12 +126,31 @@ class DecodeImagesFn(beam.DoFn):
             img = decode_image(sample.image, sample.image_ext, self.max_pixels)
         except DecodeError as exc:
             beam.metrics.Metrics.counter("decode", f"failed_{exc.error_type}").inc()
-            yield beam.pvalue.TaggedOutput(FAILURES, Failure(
-                sample.key, sample.shard, "decode", exc.error_type, str(exc)[:500],
-                sample.url, sample.caption, sample.sha256))
+            yield beam.pvalue.TaggedOutput(
+                FAILURES,
+                Failure(
+                    sample.key,
+                    sample.shard,
+                    "decode",
+                    exc.error_type,
+                    str(exc)[:500],
+                    sample.url,
+                    sample.caption,
+                    sample.sha256,
+                ),
+            )
             return
-        yield SampleInfo(sample.key, sample.shard, sample.url, sample.caption, sample.sha256,
-                         pixel_digest(img) if self.pixel_hash else "", img.width, img.height, sample.meta_json)
+        yield SampleInfo(
+            sample.key,
+            sample.shard,
+            sample.url,
+            sample.caption,
+            sample.sha256,
+            pixel_digest(img) if self.pixel_hash else "",
+            img.width,
+            img.height,
+            sample.meta_json,
+        )
         if self._hash is not None:
             yield beam.pvalue.TaggedOutput(CODES, (sample.key, self._hash(img).tobytes()))
         self._decoded.inc()
@@ -141,6 +169,5 @@ class DecodeImages(beam.PTransform):
 
     def expand(self, samples):
         fn = DecodeImagesFn(self.max_pixels, self.phash, self.pixel_hash)
-        out = samples | "Decode" >> beam.ParDo(fn).with_outputs(
-            CODES, FAILURES, main=INFOS)
+        out = samples | "Decode" >> beam.ParDo(fn).with_outputs(CODES, FAILURES, main=INFOS)
         return {"infos": out[INFOS], "codes": out[CODES], "failures": out[FAILURES]}

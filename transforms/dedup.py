@@ -42,9 +42,9 @@ def components(edges: list[Edge]) -> dict[str, str]:
     graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (rows, cols)), shape=(len(keys), len(keys)))
     _, labels = connected_components(graph, directed=False)
     first: dict[int, str] = {}
-    for key, label in zip(keys, labels):  # keys are sorted, so the first seen is the smallest
+    for key, label in zip(keys, labels, strict=True):  # keys are sorted, so the first seen is the smallest
         first.setdefault(int(label), key)
-    return {key: first[int(label)] for key, label in zip(keys, labels)}
+    return {key: first[int(label)] for key, label in zip(keys, labels, strict=True)}
 
 
 def _column_value(info: SampleInfo, column: str) -> float:
@@ -69,7 +69,9 @@ def keeper_sort_key(policy: str):
     raise ValueError(f"dedup.keeper: unknown policy {policy!r}")
 
 
-def assign_cluster(cluster_id: str, members: list[SampleInfo], edges: list[Edge], policy: str) -> list[ClusterAssignment]:
+def assign_cluster(
+    cluster_id: str, members: list[SampleInfo], edges: list[Edge], policy: str
+) -> list[ClusterAssignment]:
     """Pick the keeper and describe each member's link to it."""
     ordered = sorted(members, key=keeper_sort_key(policy))
     keeper = ordered[0].key
@@ -87,7 +89,9 @@ def assign_cluster(cluster_id: str, members: list[SampleInfo], edges: list[Edge]
     for info in ordered:
         rank, sim, embedder = best.get(info.key, (9, 1.0, ""))
         similarity = 1.0 if info.key == keeper else direct.get(info.key, sim)
-        out.append(ClusterAssignment(info.key, cluster_id, len(members), info.key == keeper, embedder, float(similarity)))
+        out.append(
+            ClusterAssignment(info.key, cluster_id, len(members), info.key == keeper, embedder, float(similarity))
+        )
     return out
 
 
@@ -140,24 +144,31 @@ class FindDuplicates(beam.PTransform):
                     | f"Edges{name}" >> beam.FlatMap(exact_edges, embedder=name)
                 )
         edges = (
-            tuple(edge_sets) | "AllEdges" >> beam.Flatten() if edge_sets
+            tuple(edge_sets) | "AllEdges" >> beam.Flatten()
+            if edge_sets
             else infos.pipeline | "NoEdges" >> beam.Create([])
         )
         edges = edges | "NoSelfEdges" >> beam.Filter(lambda e: e.key_a != e.key_b)
         edge_list = edges | "EdgeList" >> beam.combiners.ToList()
         comp = edge_list | "Components" >> beam.FlatMap(_gather_components)
         by_cluster = edge_list | "EdgesByCluster" >> beam.Map(
-            lambda es, c: _edges_by_cluster(es, dict(c)), c=beam.pvalue.AsList(comp))
+            lambda es, c: _edges_by_cluster(es, dict(c)), c=beam.pvalue.AsList(comp)
+        )
         keyed_infos = infos | "KeyInfos" >> beam.Map(lambda i: (i.key, i))
         joined = {"info": keyed_infos, "comp": comp} | "JoinComponents" >> beam.CoGroupByKey()
         clustered = (
             joined
             | "MemberOf" >> beam.FlatMap(_join_member)
             | "GroupClusters" >> beam.GroupByKey()
-            | "Assign" >> beam.FlatMap(_assign, edges_by_cluster=beam.pvalue.AsSingleton(by_cluster), policy=self.keeper)
+            | "Assign"
+            >> beam.FlatMap(_assign, edges_by_cluster=beam.pvalue.AsSingleton(by_cluster), policy=self.keeper)
         )
         singles = joined | "Singletons" >> beam.FlatMap(
-            lambda kv: [ClusterAssignment(kv[0], kv[0], 1, True, "", 1.0)]
-            if list(kv[1]["info"]) and not list(kv[1]["comp"]) else [])
+            lambda kv: (
+                [ClusterAssignment(kv[0], kv[0], 1, True, "", 1.0)]
+                if list(kv[1]["info"]) and not list(kv[1]["comp"])
+                else []
+            )
+        )
         assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten()
         return {"assignments": assignments, "edges": edges}

@@ -35,8 +35,7 @@ class ReadLimits:
     max_caption_bytes: int = 16 * 1024
     max_member_bytes: int = 64 * 1024 * 1024
     require_caption: bool = True
-    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm",
-                                         "pbm")
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm", "pbm")
 
 
 # image members memsieve recognises but cannot decode: a specific error rather than "missing"
@@ -108,7 +107,9 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLi
     else:
         caption = ""
     if limits.require_caption and not caption.strip():
-        return Failure(key, shard, "read", "missing_caption", "no caption (txt member empty or absent)", url, sha256=sha)
+        return Failure(
+            key, shard, "read", "missing_caption", "no caption (txt member empty or absent)", url, sha256=sha
+        )
     meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
     return Sample(key, shard, url, caption.strip(), meta_json, image, image_ext, sha)
 
@@ -159,7 +160,9 @@ class _ShardState:
             return
         result = build_sample(key, self.shard, members, self.limits)
         if isinstance(result, Failure) and self.truncated and result.error_type.startswith("missing_"):
-            result = Failure(key, self.shard, "read", "truncated_tar", f"{result.message}; {self.truncated}", result.url)
+            result = Failure(
+                key, self.shard, "read", "truncated_tar", f"{result.message}; {self.truncated}", result.url
+            )
         yield beam.pvalue.TaggedOutput(FAILURES, result) if isinstance(result, Failure) else result
 
 
@@ -199,12 +202,24 @@ class ReadShardFn(beam.DoFn):
             log.warning("shard %s: %s", state.shard, state.truncated)
         yield from state.flush(key, members, bad)
         yield from self._sidecar_failures(state, sidecar)
-        summary = {"shard": state.shard, "path": path, "members": state.n_members, "keys": len(state.seen),
-                   "sidecar_rows": len(sidecar), "truncated": bool(state.truncated), "events": events}
+        summary = {
+            "shard": state.shard,
+            "path": path,
+            "members": state.n_members,
+            "keys": len(state.seen),
+            "sidecar_rows": len(sidecar),
+            "truncated": bool(state.truncated),
+            "events": events,
+        }
         beam.metrics.Metrics.counter("read", "shards").inc()
         progress.advance("shards")
-        log.info("read shard %s: %d keys from %d members%s", state.shard, len(state.seen), state.n_members,
-                 " (truncated)" if state.truncated else "")
+        log.info(
+            "read shard %s: %d keys from %d members%s",
+            state.shard,
+            len(state.seen),
+            state.n_members,
+            " (truncated)" if state.truncated else "",
+        )
         yield beam.pvalue.TaggedOutput(SHARD_EVENTS, summary)
 
     def _sidecar(self, path: str, events: list[str]) -> list[dict]:
