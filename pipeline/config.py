@@ -38,7 +38,9 @@ class ReadConfig(Section):
 
 class PhashConfig(Section):
     enabled: bool = True
-    max_hamming: int = Field(default=10, ge=0, le=64)
+    # in 64-bit pHash units (scaled to the hash length): on real photos copies sit at <= 10
+    # (crops included), different photos at >= 21; 14 leaves room on both sides
+    max_hamming: int = Field(default=14, ge=0, le=64)
 
 
 class ClipConfig(Section):

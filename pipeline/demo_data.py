@@ -28,7 +28,6 @@ SUBJECTS = {
     "astronaut": "an astronaut in a white suit",
     "brick": "a brick wall",
     "camera": "a man with a camera",
-    "cat": "a ginger cat",
     "cell": "a cell under a microscope",
     "chelsea": "a tabby cat",
     "clock": "a wall clock",
@@ -81,7 +80,6 @@ def base_images() -> dict[str, np.ndarray]:
         "astronaut",
         "brick",
         "camera",
-        "cat",
         "cell",
         "chelsea",
         "clock",
@@ -186,7 +184,7 @@ def plan_samples(seed: int = 0) -> list[dict]:
     for name in ("brick", "clock", "page"):  # exact byte duplicates, same caption
         for _ in range(2):
             add(name, "exact_dup", originals[name], out[sorted(images).index(name)]["caption"])
-    for name in ("cat", "coffee", "rocket", "china", "moon"):  # near-duplicate copies, varied captions
+    for name in ("flower", "coffee", "rocket", "china", "moon"):  # near-duplicate copies, varied captions
         for variant, data in variants(images[name], rng):
             add(name, variant, data, _caption(name, rng))
     full_caption = "an astronaut in a white suit, official nasa portrait"
