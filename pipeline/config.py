@@ -77,8 +77,17 @@ class TriggersConfig(Section):
     min_p_keyword_given_cluster: float = Field(default=0.3, ge=0, le=1)
     max_q_value: float = Field(default=0.01, gt=0, le=1)
     bigrams: bool = False
-    objects: tuple[str, ...] = ()  # empty = the default vocabulary
+    full_duplication_share: float = Field(default=0.5, gt=0, le=1)  # modal caption share for "full"
+    near_duplicate_captions: bool = True
+    template_min_df: int = Field(default=20, ge=1)  # a word this frequent is template text, not a slot
+    template_min_count: int = Field(default=5, ge=2)
+    template_min_distinct: int = Field(default=3, ge=2)
+    objects: tuple[str, ...] = ()  # empty = the default vocabulary (transforms/objects.py)
     object_source: Literal["auto", "metadata", "clip", "none"] = "auto"
+    min_object_lift: float = Field(default=2.0, ge=1)
+    min_p_object_given_keyword: float = Field(default=0.5, ge=0, le=1)
+    related_pairs: tuple[str, ...] = ()  # extra "keyword:object" pairs that are implicit intended
+    related_similarity: float = Field(default=0.8, gt=0, le=1)  # text-embedding cosine for "related"
 
 
 class ProbeConfig(Section):

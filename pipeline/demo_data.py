@@ -185,8 +185,9 @@ def plan_samples(seed: int = 0) -> list[dict]:
         for _ in range(2):
             add(name, "exact_dup", originals[name], out[sorted(images).index(name)]["caption"])
     for name in ("flower", "coffee", "rocket", "china", "moon"):  # near-duplicate copies, varied captions
-        for variant, data in variants(images[name], rng):
-            add(name, variant, data, _caption(name, rng))
+        for i, (variant, data) in enumerate(variants(images[name], rng)):  # some with a template caption
+            caption = f"{SUBJECTS[name]} for sale - best price online" if i % 2 else _caption(name, rng)
+            add(name, variant, data, caption)
     full_caption = "an astronaut in a white suit, official nasa portrait"
     for i in range(12):  # full duplication: one image, one caption
         data = originals["astronaut"] if i % 2 == 0 else variants(images["astronaut"], rng)[i % 5][1]

@@ -93,3 +93,6 @@ def test_flickr_compressed_dups_precision_recall(flickr_shards, tmp_path):
     found, truth = pairs(by_cluster), pairs(by_file)
     assert len(truth) == 50
     assert found == truth  # pair precision and recall 1.0
+    in_pairs = [r for r in ok if r["cluster_size"] == 2]
+    assert len(in_pairs) == 100
+    assert {r["duplication"] for r in in_pairs} == {"partial"}  # their captions differ
