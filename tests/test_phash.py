@@ -71,8 +71,7 @@ def test_transform_on_pipeline():
 def test_flickr_compressed_dups_precision_recall(flickr_shards, tmp_path):
     """Acceptance: each compressed_dup clusters with its original, and nothing else merges."""
     out = tmp_path / "out"
-    cfg = parse_config({"name": "t", "input": {"path": flickr_shards}, "output": {"dir": str(out), "report": False},
-                        "triggers": {"enabled": False}})
+    cfg = parse_config({"name": "t", "input": {"path": flickr_shards}, "output": {"dir": str(out), "report": False}})
     run_job(cfg)
     rows = read_table(str(out / "manifest")).to_pylist()
     flickr_file = {}
