@@ -28,7 +28,7 @@ def jaccard(a: frozenset, b: frozenset) -> float:
 
 
 def cluster_duplication(captions: list[str], full_share: float = 0.5, max_pairs: int = 50) -> dict:
-    """Full duplication when one normalized caption covers >= full_share of the cluster.
+    """Full duplication when one normalized caption repeats over >= full_share of the cluster.
 
     diversity: mean pairwise Jaccard distance of the captions' word sets (first max_pairs
     captions in sorted order, so it is deterministic and bounded).
@@ -40,7 +40,8 @@ def cluster_duplication(captions: list[str], full_share: float = 0.5, max_pairs:
     sets = [frozenset(c.split()) for c in normalized[:max_pairs]]
     pairs = list(itertools.combinations(sets, 2))
     diversity = sum(1 - jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
-    return {"class": "full" if share >= full_share else "partial", "modal_share": share,
+    full = modal >= 2 and share >= full_share  # one caption *repeated*: two different ones are partial
+    return {"class": "full" if full else "partial", "modal_share": share,
             "distinct": len(counts), "size": len(normalized), "diversity": diversity}
 
 
