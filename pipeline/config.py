@@ -38,9 +38,11 @@ class ReadConfig(Section):
 
 class PhashConfig(Section):
     enabled: bool = True
-    # in 64-bit pHash units (scaled to the hash length): on real photos copies sit at <= 10
-    # (crops included), different photos at >= 21; 14 leaves room on both sides
-    max_hamming: int = Field(default=14, ge=0, le=64)
+    # in 64-bit pHash units (scaled to the 256-bit hash): on real photos copies sit at <= 13
+    # (crops keeping 85% of each side included), different photos at >= 20; 16 sits in the gap
+    max_hamming: int = Field(default=16, ge=0, le=64)
+    exact_below: int = Field(default=300_000, ge=0)  # hashes searched exactly (flat); IVF beyond
+    nprobe: int = Field(default=32, ge=1)  # IVF cells probed per query above exact_below
 
 
 class ClipConfig(Section):

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import shutil
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
@@ -114,7 +115,10 @@ def build(images_dir: str, out_dir: str, n_sources: int, seed: int) -> int:
         stem = os.path.splitext(name)[0]
         img = Image.open(os.path.join(images_dir, name)).convert("RGB")
         split = "tune" if i % 2 == 0 else "test"
-        img.save(os.path.join(out_dir, "images", f"{stem}.jpg"), "JPEG", quality=95)
+        if name.lower().endswith((".jpg", ".jpeg")):  # the original file as it is
+            shutil.copyfile(os.path.join(images_dir, name), os.path.join(out_dir, "images", f"{stem}.jpg"))
+        else:
+            img.save(os.path.join(out_dir, "images", f"{stem}.jpg"), "JPEG", quality=95)
         rows.append({"file": f"{stem}.jpg", "source": stem, "transform": "original", "params": {}, "split": split})
         if name not in sources:
             continue

@@ -33,23 +33,23 @@ class KeywordExtractor:
         self._nlp = nlp
         self._table = table
         self._stop = frozenset(nlp.Defaults.stop_words)
-        self._cache: dict[str, str | None] = {}
+        self._cache: dict[int, str | None] = {}
 
     def __getstate__(self):
         return {"bigrams": self.bigrams, "_nlp": None}
 
     def _lemma(self, token) -> str | None:
-        low = token.lower_
-        cached = self._cache.get(low, "")
+        cached = self._cache.get(token.lower, "")  # keyed by the lexeme's hash: no string built
         if cached != "":
             return cached
+        low = token.lower_
         lemma = None
         if token.is_alpha and len(low) > 1 and low not in self._stop:
             lemma = self._table.get(low, low)
             if lemma in self._stop:
                 lemma = None
         if len(self._cache) < 500_000:
-            self._cache[low] = lemma
+            self._cache[token.lower] = lemma
         return lemma
 
     def lemmas(self, text: str) -> list[str]:

@@ -86,7 +86,7 @@ def build_index(db: np.ndarray, exact_below: int, nprobe: int, seed: int = 0):
 def _candidates(index, queries: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query row, db row, distance) of every range hit within max_bits plus each query's k-NN."""
     lims, dist, ids = index.range_search(queries, max_bits + 1)  # FAISS' radius is exclusive
-    q_range = np.repeat(np.arange(len(queries)), np.diff(lims))
+    q_range = np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64)))
     k = min(NEIGHBOUR_K, index.ntotal)
     knn_dist, knn_ids = index.search(queries, k)
     q_knn = np.repeat(np.arange(len(queries)), k)
