@@ -47,8 +47,8 @@ class PhashConfig(Section):
 
 class ClipConfig(Section):
     enabled: bool = False
-    model: str = "ViT-B-32"
-    pretrained: str | None = None  # a hub tag, or a local checkpoint file/dir
+    model: str = "ViT-B-32"  # an open_clip name, local-dir:PATH, or a model-config .json file
+    pretrained: str | None = None  # a hub tag, a local checkpoint file/dir, or None (random weights)
     batch_size: int = Field(default=32, gt=0)
     threshold: float = Field(default=0.95, gt=0, le=1)  # cosine for a semantic duplicate
     device: str = "auto"  # auto | cpu | cuda
@@ -116,8 +116,8 @@ class DecideConfig(Section):
 
 class DiversifyConfig(Section):
     enabled: bool = True
-    strategies: tuple[str, ...] = ("MC", "RT", "CWR", "RC", "RNA")
-    n_alternatives: int = Field(default=4, ge=1)
+    strategies: tuple[Literal["MC", "RT", "CWR", "RC", "RNA"], ...] = ("MC", "RT", "CWR", "RC", "RNA")
+    n_alternatives: int = Field(default=5, ge=1)
     gaussian_noise_sigma: float = Field(default=0.1, ge=0)
 
 

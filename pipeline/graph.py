@@ -11,7 +11,7 @@ import apache_beam as beam
 
 from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
-from transforms.decide import Decide, blocklist_row
+from transforms.decide import Decide, DiversifyCaptions, blocklist_row
 from transforms.decode import DecodeImages
 from transforms.dedup import FindDuplicates
 from transforms.read_shards import ReadLimits, ReadShards
@@ -168,6 +168,10 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             lambda r: r["embedder"],
             lambda r: (r["key"],),
         )
+    if cfg.diversify.enabled:
+        div = {"rows": rows, "annotations": annotations} | "DiversifyCaptions" >> DiversifyCaptions(
+            cfg.diversify, cfg.run.seed)
+        _write(div, out_dir, "diversify", _by_shard, lambda r: (r["key"],))
     dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == "drop")
     _write(
         dropped | "BlockRows" >> beam.Map(lambda r: dict(blocklist_row(r), _shard=r["shard"])),

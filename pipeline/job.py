@@ -56,7 +56,7 @@ def prepare_output(out_dir: str) -> None:
         target = os.path.join(out_dir, name)
         if os.path.exists(target):
             os.remove(target)
-    for table in RUN_TABLES + ["report"]:
+    for table in RUN_TABLES + ["report", "filtered"]:
         target = os.path.join(out_dir, table)
         if os.path.isdir(target):
             shutil.rmtree(target)
@@ -123,6 +123,10 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         "timings_s": {"pipeline": round(pipeline_s, 3)},
     }
     info["summary"] = _summary(out_dir, counts)
+    if cfg.output.filtered_shards:
+        from transforms.filtered_shards import write_filtered_shards
+
+        info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards)
     _maybe_report(cfg, out_dir, info)
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)

@@ -134,8 +134,9 @@ DIVERSIFY = _schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("caption", pa.string()),
         pa.field("alternatives", pa.list_(pa.string())),
-        pa.field("strategy", pa.string()),
-        pa.field("gaussian_noise_sigma", pa.float64()),
+        pa.field("strategy", pa.string()),  # the strategies, comma-separated, in the alternatives' order
+        pa.field("alternative_strategies", pa.list_(pa.string())),
+        pa.field("gaussian_noise_sigma", pa.float64()),  # GN: applied to text embeddings at training
     ],
 )
 

@@ -73,7 +73,7 @@ def build_index(db: np.ndarray, exact_below: int, nprobe: int, seed: int = 0):
     if len(db) <= exact_below:
         index = faiss.IndexBinaryFlat(BITS)
     else:
-        nlist = int(min(65536, max(64, 4 * np.sqrt(len(db)))))
+        nlist = int(max(1, min(65536, 4 * np.sqrt(len(db)), len(db) // 40)))  # >= 40 codes a cell to train
         index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(BITS), BITS, nlist)
         rng = np.random.default_rng(seed)
         sample = db[np.sort(rng.choice(len(db), size=min(len(db), nlist * 64), replace=False))]

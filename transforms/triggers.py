@@ -76,8 +76,11 @@ def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[di
 def _codes_for(record: dict, word_sig, object_sig) -> Iterator[tuple[str, tuple[str, ...]]]:
     codes = [f"word_trigger:{w}" for w in record["terms"] if (w, record["cluster_id"]) in word_sig]
     present = set(record["objects"])
-    codes += [f"object_trigger:{w}->{o}" for w in record["terms"] for o in object_sig.get(w, ())
-              if o in present and not _mentions(record, o)]
+    for w in record["terms"]:
+        for o, relation in sorted(object_sig.get(w, ())):
+            if o in present and not _mentions(record, o):
+                # unintended associations are acted on; implicit intended ones are only recorded
+                codes.append(f"{'object_trigger' if relation == 'unintended' else 'implicit_object'}:{w}->{o}")
     if codes:
         yield record["key"], tuple(sorted(codes))
 
@@ -130,7 +133,7 @@ class MineTriggers(beam.PTransform):
         keywords = self._keyword_triggers(recs, kw_counts, n_total)
         objects = self._object_triggers(recs, kw_counts, n_total)
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
-        object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], r["object"]))
+        object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
         trigger_codes = recs | "TriggerCodes" >> beam.FlatMap(
             lambda r, ws, os_: _codes_for(r, set(ws), _by_keyword(os_)),
             ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
