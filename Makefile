@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run demo-data test test-all lint format bench clean
+.PHONY: help venv run demo-data chromium test test-all lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -30,10 +30,15 @@ demo-data: out/demo-data/shards/00000.tar ## build the demo shards from images s
 run: $(STAMP) demo-data ## run the demo job (jobs/demo.yaml) -> out/demo/
 	$(BIN)/memsieve run jobs/demo.yaml
 
-test: $(STAMP) ## the whole test suite (slow benchmarks excluded)
+chromium: ## Debian's chromium for the report screenshot test (installed when running as root)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+		echo "chromium is not installed: the report screenshot test will be skipped"
+
+test: $(STAMP) chromium ## the whole test suite (slow benchmarks excluded)
 	$(BIN)/python -m pytest -m "not slow" -q -p no:cacheprovider
 
-test-all: $(STAMP) ## the suite including slow tests
+test-all: $(STAMP) chromium ## the suite including slow tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP) ## ruff lint and format check

@@ -52,11 +52,14 @@ def resolve_input(path: str) -> tuple[str, list[str]]:
 
 def prepare_output(out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
+    report = os.path.join(out_dir, "report")
+    if os.path.isdir(report):  # a new run's report starts empty (a re-decide keeps the thumbnails)
+        shutil.rmtree(report)
     for name in RUN_FILES:
         target = os.path.join(out_dir, name)
         if os.path.exists(target):
             os.remove(target)
-    for table in RUN_TABLES + ["report", "filtered"]:
+    for table in RUN_TABLES + ["filtered"]:
         target = os.path.join(out_dir, table)
         if os.path.isdir(target):
             shutil.rmtree(target)

@@ -91,8 +91,13 @@ def _thumbnails(wanted: dict[str, set[str]], shard_paths: list[str], rdir: str) 
 
     os.makedirs(os.path.join(rdir, "thumbs"), exist_ok=True)
     out: dict[str, str] = {}
+    for keys in wanted.values():  # thumbnails of an earlier report of this run (re-decide) are reused
+        for key in keys:
+            rel = f"thumbs/{safe_part_name(key)}.jpg"
+            if os.path.isfile(os.path.join(rdir, rel)):
+                out[key] = rel
     for path in shard_paths:
-        keys = wanted.get(shard_name(path))
+        keys = wanted.get(shard_name(path), set()) - set(out)
         if not keys or not os.path.isfile(path):
             continue
         try:

@@ -19,8 +19,8 @@ import glob
 import hashlib
 import io
 import os
-import sys
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -81,11 +81,10 @@ def bare_loop(path: str, cfg) -> int:
 
 def pipeline_stage(path: str, cfg) -> int:
     import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from transforms.embed_clip import EmbedClip
-
-    from apache_beam.metrics.metric import MetricsFilter
 
     options = PipelineOptions(runner="DirectRunner", direct_num_workers=1, direct_running_mode="in_memory")
     p = beam.Pipeline(options=options)
@@ -128,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(tmp, "bench.tar")
     n_images = write_bench_shard(args.shards, args.images, path)
     device, dtype = resolve_device_dtype(cfg.device, cfg.precision)
-    print(f"{n_images} images, {cfg.model} random weights, batch {cfg.batch_size}, {device} {dtype}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{n_images} images, {cfg.model} random weights, batch {cfg.batch_size}, {device} {dtype}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     best = {"bare loop": float("inf"), "pipeline": float("inf")}
     for r in range(args.repeats):
         for name, fn in (("bare loop", bare_loop), ("pipeline", pipeline_stage)):
@@ -139,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  run {r + 1} {name:9s} {seconds:7.2f} s  {n / seconds:7.2f} samples/s")
     shutil.rmtree(tmp)
     ratio = best["bare loop"] / best["pipeline"]
-    print(f"best: bare loop {n_images / best['bare loop']:.2f} samples/s, "
-          f"pipeline {n_images / best['pipeline']:.2f} samples/s, pipeline/bare = {ratio:.1%} (target >= 85%)")
+    print(
+        f"best: bare loop {n_images / best['bare loop']:.2f} samples/s, "
+        f"pipeline {n_images / best['pipeline']:.2f} samples/s, pipeline/bare = {ratio:.1%} (target >= 85%)"
+    )
     return 0
 
 

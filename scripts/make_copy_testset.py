@@ -79,7 +79,13 @@ def brightness(img: Image.Image, rng: random.Random) -> tuple[Image.Image, dict]
     return img.point(lambda v: max(0, min(255, v + offset))), {"offset": offset}
 
 
-STEPS = {"downscale": downscale, "jpeg": reencode, "crop": centre_crop, "watermark": watermark, "brightness": brightness}
+STEPS = {
+    "downscale": downscale,
+    "jpeg": reencode,
+    "crop": centre_crop,
+    "watermark": watermark,
+    "brightness": brightness,
+}
 
 # each copy: the steps applied in order; the last JPEG save (quality 90) stands for the file format
 COPIES = {

@@ -32,3 +32,16 @@ def demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo-data")
     make_demo_data(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_data, tmp_path_factory) -> Path:
+    """The demo job run once over the demo shards (report and filtered shards on)."""
+    from pipeline.config import load_job
+    from pipeline.job import run_job
+
+    out = tmp_path_factory.mktemp("demo-run") / "out"
+    cfg = load_job(ROOT / "jobs" / "demo.yaml", ["output.filtered_shards=true", "output.report=true"],
+                   input_path=str(demo_data / "shards" / "*.tar"), output_dir=str(out))
+    run_job(cfg)
+    return out

@@ -253,7 +253,9 @@ class EmbedClip(beam.PTransform):
         super().__init__()
         self.cfg = cfg
         self.max_pixels = max_pixels
-        self.root = os.path.join(embeddings_dir, "clip", model_tag(cfg.model, cfg.pretrained)) if embeddings_dir else None
+        self.root = (
+            os.path.join(embeddings_dir, "clip", model_tag(cfg.model, cfg.pretrained)) if embeddings_dir else None
+        )
 
     def expand(self, samples):
         reused = None
@@ -275,7 +277,9 @@ class EmbedClip(beam.PTransform):
         embeddings = out["pieces"] | "DropShard" >> beam.Map(lambda kv: kv[1])
         outputs = {FAILURES: out[FAILURES]}
         if self.root:
-            outputs["written"] = out["pieces"] | "ByShard" >> beam.GroupByKey() | "Save" >> beam.FlatMap(_save_shard, root=self.root)
+            outputs["written"] = (
+                out["pieces"] | "ByShard" >> beam.GroupByKey() | "Save" >> beam.FlatMap(_save_shard, root=self.root)
+            )
             embeddings = (embeddings, reused) | "WithPersisted" >> beam.Flatten()
         outputs[EMBEDDINGS] = embeddings
         return outputs
