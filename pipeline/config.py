@@ -131,6 +131,9 @@ class RunConfig(Section):
     runner: str = "DirectRunner"
     max_failure_ratio: float = Field(default=0.5, gt=0, le=1)
     seed: int = 0
+    cache: bool = True  # per-shard cache of decoded/hashed results: a killed run resumes
+    cache_dir: str | None = None  # default OUTPUT/cache
+    debug_sleep_per_shard_s: float = Field(default=0.0, ge=0)  # tests only: slow shards down
 
 
 class JobConfig(Section):

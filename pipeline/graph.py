@@ -12,9 +12,9 @@ import apache_beam as beam
 from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
 from transforms.decide import Decide, DiversifyCaptions, blocklist_row
-from transforms.decode import DecodeImages
 from transforms.dedup import FindDuplicates
-from transforms.read_shards import ReadLimits, ReadShards
+from transforms.process_shards import ProcessShards, ShardSettings
+from transforms.read_shards import ReadLimits
 from transforms.write import WriteTable
 
 
@@ -82,12 +82,15 @@ def add_dedup(cfg, dec: dict) -> dict:
 def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> dict:
     """Wire the whole job; returns the PCollections of written paths and the decisions."""
     paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
-    read = paths | "ReadShards" >> ReadShards(read_limits(cfg))
-    dec = read["samples"] | "DecodeImages" >> DecodeImages(
-        cfg.read.max_image_pixels, cfg.dedup.phash.enabled, cfg.dedup.exact and cfg.dedup.exact_pixels
-    )
+    settings = ShardSettings(
+        limits=read_limits(cfg), max_pixels=cfg.read.max_image_pixels, phash=cfg.dedup.phash.enabled,
+        pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
+        cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
+        emit_samples=cfg.dedup.clip.enabled, debug_sleep_s=cfg.run.debug_sleep_per_shard_s)
+    dec = paths | "ProcessShards" >> ProcessShards(settings)
+    read = {"shards": dec["shards"]}
     dup = add_dedup(cfg, dec)
-    failures = (read["failures"], dec["failures"]) | "AllFailures" >> beam.Flatten()
+    failures = dec["failures"]
 
     keyed = {
         "info": dec["infos"] | "KeyInfo" >> beam.Map(lambda i: (i.key, i)),

@@ -146,24 +146,110 @@ class _ShardState:
     n_members: int = 0
     truncated: str = ""
 
-    def flush(self, key: str | None, members: dict[str, bytes], bad: list[str]) -> Iterator:
+    def flush(self, key: str | None, members: dict[str, bytes], bad: list[str]) -> Iterator[Sample | Failure]:
         if key is None:
             return
         if key in self.seen:
-            yield beam.pvalue.TaggedOutput(
-                FAILURES, Failure(key, self.shard, "read", "duplicate_key", "the key repeats within the shard")
-            )
+            yield Failure(key, self.shard, "read", "duplicate_key", "the key repeats within the shard")
             return
         self.seen.add(key)
         if bad:
-            yield beam.pvalue.TaggedOutput(FAILURES, Failure(key, self.shard, "read", bad[0].split(":")[0], bad[0]))
+            yield Failure(key, self.shard, "read", bad[0].split(":")[0], bad[0])
             return
         result = build_sample(key, self.shard, members, self.limits)
         if isinstance(result, Failure) and self.truncated and result.error_type.startswith("missing_"):
-            result = Failure(
-                key, self.shard, "read", "truncated_tar", f"{result.message}; {self.truncated}", result.url
-            )
-        yield beam.pvalue.TaggedOutput(FAILURES, result) if isinstance(result, Failure) else result
+            msg = f"{result.message}; {self.truncated}"
+            result = Failure(key, self.shard, "read", "truncated_tar", msg, result.url)
+        yield result
+
+
+def _guarded_members(raw, state: _ShardState, events: list[str]) -> Iterator[tuple[str, bytes | None, str]]:
+    """The tar's members; a read error ends the stream and marks the shard truncated.
+
+    Only reading the tar is guarded: errors raised by whoever consumes the samples are not
+    mistaken for a broken shard.
+    """
+    it = _iter_members(raw, state.limits)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:  # tarfile.ReadError, EOFError, zlib/OS errors: keep what came before
+            state.truncated = f"shard unreadable after {state.n_members} members: {type(exc).__name__}: {exc}"
+            events.append(f"truncated_tar:{state.truncated}")
+            log.warning("shard %s: %s", state.shard, state.truncated)
+            return
+        state.n_members += 1
+        yield item
+
+
+def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dict]:
+    """Every Sample and Failure of one shard, then its summary dict (always last)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    state = _ShardState(shard_name(path), limits, set())
+    events: list[str] = []
+    sidecar = _read_sidecar_rows(path, events)
+    key, members, bad = None, {}, []
+    try:
+        raw = FileSystems.open(path, compression_type="uncompressed")
+    except Exception as exc:  # unreadable file: the sidecar rows still reach the manifest
+        state.truncated = f"shard cannot be opened: {type(exc).__name__}: {exc}"
+        events.append(f"unreadable_shard:{state.truncated}")
+        raw = None
+    if raw is not None:
+        with raw:
+            for name, data, err in _guarded_members(raw, state, events):
+                split = split_member_name(name)
+                if split is None:
+                    events.append(f"unrecognized_member:{name[:200]}")
+                    continue
+                if split[0] != key:
+                    yield from state.flush(key, members, bad)
+                    key, members, bad = split[0], {}, []
+                if is_unsafe_name(name):
+                    bad.append(f"unsafe_member_name: {name[:200]}")
+                elif err:
+                    bad.append(err)
+                else:
+                    members[split[1]] = data
+    yield from state.flush(key, members, bad)
+    yield from _sidecar_failures(state, sidecar)
+    log.info("read shard %s: %d keys from %d members%s", state.shard, len(state.seen), state.n_members,
+             " (truncated)" if state.truncated else "")
+    yield {"shard": state.shard, "path": path, "members": state.n_members, "keys": len(state.seen),
+           "sidecar_rows": len(sidecar), "truncated": bool(state.truncated), "events": events}
+
+
+def _read_sidecar_rows(path: str, events: list[str]) -> list[dict]:
+    from apache_beam.io.filesystems import FileSystems
+
+    side = path[:-4] + ".parquet" if path.endswith(".tar") else path + ".parquet"
+    try:
+        if not FileSystems.exists(side):
+            return []
+        return read_sidecar(side)
+    except Exception as exc:  # a corrupt sidecar must not lose the tar's samples
+        events.append(f"bad_sidecar:{type(exc).__name__}: {exc}")
+        return []
+
+
+def _sidecar_failures(state: _ShardState, rows: list[dict]) -> Iterator[Failure]:
+    for row in rows:
+        key = str(row.get("key") or "")
+        if not key or key in state.seen:
+            continue
+        state.seen.add(key)
+        status = str(row.get("status") or "unknown")
+        url, caption = str(row.get("url") or ""), str(row.get("caption") or "")
+        if status != "success":
+            yield Failure(key, state.shard, "download", status, str(row.get("error_message") or status), url, caption)
+        elif state.truncated:
+            yield Failure(key, state.shard, "read", "truncated_tar", state.truncated, url, caption)
+        else:
+            msg = "listed as success in the parquet sidecar but absent from the tar"
+            yield Failure(key, state.shard, "read", "missing_from_shard", msg, url, caption)
 
 
 class ReadShardFn(beam.DoFn):
@@ -173,84 +259,15 @@ class ReadShardFn(beam.DoFn):
         self.limits = limits
 
     def process(self, path: str) -> Iterable:
-        from apache_beam.io.filesystems import FileSystems
-
-        state = _ShardState(shard_name(path), self.limits, set())
-        events: list[str] = []
-        sidecar = self._sidecar(path, events)
-        key, members, bad = None, {}, []
-        try:
-            with FileSystems.open(path, compression_type="uncompressed") as raw:
-                for name, data, err in _iter_members(raw, self.limits):
-                    state.n_members += 1
-                    split = split_member_name(name)
-                    if split is None:
-                        events.append(f"unrecognized_member:{name[:200]}")
-                        continue
-                    if split[0] != key:
-                        yield from state.flush(key, members, bad)
-                        key, members, bad = split[0], {}, []
-                    if is_unsafe_name(name):
-                        bad.append(f"unsafe_member_name: {name[:200]}")
-                    elif err:
-                        bad.append(err)
-                    else:
-                        members[split[1]] = data
-        except Exception as exc:  # tarfile.ReadError, EOFError, zlib/OS errors: keep what came before
-            state.truncated = f"shard unreadable after {state.n_members} members: {type(exc).__name__}: {exc}"
-            events.append(f"truncated_tar:{state.truncated}")
-            log.warning("shard %s: %s", state.shard, state.truncated)
-        yield from state.flush(key, members, bad)
-        yield from self._sidecar_failures(state, sidecar)
-        summary = {
-            "shard": state.shard,
-            "path": path,
-            "members": state.n_members,
-            "keys": len(state.seen),
-            "sidecar_rows": len(sidecar),
-            "truncated": bool(state.truncated),
-            "events": events,
-        }
-        beam.metrics.Metrics.counter("read", "shards").inc()
-        progress.advance("shards")
-        log.info(
-            "read shard %s: %d keys from %d members%s",
-            state.shard,
-            len(state.seen),
-            state.n_members,
-            " (truncated)" if state.truncated else "",
-        )
-        yield beam.pvalue.TaggedOutput(SHARD_EVENTS, summary)
-
-    def _sidecar(self, path: str, events: list[str]) -> list[dict]:
-        from apache_beam.io.filesystems import FileSystems
-
-        side = path[:-4] + ".parquet" if path.endswith(".tar") else path + ".parquet"
-        if not FileSystems.exists(side):
-            return []
-        try:
-            return read_sidecar(side)
-        except Exception as exc:  # a corrupt sidecar must not lose the tar's samples
-            events.append(f"bad_sidecar:{type(exc).__name__}: {exc}")
-            return []
-
-    def _sidecar_failures(self, state: _ShardState, rows: list[dict]) -> Iterator:
-        for row in rows:
-            key = str(row.get("key") or "")
-            if not key or key in state.seen:
-                continue
-            state.seen.add(key)
-            status = str(row.get("status") or "unknown")
-            url, caption = str(row.get("url") or ""), str(row.get("caption") or "")
-            if status != "success":
-                msg = str(row.get("error_message") or status)
-                failure = Failure(key, state.shard, "download", status, msg, url, caption)
-            elif state.truncated:
-                failure = Failure(key, state.shard, "read", "truncated_tar", state.truncated, url, caption)
+        for item in iter_shard(path, self.limits):
+            if isinstance(item, Failure):
+                yield beam.pvalue.TaggedOutput(FAILURES, item)
+            elif isinstance(item, dict):
+                beam.metrics.Metrics.counter("read", "shards").inc()
+                progress.advance("shards")
+                yield beam.pvalue.TaggedOutput(SHARD_EVENTS, item)
             else:
-                msg = "listed as success in the parquet sidecar but absent from the tar"
-                failure = Failure(key, state.shard, "read", "missing_from_shard", msg, url, caption)
-            yield beam.pvalue.TaggedOutput(FAILURES, failure)
+                yield item
 
 
 def duplicate_key_failures(item: tuple[str, Iterable[str]]) -> Iterator[Failure]:

@@ -1,0 +1,162 @@
+"""Read, decode and hash whole shards in one step, cached per shard.
+
+The per-sample work that needs pixels (decoding, the exact-pixel digest, perceptual hashes)
+happens right where the shard is read, so image bytes never cross a shuffle, and each finished
+shard's results are cached (``transforms.shard_cache``): a run killed mid-way and started again
+reloads finished shards instead of decoding them again. Samples themselves (with image bytes)
+are emitted only when a later stage needs pixels (the CLIP embedder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+
+import apache_beam as beam
+import pyarrow as pa
+
+from pipeline import progress
+from schemas.elements import Failure, Sample, SampleInfo
+from transforms import shard_cache
+from transforms.decode import DecodeError, decode_image, pixel_digest
+from transforms.read_shards import ReadLimits, duplicate_key_failures, iter_shard, shard_name
+
+log = logging.getLogger(__name__)
+
+INFO_SCHEMA = pa.schema([(f.name, pa.int64() if f.type in ("int", int) else pa.string())
+                         for f in dataclasses.fields(SampleInfo)])
+FAILURE_SCHEMA = pa.schema([(f.name, pa.string()) for f in dataclasses.fields(Failure)])
+CODE_SCHEMA = pa.schema([("key", pa.string()), ("codes", pa.binary())])
+KEY_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string())])
+SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("path", pa.string()), ("members", pa.int64()),
+                            ("keys", pa.int64()), ("sidecar_rows", pa.int64()), ("truncated", pa.bool_()),
+                            ("events", pa.list_(pa.string()))])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSettings:
+    limits: ReadLimits
+    max_pixels: int
+    phash: bool
+    pixel_hash: bool
+    cache_dir: str | None
+    emit_samples: bool = False
+    debug_sleep_s: float = 0.0  # tests only: make a shard slow so a run can be killed mid-way
+
+    def cache_key(self) -> dict:
+        from transforms import phash
+
+        return {"limits": dataclasses.asdict(self.limits), "max_pixels": self.max_pixels, "phash": self.phash,
+                "phash_version": (phash.BITS, phash.CROPS) if self.phash else None, "pixel_hash": self.pixel_hash}
+
+
+def decode_sample(sample: Sample, settings: ShardSettings, hasher) -> tuple[SampleInfo | Failure, bytes | None]:
+    try:
+        img = decode_image(sample.image, sample.image_ext, settings.max_pixels)
+    except DecodeError as exc:
+        return Failure(sample.key, sample.shard, "decode", exc.error_type, str(exc)[:500], sample.url,
+                       sample.caption, sample.sha256), None
+    info = SampleInfo(sample.key, sample.shard, sample.url, sample.caption, sample.sha256,
+                      pixel_digest(img) if settings.pixel_hash else "", img.width, img.height, sample.meta_json)
+    return info, (hasher(img).tobytes() if hasher is not None else None)
+
+
+class ProcessShardFn(beam.DoFn):
+    """Shard path -> SampleInfo (main), and tagged codes, failures, keys, shards, samples."""
+
+    def __init__(self, settings: ShardSettings):
+        self.settings = settings
+
+    def setup(self):
+        self.hasher = None
+        if self.settings.phash:
+            from transforms.phash import compute_hashes
+
+            self.hasher = compute_hashes
+        self.hits = beam.metrics.Metrics.counter("cache", "shard_hits")
+        self.misses = beam.metrics.Metrics.counter("cache", "shard_misses")
+        self.decoded = beam.metrics.Metrics.counter("decode", "decoded")
+
+    def process(self, path: str) -> Iterator:
+        s = self.settings
+        entry = None
+        if s.cache_dir and not s.emit_samples:
+            entry = shard_cache.entry_dir(s.cache_dir, "shards", shard_name(path),
+                                          shard_cache.fingerprint(path, s.cache_key()))
+            cached = shard_cache.load(entry)
+            if cached is not None:
+                self.hits.inc()
+                log.info("shard %s: reused from the cache", shard_name(path))
+                yield from self._emit(cached)
+                return
+        self.misses.inc()
+        tables = self._compute(path)
+        if s.debug_sleep_s:
+            time.sleep(s.debug_sleep_s)
+        if entry is not None:
+            shard_cache.store(entry, {"infos": (tables["infos"], INFO_SCHEMA),
+                                      "failures": (tables["failures"], FAILURE_SCHEMA),
+                                      "codes": (tables["codes"], CODE_SCHEMA), "keys": (tables["keys"], KEY_SCHEMA),
+                                      "summary": (tables["summary"], SUMMARY_SCHEMA)})
+        yield from self._emit(tables)
+
+    def _compute(self, path: str) -> dict[str, list]:
+        tables: dict[str, list] = {"infos": [], "failures": [], "codes": [], "keys": [], "summary": [], "samples": []}
+        for item in iter_shard(path, self.settings.limits):
+            if isinstance(item, dict):
+                tables["summary"].append(item)
+            elif isinstance(item, Failure):
+                tables["failures"].append(dataclasses.asdict(item))
+                if item.stage == "read" and item.error_type not in ("truncated_tar", "missing_from_shard"):
+                    tables["keys"].append({"key": item.key, "shard": item.shard})
+            else:
+                tables["keys"].append({"key": item.key, "shard": item.shard})
+                result, codes = decode_sample(item, self.settings, self.hasher)
+                if isinstance(result, Failure):
+                    tables["failures"].append(dataclasses.asdict(result))
+                    continue
+                self.decoded.inc()
+                progress.advance("samples decoded")
+                tables["infos"].append(dataclasses.asdict(result))
+                if codes is not None:
+                    tables["codes"].append({"key": item.key, "codes": codes})
+                if self.settings.emit_samples:
+                    tables["samples"].append(item)
+        return tables
+
+    def _emit(self, tables: dict[str, list]) -> Iterator:
+        beam.metrics.Metrics.counter("read", "shards").inc()
+        progress.advance("shards")
+        for row in tables["infos"]:
+            yield SampleInfo(**row)
+        for row in tables["failures"]:
+            yield beam.pvalue.TaggedOutput("failures", Failure(**row))
+        for row in tables["codes"]:
+            yield beam.pvalue.TaggedOutput("codes", (row["key"], row["codes"]))
+        for row in tables["keys"]:
+            yield beam.pvalue.TaggedOutput("keys", (row["key"], row["shard"]))
+        for row in tables["summary"]:
+            yield beam.pvalue.TaggedOutput("shards", row)
+        for sample in tables.get("samples", []):
+            yield beam.pvalue.TaggedOutput("samples", sample)
+
+
+class ProcessShards(beam.PTransform):
+    """Shard paths -> {"infos", "codes", "failures", "shards", "samples"}; cross-shard duplicate
+    keys are reported as ``duplicate_key`` failures (only (key, shard) pairs are shuffled)."""
+
+    def __init__(self, settings: ShardSettings):
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, paths):
+        out = (paths | "Reshuffle" >> beam.Reshuffle()
+               | "ProcessShard" >> beam.ParDo(ProcessShardFn(self.settings)).with_outputs(
+                   "failures", "codes", "keys", "shards", "samples", main="infos"))
+        repeated = (out["keys"] | "GroupKeys" >> beam.GroupByKey()
+                    | "RepeatedKeys" >> beam.FlatMap(duplicate_key_failures))
+        failures = (out["failures"], repeated) | "MergeFailures" >> beam.Flatten()
+        return {"infos": out["infos"], "codes": out["codes"], "failures": failures, "shards": out["shards"],
+                "samples": out["samples"]}
