@@ -65,7 +65,7 @@ def add_dedup(cfg, dec: dict) -> dict:
     if cfg.dedup.phash.enabled:
         from transforms.phash import FindPhashCopies
 
-        found = dec["codes"] | "FindPhashCopies" >> FindPhashCopies(cfg.dedup.phash)
+        found = dec["codes"] | "FindPhashCopies" >> FindPhashCopies(cfg.dedup.phash, seed=cfg.run.seed)
         edges.append(found["edges"])
         neighbours.append(found["neighbours"])
     if cfg.dedup.clip.enabled and "clip_edges" in dec:

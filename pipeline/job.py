@@ -170,11 +170,11 @@ def _check_failure_ratio(cfg: JobConfig, summary: dict) -> None:
         )
 
 
-def _maybe_report(cfg: JobConfig, out_dir: str, info: dict) -> None:
+def _maybe_report(cfg: JobConfig, out_dir: str, info: dict, reuse_figures: bool = False) -> None:
     if not cfg.output.report:
         return
     try:
         from pipeline.report import write_report
     except ImportError:
         return
-    write_report(out_dir, info)
+    write_report(out_dir, info, reuse_figures)

@@ -114,7 +114,7 @@ def redecide(run_dir: str, overrides: list[str]) -> dict:
     run.setdefault("counters", {})["decide"] = dict(sorted(decisions.items()))
     run.setdefault("redecided", []).append({"overrides": list(overrides), "seconds": round(time.time() - started, 3)})
     decided = time.time()
-    _maybe_report(cfg, run_dir, run)
+    _maybe_report(cfg, run_dir, run, reuse_figures=True)
     run["timings_s"]["redecide"] = round(time.time() - started, 3)
     run["timings_s"]["redecide_report"] = round(time.time() - decided, 3)
     run["checksums"] = runinfo.checksums(run_dir, RUN_TABLES)

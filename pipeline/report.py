@@ -38,7 +38,7 @@ def _figure(path: str, draw) -> None:
     plt.close(fig)
 
 
-def _similarity_figures(out_dir: str, rdir: str, config: dict) -> list[dict]:
+def _similarity_figures(out_dir: str, rdir: str, config: dict, reuse: bool = False) -> list[dict]:
     figures = []
     neighbours = _rows(out_dir, "neighbours")
     by = {}
@@ -53,6 +53,9 @@ def _similarity_figures(out_dir: str, rdir: str, config: dict) -> list[dict]:
         thresholds["clip"] = config["dedup"]["clip"]["threshold"]
     for embedder, values in sorted(by.items()):
         name = f"similarity_{embedder}.png"
+        if reuse and os.path.isfile(os.path.join(rdir, name)):  # re-decide: similarities did not change
+            figures.append({"path": name, "alt": f"{embedder} nearest-neighbour similarity histogram"})
+            continue
 
         def draw(ax, values=values, embedder=embedder):
             ax.hist(values, bins=40, color="#4c72b0")
@@ -65,7 +68,9 @@ def _similarity_figures(out_dir: str, rdir: str, config: dict) -> list[dict]:
         _figure(os.path.join(rdir, name), draw)
         figures.append({"path": name, "alt": f"{embedder} nearest-neighbour similarity histogram"})
     scores = _rows(out_dir, "scores")
-    if scores:
+    if scores and reuse and os.path.isfile(os.path.join(rdir, "probe_scores.png")):
+        figures.append({"path": "probe_scores.png", "alt": "probe score histogram"})
+    elif scores:
         threshold = next((s["threshold"] for s in scores if s.get("threshold") is not None), None)
 
         def draw_scores(ax):
@@ -139,7 +144,7 @@ def _clusters(manifest: list[dict], shard_paths: list[str], rdir: str) -> tuple[
     return clusters, len(groups)
 
 
-def write_report(out_dir: str, info: dict) -> str:
+def write_report(out_dir: str, info: dict, reuse_figures: bool = False) -> str:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     rdir = os.path.join(out_dir, "report")
@@ -163,7 +168,7 @@ def write_report(out_dir: str, info: dict) -> str:
         job=info.get("job", ""), summary=info["summary"], n_shards=info.get("input", {}).get("n_shards", 0),
         written=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         total_s=info.get("timings_s", {}).get("pipeline", ""), reasons=sorted(reasons.items(), key=lambda kv: -kv[1]),
-        figures=_similarity_figures(out_dir, rdir, info.get("config", {})), clusters=clusters, n_clusters=n_clusters,
+        figures=_similarity_figures(out_dir, rdir, info.get("config", {}), reuse_figures), clusters=clusters, n_clusters=n_clusters,
         keywords=_rows(out_dir, "triggers/keywords")[:20], objects=_rows(out_dir, "triggers/objects")[:20],
         diversify=diversify, failures=sorted(fail_types.values(), key=lambda f: -f["n"]))
     path = os.path.join(rdir, "index.html")
