@@ -129,6 +129,9 @@ def _iter_members(fileobj, limits: ReadLimits) -> Iterator[tuple[str, bytes | No
     """Yield (name, data, error) per regular member; data None with an error for bad members."""
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for info in tar:
+            if info.issym() or info.islnk():
+                yield info.name, None, "link_member"
+                continue
             if not info.isfile():
                 continue
             if info.size > limits.max_member_bytes:
@@ -201,6 +204,9 @@ def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dic
     if raw is not None:
         with raw:
             for name, data, err in _guarded_members(raw, state, events):
+                if err == "link_member":  # never followed: a link could point outside the shard
+                    events.append(f"skipped_link_member:{name[:200]}")
+                    continue
                 split = split_member_name(name)
                 if split is None:
                     events.append(f"unrecognized_member:{name[:200]}")
@@ -273,7 +279,7 @@ class ReadShardFn(beam.DoFn):
 def duplicate_key_failures(item: tuple[str, Iterable[str]]) -> Iterator[Failure]:
     """(key, shards) -> a ``duplicate_key`` failure for every occurrence after the first shard."""
     key, shards = item
-    ordered = sorted(shards)
+    ordered = sorted(set(shards))  # a key repeated inside one shard is reported by the reader
     for shard in ordered[1:]:
         yield Failure(key, shard, "read", "duplicate_key", f"the key also appears in shard {ordered[0]}")
 
