@@ -184,6 +184,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         lambda r: (r["key"],),
     )
     _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
+    _join_sinks(p)
     return outputs
 
 
@@ -199,6 +200,15 @@ def _neighbour_row(n) -> dict:
 
 def _write(pcoll, out_dir: str, table: str, partition, sort_key):
     label = table.replace("/", "_")
-    return pcoll | f"Write_{label}" >> WriteTable(
+    written = pcoll | f"Write_{label}" >> WriteTable(
         os.path.join(out_dir, table), arrow.TABLES[table], partition, sort_key
     )
+    pcoll.pipeline.__dict__.setdefault("_memsieve_written", []).append(written)
+    return written
+
+
+def _join_sinks(p: beam.Pipeline):
+    """One last step that depends on every writer. Beam 2.77's DaskRunner computes only the
+    graph's last transform, so a pipeline with several sinks must end in one that needs them all."""
+    written = p.__dict__.get("_memsieve_written", [])
+    return tuple(written) | "AllWritten" >> beam.Flatten() | "CountWritten" >> beam.combiners.Count.Globally()

@@ -50,6 +50,10 @@ def resolve_input(path: str) -> tuple[str, list[str]]:
     return "webdataset", shards
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
 def prepare_output(out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     report = os.path.join(out_dir, "report")
@@ -88,7 +92,8 @@ def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     fmt, inputs = resolve_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")
-    out_dir = cfg.output.dir
+    out_dir = _absolute(cfg.output.dir)  # workers of a distributed runner may run elsewhere
+    inputs = [_absolute(p) for p in inputs]
     prepare_output(out_dir)
     if fmt == "laion_embeddings":
         from pipeline.laion_job import run_laion
@@ -105,7 +110,11 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
 
     started = time.time()
     log.info("job %s: %d shards -> %s", cfg.name, len(shards), out_dir)
-    pipeline = beam.Pipeline(options=beam_options(cfg, beam_args))
+    from transforms.outputs import runner_needs_split, split_by_filter
+
+    options = beam_options(cfg, beam_args)
+    split_by_filter(runner_needs_split(str(options.get_all_options().get("runner") or "")))
+    pipeline = beam.Pipeline(options=options)
     build_graph(pipeline, cfg, shards, out_dir)
     from pipeline import progress
 

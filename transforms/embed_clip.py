@@ -269,11 +269,10 @@ class EmbedClip(beam.PTransform):
                 done_set=beam.pvalue.AsDict(done | "AsSet" >> beam.Map(lambda s: (s, True))),
             )
         bs = self.cfg.batch_size
-        out = (
-            samples
-            | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
-            | "Embed" >> beam.ParDo(EmbedClipFn(self.cfg, self.max_pixels)).with_outputs(FAILURES, main="pieces")
-        )
+        from transforms.outputs import multi_output
+
+        batches = samples | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
+        out = multi_output(batches, "Embed", EmbedClipFn(self.cfg, self.max_pixels), [FAILURES], "pieces")
         embeddings = out["pieces"] | "DropShard" >> beam.Map(lambda kv: kv[1])
         outputs = {FAILURES: out[FAILURES]}
         if self.root:

@@ -195,12 +195,9 @@ class FindPhashCopies(beam.PTransform):
         self.seed = seed
 
     def expand(self, codes):
-        search = beam.FlatMap(
-            _search, max_bits=self.max_bits, exact_below=self.exact_below, nprobe=self.nprobe, seed=self.seed
-        )
-        out = (
-            codes
-            | "GatherCodes" >> beam.combiners.ToList()
-            | "SearchCodes" >> search.with_outputs("neighbours", main="edges")
-        )
+        from transforms.outputs import multi_output
+
+        gathered = codes | "GatherCodes" >> beam.combiners.ToList()
+        out = multi_output(gathered, "SearchCodes", _search, ["neighbours"], "edges", max_bits=self.max_bits,
+                           exact_below=self.exact_below, nprobe=self.nprobe, seed=self.seed)
         return {"edges": out["edges"], "neighbours": out["neighbours"]}

@@ -152,9 +152,11 @@ class ProcessShards(beam.PTransform):
         self.settings = settings
 
     def expand(self, paths):
-        out = (paths | "Reshuffle" >> beam.Reshuffle()
-               | "ProcessShard" >> beam.ParDo(ProcessShardFn(self.settings)).with_outputs(
-                   "failures", "codes", "keys", "shards", "samples", main="infos"))
+        from transforms.outputs import multi_output
+
+        shuffled = paths | "Reshuffle" >> beam.Reshuffle()
+        out = multi_output(shuffled, "ProcessShard", ProcessShardFn(self.settings),
+                           ["failures", "codes", "keys", "shards", "samples"], "infos")
         repeated = (out["keys"] | "GroupKeys" >> beam.GroupByKey()
                     | "RepeatedKeys" >> beam.FlatMap(duplicate_key_failures))
         failures = (out["failures"], repeated) | "MergeFailures" >> beam.Flatten()
