@@ -56,9 +56,11 @@ class ClipConfig(Section):
 
 
 class ClusterConfig(Section):
-    n_cells: int = Field(default=0, ge=0)  # 0 = choose from the data size
-    top_m: int = Field(default=3, ge=1)  # cells each vector is assigned to
-    sample_size: int = Field(default=100_000, gt=0)  # k-means training sample
+    n_cells: int = Field(default=0, ge=0)  # 0 = choose from the data size (about 1.4 sqrt(n))
+    top_m: int = Field(default=2, ge=1)  # cells each vector is assigned to (SemDeDup: 1)
+    sample_size: int = Field(default=0, ge=0)  # k-means training sample; 0 = 40 points per cell
+    threshold: float = Field(default=0.9, gt=0, le=1)  # cosine for a near-duplicate (precomputed embeddings)
+    cell_groups: int = Field(default=64, ge=1)  # cells travel in this many groups (elements) through the shuffle
 
 
 class DedupConfig(Section):
