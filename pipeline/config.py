@@ -71,6 +71,7 @@ class DedupConfig(Section):
     cluster: ClusterConfig = ClusterConfig()
     keeper: str = "resolution"  # resolution | earliest | centre | column:<name>[:asc|desc]
     embeddings_dir: str | None = None  # persisted per-shard embeddings; default OUTPUT/embeddings
+    incremental_from: str | None = None  # an earlier run's output: dedup new shards against it
 
 
 class TriggersConfig(Section):

@@ -58,6 +58,21 @@ def _cluster_rows(a) -> list[dict]:
     ]
 
 
+def _with_reference(p, cfg, dec: dict) -> dict:
+    """Incremental mode: the old run's samples and codes join the new ones (not recomputed)."""
+    from transforms.incremental import load_reference
+
+    ref = load_reference(cfg.dedup.incremental_from)
+    dec = dict(dec)
+    dec["infos"] = (dec["infos"], p | "OldInfos" >> beam.Create(ref["infos"])) | "WithOldInfos" >> beam.Flatten()
+    dec["codes"] = (dec["codes"], p | "OldCodes" >> beam.Create(ref["codes"])) | "WithOldCodes" >> beam.Flatten()
+    dec["previous_edges"] = p | "OldClusters" >> beam.Create(ref["edges"])
+    old_failures = p | "OldFailures" >> beam.Create(ref["failures"])
+    dec["failures"] = (dec["failures"], old_failures) | "WithOldFailures" >> beam.Flatten()
+    dec["old_keys"] = ref["keys"]
+    return dec
+
+
 def add_dedup(cfg, dec: dict) -> dict:
     """Wire the duplicate finders that the config enables; returns FindDuplicates' outputs."""
     edges = []
@@ -71,10 +86,13 @@ def add_dedup(cfg, dec: dict) -> dict:
     if cfg.dedup.clip.enabled and "clip_edges" in dec:
         edges.append(dec["clip_edges"])
         neighbours.append(dec["clip_neighbours"])
+    if "previous_edges" in dec:
+        edges.append(dec["previous_edges"])
     inputs = {"infos": dec["infos"]}
     if edges:
         inputs["edges"] = tuple(edges) | "EmbedderEdges" >> beam.Flatten()
-    out = inputs | "FindDuplicates" >> FindDuplicates(cfg.dedup.keeper, cfg.dedup.exact, cfg.dedup.exact_pixels)
+    out = inputs | "FindDuplicates" >> FindDuplicates(
+        cfg.dedup.keeper, cfg.dedup.exact, cfg.dedup.exact_pixels, old_keys=dec.get("old_keys"))
     out["neighbours"] = neighbours
     return out
 
@@ -89,6 +107,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         emit_samples=cfg.dedup.clip.enabled, debug_sleep_s=cfg.run.debug_sleep_per_shard_s)
     dec = paths | "ProcessShards" >> ProcessShards(settings)
     read = {"shards": dec["shards"]}
+    if cfg.dedup.incremental_from:
+        dec = _with_reference(p, cfg, dec)
     dup = add_dedup(cfg, dec)
     failures = dec["failures"]
 

@@ -16,7 +16,7 @@ import apache_beam as beam
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
 
-EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3}
+EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
 
 
 def exact_edges(group: tuple[str, Iterable[str]], embedder: str) -> Iterator[Edge]:
@@ -125,11 +125,12 @@ class FindDuplicates(beam.PTransform):
     Every info gets an assignment: singletons form a cluster of size 1 under their own key.
     """
 
-    def __init__(self, keeper: str, exact: bool = True, exact_pixels: bool = True):
+    def __init__(self, keeper: str, exact: bool = True, exact_pixels: bool = True, old_keys: set | None = None):
         super().__init__()
         self.keeper = keeper
         self.exact = exact
         self.exact_pixels = exact_pixels
+        self.old_keys = frozenset(old_keys or ())  # incremental mode: old-old pairs come from the old clusters
 
     def expand(self, inputs):
         infos = inputs["infos"]
@@ -149,6 +150,10 @@ class FindDuplicates(beam.PTransform):
             else infos.pipeline | "NoEdges" >> beam.Create([])
         )
         edges = edges | "NoSelfEdges" >> beam.Filter(lambda e: e.key_a != e.key_b)
+        if self.old_keys:
+            from transforms.incremental import touches_new
+
+            edges = edges | "OnlyNewPairs" >> beam.Filter(touches_new, old_keys=self.old_keys)
         edge_list = edges | "EdgeList" >> beam.combiners.ToList()
         comp = edge_list | "Components" >> beam.FlatMap(_gather_components)
         by_cluster = edge_list | "EdgesByCluster" >> beam.Map(

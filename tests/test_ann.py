@@ -1,0 +1,76 @@
+"""Float-vector near-duplicate search and the LAION-layout job, on small generated data."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.job import run_job
+from transforms import ann
+from transforms.write import read_table
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+from make_laion_embeddings import generate, write  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small():
+    return generate(6000, 64, seed=3, topics=40)
+
+
+def _cluster_pairs(labels):
+    out = set()
+    for lab in np.unique(labels):
+        members = np.flatnonzero(labels == lab)
+        out.update((int(a), int(b)) for i, a in enumerate(members) for b in members[i + 1:])
+    return out
+
+
+def test_in_memory_matches_exact_pairs(small):
+    vectors, _ = small
+    a, b, s, nn, nn_sim, labels, _ = ann.dedup_in_memory(vectors, 0.9, top_m=2, seed=0)
+    truth = ann.exact_pairs(vectors, 0.9)
+    assert truth and set(zip(a.tolist(), b.tolist(), strict=True)) == truth
+    assert _cluster_pairs(labels) >= truth
+    x = vectors.astype(np.float32)
+    i = int(np.argmax(nn_sim))
+    assert nn_sim[i] == pytest.approx(float(x[i] @ x[nn[i]]), abs=1e-4)
+
+
+def test_top1_cells_lose_pairs_that_top2_keeps(small):
+    vectors, _ = small
+    truth = ann.exact_pairs(vectors, 0.9)
+    a1, b1, *_ = ann.dedup_in_memory(vectors, 0.9, top_m=1, n_cells=120, seed=0)
+    a2, b2, *_ = ann.dedup_in_memory(vectors, 0.9, top_m=2, n_cells=120, seed=0)
+    assert len(a2) == len(truth) >= len(a1)
+
+
+def test_cell_forest_components():
+    ids = np.array([10, 11, 12, 13])
+    v = np.array([[1, 0], [0.999, 0.0447], [0, 1], [0.0447, 0.999]], dtype=np.float32)
+    a, b, who, nn, sim = ann.cell_forest(ids, v, 0.95)
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(10, 11), (12, 13)]
+    assert dict(zip(who.tolist(), nn.tolist(), strict=True)) == {10: 11, 11: 10, 12: 13, 13: 12}
+
+
+def test_laion_job_end_to_end(small, tmp_path):
+    vectors, groups = small
+    write(str(tmp_path / "emb"), vectors, groups, files=3)
+    cfg = parse_config({"name": "laion", "input": {"path": str(tmp_path / "emb")},
+                        "output": {"dir": str(tmp_path / "out"), "report": False},
+                        "dedup": {"keeper": "earliest", "cluster": {"threshold": 0.9}}})
+    info = run_job(cfg)
+    rows = read_table(str(tmp_path / "out" / "manifest")).to_pylist()
+    assert len(rows) == len({r["key"] for r in rows}) == 6000 == info["summary"]["keys"]
+    labels = np.unique([r["cluster_id"] for r in rows], return_inverse=True)[1]
+    assert _cluster_pairs(labels) >= ann.exact_pairs(vectors, 0.9)
+    reps = {}
+    for r in rows:
+        if r["cluster_size"] > 1:
+            reps.setdefault(r["cluster_id"], []).append(r)
+    for members in reps.values():  # earliest key kept, the others dropped
+        kept = [m["key"] for m in members if m["decision"] == "keep"]
+        assert kept == [min(m["key"] for m in members)]
+    assert (tmp_path / "out" / "run.json").is_file() and (tmp_path / "out" / "blocklist.txt").is_file()
