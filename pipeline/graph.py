@@ -73,7 +73,25 @@ def _with_reference(p, cfg, dec: dict) -> dict:
     return dec
 
 
-def add_dedup(cfg, dec: dict) -> dict:
+def add_clip(cfg, dec: dict, out_dir: str) -> dict:
+    """CLIP image embeddings (persisted per shard) -> semantic-duplicate edges at clip.threshold."""
+    from transforms.ann_edges import VectorEdges
+    from transforms.embed_clip import EmbedClip
+
+    emb_dir = cfg.dedup.embeddings_dir or os.path.join(out_dir, "embeddings")
+    emb = dec["samples"] | "EmbedClip" >> EmbedClip(cfg.dedup.clip, cfg.read.max_image_pixels, embeddings_dir=emb_dir)
+    found = emb["embeddings"] | "ClipEdges" >> VectorEdges(cfg.dedup.clip.threshold, "clip", cfg.dedup.cluster,
+                                                          cfg.run.seed)
+    embed_failures = emb["failures"] | "OnlyModelFailures" >> beam.Filter(
+        lambda f: f.error_type not in DECODE_ERROR_TYPES)
+    return {"edges": found["edges"], "neighbours": found["neighbours"], "failures": embed_failures}
+
+
+DECODE_ERROR_TYPES = ("corrupt_image", "unidentified_image", "format_mismatch", "decompression_bomb",
+                      "bad_dimensions", "empty_image")
+
+
+def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
     """Wire the duplicate finders that the config enables; returns FindDuplicates' outputs."""
     edges = []
     neighbours = []
@@ -83,9 +101,11 @@ def add_dedup(cfg, dec: dict) -> dict:
         found = dec["codes"] | "FindPhashCopies" >> FindPhashCopies(cfg.dedup.phash, seed=cfg.run.seed)
         edges.append(found["edges"])
         neighbours.append(found["neighbours"])
-    if cfg.dedup.clip.enabled and "clip_edges" in dec:
-        edges.append(dec["clip_edges"])
-        neighbours.append(dec["clip_neighbours"])
+    if cfg.dedup.clip.enabled:
+        clip = add_clip(cfg, dec, out_dir)
+        edges.append(clip["edges"])
+        neighbours.append(clip["neighbours"])
+        dec["failures"] = (dec["failures"], clip["failures"]) | "WithEmbedFailures" >> beam.Flatten()
     if "previous_edges" in dec:
         edges.append(dec["previous_edges"])
     inputs = {"infos": dec["infos"]}
@@ -109,7 +129,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
     read = {"shards": dec["shards"]}
     if cfg.dedup.incremental_from:
         dec = _with_reference(p, cfg, dec)
-    dup = add_dedup(cfg, dec)
+    dec = dict(dec)
+    dup = add_dedup(cfg, dec, out_dir)
     failures = dec["failures"]
 
     keyed = {
