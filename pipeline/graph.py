@@ -162,9 +162,15 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             lambda r: (r["q_value"], r["keyword"], r["object"]),
         )
     if cfg.probe.enabled:
-        from transforms.probe import ProbeCaptions
+        from transforms.probe_stage import ProbeCaptions
 
-        probed = dec["infos"] | "ProbeCaptions" >> ProbeCaptions(cfg.probe)
+        to_probe = dec["infos"]
+        if cfg.probe.budget == "cluster_representatives":
+            reps = dup["assignments"] | "Representatives" >> beam.Filter(
+                lambda a: a.cluster_size > 1 and a.is_representative) | "RepKeys" >> beam.Map(lambda a: (a.key, 1))
+            to_probe = ({"i": keyed["info"], "r": reps} | "JoinReps" >> beam.CoGroupByKey()
+                        | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else []))
+        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed)
         keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
         keyed["failure"] = (
             keyed["failure"],
