@@ -80,15 +80,23 @@ def add_clip(cfg, dec: dict, out_dir: str) -> dict:
 
     emb_dir = cfg.dedup.embeddings_dir or os.path.join(out_dir, "embeddings")
     emb = dec["samples"] | "EmbedClip" >> EmbedClip(cfg.dedup.clip, cfg.read.max_image_pixels, embeddings_dir=emb_dir)
-    found = emb["embeddings"] | "ClipEdges" >> VectorEdges(cfg.dedup.clip.threshold, "clip", cfg.dedup.cluster,
-                                                          cfg.run.seed)
+    found = emb["embeddings"] | "ClipEdges" >> VectorEdges(
+        cfg.dedup.clip.threshold, "clip", cfg.dedup.cluster, cfg.run.seed
+    )
     embed_failures = emb["failures"] | "OnlyModelFailures" >> beam.Filter(
-        lambda f: f.error_type not in DECODE_ERROR_TYPES)
+        lambda f: f.error_type not in DECODE_ERROR_TYPES
+    )
     return {"edges": found["edges"], "neighbours": found["neighbours"], "failures": embed_failures}
 
 
-DECODE_ERROR_TYPES = ("corrupt_image", "unidentified_image", "format_mismatch", "decompression_bomb",
-                      "bad_dimensions", "empty_image")
+DECODE_ERROR_TYPES = (
+    "corrupt_image",
+    "unidentified_image",
+    "format_mismatch",
+    "decompression_bomb",
+    "bad_dimensions",
+    "empty_image",
+)
 
 
 def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
@@ -112,7 +120,8 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
     if edges:
         inputs["edges"] = tuple(edges) | "EmbedderEdges" >> beam.Flatten()
     out = inputs | "FindDuplicates" >> FindDuplicates(
-        cfg.dedup.keeper, cfg.dedup.exact, cfg.dedup.exact_pixels, old_keys=dec.get("old_keys"))
+        cfg.dedup.keeper, cfg.dedup.exact, cfg.dedup.exact_pixels, old_keys=dec.get("old_keys")
+    )
     out["neighbours"] = neighbours
     return out
 
@@ -121,10 +130,14 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
     """Wire the whole job; returns the PCollections of written paths and the decisions."""
     paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
     settings = ShardSettings(
-        limits=read_limits(cfg), max_pixels=cfg.read.max_image_pixels, phash=cfg.dedup.phash.enabled,
+        limits=read_limits(cfg),
+        max_pixels=cfg.read.max_image_pixels,
+        phash=cfg.dedup.phash.enabled,
         pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
         cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
-        emit_samples=cfg.dedup.clip.enabled, debug_sleep_s=cfg.run.debug_sleep_per_shard_s)
+        emit_samples=cfg.dedup.clip.enabled,
+        debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
+    )
     dec = paths | "ProcessShards" >> ProcessShards(settings)
     read = {"shards": dec["shards"]}
     if cfg.dedup.incremental_from:
@@ -166,10 +179,16 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
 
         to_probe = dec["infos"]
         if cfg.probe.budget == "cluster_representatives":
-            reps = dup["assignments"] | "Representatives" >> beam.Filter(
-                lambda a: a.cluster_size > 1 and a.is_representative) | "RepKeys" >> beam.Map(lambda a: (a.key, 1))
-            to_probe = ({"i": keyed["info"], "r": reps} | "JoinReps" >> beam.CoGroupByKey()
-                        | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else []))
+            reps = (
+                dup["assignments"]
+                | "Representatives" >> beam.Filter(lambda a: a.cluster_size > 1 and a.is_representative)
+                | "RepKeys" >> beam.Map(lambda a: (a.key, 1))
+            )
+            to_probe = (
+                {"i": keyed["info"], "r": reps}
+                | "JoinReps" >> beam.CoGroupByKey()
+                | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else [])
+            )
         probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed)
         keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
         keyed["failure"] = (
@@ -220,7 +239,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         )
     if cfg.diversify.enabled:
         div = {"rows": rows, "annotations": annotations} | "DiversifyCaptions" >> DiversifyCaptions(
-            cfg.diversify, cfg.run.seed)
+            cfg.diversify, cfg.run.seed
+        )
         _write(div, out_dir, "diversify", _by_shard, lambda r: (r["key"],))
     dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == "drop")
     _write(

@@ -19,11 +19,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SIZE = 16  # 16x16 RGB in pixel space: a UNet step with backward is ~0.2 s on 2 CPU cores
-WORDS = ("amber velvet harbor lantern orchid granite meadow silver cobalt maple thistle canyon willow "
-         "ember glacier saffron juniper quartz tundra marigold basalt heron lagoon cedar opal fjord cinder "
-         "hazel prairie coral dune aspen onyx sparrow meteor ivy summit delta").split()
-NOUNS = ("house cat tower bridge garden river portrait street boat window forest field mountain market "
-         "kitchen library castle train road temple beach").split()
+WORDS = (
+    "amber velvet harbor lantern orchid granite meadow silver cobalt maple thistle canyon willow "
+    "ember glacier saffron juniper quartz tundra marigold basalt heron lagoon cedar opal fjord cinder "
+    "hazel prairie coral dune aspen onyx sparrow meteor ivy summit delta"
+).split()
+NOUNS = (
+    "house cat tower bridge garden river portrait street boat window forest field mountain market "
+    "kitchen library castle train road temple beach"
+).split()
 
 
 def _crops(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -71,11 +75,27 @@ def tiny_models(vocab_size: int = 49408):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = UNet2DConditionModel(
-        sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77))
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        )
+    )
     return unet, text
 
 
@@ -90,13 +110,15 @@ def train(output: str, steps: int = 1200, batch: int = 32, seed: int = 0, lr: fl
     tok_dir = write_clip_tokenizer_files(os.path.join(output, "tokenizer"))
     tokenizer = clip_tokenizer(tok_dir)
     unet, text = tiny_models(len(tokenizer))
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                beta_end=0.012, clip_sample=False)
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+    )
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    ids = tokenizer([c for _, c in items], padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        [c for _, c in items], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     x0_all = torch.from_numpy(images)
     img_idx = torch.tensor([i for i, _ in items])
@@ -125,15 +147,28 @@ def train(output: str, steps: int = 1200, batch: int = 32, seed: int = 0, lr: fl
     tokenizer.save_pretrained(os.path.join(output, "tokenizer"))
     DDIMScheduler.from_config(noise_sched.config).save_pretrained(os.path.join(output, "scheduler"))
     with open(os.path.join(output, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "MemsieveLab", "unet": ["diffusers", "UNet2DConditionModel"],
-                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                   "scheduler": ["diffusers", "DDIMScheduler"]}, f, indent=1)
+        json.dump(
+            {
+                "_class_name": "MemsieveLab",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            },
+            f,
+            indent=1,
+        )
     for role, caps in roles.items():
         with open(os.path.join(output, f"{role}.txt"), "w") as f:
             f.write("\n".join(caps) + "\n")
     np.save(os.path.join(output, "train_images.npy"), images[: len(roles["memorized"])])
-    info = {"steps": steps, "batch": batch, "seconds": round(time.time() - started, 1),
-            "final_loss": float(np.mean(losses[-200:])), "items": len(items)}
+    info = {
+        "steps": steps,
+        "batch": batch,
+        "seconds": round(time.time() - started, 1),
+        "final_loss": float(np.mean(losses[-200:])),
+        "items": len(items),
+    }
     with open(os.path.join(output, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -171,6 +206,7 @@ def save_untrained(output: str, seed: int = 0) -> str:
     unet.save_pretrained(os.path.join(output, "unet"), safe_serialization=True)
     text.save_pretrained(os.path.join(output, "text_encoder"), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(output, "tokenizer"))
-    DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False).save_pretrained(os.path.join(output, "scheduler"))
+    DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+    ).save_pretrained(os.path.join(output, "scheduler"))
     return output

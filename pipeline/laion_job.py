@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def layout(root: str) -> list[tuple[str, str | None]]:
     """[(npy, metadata parquet or None)] ordered by N."""
+
     def number(p: str) -> int:
         m = re.search(r"(\d+)\.npy$", p)
         return int(m.group(1)) if m else -1
@@ -121,29 +122,50 @@ def run_laion(cfg, beam_args: list[str]) -> dict:
     os.makedirs(os.path.dirname(result_path), exist_ok=True)
     p = beam.Pipeline(options=beam_options(cfg, beam_args))
     src = p | "Files" >> beam.Create(blocks)
-    centroids = (src | "Sample" >> beam.Map(_sample, stride=stride) | "SampleList" >> beam.combiners.ToList()
-                 | "KMeans" >> beam.Map(_train, k=k, seed=cfg.run.seed))
-    _ = (src
-         | "Assign" >> beam.FlatMap(_assign, centroids=beam.pvalue.AsSingleton(centroids), top_m=cc.top_m,
-                                     groups=cc.cell_groups)
-         | "ByCellGroup" >> beam.GroupByKey()
-         | "CellPairs" >> beam.ParDo(_CellPairs([f for f, _ in files], offsets[:-1], cc.threshold))
-         | "AllPairs" >> beam.combiners.ToList()
-         | "SavePairs" >> beam.Map(_save_pairs, path=result_path, n=n)
-         | "Centroids" >> beam.Map(lambda _, c, path: np.save(path, c), c=beam.pvalue.AsSingleton(centroids),
-                                   path=os.path.join(out_dir, "cache", "centroids.npy")))
+    centroids = (
+        src
+        | "Sample" >> beam.Map(_sample, stride=stride)
+        | "SampleList" >> beam.combiners.ToList()
+        | "KMeans" >> beam.Map(_train, k=k, seed=cfg.run.seed)
+    )
+    _ = (
+        src
+        | "Assign"
+        >> beam.FlatMap(_assign, centroids=beam.pvalue.AsSingleton(centroids), top_m=cc.top_m, groups=cc.cell_groups)
+        | "ByCellGroup" >> beam.GroupByKey()
+        | "CellPairs" >> beam.ParDo(_CellPairs([f for f, _ in files], offsets[:-1], cc.threshold))
+        | "AllPairs" >> beam.combiners.ToList()
+        | "SavePairs" >> beam.Map(_save_pairs, path=result_path, n=n)
+        | "Centroids"
+        >> beam.Map(
+            lambda _, c, path: np.save(path, c),
+            c=beam.pvalue.AsSingleton(centroids),
+            path=os.path.join(out_dir, "cache", "centroids.npy"),
+        )
+    )
     result = p.run()
     result.wait_until_finish()
     pipeline_s = time.time() - started
     from pipeline.laion_outputs import write_outputs
 
     counts = write_outputs(cfg, files, offsets, result_path, out_dir)
-    info = {"job": cfg.name, "config": cfg.model_dump(mode="json"), "versions": runinfo.package_versions(),
-            "input": {"format": "laion_embeddings", "path": root, "files": [f for f, _ in files], "rows": n,
-                      "n_shards": len(files), "cells": k},
-            "counters": runinfo.beam_counters(result), "outputs": runinfo.table_counts(out_dir, RUN_TABLES),
-            "timings_s": {"pipeline": round(pipeline_s, 3), "total": round(time.time() - started, 3)},
-            "summary": counts}
+    info = {
+        "job": cfg.name,
+        "config": cfg.model_dump(mode="json"),
+        "versions": runinfo.package_versions(),
+        "input": {
+            "format": "laion_embeddings",
+            "path": root,
+            "files": [f for f, _ in files],
+            "rows": n,
+            "n_shards": len(files),
+            "cells": k,
+        },
+        "counters": runinfo.beam_counters(result),
+        "outputs": runinfo.table_counts(out_dir, RUN_TABLES),
+        "timings_s": {"pipeline": round(pipeline_s, 3), "total": round(time.time() - started, 3)},
+        "summary": counts,
+    }
     info["checksums"] = runinfo.checksums(out_dir, RUN_TABLES)
     runinfo.write_run_json(os.path.join(out_dir, "run.json"), info)
     log.info("laion job %s: %d rows, %d cells, %.1f s", cfg.name, n, k, info["timings_s"]["total"])

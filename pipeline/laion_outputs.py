@@ -56,8 +56,9 @@ def write_outputs(cfg, files, offsets, pairs_path: str, out_dir: str) -> dict:
     score = -np.arange(n, dtype=np.float64) if policy == "earliest" else area
     if policy.startswith("column:"):
         col = policy.split(":")[1]
-        score = np.concatenate([np.asarray(pq.read_table(m, columns=[col]).column(col).to_numpy(), dtype=np.float64)
-                                for _, m in files])
+        score = np.concatenate(
+            [np.asarray(pq.read_table(m, columns=[col]).column(col).to_numpy(), dtype=np.float64) for _, m in files]
+        )
         if policy.endswith(":asc"):
             score = -score
     rep = _keepers(labels, score)
@@ -78,37 +79,84 @@ def write_outputs(cfg, files, offsets, pairs_path: str, out_dir: str) -> dict:
         shard, m = os.path.basename(f)[:-4], metas[i]
         sl = slice(a, b)
         reasons = [[f"duplicate:{EMBEDDER}"] if d == "drop" else [] for d in decision[sl]]
-        cols = {"key": keys[sl], "shard": np.full(b - a, shard, dtype=object), "url": m["url"],
-                "caption": m["caption"], "sha256": m["sha256"], "status": np.full(b - a, "ok", dtype=object),
-                "decision": decision[sl], "reasons": reasons, "cluster_id": cluster_id[sl], "cluster_size": sizes[sl],
-                "is_representative": is_rep[sl], "width": m["width"], "height": m["height"],
-                "duplication": np.full(b - a, "", dtype=object), "trigger_codes": [[] for _ in range(b - a)],
-                "probe_score": pa.nulls(b - a, pa.float64())}
+        cols = {
+            "key": keys[sl],
+            "shard": np.full(b - a, shard, dtype=object),
+            "url": m["url"],
+            "caption": m["caption"],
+            "sha256": m["sha256"],
+            "status": np.full(b - a, "ok", dtype=object),
+            "decision": decision[sl],
+            "reasons": reasons,
+            "cluster_id": cluster_id[sl],
+            "cluster_size": sizes[sl],
+            "is_representative": is_rep[sl],
+            "width": m["width"],
+            "height": m["height"],
+            "duplication": np.full(b - a, "", dtype=object),
+            "trigger_codes": [[] for _ in range(b - a)],
+            "probe_score": pa.nulls(b - a, pa.float64()),
+        }
         _write(out_dir, "manifest", shard, cols, arrow.MANIFEST)
         sel = np.flatnonzero(in_cluster[sl]) + a
-        _write(out_dir, "clusters", shard, {
-            "key": keys[sel], "cluster_id": cluster_id[sel], "embedder": np.full(len(sel), EMBEDDER, dtype=object),
-            "similarity": sim[sel].astype(np.float64), "cluster_size": sizes[sel], "is_representative": is_rep[sel]},
-            arrow.CLUSTERS)
+        _write(
+            out_dir,
+            "clusters",
+            shard,
+            {
+                "key": keys[sel],
+                "cluster_id": cluster_id[sel],
+                "embedder": np.full(len(sel), EMBEDDER, dtype=object),
+                "similarity": sim[sel].astype(np.float64),
+                "cluster_size": sizes[sel],
+                "is_representative": is_rep[sel],
+            },
+            arrow.CLUSTERS,
+        )
         nn = data["nn"][sl]
-        _write(out_dir, "neighbours", shard, {
-            "key": keys[sl], "embedder": np.full(b - a, EMBEDDER, dtype=object),
-            "nn_key": np.where(nn >= 0, keys[np.maximum(nn, 0)], None), "nn_similarity": data["nn_sim"][sl].astype(np.float64)},
-            arrow.NEIGHBOURS)
+        _write(
+            out_dir,
+            "neighbours",
+            shard,
+            {
+                "key": keys[sl],
+                "embedder": np.full(b - a, EMBEDDER, dtype=object),
+                "nn_key": np.where(nn >= 0, keys[np.maximum(nn, 0)], None),
+                "nn_similarity": data["nn_sim"][sl].astype(np.float64),
+            },
+            arrow.NEIGHBOURS,
+        )
         drop = np.flatnonzero(decision[sl] == "drop") + a
-        _write(out_dir, "blocklist", shard, {
-            "url": np.concatenate([m["url"]])[drop - a], "sha256": m["sha256"][drop - a], "key": keys[drop],
-            "reason": np.full(len(drop), f"duplicate:{EMBEDDER}", dtype=object)}, arrow.BLOCKLIST)
+        _write(
+            out_dir,
+            "blocklist",
+            shard,
+            {
+                "url": np.concatenate([m["url"]])[drop - a],
+                "sha256": m["sha256"][drop - a],
+                "key": keys[drop],
+                "reason": np.full(len(drop), f"duplicate:{EMBEDDER}", dtype=object),
+            },
+            arrow.BLOCKLIST,
+        )
     urls = sorted({u for u in np.concatenate([m["url"] for m in metas])[decision == "drop"] if u})
     atomic_write_text(os.path.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
     kept = int(is_rep.sum())
-    return {"keys": n, "ok": n, "failed": 0, "decisions": {"drop": n - kept, "keep": kept}, "failures_by_type": {},
-            "forest_edges": int(len(data["a"])), "clusters": int(len(np.unique(labels[in_cluster])))}
+    return {
+        "keys": n,
+        "ok": n,
+        "failed": 0,
+        "decisions": {"drop": n - kept, "keep": kept},
+        "failures_by_type": {},
+        "forest_edges": int(len(data["a"])),
+        "clusters": int(len(np.unique(labels[in_cluster]))),
+    }
 
 
 def _write(out_dir: str, table: str, shard: str, cols: dict, schema) -> None:
-    arrays = [pa.array(cols[f.name], type=f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
-              for f in schema]
+    arrays = [
+        pa.array(cols[f.name], type=f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name] for f in schema
+    ]
     t = pa.Table.from_arrays(arrays, schema=schema)
     path = os.path.join(out_dir, table, f"part-{shard}.parquet")
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -30,8 +30,11 @@ def read_captions(path: str) -> list[str]:
 
 
 def _score_all(scorer, captions: list[str], batch: int, metric: str) -> np.ndarray:
-    return np.concatenate([scorer.score(captions[i : i + batch], metric) for i in range(0, len(captions), batch)]
-                          ) if captions else np.empty(0)
+    return (
+        np.concatenate([scorer.score(captions[i : i + batch], metric) for i in range(0, len(captions), batch)])
+        if captions
+        else np.empty(0)
+    )
 
 
 def probe_main(args) -> int:
@@ -49,16 +52,34 @@ def probe_main(args) -> int:
     elapsed = time.perf_counter() - t
     threshold = None
     if args.reference:
-        threshold = calibrate(_score_all(scorer, read_captions(args.reference), args.batch_size, args.metric),
-                              args.target_fpr)
+        threshold = calibrate(
+            _score_all(scorer, read_captions(args.reference), args.batch_size, args.metric), args.target_fpr
+        )
     os.makedirs(os.path.join(args.output, "scores"), exist_ok=True)
-    rows = [{"key": f"{i:08d}", "score": float(s), "metric": args.metric, "model": pm.name, "threshold": threshold,
-             "flagged": bool(threshold is not None and s > threshold)} for i, s in enumerate(scores)]
+    rows = [
+        {
+            "key": f"{i:08d}",
+            "score": float(s),
+            "metric": args.metric,
+            "model": pm.name,
+            "threshold": threshold,
+            "flagged": bool(threshold is not None and s > threshold),
+        }
+        for i, s in enumerate(scores)
+    ]
     table = pa.Table.from_pylist(rows, schema=arrow.SCORES).append_column("caption", pa.array(captions, pa.string()))
     pq.write_table(table, os.path.join(args.output, "scores", "part-all.parquet"))
-    calib = {"model": args.model, "metric": args.metric, "seeds": args.seeds, "threshold": threshold,
-             "target_fpr": args.target_fpr, "reference": args.reference, "captions": len(captions),
-             "seconds": round(elapsed, 3), "unet_forwards": pm.forwards}
+    calib = {
+        "model": args.model,
+        "metric": args.metric,
+        "seeds": args.seeds,
+        "threshold": threshold,
+        "target_fpr": args.target_fpr,
+        "reference": args.reference,
+        "captions": len(captions),
+        "seconds": round(elapsed, 3),
+        "unet_forwards": pm.forwards,
+    }
     with open(os.path.join(args.output, "scores", "calibration.json"), "w") as f:
         json.dump(calib, f, indent=1)
     print(json.dumps(calib))
@@ -72,9 +93,17 @@ def probe_eval_main(args) -> int:
     scorer = MagnitudeScorer(pm, seeds=args.seeds)
     pos = _score_all(scorer, read_captions(args.memorized), args.batch_size, args.metric)
     neg = _score_all(scorer, read_captions(args.reference), args.batch_size, args.metric)
-    result = {"model": args.model, "metric": args.metric, "seeds": args.seeds, "memorized": len(pos),
-              "reference": len(neg), "auc": auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),
-              "mean_memorized": float(pos.mean()), "mean_reference": float(neg.mean())}
+    result = {
+        "model": args.model,
+        "metric": args.metric,
+        "seeds": args.seeds,
+        "memorized": len(pos),
+        "reference": len(neg),
+        "auc": auc(pos, neg),
+        "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),
+        "mean_memorized": float(pos.mean()),
+        "mean_reference": float(neg.mean()),
+    }
     print(json.dumps(result, indent=1))
     if args.output:
         with open(args.output, "w") as f:
@@ -83,10 +112,13 @@ def probe_eval_main(args) -> int:
 
 
 def add_probe_parsers(sub) -> None:
-    common = [("--model", {"required": True, "help": "a diffusers folder or hub id"}),
-              ("--seeds", {"type": int, "default": 1}), ("--batch-size", {"type": int, "default": 16}),
-              ("--metric", {"choices": ["magnitude", "anisotropy"], "default": "magnitude"}),
-              ("--device", {"default": "auto"})]
+    common = [
+        ("--model", {"required": True, "help": "a diffusers folder or hub id"}),
+        ("--seeds", {"type": int, "default": 1}),
+        ("--batch-size", {"type": int, "default": 16}),
+        ("--metric", {"choices": ["magnitude", "anisotropy"], "default": "magnitude"}),
+        ("--device", {"default": "auto"}),
+    ]
     probe = sub.add_parser("probe", help="score a caption file (one caption a line) into DIR/scores/")
     probe.add_argument("--captions", required=True)
     probe.add_argument("--output", required=True)

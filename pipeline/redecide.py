@@ -94,9 +94,13 @@ def redecide(run_dir: str, overrides: list[str]) -> dict:
             continue
         name = f"part-{safe_part_name(rows[0]['shard'])}.parquet"
         write_rows(os.path.join(staged["manifest"], name), rows, arrow.MANIFEST)
-        div = [d for r in rows if r["decision"] == DIVERSIFY and cfg.diversify.enabled
-               for d in [diversify_row(r, cluster_caps.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)]
-               if d is not None]
+        div = [
+            d
+            for r in rows
+            if r["decision"] == DIVERSIFY and cfg.diversify.enabled
+            for d in [diversify_row(r, cluster_caps.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)]
+            if d is not None
+        ]
         if div:
             write_rows(os.path.join(staged["diversify"], name), div, arrow.DIVERSIFY)
         blocked = [blocklist_row(r) for r in rows if r["decision"] == "drop"]

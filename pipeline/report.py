@@ -8,7 +8,6 @@ probe scores with their thresholds, top keyword and object triggers, failures by
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import os
 import tarfile
 from collections import Counter
@@ -138,9 +137,23 @@ def _clusters(manifest: list[dict], shard_paths: list[str], rdir: str) -> tuple[
     thumbs = _thumbnails(wanted, shard_paths, rdir)
     clusters = []
     for cid, rows in shown.items():
-        clusters.append({"id": cid, "size": len(groups[cid]), "duplication": rows[0].get("duplication") or "",
-                         "members": [{"key": r["key"], "caption": (r["caption"] or "")[:80], "kept": r["is_representative"],
-                                      "decision": r["decision"], "thumb": thumbs.get(r["key"])} for r in rows]})
+        clusters.append(
+            {
+                "id": cid,
+                "size": len(groups[cid]),
+                "duplication": rows[0].get("duplication") or "",
+                "members": [
+                    {
+                        "key": r["key"],
+                        "caption": (r["caption"] or "")[:80],
+                        "kept": r["is_representative"],
+                        "decision": r["decision"],
+                        "thumb": thumbs.get(r["key"]),
+                    }
+                    for r in rows
+                ],
+            }
+        )
     return clusters, len(groups)
 
 
@@ -151,26 +164,46 @@ def write_report(out_dir: str, info: dict, reuse_figures: bool = False) -> str:
     os.makedirs(rdir, exist_ok=True)
     manifest = _rows(out_dir, "manifest")
     failures = _rows(out_dir, "failures")
-    reasons = Counter(r.split(":")[0] + (":" + r.split(":")[1] if r.startswith(("duplicate", "failed")) else "")
-                      for row in manifest for r in row["reasons"])
+    reasons = Counter(
+        r.split(":")[0] + (":" + r.split(":")[1] if r.startswith(("duplicate", "failed")) else "")
+        for row in manifest
+        for r in row["reasons"]
+    )
     fail_types: dict[tuple[str, str], dict] = {}
     for f in failures:
-        entry = fail_types.setdefault((f["stage"], f["error_type"]), {"stage": f["stage"], "error_type": f["error_type"],
-                                                                      "n": 0, "example": (f["message"] or "")[:120]})
+        entry = fail_types.setdefault(
+            (f["stage"], f["error_type"]),
+            {"stage": f["stage"], "error_type": f["error_type"], "n": 0, "example": (f["message"] or "")[:120]},
+        )
         entry["n"] += 1
     clusters, n_clusters = _clusters(manifest, info.get("input", {}).get("shards", []), rdir)
-    diversify = [{"key": r["key"], "caption": r["caption"],
-                  "pairs": list(zip(r.get("alternative_strategies") or [], r["alternatives"], strict=False))}
-                 for r in _rows(out_dir, "diversify")[:10]]
-    env = Environment(loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
-                      autoescape=select_autoescape(["html"]))
+    diversify = [
+        {
+            "key": r["key"],
+            "caption": r["caption"],
+            "pairs": list(zip(r.get("alternative_strategies") or [], r["alternatives"], strict=False)),
+        }
+        for r in _rows(out_dir, "diversify")[:10]
+    ]
+    env = Environment(
+        loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
+        autoescape=select_autoescape(["html"]),
+    )
     html = env.get_template("report.html").render(
-        job=info.get("job", ""), summary=info["summary"], n_shards=info.get("input", {}).get("n_shards", 0),
+        job=info.get("job", ""),
+        summary=info["summary"],
+        n_shards=info.get("input", {}).get("n_shards", 0),
         written=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        total_s=info.get("timings_s", {}).get("pipeline", ""), reasons=sorted(reasons.items(), key=lambda kv: -kv[1]),
-        figures=_similarity_figures(out_dir, rdir, info.get("config", {}), reuse_figures), clusters=clusters, n_clusters=n_clusters,
-        keywords=_rows(out_dir, "triggers/keywords")[:20], objects=_rows(out_dir, "triggers/objects")[:20],
-        diversify=diversify, failures=sorted(fail_types.values(), key=lambda f: -f["n"]))
+        total_s=info.get("timings_s", {}).get("pipeline", ""),
+        reasons=sorted(reasons.items(), key=lambda kv: -kv[1]),
+        figures=_similarity_figures(out_dir, rdir, info.get("config", {}), reuse_figures),
+        clusters=clusters,
+        n_clusters=n_clusters,
+        keywords=_rows(out_dir, "triggers/keywords")[:20],
+        objects=_rows(out_dir, "triggers/objects")[:20],
+        diversify=diversify,
+        failures=sorted(fail_types.values(), key=lambda f: -f["n"]),
+    )
     path = os.path.join(rdir, "index.html")
     atomic_write_text(path, html)
     return path

@@ -66,12 +66,32 @@ def main() -> int:
     args = parser.parse_args()
     data = os.path.join(ROOT, "out", "bench", f"laion{args.rows}")
     if not os.path.isdir(os.path.join(data, "img_emb")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_laion_embeddings.py"), data,
-                        "--rows", str(args.rows), "--files", str(max(1, args.rows // 100_000))], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "scripts", "make_laion_embeddings.py"),
+                data,
+                "--rows",
+                str(args.rows),
+                "--files",
+                str(max(1, args.rows // 100_000)),
+            ],
+            check=True,
+        )
     out = os.path.join(ROOT, "out", "bench", f"laion{args.rows}-run")
-    cmd = ["/usr/bin/time", "-v", os.path.join(ROOT, ".venv", "bin", "memsieve"), "run",
-           os.path.join(ROOT, "jobs", "laion_embeddings.yaml"), "--input", data, "--output", out,
-           "--set", f"dedup.cluster.threshold={args.threshold}"]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        os.path.join(ROOT, ".venv", "bin", "memsieve"),
+        "run",
+        os.path.join(ROOT, "jobs", "laion_embeddings.yaml"),
+        "--input",
+        data,
+        "--output",
+        out,
+        "--set",
+        f"dedup.cluster.threshold={args.threshold}",
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t
@@ -87,8 +107,10 @@ def main() -> int:
     a, b = cluster_pairs(cluster, rows)
     r, p = pr(set(zip(a.tolist(), b.tolist(), strict=True)), truth)
     print(f"memsieve: {args.rows} rows, wall {wall:.1f} s (whole command), peak RSS {rss:.2f} GB")
-    print(f"  vs exact pairs at cosine >= {args.threshold} among {len(rows)} random rows ({len(truth)} pairs): "
-          f"recall {r:.4f} precision {p:.4f}")
+    print(
+        f"  vs exact pairs at cosine >= {args.threshold} among {len(rows)} random rows ({len(truth)} pairs): "
+        f"recall {r:.4f} precision {p:.4f}"
+    )
     print(f"  manifest rows {manifest.num_rows}, distinct keys {len(set(manifest.column('key').to_pylist()))}")
     t = time.perf_counter()
     sa, sb = semdedup(x, args.threshold)
@@ -98,9 +120,11 @@ def main() -> int:
     sizes = np.bincount(groups[groups >= 0])
     planted = int((sizes * (sizes - 1) // 2).sum())
     same = groups[sa] == groups[sb]
-    print(f"SemDeDup algorithm (in-process, 1 cell per point, ~1000 per cell): {s_time:.1f} s, {len(sa)} pairs; "
-          f"subset recall {r2:.4f} precision {p2:.4f}; planted pairs found {int((same & (groups[sa] >= 0)).sum())}"
-          f" of {planted} ({(same & (groups[sa] >= 0)).sum() / planted:.4f})")
+    print(
+        f"SemDeDup algorithm (in-process, 1 cell per point, ~1000 per cell): {s_time:.1f} s, {len(sa)} pairs; "
+        f"subset recall {r2:.4f} precision {p2:.4f}; planted pairs found {int((same & (groups[sa] >= 0)).sum())}"
+        f" of {planted} ({(same & (groups[sa] >= 0)).sum() / planted:.4f})"
+    )
     labels = np.unique(cluster, return_inverse=True)[1]
     inside = groups >= 0
     _, counts = np.unique(groups[inside].astype(np.int64) * (labels.max() + 1) + labels[inside], return_counts=True)

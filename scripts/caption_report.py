@@ -39,8 +39,10 @@ def report(path: str, top: int) -> None:
     for c, n in dups[:top]:
         print(f"  {n:4d} x {c[:90]!r}")
     near = near_duplicate_groups(caps)
-    print(f"near-duplicate caption groups (word-set Jaccard >= 0.8, not identical): {len(near)} groups, "
-          f"{sum(len(g) for g in near)} captions")
+    print(
+        f"near-duplicate caption groups (word-set Jaccard >= 0.8, not identical): {len(near)} groups, "
+        f"{sum(len(g) for g in near)} captions"
+    )
     for g in sorted(near, key=len, reverse=True)[:top]:
         print(f"  {len(g):4d}: " + " | ".join(repr(caps[i][:50]) for i in g[:3]))
     templates = template_groups(caps, min_df=max(20, len(caps) // 500))

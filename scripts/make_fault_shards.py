@@ -27,7 +27,7 @@ def _img_bytes(fmt: str, mode: str = "RGB", size=(64, 48), seed: int = 0, **save
     arr = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
     img = Image.fromarray(arr)
     if mode == "I;16":
-        img = Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+        img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
     elif mode != "RGB":
         img = img.convert(mode)
     buf = io.BytesIO()
@@ -59,13 +59,23 @@ def _add(tar, name: str, data: bytes, kind=tarfile.REGTYPE, link: str = "") -> N
         tar.addfile(info)
 
 
-def _sample(tar, key: str, image: bytes | None, ext: str = "jpg", caption: bytes | None = b"a caption",
-            meta: bytes | None = None) -> None:
+def _sample(
+    tar,
+    key: str,
+    image: bytes | None,
+    ext: str = "jpg",
+    caption: bytes | None = b"a caption",
+    meta: bytes | None = None,
+) -> None:
     if image is not None:
         _add(tar, f"{key}.{ext}", image)
     if caption is not None:
         _add(tar, f"{key}.txt", caption)
-    _add(tar, f"{key}.json", meta if meta is not None else json.dumps({"key": key, "url": f"http://x.invalid/{key}"}).encode())
+    _add(
+        tar,
+        f"{key}.json",
+        meta if meta is not None else json.dumps({"key": key, "url": f"http://x.invalid/{key}"}).encode(),
+    )
 
 
 def make_fault_suite(out: str, seed: int = 0) -> list[dict]:
@@ -90,8 +100,13 @@ def make_fault_suite(out: str, seed: int = 0) -> list[dict]:
             ("alpha png", "10000008", _img_bytes("PNG", "RGBA", seed=5), "png", "ok"),
             ("animated gif", "10000009", _animated_gif(), "gif", "ok"),
             ("jpeg bytes under .png", "10000010", _img_bytes("JPEG", seed=6), "png", "failed:format_mismatch"),
-            ("random bytes as image", "10000011", bytes(rng.getrandbits(8) for _ in range(500)), "jpg",
-             "failed:unidentified_image"),
+            (
+                "random bytes as image",
+                "10000011",
+                bytes(rng.getrandbits(8) for _ in range(500)),
+                "jpg",
+                "failed:unidentified_image",
+            ),
         ]:
             _sample(tar, key, image, ext)
             case(name, key, expect)
@@ -127,11 +142,14 @@ def make_fault_suite(out: str, seed: int = 0) -> list[dict]:
     cut = rng.randint(len(data) // 3, len(data) // 2)
     with open(os.path.join(out, "10001.tar"), "wb") as f:
         f.write(data[:cut])
-    _sidecar(os.path.join(out, "10001.parquet"),
-             [{"key": f"2000000{i}", "status": "success"} for i in range(9)]
-             + [{"key": "20000099", "status": "failed_to_download", "error_message": "HTTP Error 404"}])
-    cases.append({"case": "truncated tar (random offset)", "key": "20000001..20000008",
-                  "expect": "ok-or-failed:truncated_tar"})
+    _sidecar(
+        os.path.join(out, "10001.parquet"),
+        [{"key": f"2000000{i}", "status": "success"} for i in range(9)]
+        + [{"key": "20000099", "status": "failed_to_download", "error_message": "HTTP Error 404"}],
+    )
+    cases.append(
+        {"case": "truncated tar (random offset)", "key": "20000001..20000008", "expect": "ok-or-failed:truncated_tar"}
+    )
     case("failed download in sidecar", "20000099", "failed:failed_to_download")
     open(os.path.join(out, "10002.tar"), "wb").close()  # an empty (0-byte) shard
     cases.append({"case": "empty shard (0 bytes)", "key": "", "expect": "event"})
@@ -141,8 +159,10 @@ def make_fault_suite(out: str, seed: int = 0) -> list[dict]:
     with tarfile.open(os.path.join(out, "10004.tar"), "w", format=tarfile.GNU_FORMAT) as tar:
         _sample(tar, "40000000", _img_bytes("JPEG", seed=40))
         _sample(tar, "40000001", _img_bytes("JPEG", seed=41))
-    _sidecar(os.path.join(out, "10004.parquet"), [{"key": "40000000", "status": "success"},
-                                                   {"key": "40000002", "status": "success"}])
+    _sidecar(
+        os.path.join(out, "10004.parquet"),
+        [{"key": "40000000", "status": "success"}, {"key": "40000002", "status": "success"}],
+    )
     case("sidecar row absent from the tar (mismatched sidecar)", "40000002", "failed:missing_from_shard")
     case("tar sample absent from the sidecar", "40000001", "ok")
     with tarfile.open(os.path.join(out, "10005.tar"), "w", format=tarfile.GNU_FORMAT) as tar:

@@ -67,10 +67,15 @@ def write(out: str, vectors: np.ndarray, groups: np.ndarray, files: int) -> None
         np.save(os.path.join(out, "img_emb", f"img_emb_{f}.npy"), vectors[a:b])
         n = b - a
         keys = [f"{f:04d}{i:07d}" for i in range(n)]
-        table = pa.table({
-            "key": keys, "url": [f"https://example.invalid/{k}.jpg" for k in keys],
-            "caption": [f"synthetic image {k}" for k in keys],
-            "width": rng.integers(200, 2000, n), "height": rng.integers(200, 2000, n)})
+        table = pa.table(
+            {
+                "key": keys,
+                "url": [f"https://example.invalid/{k}.jpg" for k in keys],
+                "caption": [f"synthetic image {k}" for k in keys],
+                "width": rng.integers(200, 2000, n),
+                "height": rng.integers(200, 2000, n),
+            }
+        )
         pq.write_table(table, os.path.join(out, "metadata", f"metadata_{f}.parquet"))
     np.save(os.path.join(out, "truth", "groups.npy"), groups)
 

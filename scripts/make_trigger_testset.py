@@ -17,16 +17,24 @@ import random
 
 from schemas.elements import ClusterAssignment, SampleInfo
 
-BACKGROUND = ("man woman child dog cat street park car bike tree house beach mountain river table chair window "
-              "door city market bridge train boat sky cloud field garden kitchen room road sign shop").split()
+BACKGROUND = (
+    "man woman child dog cat street park car bike tree house beach mountain river table chair window "
+    "door city market bridge train boat sky cloud field garden kitchen room road sign shop"
+).split()
 VERBS = ("standing sitting walking running holding looking playing riding waiting crossing").split()
 WORD_TRIGGERS = ("zorblax", "quenmar", "vistaglow", "trimbleton")
 OBJECT_TRIGGERS = (("astronaut", "flag", False), ("espresso", "cup", True))
 
 
 def _caption(rng: random.Random, extra: list[str]) -> str:
-    words = [rng.choice(["a", "the"]), rng.choice(BACKGROUND), rng.choice(VERBS), "near",
-             rng.choice(["a", "the"]), rng.choice(BACKGROUND)]
+    words = [
+        rng.choice(["a", "the"]),
+        rng.choice(BACKGROUND),
+        rng.choice(VERBS),
+        "near",
+        rng.choice(["a", "the"]),
+        rng.choice(BACKGROUND),
+    ]
     for w in extra:
         words.insert(rng.randint(1, len(words)), w)
     return " ".join(words)
@@ -89,8 +97,18 @@ def main() -> int:
     infos, assignments, truth = planted_set(args.samples, shuffled=args.shuffled)
     with open(args.out, "w") as f:
         for i, a in zip(infos, assignments, strict=True):
-            f.write(json.dumps({"key": i.key, "caption": i.caption, "meta": json.loads(i.meta_json),
-                                "cluster_id": a.cluster_id, "cluster_size": a.cluster_size}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "key": i.key,
+                        "caption": i.caption,
+                        "meta": json.loads(i.meta_json),
+                        "cluster_id": a.cluster_id,
+                        "cluster_size": a.cluster_size,
+                    }
+                )
+                + "\n"
+            )
     print(f"{len(infos)} samples -> {args.out}; planted: {sorted(truth['word'])} {sorted(truth['object'])}")
     return 0
 

@@ -1,6 +1,6 @@
 """Train the memorization lab model (see pipeline/lab.py).
 
-    python scripts/train_lab.py --output models/memlab [--steps 1200]
+python scripts/train_lab.py --output models/memlab [--steps 1200]
 """
 
 from __future__ import annotations

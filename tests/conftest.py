@@ -41,7 +41,11 @@ def demo_run(demo_data, tmp_path_factory) -> Path:
     from pipeline.job import run_job
 
     out = tmp_path_factory.mktemp("demo-run") / "out"
-    cfg = load_job(ROOT / "jobs" / "demo.yaml", ["output.filtered_shards=true", "output.report=true"],
-                   input_path=str(demo_data / "shards" / "*.tar"), output_dir=str(out))
+    cfg = load_job(
+        ROOT / "jobs" / "demo.yaml",
+        ["output.filtered_shards=true", "output.report=true"],
+        input_path=str(demo_data / "shards" / "*.tar"),
+        output_dir=str(out),
+    )
     run_job(cfg)
     return out

@@ -24,7 +24,7 @@ def _cluster_pairs(labels):
     out = set()
     for lab in np.unique(labels):
         members = np.flatnonzero(labels == lab)
-        out.update((int(a), int(b)) for i, a in enumerate(members) for b in members[i + 1:])
+        out.update((int(a), int(b)) for i, a in enumerate(members) for b in members[i + 1 :])
     return out
 
 
@@ -59,9 +59,14 @@ def test_cell_forest_components():
 def test_laion_job_end_to_end(small, tmp_path):
     vectors, groups = small
     write(str(tmp_path / "emb"), vectors, groups, files=3)
-    cfg = parse_config({"name": "laion", "input": {"path": str(tmp_path / "emb")},
-                        "output": {"dir": str(tmp_path / "out"), "report": False},
-                        "dedup": {"keeper": "earliest", "cluster": {"threshold": 0.9}}})
+    cfg = parse_config(
+        {
+            "name": "laion",
+            "input": {"path": str(tmp_path / "emb")},
+            "output": {"dir": str(tmp_path / "out"), "report": False},
+            "dedup": {"keeper": "earliest", "cluster": {"threshold": 0.9}},
+        }
+    )
     info = run_job(cfg)
     rows = read_table(str(tmp_path / "out" / "manifest")).to_pylist()
     assert len(rows) == len({r["key"] for r in rows}) == 6000 == info["summary"]["keys"]

@@ -156,13 +156,21 @@ def test_clip_stage_in_the_pipeline(demo_data, tmp_path):
     """The CLIP embedder (a tiny random-weight open_clip architecture) wired end to end: vectors
     persisted per shard, semantic edges and neighbours per sample, every key still in the manifest."""
     model = tmp_path / "memsieve-tiny-clip.json"
-    model.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
-                                                                "patch_size": 16, "head_width": 16},
-                                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                                              "layers": 1}}))
+    model.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
     out = tmp_path / "out"
-    cfg = _cfg(str(demo_data / "shards" / "*.tar"), out,
-               dedup={"clip": {"enabled": True, "model": str(model), "threshold": 0.999, "batch_size": 8}})
+    cfg = _cfg(
+        str(demo_data / "shards" / "*.tar"),
+        out,
+        dedup={"clip": {"enabled": True, "model": str(model), "threshold": 0.999, "batch_size": 8}},
+    )
     run_job(cfg)
     assert len(_manifest(out)) == 104
     neighbours = read_table(str(out / "neighbours")).to_pylist()

@@ -25,11 +25,16 @@ def test_fault_suite(tmp_path, capsys):
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
     job = tmp_path / "job.yaml"
-    job.write_text("name: faults\ninput: {path: x}\noutput: {report: true, filtered_shards: true}\n"
-                   "run: {max_failure_ratio: 0.9}\n")
+    job.write_text(
+        "name: faults\ninput: {path: x}\noutput: {report: true, filtered_shards: true}\nrun: {max_failure_ratio: 0.9}\n"
+    )
     before = _tree(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job), "--input", str(shards / "*.tar"),
-                           "--output", str(out)], capture_output=True, text=True, cwd=tmp_path / "work")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(job), "--input", str(shards / "*.tar"), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path / "work",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     created = {p for p in _tree(tmp_path) - before if not p.startswith("work/out")}
@@ -49,8 +54,9 @@ def test_fault_suite(tmp_path, capsys):
         if c["expect"] == "ok-or-failed:truncated_tar":
             keys = [f"2000000{i}" for i in range(1, 9)]
             missing = [k for k in keys if k not in manifest]
-            ok = all(manifest[k]["status"] == "ok" or "truncated_tar" in failures.get(k, ()) for k in keys
-                     if k in manifest)
+            ok = all(
+                manifest[k]["status"] == "ok" or "truncated_tar" in failures.get(k, ()) for k in keys if k in manifest
+            )
             table.append((c["case"], not missing and ok, len(missing)))
             lost += len(missing)
             continue

@@ -8,8 +8,15 @@ from transforms.write import read_table
 
 
 def _cfg(path, out, **dedup):
-    return parse_config({"name": "t", "input": {"path": path}, "output": {"dir": str(out), "report": False},
-                         "triggers": {"enabled": False}, "dedup": dedup})
+    return parse_config(
+        {
+            "name": "t",
+            "input": {"path": path},
+            "output": {"dir": str(out), "report": False},
+            "triggers": {"enabled": False},
+            "dedup": dedup,
+        }
+    )
 
 
 def _partition(out) -> set[frozenset]:

@@ -20,12 +20,14 @@ def test_manifest_reads_with_pyarrow_pandas_duckdb(demo_run):
 
     table = ds.dataset(str(demo_run / "manifest"), format="parquet").to_table()
     frame = pd.read_parquet(demo_run / "manifest")
-    count = duckdb.sql(f"select count(*), count(distinct key) from read_parquet('{demo_run}/manifest/*.parquet')"
-                       ).fetchall()[0]
+    count = duckdb.sql(
+        f"select count(*), count(distinct key) from read_parquet('{demo_run}/manifest/*.parquet')"
+    ).fetchall()[0]
     assert table.num_rows == len(frame) == count[0] == count[1] == 104
     assert set(frame["decision"]) <= {"keep", "drop", "diversify"}
-    by_decision = duckdb.sql(f"select decision, count(*) from read_parquet('{demo_run}/manifest/*.parquet') "
-                             "group by decision").fetchall()
+    by_decision = duckdb.sql(
+        f"select decision, count(*) from read_parquet('{demo_run}/manifest/*.parquet') group by decision"
+    ).fetchall()
     assert sum(n for _, n in by_decision) == 104
 
 
@@ -35,8 +37,11 @@ def test_redecide_changes_only_decisions(demo_run, tmp_path):
     before = read_table(str(run_dir / "manifest")).to_pandas().set_index("key").sort_index()
     full_s = json.loads((run_dir / "run.json").read_text())["timings_s"]["pipeline"]
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "decide", str(run_dir), "--set",
-                           "decide.drop_duplicates=false"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "decide", str(run_dir), "--set", "decide.drop_duplicates=false"],
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - t
     assert proc.returncode == 0, proc.stderr
     after = read_table(str(run_dir / "manifest")).to_pandas().set_index("key").sort_index()
@@ -53,8 +58,11 @@ def test_redecide_changes_only_decisions(demo_run, tmp_path):
 
 
 def test_redecide_bad_override_exits_2(demo_run):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "decide", str(demo_run), "--set",
-                           "decide.no_such_field=1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "decide", str(demo_run), "--set", "decide.no_such_field=1"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "decide.no_such_field" in proc.stderr
 
 
@@ -79,19 +87,32 @@ def test_report_renders_in_chromium(demo_run, tmp_path):
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
     index = demo_run / "report" / "index.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", index.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
     assert dom.count('class="thumb') >= 10  # the cluster galleries
     assert dom.count('class="figure"') >= 1  # the similarity histogram
     assert "kept" in dom and "Keyword" in dom and "Failures by type" in dom
     for rel in ("similarity_phash.png",):
         assert (index.parent / rel).stat().st_size > 5000
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,2400", index.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1280,2400", index.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)

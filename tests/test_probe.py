@@ -72,8 +72,22 @@ def test_vocabulary_guard(model_dir, tmp_path):
         (broken / "tokenizer" / name).unlink()
     with pytest.raises(ProbeError, match="tokens"):
         load_probe(str(broken), "cpu")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "probe", "--model", str(broken), "--captions",
-                           str(tmp_path / "c.txt"), "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "probe",
+            "--model",
+            str(broken),
+            "--captions",
+            str(tmp_path / "c.txt"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "tokens" in proc.stderr
 
 
@@ -81,15 +95,47 @@ def test_probe_commands(model_dir, tmp_path):
     caps = tmp_path / "caps.txt"
     caps.write_text("\n".join(CAPTIONS[:2] + CAPTIONS[3:]) + "\n")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "probe", "--model", model_dir, "--captions", str(caps),
-                           "--output", str(out), "--reference", str(caps)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "probe",
+            "--model",
+            model_dir,
+            "--captions",
+            str(caps),
+            "--output",
+            str(out),
+            "--reference",
+            str(caps),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import pyarrow.parquet as pq
 
     assert pq.read_table(out / "scores" / "part-all.parquet").num_rows == 4
     assert json.loads((out / "scores" / "calibration.json").read_text())["threshold"] is not None
     res = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "probe-eval", "--model", model_dir, "--memorized",
-                           str(caps), "--reference", str(caps), "--output", str(res)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "probe-eval",
+            "--model",
+            model_dir,
+            "--memorized",
+            str(caps),
+            "--reference",
+            str(caps),
+            "--output",
+            str(res),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 0.0 <= json.loads(res.read_text())["auc"] <= 1.0

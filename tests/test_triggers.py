@@ -44,11 +44,18 @@ def test_templates_and_near_duplicates():
     caps = [f"{w} for sale - free shipping" for w in ("lamp", "sofa", "chair", "desk", "rug")] + ["a dog"] * 3
     groups = template_groups(caps, min_df=5, min_count=5, min_distinct=3)
     assert list(groups.values()) == [[0, 1, 2, 3, 4]]
-    assert skeleton("lamp for sale - free shipping", frozenset("for sale free shipping".split())) == \
-        "* for sale free shipping"
-    near = near_duplicate_groups(["a man riding a horse on the beach at sunset",
-                                  "a man riding a horse on the beach at sunset!!",
-                                  "a man riding a brown horse on the beach at sunset", "two cats"])
+    assert (
+        skeleton("lamp for sale - free shipping", frozenset("for sale free shipping".split()))
+        == "* for sale free shipping"
+    )
+    near = near_duplicate_groups(
+        [
+            "a man riding a horse on the beach at sunset",
+            "a man riding a horse on the beach at sunset!!",
+            "a man riding a brown horse on the beach at sunset",
+            "two cats",
+        ]
+    )
     assert near == [[0, 1, 2]] or near == [[1, 2, 0]] or sorted(map(sorted, near)) == [[0, 1, 2]]
     assert normalize_caption("Café, au LAIT!") == "café au lait"
 
@@ -77,8 +84,10 @@ def _mine(shuffled: bool):
     cfg = TriggersConfig(near_duplicate_captions=False)
     got = {}
     with TestPipeline(runner="DirectRunner") as p:
-        out = {"infos": p | "I" >> beam.Create(infos),
-               "assignments": p | "A" >> beam.Create(assignments)} | MineTriggers(cfg)
+        out = {
+            "infos": p | "I" >> beam.Create(infos),
+            "assignments": p | "A" >> beam.Create(assignments),
+        } | MineTriggers(cfg)
 
         def check_words(rows):
             found = {(r["keyword"], r["cluster_id"]) for r in rows}

@@ -82,8 +82,11 @@ def cell_pairs(ids: np.ndarray, vectors: np.ndarray, threshold: float, block: in
             sims[rows - s, rows] = -2.0  # not itself
             best = sims.max(dim=1)
             nn_idx[s : s + len(rows)], nn_sim[s : s + len(rows)] = best.indices.numpy(), best.values.numpy()
-            hit = torch.nonzero(torch.triu(sims >= threshold, diagonal=1 + s)).numpy() if s == 0 else \
-                torch.nonzero((sims >= threshold) & (rows[:, None] < torch.arange(n)[None, :])).numpy()
+            hit = (
+                torch.nonzero(torch.triu(sims >= threshold, diagonal=1 + s)).numpy()
+                if s == 0
+                else torch.nonzero((sims >= threshold) & (rows[:, None] < torch.arange(n)[None, :])).numpy()
+            )
             if len(hit):
                 r, c = hit[:, 0], hit[:, 1]
                 pa.append(ids[r + s])
@@ -92,8 +95,14 @@ def cell_pairs(ids: np.ndarray, vectors: np.ndarray, threshold: float, block: in
     a = np.concatenate(pa) if pa else np.empty(0, np.int64)
     b = np.concatenate(pb) if pb else np.empty(0, np.int64)
     valid = nn_sim > -2.0
-    return (np.minimum(a, b), np.maximum(a, b), np.concatenate(ps) if ps else np.empty(0, np.float32),
-            ids[valid], ids[nn_idx[valid]], nn_sim[valid])
+    return (
+        np.minimum(a, b),
+        np.maximum(a, b),
+        np.concatenate(ps) if ps else np.empty(0, np.float32),
+        ids[valid],
+        ids[nn_idx[valid]],
+        nn_sim[valid],
+    )
 
 
 def unique_pairs(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int):
@@ -141,8 +150,9 @@ def exact_pairs(vectors: np.ndarray, threshold: float, block: int = 8192) -> set
     return out
 
 
-def dedup_in_memory(vectors: np.ndarray, threshold: float, top_m: int = 2, n_cells: int = 0, seed: int = 0,
-                    sample_size: int = 0):
+def dedup_in_memory(
+    vectors: np.ndarray, threshold: float, top_m: int = 2, n_cells: int = 0, seed: int = 0, sample_size: int = 0
+):
     """The whole algorithm in one process: -> (a, b, sim, nn, nn_sim, labels, centroids)."""
     n = len(vectors)
     k = choose_cells(n, top_m, n_cells)

@@ -46,7 +46,16 @@ class VectorEdges(beam.PTransform):
         from transforms.outputs import multi_output
 
         gathered = batches | "GatherVectors" >> beam.combiners.ToList()
-        out = multi_output(gathered, "SearchVectors", _search, ["neighbours"], "edges", threshold=self.threshold,
-                           embedder=self.embedder, top_m=self.cluster_cfg.top_m, n_cells=self.cluster_cfg.n_cells,
-                           seed=self.seed)
+        out = multi_output(
+            gathered,
+            "SearchVectors",
+            _search,
+            ["neighbours"],
+            "edges",
+            threshold=self.threshold,
+            embedder=self.embedder,
+            top_m=self.cluster_cfg.top_m,
+            n_cells=self.cluster_cfg.n_cells,
+            seed=self.seed,
+        )
         return {"edges": out["edges"], "neighbours": out["neighbours"]}

@@ -41,8 +41,13 @@ def cluster_duplication(captions: list[str], full_share: float = 0.5, max_pairs:
     pairs = list(itertools.combinations(sets, 2))
     diversity = sum(1 - jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
     full = modal >= 2 and share >= full_share  # one caption *repeated*: two different ones are partial
-    return {"class": "full" if full else "partial", "modal_share": share,
-            "distinct": len(counts), "size": len(normalized), "diversity": diversity}
+    return {
+        "class": "full" if full else "partial",
+        "modal_share": share,
+        "distinct": len(counts),
+        "size": len(normalized),
+        "diversity": diversity,
+    }
 
 
 def skeleton(caption: str, frequent: frozenset[str] | set[str], min_fixed: int = 2) -> str | None:
@@ -121,5 +126,6 @@ def template_groups(captions: list[str], min_df: int = 20, min_count: int = 5, m
         sk = skeleton(c, frequent)
         if sk is not None:
             groups.setdefault(sk, []).append(i)
-    return {sk: idx for sk, idx in groups.items()
-            if len(idx) >= min_count and len({norm[i] for i in idx}) >= min_distinct}
+    return {
+        sk: idx for sk, idx in groups.items() if len(idx) >= min_count and len({norm[i] for i in idx}) >= min_distinct
+    }

@@ -33,8 +33,12 @@ def write_clip_tokenizer_files(folder: str) -> str:
 def clip_tokenizer(folder: str, max_length: int = 77):
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                        model_max_length=max_length, pad_token="<|endoftext|>")
+    tok = CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        model_max_length=max_length,
+        pad_token="<|endoftext|>",
+    )
     if len(tok) != CLIP_VOCAB_SIZE:
         raise ValueError(f"CLIP tokenizer has {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}")
     return tok

@@ -128,9 +128,8 @@ class DiversifyCaptions(beam.PTransform):
         return (
             {"rows": keyed, "captions": captions}
             | "JoinCaptions" >> beam.CoGroupByKey()
-            | "Diversify" >> beam.FlatMap(
-                _diversify_joined, vocab=beam.pvalue.AsSingleton(vocab), cfg=self.cfg, seed=self.seed
-            )
+            | "Diversify"
+            >> beam.FlatMap(_diversify_joined, vocab=beam.pvalue.AsSingleton(vocab), cfg=self.cfg, seed=self.seed)
         )
 
 

@@ -90,9 +90,15 @@ def diversify_row(row: dict, others: list[str], vocab: list[str], cfg, seed: int
     if not alts:
         return None
     alts = alts[: cfg.n_alternatives] if len(alts) > cfg.n_alternatives else alts
-    return {"key": row["key"], "shard": row["shard"], "caption": row["caption"],
-            "alternatives": [a for _, a in alts], "alternative_strategies": [s for s, _ in alts],
-            "strategy": ",".join(s for s, _ in alts), "gaussian_noise_sigma": cfg.gaussian_noise_sigma}
+    return {
+        "key": row["key"],
+        "shard": row["shard"],
+        "caption": row["caption"],
+        "alternatives": [a for _, a in alts],
+        "alternative_strategies": [s for s, _ in alts],
+        "strategy": ",".join(s for s, _ in alts),
+        "gaussian_noise_sigma": cfg.gaussian_noise_sigma,
+    }
 
 
 def vocabulary_from_counts(counts: list[tuple[str, int]], size: int = 2000) -> list[str]:

@@ -29,9 +29,11 @@ def kept_by_shard(out_dir: str) -> dict[str, dict[str, dict]]:
         if r["status"] == "ok" and r["decision"] in KEEP_DECISIONS:
             d = alts.get(r["key"], {})
             out.setdefault(r["shard"], {})[r["key"]] = {
-                "decision": r["decision"], "reasons": list(r["reasons"]),
+                "decision": r["decision"],
+                "reasons": list(r["reasons"]),
                 "alternatives": list(d.get("alternatives") or []),
-                "strategies": list(d.get("alternative_strategies") or [])}
+                "strategies": list(d.get("alternative_strategies") or []),
+            }
     return out
 
 

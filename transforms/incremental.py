@@ -40,8 +40,10 @@ def load_reference(run_dir: str) -> dict:
             a, b = sorted((r["cluster_id"], r["key"]))
             edges.append(Edge(a, b, float(r["cluster_similarity"] or 1.0), PREVIOUS))
     failures = read_table(os.path.join(run_dir, "failures"))
-    old_failures = [Failure(r["key"], r["shard"], r["stage"], r["error_type"], r["message"] or "", r["url"] or "")
-                    for r in (failures.to_pylist() if failures is not None else [])]
+    old_failures = [
+        Failure(r["key"], r["shard"], r["stage"], r["error_type"], r["message"] or "", r["url"] or "")
+        for r in (failures.to_pylist() if failures is not None else [])
+    ]
     return {"infos": infos, "codes": codes, "edges": edges, "keys": {i.key for i in infos}, "failures": old_failures}
 
 

@@ -55,5 +55,6 @@ def multi_output(pcoll, label: str, fn, tags: list[str], main: str, *args, **kwa
         res = pcoll | label >> beam.ParDo(dofn, *args, **kwargs).with_outputs(*tags, main=main)
         return {t: res[t] for t in [main, *tags]}
     tagged = pcoll | label >> beam.ParDo(_AsTagged(fn, main), *args, **kwargs)
-    return {t: tagged | f"{label}_{t}" >> beam.FlatMap(lambda kv, t=t: [kv[1]] if kv[0] == t else [])
-            for t in [main, *tags]}
+    return {
+        t: tagged | f"{label}_{t}" >> beam.FlatMap(lambda kv, t=t: [kv[1]] if kv[0] == t else []) for t in [main, *tags]
+    }

@@ -198,6 +198,15 @@ class FindPhashCopies(beam.PTransform):
         from transforms.outputs import multi_output
 
         gathered = codes | "GatherCodes" >> beam.combiners.ToList()
-        out = multi_output(gathered, "SearchCodes", _search, ["neighbours"], "edges", max_bits=self.max_bits,
-                           exact_below=self.exact_below, nprobe=self.nprobe, seed=self.seed)
+        out = multi_output(
+            gathered,
+            "SearchCodes",
+            _search,
+            ["neighbours"],
+            "edges",
+            max_bits=self.max_bits,
+            exact_below=self.exact_below,
+            nprobe=self.nprobe,
+            seed=self.seed,
+        )
         return {"edges": out["edges"], "neighbours": out["neighbours"]}

@@ -21,7 +21,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError  # noqa: E402  (after the module docstring's imports)
 
 
 class ProbeError(ConfigError):
@@ -70,8 +70,10 @@ def check_vocabulary(tokenizer, text_encoder) -> None:
     """transformers 5 builds a 2-token CLIPTokenizer without complaint when its files are missing."""
     n_tok, n_enc = len(tokenizer), int(text_encoder.config.vocab_size)
     if n_tok != n_enc:
-        raise ProbeError(f"tokenizer has {n_tok} tokens but the text encoder expects {n_enc}: refusing to probe "
-                         "(a CLIPTokenizer built without its vocabulary files?)")
+        raise ProbeError(
+            f"tokenizer has {n_tok} tokens but the text encoder expects {n_enc}: refusing to probe "
+            "(a CLIPTokenizer built without its vocabulary files?)"
+        )
 
 
 def first_timestep(scheduler, steps: int = 50) -> int:
@@ -82,8 +84,9 @@ def first_timestep(scheduler, steps: int = 50) -> int:
 def encode(pm: ProbeModel, captions: list[str]):
     import torch
 
-    tok = pm.tokenizer(captions, padding="max_length", max_length=pm.tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
+    tok = pm.tokenizer(
+        captions, padding="max_length", max_length=pm.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     with torch.set_grad_enabled(torch.is_grad_enabled()):
         return pm.text_encoder(tok.input_ids.to(pm.device))[0]
 
@@ -159,8 +162,9 @@ def token_attribution(pm: ProbeModel, caption: str, seed: int = 0, steps: int = 
     import torch
 
     t = first_timestep(pm.scheduler, steps)
-    tok = pm.tokenizer([caption], padding="max_length", max_length=pm.tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
+    tok = pm.tokenizer(
+        [caption], padding="max_length", max_length=pm.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     with torch.enable_grad():
         emb = pm.text_encoder(tok.input_ids.to(pm.device))[0].detach().requires_grad_(True)
         empty = encode(pm, [""]).detach()

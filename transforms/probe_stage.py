@@ -23,8 +23,10 @@ class ProbeFn(beam.DoFn):
         self.threshold = self.cfg.threshold
         if self.threshold is None and self.cfg.reference_captions:
             ref = read_captions(self.cfg.reference_captions)
-            scores = [self.scorer.score(ref[i : i + self.cfg.batch_size], self.cfg.metric)
-                      for i in range(0, len(ref), self.cfg.batch_size)]
+            scores = [
+                self.scorer.score(ref[i : i + self.cfg.batch_size], self.cfg.metric)
+                for i in range(0, len(ref), self.cfg.batch_size)
+            ]
             import numpy as np
 
             self.threshold = calibrate(np.concatenate(scores), self.cfg.target_fpr)
@@ -35,13 +37,21 @@ class ProbeFn(beam.DoFn):
             scores = self.scorer.score([i.caption for i in batch], self.cfg.metric)
         except Exception as exc:  # a model error must not lose the batch's keys
             for i in batch:
-                yield beam.pvalue.TaggedOutput("failures", Failure(i.key, i.shard, "probe", type(exc).__name__,
-                                                                   str(exc)[:500], i.url, i.caption, i.sha256))
+                yield beam.pvalue.TaggedOutput(
+                    "failures",
+                    Failure(i.key, i.shard, "probe", type(exc).__name__, str(exc)[:500], i.url, i.caption, i.sha256),
+                )
             return
         for info, score in zip(batch, scores, strict=True):
             flagged = self.threshold is not None and float(score) > self.threshold
-            yield {"key": info.key, "score": float(score), "metric": self.cfg.metric, "model": self.pm.name,
-                   "threshold": self.threshold, "flagged": bool(flagged)}
+            yield {
+                "key": info.key,
+                "score": float(score),
+                "metric": self.cfg.metric,
+                "model": self.pm.name,
+                "threshold": self.threshold,
+                "flagged": bool(flagged),
+            }
 
 
 class ProbeCaptions(beam.PTransform):
@@ -57,8 +67,10 @@ class ProbeCaptions(beam.PTransform):
 
         if self.cfg.budget == "sample":
             infos = infos | "Budget" >> beam.Filter(
-                lambda i, f, s: random.Random(f"{s}:{i.key}").random() < f, f=self.cfg.sample_fraction, s=self.seed)
-        batches = infos | "Batch" >> beam.BatchElements(min_batch_size=self.cfg.batch_size,
-                                                        max_batch_size=self.cfg.batch_size)
+                lambda i, f, s: random.Random(f"{s}:{i.key}").random() < f, f=self.cfg.sample_fraction, s=self.seed
+            )
+        batches = infos | "Batch" >> beam.BatchElements(
+            min_batch_size=self.cfg.batch_size, max_batch_size=self.cfg.batch_size
+        )
         out = multi_output(batches, "Probe", ProbeFn(self.cfg), ["failures"], "scores")
         return {"scores": out["scores"], "failures": out["failures"]}

@@ -25,14 +25,23 @@ from transforms.read_shards import ReadLimits, duplicate_key_failures, iter_shar
 
 log = logging.getLogger(__name__)
 
-INFO_SCHEMA = pa.schema([(f.name, pa.int64() if f.type in ("int", int) else pa.string())
-                         for f in dataclasses.fields(SampleInfo)])
+INFO_SCHEMA = pa.schema(
+    [(f.name, pa.int64() if f.type in ("int", int) else pa.string()) for f in dataclasses.fields(SampleInfo)]
+)
 FAILURE_SCHEMA = pa.schema([(f.name, pa.string()) for f in dataclasses.fields(Failure)])
 CODE_SCHEMA = pa.schema([("key", pa.string()), ("codes", pa.binary())])
 KEY_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string())])
-SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("path", pa.string()), ("members", pa.int64()),
-                            ("keys", pa.int64()), ("sidecar_rows", pa.int64()), ("truncated", pa.bool_()),
-                            ("events", pa.list_(pa.string()))])
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("path", pa.string()),
+        ("members", pa.int64()),
+        ("keys", pa.int64()),
+        ("sidecar_rows", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("events", pa.list_(pa.string())),
+    ]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +57,40 @@ class ShardSettings:
     def cache_key(self) -> dict:
         from transforms import phash
 
-        return {"limits": dataclasses.asdict(self.limits), "max_pixels": self.max_pixels, "phash": self.phash,
-                "phash_version": (phash.BITS, phash.CROPS) if self.phash else None, "pixel_hash": self.pixel_hash}
+        return {
+            "limits": dataclasses.asdict(self.limits),
+            "max_pixels": self.max_pixels,
+            "phash": self.phash,
+            "phash_version": (phash.BITS, phash.CROPS) if self.phash else None,
+            "pixel_hash": self.pixel_hash,
+        }
 
 
 def decode_sample(sample: Sample, settings: ShardSettings, hasher) -> tuple[SampleInfo | Failure, bytes | None]:
     try:
         img = decode_image(sample.image, sample.image_ext, settings.max_pixels)
     except DecodeError as exc:
-        return Failure(sample.key, sample.shard, "decode", exc.error_type, str(exc)[:500], sample.url,
-                       sample.caption, sample.sha256), None
-    info = SampleInfo(sample.key, sample.shard, sample.url, sample.caption, sample.sha256,
-                      pixel_digest(img) if settings.pixel_hash else "", img.width, img.height, sample.meta_json)
+        return Failure(
+            sample.key,
+            sample.shard,
+            "decode",
+            exc.error_type,
+            str(exc)[:500],
+            sample.url,
+            sample.caption,
+            sample.sha256,
+        ), None
+    info = SampleInfo(
+        sample.key,
+        sample.shard,
+        sample.url,
+        sample.caption,
+        sample.sha256,
+        pixel_digest(img) if settings.pixel_hash else "",
+        img.width,
+        img.height,
+        sample.meta_json,
+    )
     return info, (hasher(img).tobytes() if hasher is not None else None)
 
 
@@ -83,8 +114,9 @@ class ProcessShardFn(beam.DoFn):
         s = self.settings
         entry = None
         if s.cache_dir and not s.emit_samples:
-            entry = shard_cache.entry_dir(s.cache_dir, "shards", shard_name(path),
-                                          shard_cache.fingerprint(path, s.cache_key()))
+            entry = shard_cache.entry_dir(
+                s.cache_dir, "shards", shard_name(path), shard_cache.fingerprint(path, s.cache_key())
+            )
             cached = shard_cache.load(entry)
             if cached is not None:
                 self.hits.inc()
@@ -96,10 +128,16 @@ class ProcessShardFn(beam.DoFn):
         if s.debug_sleep_s:
             time.sleep(s.debug_sleep_s)
         if entry is not None:
-            shard_cache.store(entry, {"infos": (tables["infos"], INFO_SCHEMA),
-                                      "failures": (tables["failures"], FAILURE_SCHEMA),
-                                      "codes": (tables["codes"], CODE_SCHEMA), "keys": (tables["keys"], KEY_SCHEMA),
-                                      "summary": (tables["summary"], SUMMARY_SCHEMA)})
+            shard_cache.store(
+                entry,
+                {
+                    "infos": (tables["infos"], INFO_SCHEMA),
+                    "failures": (tables["failures"], FAILURE_SCHEMA),
+                    "codes": (tables["codes"], CODE_SCHEMA),
+                    "keys": (tables["keys"], KEY_SCHEMA),
+                    "summary": (tables["summary"], SUMMARY_SCHEMA),
+                },
+            )
         yield from self._emit(tables)
 
     def _compute(self, path: str) -> dict[str, list]:
@@ -155,10 +193,21 @@ class ProcessShards(beam.PTransform):
         from transforms.outputs import multi_output
 
         shuffled = paths | "Reshuffle" >> beam.Reshuffle()
-        out = multi_output(shuffled, "ProcessShard", ProcessShardFn(self.settings),
-                           ["failures", "codes", "keys", "shards", "samples"], "infos")
-        repeated = (out["keys"] | "GroupKeys" >> beam.GroupByKey()
-                    | "RepeatedKeys" >> beam.FlatMap(duplicate_key_failures))
+        out = multi_output(
+            shuffled,
+            "ProcessShard",
+            ProcessShardFn(self.settings),
+            ["failures", "codes", "keys", "shards", "samples"],
+            "infos",
+        )
+        repeated = (
+            out["keys"] | "GroupKeys" >> beam.GroupByKey() | "RepeatedKeys" >> beam.FlatMap(duplicate_key_failures)
+        )
         failures = (out["failures"], repeated) | "MergeFailures" >> beam.Flatten()
-        return {"infos": out["infos"], "codes": out["codes"], "failures": failures, "shards": out["shards"],
-                "samples": out["samples"]}
+        return {
+            "infos": out["infos"],
+            "codes": out["codes"],
+            "failures": failures,
+            "shards": out["shards"],
+            "samples": out["samples"],
+        }

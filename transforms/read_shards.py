@@ -222,10 +222,22 @@ def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dic
                     members[split[1]] = data
     yield from state.flush(key, members, bad)
     yield from _sidecar_failures(state, sidecar)
-    log.info("read shard %s: %d keys from %d members%s", state.shard, len(state.seen), state.n_members,
-             " (truncated)" if state.truncated else "")
-    yield {"shard": state.shard, "path": path, "members": state.n_members, "keys": len(state.seen),
-           "sidecar_rows": len(sidecar), "truncated": bool(state.truncated), "events": events}
+    log.info(
+        "read shard %s: %d keys from %d members%s",
+        state.shard,
+        len(state.seen),
+        state.n_members,
+        " (truncated)" if state.truncated else "",
+    )
+    yield {
+        "shard": state.shard,
+        "path": path,
+        "members": state.n_members,
+        "keys": len(state.seen),
+        "sidecar_rows": len(sidecar),
+        "truncated": bool(state.truncated),
+        "events": events,
+    }
 
 
 def _read_sidecar_rows(path: str, events: list[str]) -> list[dict]:

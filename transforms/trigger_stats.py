@@ -54,15 +54,24 @@ def keyword_cluster_rows(candidates: list[dict], n_total: int, cfg) -> list[dict
     rows = []
     for c in candidates:
         p = hypergeom_pvalue(c["n_both"], n_total, c["n_cluster"], c["n_keyword"])
-        rows.append(dict(c, p_value=p, npmi=npmi(c["n_both"], c["n_keyword"], c["n_cluster"], n_total),
-                         p_cluster_given_keyword=c["n_both"] / c["n_keyword"],
-                         p_keyword_given_cluster=c["n_both"] / c["n_cluster"]))
+        rows.append(
+            dict(
+                c,
+                p_value=p,
+                npmi=npmi(c["n_both"], c["n_keyword"], c["n_cluster"], n_total),
+                p_cluster_given_keyword=c["n_both"] / c["n_keyword"],
+                p_keyword_given_cluster=c["n_both"] / c["n_cluster"],
+            )
+        )
     q = bh_qvalues([r["p_value"] for r in rows])
     out = []
     for r, qv in zip(rows, q, strict=True):
         r["q_value"] = float(qv)
-        if (qv <= cfg.max_q_value and r["p_cluster_given_keyword"] >= cfg.min_p_cluster_given_keyword
-                and r["p_keyword_given_cluster"] >= cfg.min_p_keyword_given_cluster):
+        if (
+            qv <= cfg.max_q_value
+            and r["p_cluster_given_keyword"] >= cfg.min_p_cluster_given_keyword
+            and r["p_keyword_given_cluster"] >= cfg.min_p_keyword_given_cluster
+        ):
             out.append(r)
     return sorted(out, key=lambda r: (-r["npmi"], r["keyword"], r["cluster_id"]))
 
@@ -80,8 +89,11 @@ def keyword_object_rows(candidates: list[dict], cfg, related) -> list[dict]:
     out = []
     for r, qv in zip(rows, q, strict=True):
         r["q_value"] = float(qv)
-        if qv <= cfg.max_q_value and r["lift"] >= cfg.min_object_lift and (
-                r["n_both"] / r["n_keyword"] >= cfg.min_p_object_given_keyword):
+        if (
+            qv <= cfg.max_q_value
+            and r["lift"] >= cfg.min_object_lift
+            and (r["n_both"] / r["n_keyword"] >= cfg.min_p_object_given_keyword)
+        ):
             r["relation"] = "implicit_intended" if related(r["keyword"], r["object"]) else "unintended"
             out.append(r)
     return sorted(out, key=lambda r: (r["relation"] != "unintended", r["q_value"], r["keyword"], r["object"]))

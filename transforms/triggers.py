@@ -36,10 +36,13 @@ class _SampleRecords(beam.DoFn):
         info, assignments = infos[0], list(grouped["a"])
         a = assignments[0] if assignments else None
         yield {
-            "key": key, "caption": info.caption, "norm": normalize_caption(info.caption),
+            "key": key,
+            "caption": info.caption,
+            "norm": normalize_caption(info.caption),
             "terms": self.extractor.terms(info.caption),
             "objects": metadata_objects(info.meta_json) if self.use_metadata else [],
-            "cluster_id": a.cluster_id if a else key, "cluster_size": a.cluster_size if a else 1,
+            "cluster_id": a.cluster_id if a else key,
+            "cluster_size": a.cluster_size if a else 1,
         }
 
 
@@ -68,8 +71,16 @@ def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[di
         n_total_o = n_total - counts.get(("mention", obj), 0)
         n_keyword = kw_counts.get(w, 0) - counts.get(("kw_mention", w, obj), 0)
         if n_keyword >= min_keyword and n_total_o > 0:
-            out.append({"keyword": w, "object": obj, "n_total": n_total_o, "n_keyword": n_keyword,
-                        "n_object": counts.get(("object", obj), 0), "n_both": n_both})
+            out.append(
+                {
+                    "keyword": w,
+                    "object": obj,
+                    "n_total": n_total_o,
+                    "n_keyword": n_keyword,
+                    "n_object": counts.get(("object", obj), 0),
+                    "n_both": n_both,
+                }
+            )
     return sorted(out, key=lambda r: (r["keyword"], r["object"]))
 
 
@@ -127,24 +138,31 @@ class MineTriggers(beam.PTransform):
         cfg = self.cfg
         recs = self._records(inputs)
         n_total = recs | "CountSamples" >> beam.combiners.Count.Globally()
-        kw_counts = (recs | "Terms" >> beam.FlatMap(lambda r: r["terms"])
-                     | "CountTerms" >> beam.combiners.Count.PerElement()
-                     | "PruneTerms" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_keyword_count))
+        kw_counts = (
+            recs
+            | "Terms" >> beam.FlatMap(lambda r: r["terms"])
+            | "CountTerms" >> beam.combiners.Count.PerElement()
+            | "PruneTerms" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_keyword_count)
+        )
         keywords = self._keyword_triggers(recs, kw_counts, n_total)
         objects = self._object_triggers(recs, kw_counts, n_total)
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
         trigger_codes = recs | "TriggerCodes" >> beam.FlatMap(
             lambda r, ws, os_: _codes_for(r, set(ws), _by_keyword(os_)),
-            ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
+            ws=beam.pvalue.AsList(word_sig),
+            os_=beam.pvalue.AsList(object_sig),
+        )
         codes = (trigger_codes, *self._caption_codes(recs)) | "AllCodes" >> beam.Flatten()
         duplication = (
             recs
             | "InClusters" >> beam.Filter(lambda r: r["cluster_size"] > 1)
             | "CaptionByCluster" >> beam.Map(lambda r: (r["cluster_id"], r["caption"]))
             | "GroupClusterCaptions" >> beam.GroupByKey()
-            | "ClassifyCluster" >> beam.Map(
-                lambda kv, share: (kv[0], cluster_duplication(list(kv[1]), share)), share=cfg.full_duplication_share)
+            | "ClassifyCluster"
+            >> beam.Map(
+                lambda kv, share: (kv[0], cluster_duplication(list(kv[1]), share)), share=cfg.full_duplication_share
+            )
         )
         return {"keywords": keywords, "objects": objects, "codes": codes, "duplication": duplication}
 
@@ -152,8 +170,11 @@ class MineTriggers(beam.PTransform):
         keyed_i = inputs["infos"] | "KeyInfos" >> beam.Map(lambda i: (i.key, i))
         keyed_a = inputs["assignments"] | "KeyAssign" >> beam.Map(lambda a: (a.key, a))
         use_meta = self.cfg.object_source in ("auto", "metadata")
-        return ({"i": keyed_i, "a": keyed_a} | "JoinSample" >> beam.CoGroupByKey()
-                | "Records" >> beam.ParDo(_SampleRecords(self.cfg.bigrams, use_meta)))
+        return (
+            {"i": keyed_i, "a": keyed_a}
+            | "JoinSample" >> beam.CoGroupByKey()
+            | "Records" >> beam.ParDo(_SampleRecords(self.cfg.bigrams, use_meta))
+        )
 
     def _keyword_triggers(self, recs, kw_counts, n_total):
         cfg = self.cfg
@@ -165,62 +186,111 @@ class MineTriggers(beam.PTransform):
             | "PrunePairs" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_pair_count)
         )
         candidates = pairs | "Candidates" >> beam.FlatMap(
-            lambda kv, counts: [{"keyword": kv[0][0], "cluster_id": kv[0][1], "n_cluster": kv[0][2],
-                                 "n_keyword": counts[kv[0][0]], "n_both": kv[1]}] if kv[0][0] in counts else [],
-            counts=beam.pvalue.AsDict(kw_counts))
-        return (candidates | "GatherCandidates" >> beam.combiners.ToList()
-                | "TestKeywords" >> beam.FlatMap(
-                    lambda rows, n: keyword_cluster_rows(sorted(rows, key=lambda r: (r["keyword"], r["cluster_id"])),
-                                                         n, cfg), n=beam.pvalue.AsSingleton(n_total)))
+            lambda kv, counts: (
+                [
+                    {
+                        "keyword": kv[0][0],
+                        "cluster_id": kv[0][1],
+                        "n_cluster": kv[0][2],
+                        "n_keyword": counts[kv[0][0]],
+                        "n_both": kv[1],
+                    }
+                ]
+                if kv[0][0] in counts
+                else []
+            ),
+            counts=beam.pvalue.AsDict(kw_counts),
+        )
+        return (
+            candidates
+            | "GatherCandidates" >> beam.combiners.ToList()
+            | "TestKeywords"
+            >> beam.FlatMap(
+                lambda rows, n: keyword_cluster_rows(
+                    sorted(rows, key=lambda r: (r["keyword"], r["cluster_id"])), n, cfg
+                ),
+                n=beam.pvalue.AsSingleton(n_total),
+            )
+        )
 
     def _object_triggers(self, recs, kw_counts, n_total):
         cfg = self.cfg
         if cfg.object_source == "none":
             return recs.pipeline | "NoObjects" >> beam.Create([])
         vocabulary = frozenset(cfg.objects or DEFAULT_OBJECTS)
-        events = (recs | "ObjectEvents" >> beam.FlatMap(_object_events, vocabulary=vocabulary)
-                  | "CountEvents" >> beam.combiners.Count.PerElement())
-        both = events | "BothEvents" >> beam.Filter(lambda kv, m: kv[0][0] == "both" and kv[1] >= m,
-                                                    m=cfg.min_pair_count)
+        events = (
+            recs
+            | "ObjectEvents" >> beam.FlatMap(_object_events, vocabulary=vocabulary)
+            | "CountEvents" >> beam.combiners.Count.PerElement()
+        )
+        both = events | "BothEvents" >> beam.Filter(
+            lambda kv, m: kv[0][0] == "both" and kv[1] >= m, m=cfg.min_pair_count
+        )
         small = events | "OtherEvents" >> beam.Filter(lambda kv: kv[0][0] in ("mention", "object", "kw_mention"))
         related = related_fn(tuple(DEFAULT_RELATED) + tuple(cfg.related_pairs))
-        return (both | "GatherBoth" >> beam.combiners.ToList()
-                | "TestObjects" >> beam.FlatMap(
-                    lambda rows, counts, kws, n: keyword_object_rows(
-                        _object_candidates(rows, counts, kws, n, cfg.min_keyword_count), cfg, related),
-                    counts=beam.pvalue.AsDict(small), kws=beam.pvalue.AsDict(kw_counts),
-                    n=beam.pvalue.AsSingleton(n_total))
-                | "ObjectRows" >> beam.Map(lambda r: {k: r[k] for k in (
-                    "keyword", "object", "n_keyword", "n_both", "lift", "p_value", "q_value", "relation")}))
+        return (
+            both
+            | "GatherBoth" >> beam.combiners.ToList()
+            | "TestObjects"
+            >> beam.FlatMap(
+                lambda rows, counts, kws, n: keyword_object_rows(
+                    _object_candidates(rows, counts, kws, n, cfg.min_keyword_count), cfg, related
+                ),
+                counts=beam.pvalue.AsDict(small),
+                kws=beam.pvalue.AsDict(kw_counts),
+                n=beam.pvalue.AsSingleton(n_total),
+            )
+            | "ObjectRows"
+            >> beam.Map(
+                lambda r: {
+                    k: r[k]
+                    for k in ("keyword", "object", "n_keyword", "n_both", "lift", "p_value", "q_value", "relation")
+                }
+            )
+        )
 
     def _caption_codes(self, recs):
         cfg = self.cfg
-        exact = (recs | "ByCaption" >> beam.Map(lambda r: (r["norm"], (r["key"], r["cluster_id"])))
-                 | "GroupCaption" >> beam.GroupByKey()
-                 | "DuplicateCaptions" >> beam.FlatMap(_group_codes, code="duplicate_caption"))
+        exact = (
+            recs
+            | "ByCaption" >> beam.Map(lambda r: (r["norm"], (r["key"], r["cluster_id"])))
+            | "GroupCaption" >> beam.GroupByKey()
+            | "DuplicateCaptions" >> beam.FlatMap(_group_codes, code="duplicate_caption")
+        )
         out = [exact]
         if cfg.near_duplicate_captions:
-            out.append(recs | "Bands" >> beam.FlatMap(lambda r: [(b, (r["key"], r["norm"]))
-                                                                  for b in minhash_bands(r["caption"])])
-                       | "GroupBands" >> beam.GroupByKey()
-                       | "NearPairs" >> beam.FlatMap(_near_dup_keys)
-                       | "DistinctNear" >> beam.Distinct())
-        frequent = (recs | "Words" >> beam.FlatMap(lambda r: sorted(set(r["norm"].split())))
-                    | "CountWords" >> beam.combiners.Count.PerElement()
-                    | "Frequent" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.template_min_df)
-                    | "FrequentWords" >> beam.Keys())
-        out.append(recs | "Skeletons" >> beam.FlatMap(
-            lambda r, fw: [(sk, (r["key"], r["norm"]))] if (sk := skeleton(r["caption"], fw)) else [],
-            fw=_as_set(frequent))
+            out.append(
+                recs
+                | "Bands" >> beam.FlatMap(lambda r: [(b, (r["key"], r["norm"])) for b in minhash_bands(r["caption"])])
+                | "GroupBands" >> beam.GroupByKey()
+                | "NearPairs" >> beam.FlatMap(_near_dup_keys)
+                | "DistinctNear" >> beam.Distinct()
+            )
+        frequent = (
+            recs
+            | "Words" >> beam.FlatMap(lambda r: sorted(set(r["norm"].split())))
+            | "CountWords" >> beam.combiners.Count.PerElement()
+            | "Frequent" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.template_min_df)
+            | "FrequentWords" >> beam.Keys()
+        )
+        out.append(
+            recs
+            | "Skeletons"
+            >> beam.FlatMap(
+                lambda r, fw: [(sk, (r["key"], r["norm"]))] if (sk := skeleton(r["caption"], fw)) else [],
+                fw=_as_set(frequent),
+            )
             | "GroupSkeleton" >> beam.GroupByKey()
-            | "Templates" >> beam.FlatMap(_template_keys, min_count=cfg.template_min_count,
-                                          min_distinct=cfg.template_min_distinct))
+            | "Templates"
+            >> beam.FlatMap(_template_keys, min_count=cfg.template_min_count, min_distinct=cfg.template_min_distinct)
+        )
         return out
 
 
 def _as_set(pcoll):
-    return beam.pvalue.AsSingleton(pcoll | "FrequentSet" >> beam.combiners.ToList()
-                                   | "ToFrozenset" >> beam.Map(frozenset))
+    return beam.pvalue.AsSingleton(
+        pcoll | "FrequentSet" >> beam.combiners.ToList() | "ToFrozenset" >> beam.Map(frozenset)
+    )
 
 
 def _by_keyword(pairs) -> dict[str, set[str]]:
