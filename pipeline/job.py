@@ -50,6 +50,14 @@ def resolve_input(path: str) -> tuple[str, list[str]]:
     return "webdataset", shards
 
 
+def _absolute_model_paths(cfg: JobConfig) -> JobConfig:
+    """Local model and caption files named relative to the job's working folder -> absolute."""
+    probe = cfg.probe
+    update = {f: os.path.abspath(getattr(probe, f)) for f in ("model", "reference_captions")
+              if getattr(probe, f) and os.path.exists(getattr(probe, f))}
+    return cfg.model_copy(update={"probe": probe.model_copy(update=update)}) if update else cfg
+
+
 def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
@@ -92,6 +100,7 @@ def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     fmt, inputs = resolve_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")
+    cfg = _absolute_model_paths(cfg)
     out_dir = _absolute(cfg.output.dir)  # workers of a distributed runner may run elsewhere
     inputs = [_absolute(p) for p in inputs]
     prepare_output(out_dir)
