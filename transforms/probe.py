@@ -101,7 +101,7 @@ def noise(pm: ProbeModel, seed: int):
 
 
 def _eps(pm: ProbeModel, x, t: int, emb):
-    pm.forwards += 1
+    pm.forwards += int(emb.shape[0])  # UNet forwards counted per sample in the batch
     return pm.unet(x.expand(emb.shape[0], -1, -1, -1), t, encoder_hidden_states=emb).sample
 
 
