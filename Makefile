@@ -48,8 +48,10 @@ lint: $(STAMP) ## ruff lint and format check
 format: $(STAMP) ## ruff format in place
 	$(BIN)/ruff format .
 
-bench: $(STAMP) ## benchmarks (read+decode vs a bare loop, and the others in scripts/)
+bench: $(STAMP) ## benchmarks: read+decode vs a bare loop, tokenizing, probe cost (bench_clip.py, bench_laion.py: see README)
 	$(BIN)/python scripts/bench_read.py
+	$(BIN)/python scripts/bench_tokenize.py
+	$(BIN)/python scripts/bench_probe.py --only tiny
 
 clean: ## remove outputs (keeps .venv)
 	rm -rf out
