@@ -56,17 +56,17 @@ def bare_loop(paths: list[str]) -> int:
 
 
 def pipeline_run(paths: list[str], pixel_hash: bool) -> int:
+    """The pipeline's own read+decode stage (ProcessShards: stream, group, decode), cache off."""
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from transforms.decode import DecodeImages
-    from transforms.read_shards import ReadLimits, ReadShards
+    from transforms.process_shards import ProcessShards, ShardSettings
+    from transforms.read_shards import ReadLimits
 
-    opts = PipelineOptions(["--runner=DirectRunner", "--direct_num_workers=1"])
-    p = beam.Pipeline(options=opts)
-    read = p | beam.Create(paths) | ReadShards(ReadLimits())
-    _ = read["samples"] | DecodeImages(64_000_000, phash=False, pixel_hash=pixel_hash)
+    settings = ShardSettings(ReadLimits(), 64_000_000, phash=False, pixel_hash=pixel_hash, cache_dir=None)
+    p = beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner", "--direct_num_workers=1"]))
+    _ = p | beam.Create(paths) | ProcessShards(settings)
     result = p.run()
     result.wait_until_finish()
     counters = result.metrics().query(MetricsFilter().with_name("decoded"))["counters"]

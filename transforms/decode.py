@@ -1,7 +1,8 @@
-"""Decode images once: dimensions, a pixel hash for exact copies, and perceptual hash codes.
+"""Decoding images: format vs. file name, decompression bombs, corrupt data, any mode to RGB,
+and a digest of the decoded pixels (equal for the same picture in other encodings).
 
-Pure ``decode_image`` does the checks (format vs. file name, decompression bombs, corrupt
-data) and returns an RGB PIL image or a ``Failure``. ``DecodeImages`` runs it per sample.
+``decode_image`` returns an RGB PIL image or raises ``DecodeError`` with a specific error
+type; ``transforms.process_shards`` runs it per sample.
 """
 
 from __future__ import annotations
@@ -9,19 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import time
-from collections.abc import Iterator
-
-import apache_beam as beam
-
-from pipeline import progress
-from schemas.elements import Failure, Sample, SampleInfo
 
 log = logging.getLogger(__name__)
-
-INFOS = "infos"
-CODES = "codes"
-FAILURES = "failures"
 
 # which PIL formats each member extension may hold
 EXTENSION_FORMATS = {
@@ -103,71 +93,3 @@ def pixel_digest(img) -> str:
     h = hashlib.sha256(f"{img.width}x{img.height}:".encode())
     h.update(img.tobytes())
     return h.hexdigest()
-
-
-class DecodeImagesFn(beam.DoFn):
-    def __init__(self, max_pixels: int, phash: bool, pixel_hash: bool = True):
-        self.max_pixels = max_pixels
-        self.phash = phash
-        self.pixel_hash = pixel_hash
-        self._hash = None
-
-    def setup(self):
-        self._decoded = beam.metrics.Metrics.counter("decode", "decoded")
-        self._usec = beam.metrics.Metrics.distribution("decode", "usec")
-        if self.phash:
-            from transforms.phash import compute_hashes
-
-            self._hash = compute_hashes
-
-    def process(self, sample: Sample) -> Iterator:
-        start = time.perf_counter()
-        try:
-            img = decode_image(sample.image, sample.image_ext, self.max_pixels)
-        except DecodeError as exc:
-            beam.metrics.Metrics.counter("decode", f"failed_{exc.error_type}").inc()
-            yield beam.pvalue.TaggedOutput(
-                FAILURES,
-                Failure(
-                    sample.key,
-                    sample.shard,
-                    "decode",
-                    exc.error_type,
-                    str(exc)[:500],
-                    sample.url,
-                    sample.caption,
-                    sample.sha256,
-                ),
-            )
-            return
-        yield SampleInfo(
-            sample.key,
-            sample.shard,
-            sample.url,
-            sample.caption,
-            sample.sha256,
-            pixel_digest(img) if self.pixel_hash else "",
-            img.width,
-            img.height,
-            sample.meta_json,
-        )
-        if self._hash is not None:
-            yield beam.pvalue.TaggedOutput(CODES, (sample.key, self._hash(img).tobytes()))
-        self._decoded.inc()
-        progress.advance("samples decoded")
-        self._usec.update(int((time.perf_counter() - start) * 1e6))
-
-
-class DecodeImages(beam.PTransform):
-    """Samples -> {"infos": SampleInfo, "codes": (key, phash bytes), "failures": Failure}."""
-
-    def __init__(self, max_pixels: int, phash: bool, pixel_hash: bool = True):
-        super().__init__()
-        self.max_pixels = max_pixels
-        self.phash = phash
-        self.pixel_hash = pixel_hash
-
-    def expand(self, samples):
-        fn = DecodeImagesFn(self.max_pixels, self.phash, self.pixel_hash)
-        out = samples | "Decode" >> beam.ParDo(fn).with_outputs(CODES, FAILURES, main=INFOS)
-        return {"infos": out[INFOS], "codes": out[CODES], "failures": out[FAILURES]}
