@@ -110,18 +110,39 @@ class ProbeConfig(Section):
 
 
 class DecideConfig(Section):
+    """The policy's switches and thresholds; ``memsieve decide RUN_DIR --set decide.x=...`` re-tunes
+    them over the stored annotations (nothing is recomputed)."""
+
     drop_failed: bool = True
     drop_duplicates: bool = True  # drop non-representative members of duplicate clusters
+    # a member is dropped only when its similarity to its cluster's representative reaches this
+    # (0 = every member). Tightening only: clusters were formed at the embedders' own thresholds.
+    min_duplicate_similarity: float = Field(default=0.0, ge=0, le=1)
     drop_flagged_probe: bool = True
+    # None = the probe's own flag (its calibrated threshold); a number re-flags from the stored score
+    probe_threshold: float | None = None
     diversify_full_duplication: bool = True
+    min_full_duplication_size: int = Field(default=2, ge=2)  # smaller full-duplication clusters are kept as is
     diversify_triggers: bool = True
+    # trigger codes (their kind, before the first ":") that call for caption diversification;
+    # implicit_object:* (an intended association) is recorded on the annotation only
+    trigger_kinds: tuple[str, ...] = (
+        "word_trigger",
+        "object_trigger",
+        "template_caption",
+        "duplicate_caption",
+        "near_duplicate_caption",
+    )
 
 
 class DiversifyConfig(Section):
     enabled: bool = True
     strategies: tuple[Literal["MC", "RT", "CWR", "RC", "RNA"], ...] = ("MC", "RT", "CWR", "RC", "RNA")
     n_alternatives: int = Field(default=5, ge=1)
-    gaussian_noise_sigma: float = Field(default=0.1, ge=0)
+    gaussian_noise_sigma: float = Field(default=0.1, ge=0)  # GN: recorded for the training side
+    train_probability: float = Field(default=0.1, gt=0, le=1)  # per strategy at train time (recorded)
+    vocabulary_size: int = Field(default=5000, ge=1)  # RT/RC tokens: the run's most common caption words
+    max_cluster_captions: int = Field(default=20, ge=1)  # MC: other captions kept per duplicate cluster
 
 
 class OutputConfig(Section):

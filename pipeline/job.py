@@ -147,7 +147,7 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
     if cfg.output.filtered_shards:
         from transforms.filtered_shards import write_filtered_shards
 
-        info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards)
+        info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
     _maybe_report(cfg, out_dir, info)
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)

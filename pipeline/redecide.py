@@ -2,12 +2,18 @@
 
 Nothing is re-embedded, re-clustered or re-probed: the annotations table holds every score and
 cluster; only the policy runs again (in-process, one annotation part at a time), and the
-manifest, diversify, blocklist tables, ``blocklist.txt``, the report and ``run.json`` are
-rewritten. Columns other than decision and reasons come out as before.
+manifest, diversify and blocklist tables, ``blocklist.txt``, the filtered shards (when the run
+wrote them), the report and ``run.json`` are rewritten. Columns other than decision and reasons
+come out as before; with no override the tables come out byte for byte as the run wrote them.
+
+Crash safety: new tables are staged beside the old ones and swapped in by renames; ``run.json``
+is moved to ``run.json.redecide`` for the duration (a run without ``run.json`` is not finished),
+and a re-decide that finds only that file resumes from it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -18,23 +24,26 @@ from collections import Counter
 from pipeline.config import ConfigError, apply_override, parse_config
 from schemas import arrow
 from transforms.annotate import annotation_from_row
-from transforms.decide import DIVERSIFY, blocklist_row, decide, manifest_row
-from transforms.diversify import diversify_row, vocabulary_from_counts
+from transforms.decide import DIVERSIFY, DROP, blocklist_row, decide, manifest_row, reason_family
+from transforms.diversify import caption_words, cluster_captions, diversify_row, vocabulary_from_counts
 from transforms.write import safe_part_name, write_rows
 
 log = logging.getLogger(__name__)
+TABLES = ("manifest", "diversify", "blocklist")
+PENDING = "run.json.redecide"
 
 
-def _load_config(run_dir: str, overrides: list[str]):
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"run_dir: {run_dir} has no run.json (not a finished run)")
-    with open(path, encoding="utf-8") as f:
-        run = json.load(f)
-    raw = run["config"]
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return run, parse_config(raw)
+def _load_run(run_dir: str, overrides: list[str]):
+    for name in ("run.json", PENDING):  # PENDING: an earlier re-decide stopped half-way
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                run = json.load(f)
+            raw = run["config"]
+            for assignment in overrides:
+                apply_override(raw, assignment)
+            return run, parse_config(raw)
+    raise ConfigError(f"run_dir: {run_dir} has no run.json (not a finished run)")
 
 
 def _parts(run_dir: str) -> list[str]:
@@ -44,21 +53,31 @@ def _parts(run_dir: str) -> list[str]:
     return sorted(os.path.join(folder, p) for p in os.listdir(folder) if p.endswith(".parquet"))
 
 
-def _cluster_context(parts: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """First pass: captions per duplicate cluster (bounded) and the run's vocabulary."""
+def _cluster_context(parts: list[str], cfg) -> tuple[dict[str, list[str]], list[str]]:
+    """First pass: captions per duplicate cluster (bounded) and the run's vocabulary, as the
+    pipeline's DiversifyCaptions computes them."""
     import pyarrow.parquet as pq
 
-    captions: dict[str, set[str]] = {}
+    captions: dict[str, list[str]] = {}
     words: Counter = Counter()
     for path in parts:
-        t = pq.read_table(path, columns=["status", "caption", "cluster_id", "cluster_size"]).to_pylist()
-        for r in t:
+        for r in pq.read_table(path, columns=["status", "caption", "cluster_id", "cluster_size"]).to_pylist():
             if r["status"] != "ok" or not r["caption"]:
                 continue
-            words.update({w.lower() for w in r["caption"].split() if w.isalpha()})
+            words.update(caption_words(r["caption"]))
             if (r["cluster_size"] or 1) > 1:
-                captions.setdefault(r["cluster_id"], set()).add(r["caption"])
-    return {c: sorted(v)[:20] for c, v in captions.items()}, vocabulary_from_counts(list(words.items()))
+                captions.setdefault(r["cluster_id"], []).append(r["caption"])
+    limit = cfg.diversify.max_cluster_captions
+    pools = {c: cluster_captions(v, limit) for c, v in captions.items()}
+    return pools, vocabulary_from_counts(list(words.items()), cfg.diversify.vocabulary_size)
+
+
+def _clear_staging(run_dir: str) -> None:
+    for table in TABLES:
+        for stale in glob.glob(os.path.join(run_dir, f"{table}.tmp-*")) + glob.glob(
+            os.path.join(run_dir, f"{table}.old-*")
+        ):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _swap_in(run_dir: str, table: str, staged: str) -> None:
@@ -71,57 +90,94 @@ def _swap_in(run_dir: str, table: str, staged: str) -> None:
         shutil.rmtree(old)
 
 
-def redecide(run_dir: str, overrides: list[str]) -> dict:
+def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
+    """One annotations part -> the same-named manifest, diversify and blocklist parts."""
     import pyarrow.parquet as pq
 
+    pools, vocab = context
+    rows = []
+    for r in pq.read_table(path).to_pylist():
+        a = annotation_from_row(r)
+        decision, reasons = decide(a, cfg.decide)
+        rows.append(manifest_row(a, decision, reasons))
+        counts["decide"][decision] += 1
+        counts["decide_reason"].update(reason_family(x) for x in reasons)
+    if not rows:
+        return
+    name = f"part-{safe_part_name(rows[0]['shard'])}.parquet"
+    write_rows(os.path.join(staged["manifest"], name), rows, arrow.MANIFEST)
+    div = []
+    if cfg.diversify.enabled:
+        for r in rows:
+            if r["decision"] == DIVERSIFY:
+                d = diversify_row(r, pools.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)
+                div.extend([d] if d is not None else [])
+    if div:
+        write_rows(os.path.join(staged["diversify"], name), div, arrow.DIVERSIFY)
+    blocked = [blocklist_row(r) for r in rows if r["decision"] == DROP]
+    if blocked:
+        write_rows(os.path.join(staged["blocklist"], name), blocked, arrow.BLOCKLIST)
+
+
+def _stage_decisions(run_dir: str, cfg) -> tuple[dict, dict]:
+    parts = _parts(run_dir)
+    context = _cluster_context(parts, cfg)
+    staged = {t: os.path.join(run_dir, f"{t}.tmp-{os.getpid()}") for t in TABLES}
+    for folder in staged.values():
+        os.makedirs(folder, exist_ok=True)
+    counts = {"decide": Counter(), "decide_reason": Counter()}
+    for path in parts:
+        _decide_part(path, cfg, context, staged, counts)
+    return staged, counts
+
+
+def redecide(run_dir: str, overrides: list[str]) -> dict:
+    """Re-decide a finished run with ``overrides`` (``stage.key=value``); returns the new run.json."""
     from pipeline import runinfo
     from pipeline.job import RUN_TABLES, _maybe_report, _summary, write_blocklist_txt
 
     started = time.time()
-    run, cfg = _load_config(run_dir, overrides)
-    parts = _parts(run_dir)
-    cluster_caps, vocab = _cluster_context(parts)
-    staged = {t: os.path.join(run_dir, f"{t}.tmp-{os.getpid()}") for t in ("manifest", "diversify", "blocklist")}
-    decisions: Counter = Counter()
-    for path in parts:
-        rows = []
-        for r in pq.read_table(path).to_pylist():
-            a = annotation_from_row(r)
-            decision, reasons = decide(a, cfg.decide)
-            rows.append(manifest_row(a, decision, reasons))
-            decisions[decision] += 1
-        if not rows:
-            continue
-        name = f"part-{safe_part_name(rows[0]['shard'])}.parquet"
-        write_rows(os.path.join(staged["manifest"], name), rows, arrow.MANIFEST)
-        div = [
-            d
-            for r in rows
-            if r["decision"] == DIVERSIFY and cfg.diversify.enabled
-            for d in [diversify_row(r, cluster_caps.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)]
-            if d is not None
-        ]
-        if div:
-            write_rows(os.path.join(staged["diversify"], name), div, arrow.DIVERSIFY)
-        blocked = [blocklist_row(r) for r in rows if r["decision"] == "drop"]
-        if blocked:
-            write_rows(os.path.join(staged["blocklist"], name), blocked, arrow.BLOCKLIST)
+    run, cfg = _load_run(run_dir, overrides)
+    _clear_staging(run_dir)
+    staged, counts = _stage_decisions(run_dir, cfg)
+    if os.path.isfile(os.path.join(run_dir, "run.json")):
+        os.replace(os.path.join(run_dir, "run.json"), os.path.join(run_dir, PENDING))
     for table, folder in staged.items():
-        os.makedirs(folder, exist_ok=True)
         _swap_in(run_dir, table, folder)
-    os.remove(os.path.join(run_dir, "run.json"))  # the run is "in progress" until run.json is back
     n_blocked = write_blocklist_txt(run_dir)
-    counts = runinfo.table_counts(run_dir, RUN_TABLES)
-    run["config"] = cfg.model_dump(mode="json")
-    run["outputs"] = dict(counts, blocklist_urls=n_blocked)
-    run["summary"] = _summary(run_dir, counts)
-    run.setdefault("counters", {})["decide"] = dict(sorted(decisions.items()))
-    run.setdefault("redecided", []).append({"overrides": list(overrides), "seconds": round(time.time() - started, 3)})
     decided = time.time()
+    table_counts = runinfo.table_counts(run_dir, RUN_TABLES)
+    run["config"] = cfg.model_dump(mode="json")
+    run["outputs"] = dict(run.get("outputs", {}), **table_counts, blocklist_urls=n_blocked)
+    run["summary"] = _summary(run_dir, table_counts)
+    for namespace, counter in counts.items():
+        run.setdefault("counters", {})[namespace] = dict(sorted(counter.items()))
+    timings = run.setdefault("timings_s", {})
+    timings["redecide"] = round(decided - started, 3)
+    _rewrite_filtered(run_dir, run, cfg)
+    timings["redecide_filtered"] = round(time.time() - decided, 3)
+    run.setdefault("redecided", []).append({"overrides": list(overrides), "seconds": round(time.time() - started, 3)})
+    report_started = time.time()
     _maybe_report(cfg, run_dir, run, reuse_figures=True)
-    run["timings_s"]["redecide"] = round(time.time() - started, 3)
-    run["timings_s"]["redecide_report"] = round(time.time() - decided, 3)
+    timings["redecide_report"] = round(time.time() - report_started, 3)
+    timings["redecide_total"] = round(time.time() - started, 3)
     run["checksums"] = runinfo.checksums(run_dir, RUN_TABLES)
     runinfo.write_run_json(os.path.join(run_dir, "run.json"), run)
-    log.info("re-decided %s in %.2f s: %s", run_dir, run["timings_s"]["redecide"], dict(decisions))
+    if os.path.isfile(os.path.join(run_dir, PENDING)):
+        os.remove(os.path.join(run_dir, PENDING))
+    log.info("re-decided %s in %.2f s: %s", run_dir, timings["redecide_total"], dict(counts["decide"]))
     return run
+
+
+def _rewrite_filtered(run_dir: str, run: dict, cfg) -> None:
+    """The filtered shards follow the new decisions (input shards are copied, not decoded)."""
+    shards = run.get("input", {}).get("shards", [])
+    if not cfg.output.filtered_shards or run.get("input", {}).get("format") != "webdataset":
+        stale = os.path.join(run_dir, "filtered")
+        if os.path.isdir(stale):  # shards filtered by the old decisions would mislead
+            shutil.rmtree(stale)
+            run["outputs"].pop("filtered_samples", None)
+        return
+    from transforms.filtered_shards import write_filtered_shards
+
+    run["outputs"]["filtered_samples"] = write_filtered_shards(run_dir, shards, cfg.diversify)

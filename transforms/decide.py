@@ -2,6 +2,20 @@
 
 Every other stage only annotates. ``decide`` is pure so ``memsieve decide RUN_DIR`` can re-run
 it over the stored annotations with other settings, without recomputing anything.
+
+Reason codes (``reasons`` in the manifest; drop reasons come first, and a dropped sample
+carries only its drop reasons):
+
+- ``failed:<stage>:<error_type>``  the sample could not be processed (drop; keep if
+  ``decide.drop_failed`` is false, so it stays off the blocklist)
+- ``duplicate:<embedder>``  a non-representative member of a duplicate cluster (drop);
+  embedder is exact, phash or clip
+- ``memorized:probe``  the probe flags its caption (drop; diversify if
+  ``decide.drop_flagged_probe`` is false)
+- ``full_duplication``  its cluster's captions are (mostly) one caption: the setting that
+  memorizes most (diversify)
+- ``trigger:<code>``  a trigger code from the trigger stage, e.g. ``trigger:word_trigger:galaxy``
+  (diversify)
 """
 
 from __future__ import annotations
@@ -11,32 +25,59 @@ from collections.abc import Iterator
 import apache_beam as beam
 
 from schemas.elements import Annotation
+from transforms.diversify import DiversifyCaptions  # noqa: F401  (re-exported: pipeline.graph imports it here)
 
 KEEP, DROP, DIVERSIFY = "keep", "drop", "diversify"
-# trigger codes that call for caption diversification (implicit_object:... is only recorded)
-ACTED_ON_CODES = ("word_trigger", "object_trigger", "template_caption", "duplicate_caption", "near_duplicate_caption")
+DECISIONS = (KEEP, DIVERSIFY, DROP)
+
+
+def probe_flagged(a: Annotation, cfg) -> bool:
+    """The probe's own flag, or the stored score against ``decide.probe_threshold``."""
+    if cfg.probe_threshold is None:
+        return bool(a.probe_flagged)
+    return a.probe_score is not None and a.probe_score >= cfg.probe_threshold
+
+
+def _drop_reasons(a: Annotation, cfg, flagged: bool) -> list[str]:
+    drops = []
+    duplicate = a.cluster_size > 1 and not a.is_representative
+    if duplicate and cfg.drop_duplicates and a.cluster_similarity >= cfg.min_duplicate_similarity:
+        drops.append(f"duplicate:{a.cluster_embedder or 'exact'}")
+    if flagged and cfg.drop_flagged_probe:
+        drops.append("memorized:probe")
+    return drops
+
+
+def _diversify_reasons(a: Annotation, cfg, flagged: bool) -> list[str]:
+    notes = []
+    full = a.duplication == "full" and a.cluster_size >= max(2, cfg.min_full_duplication_size)
+    if full and cfg.diversify_full_duplication:
+        notes.append("full_duplication")
+    if cfg.diversify_triggers:
+        notes.extend(f"trigger:{c}" for c in a.trigger_codes if c.split(":")[0] in cfg.trigger_kinds)
+    if flagged:
+        notes.append("memorized:probe")
+    return notes
 
 
 def decide(a: Annotation, cfg) -> tuple[str, list[str]]:
-    """-> (decision, reason codes). ``cfg`` is a ``DecideConfig``. Drop reasons come first."""
+    """-> (decision, reason codes). ``cfg`` is a ``DecideConfig``."""
     if a.status != "ok":
         reason = f"failed:{a.failure_stage}:{a.failure_type}"
         return (DROP if cfg.drop_failed else KEEP), [reason]
-    drops: list[str] = []
-    if a.cluster_size > 1 and not a.is_representative and cfg.drop_duplicates:
-        drops.append(f"duplicate:{a.cluster_embedder or 'exact'}")
-    if a.probe_flagged and cfg.drop_flagged_probe:
-        drops.append("memorized:probe")
+    flagged = probe_flagged(a, cfg)
+    drops = _drop_reasons(a, cfg, flagged)
     if drops:
         return DROP, drops
-    notes: list[str] = []
-    if a.cluster_size > 1 and a.duplication == "full" and cfg.diversify_full_duplication:
-        notes.append("full_duplication")
-    if cfg.diversify_triggers:
-        notes.extend(f"trigger:{c}" for c in a.trigger_codes if c.split(":")[0] in ACTED_ON_CODES)
-    if a.probe_flagged:
-        notes.append("memorized:probe")
+    notes = _diversify_reasons(a, cfg, flagged)
     return (DIVERSIFY if notes else KEEP), notes
+
+
+def reason_family(code: str) -> str:
+    """A reason code without its detail, for counts: ``trigger:word_trigger:galaxy`` ->
+    ``trigger:word_trigger``, ``failed:decode:corrupt_image`` -> ``failed:decode``."""
+    parts = code.split(":")
+    return ":".join(parts[:2])
 
 
 def manifest_row(a: Annotation, decision: str, reasons: list[str]) -> dict:
@@ -72,65 +113,8 @@ class DecideFn(beam.DoFn):
         decision, reasons = decide(a, self.cfg)
         beam.metrics.Metrics.counter("decide", decision).inc()
         for r in reasons:
-            beam.metrics.Metrics.counter("decide_reason", r.split(":")[0]).inc()
+            beam.metrics.Metrics.counter("decide_reason", reason_family(r)).inc()
         yield manifest_row(a, decision, reasons)
-
-
-def _cluster_captions(item, limit: int = 20) -> tuple[str, list[str]]:
-    cluster_id, captions = item
-    return cluster_id, sorted({c for c in captions if c})[:limit]
-
-
-def _diversify_joined(item, vocab: list[str], cfg, seed: int) -> Iterator[dict]:
-    from transforms.diversify import diversify_row
-
-    _, grouped = item
-    others = next(iter(grouped["captions"]), [])
-    for row in grouped["rows"]:
-        out = diversify_row(row, others, vocab, cfg, seed)
-        if out is not None:
-            yield out
-
-
-class DiversifyCaptions(beam.PTransform):
-    """{"rows": manifest rows, "annotations": Annotation} -> diversify/ rows.
-
-    MC needs the other captions of a sample's duplicate cluster: they are grouped per cluster
-    (bounded) and joined by cluster id; RT and RC draw from the run's frequent caption words.
-    """
-
-    def __init__(self, cfg, seed: int):
-        super().__init__()
-        self.cfg = cfg
-        self.seed = seed
-
-    def expand(self, inputs):
-        from transforms.diversify import vocabulary_from_counts
-
-        annotations, rows = inputs["annotations"], inputs["rows"]
-        ok = annotations | "OkCaptions" >> beam.Filter(lambda a: a.status == "ok" and bool(a.caption))
-        vocab = (
-            ok
-            | "VocabWords" >> beam.FlatMap(lambda a: sorted({w.lower() for w in a.caption.split() if w.isalpha()}))
-            | "CountVocab" >> beam.combiners.Count.PerElement()
-            | "VocabList" >> beam.combiners.ToList()
-            | "TopVocab" >> beam.Map(vocabulary_from_counts)
-        )
-        captions = (
-            ok
-            | "InCluster" >> beam.Filter(lambda a: a.cluster_size > 1)
-            | "CaptionByCluster" >> beam.Map(lambda a: (a.cluster_id, a.caption))
-            | "GroupCaptions" >> beam.GroupByKey()
-            | "BoundCaptions" >> beam.Map(_cluster_captions)
-        )
-        chosen = rows | "ToDiversify" >> beam.Filter(lambda r: r["decision"] == DIVERSIFY)
-        keyed = chosen | "ByCluster" >> beam.Map(lambda r: (r["cluster_id"], r))
-        return (
-            {"rows": keyed, "captions": captions}
-            | "JoinCaptions" >> beam.CoGroupByKey()
-            | "Diversify"
-            >> beam.FlatMap(_diversify_joined, vocab=beam.pvalue.AsSingleton(vocab), cfg=self.cfg, seed=self.seed)
-        )
 
 
 class Decide(beam.PTransform):

@@ -10,86 +10,94 @@ For each diversified sample we write alternatives, one per strategy:
 - RNA random number addition: a random integer inserted at a random position;
 - GN  Gaussian noise on the text embedding: a training-time setting, recorded (sigma) only.
 
-Deterministic: the generator is seeded from (run seed, key). An alternative is never empty and
-never equal to the original caption.
+The vocabulary is the run's own: its most common caption words (nothing is downloaded).
+Deterministic: each strategy's generator is seeded from (run seed, key, strategy). An
+alternative is never empty and never equal to the original; a strategy that cannot make one
+(MC without other captions, CWR on an empty caption) gives none rather than a mislabelled one.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+
+import apache_beam as beam
 
 STRATEGIES = ("MC", "RT", "CWR", "RC", "RNA")
+RT_TOKENS, CWR_WORDS, RC_TOKENS = 2, 2, 4  # Somepalli et al.'s settings
+MAX_NUMBER = 10_000
+FALLBACK_VOCAB = ("photo", "image", "picture", "view", "scene", "detail")
+_TRIES = 5  # a random draw may reproduce the caption (RC of a 4-word caption): draw again
 
 
 def _rng(seed: int, key: str, strategy: str) -> random.Random:
     return random.Random(f"{seed}:{key}:{strategy}")
 
 
-def random_token_addition(caption: str, vocab: list[str], rng: random.Random, n: int = 2) -> str:
+def random_token_addition(caption: str, vocab, rng: random.Random, n: int = RT_TOKENS) -> str:
     words = caption.split()
     for _ in range(n):
         words.insert(rng.randint(0, len(words)), rng.choice(vocab))
     return " ".join(words)
 
 
-def caption_word_repetition(caption: str, rng: random.Random, n: int = 2) -> str:
+def caption_word_repetition(caption: str, rng: random.Random, n: int = CWR_WORDS) -> str:
     words = caption.split()
     if not words:
-        return caption
-    picks = [rng.choice(words) for _ in range(n)]
-    for w in picks:
+        return ""
+    for w in [rng.choice(words) for _ in range(n)]:
         words.insert(rng.randint(0, len(words)), w)
     return " ".join(words)
 
 
-def random_caption(vocab: list[str], rng: random.Random, n: int = 4) -> str:
+def random_caption(vocab, rng: random.Random, n: int = RC_TOKENS) -> str:
     return " ".join(rng.choice(vocab) for _ in range(n))
 
 
 def random_number_addition(caption: str, rng: random.Random) -> str:
     words = caption.split()
-    words.insert(rng.randint(0, len(words)), str(rng.randint(0, 10_000)))
+    words.insert(rng.randint(0, len(words)), str(rng.randint(0, MAX_NUMBER)))
     return " ".join(words)
 
 
-def multiple_caption(caption: str, others: list[str], rng: random.Random) -> str | None:
-    pool = sorted({o.strip() for o in others if o.strip() and o.strip() != caption.strip()})
-    return rng.choice(pool) if pool else None
+def multiple_caption(caption: str, others: list[str], rng: random.Random) -> str:
+    pool = sorted({o.strip() for o in others if o and o.strip() and o.strip() != caption.strip()})
+    return rng.choice(pool) if pool else ""
 
 
-def alternatives(key: str, caption: str, others: list[str], vocab: list[str], strategies, seed: int):
+def _draw(strategy: str, caption: str, others: list[str], vocab, rng: random.Random) -> str:
+    if strategy == "MC":
+        return multiple_caption(caption, others, rng)
+    if strategy == "RT":
+        return random_token_addition(caption, vocab, rng)
+    if strategy == "CWR":
+        return caption_word_repetition(caption, rng)
+    if strategy == "RC":
+        return random_caption(vocab, rng)
+    if strategy == "RNA":
+        return random_number_addition(caption, rng)
+    raise ValueError(f"diversify.strategies: unknown strategy {strategy!r}")
+
+
+def alternatives(key: str, caption: str, others: list[str], vocab, strategies, seed: int) -> list[tuple[str, str]]:
     """-> [(strategy, alternative)], at most one per strategy, each non-empty and != caption."""
-    vocab = vocab or ["photo", "image", "picture", "view", "scene", "detail"]
+    vocab = list(vocab) or list(FALLBACK_VOCAB)
     out = []
     for s in strategies:
         rng = _rng(seed, key, s)
-        if s == "MC":
-            alt = multiple_caption(caption, others, rng)
-        elif s == "RT":
-            alt = random_token_addition(caption, vocab, rng)
-        elif s == "CWR":
-            alt = caption_word_repetition(caption, rng)
-        elif s == "RC":
-            alt = random_caption(vocab, rng)
-        elif s == "RNA":
-            alt = random_number_addition(caption, rng)
-        else:
-            raise ValueError(f"diversify.strategies: unknown strategy {s!r}")
-        for _ in range(3):  # a random edit may reproduce the caption (e.g. an empty caption): retry
-            if alt is None or (alt.strip() and alt.strip() != caption.strip()):
+        for _ in range(_TRIES):
+            alt = _draw(s, caption, others, vocab, rng).strip()
+            if alt and alt != caption.strip():
+                out.append((s, alt))
                 break
-            alt = random_token_addition(caption, vocab, rng, 1)
-        if alt is not None and alt.strip() and alt.strip() != caption.strip():
-            out.append((s, alt.strip()))
     return out
 
 
-def diversify_row(row: dict, others: list[str], vocab: list[str], cfg, seed: int) -> dict | None:
+def diversify_row(row: dict, others: list[str], vocab, cfg, seed: int) -> dict | None:
     """A manifest row with decision diversify -> a diversify/ row (None when nothing applies)."""
-    alts = alternatives(row["key"], row["caption"] or "", others, vocab, cfg.strategies, seed)
+    alts = alternatives(row["key"], row["caption"] or "", others, vocab, cfg.strategies, seed)[: cfg.n_alternatives]
     if not alts:
         return None
-    alts = alts[: cfg.n_alternatives] if len(alts) > cfg.n_alternatives else alts
     return {
         "key": row["key"],
         "shard": row["shard"],
@@ -101,7 +109,70 @@ def diversify_row(row: dict, others: list[str], vocab: list[str], cfg, seed: int
     }
 
 
-def vocabulary_from_counts(counts: list[tuple[str, int]], size: int = 2000) -> list[str]:
-    """The run's most frequent caption words (ties by word): RT/RC tokens, deterministic."""
+def caption_words(caption: str) -> list[str]:
+    """The distinct vocabulary words of one caption (alphabetic, 3+ letters, lower case)."""
+    return sorted({w.lower() for w in (caption or "").split() if w.isalpha() and len(w) >= 3})
+
+
+def vocabulary_from_counts(counts: list[tuple[str, int]], size: int = 5000) -> list[str]:
+    """The run's most common caption words (ties by word): RT/RC tokens, deterministic.
+    A word seen in one caption only is left out when there are others (it may be a name)."""
     ranked = sorted(counts, key=lambda kv: (-kv[1], kv[0]))
-    return [w for w, _ in ranked[:size]]
+    common = [w for w, n in ranked if n >= 2]
+    return (common or [w for w, _ in ranked])[:size]
+
+
+def cluster_captions(captions, limit: int) -> list[str]:
+    """A duplicate cluster's captions, bounded and deterministic (MC's pool)."""
+    return sorted({c for c in captions if c})[:limit]
+
+
+def _joined(item, vocab: list[str], cfg, seed: int) -> Iterator[dict]:
+    _, grouped = item
+    others = next(iter(grouped["captions"]), [])
+    for row in grouped["rows"]:
+        out = diversify_row(row, others, vocab, cfg, seed)
+        if out is not None:
+            yield out
+
+
+class DiversifyCaptions(beam.PTransform):
+    """{"rows": manifest rows, "annotations": Annotation} -> diversify/ rows.
+
+    MC needs the other captions of a sample's duplicate cluster: they are grouped per cluster
+    (bounded) and joined by cluster id; RT and RC draw from the run's common caption words.
+    """
+
+    def __init__(self, cfg, seed: int):
+        super().__init__()
+        self.cfg = cfg
+        self.seed = seed
+
+    def expand(self, inputs):
+        annotations, rows = inputs["annotations"], inputs["rows"]
+        size, limit = self.cfg.vocabulary_size, self.cfg.max_cluster_captions
+        ok = annotations | "OkCaptions" >> beam.Filter(lambda a: a.status == "ok" and bool(a.caption))
+        vocab = (
+            ok
+            | "VocabWords" >> beam.FlatMap(lambda a: caption_words(a.caption))
+            | "CountVocab" >> beam.combiners.Count.PerElement()
+            | "TopCounts" >> beam.combiners.Top.Of(size, key=lambda kv: (-kv[1], kv[0]), reverse=True)
+            | "TopVocab" >> beam.Map(vocabulary_from_counts, size=size)
+        )
+        captions = (
+            ok
+            | "InCluster" >> beam.Filter(lambda a: a.cluster_size > 1)
+            | "CaptionByCluster" >> beam.Map(lambda a: (a.cluster_id, a.caption))
+            | "GroupCaptions" >> beam.GroupByKey()
+            | "BoundCaptions" >> beam.MapTuple(lambda cid, caps: (cid, cluster_captions(caps, limit)))
+        )
+        keyed = (
+            rows
+            | "ToDiversify" >> beam.Filter(lambda r: r["decision"] == "diversify")
+            | "ByCluster" >> beam.Map(lambda r: (r["cluster_id"], r))
+        )
+        return (
+            {"rows": keyed, "captions": captions}
+            | "JoinCaptions" >> beam.CoGroupByKey()
+            | "Diversify" >> beam.FlatMap(_joined, vocab=beam.pvalue.AsSingleton(vocab), cfg=self.cfg, seed=self.seed)
+        )

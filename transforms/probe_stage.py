@@ -54,6 +54,13 @@ class ProbeFn(beam.DoFn):
             }
 
 
+def _chunks(item, size: int) -> Iterator[list[SampleInfo]]:
+    _, infos = item
+    ordered = sorted(infos, key=lambda i: i.key)
+    for start in range(0, len(ordered), size):
+        yield ordered[start : start + size]
+
+
 class ProbeCaptions(beam.PTransform):
     """SampleInfo -> {"scores": dict rows, "failures": Failure}; the budget picks which captions."""
 
@@ -69,8 +76,13 @@ class ProbeCaptions(beam.PTransform):
             infos = infos | "Budget" >> beam.Filter(
                 lambda i, f, s: random.Random(f"{s}:{i.key}").random() < f, f=self.cfg.sample_fraction, s=self.seed
             )
-        batches = infos | "Batch" >> beam.BatchElements(
-            min_batch_size=self.cfg.batch_size, max_batch_size=self.cfg.batch_size
+        # batches are cut per shard, in key order: the same captions share a batch on every runner
+        # (BatchElements flushes its last batch in finish_bundle, which Beam 2.77's DaskRunner drops)
+        batches = (
+            infos
+            | "ByShard" >> beam.Map(lambda i: (i.shard, i))
+            | "GroupShard" >> beam.GroupByKey()
+            | "Batch" >> beam.FlatMap(_chunks, size=self.cfg.batch_size)
         )
         out = multi_output(batches, "Probe", ProbeFn(self.cfg), ["failures"], "scores")
         return {"scores": out["scores"], "failures": out["failures"]}

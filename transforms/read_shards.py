@@ -42,8 +42,21 @@ class ReadLimits:
 UNSUPPORTED_IMAGE_EXTENSIONS = ("svg", "heic", "heif", "avif", "jxl", "ico", "psd", "raw", "cr2", "nef")
 
 
+def printable(text: str) -> str:
+    """A str that encodes as UTF-8: bytes that were not UTF-8 (a tar member or file name) come
+    back as ``\\xNN`` escapes, so they can be written to Parquet and still name their origin."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def shard_name(path: str) -> str:
-    base = posixpath.basename(path.replace("\\", "/"))
+    base = posixpath.basename(printable(path).replace("\\", "/"))
     return base[:-4] if base.endswith(".tar") else base
 
 
@@ -80,8 +93,10 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLi
             meta = loaded if isinstance(loaded, dict) else {}
             if not isinstance(loaded, dict):
                 raise ValueError("the json member is not an object")
-        except (UnicodeDecodeError, ValueError) as exc:
-            return Failure(key, shard, "read", "invalid_json", f"json member: {exc}")
+            # "\\ud800" escapes decode to lone surrogates, which no UTF-8 writer accepts
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        except (UnicodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting bombs
+            return Failure(key, shard, "read", "invalid_json", f"json member: {type(exc).__name__}: {exc}"[:500])
     url = str(meta.get("url") or "")
     image_ext = next((e for e in limits.image_extensions if e in members), None)
     if image_ext is None:
@@ -129,10 +144,12 @@ def _iter_members(fileobj, limits: ReadLimits) -> Iterator[tuple[str, bytes | No
     """Yield (name, data, error) per regular member; data None with an error for bad members."""
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for info in tar:
-            if info.issym() or info.islnk():
-                yield info.name, None, "link_member"
+            if info.issym() or info.islnk():  # never followed: a link could point outside the shard
+                kind = "symlink" if info.issym() else "hard link"
+                yield info.name, None, f"link_member: a {kind} to {printable(info.linkname)[:200]}"
                 continue
-            if not info.isfile():
+            if not info.isfile():  # directories, devices, fifos: not part of any sample
+                yield info.name, None, "not_a_file"
                 continue
             if info.size > limits.max_member_bytes:
                 yield info.name, None, f"member_too_large:{info.size}"
@@ -204,9 +221,13 @@ def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dic
     if raw is not None:
         with raw:
             for name, data, err in _guarded_members(raw, state, events):
-                if err == "link_member":  # never followed: a link could point outside the shard
-                    events.append(f"skipped_link_member:{name[:200]}")
+                if err == "not_a_file":
+                    events.append(f"skipped_non_file_member:{printable(name)[:200]}")
                     continue
+                unsafe = is_unsafe_name(name)
+                if printable(name) != name:  # not UTF-8: the key is kept, escaped, as a failure
+                    err = err or f"bad_member_name_encoding: {printable(name)[:200]} is not UTF-8"
+                    name = printable(name)
                 split = split_member_name(name)
                 if split is None:
                     events.append(f"unrecognized_member:{name[:200]}")
@@ -214,13 +235,15 @@ def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dic
                 if split[0] != key:
                     yield from state.flush(key, members, bad)
                     key, members, bad = split[0], {}, []
-                if is_unsafe_name(name):
+                if unsafe:
                     bad.append(f"unsafe_member_name: {name[:200]}")
                 elif err:
                     bad.append(err)
                 else:
                     members[split[1]] = data
     yield from state.flush(key, members, bad)
+    if raw is not None and not state.n_members and not state.truncated:
+        events.append("empty_shard: the tar has no members")
     yield from _sidecar_failures(state, sidecar)
     log.info(
         "read shard %s: %d keys from %d members%s",
@@ -231,7 +254,7 @@ def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dic
     )
     yield {
         "shard": state.shard,
-        "path": path,
+        "path": printable(path),
         "members": state.n_members,
         "keys": len(state.seen),
         "sidecar_rows": len(sidecar),

@@ -1,0 +1,86 @@
+"""The report: its tables on literals, and the demo run's page rendered in headless Chromium."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.report import _failure_table, _reason_table, write_report
+from scripts.render_report import chromium_binary, dom_counts, dump_dom, screenshot
+
+
+def test_reason_table_counts_families_by_decision():
+    manifest = [
+        {"decision": "drop", "reasons": ["duplicate:phash"]},
+        {"decision": "drop", "reasons": ["duplicate:phash", "memorized:probe"]},
+        {"decision": "diversify", "reasons": ["trigger:word_trigger:a", "trigger:word_trigger:b", "full_duplication"]},
+        {"decision": "diversify", "reasons": ["memorized:probe"]},
+        {"decision": "keep", "reasons": []},
+    ]
+    rows = {r["reason"]: r for r in _reason_table(manifest)}
+    assert rows["duplicate:phash"] == {"reason": "duplicate:phash", "total": 2, "keep": 0, "diversify": 0, "drop": 2}
+    assert rows["memorized:probe"]["drop"] == 1 and rows["memorized:probe"]["diversify"] == 1
+    assert rows["trigger:word_trigger"]["total"] == 1  # a sample counts once per family
+    assert rows["(no reason: kept as is)"]["keep"] == 1
+
+
+def test_failure_table_groups_by_stage_and_type():
+    failures = [
+        {"stage": "decode", "error_type": "corrupt_image", "message": "bad"},
+        {"stage": "decode", "error_type": "corrupt_image", "message": "worse"},
+        {"stage": "read", "error_type": "missing_caption", "message": None},
+    ]
+    assert [(f["stage"], f["error_type"], f["n"], f["example"]) for f in _failure_table(failures)] == [
+        ("decode", "corrupt_image", 2, "bad"),
+        ("read", "missing_caption", 1, ""),
+    ]
+
+
+def test_report_of_an_empty_run(tmp_path):
+    """No clusters, scores or failures: the page still renders, with its empty-state lines."""
+    info = {"job": "empty", "summary": {"keys": 0, "ok": 0, "failed": 0, "decisions": {}}, "config": {}}
+    html = open(write_report(str(tmp_path), info)).read()
+    assert "No duplicate clusters." in html and "No failures." in html and "No sample diversified." in html
+
+
+def test_report_renders_in_chromium(demo_run, tmp_path):
+    if chromium_binary() is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
+    index = demo_run / "report" / "index.html"
+    run = json.loads((demo_run / "run.json").read_text())
+    dom = dump_dom(index)
+    counts = dom_counts(dom)
+    n_clusters = len(
+        {r["cluster_id"] for r in _manifest_rows(demo_run) if r["cluster_size"] > 1 and r["status"] == "ok"}
+    )
+    assert counts["galleries"] == min(8, n_clusters) >= 5
+    assert counts["thumbnails"] >= 3 * counts["galleries"]
+    assert counts["figures"] == 3  # phash similarities, similarity to representative, probe scores
+    assert dom.count('class="thumb representative"') == counts["galleries"]  # the kept member marked
+    for section in ('id="reasons"', "Keyword &rarr; cluster", "Keyword &rarr; object", "Failures by type"):
+        assert section in dom or section.replace("&rarr;", "\u2192") in dom, section
+    for decision, n in run["summary"]["decisions"].items():
+        assert f'<div class="card {decision}"><b>{n}</b>' in dom
+
+    from PIL import Image
+
+    report = index.parent
+    for name in ("similarity_phash.png", "similarity_to_representative.png", "probe_scores.png"):
+        fig = np.asarray(Image.open(report / name).convert("L"), dtype=np.float32)
+        assert fig.shape[1] >= 400 and fig.std() > 10, name  # drawn, not blank
+    thumbs = sorted((report / "thumbs").glob("*.jpg"))
+    assert len(thumbs) >= counts["thumbnails"] and all(
+        np.asarray(Image.open(t).convert("L"), dtype=np.float32).std() > 3 for t in thumbs
+    )
+    shot = screenshot(index, tmp_path / "report.png", 1280, 3000)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape == (3000, 1280, 3)
+    assert pixels.std() > 20  # text, thumbnails and figures, not a blank page
+    bottom = pixels[1500:]
+    assert bottom.std() > 20 and (np.abs(bottom[..., 0] - bottom[..., 2]) > 40).mean() > 0.01  # colour photos
+
+
+def _manifest_rows(run_dir):
+    from transforms.write import read_table
+
+    return read_table(str(run_dir / "manifest")).to_pylist()
