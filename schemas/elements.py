@@ -50,6 +50,10 @@ class SampleInfo:
     width: int
     height: int
     meta_json: str = "{}"
+    original_width: int = 0  # the sidecar's / metadata's size before img2dataset resized (0: unknown)
+    original_height: int = 0
+    image_bytes: int = 0  # encoded size of the image member (0: no pixels, e.g. LAION embeddings)
+    notes: str = ""  # non-fatal findings, e.g. "format_mismatch:webp_as_jpg"
 
 
 @dataclass(frozen=True)
