@@ -132,9 +132,10 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLi
 def read_sidecar(parquet_path: str) -> list[dict]:
     """Rows of an img2dataset ``.parquet`` sidecar (key, status, url, caption, error_message)."""
     import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(parquet_path) as f:
+    from transforms import fsio
+
+    with fsio.open_input(parquet_path) as f:
         table = pq.read_table(f)
     wanted = [c for c in ("key", "status", "url", "caption", "error_message") if c in table.column_names]
     return table.select(wanted).to_pylist()
@@ -206,14 +207,14 @@ def _guarded_members(raw, state: _ShardState, events: list[str]) -> Iterator[tup
 
 def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dict]:
     """Every Sample and Failure of one shard, then its summary dict (always last)."""
-    from apache_beam.io.filesystems import FileSystems
+    from transforms import fsio
 
     state = _ShardState(shard_name(path), limits, set())
     events: list[str] = []
     sidecar = _read_sidecar_rows(path, events)
     key, members, bad = None, {}, []
     try:
-        raw = FileSystems.open(path, compression_type="uncompressed")
+        raw = fsio.open_input(path)
     except Exception as exc:  # unreadable file: the sidecar rows still reach the manifest
         state.truncated = f"shard cannot be opened: {type(exc).__name__}: {exc}"
         events.append(f"unreadable_shard:{state.truncated}")
@@ -264,11 +265,11 @@ def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dic
 
 
 def _read_sidecar_rows(path: str, events: list[str]) -> list[dict]:
-    from apache_beam.io.filesystems import FileSystems
+    from transforms import fsio
 
     side = path[:-4] + ".parquet" if path.endswith(".tar") else path + ".parquet"
     try:
-        if not FileSystems.exists(side):
+        if not fsio.exists(side):
             return []
         return read_sidecar(side)
     except Exception as exc:  # a corrupt sidecar must not lose the tar's samples
