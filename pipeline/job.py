@@ -142,7 +142,7 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
     written there last, or, past the failure cap, diagnostics instead (RunFailed)."""
     import apache_beam as beam
 
-    from pipeline import runinfo
+    from pipeline import outdir, runinfo
     from pipeline.graph import build_graph
     from transforms import fsio
 
@@ -160,6 +160,7 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         result = pipeline.run()
         result.wait_until_finish()
     pipeline_s = time.time() - started
+    outdir.fault_point("tables")
     post = time.time()
     n_blocked = write_blocklist_txt(out_dir)
     counts = runinfo.table_counts(out_dir, RUN_TABLES)
@@ -179,15 +180,14 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
 
         info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
     _maybe_report(cfg, out_dir, info)
+    outdir.fault_point("report")
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)
     info["checksums"] = runinfo.checksums(out_dir, RUN_TABLES)
     try:
         _check_failure_ratio(cfg, info["summary"])
     except RunFailed as exc:
-        from pipeline.outdir import write_diagnostics
-
-        path = write_diagnostics(out_dir, info, str(exc))
+        path = outdir.write_diagnostics(out_dir, info, str(exc))
         raise RunFailed(f"{exc} (the previous run in the output folder is kept; diagnostics: {path})") from None
     runinfo.write_run_json(fsio.join(out_dir, "run.json"), info)
     log.info("job %s done in %.1f s: %s", cfg.name, info["timings_s"]["total"], info["summary"])

@@ -176,6 +176,15 @@ class OutputLock:
 # ----------------------------------------------------------------------------- staging and commit
 
 
+def fault_point(name: str) -> None:
+    """Tests only (tests/test_commit.py): ``MEMSIEVE_FAULT_AT=name`` SIGKILLs the run here."""
+    if os.environ.get("MEMSIEVE_FAULT_AT") == name:
+        import signal
+
+        log.warning("MEMSIEVE_FAULT_AT=%s: killing this run", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
 
@@ -208,12 +217,15 @@ def commit(out_dir: str, stage: str) -> None:
             if fsio.exists(fsio.join(out_dir, name)):
                 fsio.rename(fsio.join(out_dir, name), fsio.join(previous, name))
         fsio.write_text(fsio.join(stage, OLD_MOVED), "")
+    fault_point("commit")
     for name in PRODUCTS:
         if fsio.exists(fsio.join(stage, name)):
             fsio.rename(fsio.join(stage, name), fsio.join(out_dir, name))
     if fsio.exists(fsio.join(stage, "run.json")):
         fsio.rename(fsio.join(stage, "run.json"), fsio.join(out_dir, "run.json"))
     fsio.remove(stage)
+    if not fsio.listdir(fsio.join(out_dir, STAGING)):
+        fsio.remove(fsio.join(out_dir, STAGING))
 
 
 def write_diagnostics(stage: str, info: dict, reason: str) -> str:
