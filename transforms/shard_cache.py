@@ -1,9 +1,9 @@
 """Per-shard cache of expensive results, so a killed run restarts without redoing finished shards.
 
 An entry is a folder ``CACHE/<stage>/<shard>-<fingerprint>/`` of Parquet tables plus a
-``done.json`` written last; on local disk the folder is assembled under a temporary name and
-renamed, on an object store the tables are written first and ``done.json`` (one PUT) last, so a
-crash never leaves an entry that looks complete. The fingerprint is content-based: the tar's
+``done.json`` written last (locally the tables are assembled under a temporary name and renamed
+first; on an object store ``done.json`` is one PUT), so a crash never leaves an entry that looks
+complete. The fingerprint is content-based: the tar's
 bytes and its img2dataset sidecars (``.parquet``, ``_stats.json``; a sidecar written after an
 earlier run changes it), the shard identity the cached rows carry, and the stage's settings
 (limits, model, versions). Never name + size + mtime. No pickle: rows are Parquet.
@@ -86,7 +86,8 @@ def load(entry: str) -> dict[str, list[dict]] | None:
 
 
 def store(entry: str, tables: dict[str, tuple[list[dict], object]]) -> None:
-    """tables: name -> (rows, arrow schema). Appears complete only once ``done.json`` exists."""
+    """tables: name -> (rows, arrow schema). Appears complete only once ``done.json`` exists, and
+    ``done.json`` is written last, only ever inside the entry's final folder."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -97,10 +98,10 @@ def store(entry: str, tables: dict[str, tuple[list[dict], object]]) -> None:
     for name, (rows, schema) in tables.items():
         with fsio.atomic_writer(fsio.join(folder, f"{name}.parquet")) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
-    fsio.write_text(fsio.join(folder, "done.json"), json.dumps({"tables": sorted(tables)}))
     if not remote:
         fsio.remove(entry)
         fsio.rename(folder, entry)
+    fsio.write_text(fsio.join(entry, "done.json"), json.dumps({"tables": sorted(tables)}))
 
 
 def clear_temporaries(cache_dir: str) -> None:
