@@ -124,7 +124,7 @@ def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     cfg = _absolute_model_paths(cfg)
     out_dir = _absolute(cfg.output.dir)  # workers of a distributed runner may run elsewhere
     inputs = [_absolute(p) for p in inputs]
-    with outdir.claim(out_dir, inputs) as (run_id, stage):
+    with outdir.private_tmpdir(), outdir.claim(out_dir, inputs) as (run_id, stage):
         cfg = _shared_dirs(cfg, out_dir)
         if fmt == "laion_embeddings":
             from pipeline.laion_job import run_laion

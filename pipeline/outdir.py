@@ -237,6 +237,27 @@ def write_diagnostics(stage: str, info: dict, reason: str) -> str:
 
 
 @contextlib.contextmanager
+def private_tmpdir():
+    """The run's temporary files (Beam's and ours) go to one folder under $TMPDIR, deleted at the
+    end whatever happens: nothing is left in $TMPDIR, even after a full disk or an exception."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="memsieve-run-")
+    saved_env, saved_default = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved_default
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def locked(out_dir: str, run_id: str = ""):
     """Hold OUT's lock (exit 2 when another live run holds it), after finishing any commit a
     kill interrupted; yields the run id."""

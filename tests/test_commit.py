@@ -61,9 +61,11 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
 def base_run(demo_data, tmp_path_factory):
     """A finished run (the 'previous run' every fault must leave intact)."""
     out = tmp_path_factory.mktemp("commit") / "out"
+    tmp = tmp_path_factory.mktemp("tmpdir")
     shards = str(demo_data / "shards" / "*.tar")
-    proc = _run(shards, out, *FAST)
+    proc = _run(shards, out, *FAST, env={"TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(tmp.iterdir()), "temporary files left in $TMPDIR"
     return shards, out
 
 
@@ -115,6 +117,25 @@ def test_kill_inside_the_commit_is_finished_by_the_next_run(base_run, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["decide"]["drop_duplicates"] is True
     assert _snapshot(out)["manifest/part-00000.parquet"] == before["manifest/part-00000.parquet"]
+    _assert_clean(out)
+
+
+@pytest.mark.slow
+def test_kill_during_dedup_keeps_the_previous_run(base_run):
+    """Killed after every shard was read (cache complete), while dedup and the writers run."""
+    shards, out = base_run
+    before = _snapshot(out)
+    proc = subprocess.Popen(
+        _cmd(shards, out, *FAST, "decide.drop_duplicates=false", "dedup.phash.max_hamming=12"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    _kill_when(proc, lambda: (out / "_lock").exists() and any(out.glob("_staging/*/manifest")))
+    assert _snapshot(out) == before
+    resumed = _run(shards, out, *FAST)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(_snapshot(out)["run.json"])["checksums"] == json.loads(before["run.json"])["checksums"]
     _assert_clean(out)
 
 
