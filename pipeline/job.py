@@ -112,12 +112,24 @@ def write_blocklist_txt(out_dir: str) -> int:
     return len(urls)
 
 
+def _refuse_stray_shards(beam_args: list[str]) -> None:
+    """``--input dir/*.tar`` unquoted: the shell expands it and every shard after the first lands
+    among Beam's arguments, where Beam would drop it with a warning."""
+    stray = [a for a in beam_args if not a.startswith("-") and (a.lower().endswith(SHARD_SUFFIXES) or "*" in a)]
+    if stray:
+        raise ConfigError(
+            f"input.path: extra arguments look like shards ({', '.join(stray[:3])}"
+            f"{' ...' if len(stray) > 3 else ''}): quote the --input glob so the shell does not expand it"
+        )
+
+
 def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     """Run the job to completion and commit it into OUT; returns the run.json content. Raises
     RunFailed past the failure cap (OUT keeps the previous run) and ConfigError (exit 2) for an
     output that is unsafe to write, before anything is written."""
     from pipeline import outdir
 
+    _refuse_stray_shards(beam_args or [])
     fmt, inputs, skipped = list_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")

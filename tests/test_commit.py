@@ -278,3 +278,11 @@ def test_incremental_reads_only_the_shards_run_json_lists(tmp_path):
     (run / "run.json").write_text(json.dumps({"input": {"shards": [str(kept)]}, "config": {}}))
     ref = load_reference(str(run))
     assert ref["keys"] == {"kept"}  # the cache's entry for gone.tar (not in run.json) stays out
+
+
+def test_an_unquoted_glob_is_refused(demo_data, tmp_path):
+    shards = sorted(str(p) for p in (demo_data / "shards").glob("*.tar"))
+    cmd = _cmd(shards[0], tmp_path / "out", *FAST) + shards[1:]  # what the shell makes of --input *.tar
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "quote the --input glob" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
