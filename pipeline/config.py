@@ -33,6 +33,10 @@ class ReadConfig(Section):
     max_image_pixels: int = Field(default=64_000_000, gt=0)  # decompression-bomb guard
     max_caption_bytes: int = Field(default=16 * 1024, gt=0)
     require_caption: bool = True
+    max_members_per_key: int = Field(default=64, gt=0)  # members of one webdataset key
+    max_json_bytes: int = Field(default=1024 * 1024, gt=0)  # the json member
+    # decoded size, bit depth counted (16-bit RGB: 10 bytes a pixel with its 8-bit copy); 0 = 512 MiB
+    max_decoded_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm", "pbm")
 
 
