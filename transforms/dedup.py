@@ -73,7 +73,13 @@ def keeper_sort_key(policy: str):
             raise ValueError(f"dedup.keeper: {policy!r} is not column:NAME[:asc|desc]")
         column, order = parts[1], (parts[2] if len(parts) > 2 else "desc")
         sign = -1.0 if order == "desc" else 1.0
-        return lambda i: (sign * _column_value(i, column), i.key)
+
+        def rank(i: SampleInfo) -> tuple:
+            value = _column_value(i, column)
+            missing = not math.isfinite(value)  # a member without the column (or NaN) ranks last
+            return (missing, 0.0 if missing else sign * value, i.key)
+
+        return rank
     raise ValueError(f"dedup.keeper: unknown policy {policy!r}")
 
 
