@@ -97,6 +97,9 @@ def write_blocklist_txt(out_dir: str) -> int:
 
 def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     """Run the job to completion; returns the run.json content. Raises RunFailed past the cap."""
+    from pipeline.preflight import preflight
+
+    preflight(cfg, beam_args)  # everything checkable is checked before the output is touched
     fmt, inputs = resolve_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")

@@ -169,7 +169,15 @@ def test_clip_stage_in_the_pipeline(demo_data, tmp_path):
     cfg = _cfg(
         str(demo_data / "shards" / "*.tar"),
         out,
-        dedup={"clip": {"enabled": True, "model": str(model), "threshold": 0.999, "batch_size": 8}},
+        dedup={
+            "clip": {
+                "enabled": True,
+                "model": str(model),
+                "threshold": 0.999,
+                "batch_size": 8,
+                "allow_random_weights": True,
+            }
+        },
     )
     run_job(cfg)
     assert len(_manifest(out)) == 104
