@@ -48,3 +48,6 @@ def test_fault_suite(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["summary"]["keys"] == len({c["key"] for c in cases if c["key"] is not None})
     assert os.path.isfile(out / "report" / "index.html")
+    lines = (out / "blocklist.txt").read_text(encoding="utf-8").splitlines()
+    assert "http://x.invalid/a%0Ab%1B[31m" in lines  # the dropped copy whose url held a newline
+    assert all(line.startswith("http://x.invalid/") and "\x1b" not in line for line in lines), lines

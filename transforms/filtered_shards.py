@@ -54,13 +54,17 @@ def kept_by_shard(out_dir: str, diversify_cfg=None) -> dict[str, dict[str, dict]
 def _read_kept(path: str, kept: dict[str, dict]) -> dict[str, dict]:
     """The kept samples of one shard as webdataset dicts (a truncated shard: what precedes the break)."""
     samples: dict[str, dict] = {}
+    if not kept:  # nothing to copy: never open it (a FIFO or an unreadable shard)
+        return samples
     try:
         with tarfile.open(path) as tar:
             for m in tar:
                 split = split_member_name(m.name) if m.isfile() and not is_unsafe_name(m.name) else None
                 if not split or split[0] not in kept:
                     continue
-                samples.setdefault(split[0], {"__key__": split[0]})[split[1]] = tar.extractfile(m).read()
+                sample = samples.setdefault(split[0], {"__key__": split[0]})
+                if split[1] not in sample:  # a repeated key: the first occurrence is the one kept
+                    sample[split[1]] = tar.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError):
         pass  # the manifest already records what a damaged shard lost
     return samples
