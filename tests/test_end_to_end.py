@@ -90,18 +90,16 @@ def test_bad_input_lands_in_failures(tmp_path, shared_data):
         "00010001": "corrupt_image",
         "00010002": "missing_caption",
         "00010003": "bad_caption_encoding",
-        "00010004": "format_mismatch",
         "00010005": "caption_too_long",
         "00010006": "decompression_bomb",
     }
     for key, error_type in expect.items():
         assert fails[key] == error_type
         assert rows[key]["status"] == "failed" and rows[key]["decision"] == "drop"
+    assert rows["00010004"]["status"] == "ok" and "00010004" not in fails  # JPEG bytes under .png: kept
     assert "truncated_tar" in fails.values()
     odd_failed = {k: v for k, v in fails.items() if k.startswith("0002")}
-    assert sorted(odd_failed.values()) == [
-        "format_mismatch",
-        "format_mismatch",
+    assert sorted(odd_failed.values()) == [  # odd formats under wrong names are decoded by content
         "unidentified_image",
         "unsupported_image_format",
     ]
@@ -179,9 +177,10 @@ def test_clip_stage_in_the_pipeline(demo_data, tmp_path):
             }
         },
     )
-    run_job(cfg)
+    info = run_job(cfg)
     assert len(_manifest(out)) == 104
     neighbours = read_table(str(out / "neighbours")).to_pylist()
-    assert sum(n["embedder"] == "clip" for n in neighbours) == 96  # every decoded sample
+    decoded = info["counters"]["decode"]["decoded"]
+    assert decoded == 97 and sum(n["embedder"] == "clip" for n in neighbours) == decoded  # every decoded sample
     saved = list((out / "embeddings").rglob("*.npy"))
     assert len(saved) == 3  # one file per shard
