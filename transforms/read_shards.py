@@ -20,7 +20,6 @@ import logging
 import os
 import posixpath
 import stat
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ import apache_beam as beam
 from pipeline import progress
 from schemas.elements import Failure, Sample
 from transforms.sidecar import original_sizes, read_sidecar, read_sidecar_rows, sidecar_failures
+from transforms.tar_members import iter_members
 
 log = logging.getLogger(__name__)
 
@@ -170,56 +170,6 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLi
     return Sample(key, shard, url, caption.strip(), meta_json, image, image_ext, sha)
 
 
-class _Markers(tarfile.TarInfo):
-    """Records how the member list ended: tarfile treats a missing end-of-archive block, a header
-    cut short or a garbage header after the first member as a normal end; memsieve does not."""
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            raise  # a zero block: the archive's end marker
-        except tarfile.HeaderError as exc:
-            tar.memsieve_end = f"{type(exc).__name__}: {exc}"
-            raise
-
-
-def _iter_members(fileobj, limits: ReadLimits) -> Iterator[tuple[str, bytes | None, str]]:
-    """Yield (name, data, error) per member; data None with an error for bad members.
-
-    A member cut inside its data is yielded with ``truncated_member`` before the read error
-    ends the shard, so its key (its header was read) reaches the manifest."""
-    keep = set(limits.image_extensions) | set(UNSUPPORTED_IMAGE_EXTENSIONS) | set(_TEXT_EXTENSIONS)
-    with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_Markers) as tar:
-        for info in tar:
-            tar.members = []  # stream mode keeps every header otherwise
-            if info.issym() or info.islnk():  # never followed: a link could point outside the shard
-                kind = "symlink" if info.issym() else "hard link"
-                yield info.name, None, f"link_member: a {kind} to {printable(info.linkname)[:200]}"
-                continue
-            if not info.isfile():  # directories, devices, fifos: not part of any sample
-                yield info.name, None, "not_a_file"
-                continue
-            if info.size > limits.max_member_bytes:
-                yield info.name, None, f"member_too_large: {info.size} bytes, the limit is {limits.max_member_bytes}"
-                continue
-            split = split_member_name(info.name)
-            if split is not None and split[1] not in keep:
-                yield info.name, b"", ""  # a member no stage reads: named, not held in memory
-                continue
-            try:
-                handle = tar.extractfile(info)
-                data = handle.read() if handle else b""
-            except Exception as exc:
-                yield info.name, None, f"truncated_member: cut inside its data ({type(exc).__name__}: {exc})"
-                raise
-            yield info.name, data, ""
-        end = getattr(tar, "memsieve_end", "")
-        if end:
-            raise tarfile.ReadError(f"the member list ends without the end-of-archive blocks ({end})")
-
-
 @dataclass
 class _Group:
     key: str | None = None
@@ -274,7 +224,7 @@ def _guarded_members(raw, state: _ShardState, events: list[str]) -> Iterator[tup
     Only reading the tar is guarded: errors raised by whoever consumes the samples are not
     mistaken for a broken shard.
     """
-    it = _iter_members(raw, state.limits)
+    it = iter_members(raw, state.limits)
     while True:
         try:
             item = next(it)
