@@ -51,3 +51,42 @@ def test_fault_suite(tmp_path, capsys):
     lines = (out / "blocklist.txt").read_text(encoding="utf-8").splitlines()
     assert "http://x.invalid/a%0Ab%1B[31m" in lines  # the dropped copy whose url held a newline
     assert all(line.startswith("http://x.invalid/") and "\x1b" not in line for line in lines), lines
+
+
+def test_same_shard_names_in_two_folders_stay_apart(tmp_path):
+    """Two img2dataset outputs both starting at 00000.tar, and names that sanitise alike: no part
+    file, cache entry or filtered shard is shared, every key is accounted for, repeats reported."""
+    from tests.shardkit import jpeg_bytes, sample, write_shard
+    from transforms.write import read_table
+
+    src = tmp_path / "src"
+    for folder, seed in (("a", 0), ("b", 50)):
+        (src / folder).mkdir(parents=True)
+        keys = [f"{folder}{i:03d}" for i in range(3)] + ["shared"]
+        write_shard(
+            str(src / folder / "00000.tar"), [sample(k, image=jpeg_bytes(seed + i)) for i, k in enumerate(keys)]
+        )
+    job = tmp_path / "job.yaml"
+    job.write_text("name: ids\ninput: {path: x}\noutput: {report: false, filtered_shards: true}\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(job), "--input", str(src / "*" / "00000.tar")]
+        + ["--output", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_table(str(out / "manifest")).to_pylist()
+    assert sorted(r["key"] for r in manifest) == sorted(["a000", "a001", "a002", "b000", "b001", "b002", "shared"])
+    shards = {r["shard"] for r in read_table(str(out / "shards")).to_pylist()}
+    assert len(shards) == 2 and all(s.startswith("00000-") for s in shards)
+    repeats = [r for r in read_table(str(out / "failures")).to_pylist() if r["error_type"] == "duplicate_key"]
+    assert [r["key"] for r in repeats] == ["shared"]
+    assert len(list((out / "cache" / "shards").iterdir())) == 2
+    import tarfile
+
+    filtered = {p.relative_to(out / "filtered").as_posix() for p in (out / "filtered").rglob("*.tar")}
+    assert filtered == {"a/00000.tar", "b/00000.tar"}
+    with tarfile.open(out / "filtered" / "b" / "00000.tar") as tar:
+        names = {m.name.split(".")[0] for m in tar}
+    assert {"b000", "b001", "b002"} <= names and not any(n.startswith("a") for n in names)
