@@ -1,6 +1,6 @@
 """Fault cases for the reader fixes of issue 11 (used by ``make_fault_shards``): repeated and
 link-only keys, ``./`` members, members per key, tars cut inside a member's data, on a block
-boundary and inside a header, a corrupt header, a gzip tar named .tar, integer sidecar keys,
+boundary and inside a header, a corrupt header, a gzip tar named .tar, a FIFO, integer sidecar keys,
 shard names that sanitise alike."""
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def shard_cases(s, img, add, sample) -> None:
         f.write(gzip.compress(data, mtime=0))
     for i in range(3):
         s.case("a gzip-compressed tar named .tar", "43004", f"43004{i:03d}", "ok")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(os.path.join(s.out, "43005.tar"))  # opening it would block the run forever
+        s.case("a FIFO named .tar (never opened)", "43005", None, "event:unreadable_shard")
 
 
 def sidecar_and_identity_cases(s, img, sample) -> None:

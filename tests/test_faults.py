@@ -31,6 +31,7 @@ def test_fault_suite(tmp_path, capsys):
         capture_output=True,
         text=True,
         cwd=tmp_path / "work",
+        timeout=600,  # a FIFO among the shards must not hang the run
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
