@@ -34,9 +34,16 @@ EXTENSION_FORMATS = {
     "pgm": {"PPM"},
     "pbm": {"PPM"},
     "pnm": {"PPM"},
+    "avif": {"AVIF"},
+    "ico": {"ICO"},
+    "psd": {"PSD"},
+    "jp2": {"JPEG2000"},
 }
-# the formats memsieve decodes, whatever the member's name
-DECODABLE_FORMATS = frozenset().union(*EXTENSION_FORMATS.values())
+# the formats memsieve decodes, whatever the member's name (PIL is told to try only these: no
+# EPS through Ghostscript, no scientific formats)
+DECODABLE_FORMATS = frozenset().union(*EXTENSION_FORMATS.values(), {"DIB", "PCX", "QOI"})
+# member names that say "image" in a format memsieve may not decode: a specific error when not
+UNSUPPORTED_EXTENSIONS = frozenset({"svg", "heic", "heif", "avif", "jxl", "ico", "psd", "raw", "cr2", "nef"})
 DEFAULT_MAX_DECODED_BYTES = 512 * 1024 * 1024
 _TRANSPOSE = {
     2: "FLIP_LEFT_RIGHT",
@@ -117,6 +124,14 @@ def _orientation(img) -> int:
         return 1
 
 
+def _openers() -> list[str]:
+    """The PIL openers of DECODABLE_FORMATS that this Pillow has (MPO is opened by JPEG's)."""
+    from PIL import Image
+
+    Image.init()
+    return [f for f in sorted(DECODABLE_FORMATS) if f in Image.OPEN]
+
+
 def decode_image(data: bytes, ext: str, max_pixels: int, notes: list[str] | None = None, max_decoded_bytes: int = 0):
     """Bytes -> RGB PIL image (EXIF orientation applied), or raise DecodeError.
 
@@ -131,10 +146,8 @@ def decode_image(data: bytes, ext: str, max_pixels: int, notes: list[str] | None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_openers())
             fmt = img.format or "?"
-            if fmt not in DECODABLE_FORMATS:
-                raise DecodeError("unsupported_image_format", f"{fmt} data is not a supported raster format")
             allowed = EXTENSION_FORMATS.get(ext.lower())
             if allowed is not None and fmt not in allowed and notes is not None:
                 notes.append(f"format_mismatch:{fmt.lower()}_as_{ext.lower()}")
@@ -160,6 +173,9 @@ def decode_image(data: bytes, ext: str, max_pixels: int, notes: list[str] | None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError as exc:
+        if ext.lower() in UNSUPPORTED_EXTENSIONS:
+            msg = f"the image member is .{ext.lower()}, which is not a supported raster format"
+            raise DecodeError("unsupported_image_format", msg) from None
         raise DecodeError("unidentified_image", str(exc)) from None
     except MemoryError:
         raise DecodeError("decompression_bomb", "out of memory while decoding") from None

@@ -49,7 +49,7 @@ class ReadLimits:
     max_json_bytes: int = 1024 * 1024
 
 
-# image members memsieve recognises but cannot decode: a specific error rather than "missing"
+# image members memsieve may not decode: decoded by content, else a specific error, not "missing"
 UNSUPPORTED_IMAGE_EXTENSIONS = ("svg", "heic", "heif", "avif", "jxl", "ico", "psd", "raw", "cr2", "nef")
 _TEXT_EXTENSIONS = ("txt", "json")
 
@@ -139,11 +139,10 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLi
     url = meta.get("url")
     url = url if isinstance(url, str) else ""
     image_ext = next((e for e in limits.image_extensions if e in members), None)
+    # formats named by the member that may not decode: the decoder decides by content (an .avif
+    # or .ico is kept when it decodes; an .svg or .heic fails as unsupported_image_format)
+    image_ext = image_ext or next((e for e in UNSUPPORTED_IMAGE_EXTENSIONS if e in members), None)
     if image_ext is None:
-        unsupported = [e for e in UNSUPPORTED_IMAGE_EXTENSIONS if e in members]
-        if unsupported:
-            msg = f"the image member is .{unsupported[0]}, which is not a supported raster format"
-            return Failure(key, shard, "read", "unsupported_image_format", msg, url)
         others = ",".join(sorted(members)) or "nothing"
         return Failure(key, shard, "read", "missing_image", f"no image member (has: {others})"[:500], url)
     image = members[image_ext]
