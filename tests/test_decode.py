@@ -83,6 +83,7 @@ EXPECTED_ODD = {
     "formats/ukbench09380.bmp": None,  # not BMP inside: decoded by content, the mismatch noted
     "formats/ukbench09380.jpeg": None,
     "formats/ukbench09380.png": None,
+    "formats/ukbench09380.svg": None,  # JPEG bytes named .svg
     "formats/ukbench09380.webp": None,
 }
 
