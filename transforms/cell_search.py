@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
+BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
 BF16_EPS = 2.0**-6  # |bf16 product - fp32 product| bound for unit vectors (inputs and output rounded)
+DENSE_RECHECK = 50  # a block with more than 1/50 of its products near the threshold is re-done in fp32
 
 
 @functools.cache
@@ -64,12 +66,15 @@ def key_priority(keys, seed: int) -> np.ndarray:
 
 
 def choose_cells(n: int, single_cell_below: int, requested: int = 0) -> int:
-    """Cells: one (exact) up to ``single_cell_below`` rows, else about 1.4 sqrt(n), >= 50 rows a cell."""
+    """Cells: one (exact) up to ``single_cell_below`` rows, else 0.75 sqrt(n), >= 50 rows a cell.
+
+    Cost: assigning rows is n k fp32 products, in-cell search about n^2/k (1 + second-cell share)
+    bf16 products at half the cost; their sum is smallest near k = 0.75 sqrt(n)."""
     if requested:
         return max(1, min(requested, n))
     if n <= single_cell_below:
         return 1
-    return int(max(1, min(n // 50, round(1.4 * np.sqrt(n)))))
+    return int(max(1, min(n // 50, round(0.75 * np.sqrt(n)))))
 
 
 def make_plan(
@@ -146,51 +151,86 @@ def pair_sims(x: np.ndarray, a: np.ndarray, b: np.ndarray, query_rows: tuple[int
     q = list(query_rows)
     for s in range(0, len(a), chunk):
         xa, xb = x[a[s : s + chunk]], x[b[s : s + chunk]]
+        if x.shape[1] == 1 and q == [0]:
+            out[s : s + chunk] = np.einsum("pd,pd->p", xa[:, 0], xb[:, 0])
+            continue
         one = np.einsum("pqd,phd->pqh", xa[:, q], xb).max(axis=(1, 2))
         two = np.einsum("pqd,phd->pqh", xb[:, q], xa).max(axis=(1, 2))
         out[s : s + chunk] = np.maximum(one, two)
     return out
 
 
+def _block_sims(queries, db, s: int, e: int, m: int, h: int, nq: int, symmetric: bool):
+    """Similarities of rows s..e against all m rows of the cell (either dtype), self excluded."""
+    import torch
+
+    if symmetric:
+        sims = queries[s:e] @ db.T
+    else:
+        sims = (queries[s * nq : e * nq] @ db.T).view(e - s, nq, m, h).amax(dim=(1, 3))
+        back = (queries @ db[s * h : e * h].T).view(m, nq, e - s, h).amax(dim=(1, 3))
+        sims = torch.maximum(sims, back.T)
+    rows = torch.arange(e - s)
+    sims[rows, rows + s] = -np.inf
+    return sims
+
+
 def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float, bf16: bool | None = None):
     """Rows of one cell (m, H, d) -> (i, j, sim) local pairs i < j with sim >= threshold, and each
-    row's nearest other row (nn index, -1 when alone; nn similarity). Ties -> the smaller index."""
+    row's nearest other row (nn index, -1 when alone; nn similarity). Ties -> the smaller index.
+
+    bf16 products (where native and the cell is big enough to gain) select candidates: pairs
+    within ``BF16_EPS`` of the threshold and each row's bf16 top ``NN_CANDIDATES``; all of them
+    are re-scored in fp32 (a block with many candidates by an fp32 product of the block, the
+    others pair by pair), so decisions and reported similarities are fp32's."""
     import torch
 
     m, h, d = vecs.shape
     q = [r for r in query_rows if r < h] or [0]
     x32 = np.ascontiguousarray(vecs, dtype=np.float32)
-    low = bf16_native() if bf16 is None else bf16
-    t = torch.from_numpy(x32)
-    t = t.to(torch.bfloat16) if low else t
-    queries, db = t[:, q].reshape(m * len(q), d), t.reshape(m * h, d)
-    symmetric = h == 1 and q == [0]
+    low = (bf16_native() and m * h >= BF16_MIN_ROWS) if bf16 is None else bf16
+    t32 = torch.from_numpy(x32)
+    shape = (m, h, len(q), h == 1 and q == [0])
+    full = (t32[:, q].reshape(m * len(q), d), t32.reshape(m * h, d))
+    t = t32.to(torch.bfloat16) if low else t32
+    fast = (t[:, q].reshape(m * len(q), d), t.reshape(m * h, d)) if low else full
     eps = BF16_EPS * float(np.max(np.einsum("mhd,mhd->mh", x32, x32))) if low else 0.0
     block = int(max(1, min(4096, 2**25 // max(1, m * h * len(q)))))
-    pi, pj, nn_cand = [], [], []
+    k = min(NN_CANDIDATES if low else 1, m - 1)
+    pi, pj, ps, ri, rj, nn_cand, nn_top = [], [], [], [], [], [], []
     with torch.inference_mode():
         for s in range(0, m, block):
             e = min(m, s + block)
-            sims = (queries[s * len(q) : e * len(q)] @ db.T).view(e - s, len(q), m, h).amax(dim=(1, 3))
-            if not symmetric:
-                back = (queries @ db[s * h : e * h].T).view(m, len(q), e - s, h).amax(dim=(1, 3))
-                sims = torch.maximum(sims, back.T)
-            sims = sims.float()
-            rows = torch.arange(e - s)
-            sims[rows, rows + s] = -np.inf
-            k = min(NN_CANDIDATES if low else 1, m - 1)
+            sims = _block_sims(*fast, s, e, *shape)
             if k > 0:
-                nn_cand.append(torch.topk(sims, k, dim=1).indices.numpy())
-            upper = torch.arange(m)[None, :] > (rows + s)[:, None]
-            hit = torch.nonzero((sims >= threshold - eps) & upper).numpy()
-            pi.append(hit[:, 0] + s)
-            pj.append(hit[:, 1])
-    i = np.concatenate(pi).astype(np.int64) if pi else np.empty(0, np.int64)
-    j = np.concatenate(pj).astype(np.int64) if pj else np.empty(0, np.int64)
-    sim = pair_sims(x32, i, j, tuple(q))
-    keep = sim >= threshold
-    nn, nn_sim = _nearest(x32, np.concatenate(nn_cand) if nn_cand else np.empty((m, 0), np.int64), tuple(q))
-    return i[keep], j[keep], sim[keep], nn, nn_sim
+                top = torch.topk(sims, k, dim=1) if k > 1 else sims.max(dim=1)
+                nn_cand.append(top.indices.reshape(e - s, k).numpy())
+                nn_top.append(top.values.reshape(e - s, k).float().numpy())
+            hit = torch.nonzero(sims >= threshold - eps).numpy()
+            hit = hit[hit[:, 1] > hit[:, 0] + s]
+            if low and len(hit) * DENSE_RECHECK < (e - s) * m:
+                ri.append(hit[:, 0] + s), rj.append(hit[:, 1])  # few: re-scored pair by pair below
+                continue
+            if low:
+                sims = _block_sims(*full, s, e, *shape)
+                hit = hit[(sims[hit[:, 0], hit[:, 1]] >= threshold).numpy()]
+            pi.append(hit[:, 0] + s), pj.append(hit[:, 1]), ps.append(sims[hit[:, 0], hit[:, 1]].float().numpy())
+    cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.empty(0, t)  # noqa: E731
+    i, j, sim = cat(pi, np.int64), cat(pj, np.int64), cat(ps, np.float32)
+    if ri:
+        a, b = cat(ri, np.int64), cat(rj, np.int64)
+        rs = pair_sims(x32, a, b, tuple(q))
+        keep = rs >= threshold
+        i, j, sim = np.concatenate([i, a[keep]]), np.concatenate([j, b[keep]]), np.concatenate([sim, rs[keep]])
+    order = np.lexsort((j, i))
+    i, j, sim = i[order], j[order], sim[order]
+    if k == 0:
+        return i, j, sim, np.full(m, -1, np.int64), np.full(m, np.nan, np.float32)
+    if low:
+        nn, nn_sim = _nearest(x32, np.concatenate(nn_cand), tuple(q))
+    else:
+        nn, nn_sim = np.concatenate(nn_cand)[:, 0].astype(np.int64), np.concatenate(nn_top)[:, 0]
+    return i, j, sim, nn, nn_sim
 
 
 def _nearest(x32: np.ndarray, cand: np.ndarray, q: tuple[int, ...]):
@@ -205,28 +245,33 @@ def _nearest(x32: np.ndarray, cand: np.ndarray, q: tuple[int, ...]):
     return best.astype(np.int64), top.astype(np.float32)
 
 
-def dedup_keys(keys: np.ndarray, vecs: np.ndarray, cells: np.ndarray):
-    """Sort rows by key and keep one row per key (a key repeated across inputs: the first in
+def dedup_keys(keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """Row indices sorted by key, one per key (a key repeated across inputs: the first in
     (key, first vector value) order, so the choice does not depend on arrival order)."""
     order = np.lexsort((vecs.reshape(len(vecs), -1)[:, 0], keys))
-    keys, vecs, cells = keys[order], vecs[order], cells[order]
-    first = np.ones(len(keys), dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    return keys[first], vecs[first], cells[first]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = keys[order][1:] != keys[order][:-1]
+    return order[first]
 
 
 def search_group(keys, vecs, cells, group: int, groups: int, query_rows, threshold: float, bf16=None) -> dict:
     """All cells of one shuffle group -> columnar results (numpy arrays of keys and similarities):
     ``edges`` (a, b, sim) with a < b, each pair once over all cells; ``nn`` (key, nn_key, sim)
     final for rows in one cell; ``nn_partial`` the same for rows in several cells (to combine)."""
-    keys, vecs, cells = dedup_keys(np.asarray(keys), vecs, cells)
-    mine = np.unique(cells[(cells >= 0) & (cells % groups == group)])
+    keys = np.asarray(keys)
+    rows = dedup_keys(keys, vecs)
+    keys, cells = keys[rows], cells[rows]
+    row, col = np.nonzero((cells >= 0) & (cells % groups == group))
+    flat = cells[row, col]
+    order = np.lexsort((row, flat))  # by cell, members in key order
+    row, flat = row[order], flat[order]
+    bounds = np.flatnonzero(np.diff(flat)) + 1
     ea, eb, es, wa, wb, ws = [], [], [], [], [], []
-    for c in mine:
-        members = np.flatnonzero((cells == c).any(axis=1))
+    starts = np.r_[0, bounds] if len(flat) else np.empty(0, np.int64)
+    for members, c in zip(np.split(row, bounds) if len(flat) else [], flat[starts].tolist(), strict=True):
         if len(members) < 2:
             continue
-        i, j, sim, nn, nn_sim = search_cell(vecs[members], query_rows, threshold, bf16)
+        i, j, sim, nn, nn_sim = search_cell(vecs[rows[members]], query_rows, threshold, bf16)
         gi, gj = members[i], members[j]
         own = owner_cell(cells[gi], cells[gj]) == c
         ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])
