@@ -163,7 +163,7 @@ def fit(images, item_img, ids, empty, vocab_size: int, steps: int, batch: int, s
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 500 == 0:
             log.info("lab step %d/%d loss %.4f (%.0f s)", step, steps, np.mean(losses[-100:]), time.time() - started)
     return unet, text, losses

@@ -85,9 +85,11 @@ def run_memsieve(shard_dir: str, out: str) -> dict:
     """memsieve on the shards -> {"keep": keys not dropped, "alternatives": key -> [captions], "p", "sigma"}."""
     import pyarrow.dataset as ds
 
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", os.path.join(ROOT, "jobs", "lab.yaml")]
-    cmd += ["--input", os.path.join(shard_dir, "*.tar"), "--output", out]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    done = os.path.join(out, "run.json")
+    if not os.path.isfile(done) or os.path.getmtime(done) < os.path.getmtime(shard_dir):  # else: this set's run
+        cmd = [sys.executable, "-m", "pipeline.cli", "run", os.path.join(ROOT, "jobs", "lab.yaml")]
+        cmd += ["--input", os.path.join(shard_dir, "*.tar"), "--output", out]
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     manifest = ds.dataset(os.path.join(out, "manifest"), format="parquet").to_table(columns=["key", "decision"])
     decisions = zip(manifest["key"].to_pylist(), manifest["decision"].to_pylist(), strict=True)
     keep = sorted(k for k, d in decisions if d != "drop")
@@ -189,6 +191,44 @@ def table(results: dict, tau: float, sizes: dict) -> str:
     return "\n".join(lines)
 
 
+def run_setting(name: str, args, lab: str) -> dict:
+    """Train and evaluate one setting -> its result (also written to OUT/setting-NAME.json)."""
+    from pipeline.lab import save_model
+    from transforms.clip_tokenizer import clip_tokenizer, write_clip_tokenizer_files
+
+    truth = json.load(open(os.path.join(lab, "truth.json")))
+    samples = read_shards(os.path.join(lab, "shards"))
+    raw = sorted(samples)
+    memsieve = run_memsieve(os.path.join(lab, "shards"), os.path.join(args.out, "memsieve"))
+    pool = np.stack([pixels(samples[k]["image"]) for k in raw])
+    pool_unit, pool_ids = centred_unit(pool), [truth["keys"][k]["image_id"] for k in raw]
+    held_imgs = np.load(os.path.join(lab, "heldout.npz"))["images"]
+    held = {"images": np.stack([pixels(im) for im in held_imgs]), "captions": truth["heldout_captions"]}
+    tau = float(np.quantile(nearest(held["images"], pool_unit)[0], 0.99))
+    tokenizer = clip_tokenizer(write_clip_tokenizer_files(os.path.join(args.out, f"tokenizer-{name}")))
+    plan = {"A": (raw, None), "B": (exact_dedup(samples), None), "C": (memsieve["keep"], memsieve["alternatives"])}
+    keys, alts = plan[name]
+    unet, text, info = train_setting(name, keys, samples, tokenizer, args, alts, memsieve["p"], memsieve["sigma"])
+    if name == "A":  # the harder lab's model, for the probe table (scripts/lab_eval.py --lab-set)
+        save_model(os.path.join(args.out, "model_A"), unet, text, tokenizer)
+    result = {**evaluate(unet, text, tokenizer, truth, pool_unit, pool_ids, tau, held, args), **info, "tau": tau}
+    result["memsieve_kept"] = len(memsieve["keep"]) if name == "C" else None
+    with open(os.path.join(args.out, f"setting-{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    log.info("%s: %s", name, json.dumps(result))
+    return result
+
+
+def _children(names: list[str], argv: list[str]) -> None:
+    """--parallel: one single-threaded process per setting (3 settings on 2 cores)."""
+    procs = [
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--settings", n, "--threads", "1"])
+        for n in names
+    ]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit("a setting failed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "mitigation"))
@@ -200,54 +240,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--singles", type=int, default=360)
     parser.add_argument("--settings", default="A,B,C")
+    parser.add_argument("--parallel", action="store_true", help="one process per setting, 1 thread each")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
     from scripts.make_lab_set import make_lab_set
-    from transforms.clip_tokenizer import clip_tokenizer, write_clip_tokenizer_files
 
     torch.set_num_threads(args.threads)
     started = time.time()
     lab = os.path.join(args.out, "lab-set")
     if not os.path.isfile(os.path.join(lab, "truth.json")):
         log.info("lab set: %s", make_lab_set(lab, singles=args.singles))
-    truth = json.load(open(os.path.join(lab, "truth.json")))
-    samples = read_shards(os.path.join(lab, "shards"))
-    raw = sorted(samples)
-    memsieve = run_memsieve(os.path.join(lab, "shards"), os.path.join(args.out, "memsieve"))
-    log.info("memsieve: %d of %d kept, %d diversified", len(memsieve["keep"]), len(raw), len(memsieve["alternatives"]))
-    pool = np.stack([pixels(samples[k]["image"]) for k in raw])
-    pool_unit, pool_ids = centred_unit(pool), [truth["keys"][k]["image_id"] for k in raw]
-    held_imgs = np.load(os.path.join(lab, "heldout.npz"))["images"]
-    held = {"images": np.stack([pixels(im) for im in held_imgs]), "captions": truth["heldout_captions"]}
-    tau = float(np.quantile(nearest(held["images"], pool_unit)[0], 0.99))
-    tokenizer = clip_tokenizer(write_clip_tokenizer_files(os.path.join(args.out, "tokenizer")))
-    plan = {
-        "A": (raw, None),
-        "B": (exact_dedup(samples), None),
-        "C": (memsieve["keep"], memsieve["alternatives"]),
-    }
-    results, sizes = {}, {}
-    for name in args.settings.split(","):
-        keys, alts = plan[name]
-        unet, text, info = train_setting(name, keys, samples, tokenizer, args, alts, memsieve["p"], memsieve["sigma"])
-        if name == "A":
-            from pipeline.lab import save_model
-
-            save_model(os.path.join(args.out, "model_A"), unet, text, tokenizer)
-        results[name] = {**evaluate(unet, text, tokenizer, truth, pool_unit, pool_ids, tau, held, args), **info}
-        sizes[name] = len(keys)
-        log.info("%s: %s", name, json.dumps(results[name]))
-    out = table(results, tau, sizes) if set(results) >= {"A", "B", "C"} else json.dumps(results, indent=1)
-    out += f"\n(steps {args.steps}, batch {args.batch}, {args.seeds} seeds, {time.time() - started:.0f} s)"
+    names = args.settings.split(",")
+    if args.parallel:
+        run_memsieve(os.path.join(lab, "shards"), os.path.join(args.out, "memsieve"))
+        rest = [a for a in argv if a != "--parallel"]
+        _children(names, [a for i, a in enumerate(rest) if a != "--settings" and rest[i - 1 : i] != ["--settings"]])
+        results = {n: json.load(open(os.path.join(args.out, f"setting-{n}.json"))) for n in names}
+    else:
+        results = {n: run_setting(n, args, lab) for n in names}
+    if set(results) < {"A", "B", "C"}:
+        return 0
+    tau = results["A"]["tau"]
+    out = table(results, tau, {n: r["items"] for n, r in results.items()})
+    timing = f"(steps {args.steps}, batch {args.batch}, {args.seeds} seeds, {time.time() - started:.0f} s)"
+    lines = out.splitlines()
+    text_out = "\n".join([*lines[:-1], timing, lines[-1]])  # the acceptance line stays last
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump({"tau": tau, "results": results, "args": vars(args)}, f, indent=1)
-    # the acceptance line must be last: move the timing line above it
-    lines = out.splitlines()
-    if lines[-2].startswith("replication A="):
-        lines[-2], lines[-1] = lines[-1], lines[-2]
-    text_out = "\n".join(lines)
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write(text_out + "\n")
     print(text_out)
