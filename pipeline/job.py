@@ -98,8 +98,8 @@ def beam_options(cfg: JobConfig, beam_args: list[str]):
 
 
 def _one_line(url: str) -> str:
-    """Control characters (a newline would inject lines) are percent-escaped."""
-    return "".join(f"%{ord(c):02X}" if ord(c) < 32 or ord(c) == 127 else c for c in url)
+    """Control characters and line separators percent-encoded: one URL is one line of blocklist.txt."""
+    return "".join(f"%{ord(c):02X}" if ord(c) < 32 or ord(c) == 127 or c in "\x85\u2028\u2029" else c for c in url)
 
 
 def write_blocklist_txt(out_dir: str) -> int:
@@ -112,24 +112,14 @@ def write_blocklist_txt(out_dir: str) -> int:
     return len(urls)
 
 
-def _refuse_stray_shards(beam_args: list[str]) -> None:
-    """``--input dir/*.tar`` unquoted: the shell expands it and every shard after the first lands
-    among Beam's arguments, where Beam would drop it with a warning."""
-    stray = [a for a in beam_args if not a.startswith("-") and (a.lower().endswith(SHARD_SUFFIXES) or "*" in a)]
-    if stray:
-        raise ConfigError(
-            f"input.path: extra arguments look like shards ({', '.join(stray[:3])}"
-            f"{' ...' if len(stray) > 3 else ''}): quote the --input glob so the shell does not expand it"
-        )
-
-
 def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     """Run the job to completion and commit it into OUT; returns the run.json content. Raises
     RunFailed past the failure cap (OUT keeps the previous run) and ConfigError (exit 2) for an
     output that is unsafe to write, before anything is written."""
     from pipeline import outdir
+    from pipeline.preflight import preflight
 
-    _refuse_stray_shards(beam_args or [])
+    preflight(cfg, beam_args)  # everything checkable is checked before the output is touched
     fmt, inputs, skipped = list_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")
