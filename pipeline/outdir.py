@@ -36,6 +36,7 @@ import socket
 import time
 
 from pipeline.config import ConfigError
+from schemas import arrow
 from transforms import fsio
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ TABLES = [
     "blocklist",
     "shards",
 ]
+TABLES += [t for t in arrow.TABLES if t not in TABLES]  # a table added to the schemas is committed too
 PRODUCTS = TABLES + ["filtered", "report", "blocklist.txt"]  # run.json is committed last, apart
 SHARED = ["cache", "embeddings"]
 KNOWN = {p.split("/")[0] for p in PRODUCTS} | set(SHARED) | {"run.json", STAGING, LOCK, MARKER}
