@@ -130,3 +130,33 @@ def _relative_names(paths: list[str]) -> list[str]:
         if all(not r.startswith("..") for r in rels) and len(set(rels)) == len(rels):
             return rels
     return [f"{safe_part_name(shard_name(p))}.tar" for p in paths]
+
+
+def _block_for(kept: dict[str, dict[str, dict]], sample: dict) -> dict | None:
+    """The sample's ``memsieve`` block, matched by its shard (from ``__url__``) and key."""
+    key = sample.get("__key__")
+    if sample.get("__url__"):
+        return kept.get(shard_name(sample["__url__"]), {}).get(key)
+    return next((keys[key] for keys in kept.values() if key in keys), None)
+
+
+def _keep_sample(kept: dict[str, dict[str, dict]], sample: dict) -> bool:
+    return _block_for(kept, sample) is not None
+
+
+def _attach_block(kept: dict[str, dict[str, dict]], sample: dict) -> dict:
+    return _with_block(sample, _block_for(kept, sample))
+
+
+def filter_with_manifest(urls, run_dir: str, **webdataset_args):
+    """A ``webdataset.WebDataset`` over existing shards that yields only the samples a run kept
+    (matched by shard name and ``__key__``), their json carrying the ``memsieve`` block."""
+    import webdataset as wds
+
+    kept = kept_by_shard(run_dir)
+    webdataset_args.setdefault("shardshuffle", False)
+    return (
+        wds.WebDataset(urls, **webdataset_args)
+        .select(functools.partial(_keep_sample, kept))
+        .map(functools.partial(_attach_block, kept))
+    )
