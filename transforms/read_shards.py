@@ -250,9 +250,9 @@ def _not_a_regular_file(path: str) -> str:
 
 
 def _open_shard(path: str):
-    from apache_beam.io.filesystems import FileSystems
+    from transforms import fsio  # local, s3://, gs:// (transforms/fsio.py)
 
-    return FileSystems.open(path, compression_type="uncompressed")
+    return fsio.open_input(path)
 
 
 def _members_to_groups(raw, state: _ShardState, events: list[str]) -> Iterator[Sample | Failure]:

@@ -31,9 +31,10 @@ def sidecar_path(path: str) -> str:
 def read_sidecar(parquet_path: str) -> list[dict]:
     """Rows of an img2dataset ``.parquet`` sidecar (the columns in ``COLUMNS`` it has)."""
     import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(parquet_path, compression_type="uncompressed") as f:
+    from transforms import fsio
+
+    with fsio.open_input(parquet_path) as f:
         table = pq.read_table(f)
     wanted = [c for c in COLUMNS if c in table.column_names]
     return table.select(wanted).to_pylist()
@@ -41,11 +42,11 @@ def read_sidecar(parquet_path: str) -> list[dict]:
 
 def read_sidecar_rows(path: str, events: list[str]) -> list[dict]:
     """The sidecar's rows, or [] when it is missing or unreadable (an event says which)."""
-    from apache_beam.io.filesystems import FileSystems
+    from transforms import fsio
 
     side = sidecar_path(path)
     try:
-        if not FileSystems.exists(side):
+        if not fsio.exists(side):
             return []
         return read_sidecar(side)
     except Exception as exc:  # a corrupt sidecar must not lose the tar's samples
