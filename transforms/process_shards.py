@@ -153,11 +153,9 @@ class ProcessShardFn(beam.DoFn):
         s = self.settings
         entry = None
         if s.cache_dir and not s.emit_samples:
-            # the sidecar is part of the shard: a .parquet written later must miss the cache
-            settings = dict(s.cache_key(), sidecar=shard_cache.fingerprint(sidecar.sidecar_path(path), {}))
-            entry = shard_cache.entry_dir(
-                s.cache_dir, "shards", shard_name(path), shard_cache.fingerprint(path, settings)
-            )
+            # the fingerprint covers the tar's and its sidecars' content (transforms.shard_cache)
+            fp = shard_cache.fingerprint(path, s.cache_key())
+            entry = shard_cache.entry_dir(s.cache_dir, "shards", shard_name(path), fp)
             cached = shard_cache.load(entry)
             if cached is not None:
                 self.hits.inc()
