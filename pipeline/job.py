@@ -99,7 +99,11 @@ def beam_options(cfg: JobConfig, beam_args: list[str]):
 
 def _one_line(url: str) -> str:
     """Control characters and line separators percent-encoded: one URL is one line of blocklist.txt."""
-    return "".join(f"%{ord(c):02X}" if ord(c) < 32 or ord(c) == 127 or c in "\x85\u2028\u2029" else c for c in url)
+    return "".join("".join(f"%{b:02X}" for b in c.encode()) if _is_break(c) else c for c in url)
+
+
+def _is_break(c: str) -> bool:
+    return ord(c) < 32 or ord(c) == 127 or c in "\x85\u2028\u2029"
 
 
 def write_blocklist_txt(out_dir: str) -> int:

@@ -139,7 +139,9 @@ def write_outputs(cfg, files, offsets, pairs_path: str, out_dir: str) -> dict:
             },
             arrow.BLOCKLIST,
         )
-    urls = sorted({u for u in np.concatenate([m["url"] for m in metas])[decision == "drop"] if u})
+    from pipeline.job import _one_line  # control characters percent-encoded: one URL per line
+
+    urls = sorted({_one_line(str(u)) for u in np.concatenate([m["url"] for m in metas])[decision == "drop"] if u})
     atomic_write_text(os.path.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
     kept = int(is_rep.sum())
     return {

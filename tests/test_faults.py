@@ -91,3 +91,10 @@ def test_same_shard_names_in_two_folders_stay_apart(tmp_path):
     with tarfile.open(out / "filtered" / "b" / "00000.tar") as tar:
         names = {m.name.split(".")[0] for m in tar}
     assert {"b000", "b001", "b002"} <= names and not any(n.startswith("a") for n in names)
+
+
+def test_blocklist_lines_hold_one_url_each():
+    from pipeline.job import _one_line
+
+    assert _one_line("http://x/a\nb\rc\x00d\x1b[31m\u2028e") == "http://x/a%0Ab%0Dc%00d%1B[31m%E2%80%A8e"
+    assert _one_line("http://x/ok?q=1&r=é") == "http://x/ok?q=1&r=é"
