@@ -13,7 +13,7 @@ from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
 from transforms.decide import Decide, DiversifyCaptions, blocklist_row
 from transforms.dedup import FindDuplicates
-from transforms.process_shards import ProcessShards, ShardSettings
+from transforms.process_shards import ProcessShards, ShardSettings, shard_path_element
 from transforms.read_shards import ReadLimits
 from transforms.write import WriteTable
 
@@ -131,7 +131,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
 
 def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> dict:
     """Wire the whole job; returns the PCollections of written paths and the decisions."""
-    paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
+    paths = p | "ShardPaths" >> beam.Create([shard_path_element(s) for s in sorted(shard_paths)])
     settings = ShardSettings(
         limits=read_limits(cfg),
         max_pixels=cfg.read.max_image_pixels,
