@@ -11,7 +11,7 @@ import apache_beam as beam
 
 from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
-from transforms.decide import Decide, DiversifyCaptions, blocklist_row
+from transforms.decide import BlocklistRows, Decide, DiversifyCaptions
 from transforms.dedup import FindDuplicates
 from transforms.process_shards import ProcessShards, ShardSettings
 from transforms.read_shards import ReadLimits
@@ -189,7 +189,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
                 | "JoinReps" >> beam.CoGroupByKey()
                 | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else [])
             )
-        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed)
+        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=settings.cache_dir)
         keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
         keyed["failure"] = (
             keyed["failure"],
@@ -242,9 +242,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             cfg.diversify, cfg.run.seed
         )
         _write(div, out_dir, "diversify", _by_shard, lambda r: (r["key"],))
-    dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == "drop")
     _write(
-        dropped | "BlockRows" >> beam.Map(lambda r: dict(blocklist_row(r), _shard=r["shard"])),
+        rows | "BlockRows" >> BlocklistRows(),
         out_dir,
         "blocklist",
         lambda r: r["_shard"],

@@ -25,7 +25,7 @@ RUN_TABLES = [
     "blocklist",
     "shards",
 ]
-RUN_FILES = ["run.json", "blocklist.txt"]
+RUN_FILES = ["run.json", "blocklist.txt", "blocklist.tsv", "blocklist.json"]
 
 
 class RunFailed(RuntimeError):
@@ -53,8 +53,11 @@ def resolve_input(path: str) -> tuple[str, list[str]]:
 def _absolute_model_paths(cfg: JobConfig) -> JobConfig:
     """Local model and caption files named relative to the job's working folder -> absolute."""
     probe = cfg.probe
-    update = {f: os.path.abspath(getattr(probe, f)) for f in ("model", "reference_captions")
-              if getattr(probe, f) and os.path.exists(getattr(probe, f))}
+    update = {
+        f: os.path.abspath(getattr(probe, f))
+        for f in ("model", "reference_captions")
+        if getattr(probe, f) and os.path.exists(getattr(probe, f))
+    }
     return cfg.model_copy(update={"probe": probe.model_copy(update=update)}) if update else cfg
 
 
@@ -87,12 +90,9 @@ def beam_options(cfg: JobConfig, beam_args: list[str]):
 
 
 def write_blocklist_txt(out_dir: str) -> int:
-    from transforms.write import atomic_write_text, read_table
+    from pipeline.blocklist import write_blocklist_txt as write
 
-    table = read_table(os.path.join(out_dir, "blocklist"))
-    urls = sorted({u for u in (table.column("url").to_pylist() if table is not None else []) if u})
-    atomic_write_text(os.path.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
-    return len(urls)
+    return write(out_dir)
 
 
 def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
@@ -127,7 +127,7 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
     build_graph(pipeline, cfg, shards, out_dir)
     from pipeline import progress
 
-    with progress.live(len(shards), ["samples decoded"]):
+    with progress.live(len(shards)):
         result = pipeline.run()
         result.wait_until_finish()
     pipeline_s = time.time() - started
@@ -142,13 +142,16 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         "counters": runinfo.beam_counters(result),
         "outputs": dict(counts, blocklist_urls=n_blocked),
         "timings_s": {"pipeline": round(pipeline_s, 3)},
+        "stages": progress.stage_report(result),
     }
     info["summary"] = _summary(out_dir, counts)
     if cfg.output.filtered_shards:
         from transforms.filtered_shards import write_filtered_shards
 
-        info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
-    _maybe_report(cfg, out_dir, info)
+        with progress.timed(info, "filtered_shards"):
+            info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
+    with progress.timed(info, "report"):
+        _maybe_report(cfg, out_dir, info)
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)
     info["checksums"] = runinfo.checksums(out_dir, RUN_TABLES)

@@ -146,7 +146,10 @@ BLOCKLIST = _schema(
         pa.field("url", pa.string()),
         pa.field("sha256", pa.string()),
         pa.field("key", pa.string(), nullable=False),
-        pa.field("reason", pa.string()),
+        pa.field("reason", pa.string()),  # the drop reason codes, ";"-joined
+        pa.field("category", pa.string()),  # duplicate | memorized | dead_link | unreadable
+        pa.field("kept_key", pa.string()),  # duplicates: the key of the copy that was kept
+        pa.field("kept_url", pa.string()),  # duplicates: its url
     ],
 )
 

@@ -17,6 +17,9 @@ from transforms import ann
 
 
 def _search(batches, threshold: float, embedder: str, top_m: int, n_cells: int, seed: int) -> Iterator:
+    from pipeline import progress
+
+    progress.begin("search")
     pairs = sorted((k, v) for keys, vecs in batches for k, v in zip(keys, np.asarray(vecs), strict=True))
     seen, keys, rows = set(), [], []
     for k, v in pairs:
@@ -28,6 +31,7 @@ def _search(batches, threshold: float, embedder: str, top_m: int, n_cells: int, 
         return
     x = np.stack(rows).astype(np.float32)
     a, b, s, nn, nn_sim, _, _ = ann.dedup_in_memory(x, threshold, top_m=top_m, n_cells=n_cells, seed=seed)
+    progress.advance("search", len(keys))
     for i, j, sim in zip(a.tolist(), b.tolist(), s.tolist(), strict=True):
         yield Edge(keys[i], keys[j], float(sim), embedder)
     for i, (j, sim) in enumerate(zip(nn.tolist(), nn_sim.tolist(), strict=True)):

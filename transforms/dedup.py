@@ -96,6 +96,9 @@ def assign_cluster(
 
 
 def _gather_components(edges: list[Edge]) -> Iterator[tuple[str, str]]:
+    from pipeline import progress
+
+    progress.begin("dedup")
     yield from components(edges).items()
 
 
@@ -175,5 +178,7 @@ class FindDuplicates(beam.PTransform):
                 else []
             )
         )
-        assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten()
+        from pipeline import progress
+
+        assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten() | "Progress" >> progress.Tick("dedup")
         return {"assignments": assignments, "edges": edges}

@@ -168,9 +168,13 @@ def stack_codes(items: list[tuple[str, bytes]]) -> tuple[list[str], np.ndarray]:
 
 
 def _search(items: list[tuple[str, bytes]], max_bits: int, exact_below: int, nprobe: int, seed: int) -> Iterator:
+    from pipeline import progress
+
+    progress.begin("search")
     keys, codes = stack_codes(items)
     edges, neighbours = find_copy_pairs(keys, codes, max_bits, exact_below, nprobe, seed)
     log.info("phash: %d samples, %d copy pairs", len(keys), len(edges))
+    progress.advance("search", len(keys))
     beam.metrics.Metrics.counter("phash", "copy_pairs").inc(len(edges))
     yield from edges
     for nb in neighbours:

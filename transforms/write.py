@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 
 import apache_beam as beam
 
+from pipeline import progress
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -55,6 +57,7 @@ class _WritePart(beam.DoFn):
         path = os.path.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet")
         write_rows(path, ordered, self.schema)
         beam.metrics.Metrics.counter("write", os.path.basename(self.table_dir)).inc(len(ordered))
+        progress.advance("write", len(ordered))
         yield path
 
 
