@@ -141,15 +141,18 @@ def cmd_decide(args) -> int:
 
     started = time.time()
     if args.dry_run:
-        from pipeline.redecide import dry_run
+        from pipeline.redecide import dry_run, format_changes
 
         changes = dry_run(args.run_dir, args.set)
+        print(format_changes(changes))
         emit_summary(dict(command="decide", status="dry_run", exit_code=EXIT_OK, seconds=_since(started), **changes))
         return EXIT_OK
     run = redecide(args.run_dir, args.set, output=args.output)
     out = args.output or args.run_dir
     record = dict(command="decide", status="ok", exit_code=EXIT_OK, output=out, seconds=_since(started))
-    emit_summary(dict(record, **_counts(run)))
+    counts = _counts(run)
+    counts.pop("stages_s")  # the run's stages, not this command's
+    emit_summary(dict(record, **counts))
     return EXIT_OK
 
 

@@ -45,8 +45,10 @@ def _histogram(path: str, values, xlabel: str, ylabel: str, lines: list[tuple[fl
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = f"{path}.tmp-{os.getpid()}.png"  # a new file, renamed: a hard-linked older figure stays as it was
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _embedder_thresholds(config: dict) -> dict[str, float]:

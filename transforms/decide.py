@@ -136,6 +136,11 @@ def blocklist_row(row: dict, kept: tuple[str, str] | None = None) -> dict:
     }
 
 
+def is_kept_copy(row: dict) -> bool:
+    """The member a duplicate cluster keeps (its representative, when not dropped itself)."""
+    return bool(row["is_representative"]) and (row["cluster_size"] or 1) > 1 and row["decision"] != DROP
+
+
 def _with_kept(item) -> Iterator[dict]:
     _, grouped = item
     kept = next(iter(sorted(grouped["kept"])), None)
@@ -152,7 +157,7 @@ class BlocklistRows(beam.PTransform):
         dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == DROP)
         kept = (
             rows
-            | "Kept" >> beam.Filter(lambda r: r["is_representative"] and (r["cluster_size"] or 1) > 1)
+            | "Kept" >> beam.Filter(is_kept_copy)
             | "KeptByCluster" >> beam.Map(lambda r: (r["cluster_id"], (r["key"], r["url"] or "")))
         )
         by_cluster = dropped | "DroppedByCluster" >> beam.Map(lambda r: (r["cluster_id"] or r["key"], r))
