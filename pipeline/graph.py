@@ -15,7 +15,7 @@ from transforms.decide import BlocklistRows, Decide, DiversifyCaptions
 from transforms.dedup import FindDuplicates
 from transforms.process_shards import ProcessShards, ShardSettings
 from transforms.read_shards import ReadLimits
-from transforms.write import WriteTable
+from transforms.write import WriteTable, bucket
 
 
 def read_limits(cfg) -> ReadLimits:
@@ -225,7 +225,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows),
         out_dir,
         "clusters",
-        lambda r: "all",
+        lambda r, n=len(shard_paths): bucket(r["cluster_id"], n),
         lambda r: (r["cluster_id"], r["key"]),
     )
     if dup["neighbours"]:
@@ -234,7 +234,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             nn | "NeighbourRows" >> beam.Map(_neighbour_row),
             out_dir,
             "neighbours",
-            lambda r: r["embedder"],
+            lambda r, n=len(shard_paths): f"{r['embedder']}-{bucket(r['key'], n)}",
             lambda r: (r["key"],),
         )
     if cfg.diversify.enabled:

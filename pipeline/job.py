@@ -53,8 +53,11 @@ def resolve_input(path: str) -> tuple[str, list[str]]:
 def _absolute_model_paths(cfg: JobConfig) -> JobConfig:
     """Local model and caption files named relative to the job's working folder -> absolute."""
     probe = cfg.probe
-    update = {f: os.path.abspath(getattr(probe, f)) for f in ("model", "reference_captions")
-              if getattr(probe, f) and os.path.exists(getattr(probe, f))}
+    update = {
+        f: os.path.abspath(getattr(probe, f))
+        for f in ("model", "reference_captions")
+        if getattr(probe, f) and os.path.exists(getattr(probe, f))
+    }
     return cfg.model_copy(update={"probe": probe.model_copy(update=update)}) if update else cfg
 
 

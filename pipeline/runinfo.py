@@ -26,8 +26,10 @@ PACKAGES = (
 
 
 def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
+    from memsieve import __version__
+
+    out = {"python": platform.python_version(), "memsieve": __version__}  # the code that ran, not pip's record
+    for name in PACKAGES[1:]:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

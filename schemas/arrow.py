@@ -175,6 +175,8 @@ ANNOTATIONS = _schema(
         pa.field("trigger_codes", pa.list_(pa.string())),
         pa.field("probe_score", pa.float64()),
         pa.field("probe_flagged", pa.bool_()),
+        pa.field("original_width", pa.int64()),  # before img2dataset resized; 0: unknown
+        pa.field("original_height", pa.int64()),
     ],
 )
 

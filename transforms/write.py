@@ -24,6 +24,15 @@ def safe_part_name(partition: str) -> str:
     return cleaned[:120]
 
 
+def bucket(value: str, n: int) -> str:
+    """A stable hash bucket (of ``n``, zero-padded) for tables without a shard column: a cluster
+    id's rows land in one part, and the parts are as many as the input shards."""
+    import zlib
+
+    n = max(1, int(n))
+    return f"{zlib.crc32(value.encode('utf-8', 'surrogatepass')) % n:0{len(str(n - 1))}d}"
+
+
 def write_rows(path: str, rows: list[dict], schema) -> str:
     """Write rows (dicts) with the schema to ``path`` atomically; returns the path."""
     import pyarrow as pa
