@@ -103,6 +103,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args, beam_args: list[str]) -> int:
+    from pipeline import logs
     from pipeline.config import load_job
     from pipeline.job import RunFailed, run_job
 
@@ -111,7 +112,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
     out = cfg.output.dir if "://" in cfg.output.dir else os.path.abspath(cfg.output.dir)
     record = {"command": "run", "job": cfg.name, "output": out}
     try:
-        info = run_job(cfg, beam_args)
+        info = run_job(cfg, logs.beam_log_args(beam_args))
     except RunFailed as exc:
         log.error("run failed: %s", exc)
         emit_summary(dict(record, status="failed", exit_code=EXIT_FAILED, error=str(exc), seconds=_since(started)))

@@ -9,6 +9,7 @@ ours and turns their bars off (called where they are imported, so nothing is imp
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,8 @@ OURS = ("memsieve", "pipeline", "transforms", "schemas", "scripts")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _debug = False
+_configured = False
+ENV_LEVEL = "MEMSIEVE_LOG_LEVEL"  # set by the CLI: worker processes it starts format their lines too
 
 
 class OneLineFormatter(logging.Formatter):
@@ -65,8 +68,10 @@ class StderrHandler(logging.StreamHandler):
 
 def setup(level: str = "info", log_file: str | None = None, quiet: bool = False) -> None:
     """Configure the root logger once per process (the CLI calls it first thing)."""
-    global _debug
+    global _debug, _configured
+    _configured = True
     name = "warning" if quiet and level == "info" else level
+    os.environ[ENV_LEVEL] = name
     ours = LEVELS[name]
     _debug = ours <= logging.DEBUG
     formatter = OneLineFormatter(FORMAT)
@@ -106,3 +111,30 @@ def quiet_hf(load: bool = False) -> None:
                 hf_logging.disable_progress_bar()
         except Exception:  # an older or newer API: their own handler stays
             continue
+
+
+def adopt_in_worker() -> None:
+    """In a worker process the CLI started (the multiprocess DirectRunner): Beam configured its
+    logging; keep its handlers (they may ship records to the runner) but give them our one-line
+    ISO format and noise filter. Nothing happens in the driver or on remote workers."""
+    global _configured, _debug
+    if _configured or ENV_LEVEL not in os.environ:
+        return
+    _configured = True
+    _debug = os.environ[ENV_LEVEL] == "debug"
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(OneLineFormatter(FORMAT))
+        handler.addFilter(NoiseFilter())
+
+
+def beam_log_args(beam_args: list[str]) -> list[str]:
+    """Beam's own worker logging at WARNING (ours at our level) unless the user set it."""
+    if any(a.startswith(("--default_sdk_harness_log_level", "--sdk_harness_log_level_overrides")) for a in beam_args):
+        return list(beam_args)
+    level = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "error": "ERROR"}[
+        os.environ.get(ENV_LEVEL, "info")
+    ]
+    if level == "DEBUG":
+        return list(beam_args)
+    overrides = json.dumps({name: level for name in OURS}, separators=(",", ":"))
+    return [*beam_args, "--default_sdk_harness_log_level=WARNING", f"--sdk_harness_log_level_overrides={overrides}"]

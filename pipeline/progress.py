@@ -197,6 +197,9 @@ def _show(stage: str, now: float, force: bool) -> None:
             return
         _state.emitted[stage] = now
         text = line(stage, now)
+    from pipeline import logs
+
+    logs.adopt_in_worker()
     log.info("%s", text)
 
 

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 MEMSIEVE = [sys.executable, "-m", "pipeline.cli"]
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
@@ -87,14 +85,28 @@ def test_quiet_log_file_and_failed_run_line(tmp_path):
     assert quiet.returncode == 1 and " INFO " not in quiet.stderr and "ERROR" in quiet.stderr
 
 
-@pytest.mark.parametrize("level", ["debug"])
-def test_log_level_debug_lets_libraries_speak(level):
-    from pipeline import logs
-
-    logs.setup(level)
+def test_log_level_debug_lets_libraries_speak(monkeypatch):
     import logging
 
-    assert logging.getLogger("apache_beam").getEffectiveLevel() == logging.DEBUG
-    logs.setup("info")
-    assert logging.getLogger("apache_beam").getEffectiveLevel() == logging.WARNING
-    assert logging.getLogger("pipeline.job").getEffectiveLevel() == logging.INFO
+    from pipeline import logs
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), {n: logging.getLogger(n).level for n in logs.OURS})
+    monkeypatch.setenv(logs.ENV_LEVEL, "info")  # restored after the test
+    try:
+        logs.setup("debug")
+        assert logging.getLogger("apache_beam").getEffectiveLevel() == logging.DEBUG
+        assert logs.beam_log_args([]) == []  # debug: Beam's workers log everything too
+        logs.setup("info")
+        assert logging.getLogger("apache_beam").getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("pipeline.job").getEffectiveLevel() == logging.INFO
+        assert "--default_sdk_harness_log_level=WARNING" in logs.beam_log_args(["--runner=DirectRunner"])
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "two\nlines", None, None)
+        assert ISO.match(
+            logs.OneLineFormatter(logs.FORMAT).format(record) + ""
+        ) and "two | lines" in logs.OneLineFormatter(logs.FORMAT).format(record)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
