@@ -41,7 +41,7 @@ UNITS = {
     "write": "rows",
 }
 # per-sample stages whose total is the number of decoded samples once every shard is read
-LIKE_DECODE = ("embed", "search", "dedup", "triggers", "probe")
+LIKE_DECODE = ("decode", "embed", "search", "dedup", "triggers", "probe")
 DEFAULT_INTERVAL_S = float(os.environ.get("MEMSIEVE_PROGRESS_INTERVAL", "10"))
 
 _lock = threading.Lock()
@@ -269,6 +269,9 @@ def live(n_shards: int, stages: list[str] | None = None, bars: bool | None = Non
             yield
         finally:
             with _lock:
+                for stage, task in _state.tasks.items():  # the run is over: every bar is full
+                    done = _state.counts.get(stage, 0)
+                    progress.update(task, total=max(done, 1), completed=max(done, 1))
                 _state.bars, _state.mode = None, previous
 
 
