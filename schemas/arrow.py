@@ -1,4 +1,4 @@
-"""Versioned Arrow schemas of the output tables (contract.md).
+"""Versioned Arrow schemas of the output tables (docs/contract.md, docs/outputs.md).
 
 Each table carries ``memsieve.schema`` and ``memsieve.schema_version`` in its metadata; a
 reader can check them. Bump the version when a column changes meaning or type.
