@@ -18,8 +18,12 @@ log = logging.getLogger("memsieve")
 
 
 def _version() -> str:
-    from memsieve import __version__
+    try:
+        from memsieve import __version__
+    except ImportError:  # an install made before the memsieve package existed
+        from importlib.metadata import version
 
+        return version("memsieve")
     return __version__
 
 
