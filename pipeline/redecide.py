@@ -167,6 +167,7 @@ def redecide(run_dir: str, overrides: list[str], output: str | None = None) -> d
         prepare_output(run_dir, output)
         run["decided_from"] = os.path.abspath(run_dir)
         run_dir = output
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": os.path.abspath(output)})})
     _clear_staging(run_dir)
     staged, counts = _stage_decisions(run_dir, cfg)
     if os.path.isfile(os.path.join(run_dir, "run.json")):
