@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 
+from transforms import fsio
 from transforms.decide import CATEGORIES, CONTENT_CATEGORIES
 from transforms.write import atomic_write_text
 
 FORMAT_VERSION = "1"
 TSV_COLUMNS = ("url", "category", "reason", "key", "sha256", "kept_key", "kept_url")
-_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_CONTROL = re.compile("[\x00-\x20\x7f\x85\u2028\u2029]")  # control characters, space, line separators
 
 
 def clean_url(url: str | None) -> str:
@@ -32,10 +32,10 @@ def _field(value) -> str:
 
 
 def _parts(out_dir: str) -> list[str]:
-    folder = os.path.join(out_dir, "blocklist")
-    if not os.path.isdir(folder):
+    folder = fsio.join(out_dir, "blocklist")
+    if not fsio.isdir(folder):
         return []
-    return sorted(os.path.join(folder, p) for p in os.listdir(folder) if p.endswith(".parquet"))
+    return sorted(fsio.join(folder, p) for p in fsio.listdir(folder) if p.endswith(".parquet"))
 
 
 def sidecar(counts: dict[str, int], urls: int) -> dict:
@@ -71,7 +71,9 @@ def write_blocklist_txt(out_dir: str) -> int:
     tsv = ["\t".join(TSV_COLUMNS)]
     counts: dict[str, int] = {}
     for path in _parts(out_dir):
-        for r in pq.read_table(path).to_pylist():
+        with fsio.open_input(path) as f:
+            rows = pq.read_table(f).to_pylist()
+        for r in rows:
             category = r.get("category") or "unreadable"
             counts[category] = counts.get(category, 0) + 1
             tsv.append("\t".join(_field(r.get(c)) for c in TSV_COLUMNS))
@@ -80,8 +82,8 @@ def write_blocklist_txt(out_dir: str) -> int:
             if url and category in CONTENT_CATEGORIES and digest not in seen:
                 seen.add(digest)
                 urls.append(url)
-    atomic_write_text(os.path.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
-    atomic_write_text(os.path.join(out_dir, "blocklist.tsv"), "\n".join(tsv) + "\n")
+    atomic_write_text(fsio.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
+    atomic_write_text(fsio.join(out_dir, "blocklist.tsv"), "\n".join(tsv) + "\n")
     meta = sidecar(counts, len(urls))
-    atomic_write_text(os.path.join(out_dir, "blocklist.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(fsio.join(out_dir, "blocklist.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return len(urls)

@@ -142,8 +142,10 @@ def _counts(info: dict) -> dict:
 
 
 def cmd_decide(args) -> int:
+    from pipeline.config import check_decide_overrides
     from pipeline.redecide import redecide
 
+    check_decide_overrides(args.set)
     started = time.time()
     if args.dry_run:
         from pipeline.redecide import dry_run, format_changes

@@ -13,7 +13,7 @@ from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
 from transforms.decide import BlocklistRows, Decide, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.process_shards import ProcessShards, ShardSettings
+from transforms.process_shards import ProcessShards, ShardSettings, shard_path_element
 from transforms.read_shards import ReadLimits
 from transforms.write import WriteTable, bucket
 
@@ -25,6 +25,8 @@ def read_limits(cfg) -> ReadLimits:
         max_caption_bytes=r.max_caption_bytes,
         require_caption=r.require_caption,
         image_extensions=tuple(r.image_extensions),
+        max_members_per_key=r.max_members_per_key,
+        max_json_bytes=r.max_json_bytes,
     )
 
 
@@ -94,6 +96,7 @@ DECODE_ERROR_TYPES = (
     "unidentified_image",
     "format_mismatch",
     "decompression_bomb",
+    "unsupported_image_format",
     "bad_dimensions",
     "empty_image",
 )
@@ -128,7 +131,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
 
 def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> dict:
     """Wire the whole job; returns the PCollections of written paths and the decisions."""
-    paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
+    paths = p | "ShardPaths" >> beam.Create([shard_path_element(s) for s in sorted(shard_paths)])
     settings = ShardSettings(
         limits=read_limits(cfg),
         max_pixels=cfg.read.max_image_pixels,
@@ -136,6 +139,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
         cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
         emit_samples=cfg.dedup.clip.enabled,
+        max_decoded_bytes=cfg.read.max_decoded_bytes,
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )
     dec = paths | "ProcessShards" >> ProcessShards(settings)

@@ -33,7 +33,7 @@ UNITS = {
     "read": "shards",
     "decode": "samples",
     "embed": "images",
-    "search": "vectors",
+    "search": "rows",
     "dedup": "samples",
     "triggers": "samples",
     "probe": "captions",
@@ -41,7 +41,7 @@ UNITS = {
     "write": "rows",
 }
 # per-sample stages whose total is the number of decoded samples once every shard is read
-LIKE_DECODE = ("decode", "embed", "search", "dedup", "triggers", "probe")
+LIKE_DECODE = ("decode", "embed", "dedup", "triggers", "probe")
 DEFAULT_INTERVAL_S = float(os.environ.get("MEMSIEVE_PROGRESS_INTERVAL", "10"))
 
 _lock = threading.Lock()

@@ -155,7 +155,19 @@ def _stage_decisions(run_dir: str, cfg) -> tuple[dict, dict]:
 
 def redecide(run_dir: str, overrides: list[str], output: str | None = None) -> dict:
     """Re-decide a finished run with ``overrides`` (``stage.key=value``); returns the new run.json.
-    ``output``: write the new decision set there instead of replacing the run's."""
+    ``output``: write the new decision set there (a new or empty folder); the run is only read."""
+    from pipeline import outdir
+
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"run_dir: {run_dir} is not a folder")
+    _load_run(run_dir, overrides)  # a bad override exits 2 before the folder is touched
+    if output and os.path.abspath(output) != os.path.abspath(run_dir):
+        return _redecide(run_dir, overrides, output)  # RUN is only read: no lock file written into it
+    with outdir.locked(os.path.abspath(run_dir)):  # never alongside a run on the same folder
+        return _redecide(run_dir, overrides)
+
+
+def _redecide(run_dir: str, overrides: list[str], output: str | None = None) -> dict:
     from pipeline import runinfo
     from pipeline.job import RUN_TABLES, _maybe_report, _summary, write_blocklist_txt
 

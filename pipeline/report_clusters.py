@@ -80,19 +80,22 @@ def _sizes(out_dir: str, keys: set[str]) -> dict[str, tuple[int, int, int, int]]
     """key -> (width, height, original_width, original_height) from the annotations table."""
     import pyarrow.parquet as pq
 
-    folder = os.path.join(out_dir, "annotations")
+    from transforms import fsio
+
+    folder = fsio.join(out_dir, "annotations")
     out: dict[str, tuple[int, int, int, int]] = {}
-    if not keys or not os.path.isdir(folder):
+    if not keys or not fsio.isdir(folder):
         return out
-    for name in sorted(os.listdir(folder)):
+    wanted = ("key", "width", "height", "original_width", "original_height")
+    for name in sorted(fsio.listdir(folder)):
         if not name.endswith(".parquet"):
             continue
-        path = os.path.join(folder, name)
-        have = set(pq.read_schema(path).names)
-        cols = [c for c in ("key", "width", "height", "original_width", "original_height") if c in have]
-        for r in pq.read_table(path, columns=cols).to_pylist():
-            if r["key"] in keys:
-                out[r["key"]] = tuple(int(r.get(c) or 0) for c in cols[1:]) + (0,) * (5 - len(cols))
+        with fsio.open_input(fsio.join(folder, name)) as f:
+            part = pq.ParquetFile(f)
+            cols = [c for c in wanted if c in part.schema_arrow.names]
+            for r in part.read(columns=cols).to_pylist():
+                if r["key"] in keys:
+                    out[r["key"]] = tuple(int(r.get(c) or 0) for c in wanted[1:])
     return out
 
 

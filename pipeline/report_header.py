@@ -86,10 +86,12 @@ def header(info: dict) -> dict:
 
 def output_links(out_dir: str) -> list[dict]:
     """The run's files that exist, linked relative to report/ (the folder opens from disk)."""
+    from transforms import fsio
+
     return [
         {"name": name, "href": f"../{name}", "what": what}
         for name, what in TABLES
-        if os.path.exists(os.path.join(out_dir, name))
+        if fsio.exists(fsio.join(out_dir, name))
     ]
 
 

@@ -121,10 +121,11 @@ class ProbeFn(beam.DoFn):
                 "target_fpr": self.cfg.target_fpr,
             }
         )
-        path = os.path.join(self.cache_dir, "probe", f"threshold-{key}.json") if self.cache_dir else None
-        if path and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                self.threshold = json.load(f)["threshold"]
+        from transforms import fsio
+
+        path = fsio.join(self.cache_dir, "probe", f"threshold-{key}.json") if self.cache_dir else None
+        if path and fsio.isfile(path):
+            self.threshold = json.loads(fsio.read_text(path))["threshold"]
             progress.count("probe", "threshold_cached")
             return self.threshold
         self.threshold = self._calibrate()
