@@ -51,6 +51,9 @@ def _literal(node):
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
+READER_FILES = ("read_shards.py", "tar_members.py", "sidecar.py", "decode.py")  # codes built in f-strings
+
+
 def emitted_codes() -> set[str]:
     """Failure types, decode errors and member/shard event codes that the code writes literally."""
     codes: set[str] = set()
@@ -72,12 +75,12 @@ def emitted_codes() -> set[str]:
                     codes.add(_literal(args[1]))
                 if name == "_decode_text" and len(args) >= 2 and _literal(args[1]):
                     codes.update({f"{_literal(args[1])}_too_long", f"bad_{_literal(args[1])}_encoding"})
-            if path.name == "read_shards.py" and isinstance(node, ast.JoinedStr) and node.values:
+            if path.name in READER_FILES and isinstance(node, ast.JoinedStr) and node.values:
                 head = _literal(node.values[0]) or ""
                 m = re.match(r"([a-z]+(?:_[a-z]+)+)[: ]", head)
                 if m:
                     codes.add(m.group(1))
-            if path.name == "read_shards.py" and _literal(node):
+            if path.name in READER_FILES and _literal(node):
                 m = re.match(r"([a-z]+(?:_[a-z]+)+): ", _literal(node))
                 if m:
                     codes.add(m.group(1))
