@@ -57,7 +57,8 @@ TABLES = [
     "shards",
 ]
 TABLES += [t for t in arrow.TABLES if t not in TABLES]  # a table added to the schemas is committed too
-PRODUCTS = TABLES + ["filtered", "report", "blocklist.txt"]  # run.json is committed last, apart
+# run.json is committed last, apart
+PRODUCTS = TABLES + ["filtered", "report", "blocklist.txt", "blocklist.tsv", "blocklist.json"]
 SHARED = ["cache", "embeddings"]
 KNOWN = {p.split("/")[0] for p in PRODUCTS} | set(SHARED) | {"run.json", STAGING, LOCK, MARKER}
 KNOWN_PATTERNS = ["run.json.redecide", "*.tmp-*", "*.old-*"]  # re-decide's own staging names

@@ -159,6 +159,7 @@ class ProcessShardFn(beam.DoFn):
             cached = shard_cache.load(entry)
             if cached is not None:
                 self.hits.inc()
+                progress.advance("samples decoded", len(cached["infos"]))  # ready, as if decoded
                 log.info("shard %s: reused from the cache", shard_name(path))
                 yield from self._emit(cached)
                 return
