@@ -40,10 +40,10 @@ def list_input(path: str) -> tuple[str, list[str], dict]:
         lower = p.lower()
         if kind == "dir":
             continue
-        if kind != "file":
-            skipped[p] = "not a regular file (a FIFO, device or socket)"
-        elif lower.endswith(SHARD_SUFFIXES):
+        if lower.endswith(SHARD_SUFFIXES):  # a FIFO named .tar too: the reader reports it, never opens it
             shards.append(p)
+        elif kind != "file":
+            skipped[p] = "not a regular file (a FIFO, device or socket)"
         elif lower.endswith(SIDECAR_SUFFIXES):
             sidecars += 1
         else:

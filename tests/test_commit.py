@@ -223,11 +223,12 @@ def test_every_matched_file_is_read_or_named_as_skipped(demo_data, tmp_path):
     (tmp_path / "c.TAR").write_bytes(src.read_bytes())
     (tmp_path / "c.parquet").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("x")
-    os.mkfifo(tmp_path / "pipe.tar")
+    os.mkfifo(tmp_path / "pipe.tar")  # a shard the reader reports as unreadable (never opened)
+    os.mkfifo(tmp_path / "pipe")
     fmt, shards, skipped = list_input(str(tmp_path / "*"))
     assert fmt == "webdataset"
-    assert [Path(p).name for p in shards] == ["a.tar.gz", "b.TGZ", "c.TAR"]
-    assert {Path(p).name: why for p, why in skipped["files"].items()}.keys() == {"notes.txt", "pipe.tar"}
+    assert [Path(p).name for p in shards] == ["a.tar.gz", "b.TGZ", "c.TAR", "pipe.tar"]
+    assert {Path(p).name: why for p, why in skipped["files"].items()}.keys() == {"notes.txt", "pipe"}
     assert skipped["sidecars_seen"] == 1
     # a brace range over the same folder, and the gzip tar reads like the plain one
     assert [Path(p).name for p in list_input(str(tmp_path / "{a.tar.gz,c.TAR,missing.tar}"))[1]] == [

@@ -135,3 +135,20 @@ def test_s3_round_trip_equals_local_run(s3_env, flickr_shards, tmp_path):
     assert not fs.exists("memsieve-test/out/_lock")
     assert not fs.find("memsieve-test/out/_staging")  # the committed run left no staging objects
     assert not (ROOT / "s3:").exists()  # nothing written to a local folder named after the scheme
+
+
+def test_s3_output_lock_and_foreign_files_are_refused(s3_env, demo_data):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("memsieve-refuse")
+    shards = str(demo_data / "shards" / "*.tar")
+    fs.pipe_file("memsieve-refuse/foreign/notes.txt", b"mine")
+    proc = _run(shards, "s3://memsieve-refuse/foreign", *FAST)
+    assert proc.returncode == 2 and "notes.txt" in proc.stderr, proc.stderr[-2000:]
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": "held"}
+    fs.pipe_file("memsieve-refuse/locked/_lock", json.dumps(lock).encode())
+    proc = _run(shards, "s3://memsieve-refuse/locked", *FAST)
+    assert proc.returncode == 2 and f"pid {os.getpid()}" in proc.stderr, proc.stderr[-2000:]
+    fs.invalidate_cache()
+    assert sorted(fs.find("memsieve-refuse")) == ["memsieve-refuse/foreign/notes.txt", "memsieve-refuse/locked/_lock"]
