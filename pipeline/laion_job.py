@@ -91,6 +91,9 @@ class _CellPairs(beam.DoFn):
         cells = np.concatenate([p[1] for p in pieces])
         order = np.lexsort((ids, cells))
         ids, cells = ids[order], cells[order]
+        from pipeline import progress
+
+        progress.advance("search", len(ids))
         bounds = np.flatnonzero(np.diff(cells)) + 1
         out = [[] for _ in range(5)]
         for members in np.split(ids, bounds):
@@ -143,12 +146,17 @@ def run_laion(cfg, beam_args: list[str]) -> dict:
             path=os.path.join(out_dir, "cache", "centroids.npy"),
         )
     )
-    result = p.run()
-    result.wait_until_finish()
+    from pipeline import progress
+
+    with progress.live(len(files)):
+        result = p.run()
+        result.wait_until_finish()
     pipeline_s = time.time() - started
     from pipeline.laion_outputs import write_outputs
 
-    counts = write_outputs(cfg, files, offsets, result_path, out_dir)
+    stages = progress.stage_report(result)
+    with progress.timed({"stages": stages}, "write"):
+        counts = write_outputs(cfg, files, offsets, result_path, out_dir)
     info = {
         "job": cfg.name,
         "config": cfg.model_dump(mode="json"),
@@ -164,6 +172,7 @@ def run_laion(cfg, beam_args: list[str]) -> dict:
         "counters": runinfo.beam_counters(result),
         "outputs": runinfo.table_counts(out_dir, RUN_TABLES),
         "timings_s": {"pipeline": round(pipeline_s, 3), "total": round(time.time() - started, 3)},
+        "stages": stages,
         "summary": counts,
     }
     info["checksums"] = runinfo.checksums(out_dir, RUN_TABLES)
