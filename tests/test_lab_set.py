@@ -163,7 +163,9 @@ def test_table_ends_with_the_acceptance_line():
         "heldout_loss": 0.2,
     }
     c = {**r, "replication_8plus": 0.05, "heldout_loss": 0.21}
-    out = table({"A": r, "B": r, "C": c}, 0.77, {"A": 10, "B": 9, "C": 5}).splitlines()
+    results = json.loads(json.dumps({"A": r, "B": r, "C": c}))  # as read back from setting-*.json
+    out = table(results, 0.77, {"A": 10, "B": 9, "C": 5}).splitlines()
+    assert "0.500" in next(line for line in out if line.startswith("A "))
     assert out[-1] == "replication A=0.4000 B=0.4000 C=0.0500 quality_C_over_A=1.0500"
 
 
