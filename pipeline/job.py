@@ -97,37 +97,38 @@ def write_blocklist_txt(out_dir: str) -> int:
 
 def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     """Run the job to completion; returns the run.json content. Raises RunFailed past the cap."""
+    from pipeline.graph import reader
+
     fmt, inputs = resolve_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")
+    reader(fmt).check(cfg)  # settings the layout cannot honour: exit 2 before the output is touched
     cfg = _absolute_model_paths(cfg)
     out_dir = _absolute(cfg.output.dir)  # workers of a distributed runner may run elsewhere
     inputs = [_absolute(p) for p in inputs]
     prepare_output(out_dir)
-    if fmt == "laion_embeddings":
-        from pipeline.laion_job import run_laion
-
-        return run_laion(cfg, beam_args or [])
-    return _run_webdataset(cfg, inputs, out_dir, beam_args or [])
+    return _run(cfg, fmt, inputs, out_dir, beam_args or [])
 
 
-def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: list[str]) -> dict:
+def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: list[str]) -> dict:
+    """One run path for every input layout: its reader, then the shared graph."""
     import apache_beam as beam
 
     from pipeline import runinfo
-    from pipeline.graph import build_graph
+    from pipeline.graph import build_graph, read_input
 
     started = time.time()
-    log.info("job %s: %d shards -> %s", cfg.name, len(shards), out_dir)
+    log.info("job %s: %s input, %d paths -> %s", cfg.name, fmt, len(inputs), out_dir)
     from transforms.outputs import runner_needs_split, split_by_filter
 
     options = beam_options(cfg, beam_args)
     split_by_filter(runner_needs_split(str(options.get_all_options().get("runner") or "")))
     pipeline = beam.Pipeline(options=options)
-    build_graph(pipeline, cfg, shards, out_dir)
+    read = read_input(pipeline, cfg, fmt, inputs, out_dir)
+    build_graph(pipeline, cfg, read, out_dir)
     from pipeline import progress
 
-    with progress.live(len(shards), ["samples decoded"]):
+    with progress.live(read["input"]["n_shards"], ["samples decoded"]):
         result = pipeline.run()
         result.wait_until_finish()
     pipeline_s = time.time() - started
@@ -138,16 +139,16 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         "job": cfg.name,
         "config": cfg.model_dump(mode="json"),
         "versions": runinfo.package_versions(),
-        "input": {"format": "webdataset", "shards": shards, "n_shards": len(shards)},
+        "input": read["input"],
         "counters": runinfo.beam_counters(result),
         "outputs": dict(counts, blocklist_urls=n_blocked),
         "timings_s": {"pipeline": round(pipeline_s, 3)},
     }
     info["summary"] = _summary(out_dir, counts)
-    if cfg.output.filtered_shards:
+    if cfg.output.filtered_shards and fmt == "webdataset":
         from transforms.filtered_shards import write_filtered_shards
 
-        info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
+        info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, inputs, cfg.diversify)
     _maybe_report(cfg, out_dir, info)
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)
