@@ -17,7 +17,9 @@ from transforms import ann
 
 
 def _search(batches, threshold: float, embedder: str, top_m: int, n_cells: int, seed: int) -> Iterator:
-    pairs = sorted((k, v) for keys, vecs in batches for k, v in zip(keys, np.asarray(vecs), strict=True))
+    pairs = sorted(
+        ((k, v) for keys, vecs in batches for k, v in zip(keys, np.asarray(vecs), strict=True)), key=lambda kv: kv[0]
+    )
     seen, keys, rows = set(), [], []
     for k, v in pairs:
         if k not in seen:  # a key repeated across shards: the first one counts
