@@ -8,7 +8,7 @@ Writes ``img_emb/img_emb_N.npy`` (float16, L2-normalized) and ``metadata/metadat
 precomputed releases do, plus ``truth/groups.npy`` (planted group id per row, -1 = none) and
 ``truth/planted.json`` outside the layout the pipeline reads. Points of one topic sit near cosine
 0.6 of each other; members of a planted group near 0.98; group sizes are heavy-tailed (Zipf),
-from pairs to groups of hundreds, and the first group has ``trigger_group`` members.
+from pairs to groups of hundreds; with ``trigger_group`` the first group has that many members.
 
 Captions are 5-9 words drawn (Zipf) from a plain vocabulary. Planted word-level triggers ride on
 the first group: each planted word is in most of its members' captions and in a few captions
@@ -39,9 +39,7 @@ PLANTED_SHARE = (0.9, 0.8)  # share of the trigger group's captions carrying eac
 PLANTED_ELSEWHERE = 5  # captions outside the group that carry each word too
 
 
-def generate(
-    rows: int, dim: int, seed: int = 0, topics: int = 2000, dup_fraction: float = 0.2, trigger_group: int = 40
-):
+def generate(rows: int, dim: int, seed: int = 0, topics: int = 2000, dup_fraction: float = 0.2, trigger_group: int = 0):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((topics, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -162,9 +160,10 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trigger-group", type=int, default=40, help="members of the group the triggers ride on")
     parser.add_argument("--shuffle-captions", action="store_true", help="the control: captions permuted across rows")
     args = parser.parse_args()
-    vectors, groups = generate(args.rows, args.dim, args.seed)
+    vectors, groups = generate(args.rows, args.dim, args.seed, trigger_group=args.trigger_group)
     write(args.out, vectors, groups, args.files, shuffle_captions=args.shuffle_captions)
     in_groups = int((groups >= 0).sum())
     print(f"{args.rows} x {args.dim} float16 -> {args.out}; {in_groups} rows in {groups.max() + 1} planted groups")

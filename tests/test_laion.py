@@ -25,7 +25,7 @@ ROWS = 3000
 
 @pytest.fixture(scope="module")
 def data():
-    return generate(ROWS, 64, seed=3, topics=40)
+    return generate(ROWS, 64, seed=3, topics=40, trigger_group=40)
 
 
 def _run(folder, out, **overrides):
@@ -173,3 +173,29 @@ def test_settings_that_need_pixels_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before the output folder was touched
     with pytest.raises(ConfigError, match="input.format"):
         run_job(parse_config({"name": "x", "input": {"path": str(tmp_path / "emb"), "format": "webdataset"}}))
+
+
+@pytest.mark.dask
+def test_dask_runner_agrees_on_the_laion_layout(data, tmp_path):
+    """The DaskRunner on a dask.distributed LocalCluster (2 workers) gives the DirectRunner's manifest."""
+    from distributed import LocalCluster
+
+    write(str(tmp_path / "emb"), data[0][:1500], data[1][:1500], files=2, row_group_rows=400)
+
+    def manifest(out, *beam_args):
+        cmd = [sys.executable, "-m", "pipeline.cli", "run", JOB, "--input", str(tmp_path / "emb")]
+        cmd += ["--output", str(out), "--set", "output.report=false", *beam_args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return sorted(read_table(str(out / "manifest")).to_pylist(), key=lambda r: r["key"])
+
+    reference = manifest(tmp_path / "ref")
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        got = manifest(
+            tmp_path / "dask",
+            "--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
+            f"--dask_client_address={cluster.scheduler_address}",
+        )
+    assert len(reference) == 1500 and got == reference
