@@ -175,9 +175,13 @@ def test_settings_that_need_pixels_exit_2(tmp_path):
         run_job(parse_config({"name": "x", "input": {"path": str(tmp_path / "emb"), "format": "webdataset"}}))
 
 
+@pytest.mark.slow
 @pytest.mark.dask
 def test_dask_runner_agrees_on_the_laion_layout(data, tmp_path):
-    """The DaskRunner on a dask.distributed LocalCluster (2 workers) gives the DirectRunner's manifest."""
+    """The DaskRunner on a dask.distributed LocalCluster (2 workers) gives the DirectRunner's manifest.
+
+    Slow: Beam 2.77's DaskRunner recomputes each side input's upstream graph; on 2 shared cores
+    this run did not finish in 600 s (issue 10's Dask work removes those side inputs)."""
     from distributed import LocalCluster
 
     write(str(tmp_path / "emb"), data[0][:1500], data[1][:1500], files=2, row_group_rows=400)
