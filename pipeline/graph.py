@@ -109,6 +109,7 @@ DECODE_ERROR_TYPES = (
     "unidentified_image",
     "format_mismatch",
     "decompression_bomb",
+    "unsupported_image_format",
     "bad_dimensions",
     "empty_image",
 )

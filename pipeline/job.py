@@ -86,11 +86,16 @@ def beam_options(cfg: JobConfig, beam_args: list[str]):
     return PipelineOptions(args, save_main_session=False)
 
 
+def _one_line(url: str) -> str:
+    """Control characters and line separators percent-encoded: one URL is one line of blocklist.txt."""
+    return "".join(f"%{ord(c):02X}" if ord(c) < 32 or ord(c) == 127 or c in "\x85\u2028\u2029" else c for c in url)
+
+
 def write_blocklist_txt(out_dir: str) -> int:
     from transforms.write import atomic_write_text, read_table
 
     table = read_table(os.path.join(out_dir, "blocklist"))
-    urls = sorted({u for u in (table.column("url").to_pylist() if table is not None else []) if u})
+    urls = sorted({_one_line(u) for u in (table.column("url").to_pylist() if table is not None else []) if u})
     atomic_write_text(os.path.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
     return len(urls)
 
@@ -98,11 +103,13 @@ def write_blocklist_txt(out_dir: str) -> int:
 def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     """Run the job to completion; returns the run.json content. Raises RunFailed past the cap."""
     from pipeline.graph import reader
+    from pipeline.preflight import preflight
 
     fmt, inputs = resolve_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")
-    reader(fmt).check(cfg)  # settings the layout cannot honour: exit 2 before the output is touched
+    reader(fmt).check(cfg)  # settings the layout cannot honour
+    preflight(cfg, beam_args)  # everything checkable is checked before the output is touched
     cfg = _absolute_model_paths(cfg)
     out_dir = _absolute(cfg.output.dir)  # workers of a distributed runner may run elsewhere
     inputs = [_absolute(p) for p in inputs]

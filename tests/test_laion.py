@@ -203,3 +203,20 @@ def test_dask_runner_agrees_on_the_laion_layout(data, tmp_path):
             f"--dask_client_address={cluster.scheduler_address}",
         )
     assert len(reference) == 1500 and got == reference
+
+
+def test_laion_graph_has_only_bounded_globals(tmp_path):
+    """Issue 10, acceptance 5 on this layout: the reader adds no global combine or side input."""
+    import apache_beam as beam
+
+    from pipeline.graph import build_graph, read_input
+    from tests.test_graph_inventory import ALLOWED, KNOWN_UNBOUNDED, _unlisted, inventory
+
+    _bad_folder(tmp_path / "emb")
+    cfg = load_job(JOB, ["probe.enabled=false"], input_path=str(tmp_path / "emb"), output_dir=str(tmp_path / "out"))
+    p = beam.Pipeline()
+    build_graph(p, cfg, read_input(p, cfg, "laion_embeddings", [str(tmp_path / "emb")], str(tmp_path / "out")), "")
+    found = inventory(p)
+    assert any(label.startswith("VectorEdges_clip/") for label in found)
+    assert not any(label.startswith("ReadLaion/") for label in found)
+    assert _unlisted(found, {**ALLOWED, **KNOWN_UNBOUNDED}) == {}

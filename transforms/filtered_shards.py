@@ -54,13 +54,17 @@ def kept_by_shard(out_dir: str, diversify_cfg=None) -> dict[str, dict[str, dict]
 def _read_kept(path: str, kept: dict[str, dict]) -> dict[str, dict]:
     """The kept samples of one shard as webdataset dicts (a truncated shard: what precedes the break)."""
     samples: dict[str, dict] = {}
+    if not kept:  # nothing to copy: never open it (a FIFO or an unreadable shard)
+        return samples
     try:
         with tarfile.open(path) as tar:
             for m in tar:
                 split = split_member_name(m.name) if m.isfile() and not is_unsafe_name(m.name) else None
                 if not split or split[0] not in kept:
                     continue
-                samples.setdefault(split[0], {"__key__": split[0]})[split[1]] = tar.extractfile(m).read()
+                sample = samples.setdefault(split[0], {"__key__": split[0]})
+                if split[1] not in sample:  # a repeated key: the first occurrence is the one kept
+                    sample[split[1]] = tar.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError):
         pass  # the manifest already records what a damaged shard lost
     return samples
@@ -106,10 +110,23 @@ def write_filtered_shards(out_dir: str, shard_paths: list[str], diversify_cfg=No
     folder = os.path.join(out_dir, "filtered")
     os.makedirs(folder, exist_ok=True)
     total = 0
-    for path in shard_paths:
-        name = shard_name(path)
-        total += filter_shard(path, kept.get(name, {}), os.path.join(folder, f"{safe_part_name(name)}.tar"))
+    for path, rel in zip(shard_paths, _relative_names(shard_paths), strict=True):
+        target = os.path.join(folder, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        total += filter_shard(path, kept.get(shard_name(path), {}), target)
     return total
+
+
+def _relative_names(paths: list[str]) -> list[str]:
+    """``filtered/`` mirrors the inputs' paths below their common folder (``a/00000.tar`` and
+    ``b/00000.tar`` stay apart); remote or odd paths fall back to the shard identity."""
+    local = [p for p in paths if "://" not in p]
+    if paths and len(local) == len(paths):
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+        rels = [os.path.relpath(os.path.abspath(p), root) for p in paths]
+        if all(not r.startswith("..") and r.lower().endswith(".tar") for r in rels) and len(set(rels)) == len(rels):
+            return rels
+    return [f"{safe_part_name(shard_name(p))}.tar" for p in paths]
 
 
 def _block_for(kept: dict[str, dict[str, dict]], sample: dict) -> dict | None:

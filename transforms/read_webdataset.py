@@ -21,6 +21,8 @@ def read_limits(cfg) -> ReadLimits:
         max_caption_bytes=r.max_caption_bytes,
         require_caption=r.require_caption,
         image_extensions=tuple(r.image_extensions),
+        max_members_per_key=r.max_members_per_key,
+        max_json_bytes=r.max_json_bytes,
     )
 
 
@@ -40,6 +42,7 @@ def read(p: beam.Pipeline, cfg, shards: list[str], out_dir: str) -> dict:
         pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
         cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
         emit_samples=cfg.dedup.clip.enabled,
+        max_decoded_bytes=cfg.read.max_decoded_bytes,
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )
     paths = p | "ShardPaths" >> beam.Create(sorted(shards))
