@@ -80,6 +80,8 @@ class ReadRangeFn(beam.DoFn):
             yield from self._batch(item.file, columns, start, n, seen)
             self.rows_read.inc(n)
             progress.advance("samples decoded", n)
+        if item.stop >= item.file.rows:  # the file's last range
+            progress.advance("shards")
 
     def _metadata_batches(self, item: RowRange) -> Iterator[tuple[dict, int, int]]:
         """-> (columns as Python lists, first row, rows) per batch; columns empty past the metadata."""
