@@ -17,6 +17,13 @@ It prints both times and their ratios to SemDeDup (issue 10's targets: full <= 1
 and recall of the clusters against the planted groups (every pair of rows, counted from the
 contingency table) and against exact cosine pairs among a random subset of rows. ``--profile``
 runs the full job under cProfile and prints where its time goes.
+
+Measured 2026-11-30 on 2 shared cores (load average 10-16), 50,000 x 512 (``--rows 50000``):
+SemDeDup 17.7 s wall (15.3 s algorithm), dedup-only job 262 s (14.8x), full curation 422 s
+(23.8x), peak RSS 2.4 GB (SemDeDup 0.8 GB); pairwise precision and recall 1.000 for both jobs
+(SemDeDup recall 0.997). A cProfile of the dedup-only job at 20,000 x 128: of 142 s, ~75-110 s is
+Beam's per-element work (bundle processing, pickling ~2.9M elements), 26 s the cell search, 24 s
+imports, 2 s the LAION reader. The 1M-row run was not attempted on this machine.
 """
 
 from __future__ import annotations
