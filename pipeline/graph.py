@@ -16,9 +16,9 @@ import apache_beam as beam
 
 from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
-from transforms.decide import Decide, DiversifyCaptions, blocklist_row
+from transforms.decide import BlocklistRows, Decide, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.write import WriteTable
+from transforms.write import WriteTable, bucket
 
 # input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
 READERS = {
@@ -158,6 +158,8 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     """Wire the whole job after the reader (``read_input``'s dict); returns the PCollections of
     the annotations and the manifest rows."""
     shards = read["shards"]
+    n_parts = max(1, read["input"]["n_shards"])  # clusters/ and neighbours/ parts, as many as input shards
+    cache_dir = (cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None
     dec = dict(read)
     if cfg.dedup.incremental_from:
         dec = _with_reference(p, cfg, dec)
@@ -207,7 +209,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
                 | "JoinReps" >> beam.CoGroupByKey()
                 | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else [])
             )
-        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed)
+        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=cache_dir)
         keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
         keyed["failure"] = (
             keyed["failure"],
@@ -243,7 +245,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
         dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows),
         out_dir,
         "clusters",
-        lambda r: "all",
+        lambda r, n=n_parts: bucket(r["cluster_id"], n),
         lambda r: (r["cluster_id"], r["key"]),
     )
     if dup["neighbours"]:
@@ -252,7 +254,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
             nn | "NeighbourRows" >> beam.Map(_neighbour_row),
             out_dir,
             "neighbours",
-            lambda r: r["embedder"],
+            lambda r, n=n_parts: f"{r['embedder']}-{bucket(r['key'], n)}",
             lambda r: (r["key"],),
         )
     if cfg.diversify.enabled:
@@ -260,9 +262,8 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
             cfg.diversify, cfg.run.seed
         )
         _write(div, out_dir, "diversify", _by_shard, lambda r: (r["key"],))
-    dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == "drop")
     _write(
-        dropped | "BlockRows" >> beam.Map(lambda r: dict(blocklist_row(r), _shard=r["shard"])),
+        rows | "BlockRows" >> BlocklistRows(),
         out_dir,
         "blocklist",
         lambda r: r["_shard"],

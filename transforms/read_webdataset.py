@@ -10,7 +10,7 @@ import os
 
 import apache_beam as beam
 
-from transforms.process_shards import ProcessShards, ShardSettings
+from transforms.process_shards import ProcessShards, ShardSettings, shard_path_element
 from transforms.read_shards import ReadLimits
 
 
@@ -45,7 +45,7 @@ def read(p: beam.Pipeline, cfg, shards: list[str], out_dir: str) -> dict:
         max_decoded_bytes=cfg.read.max_decoded_bytes,
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )
-    paths = p | "ShardPaths" >> beam.Create(sorted(shards))
+    paths = p | "ShardPaths" >> beam.Create([shard_path_element(s) for s in sorted(shards)])
     out = dict(paths | "ProcessShards" >> ProcessShards(settings))
     out["pixels"] = True
     out["input"] = describe(shards)

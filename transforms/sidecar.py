@@ -15,16 +15,26 @@ from schemas.elements import Failure
 COLUMNS = ("key", "status", "url", "caption", "error_message", "original_width", "original_height")
 
 
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def tar_stem(path: str) -> str:
+    """``a/00000.tar`` (``.TAR``, ``.tar.gz``, ``.tgz``) -> ``a/00000``."""
+    lower = path.lower()
+    return next((path[: -len(s)] for s in TAR_SUFFIXES if lower.endswith(s)), path)
+
+
 def sidecar_path(path: str) -> str:
-    return path[:-4] + ".parquet" if path.lower().endswith(".tar") else path + ".parquet"
+    return tar_stem(path) + ".parquet"
 
 
 def read_sidecar(parquet_path: str) -> list[dict]:
     """Rows of an img2dataset ``.parquet`` sidecar (the columns in ``COLUMNS`` it has)."""
     import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(parquet_path, compression_type="uncompressed") as f:
+    from transforms import fsio
+
+    with fsio.open_input(parquet_path) as f:
         table = pq.read_table(f)
     wanted = [c for c in COLUMNS if c in table.column_names]
     return table.select(wanted).to_pylist()
@@ -32,11 +42,11 @@ def read_sidecar(parquet_path: str) -> list[dict]:
 
 def read_sidecar_rows(path: str, events: list[str]) -> list[dict]:
     """The sidecar's rows, or [] when it is missing or unreadable (an event says which)."""
-    from apache_beam.io.filesystems import FileSystems
+    from transforms import fsio
 
     side = sidecar_path(path)
     try:
-        if not FileSystems.exists(side):
+        if not fsio.exists(side):
             return []
         return read_sidecar(side)
     except Exception as exc:  # a corrupt sidecar must not lose the tar's samples
