@@ -113,13 +113,22 @@ def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
     per = 2 if plan.second and len(plan.centroids) > 1 else 1
     cells = np.full((m, nq * per), -1, dtype=np.int32)
     flat = queries.reshape(m * nq, -1)
+    low = bf16_native() and len(plan.centroids) > per + 2
+    c32 = torch.from_numpy(plan.centroids)
+    ct_low = ct.to(torch.bfloat16) if low else ct
     with torch.inference_mode():
         for s in range(0, len(flat), batch):
             x = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch], dtype=np.float32))
-            top = torch.topk(x @ ct, per, dim=1)
-            ids = top.indices.numpy().astype(np.int32)
+            if low:  # bf16 shortlist of per + 2 centroids, ranked again in fp32
+                short = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1).indices
+                exact = torch.bmm(c32[short], x[:, :, None])[:, :, 0]
+                best = torch.topk(exact, per, dim=1)
+                values, ids = best.values, torch.gather(short, 1, best.indices)
+            else:
+                values, ids = torch.topk(x @ ct, per, dim=1)
+            ids = ids.numpy().astype(np.int32)
             if per == 2:
-                near = (top.values[:, 0] - top.values[:, 1]).numpy() <= plan.margin
+                near = (values[:, 0] - values[:, 1]).numpy() <= plan.margin
                 ids[~near, 1] = -1
             rows = np.arange(s, s + len(x))
             cells.reshape(m * nq, per)[rows] = ids
@@ -195,7 +204,7 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
     t = t32.to(torch.bfloat16) if low else t32
     fast = (t[:, q].reshape(m * len(q), d), t.reshape(m * h, d)) if low else full
     eps = BF16_EPS * float(np.max(np.einsum("mhd,mhd->mh", x32, x32))) if low else 0.0
-    block = int(max(1, min(4096, 2**25 // max(1, m * h * len(q)))))
+    block = int(max(1, min(1024, 2**25 // max(1, m * h * len(q)))))
     k = min(NN_CANDIDATES if low else 1, m - 1)
     pi, pj, ps, ri, rj, nn_cand, nn_top = [], [], [], [], [], [], []
     with torch.inference_mode():
@@ -248,6 +257,8 @@ def _nearest(x32: np.ndarray, cand: np.ndarray, q: tuple[int, ...]):
 def dedup_keys(keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
     """Row indices sorted by key, one per key (a key repeated across inputs: the first in
     (key, first vector value) order, so the choice does not depend on arrival order)."""
+    if len(keys) < 2 or (keys[1:] > keys[:-1]).all():
+        return np.arange(len(keys))
     order = np.lexsort((vecs.reshape(len(vecs), -1)[:, 0], keys))
     first = np.ones(len(order), dtype=bool)
     first[1:] = keys[order][1:] != keys[order][:-1]
