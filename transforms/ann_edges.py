@@ -80,14 +80,14 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
         yield int(g), (keys[rows], payload[rows], cells[rows])
 
 
-def _search(item, plan: cs.Plan, vectorize: Callable, query_rows: tuple, threshold: float) -> Iterator[dict]:
+def _search(item, plan: cs.Plan, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool) -> Iterator:
     group, pieces = item
     pieces = list(pieces)
     keys = np.concatenate([p[0] for p in pieces])
     vecs = vectorize(np.concatenate([p[1] for p in pieces]))
     cells = np.concatenate([p[2] for p in pieces])
     q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
-    found = cs.search_group(keys, vecs, cells, group, plan.groups, q, threshold)
+    found = cs.search_group(keys, vecs, cells, group, plan.groups, q, threshold, forest=forest)
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
     yield found
 
@@ -130,7 +130,11 @@ def float_vectors(payload: np.ndarray) -> np.ndarray:
 
 
 class CellSearch(beam.PTransform):
-    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour}."""
+    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour}.
+
+    ``forest`` (default): each cell emits the strongest spanning forest of its pairs above the
+    threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else every
+    pair once."""
 
     def __init__(
         self,
@@ -141,8 +145,10 @@ class CellSearch(beam.PTransform):
         vectorize: Callable = float_vectors,
         query_rows: tuple = (0,),
         similarity: Callable = identity_similarity,
+        forest: bool = True,
     ):
         super().__init__()
+        self.forest = forest
         self.threshold, self.embedder, self.seed = threshold, embedder, seed
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
         c = cluster_cfg
@@ -172,6 +178,7 @@ class CellSearch(beam.PTransform):
                 vectorize=self.vectorize,
                 query_rows=self.query_rows,
                 threshold=self.threshold,
+                forest=self.forest,
             )
         )
         edges = found | "Edges" >> beam.FlatMap(_edges, self.embedder, self.similarity)

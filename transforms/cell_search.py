@@ -265,10 +265,27 @@ def dedup_keys(keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
     return order[first]
 
 
-def search_group(keys, vecs, cells, group: int, groups: int, query_rows, threshold: float, bf16=None) -> dict:
+def strongest_forest(n: int, i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> np.ndarray:
+    """Mask of the pairs forming a maximum-similarity spanning forest of the n rows' graph: the
+    same components from at most n - 1 real edges (a group of 500 copies: 499, not 124,750)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    if len(i) < 2:
+        return np.ones(len(i), dtype=bool)
+    weight = 2.0 - sim.astype(np.float64)  # > 0: zero would read as "no edge"
+    tree = minimum_spanning_tree(coo_matrix((weight, (i, j)), shape=(n, n)).tocsr()).tocoo()
+    kept = np.minimum(tree.row, tree.col).astype(np.int64) * n + np.maximum(tree.row, tree.col)
+    return np.isin(np.minimum(i, j) * n + np.maximum(i, j), kept)
+
+
+def search_group(
+    keys, vecs, cells, group: int, groups: int, query_rows, threshold: float, bf16=None, forest: bool = False
+) -> dict:
     """All cells of one shuffle group -> columnar results (numpy arrays of keys and similarities):
-    ``edges`` (a, b, sim) with a < b, each pair once over all cells; ``nn`` (key, nn_key, sim)
-    final for rows in one cell; ``nn_partial`` the same for rows in several cells (to combine)."""
+    ``edges`` (a, b, sim) with a < b, each pair once over all cells (``forest``: only each cell's
+    strongest spanning forest, which keeps the components); ``nn`` (key, nn_key, sim) final for
+    rows in one cell; ``nn_partial`` the same for rows in several cells (to combine)."""
     keys = np.asarray(keys)
     rows = dedup_keys(keys, vecs)
     keys, cells = keys[rows], cells[rows]
@@ -284,7 +301,9 @@ def search_group(keys, vecs, cells, group: int, groups: int, query_rows, thresho
             continue
         i, j, sim, nn, nn_sim = search_cell(vecs[rows[members]], query_rows, threshold, bf16)
         gi, gj = members[i], members[j]
-        own = owner_cell(cells[gi], cells[gj]) == c
+        own = owner_cell(cells[gi], cells[gj]) == c  # a forest edge another cell owns is connected there
+        if forest:
+            own &= strongest_forest(len(members), i, j, sim)
         ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])
         valid = nn >= 0
         wa.append(members[valid]), wb.append(members[nn[valid]]), ws.append(nn_sim[valid])
@@ -321,6 +340,7 @@ def search_in_memory(keys, vecs: np.ndarray, query_rows=(0,), threshold: float =
     ``sample_cap`` and ``bf16``."""
     keys = np.asarray(keys)
     bf16 = plan_args.pop("bf16", None)
+    forest = plan_args.pop("forest", False)
     cap = plan_args.pop("sample_cap", 100_000)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
     picked = sample_rows(keys, cap, plan_args.get("seed", 0))
@@ -331,7 +351,8 @@ def search_in_memory(keys, vecs: np.ndarray, query_rows=(0,), threshold: float =
     in_group = groups_of(cells, plan.groups)
     for g in range(plan.groups):
         rows = np.flatnonzero((in_group == g).any(axis=1))
-        parts.append(search_group(keys[rows], vecs[rows], cells[rows], g, plan.groups, tuple(q), threshold, bf16))
+        found = search_group(keys[rows], vecs[rows], cells[rows], g, plan.groups, tuple(q), threshold, bf16, forest)
+        parts.append(found)
     edges = tuple(np.concatenate([p["edges"][i] for p in parts]) for i in range(3))
     nn = tuple(np.concatenate([p["nn"][i] for p in parts]) for i in range(3))
     partial = best_neighbours(*(np.concatenate([p["nn_partial"][i] for p in parts]) for i in range(3)))
