@@ -77,17 +77,19 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
     in_group = cs.groups_of(cells, plan.groups)
     for g in np.unique(in_group[in_group >= 0]):
         rows = np.flatnonzero((in_group == g).any(axis=1))
-        yield int(g), (keys[rows], payload[rows], cells[rows])
+        yield int(g), (keys[rows], payload[rows], cells[rows], plan.groups)
 
 
-def _search(item, plan: cs.Plan, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool) -> Iterator:
+def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool) -> Iterator[dict]:
+    """One shuffle group's pieces (each says how many groups there are) -> its columnar results."""
     group, pieces = item
     pieces = list(pieces)
+    groups = pieces[0][3]
     keys = np.concatenate([p[0] for p in pieces])
     vecs = vectorize(np.concatenate([p[1] for p in pieces]))
     cells = np.concatenate([p[2] for p in pieces])
     q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
-    found = cs.search_group(keys, vecs, cells, group, plan.groups, q, threshold, forest=forest)
+    found = cs.search_group(keys, vecs, cells, group, groups, q, threshold, forest=forest)
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
     yield found
 
@@ -165,16 +167,17 @@ class CellSearch(beam.PTransform):
         }
 
     def expand(self, batches):
-        stats = batches | "SampleForCells" >> beam.CombineGlobally(SampleRows(self.cap, self.seed))
+        sampler = SampleRows(self.cap, self.seed)
+        stats = batches | "SampleForCells" >> beam.CombineGlobally(sampler).without_defaults()
         plan = stats | "TrainCells" >> beam.Map(_plan, self.vectorize, self.query_rows, self.settings)
         found = (
             batches
-            | "AssignCells" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(plan), self.vectorize, self.query_rows)
+            | "AssignCells"
+            >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(plan, default_value=None), self.vectorize, self.query_rows)
             | "ByCellGroup" >> beam.GroupByKey()
             | "SearchCells"
             >> beam.FlatMap(
                 _search,
-                beam.pvalue.AsSingleton(plan),
                 vectorize=self.vectorize,
                 query_rows=self.query_rows,
                 threshold=self.threshold,
