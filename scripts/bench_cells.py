@@ -49,7 +49,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--margin", type=float, default=0.05)
+    parser.add_argument("--margin", type=float, default=0.02)
     parser.add_argument("--check-subset", type=int, default=40_000)
     parser.add_argument("--cells", type=int, default=0, help="cells (0: the default choice)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both runs (0: torch's default)")

@@ -159,7 +159,7 @@ class CellSearch(beam.PTransform):
             "single_cell_below": getattr(c, "single_cell_below", 50_000),
             "requested_cells": c.n_cells,
             "sample_size": c.sample_size,
-            "margin": getattr(c, "second_cell_margin", 0.05),
+            "margin": getattr(c, "second_cell_margin", 0.02),
             "top_m": c.top_m,
             "target_group_rows": TARGET_GROUP_ROWS,
             "min_groups": c.cell_groups,

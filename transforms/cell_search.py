@@ -84,7 +84,7 @@ def make_plan(
     single_cell_below: int = 50_000,
     requested_cells: int = 0,
     sample_size: int = 0,
-    margin: float = 0.05,
+    margin: float = 0.02,
     top_m: int = 2,
     target_group_rows: int = 200_000,
     min_groups: int = 1,
