@@ -155,7 +155,7 @@ def test_vector_edges_on_pipeline_match_in_memory(small):
     vectors, _ = small
     vectors = vectors[:1500]
     keys = [f"k{i:05d}" for i in range(len(vectors))]
-    cfg = ClusterConfig(n_cells=12, cell_groups=4)
+    cfg = ClusterConfig(n_cells=12, cell_groups=4, second_cell_margin=0.05)
     found = cell_search.search_in_memory(
         np.array(keys), vectors[:, None, :], (0,), 0.9, requested_cells=12, min_groups=4, margin=0.05, forest=True
     )

@@ -134,7 +134,7 @@ def float_vectors(payload: np.ndarray) -> np.ndarray:
 class CellSearch(beam.PTransform):
     """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour}.
 
-    ``forest`` (default): each cell emits the strongest spanning forest of its pairs above the
+    ``forest`` (default): each cell emits a breadth-first spanning forest of its pairs above the
     threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else every
     pair once."""
 

@@ -265,17 +265,27 @@ def dedup_keys(keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
     return order[first]
 
 
-def strongest_forest(n: int, i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> np.ndarray:
-    """Mask of the pairs forming a maximum-similarity spanning forest of the n rows' graph: the
-    same components from at most n - 1 real edges (a group of 500 copies: 499, not 124,750)."""
+def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Mask of the pairs forming a breadth-first spanning forest of the n rows' graph, each tree
+    rooted at its component's first row (the smallest key): the same components from at most
+    n - 1 real edges (a group of 500 copies: 499, not 124,750), and trees as shallow as the
+    graph allows (copies of one image: a star), which keeps the component rounds few."""
     from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import minimum_spanning_tree
+    from scipy.sparse.csgraph import breadth_first_order, connected_components
 
     if len(i) < 2:
         return np.ones(len(i), dtype=bool)
-    weight = 2.0 - sim.astype(np.float64)  # > 0: zero would read as "no edge"
-    tree = minimum_spanning_tree(coo_matrix((weight, (i, j)), shape=(n, n)).tocsr()).tocoo()
-    kept = np.minimum(tree.row, tree.col).astype(np.int64) * n + np.maximum(tree.row, tree.col)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    roots = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(roots, labels, np.arange(n))
+    top = np.full(len(roots), n)  # a virtual node n above every root: one breadth-first search
+    rows, cols = np.concatenate([i, top]), np.concatenate([j, roots])
+    both = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n + 1, n + 1)).tocsr()
+    _, pred = breadth_first_order(both, n, directed=False, return_predecessors=True)
+    child = np.flatnonzero((pred[:n] >= 0) & (pred[:n] != n))
+    parent = pred[child].astype(np.int64)
+    kept = np.minimum(parent, child) * n + np.maximum(parent, child)
     return np.isin(np.minimum(i, j) * n + np.maximum(i, j), kept)
 
 
@@ -284,7 +294,7 @@ def search_group(
 ) -> dict:
     """All cells of one shuffle group -> columnar results (numpy arrays of keys and similarities):
     ``edges`` (a, b, sim) with a < b, each pair once over all cells (``forest``: only each cell's
-    strongest spanning forest, which keeps the components); ``nn`` (key, nn_key, sim) final for
+    breadth-first spanning forest, which keeps the components); ``nn`` (key, nn_key, sim) final for
     rows in one cell; ``nn_partial`` the same for rows in several cells (to combine)."""
     keys = np.asarray(keys)
     rows = dedup_keys(keys, vecs)
@@ -303,7 +313,7 @@ def search_group(
         gi, gj = members[i], members[j]
         own = owner_cell(cells[gi], cells[gj]) == c  # a forest edge another cell owns is connected there
         if forest:
-            own &= strongest_forest(len(members), i, j, sim)
+            own &= shallow_forest(len(members), i, j)
         ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])
         valid = nn >= 0
         wa.append(members[valid]), wb.append(members[nn[valid]]), ws.append(nn_sim[valid])
