@@ -11,11 +11,11 @@ import apache_beam as beam
 
 from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
-from transforms.decide import Decide, DiversifyCaptions, blocklist_row
+from transforms.decide import BlocklistRows, Decide, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.process_shards import ProcessShards, ShardSettings
+from transforms.process_shards import ProcessShards, ShardSettings, shard_path_element
 from transforms.read_shards import ReadLimits
-from transforms.write import WriteTable
+from transforms.write import WriteTable, bucket
 
 
 def read_limits(cfg) -> ReadLimits:
@@ -25,6 +25,8 @@ def read_limits(cfg) -> ReadLimits:
         max_caption_bytes=r.max_caption_bytes,
         require_caption=r.require_caption,
         image_extensions=tuple(r.image_extensions),
+        max_members_per_key=r.max_members_per_key,
+        max_json_bytes=r.max_json_bytes,
     )
 
 
@@ -94,6 +96,7 @@ DECODE_ERROR_TYPES = (
     "unidentified_image",
     "format_mismatch",
     "decompression_bomb",
+    "unsupported_image_format",
     "bad_dimensions",
     "empty_image",
 )
@@ -128,7 +131,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
 
 def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> dict:
     """Wire the whole job; returns the PCollections of written paths and the decisions."""
-    paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
+    paths = p | "ShardPaths" >> beam.Create([shard_path_element(s) for s in sorted(shard_paths)])
     settings = ShardSettings(
         limits=read_limits(cfg),
         max_pixels=cfg.read.max_image_pixels,
@@ -136,6 +139,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
         cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
         emit_samples=cfg.dedup.clip.enabled,
+        max_decoded_bytes=cfg.read.max_decoded_bytes,
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )
     dec = paths | "ProcessShards" >> ProcessShards(settings)
@@ -189,7 +193,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
                 | "JoinReps" >> beam.CoGroupByKey()
                 | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else [])
             )
-        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed)
+        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=settings.cache_dir)
         keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
         keyed["failure"] = (
             keyed["failure"],
@@ -225,7 +229,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows),
         out_dir,
         "clusters",
-        lambda r: "all",
+        lambda r, n=len(shard_paths): bucket(r["cluster_id"], n),
         lambda r: (r["cluster_id"], r["key"]),
     )
     if dup["neighbours"]:
@@ -234,7 +238,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             nn | "NeighbourRows" >> beam.Map(_neighbour_row),
             out_dir,
             "neighbours",
-            lambda r: r["embedder"],
+            lambda r, n=len(shard_paths): f"{r['embedder']}-{bucket(r['key'], n)}",
             lambda r: (r["key"],),
         )
     if cfg.diversify.enabled:
@@ -242,9 +246,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             cfg.diversify, cfg.run.seed
         )
         _write(div, out_dir, "diversify", _by_shard, lambda r: (r["key"],))
-    dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == "drop")
     _write(
-        dropped | "BlockRows" >> beam.Map(lambda r: dict(blocklist_row(r), _shard=r["shard"])),
+        rows | "BlockRows" >> BlocklistRows(),
         out_dir,
         "blocklist",
         lambda r: r["_shard"],

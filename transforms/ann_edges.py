@@ -82,6 +82,9 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
 
 def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool) -> Iterator[dict]:
     """One shuffle group's pieces (each says how many groups there are) -> its columnar results."""
+    from pipeline import progress
+
+    progress.begin("search")
     group, pieces = item
     pieces = list(pieces)
     groups = pieces[0][3]
@@ -91,6 +94,7 @@ def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, fore
     q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
     found = cs.search_group(keys, vecs, cells, group, groups, q, threshold, forest=forest)
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
+    progress.advance("search", len(keys))  # rows searched in this cell group (top-m: a row in m groups)
     yield found
 
 

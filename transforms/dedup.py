@@ -39,17 +39,40 @@ def _column_value(info: SampleInfo, column: str) -> float:
 
 
 def keeper_sort_key(policy: str):
-    """A sort key: the first member after sorting is the keeper. Ties -> the smallest key."""
-    if policy in ("resolution", "centre"):  # centre needs vectors: the float path handles it
-        return lambda i: (-(i.width * i.height), i.key)
+    """A sort key: the first member after sorting is the keeper. Ties -> the smallest key.
+
+    ``resolution`` (and ``centre``, whose vector path is elsewhere) ranks by the original pixel
+    count img2dataset recorded before resizing (decoded pixels when unknown), then the decoded
+    pixels, then encoded bytes per pixel (the less compressed copy first), then the key: a
+    degraded copy resized to the same 256 px as its original no longer ties with it.
+    """
+    if policy in ("resolution", "centre"):
+        return _resolution_rank
     if policy == "earliest":
         return lambda i: (i.key,)
     if policy.startswith("column:"):
         parts = policy.split(":")
+        if len(parts) not in (2, 3) or not parts[1] or (len(parts) == 3 and parts[2] not in ("asc", "desc")):
+            raise ValueError(f"dedup.keeper: {policy!r} is not column:NAME[:asc|desc]")
         column, order = parts[1], (parts[2] if len(parts) > 2 else "desc")
         sign = -1.0 if order == "desc" else 1.0
-        return lambda i: (sign * _column_value(i, column), i.key)
+
+        def rank(i: SampleInfo) -> tuple:
+            value = _column_value(i, column)
+            missing = not math.isfinite(value)  # a member without the column (or NaN) ranks last
+            return (missing, 0.0 if missing else sign * value, i.key)
+
+        return rank
     raise ValueError(f"dedup.keeper: unknown policy {policy!r}")
+
+
+def _resolution_rank(info: SampleInfo) -> tuple:
+    decoded = max(int(info.width or 0), 0) * max(int(info.height or 0), 0)
+    ow, oh = int(getattr(info, "original_width", 0) or 0), int(getattr(info, "original_height", 0) or 0)
+    original = ow * oh if ow > 0 and oh > 0 else decoded
+    n_bytes = int(getattr(info, "image_bytes", 0) or 0)
+    per_pixel = n_bytes / decoded if decoded else 0.0
+    return (-original, -decoded, -per_pixel, info.key)
 
 
 def assign_cluster(
@@ -212,5 +235,7 @@ class FindDuplicates(beam.PTransform):
             | "GroupClusters" >> beam.CoGroupByKey()
             | "Assign" >> beam.FlatMap(_assign, policy=self.keeper)
         )
-        assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten()
+        from pipeline import progress
+
+        assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten() | "Progress" >> progress.Tick("dedup")
         return {"assignments": assignments, "edges": edges}
