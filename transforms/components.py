@@ -11,7 +11,8 @@ The rounds are unrolled in the graph (``rounds`` pairs, 8 by default: a shuffled
 nodes converges in 8; the cell search emits breadth-first forests, so copies of one image arrive
 as a star). The last step groups once more and checks, node by node, that the result is a union
 of stars (each node either has only larger neighbours, or exactly one neighbour, smaller): a
-local test that holds everywhere only when the whole graph has converged. If it fails anywhere, the job fails loudly, naming the setting.
+local test that holds everywhere only when the whole graph has converged. If it fails anywhere,
+the job fails loudly, naming the setting.
 """
 
 from __future__ import annotations
