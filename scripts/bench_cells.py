@@ -37,8 +37,7 @@ def cluster_pr(labels: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
     return tp / max(1, pairs(found)), tp / max(1, pairs(true_counts))
 
 
-def edge_pr(a: np.ndarray, b: np.ndarray, x: np.ndarray, rows: np.ndarray, threshold: float):
-    truth = {(int(rows[i]), int(rows[j])) for i, j in ann.exact_pairs(x[rows], threshold)}
+def edge_pr(a: np.ndarray, b: np.ndarray, truth: set, rows: np.ndarray):
     inside = np.isin(a, rows) & np.isin(b, rows)
     found = set(zip(a[inside].tolist(), b[inside].tolist(), strict=True))
     tp = len(found & truth)
@@ -50,7 +49,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--margin", type=float, default=0.05)
+    parser.add_argument("--margin", type=float, default=0.02)
     parser.add_argument("--check-subset", type=int, default=40_000)
     parser.add_argument("--cells", type=int, default=0, help="cells (0: the default choice)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both runs (0: torch's default)")
@@ -88,12 +87,13 @@ def main() -> int:
         print(f"SemDeDup baseline: {base:.1f} s, {len(sa)} pairs; ratio cell search / baseline {ours / base:.2f}")
 
     rows = np.sort(np.random.default_rng(0).choice(len(x), size=min(len(x), args.check_subset), replace=False))
-    r, p, n_truth = edge_pr(a, b, x, rows, args.threshold)
+    truth = {(int(rows[i]), int(rows[j])) for i, j in ann.exact_pairs(x[rows], args.threshold)}
+    r, p, n_truth = edge_pr(a, b, truth, rows)
     print(f"edges vs exact pairs among {len(rows)} random rows ({n_truth} pairs): recall {r:.4f} precision {p:.4f}")
     cp, cr = cluster_pr(labels, groups)
     print(f"clusters vs planted groups, pairwise: precision {cp:.4f} recall {cr:.4f}")
     if not args.skip_baseline:
-        r2, p2, _ = edge_pr(sa, sb, x, rows, args.threshold)
+        r2, p2, _ = edge_pr(sa, sb, truth, rows)
         bp, br = cluster_pr(base_labels, groups)
         print(f"baseline: edge recall {r2:.4f} precision {p2:.4f}; clusters precision {bp:.4f} recall {br:.4f}")
     return 0

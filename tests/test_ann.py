@@ -126,9 +126,9 @@ def test_vector_edges_on_pipeline_match_in_memory(small):
     vectors, _ = small
     vectors = vectors[:1500]
     keys = [f"k{i:05d}" for i in range(len(vectors))]
-    cfg = ClusterConfig(n_cells=12, cell_groups=4)
+    cfg = ClusterConfig(n_cells=12, cell_groups=4, second_cell_margin=0.05)
     found = cell_search.search_in_memory(
-        np.array(keys), vectors[:, None, :], (0,), 0.9, requested_cells=12, min_groups=4, margin=0.05
+        np.array(keys), vectors[:, None, :], (0,), 0.9, requested_cells=12, min_groups=4, margin=0.05, forest=True
     )
     want_edges = sorted(_key_pairs(keys, found["edges"]))
     want_nn = sorted(zip(found["nn"][0].tolist(), found["nn"][1].tolist(), strict=True))
@@ -137,3 +137,15 @@ def test_vector_edges_on_pipeline_match_in_memory(small):
         out = p | beam.Create(batches) | VectorEdges(0.9, "clip", cfg, seed=0)
         assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to(want_edges))
         assert_that(out["neighbours"] | beam.Map(lambda n: (n.key, n.nn_key)), equal_to(want_nn), label="nn")
+
+
+def test_forest_keeps_the_components(small):
+    vectors, _ = small
+    ids = np.arange(len(vectors))
+    args = dict(requested_cells=30, min_groups=2, margin=0.05)
+    full = cell_search.search_in_memory(ids, vectors[:, None, :], (0,), 0.9, **args)
+    forest = cell_search.search_in_memory(ids, vectors[:, None, :], (0,), 0.9, forest=True, **args)
+    assert len(forest["edges"][0]) < len(full["edges"][0]) / 5
+    assert len(forest["edges"][0]) < len(vectors)
+    labels = [ann.components(len(ids), f["edges"][0], f["edges"][1]) for f in (full, forest)]
+    assert (labels[0] == labels[1]).all()

@@ -77,20 +77,22 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
     in_group = cs.groups_of(cells, plan.groups)
     for g in np.unique(in_group[in_group >= 0]):
         rows = np.flatnonzero((in_group == g).any(axis=1))
-        yield int(g), (keys[rows], payload[rows], cells[rows])
+        yield int(g), (keys[rows], payload[rows], cells[rows], plan.groups)
 
 
-def _search(item, plan: cs.Plan, vectorize: Callable, query_rows: tuple, threshold: float) -> Iterator[dict]:
+def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool) -> Iterator[dict]:
+    """One shuffle group's pieces (each says how many groups there are) -> its columnar results."""
     from pipeline import progress
 
     progress.begin("search")
     group, pieces = item
     pieces = list(pieces)
+    groups = pieces[0][3]
     keys = np.concatenate([p[0] for p in pieces])
     vecs = vectorize(np.concatenate([p[1] for p in pieces]))
     cells = np.concatenate([p[2] for p in pieces])
     q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
-    found = cs.search_group(keys, vecs, cells, group, plan.groups, q, threshold)
+    found = cs.search_group(keys, vecs, cells, group, groups, q, threshold, forest=forest)
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
     progress.advance("search", len(keys))  # rows searched in this cell group (top-m: a row in m groups)
     yield found
@@ -134,7 +136,11 @@ def float_vectors(payload: np.ndarray) -> np.ndarray:
 
 
 class CellSearch(beam.PTransform):
-    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour}."""
+    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour}.
+
+    ``forest`` (default): each cell emits a breadth-first spanning forest of its pairs above the
+    threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else every
+    pair once."""
 
     def __init__(
         self,
@@ -145,8 +151,10 @@ class CellSearch(beam.PTransform):
         vectorize: Callable = float_vectors,
         query_rows: tuple = (0,),
         similarity: Callable = identity_similarity,
+        forest: bool = True,
     ):
         super().__init__()
+        self.forest = forest
         self.threshold, self.embedder, self.seed = threshold, embedder, seed
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
         c = cluster_cfg
@@ -155,7 +163,7 @@ class CellSearch(beam.PTransform):
             "single_cell_below": getattr(c, "single_cell_below", 50_000),
             "requested_cells": c.n_cells,
             "sample_size": c.sample_size,
-            "margin": getattr(c, "second_cell_margin", 0.05),
+            "margin": getattr(c, "second_cell_margin", 0.02),
             "top_m": c.top_m,
             "target_group_rows": TARGET_GROUP_ROWS,
             "min_groups": c.cell_groups,
@@ -163,19 +171,21 @@ class CellSearch(beam.PTransform):
         }
 
     def expand(self, batches):
-        stats = batches | "SampleForCells" >> beam.CombineGlobally(SampleRows(self.cap, self.seed))
+        sampler = SampleRows(self.cap, self.seed)
+        stats = batches | "SampleForCells" >> beam.CombineGlobally(sampler).without_defaults()
         plan = stats | "TrainCells" >> beam.Map(_plan, self.vectorize, self.query_rows, self.settings)
         found = (
             batches
-            | "AssignCells" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(plan), self.vectorize, self.query_rows)
+            | "AssignCells"
+            >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(plan, default_value=None), self.vectorize, self.query_rows)
             | "ByCellGroup" >> beam.GroupByKey()
             | "SearchCells"
             >> beam.FlatMap(
                 _search,
-                beam.pvalue.AsSingleton(plan),
                 vectorize=self.vectorize,
                 query_rows=self.query_rows,
                 threshold=self.threshold,
+                forest=self.forest,
             )
         )
         edges = found | "Edges" >> beam.FlatMap(_edges, self.embedder, self.similarity)

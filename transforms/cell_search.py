@@ -84,7 +84,7 @@ def make_plan(
     single_cell_below: int = 50_000,
     requested_cells: int = 0,
     sample_size: int = 0,
-    margin: float = 0.05,
+    margin: float = 0.02,
     top_m: int = 2,
     target_group_rows: int = 200_000,
     min_groups: int = 1,
@@ -113,13 +113,22 @@ def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
     per = 2 if plan.second and len(plan.centroids) > 1 else 1
     cells = np.full((m, nq * per), -1, dtype=np.int32)
     flat = queries.reshape(m * nq, -1)
+    low = bf16_native() and len(plan.centroids) > per + 2
+    c32 = torch.from_numpy(plan.centroids)
+    ct_low = ct.to(torch.bfloat16) if low else ct
     with torch.inference_mode():
         for s in range(0, len(flat), batch):
             x = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch], dtype=np.float32))
-            top = torch.topk(x @ ct, per, dim=1)
-            ids = top.indices.numpy().astype(np.int32)
+            if low:  # bf16 shortlist of per + 2 centroids, ranked again in fp32
+                short = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1).indices
+                exact = torch.bmm(c32[short], x[:, :, None])[:, :, 0]
+                best = torch.topk(exact, per, dim=1)
+                values, ids = best.values, torch.gather(short, 1, best.indices)
+            else:
+                values, ids = torch.topk(x @ ct, per, dim=1)
+            ids = ids.numpy().astype(np.int32)
             if per == 2:
-                near = (top.values[:, 0] - top.values[:, 1]).numpy() <= plan.margin
+                near = (values[:, 0] - values[:, 1]).numpy() <= plan.margin
                 ids[~near, 1] = -1
             rows = np.arange(s, s + len(x))
             cells.reshape(m * nq, per)[rows] = ids
@@ -195,7 +204,7 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
     t = t32.to(torch.bfloat16) if low else t32
     fast = (t[:, q].reshape(m * len(q), d), t.reshape(m * h, d)) if low else full
     eps = BF16_EPS * float(np.max(np.einsum("mhd,mhd->mh", x32, x32))) if low else 0.0
-    block = int(max(1, min(4096, 2**25 // max(1, m * h * len(q)))))
+    block = int(max(1, min(1024, 2**25 // max(1, m * h * len(q)))))
     k = min(NN_CANDIDATES if low else 1, m - 1)
     pi, pj, ps, ri, rj, nn_cand, nn_top = [], [], [], [], [], [], []
     with torch.inference_mode():
@@ -248,16 +257,45 @@ def _nearest(x32: np.ndarray, cand: np.ndarray, q: tuple[int, ...]):
 def dedup_keys(keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
     """Row indices sorted by key, one per key (a key repeated across inputs: the first in
     (key, first vector value) order, so the choice does not depend on arrival order)."""
+    if len(keys) < 2 or (keys[1:] > keys[:-1]).all():
+        return np.arange(len(keys))
     order = np.lexsort((vecs.reshape(len(vecs), -1)[:, 0], keys))
     first = np.ones(len(order), dtype=bool)
     first[1:] = keys[order][1:] != keys[order][:-1]
     return order[first]
 
 
-def search_group(keys, vecs, cells, group: int, groups: int, query_rows, threshold: float, bf16=None) -> dict:
+def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Mask of the pairs forming a breadth-first spanning forest of the n rows' graph, each tree
+    rooted at its component's first row (the smallest key): the same components from at most
+    n - 1 real edges (a group of 500 copies: 499, not 124,750), and trees as shallow as the
+    graph allows (copies of one image: a star), which keeps the component rounds few."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order, connected_components
+
+    if len(i) < 2:
+        return np.ones(len(i), dtype=bool)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    roots = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(roots, labels, np.arange(n))
+    top = np.full(len(roots), n)  # a virtual node n above every root: one breadth-first search
+    rows, cols = np.concatenate([i, top]), np.concatenate([j, roots])
+    both = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n + 1, n + 1)).tocsr()
+    _, pred = breadth_first_order(both, n, directed=False, return_predecessors=True)
+    child = np.flatnonzero((pred[:n] >= 0) & (pred[:n] != n))
+    parent = pred[child].astype(np.int64)
+    kept = np.minimum(parent, child) * n + np.maximum(parent, child)
+    return np.isin(np.minimum(i, j) * n + np.maximum(i, j), kept)
+
+
+def search_group(
+    keys, vecs, cells, group: int, groups: int, query_rows, threshold: float, bf16=None, forest: bool = False
+) -> dict:
     """All cells of one shuffle group -> columnar results (numpy arrays of keys and similarities):
-    ``edges`` (a, b, sim) with a < b, each pair once over all cells; ``nn`` (key, nn_key, sim)
-    final for rows in one cell; ``nn_partial`` the same for rows in several cells (to combine)."""
+    ``edges`` (a, b, sim) with a < b, each pair once over all cells (``forest``: only each cell's
+    breadth-first spanning forest, which keeps the components); ``nn`` (key, nn_key, sim) final for
+    rows in one cell; ``nn_partial`` the same for rows in several cells (to combine)."""
     keys = np.asarray(keys)
     rows = dedup_keys(keys, vecs)
     keys, cells = keys[rows], cells[rows]
@@ -273,7 +311,9 @@ def search_group(keys, vecs, cells, group: int, groups: int, query_rows, thresho
             continue
         i, j, sim, nn, nn_sim = search_cell(vecs[rows[members]], query_rows, threshold, bf16)
         gi, gj = members[i], members[j]
-        own = owner_cell(cells[gi], cells[gj]) == c
+        own = owner_cell(cells[gi], cells[gj]) == c  # a forest edge another cell owns is connected there
+        if forest:
+            own &= shallow_forest(len(members), i, j)
         ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])
         valid = nn >= 0
         wa.append(members[valid]), wb.append(members[nn[valid]]), ws.append(nn_sim[valid])
@@ -310,6 +350,7 @@ def search_in_memory(keys, vecs: np.ndarray, query_rows=(0,), threshold: float =
     ``sample_cap`` and ``bf16``."""
     keys = np.asarray(keys)
     bf16 = plan_args.pop("bf16", None)
+    forest = plan_args.pop("forest", False)
     cap = plan_args.pop("sample_cap", 100_000)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
     picked = sample_rows(keys, cap, plan_args.get("seed", 0))
@@ -320,7 +361,8 @@ def search_in_memory(keys, vecs: np.ndarray, query_rows=(0,), threshold: float =
     in_group = groups_of(cells, plan.groups)
     for g in range(plan.groups):
         rows = np.flatnonzero((in_group == g).any(axis=1))
-        parts.append(search_group(keys[rows], vecs[rows], cells[rows], g, plan.groups, tuple(q), threshold, bf16))
+        found = search_group(keys[rows], vecs[rows], cells[rows], g, plan.groups, tuple(q), threshold, bf16, forest)
+        parts.append(found)
     edges = tuple(np.concatenate([p["edges"][i] for p in parts]) for i in range(3))
     nn = tuple(np.concatenate([p["nn"][i] for p in parts]) for i in range(3))
     partial = best_neighbours(*(np.concatenate([p["nn_partial"][i] for p in parts]) for i in range(3)))

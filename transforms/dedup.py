@@ -136,12 +136,21 @@ def _assign(item, policy: str) -> Iterator[ClusterAssignment]:
         yield from assign_cluster(cluster_id, members, grouped["edge"], policy)
 
 
-def _old_end(item, end: str) -> Iterator[tuple[str, tuple[Edge, bool]]]:
-    """Incremental join: tag each edge with whether its ``end`` key is an old sample."""
+def _tag_old_a(item) -> Iterator[tuple[str, tuple[Edge, bool]]]:
+    """Incremental join on key_a: -> (key_b, (edge, key_a is old))."""
     _, grouped = item
-    old = bool(list(grouped["old"]))
+    a_old = bool(list(grouped["old"]))
+    for e in grouped["edge"]:
+        yield e.key_b, (e, a_old)
+
+
+def _unless_both_old(item) -> Iterator[Edge]:
+    """Incremental join on key_b: keep the edges that touch a new sample."""
+    _, grouped = item
+    b_old = bool(list(grouped["old"]))
     for e, a_old in grouped["edge"]:
-        yield (e.key_b, (e, old)) if end == "a" else (None, (e, a_old and old))
+        if not (a_old and b_old):
+            yield e
 
 
 class _OnlyNewPairs(beam.PTransform):
@@ -161,14 +170,10 @@ class _OnlyNewPairs(beam.PTransform):
         old = old | "OldKeyed" >> beam.Map(lambda k: (k, True))
         previous = edges | "Previous" >> beam.Filter(lambda e: e.embedder == PREVIOUS)
         fresh = edges | "Fresh" >> beam.Filter(lambda e: e.embedder != PREVIOUS)
-        by_a = {"edge": fresh | "ByA" >> beam.Map(lambda e: (e.key_a, (e, False))), "old": old}
-        tagged = by_a | "JoinA" >> beam.CoGroupByKey() | "TagA" >> beam.FlatMap(_old_end, end="a")
+        by_a = {"edge": fresh | "ByA" >> beam.Map(lambda e: (e.key_a, e)), "old": old}
+        tagged = by_a | "JoinA" >> beam.CoGroupByKey() | "TagA" >> beam.FlatMap(_tag_old_a)
         by_b = {"edge": tagged, "old": old} | "JoinB" >> beam.CoGroupByKey()
-        kept = (
-            by_b
-            | "TagB" >> beam.FlatMap(_old_end, end="b")
-            | "NotBothOld" >> beam.FlatMap(lambda kv: [] if kv[1][1] else [kv[1][0]])
-        )
+        kept = by_b | "NotBothOld" >> beam.FlatMap(_unless_both_old)
         return (previous, kept) | "NewPairs" >> beam.Flatten()
 
 
