@@ -29,7 +29,24 @@ SIDE = 64  # grayscale resize before the DCT
 BLOCK = 16  # low-frequency block kept: BLOCK*BLOCK bits
 BITS = BLOCK * BLOCK
 CODE_BYTES = BITS // 8
-NEIGHBOUR_K = len(CROPS) + 4  # k-NN depth for each sample's nearest neighbour (its own hashes take up to len(CROPS))
+# the hash rows of one image: the frame and its centre crops, the same mirrored (a flipped copy's
+# frame lands on them), and the frame inside trimmed borders (a letterboxed or padded copy's
+# trimmed frame lands on the original's frame).
+ROWS = tuple(f"{m}{c}" for m in ("", "mirror:") for c in CROPS) + ("trimmed",)
+N_HASHES = len(ROWS)
+QUERY_ROWS = (0, N_HASHES - 1)  # rows searched against every row of the others: the frame, trimmed or not
+HASH_VERSION = 2  # bump when the rows change: cached codes of another version are recomputed
+NEIGHBOUR_K = N_HASHES + 4  # k-NN depth for each sample's nearest neighbour (its own hashes take up to N_HASHES)
+TRIM_SIDE = 128  # border trimming looks at a copy this size (averages away JPEG and sensor noise)
+TRIM_ENERGY = 0.15  # a border line has under this share of the central lines' detail
+TRIM_MAX = 0.4  # at most this share of a side is trimmed from each edge
+# an image whose trimmed frame is largely *exactly* flat (3x3 range <= 1 grey level) may be a
+# screenshot or UI template, whose low frequencies are the template's (two photos in one template
+# hash alike). Such an image is hashed on its content box instead: the largest blob where nearly
+# every pixel has detail (text and UI lines have flat gaps), i.e. the photo inside the template.
+TEMPLATE_FLAT = 0.2
+CONTENT_OPEN = 9  # window (pixels of a 2*TRIM_SIDE copy) of the density test and the opening
+CONTENT_MAX = 0.85  # a content box this share of the frame or more is the frame itself
 
 
 def _dct_bits(gray: np.ndarray) -> np.ndarray:
@@ -40,20 +57,105 @@ def _dct_bits(gray: np.ndarray) -> np.ndarray:
     return np.packbits(coeffs > np.median(coeffs))
 
 
-def compute_hashes(img) -> np.ndarray:
-    """RGB PIL image -> uint8 array (len(CROPS), CODE_BYTES): one hash per centre crop."""
+def _edge_run(energy: np.ndarray, limit: float) -> int:
+    """How many leading lines have less detail than ``limit`` (capped at TRIM_MAX of them)."""
+    cap = int(len(energy) * TRIM_MAX)
+    low = energy[:cap] < limit
+    return cap if low.all() else int(np.argmin(low))
+
+
+def trim_box(gray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the content inside uniform or blurred borders and letterboxing.
+
+    A border line (a column for the left/right edges) has almost no detail *along* it: the mean
+    absolute step between neighbouring pixels along a column of a uniform bar or a blurred pad is
+    a small share of the central columns'. The photo's own edge does not count (its step is across
+    the line), so the trim stops right at it. Uniform photos (no central detail) are not trimmed.
+    """
     from PIL import Image
 
-    gray = img.convert("L")
     w, h = gray.size
-    out = np.empty((len(CROPS), CODE_BYTES), dtype=np.uint8)
-    for i, frac in enumerate(CROPS):
+    scale = TRIM_SIDE / max(w, h)
+    small = gray.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.Resampling.BOX) if scale < 1 else gray
+    a = np.asarray(small, dtype=np.float32)
+    cols = np.abs(np.diff(a, axis=0)).mean(axis=0)  # detail along each column
+    rows = np.abs(np.diff(a, axis=1)).mean(axis=1)  # detail along each row
+    sw, sh = len(cols), len(rows)
+    ref_c = float(np.median(cols[sw // 4 : sw - sw // 4])) if sw >= 4 else 0.0
+    ref_r = float(np.median(rows[sh // 4 : sh - sh // 4])) if sh >= 4 else 0.0
+    if min(ref_c, ref_r) < 1.0:
+        return 0, 0, w, h
+    left, right = _edge_run(cols, TRIM_ENERGY * ref_c), _edge_run(cols[::-1], TRIM_ENERGY * ref_c)
+    top, bottom = _edge_run(rows, TRIM_ENERGY * ref_r), _edge_run(rows[::-1], TRIM_ENERGY * ref_r)
+    fx, fy = w / sw, h / sh
+    box = (round(left * fx), round(top * fy), w - round(right * fx), h - round(bottom * fy))
+    return box if box[2] - box[0] >= 8 and box[3] - box[1] >= 8 else (0, 0, w, h)
+
+
+def _frame_hashes(gray, crops=CROPS) -> list[np.ndarray]:
+    from PIL import Image
+
+    w, h = gray.size
+    out = []
+    for frac in crops:
         cw, ch = max(1, round(w * frac)), max(1, round(h * frac))
         left, top = (w - cw) // 2, (h - ch) // 2
         crop = gray.crop((left, top, left + cw, top + ch)) if frac < 1.0 else gray
-        small = np.asarray(crop.resize((SIDE, SIDE), Image.Resampling.BILINEAR), dtype=np.float32)
-        out[i] = _dct_bits(small)
+        out.append(_dct_bits(np.asarray(crop.resize((SIDE, SIDE), Image.Resampling.BILINEAR), dtype=np.float32)))
     return out
+
+
+def _flat_mask(gray, side: int = 2 * TRIM_SIDE) -> tuple[np.ndarray, float]:
+    """(flat mask of a <= side copy, scale of that copy): 3x3 range at most one grey level."""
+    from PIL import Image
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    small = gray.copy()
+    small.thumbnail((side, side), Image.Resampling.BOX)
+    a = np.asarray(small, dtype=np.int16)
+    return (maximum_filter(a, 3) - minimum_filter(a, 3)) <= 1, gray.width / small.width
+
+
+def flat_share(gray) -> float:
+    return float(_flat_mask(gray)[0].mean())
+
+
+def content_box(gray) -> tuple[int, int, int, int] | None:
+    """The box of the photo inside a template-like (largely flat) image, or None."""
+    from scipy import ndimage
+
+    flat, scale = _flat_mask(gray)
+    if flat.mean() <= TEMPLATE_FLAT:
+        return None
+    dense = ndimage.uniform_filter((~flat).astype(np.float32), CONTENT_OPEN) > 0.9  # text and lines have gaps
+    detail = ndimage.binary_opening(dense, structure=np.ones((CONTENT_OPEN, CONTENT_OPEN), bool))
+    labels, n = ndimage.label(detail)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(detail, labels, index=np.arange(1, n + 1))
+    ys, xs = ndimage.find_objects(labels)[int(np.argmax(sizes))]
+    if (ys.stop - ys.start) * (xs.stop - xs.start) >= CONTENT_MAX * flat.size:
+        return None
+    box = (round(xs.start * scale), round(ys.start * scale), round(xs.stop * scale), round(ys.stop * scale))
+    return box if box[2] - box[0] >= 16 and box[3] - box[1] >= 16 else None
+
+
+def compute_hashes(img) -> np.ndarray:
+    """RGB PIL image -> uint8 array (N_HASHES, CODE_BYTES), rows as in ROWS."""
+    from PIL import ImageOps
+
+    gray = img.convert("L")
+    box = trim_box(gray)
+    trimmed = gray.crop(box)
+    inner = content_box(trimmed)
+    if inner is not None:
+        # a template: the query rows and their crops are of the photo inside it; the whole frame
+        # stays in the mirror rows (never queried), so a copy without the template still finds it
+        content = _frame_hashes(trimmed.crop(inner))
+        return np.stack(content + _frame_hashes(gray) + content[:1])
+    rows = _frame_hashes(gray) + _frame_hashes(ImageOps.mirror(gray))
+    rows.append(rows[0] if box == (0, 0, *gray.size) else _frame_hashes(gray.crop(box), crops=(1.0,))[0])
+    return np.stack(rows)
 
 
 def hamming_threshold(max_hamming: int) -> int:
@@ -118,19 +220,20 @@ def find_copy_pairs(
     nprobe: int = 32,
     seed: int = 0,
 ) -> tuple[list[Edge], list[Neighbour]]:
-    """keys[i] (sorted, unique) has codes[i] of shape (len(CROPS), CODE_BYTES) -> edges, neighbours.
+    """keys[i] (sorted, unique) has codes[i] of shape (N_HASHES, CODE_BYTES) -> edges, neighbours.
 
     A pair's distance is the smallest over (full frame of one, any crop of the other). Edges:
     pairs within ``max_bits``. Neighbours: each sample's nearest other sample among its range
     hits and k-NN (ties -> the smaller key), whatever the threshold, so it can move later.
     """
-    n, per = len(keys), len(CROPS)
+    n, per = len(keys), N_HASHES
     if n < 2:
         return [], []
     db = np.ascontiguousarray(codes.reshape(n * per, CODE_BYTES))
     index = build_index(db, exact_below, nprobe, seed)
-    q, j, d = _candidates(index, np.ascontiguousarray(codes[:, 0]), max_bits)
-    lo, hi, dist = _best_per_pair(q, j // per, d, n)
+    queries = np.ascontiguousarray(codes[:, QUERY_ROWS].reshape(n * len(QUERY_ROWS), CODE_BYTES))
+    q, j, d = _candidates(index, queries, max_bits)
+    lo, hi, dist = _best_per_pair(q // len(QUERY_ROWS), j // per, d, n)
     within = dist <= max_bits
     edges = [
         Edge(keys[a], keys[b], 1.0 - int(x) / BITS, EMBEDDER)
@@ -154,7 +257,7 @@ def _nearest(keys: list[str], lo: np.ndarray, hi: np.ndarray, dist: np.ndarray) 
 
 def stack_codes(items: list[tuple[str, bytes]]) -> tuple[list[str], np.ndarray]:
     """(key, code bytes) -> sorted unique keys and their codes; wrong-sized codes are skipped."""
-    size = len(CROPS) * CODE_BYTES
+    size = N_HASHES * CODE_BYTES
     good, seen = [], set()
     for key, code in sorted(items):
         if len(code) != size:
@@ -163,7 +266,7 @@ def stack_codes(items: list[tuple[str, bytes]]) -> tuple[list[str], np.ndarray]:
         elif key not in seen:  # a key repeated across shards: its first (smallest) code wins
             seen.add(key)
             good.append((key, code))
-    codes = np.frombuffer(b"".join(c for _, c in good), dtype=np.uint8).reshape(len(good), len(CROPS), CODE_BYTES)
+    codes = np.frombuffer(b"".join(c for _, c in good), dtype=np.uint8).reshape(len(good), N_HASHES, CODE_BYTES)
     return [k for k, _ in good], codes
 
 

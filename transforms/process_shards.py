@@ -61,7 +61,7 @@ class ShardSettings:
             "limits": dataclasses.asdict(self.limits),
             "max_pixels": self.max_pixels,
             "phash": self.phash,
-            "phash_version": (phash.BITS, phash.CROPS) if self.phash else None,
+            "phash_version": (phash.BITS, phash.ROWS, phash.HASH_VERSION) if self.phash else None,
             "pixel_hash": self.pixel_hash,
         }
 
