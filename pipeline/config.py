@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,45 @@ class ClipConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
+class OrbConfig(Section):
+    """Local-feature copies (transforms/local_features.py): what the hashes miss (crops anywhere,
+    rotations, memes, screenshots). Off by default; the demo job turns it on."""
+
+    enabled: bool = False
+    n_features: int = Field(default=500, ge=16)  # ORB keypoints per image
+    side: int = Field(default=512, ge=64)  # images are downscaled to this long side
+    min_side: int = Field(default=256, ge=32)  # ... and small ones upscaled to this
+    fast_threshold: int = Field(default=12, ge=1)
+    tables: int = Field(default=8, ge=1, le=64)  # visual-word hash tables per descriptor
+    word_bits: int = Field(default=24, ge=8, le=40)  # sampled descriptor bits per word
+    max_df: int = Field(default=15, ge=2)  # a word in more images is a stop-word
+    min_votes: int = Field(default=8, ge=1)  # shared words that make a candidate pair
+    ratio: float = Field(default=0.8, gt=0, le=1)  # Lowe's ratio test
+    ransac_px: float = Field(default=6.0, gt=0)  # RANSAC reprojection threshold (working pixels)
+    min_inliers: int = Field(default=10, ge=4)
+    max_anisotropy: float = Field(default=1.6, ge=1)  # singular-value ratio of the affine fit
+    min_overlap: float = Field(default=0.75, gt=0, le=1)  # aligned overlap / the smaller frame
+    min_agreement: float = Field(default=0.7, gt=0, le=1)  # textured cells that agree once aligned
+    min_cells: int = Field(default=8, ge=1)  # textured cells the agreement needs
+
+
+class SscdConfig(Section):
+    """Meta's SSCD copy descriptor, for users who bring its TorchScript weights (a local file)."""
+
+    enabled: bool = False
+    weights: str | None = None  # path to an SSCD TorchScript file (e.g. sscd_disc_mixup.torchscript.pt)
+    size: int = Field(default=288, ge=32)  # short side the image is resized to (SSCD's eval setting)
+    batch_size: int = Field(default=32, gt=0)
+    threshold: float = Field(default=0.5, gt=0, le=1)  # cosine for a copy (SD3's dedup threshold)
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _weights_when_enabled(self):
+        if self.enabled and not self.weights:
+            raise ValueError("weights: a local SSCD TorchScript file is required when sscd is enabled")
+        return self
+
+
 class ClusterConfig(Section):
     n_cells: int = Field(default=0, ge=0)  # 0 = choose from the data size (about 1.4 sqrt(n))
     top_m: int = Field(default=2, ge=1)  # cells each vector is assigned to (SemDeDup: 1)
@@ -68,6 +107,8 @@ class DedupConfig(Section):
     exact_pixels: bool = True  # same decoded pixels in other bytes (costs a hash of the pixels)
     phash: PhashConfig = PhashConfig()
     clip: ClipConfig = ClipConfig()
+    orb: OrbConfig = OrbConfig()
+    sscd: SscdConfig = SscdConfig()
     cluster: ClusterConfig = ClusterConfig()
     keeper: str = "resolution"  # resolution | earliest | centre | column:<name>[:asc|desc]
     embeddings_dir: str | None = None  # persisted per-shard embeddings; default OUTPUT/embeddings

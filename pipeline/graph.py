@@ -89,6 +89,18 @@ def add_clip(cfg, dec: dict, out_dir: str) -> dict:
     return {"edges": found["edges"], "neighbours": found["neighbours"], "failures": embed_failures}
 
 
+def add_copy_embedder(name: str, cfg, dec: dict) -> dict:
+    if name == "orb":
+        from transforms.orb_stage import FindOrbCopies
+
+        return dec["samples"] | "FindOrbCopies" >> FindOrbCopies(cfg.dedup.orb, cfg.read.max_image_pixels)
+    from transforms.embed_sscd import SscdCopies
+
+    return dec["samples"] | "SscdCopies" >> SscdCopies(
+        cfg.dedup.sscd, cfg.dedup.cluster, cfg.read.max_image_pixels, cfg.run.seed
+    )
+
+
 DECODE_ERROR_TYPES = (
     "corrupt_image",
     "unidentified_image",
@@ -114,6 +126,11 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
         edges.append(clip["edges"])
         neighbours.append(clip["neighbours"])
         dec["failures"] = (dec["failures"], clip["failures"]) | "WithEmbedFailures" >> beam.Flatten()
+    for name in ("orb", "sscd"):  # copy embedders that need pixels: transforms/orb_stage.py, embed_sscd.py
+        if getattr(cfg.dedup, name).enabled:
+            found = add_copy_embedder(name, cfg, dec)
+            edges.append(found["edges"])
+            neighbours.append(found["neighbours"])
     if "previous_edges" in dec:
         edges.append(dec["previous_edges"])
     inputs = {"infos": dec["infos"]}
@@ -135,7 +152,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         phash=cfg.dedup.phash.enabled,
         pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
         cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
-        emit_samples=cfg.dedup.clip.enabled,
+        emit_samples=cfg.dedup.clip.enabled or cfg.dedup.orb.enabled or cfg.dedup.sscd.enabled,
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )
     dec = paths | "ProcessShards" >> ProcessShards(settings)

@@ -28,10 +28,14 @@ def sd15_folder(root: str) -> str:
     tok = clip_tokenizer(write_clip_tokenizer_files(os.path.join(root, "tokenizer")))
     tok.save_pretrained(os.path.join(root, "tokenizer"))
     UNet2DConditionModel(sample_size=64, cross_attention_dim=768).save_pretrained(os.path.join(root, "unet"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12)).save_pretrained(os.path.join(root, "text_encoder"))
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False).save_pretrained(os.path.join(root, "scheduler"))
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+        )
+    ).save_pretrained(os.path.join(root, "text_encoder"))
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False).save_pretrained(
+        os.path.join(root, "scheduler")
+    )
     return root
 
 
@@ -59,9 +63,11 @@ def bench(model: str, batch: int, batches: int) -> None:
             pm.unet(x.expand(batch, -1, -1, -1), t_step, encoder_hidden_states=emb)
         bare_s = time.perf_counter() - t
     n = len(captions)
-    print(f"{os.path.basename(model)}: batch {batch}, {n} captions: probe {n / probe_s:.2f} captions/s, bare UNet loop "
-          f"{n / bare_s:.2f} captions/s, ratio {bare_s / probe_s:.1%}; UNet forwards per caption {forwards / n:.3f} "
-          f"(limit 1 + 1/batch = {1 + 1 / batch:.3f}; includes the one cached uncond forward)")
+    print(
+        f"{os.path.basename(model)}: batch {batch}, {n} captions: probe {n / probe_s:.2f} captions/s, bare UNet loop "
+        f"{n / bare_s:.2f} captions/s, ratio {bare_s / probe_s:.1%}; UNet forwards per caption {forwards / n:.3f} "
+        f"(limit 1 + 1/batch = {1 + 1 / batch:.3f}; includes the one cached uncond forward)"
+    )
 
 
 def main() -> int:

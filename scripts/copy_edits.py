@@ -257,7 +257,18 @@ EDITS = {
     "screenshot": screenshot,
 }
 # the order edits are applied in when combined: geometry first, then framing, then pixels
-COMBINE_ORDER = ("flip", "crop", "rotate", "aspect", "border", "meme", "screenshot", "colour", "blur_noise", "recompress")
+COMBINE_ORDER = (
+    "flip",
+    "crop",
+    "rotate",
+    "aspect",
+    "border",
+    "meme",
+    "screenshot",
+    "colour",
+    "blur_noise",
+    "recompress",
+)
 
 
 def combined(img, rng, tpl=None):

@@ -150,16 +150,17 @@ def binary_pairs(keys, codes: np.ndarray, threshold: int) -> set:
     return {(keys[i], keys[j]) for i in range(len(keys)) for j in ids[lims[i] : lims[i + 1]] if i < j}
 
 
-def orb_pairs(keys, images, phash_found: set) -> set:
-    """memsieve's ORB stage (defaults from pipeline.config.OrbConfig) on the images, in memory."""
-    from pipeline.config import OrbConfig
-    from transforms.local_features import extract_features, find_orb_pairs
+def orb_pairs(keys, images, overrides: list[str]) -> set:
+    """memsieve's ORB stage (pipeline.config.OrbConfig defaults, KEY=VALUE overrides) in memory."""
+    import yaml
 
-    cfg = OrbConfig()
+    from pipeline.config import OrbConfig
+    from transforms.local_features import extract_features
+    from transforms.orb_stage import find_orb_pairs
+
+    cfg = OrbConfig(**{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
     feats = {k: extract_features(im, cfg) for k, im in zip(keys, images, strict=True)}
-    matched = {k for pair in phash_found for k in pair} if cfg.only_unmatched else set()
-    edges = find_orb_pairs(feats, cfg, skip=matched)
-    return {tuple(sorted((e.key_a, e.key_b))) for e in edges}
+    return {tuple(sorted((e.key_a, e.key_b))) for e in find_orb_pairs(feats, cfg)}
 
 
 def run_pairs(run_dir: str) -> set:
@@ -181,7 +182,9 @@ def evaluate(name, keys, images, sources, transforms, args) -> None:
         for k, s, t in zip(keys, sources, transforms, strict=True)
         if t not in NEGATIVE and s in original
     }
-    print(f"{name}: {len(keys)} images, {len(copy_pairs)} copy pairs {dict(sorted(Counter(copy_pairs.values()).items()))}")
+    print(
+        f"{name}: {len(keys)} images, {len(copy_pairs)} copy pairs {dict(sorted(Counter(copy_pairs.values()).items()))}"
+    )
     if args.run_dir:
         found = {p for p in run_pairs(args.run_dir) if p[0] in source and p[1] in source}
         report(f"pipeline run {args.run_dir}", found, source, copy_pairs, True, transform, False)
@@ -200,7 +203,7 @@ def evaluate(name, keys, images, sources, transforms, args) -> None:
         found = ours_pairs(keys, codes, mh)
         report(label, found, source, copy_pairs, True, transform)
         if args.orb:
-            both = found | orb_pairs(keys, images, found)
+            both = found | orb_pairs(keys, images, args.orb_set)
             report(f"memsieve phash {mh} + orb", both, source, copy_pairs, True, transform)
 
 
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imagehash-thresholds", type=int, nargs="*", default=[6, 8, 10, 12, 14])
     parser.add_argument("--pdq-thresholds", type=int, nargs="*", default=[31, 50, 70], help="none to skip PDQ")
     parser.add_argument("--orb", action="store_true", help="add memsieve's ORB stage to its hashes")
+    parser.add_argument("--orb-set", nargs="*", default=[], help="ORB config overrides, e.g. min_inliers=20")
     parser.add_argument("--run-dir", default="", help="score a pipeline run's clusters/ instead")
     parser.add_argument("--detail", action="store_true", help="per-transform recall for imagehash and PDQ too")
     args = parser.parse_args(argv)

@@ -76,7 +76,9 @@ def trim_box(gray) -> tuple[int, int, int, int]:
 
     w, h = gray.size
     scale = TRIM_SIDE / max(w, h)
-    small = gray.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.Resampling.BOX) if scale < 1 else gray
+    small = (
+        gray.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.Resampling.BOX) if scale < 1 else gray
+    )
     a = np.asarray(small, dtype=np.float32)
     cols = np.abs(np.diff(a, axis=0)).mean(axis=0)  # detail along each column
     rows = np.abs(np.diff(a, axis=1)).mean(axis=1)  # detail along each row

@@ -1,0 +1,197 @@
+"""Weight-free local-feature copy detection: ORB keypoints, visual words, geometric verification.
+
+Global hashes miss copies whose frame changed a lot: crops anywhere, rotations, memes, the photo
+inside a screenshot. Local features survive these. Per image (``extract_features``): up to
+``n_features`` ORB keypoints and 256-bit descriptors on a copy at most ``side`` pixels long, plus
+a small grayscale thumbnail for the photometric check. Then:
+
+1. **Words** (``words``): each descriptor is quantised by ``tables`` data-independent hashes,
+   each the values of ``word_bits`` fixed, seeded bit positions (bit-sampling LSH for Hamming
+   space). Nothing is trained or gathered, so words partition the work on any runner.
+2. **Candidates**: images sharing a word vote for each other. A word in more than ``max_df``
+   images is a stop-word (UI chrome, meme text, watermarks, sky texture) and casts no votes; pairs
+   with at least ``min_votes`` votes are candidates.
+3. **Verification** (``verify``): descriptors matched with Lowe's ratio test (stop-word
+   descriptors left out), a RANSAC affine fit; a pair is a copy when the fit has ``min_inliers``
+   inliers, the aligned frames overlap by ``min_overlap`` of the smaller one (two burst shots of
+   one scene overlap less), and the aligned thumbnails agree in ``min_agreement`` of the textured
+   cells they share (two photos in one meme or screenshot template agree only on the template).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import struct
+
+import numpy as np
+
+EMBEDDER = "orb"
+THUMB = 128  # long side of the grayscale thumbnail kept for the photometric check
+CELL = 6  # thumbnail cell side (pixels) for the agreement check
+_HEADER = struct.Struct("<IHHHH")  # n keypoints, frame w, h, thumbnail w, h
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    xy: np.ndarray  # (n, 2) float32 keypoint positions in the working frame
+    desc: np.ndarray  # (n, 32) uint8 ORB descriptors
+    size: tuple[int, int]  # working frame (w, h)
+    thumb: np.ndarray  # (th, tw) uint8 grayscale thumbnail of the whole frame
+
+    def to_bytes(self) -> bytes:
+        th, tw = self.thumb.shape
+        head = _HEADER.pack(len(self.xy), *self.size, tw, th)
+        return head + self.xy.astype(np.float32).tobytes() + self.desc.tobytes() + self.thumb.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Features:
+        n, w, h, tw, th = _HEADER.unpack_from(data)
+        off = _HEADER.size
+        xy = np.frombuffer(data, np.float32, n * 2, off).reshape(n, 2)
+        off += n * 8
+        desc = np.frombuffer(data, np.uint8, n * 32, off).reshape(n, 32)
+        thumb = np.frombuffer(data, np.uint8, tw * th, off + n * 32).reshape(th, tw)
+        return cls(xy, desc, (w, h), thumb)
+
+
+def extract_features(img, cfg) -> Features:
+    """RGB PIL image -> ORB keypoints and descriptors on a <= cfg.side copy, and a thumbnail."""
+    import cv2
+    from PIL import Image
+
+    gray = img.convert("L")
+    scale = min(1.0, cfg.side / max(gray.size))
+    if max(gray.size) * scale < cfg.min_side:  # small images: upscale so FAST finds corners
+        scale = cfg.min_side / max(gray.size)
+    size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
+    work = np.asarray(gray.resize(size, Image.Resampling.BILINEAR) if size != gray.size else gray)
+    orb = cv2.ORB_create(nfeatures=cfg.n_features, fastThreshold=cfg.fast_threshold, edgeThreshold=19, patchSize=19)
+    kps, desc = orb.detectAndCompute(work, None)
+    if desc is None:
+        kps, desc = (), np.zeros((0, 32), np.uint8)
+    xy = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
+    t = THUMB / max(size)
+    thumb = np.asarray(gray.resize((max(1, round(size[0] * t)), max(1, round(size[1] * t))), Image.Resampling.BOX))
+    return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size, thumb)
+
+
+@functools.lru_cache(maxsize=8)
+def _word_bits(tables: int, word_bits: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.choice(256, word_bits, replace=False) for _ in range(tables)])
+
+
+def words(desc: np.ndarray, tables: int, word_bits: int, seed: int = 0) -> np.ndarray:
+    """(n, 32) descriptors -> (n, tables) int64 word ids: table index in the high bits."""
+    if len(desc) == 0:
+        return np.zeros((0, tables), np.int64)
+    bits = np.unpackbits(desc, axis=1)
+    pos = _word_bits(tables, word_bits, seed)
+    weights = (1 << np.arange(word_bits, dtype=np.int64))[::-1]
+    value = np.stack([bits[:, p].astype(np.int64) @ weights for p in pos], axis=1)
+    return value | (np.arange(tables, dtype=np.int64) << 40)[None, :]
+
+
+def _match(a: Features, b: Features, ratio: float, keep_a, keep_b) -> np.ndarray:
+    """Ratio-test matches a -> b as (m, 2) index pairs, among the kept (non-stop-word) descriptors."""
+    import cv2
+
+    ia, ib = np.flatnonzero(keep_a), np.flatnonzero(keep_b)
+    if len(ia) < 2 or len(ib) < 2:
+        return np.zeros((0, 2), np.int64)
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a.desc[ia], b.desc[ib], k=2)
+    out = [
+        (ia[m.queryIdx], ib[m.trainIdx]) for m, n in (p for p in knn if len(p) == 2) if m.distance < ratio * n.distance
+    ]
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _polygon_area(poly: np.ndarray) -> float:
+    x, y = poly[:, 0], poly[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def _overlap(m: np.ndarray, a: Features, b: Features) -> float:
+    """Area of b's frame mapped by affine m into a's frame, intersected with a's frame, over the
+    smaller of the two areas (1.0: one frame lies inside the other)."""
+    import cv2
+
+    wa, ha = a.size
+    wb, hb = b.size
+    frame_a = np.array([[0, 0], [wa, 0], [wa, ha], [0, ha]], np.float32)
+    corners = np.array([[0, 0], [wb, 0], [wb, hb], [0, hb]], np.float32)
+    frame_b = (corners @ m[:, :2].T + m[:, 2]).astype(np.float32)
+    if cv2.contourArea(frame_b, oriented=True) < 0:
+        frame_b = frame_b[::-1].copy()
+    inter, _ = cv2.intersectConvexConvex(frame_a, frame_b)
+    smaller = min(wa * ha, _polygon_area(frame_b))
+    return float(inter) / smaller if smaller > 0 else 0.0
+
+
+def _agreement(m: np.ndarray, a: Features, b: Features) -> tuple[float, int]:
+    """Warp b's thumbnail onto a's (affine m maps b's frame to a's); -> share of a's textured
+    cells inside the warp whose zero-mean correlation with b's is > 0.5, and how many cells."""
+    import cv2
+
+    sa = a.thumb.shape[1] / a.size[0]
+    sb = b.thumb.shape[1] / b.size[0]
+    mt = m.copy()
+    mt[:, :2] *= sa / sb
+    mt[:, 2] *= sa
+    th, tw = a.thumb.shape
+    warped = cv2.warpAffine(b.thumb.astype(np.float32), mt, (tw, th), flags=cv2.INTER_LINEAR, borderValue=-1)
+    valid = cv2.warpAffine(np.ones(b.thumb.shape, np.float32), mt, (tw, th), flags=cv2.INTER_NEAREST) > 0.5
+    ref = a.thumb.astype(np.float32)
+    agree = total = 0
+    for y in range(0, th - CELL + 1, CELL):
+        for x in range(0, tw - CELL + 1, CELL):
+            if not valid[y : y + CELL, x : x + CELL].all():
+                continue
+            p, q = ref[y : y + CELL, x : x + CELL].ravel(), warped[y : y + CELL, x : x + CELL].ravel()
+            p, q = p - p.mean(), q - q.mean()
+            sp, sq = float(np.sqrt((p * p).mean())), float(np.sqrt((q * q).mean()))
+            if sp < 4.0 and sq < 4.0:  # flat in both: says nothing
+                continue
+            total += 1
+            agree += sp >= 4.0 and sq >= 4.0 and float((p * q).mean()) / (sp * sq) > 0.5
+    return (agree / total if total else 0.0), total
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    copy: bool
+    inliers: int
+    overlap: float
+    agreement: float
+
+
+def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
+    """Geometric and photometric verification of one candidate pair."""
+    import cv2
+
+    keep_a = np.ones(len(a.desc), bool) if keep_a is None else keep_a
+    keep_b = np.ones(len(b.desc), bool) if keep_b is None else keep_b
+    pairs = _match(a, b, cfg.ratio, keep_a, keep_b)
+    if len(pairs) < cfg.min_inliers:
+        return Verdict(False, 0, 0.0, 0.0)
+    src, dst = b.xy[pairs[:, 1]], a.xy[pairs[:, 0]]
+    m, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_px, maxIters=2000)
+    inliers = int(mask.sum()) if mask is not None else 0
+    if m is None or inliers < cfg.min_inliers:
+        return Verdict(False, inliers, 0.0, 0.0)
+    sv = np.linalg.svd(m[:, :2], compute_uv=False)
+    if np.linalg.det(m[:, :2]) <= 0 or sv[1] < 1e-3 or sv[0] / sv[1] > cfg.max_anisotropy:
+        return Verdict(False, inliers, 0.0, 0.0)  # a mirror, a collapse or a shear no copy has
+    overlap = _overlap(m, a, b)
+    if overlap < cfg.min_overlap:
+        return Verdict(False, inliers, overlap, 0.0)
+    # agreement in the frame of the image the other lies inside: its thumbnail is the coarser one
+    # there, so the finer one is only ever downsampled onto it (no blur mismatch)
+    area_b_in_a = abs(np.linalg.det(m[:, :2])) * b.size[0] * b.size[1]
+    if area_b_in_a > a.size[0] * a.size[1]:
+        agreement, cells = _agreement(cv2.invertAffineTransform(m), b, a)
+    else:
+        agreement, cells = _agreement(m, a, b)
+    ok = cells >= cfg.min_cells and agreement >= cfg.min_agreement
+    return Verdict(ok, inliers, overlap, agreement)
