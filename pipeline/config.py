@@ -67,14 +67,16 @@ class OrbConfig(Section):
     tables: int = Field(default=8, ge=1, le=64)  # visual-word hash tables per descriptor
     word_bits: int = Field(default=24, ge=8, le=40)  # sampled descriptor bits per word
     max_df: int = Field(default=15, ge=2)  # a word in more images is a stop-word
+    word_partitions: int = Field(default=64, ge=1)  # shuffle partitions of the word space (raise at scale)
     min_votes: int = Field(default=8, ge=1)  # shared words that make a candidate pair
     ratio: float = Field(default=0.8, gt=0, le=1)  # Lowe's ratio test
     ransac_px: float = Field(default=6.0, gt=0)  # RANSAC reprojection threshold (working pixels)
     min_inliers: int = Field(default=10, ge=4)
     max_anisotropy: float = Field(default=1.6, ge=1)  # singular-value ratio of the affine fit
     min_overlap: float = Field(default=0.75, gt=0, le=1)  # aligned overlap / the smaller frame
-    min_agreement: float = Field(default=0.7, gt=0, le=1)  # textured cells that agree once aligned
+    min_agreement: float = Field(default=0.6, gt=0, le=1)  # textured photo cells that agree once aligned
     min_cells: int = Field(default=8, ge=1)  # textured cells the agreement needs
+    min_coverage: float = Field(default=0.0, ge=0, le=1)  # textured 4x4 blocks of the inner image holding inliers (off)
 
 
 class SscdConfig(Section):

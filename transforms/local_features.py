@@ -27,9 +27,9 @@ import struct
 import numpy as np
 
 EMBEDDER = "orb"
-THUMB = 128  # long side of the grayscale thumbnail kept for the photometric check
+THUMB = 192  # long side of the grayscale thumbnail kept for the photometric check
 CELL = 6  # thumbnail cell side (pixels) for the agreement check
-_HEADER = struct.Struct("<IHHHH")  # n keypoints, frame w, h, thumbnail w, h
+_HEADER = struct.Struct("<IHHHHHHHH")  # n keypoints, frame w, h, thumbnail w, h, content box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,27 +38,31 @@ class Features:
     desc: np.ndarray  # (n, 32) uint8 ORB descriptors
     size: tuple[int, int]  # working frame (w, h)
     thumb: np.ndarray  # (th, tw) uint8 grayscale thumbnail of the whole frame
+    # the photo inside a template-like image (transforms.phash.content_box), else the whole frame
+    content: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def to_bytes(self) -> bytes:
         th, tw = self.thumb.shape
-        head = _HEADER.pack(len(self.xy), *self.size, tw, th)
+        head = _HEADER.pack(len(self.xy), *self.size, tw, th, *self.content)
         return head + self.xy.astype(np.float32).tobytes() + self.desc.tobytes() + self.thumb.tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Features:
-        n, w, h, tw, th = _HEADER.unpack_from(data)
+        n, w, h, tw, th, *content = _HEADER.unpack_from(data)
         off = _HEADER.size
         xy = np.frombuffer(data, np.float32, n * 2, off).reshape(n, 2)
         off += n * 8
         desc = np.frombuffer(data, np.uint8, n * 32, off).reshape(n, 32)
         thumb = np.frombuffer(data, np.uint8, tw * th, off + n * 32).reshape(th, tw)
-        return cls(xy, desc, (w, h), thumb)
+        return cls(xy, desc, (w, h), thumb, tuple(content))
 
 
 def extract_features(img, cfg) -> Features:
     """RGB PIL image -> ORB keypoints and descriptors on a <= cfg.side copy, and a thumbnail."""
     import cv2
     from PIL import Image
+
+    from transforms.phash import content_box
 
     gray = img.convert("L")
     scale = min(1.0, cfg.side / max(gray.size))
@@ -73,7 +77,9 @@ def extract_features(img, cfg) -> Features:
     xy = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
     t = THUMB / max(size)
     thumb = np.asarray(gray.resize((max(1, round(size[0] * t)), max(1, round(size[1] * t))), Image.Resampling.BOX))
-    return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size, thumb)
+    box = content_box(gray)
+    content = (0, 0, *size) if box is None else tuple(min(size[i % 2], round(v * scale)) for i, v in enumerate(box))
+    return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size, thumb, content)
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,6 +135,14 @@ def _overlap(m: np.ndarray, a: Features, b: Features) -> float:
     return float(inter) / smaller if smaller > 0 else 0.0
 
 
+def _box_mask(f: Features, scale: float) -> np.ndarray:
+    """f's content box on its thumbnail, as a float mask."""
+    mask = np.zeros(f.thumb.shape, np.float32)
+    x0, y0, x1, y1 = f.content if f.content[2] > 0 else (0, 0, *f.size)
+    mask[round(y0 * scale) : round(y1 * scale), round(x0 * scale) : round(x1 * scale)] = 1.0
+    return mask
+
+
 def _agreement(m: np.ndarray, a: Features, b: Features) -> tuple[float, int]:
     """Warp b's thumbnail onto a's (affine m maps b's frame to a's); -> share of a's textured
     cells inside the warp whose zero-mean correlation with b's is > 0.5, and how many cells."""
@@ -141,7 +155,9 @@ def _agreement(m: np.ndarray, a: Features, b: Features) -> tuple[float, int]:
     mt[:, 2] *= sa
     th, tw = a.thumb.shape
     warped = cv2.warpAffine(b.thumb.astype(np.float32), mt, (tw, th), flags=cv2.INTER_LINEAR, borderValue=-1)
-    valid = cv2.warpAffine(np.ones(b.thumb.shape, np.float32), mt, (tw, th), flags=cv2.INTER_NEAREST) > 0.5
+    # only the photo counts: the cells inside both content boxes (a template's chrome is not the copy)
+    valid = cv2.warpAffine(_box_mask(b, sb), mt, (tw, th), flags=cv2.INTER_NEAREST) > 0.5
+    valid &= _box_mask(a, sa) > 0.5
     ref = a.thumb.astype(np.float32)
     agree = total = 0
     for y in range(0, th - CELL + 1, CELL):
@@ -151,11 +167,28 @@ def _agreement(m: np.ndarray, a: Features, b: Features) -> tuple[float, int]:
             p, q = ref[y : y + CELL, x : x + CELL].ravel(), warped[y : y + CELL, x : x + CELL].ravel()
             p, q = p - p.mean(), q - q.mean()
             sp, sq = float(np.sqrt((p * p).mean())), float(np.sqrt((q * q).mean()))
-            if sp < 4.0 and sq < 4.0:  # flat in both: says nothing
+            if sp < 4.0 or sq < 4.0:  # flat (or blurred flat) on either side: says nothing
                 continue
             total += 1
-            agree += sp >= 4.0 and sq >= 4.0 and float((p * q).mean()) / (sp * sq) > 0.5
+            agree += float((p * q).mean()) / (sp * sq) > 0.5
     return (agree / total if total else 0.0), total
+
+
+def _coverage(f: Features, xy: np.ndarray, grid: int = 4) -> float:
+    """Share of the textured blocks of f (a grid x grid split of its frame) holding an inlier.
+    Two photos in one template match only on the template: the photo's blocks hold none."""
+    th, tw = f.thumb.shape
+    sx, sy = f.size[0] / grid, f.size[1] / grid
+    hit = np.zeros((grid, grid), bool)
+    cx = np.clip((xy[:, 0] // sx).astype(int), 0, grid - 1)
+    cy = np.clip((xy[:, 1] // sy).astype(int), 0, grid - 1)
+    hit[cy, cx] = True
+    textured = np.zeros((grid, grid), bool)
+    for i in range(grid):
+        for j in range(grid):
+            block = f.thumb[i * th // grid : (i + 1) * th // grid, j * tw // grid : (j + 1) * tw // grid]
+            textured[i, j] = block.size > 0 and float(block.std()) > 12.0
+    return float((hit & textured).sum()) / max(1, int(textured.sum()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +197,7 @@ class Verdict:
     inliers: int
     overlap: float
     agreement: float
+    coverage: float = 0.0
 
 
 def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
@@ -189,9 +223,12 @@ def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
     # agreement in the frame of the image the other lies inside: its thumbnail is the coarser one
     # there, so the finer one is only ever downsampled onto it (no blur mismatch)
     area_b_in_a = abs(np.linalg.det(m[:, :2])) * b.size[0] * b.size[1]
+    inl = mask.ravel().astype(bool)
     if area_b_in_a > a.size[0] * a.size[1]:
         agreement, cells = _agreement(cv2.invertAffineTransform(m), b, a)
+        coverage = _coverage(a, dst[inl])  # a lies inside b: a's blocks must hold inliers
     else:
         agreement, cells = _agreement(m, a, b)
-    ok = cells >= cfg.min_cells and agreement >= cfg.min_agreement
-    return Verdict(ok, inliers, overlap, agreement)
+        coverage = _coverage(b, src[inl])
+    ok = cells >= cfg.min_cells and agreement >= cfg.min_agreement and coverage >= cfg.min_coverage
+    return Verdict(ok, inliers, overlap, agreement, coverage)

@@ -1,9 +1,10 @@
 """The ORB copy embedder on Beam: features per sample, candidates per visual word, verified pairs.
 
 Partitioning (no step gathers all descriptors): features are computed where samples are
-decoded; every (word, key) posting is shuffled by word; each word's posting list (at most
-``max_df`` keys, or it is a stop-word and emits only its id) yields key pairs whose votes are
-summed per pair; candidate pairs meet their two feature records through two keyed joins; each
+decoded; each image's words are shuffled by word partition (``word_partitions`` ranges of the
+word space, one element per image and partition); in each partition every word's posting list
+(at most ``max_df`` keys, or it is a stop-word and only its id is kept) votes for key pairs,
+and votes are summed per pair; candidate pairs meet their two feature records through two keyed joins; each
 pair is verified on its own. See docs/copy_detection.md for the cost at 1e8 images.
 """
 
@@ -22,12 +23,11 @@ from transforms.local_features import EMBEDDER, Features, extract_features, veri
 log = logging.getLogger(__name__)
 
 
-def keep_mask(feat: Features, cfg, stop: set) -> np.ndarray:
-    """Descriptors to match: those with at most half of their words stop-words."""
-    if not stop or len(feat.desc) == 0:
+def keep_mask(feat: Features, cfg, stop: np.ndarray) -> np.ndarray:
+    """Descriptors to match: those with at most half of their words stop-words (stop: sorted ids)."""
+    if len(stop) == 0 or len(feat.desc) == 0:
         return np.ones(len(feat.desc), bool)
-    w = words(feat.desc, cfg.tables, cfg.word_bits)
-    stopped = np.isin(w, np.fromiter(stop, np.int64, len(stop)))
+    stopped = np.isin(words(feat.desc, cfg.tables, cfg.word_bits), stop, assume_unique=False)
     return stopped.sum(axis=1) * 2 <= cfg.tables
 
 
@@ -35,22 +35,36 @@ def postings(feat: Features, cfg) -> np.ndarray:
     return np.unique(words(feat.desc, cfg.tables, cfg.word_bits))
 
 
-def candidate_pairs(post: dict[str, np.ndarray], cfg) -> tuple[list[tuple[str, str, int]], set]:
-    """In memory: key -> its unique words -> ([(key a, key b, votes)] with votes >= min_votes, stop words)."""
-    keys = sorted(post)
-    word = np.concatenate([post[k] for k in keys]) if keys else np.zeros(0, np.int64)
-    owner = np.concatenate([np.full(len(post[k]), i) for i, k in enumerate(keys)]) if keys else word
-    order = np.argsort(word, kind="stable")
+def partition_votes(items: list[tuple[str, np.ndarray]], max_df: int) -> tuple[dict, np.ndarray]:
+    """One partition of the word space: (key, its words there) -> ({(key a, key b): votes}, stop words).
+
+    A word held by more than ``max_df`` keys is a stop-word; every other word shared by keys
+    votes once for each pair of them."""
+    items = sorted(items)
+    if not items:
+        return {}, np.zeros(0, np.int64)
+    keys = [k for k, _ in items]
+    word = np.concatenate([w for _, w in items])
+    owner = np.concatenate([np.full(len(w), i) for i, (_, w) in enumerate(items)])
+    order = np.lexsort((owner, word))
     word, owner = word[order], owner[order]
     starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
     counts = np.diff(np.r_[starts, len(word)])
-    stop = set(word[starts[counts > cfg.max_df]].tolist())
-    votes: dict[tuple[int, int], int] = {}
-    for s, c in zip(starts[(counts >= 2) & (counts <= cfg.max_df)], counts[(counts >= 2) & (counts <= cfg.max_df)]):
+    stop = word[starts[counts > max_df]]
+    votes: dict[tuple[str, str], int] = {}
+    live = (counts >= 2) & (counts <= max_df)
+    for s, c in zip(starts[live], counts[live], strict=True):
         for a, b in itertools.combinations(owner[s : s + c].tolist(), 2):
-            votes[(a, b)] = votes.get((a, b), 0) + 1
-    pairs = [(keys[a], keys[b], v) for (a, b), v in sorted(votes.items()) if v >= cfg.min_votes]
-    return pairs, stop
+            pair = (keys[a], keys[b])
+            votes[pair] = votes.get(pair, 0) + 1
+    return votes, stop
+
+
+def candidate_pairs(post: dict[str, np.ndarray], cfg) -> tuple[list[tuple[str, str, int]], np.ndarray]:
+    """In memory: key -> its unique words -> ([(key a, key b, votes >= min_votes)], sorted stop words)."""
+    votes, stop = partition_votes(list(post.items()), cfg.max_df)
+    pairs = [(a, b, v) for (a, b), v in sorted(votes.items()) if v >= cfg.min_votes]
+    return pairs, np.sort(stop)
 
 
 def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> list[Edge]:
@@ -96,20 +110,21 @@ class ExtractOrbFn(beam.DoFn):
 
 
 def _postings(item, cfg) -> Iterator:
+    """(key, features) -> (partition, (key, its words in that partition)): one element per partition."""
     key, data = item
-    for w in postings(Features.from_bytes(data), cfg).tolist():
-        yield w, key
+    w = postings(Features.from_bytes(data), cfg)
+    part = w % cfg.word_partitions
+    for p in np.unique(part).tolist():
+        yield p, (key, w[part == p])
 
 
-def _word_pairs(item, max_df: int) -> Iterator:
-    word, keys = item
-    keys = sorted(set(keys))
-    if len(keys) > max_df:
-        beam.metrics.Metrics.counter(EMBEDDER, "stop_words").inc()
-        yield beam.pvalue.TaggedOutput("stop", word)
-        return
-    for pair in itertools.combinations(keys, 2):
-        yield pair, 1
+def _partition_pairs(item, max_df: int) -> Iterator:
+    _, items = item
+    votes, stop = partition_votes(list(items), max_df)
+    beam.metrics.Metrics.counter(EMBEDDER, "stop_words").inc(len(stop))
+    if len(stop):
+        yield beam.pvalue.TaggedOutput("stop", stop)
+    yield from votes.items()
 
 
 def _route(item) -> Iterator:
@@ -118,23 +133,37 @@ def _route(item) -> Iterator:
     yield b, (a, b)
 
 
-def _attach(item) -> Iterator:
+_STOP_CACHE: dict[int, np.ndarray] = {}
+
+
+def _stop_array(stop: list) -> np.ndarray:
+    """The side input's stop-word arrays as one sorted array, built once per worker."""
+    if id(stop) not in _STOP_CACHE:
+        _STOP_CACHE.clear()
+        _STOP_CACHE[id(stop)] = np.unique(np.concatenate(stop)) if stop else np.zeros(0, np.int64)
+    return _STOP_CACHE[id(stop)]
+
+
+def _attach(item, cfg, stop: list) -> Iterator:
+    """key -> its features and pairs: (pair, (key, features, keep mask)), the mask computed once."""
     key, grouped = item
-    feats = list(grouped["feat"])
-    if not feats:
+    feats, pairs = list(grouped["feat"]), list(grouped["pair"])
+    if not feats or not pairs:
         return
-    for pair in grouped["pair"]:
-        yield pair, (key, feats[0])
+    mask = np.packbits(keep_mask(Features.from_bytes(feats[0]), cfg, _stop_array(stop))).tobytes()
+    for pair in pairs:
+        yield pair, (key, feats[0], mask)
 
 
-def _verify(item, cfg, stop: list) -> Iterator:
+def _verify(item, cfg) -> Iterator:
     (a, b), parts = item
-    found = dict(parts)
+    found = {k: (f, m) for k, f, m in parts}
     if a not in found or b not in found:
         return
-    stop_set = set(stop)
-    fa, fb = Features.from_bytes(found[a]), Features.from_bytes(found[b])
-    v = verify(fa, fb, cfg, keep_mask(fa, cfg, stop_set), keep_mask(fb, cfg, stop_set))
+    fa, fb = Features.from_bytes(found[a][0]), Features.from_bytes(found[b][0])
+    ma = np.unpackbits(np.frombuffer(found[a][1], np.uint8))[: len(fa.desc)].astype(bool)
+    mb = np.unpackbits(np.frombuffer(found[b][1], np.uint8))[: len(fb.desc)].astype(bool)
+    v = verify(fa, fb, cfg, ma, mb)
     beam.metrics.Metrics.counter(EMBEDDER, "verified" if v.copy else "rejected").inc()
     if v.copy:
         yield Edge(a, b, round(v.agreement, 4), EMBEDDER)
@@ -162,8 +191,9 @@ class FindOrbCopies(beam.PTransform):
 
         cfg = self.cfg
         feats = samples | "ExtractOrb" >> beam.ParDo(ExtractOrbFn(cfg, self.max_pixels))
-        by_word = feats | "Postings" >> beam.FlatMap(_postings, cfg=cfg) | "ByWord" >> beam.GroupByKey()
-        split = multi_output(by_word, "WordPairs", _word_pairs, ["stop"], "pairs", max_df=cfg.max_df)
+        by_part = feats | "Postings" >> beam.FlatMap(_postings, cfg=cfg) | "ByWordPartition" >> beam.GroupByKey()
+        split = multi_output(by_part, "WordPairs", _partition_pairs, ["stop"], "pairs", max_df=cfg.max_df)
+        stop = beam.pvalue.AsList(split["stop"])
         candidates = (
             split["pairs"]
             | "Votes" >> beam.CombinePerKey(sum)
@@ -173,9 +203,9 @@ class FindOrbCopies(beam.PTransform):
         joined = {"feat": feats, "pair": routed} | "JoinFeatures" >> beam.CoGroupByKey()
         edges = (
             joined
-            | "Attach" >> beam.FlatMap(_attach)
+            | "Attach" >> beam.FlatMap(_attach, cfg=cfg, stop=stop)
             | "ByPair" >> beam.GroupByKey()
-            | "Verify" >> beam.FlatMap(_verify, cfg=cfg, stop=beam.pvalue.AsList(split["stop"]))
+            | "Verify" >> beam.FlatMap(_verify, cfg=cfg)
         )
         neighbours = (
             edges
