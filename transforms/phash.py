@@ -40,13 +40,15 @@ NEIGHBOUR_K = N_HASHES + 4  # k-NN depth for each sample's nearest neighbour (it
 TRIM_SIDE = 128  # border trimming looks at a copy this size (averages away JPEG and sensor noise)
 TRIM_ENERGY = 0.15  # a border line has under this share of the central lines' detail
 TRIM_MAX = 0.4  # at most this share of a side is trimmed from each edge
-# an image whose trimmed frame is largely *exactly* flat (3x3 range <= 1 grey level) may be a
-# screenshot or UI template, whose low frequencies are the template's (two photos in one template
-# hash alike). Such an image is hashed on its content box instead: the largest blob where nearly
+# an image whose trimmed frame is largely *uniform* (TEMPLATE_WINDOW squares within 2 grey levels
+# on a 256-pixel copy) may be a screenshot or UI template, whose low frequencies are the
+# template's (two photos in one template hash alike). Such an image is hashed on its content box instead: the largest blob where nearly
 # every pixel has detail (text and UI lines have flat gaps), i.e. the photo inside the template.
-TEMPLATE_FLAT = 0.2
+TEMPLATE_FLAT = 0.08  # Flickr photos and their copies: ~1% above; screenshots: ~90%
+TEMPLATE_WINDOW = 15
 CONTENT_OPEN = 9  # window (pixels of a 2*TRIM_SIDE copy) of the density test and the opening
 CONTENT_MAX = 0.85  # a content box this share of the frame or more is the frame itself
+TEMPLATE_BOX = 0.45  # a content box under this share of the frame is a photo inside a template
 
 
 def _dct_bits(gray: np.ndarray) -> np.ndarray:
@@ -107,28 +109,35 @@ def _frame_hashes(gray, crops=CROPS) -> list[np.ndarray]:
     return out
 
 
-def _flat_mask(gray, side: int = 2 * TRIM_SIDE) -> tuple[np.ndarray, float]:
-    """(flat mask of a <= side copy, scale of that copy): 3x3 range at most one grey level."""
+def _small(gray, side: int = 2 * TRIM_SIDE):
+    """(a <= side BOX-downscaled copy as int16, its scale)."""
     from PIL import Image
-    from scipy.ndimage import maximum_filter, minimum_filter
 
     small = gray.copy()
     small.thumbnail((side, side), Image.Resampling.BOX)
-    a = np.asarray(small, dtype=np.int16)
-    return (maximum_filter(a, 3) - minimum_filter(a, 3)) <= 1, gray.width / small.width
+    return np.asarray(small, dtype=np.int16), gray.width / small.width
+
+
+def _flat(a: np.ndarray, window: int, tol: int) -> np.ndarray:
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    return (maximum_filter(a, window) - minimum_filter(a, window)) <= tol
 
 
 def flat_share(gray) -> float:
-    return float(_flat_mask(gray)[0].mean())
+    """Share of pixels in a uniform patch (a TEMPLATE_WINDOW square within 2 grey levels): UI
+    fills are uniform over large areas; skies, walls and JPEG-flattened blocks drift."""
+    return float(_flat(_small(gray)[0], TEMPLATE_WINDOW, 2).mean())
 
 
 def content_box(gray) -> tuple[int, int, int, int] | None:
     """The box of the photo inside a template-like (largely flat) image, or None."""
     from scipy import ndimage
 
-    flat, scale = _flat_mask(gray)
-    if flat.mean() <= TEMPLATE_FLAT:
+    a, scale = _small(gray)
+    if float(_flat(a, TEMPLATE_WINDOW, 2).mean()) <= TEMPLATE_FLAT:
         return None
+    flat = _flat(a, 3, 1)
     dense = ndimage.uniform_filter((~flat).astype(np.float32), CONTENT_OPEN) > 0.9  # text and lines have gaps
     detail = ndimage.binary_opening(dense, structure=np.ones((CONTENT_OPEN, CONTENT_OPEN), bool))
     labels, n = ndimage.label(detail)
@@ -151,10 +160,13 @@ def compute_hashes(img) -> np.ndarray:
     trimmed = gray.crop(box)
     inner = content_box(trimmed)
     if inner is not None:
-        # a template: the query rows and their crops are of the photo inside it; the whole frame
-        # stays in the mirror rows (never queried), so a copy without the template still finds it
-        content = _frame_hashes(trimmed.crop(inner))
-        return np.stack(content + _frame_hashes(gray) + content[:1])
+        # the query rows and their crops are of the content box. A small box is a photo in a
+        # template: the mirror rows mirror it. A large one is more likely a photo with flat parts:
+        # its whole frame stays in the mirror rows (never queried) so that its copies find it.
+        photo = trimmed.crop(inner)
+        content = _frame_hashes(photo)
+        small = (inner[2] - inner[0]) * (inner[3] - inner[1]) < TEMPLATE_BOX * trimmed.width * trimmed.height
+        return np.stack(content + _frame_hashes(ImageOps.mirror(photo) if small else gray) + content[:1])
     rows = _frame_hashes(gray) + _frame_hashes(ImageOps.mirror(gray))
     rows.append(rows[0] if box == (0, 0, *gray.size) else _frame_hashes(gray.crop(box), crops=(1.0,))[0])
     return np.stack(rows)
