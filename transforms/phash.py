@@ -42,8 +42,9 @@ TRIM_ENERGY = 0.15  # a border line has under this share of the central lines' d
 TRIM_MAX = 0.4  # at most this share of a side is trimmed from each edge
 # an image whose trimmed frame is largely *uniform* (TEMPLATE_WINDOW squares within 2 grey levels
 # on a 256-pixel copy) may be a screenshot or UI template, whose low frequencies are the
-# template's (two photos in one template hash alike). Such an image is hashed on its content box instead: the largest blob where nearly
-# every pixel has detail (text and UI lines have flat gaps), i.e. the photo inside the template.
+# template's (two photos in one template hash alike). Such an image is hashed on its content box
+# instead: the largest blob where nearly every pixel has detail (text and UI lines have flat
+# gaps), i.e. the photo inside the template.
 TEMPLATE_FLAT = 0.08  # Flickr photos and their copies: ~1% above; screenshots: ~90%
 TEMPLATE_WINDOW = 15
 CONTENT_OPEN = 9  # window (pixels of a 2*TRIM_SIDE copy) of the density test and the opening
