@@ -26,6 +26,7 @@ CORE = [
     "spacy-lookups-data==1.0.5",
     "datasketch==2.0.0",
     "psutil>=5.9",
+    "fsspec>=2024.2",
 ]
 
 EXTRAS = {
@@ -40,10 +41,12 @@ EXTRAS = {
         "dask==2026.8.0",
         "distributed==2026.8.0",
         "playwright==1.65.2",
+        "moto[server]==5.2.5",  # a local S3 API for tests/test_s3.py
+        "s3fs==2026.9.0",
     ],
     "demo": ["scikit-image>=0.24", "scikit-learn>=1.5"],
-    "gcp": ["apache-beam[gcp]==2.77.0"],
-    "aws": ["apache-beam[aws]==2.77.0"],
+    "gcp": ["apache-beam[gcp]==2.77.0", "gcsfs>=2026.8"],  # gs:// through transforms/fsio.py
+    "aws": ["apache-beam[aws]==2.77.0", "s3fs==2026.9.0"],  # s3:// through transforms/fsio.py
 }
 
 setup(

@@ -74,7 +74,10 @@ def cmd_run(args, beam_args: list[str]) -> int:
 
 
 def cmd_decide(args) -> int:
+    from pipeline.config import check_decide_overrides
     from pipeline.redecide import redecide
+
+    check_decide_overrides(args.set)
 
     redecide(args.run_dir, args.set)
     return EXIT_OK

@@ -7,11 +7,37 @@ Unknown fields are errors, and every error names its field (``dedup.phash.max_ha
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# patterns of the free-text enums (preflight: checked at load, before anything runs)
+KEEPER_PATTERN = re.compile(r"^(resolution|earliest|centre|column:[A-Za-z_][A-Za-z0-9_.\-]*(:(asc|desc))?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+RUNNER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+TRIGGER_KINDS = (
+    "word_trigger",
+    "object_trigger",
+    "implicit_object",
+    "template_caption",
+    "duplicate_caption",
+    "near_duplicate_caption",
+)
+# the fields ``memsieve decide`` re-tunes (everything else needs a new run)
+DECIDE_SECTIONS = ("decide", "diversify")
+
+
+def _check_pattern(value: str, pattern: re.Pattern, expected: str) -> str:
+    if not pattern.match(value):
+        raise ValueError(f"{value!r} is not {expected}")
+    return value
+
+
+def _check_device(value: str) -> str:
+    return _check_pattern(value, DEVICE_PATTERN, "auto, cpu, mps, cuda or cuda:N")
 
 
 class ConfigError(ValueError):
@@ -33,6 +59,10 @@ class ReadConfig(Section):
     max_image_pixels: int = Field(default=64_000_000, gt=0)  # decompression-bomb guard
     max_caption_bytes: int = Field(default=16 * 1024, gt=0)
     require_caption: bool = True
+    max_members_per_key: int = Field(default=64, gt=0)  # members of one webdataset key
+    max_json_bytes: int = Field(default=1024 * 1024, gt=0)  # the json member
+    # decoded size, bit depth counted (16-bit RGB: 10 bytes a pixel with its 8-bit copy); 0 = 512 MiB
+    max_decoded_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm", "pbm")
 
 
@@ -51,8 +81,22 @@ class ClipConfig(Section):
     pretrained: str | None = None  # a hub tag, a local checkpoint file/dir, or None (random weights)
     batch_size: int = Field(default=32, gt=0)
     threshold: float = Field(default=0.95, gt=0, le=1)  # cosine for a semantic duplicate
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda[:N] | mps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # pretrained None means random weights: refused unless the job says so (tests, cost benchmarks)
+    allow_random_weights: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("an open_clip model name, local-dir:PATH or a model-config .json is required")
+        return v
 
 
 class OrbConfig(Section):
@@ -87,7 +131,12 @@ class SscdConfig(Section):
     size: int = Field(default=288, ge=32)  # short side the image is resized to (SSCD's eval setting)
     batch_size: int = Field(default=32, gt=0)
     threshold: float = Field(default=0.5, gt=0, le=1)  # cosine for a copy (SD3's dedup threshold)
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda[:N] | mps
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
 
     @model_validator(mode="after")
     def _weights_when_enabled(self):
@@ -102,6 +151,9 @@ class ClusterConfig(Section):
     sample_size: int = Field(default=0, ge=0)  # k-means training sample; 0 = 40 points per cell
     threshold: float = Field(default=0.9, gt=0, le=1)  # cosine for a near-duplicate (precomputed embeddings)
     cell_groups: int = Field(default=64, ge=1)  # cells travel in this many groups (elements) through the shuffle
+    # a row also joins its second-nearest cell when that centroid is within this cosine of the nearest
+    second_cell_margin: float = Field(default=0.05, ge=0)
+    single_cell_below: int = Field(default=50_000, ge=0)  # up to this many rows: one cell, an exact search
 
 
 class DedupConfig(Section):
@@ -115,6 +167,11 @@ class DedupConfig(Section):
     keeper: str = "resolution"  # resolution | earliest | centre | column:<name>[:asc|desc]
     embeddings_dir: str | None = None  # persisted per-shard embeddings; default OUTPUT/embeddings
     incremental_from: str | None = None  # an earlier run's output: dedup new shards against it
+
+    @field_validator("keeper")
+    @classmethod
+    def _keeper(cls, v: str) -> str:
+        return _check_pattern(v, KEEPER_PATTERN, "resolution, earliest, centre or column:NAME[:asc|desc]")
 
 
 class TriggersConfig(Section):
@@ -137,6 +194,15 @@ class TriggersConfig(Section):
     related_pairs: tuple[str, ...] = ()  # extra "keyword:object" pairs that are implicit intended
     related_similarity: float = Field(default=0.8, gt=0, le=1)  # text-embedding cosine for "related"
 
+    @field_validator("related_pairs")
+    @classmethod
+    def _pairs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for pair in v:
+            parts = pair.split(":")
+            if len(parts) != 2 or not all(p.strip() for p in parts):
+                raise ValueError(f"{pair!r} is not keyword:object")
+        return v
+
 
 class ProbeConfig(Section):
     enabled: bool = False
@@ -150,6 +216,17 @@ class ProbeConfig(Section):
     reference_captions: str | None = None
     target_fpr: float = Field(default=0.01, gt=0, lt=1)
     device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+    @model_validator(mode="after")
+    def _model_when_enabled(self):
+        if self.enabled and not (self.model or "").strip():
+            raise ValueError("model: a local diffusers folder or a cached hub id is required when probe.enabled")
+        return self
 
 
 class DecideConfig(Section):
@@ -177,6 +254,16 @@ class DecideConfig(Section):
         "near_duplicate_caption",
     )
 
+    @field_validator("trigger_kinds")
+    @classmethod
+    def _kinds(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [k for k in v if k not in TRIGGER_KINDS]
+        if unknown:
+            raise ValueError(
+                f"unknown trigger kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(TRIGGER_KINDS)}"
+            )
+        return v
+
 
 class DiversifyConfig(Section):
     enabled: bool = True
@@ -202,6 +289,11 @@ class RunConfig(Section):
     cache_dir: str | None = None  # default OUTPUT/cache
     debug_sleep_per_shard_s: float = Field(default=0.0, ge=0)  # tests only: slow shards down
 
+    @field_validator("runner")
+    @classmethod
+    def _runner(cls, v: str) -> str:
+        return _check_pattern(v, RUNNER_PATTERN, "a Beam runner name (DirectRunner) or a dotted class path")
+
 
 class JobConfig(Section):
     name: str = Field(min_length=1)
@@ -220,7 +312,11 @@ def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(job)"
-        lines.append(f"{field}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        sub = re.match(r"^([a-z_]+): (.*)$", msg, re.S)
+        if sub and e["type"] == "value_error" and e["loc"]:  # a section's check naming its field
+            field, msg = f"{field}.{sub.group(1)}", sub.group(2)
+        lines.append(f"{field}: {msg}")
     return "; ".join(lines)
 
 
@@ -239,6 +335,17 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"{dotted}: {part} is not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def check_decide_overrides(overrides: list[str]) -> None:
+    """``memsieve decide`` re-tunes only decide.* and diversify.*: anything else is refused."""
+    for assignment in overrides:
+        dotted = assignment.split("=", 1)[0].strip()
+        if dotted.split(".", 1)[0] not in DECIDE_SECTIONS or "." not in dotted:
+            raise ConfigError(
+                f"{dotted or assignment}: memsieve decide changes only decide.* and diversify.* fields; "
+                "other fields need a new run (memsieve run)"
+            )
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:

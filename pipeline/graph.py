@@ -25,6 +25,8 @@ def read_limits(cfg) -> ReadLimits:
         max_caption_bytes=r.max_caption_bytes,
         require_caption=r.require_caption,
         image_extensions=tuple(r.image_extensions),
+        max_members_per_key=r.max_members_per_key,
+        max_json_bytes=r.max_json_bytes,
     )
 
 
@@ -106,6 +108,7 @@ DECODE_ERROR_TYPES = (
     "unidentified_image",
     "format_mismatch",
     "decompression_bomb",
+    "unsupported_image_format",
     "bad_dimensions",
     "empty_image",
 )
@@ -153,6 +156,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
         cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
         emit_samples=cfg.dedup.clip.enabled or cfg.dedup.orb.enabled or cfg.dedup.sscd.enabled,
+        max_decoded_bytes=cfg.read.max_decoded_bytes,
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )
     dec = paths | "ProcessShards" >> ProcessShards(settings)

@@ -1,80 +1,91 @@
-"""Run a job: resolve inputs, prepare the output folder, run the Beam graph, write run.json."""
+"""Run a job: list the inputs, claim the output folder, run the Beam graph into a staging folder,
+write run.json there and commit it (``pipeline.outdir``)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.outdir import TABLES as RUN_TABLES  # the tables a run owns (committed together)
 
 log = logging.getLogger(__name__)
-
-# tables a run owns; they are cleared at the start so no stale part survives (caches are kept)
-RUN_TABLES = [
-    "manifest",
-    "annotations",
-    "failures",
-    "clusters",
-    "neighbours",
-    "triggers/keywords",
-    "triggers/objects",
-    "scores",
-    "diversify",
-    "blocklist",
-    "shards",
-]
-RUN_FILES = ["run.json", "blocklist.txt"]
 
 
 class RunFailed(RuntimeError):
     """The run finished but must not pass as done (exit 1)."""
 
 
-def resolve_input(path: str) -> tuple[str, list[str]]:
-    """-> (format, paths). A LAION-layout folder, a folder of shards, or a glob of .tar files."""
-    from apache_beam.io.filesystems import FileSystems
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SIDECAR_SUFFIXES = (".parquet", "_stats.json", ".json")
 
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "img_emb")):
-            return "laion_embeddings", [path]
-        path = os.path.join(path, "*.tar")
+
+def list_input(path: str) -> tuple[str, list[str], dict]:
+    """-> (format, paths, skipped). A LAION-layout folder, a folder of shards, or a glob (brace
+    ranges like ``{00000..09999}`` expand). Every matched file is a shard (.tar, .tar.gz, .tgz,
+    any case) or named in ``skipped`` with the reason."""
+    from transforms import fsio
+
     try:
-        matched = FileSystems.match([path])[0].metadata_list
-    except Exception as exc:  # an unknown scheme or a bad pattern
-        raise ConfigError(f"input.path: cannot list {path!r}: {exc}") from None
-    shards = sorted(m.path for m in matched if m.path.endswith(".tar"))
+        if fsio.isdir(path):
+            if fsio.isdir(fsio.join(path, "img_emb")):
+                return "laion_embeddings", [path], {}
+            path = fsio.join(path, "*")
+        matched = fsio.match(path)
+    except Exception as exc:  # an unknown scheme, a missing driver, no credentials
+        raise ConfigError(f"input.path: cannot list {path!r}: {type(exc).__name__}: {exc}") from None
+    shards, skipped, sidecars = [], {}, 0
+    for p, kind in matched:
+        lower = p.lower()
+        if kind == "dir":
+            continue
+        if kind != "file":
+            skipped[p] = "not a regular file (a FIFO, device or socket)"
+        elif lower.endswith(SHARD_SUFFIXES):
+            shards.append(p)
+        elif lower.endswith(SIDECAR_SUFFIXES):
+            sidecars += 1
+        else:
+            skipped[p] = "not a .tar, .tar.gz or .tgz shard"
+    for p, why in skipped.items():
+        log.warning("input: skipped %s: %s", p, why)
     if not shards:
-        raise ConfigError(f"input.path: no .tar shards match {path!r}")
-    return "webdataset", shards
+        raise ConfigError(f"input.path: no .tar, .tar.gz or .tgz shards match {path!r}")
+    return "webdataset", shards, {"sidecars_seen": sidecars, "files": skipped}
+
+
+def resolve_input(path: str) -> tuple[str, list[str]]:
+    """-> (format, paths): ``list_input`` without the skipped files."""
+    fmt, paths, _ = list_input(path)
+    return fmt, paths
 
 
 def _absolute_model_paths(cfg: JobConfig) -> JobConfig:
     """Local model and caption files named relative to the job's working folder -> absolute."""
     probe = cfg.probe
-    update = {f: os.path.abspath(getattr(probe, f)) for f in ("model", "reference_captions")
-              if getattr(probe, f) and os.path.exists(getattr(probe, f))}
+    update = {
+        f: os.path.abspath(getattr(probe, f))
+        for f in ("model", "reference_captions")
+        if getattr(probe, f) and os.path.exists(getattr(probe, f))
+    }
     return cfg.model_copy(update={"probe": probe.model_copy(update=update)}) if update else cfg
 
 
 def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+    from transforms import fsio
+
+    return fsio.absolute(path)
 
 
-def prepare_output(out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    report = os.path.join(out_dir, "report")
-    if os.path.isdir(report):  # a new run's report starts empty (a re-decide keeps the thumbnails)
-        shutil.rmtree(report)
-    for name in RUN_FILES:
-        target = os.path.join(out_dir, name)
-        if os.path.exists(target):
-            os.remove(target)
-    for table in RUN_TABLES + ["filtered"]:
-        target = os.path.join(out_dir, table)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
+def _shared_dirs(cfg: JobConfig, out_dir: str) -> JobConfig:
+    """The cache and persisted embeddings live in OUT (shared by runs), not in a run's staging."""
+    from transforms import fsio
+
+    run = cfg.run.model_copy(update={"cache_dir": cfg.run.cache_dir or fsio.join(out_dir, "cache")})
+    emb = cfg.dedup.embeddings_dir or fsio.join(out_dir, "embeddings")
+    dedup = cfg.dedup.model_copy(update={"embeddings_dir": emb})
+    return cfg.model_copy(update={"run": run, "dedup": dedup})
 
 
 def beam_options(cfg: JobConfig, beam_args: list[str]):
@@ -86,36 +97,56 @@ def beam_options(cfg: JobConfig, beam_args: list[str]):
     return PipelineOptions(args, save_main_session=False)
 
 
+def _one_line(url: str) -> str:
+    """Control characters and line separators percent-encoded: one URL is one line of blocklist.txt."""
+    return "".join(f"%{ord(c):02X}" if ord(c) < 32 or ord(c) == 127 or c in "\x85\u2028\u2029" else c for c in url)
+
+
 def write_blocklist_txt(out_dir: str) -> int:
+    from transforms import fsio
     from transforms.write import atomic_write_text, read_table
 
-    table = read_table(os.path.join(out_dir, "blocklist"))
-    urls = sorted({u for u in (table.column("url").to_pylist() if table is not None else []) if u})
-    atomic_write_text(os.path.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
+    table = read_table(fsio.join(out_dir, "blocklist"))
+    urls = sorted({_one_line(u) for u in (table.column("url").to_pylist() if table is not None else []) if u})
+    atomic_write_text(fsio.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
     return len(urls)
 
 
 def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
-    """Run the job to completion; returns the run.json content. Raises RunFailed past the cap."""
-    fmt, inputs = resolve_input(cfg.input.path)
+    """Run the job to completion and commit it into OUT; returns the run.json content. Raises
+    RunFailed past the failure cap (OUT keeps the previous run) and ConfigError (exit 2) for an
+    output that is unsafe to write, before anything is written."""
+    from pipeline import outdir
+    from pipeline.preflight import preflight
+
+    preflight(cfg, beam_args)  # everything checkable is checked before the output is touched
+    fmt, inputs, skipped = list_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")
     cfg = _absolute_model_paths(cfg)
     out_dir = _absolute(cfg.output.dir)  # workers of a distributed runner may run elsewhere
     inputs = [_absolute(p) for p in inputs]
-    prepare_output(out_dir)
-    if fmt == "laion_embeddings":
-        from pipeline.laion_job import run_laion
+    with outdir.private_tmpdir(), outdir.claim(out_dir, inputs) as (run_id, stage):
+        cfg = _shared_dirs(cfg, out_dir)
+        if fmt == "laion_embeddings":
+            from pipeline.laion_job import run_laion
 
-        return run_laion(cfg, beam_args or [])
-    return _run_webdataset(cfg, inputs, out_dir, beam_args or [])
+            staged = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": stage})})
+            info = run_laion(staged, beam_args or [])
+        else:
+            info = _run_webdataset(cfg, inputs, stage, beam_args or [], {"run_id": run_id, "skipped": skipped})
+        outdir.commit(out_dir, stage)
+    return info
 
 
-def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: list[str]) -> dict:
+def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: list[str], meta: dict) -> dict:
+    """Run the graph with every output in ``out_dir`` (the run's staging folder); run.json is
+    written there last, or, past the failure cap, diagnostics instead (RunFailed)."""
     import apache_beam as beam
 
-    from pipeline import runinfo
+    from pipeline import outdir, runinfo
     from pipeline.graph import build_graph
+    from transforms import fsio
 
     started = time.time()
     log.info("job %s: %d shards -> %s", cfg.name, len(shards), out_dir)
@@ -131,6 +162,7 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         result = pipeline.run()
         result.wait_until_finish()
     pipeline_s = time.time() - started
+    outdir.fault_point("tables")
     post = time.time()
     n_blocked = write_blocklist_txt(out_dir)
     counts = runinfo.table_counts(out_dir, RUN_TABLES)
@@ -138,7 +170,8 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         "job": cfg.name,
         "config": cfg.model_dump(mode="json"),
         "versions": runinfo.package_versions(),
-        "input": {"format": "webdataset", "shards": shards, "n_shards": len(shards)},
+        "input": {"format": "webdataset", "shards": shards, "n_shards": len(shards), "skipped": meta["skipped"]},
+        "run_id": meta["run_id"],
         "counters": runinfo.beam_counters(result),
         "outputs": dict(counts, blocklist_urls=n_blocked),
         "timings_s": {"pipeline": round(pipeline_s, 3)},
@@ -149,11 +182,16 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
 
         info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
     _maybe_report(cfg, out_dir, info)
+    outdir.fault_point("report")
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)
     info["checksums"] = runinfo.checksums(out_dir, RUN_TABLES)
-    runinfo.write_run_json(os.path.join(out_dir, "run.json"), info)
-    _check_failure_ratio(cfg, info["summary"])
+    try:
+        _check_failure_ratio(cfg, info["summary"])
+    except RunFailed as exc:
+        path = outdir.write_diagnostics(out_dir, info, str(exc))
+        raise RunFailed(f"{exc} (the previous run in the output folder is kept; diagnostics: {path})") from None
+    runinfo.write_run_json(fsio.join(out_dir, "run.json"), info)
     log.info("job %s done in %.1f s: %s", cfg.name, info["timings_s"]["total"], info["summary"])
     return info
 
@@ -161,10 +199,11 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
 def _summary(out_dir: str, counts: dict) -> dict:
     from collections import Counter
 
+    from transforms import fsio
     from transforms.write import read_table
 
-    manifest = read_table(os.path.join(out_dir, "manifest"))
-    failures = read_table(os.path.join(out_dir, "failures"))
+    manifest = read_table(fsio.join(out_dir, "manifest"))
+    failures = read_table(fsio.join(out_dir, "failures"))
     decisions = Counter(manifest.column("decision").to_pylist()) if manifest is not None else Counter()
     status = Counter(manifest.column("status").to_pylist()) if manifest is not None else Counter()
     types = Counter(failures.column("error_type").to_pylist()) if failures is not None else Counter()
@@ -195,4 +234,17 @@ def _maybe_report(cfg: JobConfig, out_dir: str, info: dict, reuse_figures: bool 
         from pipeline.report import write_report
     except ImportError:
         return
-    write_report(out_dir, info, reuse_figures)
+    from transforms import fsio
+
+    if not fsio.is_remote(out_dir):
+        write_report(out_dir, info, reuse_figures)
+        return
+    import shutil
+    import tempfile
+
+    local = tempfile.mkdtemp(prefix="memsieve-report-")
+    try:  # the page is rendered locally (matplotlib, PIL write files), then uploaded
+        write_report(out_dir, info, reuse_figures, report_dir=local)
+        fsio.put_tree(local, fsio.join(out_dir, "report"))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

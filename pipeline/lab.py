@@ -99,53 +99,84 @@ def tiny_models(vocab_size: int = 49408):
     return unet, text
 
 
-def train(output: str, steps: int = 1200, batch: int = 32, seed: int = 0, lr: float = 2e-3) -> dict:
-    import torch
-    from diffusers import DDIMScheduler, DDPMScheduler
+def noise_scheduler():
+    from diffusers import DDPMScheduler
 
-    from transforms.clip_tokenizer import clip_tokenizer, write_clip_tokenizer_files
-
-    torch.manual_seed(seed)
-    images, items, roles = build_dataset(seed)
-    tok_dir = write_clip_tokenizer_files(os.path.join(output, "tokenizer"))
-    tokenizer = clip_tokenizer(tok_dir)
-    unet, text = tiny_models(len(tokenizer))
-    noise_sched = DDPMScheduler(
+    return DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
     )
+
+
+def _diversified(tokens, picked: list[int], alt_ids, alt_of: list[list[int]], p: float, rng: random.Random):
+    """Somepalli et al.'s train-time recipe: each alternative of a diversified sample replaces the
+    caption with probability p (first hit wins); GN applies with probability p. -> GN row mask."""
+    import torch
+
+    gn = torch.zeros(len(picked), dtype=torch.bool)
+    for b, item in enumerate(picked):
+        if not alt_of[item]:
+            continue
+        for a in alt_of[item]:
+            if rng.random() < p:
+                tokens[b] = alt_ids[a]
+                break
+        gn[b] = rng.random() < p
+    return gn
+
+
+def fit(images, item_img, ids, empty, vocab_size: int, steps: int, batch: int, seed: int, lr: float, div=None):
+    """Train the lab architecture on items (image index, token ids) -> (unet, text, losses).
+
+    ``div`` (optional): {"alt_ids": tensor, "alt_of": per-item alternative rows, "p": float,
+    "sigma": float}. Its draws come from their own generator, so the batches, timesteps and
+    noise are the same with and without it (same seed, steps and schedule)."""
+    import torch
+
+    torch.manual_seed(seed)
+    unet, text = tiny_models(vocab_size)
+    noise_sched = noise_scheduler()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    ids = tokenizer(
-        [c for _, c in items], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids
-    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    x0_all = torch.from_numpy(images)
-    img_idx = torch.tensor([i for i, _ in items])
-    gen = torch.Generator().manual_seed(seed)
+    x0_all = torch.as_tensor(images)
+    gen, drng = torch.Generator().manual_seed(seed), random.Random(seed + 1)
     started, losses = time.time(), []
     for step in range(steps):
-        pick = torch.randint(0, len(items), (batch,), generator=gen)
-        x0 = x0_all[img_idx[pick]]
+        pick = torch.randint(0, len(item_img), (batch,), generator=gen)
+        x0 = x0_all[item_img[pick]]
         tokens = ids[pick].clone()
+        gn = None
+        if div is not None:
+            gn = _diversified(tokens, pick.tolist(), div["alt_ids"], div["alt_of"], div["p"], drng)
         drop = torch.rand(batch, generator=gen) < 0.1  # classifier-free guidance: learn the empty caption too
         tokens[drop] = empty[0]
         t = torch.randint(0, 1000, (batch,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         xt = noise_sched.add_noise(x0, eps, t)
-        pred = unet(xt, t, encoder_hidden_states=text(tokens)[0]).sample
+        emb = text(tokens)[0]
+        if gn is not None and bool(gn.any()):
+            g = torch.Generator().manual_seed(seed * 100_003 + step)
+            emb = emb + div["sigma"] * gn[:, None, None] * torch.randn(emb.shape, generator=g)
+        pred = unet(xt, t, encoder_hidden_states=emb).sample
         loss = torch.nn.functional.mse_loss(pred, eps)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 500 == 0:
             log.info("lab step %d/%d loss %.4f (%.0f s)", step, steps, np.mean(losses[-100:]), time.time() - started)
+    return unet, text, losses
+
+
+def save_model(output: str, unet, text, tokenizer) -> None:
+    """A diffusers folder the probe loads (unet/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import DDIMScheduler
+
     unet.save_pretrained(os.path.join(output, "unet"), safe_serialization=True)
     text.save_pretrained(os.path.join(output, "text_encoder"), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(output, "tokenizer"))
-    DDIMScheduler.from_config(noise_sched.config).save_pretrained(os.path.join(output, "scheduler"))
+    DDIMScheduler.from_config(noise_scheduler().config).save_pretrained(os.path.join(output, "scheduler"))
     with open(os.path.join(output, "model_index.json"), "w") as f:
         json.dump(
             {
@@ -158,6 +189,24 @@ def train(output: str, steps: int = 1200, batch: int = 32, seed: int = 0, lr: fl
             f,
             indent=1,
         )
+
+
+def tokenize(tokenizer, captions: list[str]):
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def train(output: str, steps: int = 1200, batch: int = 32, seed: int = 0, lr: float = 2e-3) -> dict:
+    import torch
+
+    from transforms.clip_tokenizer import clip_tokenizer, write_clip_tokenizer_files
+
+    images, items, roles = build_dataset(seed)
+    tokenizer = clip_tokenizer(write_clip_tokenizer_files(os.path.join(output, "tokenizer")))
+    ids, empty = tokenize(tokenizer, [c for _, c in items]), tokenize(tokenizer, [""])
+    img_idx = torch.tensor([i for i, _ in items])
+    started = time.time()
+    unet, text, losses = fit(torch.from_numpy(images), img_idx, ids, empty, len(tokenizer), steps, batch, seed, lr)
+    save_model(output, unet, text, tokenizer)
     for role, caps in roles.items():
         with open(os.path.join(output, f"{role}.txt"), "w") as f:
             f.write("\n".join(caps) + "\n")
@@ -172,6 +221,25 @@ def train(output: str, steps: int = 1200, batch: int = 32, seed: int = 0, lr: fl
     with open(os.path.join(output, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
+
+
+def heldout_loss(unet, text, images, ids, seed: int = 1234, draws: int = 4, batch: int = 64) -> float:
+    """Quality proxy: the denoising loss on held-out (image, caption) pairs, fixed t and noise."""
+    import torch
+
+    sched = noise_scheduler()
+    gen, total, n = torch.Generator().manual_seed(seed), 0.0, 0
+    x0_all = torch.as_tensor(images)
+    with torch.no_grad():
+        for _ in range(draws):
+            for i in range(0, len(x0_all), batch):
+                x0, tok = x0_all[i : i + batch], ids[i : i + batch]
+                t = torch.randint(0, 1000, (len(x0),), generator=gen)
+                eps = torch.randn(x0.shape, generator=gen)
+                pred = unet(sched.add_noise(x0, eps, t), t, encoder_hidden_states=text(tok)[0]).sample
+                total += float(torch.nn.functional.mse_loss(pred, eps, reduction="sum"))
+                n += eps.numel()
+    return total / n
 
 
 def generate(pm, captions: list[str], seed: int = 0, steps: int = 50, guidance: float = 3.0) -> np.ndarray:

@@ -133,6 +133,16 @@ def _stage_decisions(run_dir: str, cfg) -> tuple[dict, dict]:
 
 def redecide(run_dir: str, overrides: list[str]) -> dict:
     """Re-decide a finished run with ``overrides`` (``stage.key=value``); returns the new run.json."""
+    from pipeline import outdir
+
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"run_dir: {run_dir} is not a folder")
+    _load_run(run_dir, overrides)  # a bad override exits 2 before the folder is touched
+    with outdir.locked(os.path.abspath(run_dir)):  # never alongside a run on the same folder
+        return _redecide(run_dir, overrides)
+
+
+def _redecide(run_dir: str, overrides: list[str]) -> dict:
     from pipeline import runinfo
     from pipeline.job import RUN_TABLES, _maybe_report, _summary, write_blocklist_txt
 

@@ -278,13 +278,15 @@ def _page_context(out_dir: str, info: dict, rdir: str, reuse: bool, max_clusters
     )
 
 
-def write_report(out_dir: str, info: dict, reuse_figures: bool = False, max_clusters: int = MAX_CLUSTERS) -> str:
+def write_report(
+    out_dir: str, info: dict, reuse_figures: bool = False, max_clusters: int = MAX_CLUSTERS, report_dir: str = ""
+) -> str:
     """Write ``OUT/report/index.html`` (and its PNGs and thumbnails); returns the page's path.
 
     ``info`` is the run.json content (summary, config, input shards, timings)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    rdir = os.path.join(out_dir, "report")
+    rdir = report_dir or os.path.join(out_dir, "report")  # report_dir: a local folder for remote outputs
     os.makedirs(rdir, exist_ok=True)
     env = Environment(
         loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),

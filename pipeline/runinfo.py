@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import sys
 from importlib import metadata
@@ -60,30 +59,32 @@ def beam_counters(result) -> dict[str, dict[str, int]]:
 def table_counts(out_dir: str, tables: list[str]) -> dict[str, int]:
     import pyarrow.parquet as pq
 
+    from transforms import fsio
+
     counts = {}
     for table in tables:
-        folder = os.path.join(out_dir, table)
-        if not os.path.isdir(folder):
+        folder = fsio.join(out_dir, table)
+        parts = [p for p in fsio.listdir(folder) if p.endswith(".parquet")]
+        if not parts and not fsio.isdir(folder):
             continue
-        counts[table] = sum(
-            pq.ParquetFile(os.path.join(folder, p)).metadata.num_rows
-            for p in sorted(os.listdir(folder))
-            if p.endswith(".parquet")
-        )
+        total = 0
+        for p in parts:
+            with fsio.open_input(fsio.join(folder, p)) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        counts[table] = total
     return counts
 
 
 def checksums(out_dir: str, tables: list[str]) -> dict[str, str]:
     """sha256 per output file, so two runs can be compared for determinism."""
+    from transforms import fsio
+
     out = {}
     for table in tables:
-        folder = os.path.join(out_dir, table)
-        if not os.path.isdir(folder):
-            continue
-        for name in sorted(os.listdir(folder)):
+        folder = fsio.join(out_dir, table)
+        for name in fsio.listdir(folder):
             if name.endswith(".parquet"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    out[f"{table}/{name}"] = hashlib.sha256(f.read()).hexdigest()
+                out[f"{table}/{name}"] = hashlib.sha256(fsio.read_bytes(fsio.join(folder, name))).hexdigest()
     return out
 
 

@@ -8,6 +8,14 @@
    the same for unique training captions.
 2. The probe (first-step magnitude) separating memorized captions from unseen real captions
    (AUC, TPR at 1% FPR), and memorized vs unique, partial vs unique, full vs partial.
+
+The harder lab (scripts/make_lab_set.py; its model is setting A of scripts/mitigation_eval.py):
+
+    python scripts/lab_eval.py --lab-set out/mitigation/lab-set --model out/mitigation/model_A
+
+prints the probe table by duplication count: AUC and TPR at 1% FPR of magnitude and anisotropy
+(n = 1 and 4 seeds) against in-domain negatives (unseen captions of the same subjects; near-miss
+rewordings of the repeated images' captions).
 """
 
 from __future__ import annotations
@@ -48,6 +56,58 @@ def reproduction(pm, captions: list[str], images: np.ndarray, pool: np.ndarray) 
     }
 
 
+def lab_positives(truth: dict) -> dict[str, list[str]]:
+    """Trained captions by duplication count: every distinct caption, and the full-duplication ones."""
+    from scripts.mitigation_eval import COUNTS
+
+    by_id: dict[str, set] = {}
+    for key in sorted(truth["keys"]):
+        by_id.setdefault(truth["keys"][key]["image_id"], set()).add(truth["captions"][key])
+    out: dict[str, list[str]] = {}
+    for c in COUNTS:
+        ids = [i for i, v in sorted(truth["images"].items()) if v["count"] == c]
+        out[f"x{c} all"] = sorted({cap for i in ids for cap in by_id[i]})
+        if c > 1:
+            out[f"x{c} full"] = sorted(
+                {truth["images"][i]["caption"] for i in ids if truth["images"][i]["kind"] == "full"}
+            )
+    big = [i for i, v in sorted(truth["images"].items()) if v["count"] >= 8]
+    out["8+ all"] = sorted({cap for i in big for cap in by_id[i]})
+    out["8+ full"] = sorted({truth["images"][i]["caption"] for i in big if truth["images"][i]["kind"] == "full"})
+    return out
+
+
+def lab_probe_table(model: str, lab_dir: str) -> str:
+    """The probe on the harder lab, by duplication count, against in-domain negatives."""
+    from scripts.mitigation_eval import read_shards
+
+    truth = json.load(open(os.path.join(lab_dir, "truth.json")))
+    truth["captions"] = {k: v["caption"] for k, v in read_shards(os.path.join(lab_dir, "shards")).items()}
+    pos, negs = lab_positives(truth), truth["negatives"]
+    trained = set(truth["captions"].values())
+    negs = {k: [c for c in v if c not in trained] for k, v in negs.items()}
+    pm = load_probe(model, "cpu")
+    allcaps = sorted({c for v in list(pos.values()) + list(negs.values()) for c in v})
+    lines = [f"model {model}; negatives: " + ", ".join(f"{k} {len(v)}" for k, v in negs.items())]
+    lines.append(f"{'metric':<14s} {'positives':<9s} {'n':>4s}  " + "  ".join(f"AUC/TPR@1% vs {k}" for k in negs))
+    for metric in ("magnitude", "anisotropy"):
+        for seeds in (1, 4):
+            scorer = MagnitudeScorer(pm, seeds=seeds)
+            sc = np.concatenate([scorer.score(allcaps[i : i + 32], metric) for i in range(0, len(allcaps), 32)])
+            score = dict(zip(allcaps, sc, strict=True))
+            for name, caps in pos.items():
+                p = np.array([score[c] for c in caps])
+                cells = []
+                for neg in negs.values():
+                    n = np.array([score[c] for c in neg])
+                    cells.append(f"{auc(p, n):.3f} / {tpr_at_fpr(p, n):.3f}")
+                lines.append(
+                    f"{metric + ' n=' + str(seeds):<14s} {name:<9s} {len(caps):4d}  "
+                    + "  ".join(f"{c:<24s}" for c in cells)
+                )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.path.join(ROOT, "models", "memlab"))
@@ -56,7 +116,11 @@ def main() -> int:
         "--unseen", default=os.path.join(ROOT, "..", "shared", "data", "captions", "coco2014_val_10k.csv")
     )
     parser.add_argument("--n-unseen", type=int, default=200)
+    parser.add_argument("--lab-set", help="the harder lab set (scripts/make_lab_set.py): print its probe table")
     args = parser.parse_args()
+    if args.lab_set:
+        print(lab_probe_table(args.model, args.lab_set))
+        return 0
     started = time.time()
     if args.retrain or not os.path.isfile(os.path.join(args.model, "unet", "config.json")):
         subprocess.run(

@@ -14,6 +14,7 @@ from pipeline.job import run_job
 from transforms.phash import (
     BITS,
     CODE_BYTES,
+    CROPS,
     N_HASHES,
     QUERY_ROWS,
     FindPhashCopies,
@@ -166,22 +167,46 @@ def test_threshold_is_inclusive_and_crop_codes_count():
     assert find_copy_pairs(["a", "b"], codes, max_bits=4)[0] == []
 
 
-def test_ivf_path_finds_the_same_pairs():
+def test_partitioned_path_finds_the_same_pairs():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (300, N_HASHES, CODE_BYTES), dtype=np.uint8)
     copies = base.copy()
     copies[:, :, 0] ^= 0b00000011  # 2 bits off in every code
     codes = np.concatenate([base, copies])
     keys = [f"k{i:04d}" for i in range(len(codes))]
-    flat, _ = find_copy_pairs(keys, codes, max_bits=8)
-    ivf, _ = find_copy_pairs(keys, codes, max_bits=8, exact_below=0, nprobe=16)
-    assert len(flat) == 300 and set(flat) == set(ivf)
+    exact, nn_exact = find_copy_pairs(keys, codes, max_bits=8)
+    cells, nn_cells = find_copy_pairs(keys, codes, max_bits=8, n_cells=12)
+    assert len(exact) == 300 and set(exact) == set(cells)
+    assert nn_exact == nn_cells  # every copy is its original's nearest, and they share a cell
 
 
 def test_stack_codes_skips_bad_sizes_and_repeated_keys():
     good = bytes(N_HASHES * CODE_BYTES)
-    keys, codes = stack_codes([("b", good), ("a", good), ("a", good), ("c", b"\x00")])
+    keys, codes = stack_codes([("b", good), ("a", good), ("a", good), ("c", b"\x00"), ("d", b"")])
     assert keys == ["a", "b"] and codes.shape == (2, N_HASHES, CODE_BYTES)
+
+
+def test_stack_codes_pads_fewer_hashes_with_the_full_frame():
+    longer = np.arange(len(CROPS) * CODE_BYTES + CODE_BYTES, dtype=np.uint8) % 251
+    shorter = np.full(CODE_BYTES, 7, dtype=np.uint8)
+    keys, codes = stack_codes([("a", longer.tobytes()), ("b", shorter.tobytes())])
+    assert codes.shape == (2, len(CROPS) + 1, CODE_BYTES)
+    assert (codes[1] == 7).all() and (codes[0].ravel() == longer).all()
+
+
+def test_query_rows_extend_the_comparison(monkeypatch):
+    """A hash row outside QUERY_ROWS is only a target; listed in QUERY_ROWS it also queries."""
+    from transforms import phash
+
+    codes = np.zeros((2, 2, CODE_BYTES), dtype=np.uint8)
+    codes[0, 0] = 0xFF  # a: full frame all ones, second hash all zeros
+    codes[1, 0] = 0x0F  # b: full frame 128 bits from both of a's hashes
+    codes[1, 1, 0] = 0b1  # b's second hash: 1 bit from a's second hash, 255 from a's full frame
+    monkeypatch.setattr(phash, "QUERY_ROWS", (0,), raising=False)
+    assert phash.find_copy_pairs(["a", "b"], codes, max_bits=4)[0] == []
+    monkeypatch.setattr(phash, "QUERY_ROWS", (0, 1), raising=False)
+    edges, _ = phash.find_copy_pairs(["a", "b"], codes, max_bits=4)
+    assert [(e.key_a, e.key_b) for e in edges] == [("a", "b")]
 
 
 def test_transform_on_pipeline():

@@ -1,3 +1,4 @@
+import io
 import os
 
 import apache_beam as beam
@@ -7,7 +8,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.elements import Failure, Sample
 from tests.shardkit import jpeg_bytes, sample, write_shard, write_sidecar
-from transforms.read_shards import ReadLimits, ReadShards, build_sample, split_member_name
+from transforms.read_shards import ReadLimits, ReadShards, build_sample, iter_shard, shard_name, split_member_name
 
 
 def test_split_member_name():
@@ -104,22 +105,146 @@ def test_unsafe_names_and_duplicate_keys(tmp_path):
         ],
     )
     b = write_shard(str(tmp_path / "00001.tar"), [sample("0002"), sample("0009")])
+    sa, sb = shard_name(a), shard_name(b)
+    assert sa < sb  # "00000-<hash>" sorts first: the first shard keeps the key
     with TestPipeline(runner="DirectRunner") as p:
         out = p | beam.Create([a, b]) | ReadShards(ReadLimits())
         assert_that(
             out["samples"] | "SK" >> beam.Map(lambda s: (s.key, s.shard)),
-            equal_to([("0001", "00000"), ("0002", "00000"), ("0002", "00001"), ("0009", "00001")]),
+            equal_to([("0001", sa), ("0002", sa), ("0002", sb), ("0009", sb)]),
             label="s",
         )
         assert_that(
             out["failures"] | "FK" >> beam.Map(lambda f: (f.key, f.shard, f.error_type)),
             equal_to(
                 [
-                    ("../../etc/evil", "00000", "unsafe_member_name"),
-                    ("0001", "00000", "duplicate_key"),
-                    ("0002", "00001", "duplicate_key"),
+                    ("../../etc/evil", sa, "unsafe_member_name"),
+                    ("0001", sa, "duplicate_key"),
+                    ("0002", sb, "duplicate_key"),
                 ]
             ),
             label="f",
         )
     assert not os.path.exists("/etc/evil.jpg")
+
+
+def _read(path, limits=ReadLimits()):
+    items = list(iter_shard(str(path), limits))
+    summary = items[-1]
+    samples = {i.key: i for i in items[:-1] if isinstance(i, Sample)}
+    failures = [(f.key, f.error_type) for f in items[:-1] if isinstance(f, Failure)]
+    return samples, failures, summary
+
+
+def _cut(tmp_path, name, n, where):
+    """A shard of n samples cut at where(data, offsets of each sample's first header)."""
+    import tarfile
+
+    from tests.shardkit import add_member
+
+    buf, offsets = io.BytesIO(), []
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            offsets.append(tar.offset)
+            key, members = sample(f"{i:04d}", image=jpeg_bytes(i, size=(128, 128)))
+            for ext, data in members.items():
+                add_member(tar, f"{key}.{ext}", data)
+    data = buf.getvalue()
+    path = tmp_path / name
+    path.write_bytes(data[: where(data, offsets)])
+    return path
+
+
+def test_member_cut_inside_its_data_reaches_the_manifest(tmp_path):
+    path = _cut(tmp_path, "a.tar", 4, lambda d, o: o[2] + 512 + 300)
+    samples, failures, summary = _read(path)
+    assert set(samples) == {"0000", "0001"}
+    assert failures == [("0002", "truncated_member")]
+    assert summary["truncated"]
+
+
+@pytest.mark.parametrize("where", [lambda d, o: o[2], lambda d, o: o[2] + 100])
+def test_tar_cut_on_a_block_boundary_or_in_a_header_is_truncated(tmp_path, where):
+    path = _cut(tmp_path, "b.tar", 4, where)
+    write_sidecar(
+        str(tmp_path / "b.parquet"),
+        [{"key": f"{i:04d}", "status": "success", "url": "", "error_message": None} for i in range(4)],
+    )
+    samples, failures, summary = _read(path)
+    assert set(samples) == {"0000", "0001"} and summary["truncated"]
+    assert sorted(failures) == [("0002", "truncated_tar"), ("0003", "truncated_tar")]
+
+
+def test_adjacent_repeated_key_does_not_merge(tmp_path):
+    first = sample("0001", caption="first caption", image=jpeg_bytes(1))
+    second = sample("0001", caption="second caption", image=jpeg_bytes(2))
+    path = write_shard(str(tmp_path / "r.tar"), [first, second, sample("0002")])
+    samples, failures, _ = _read(path)
+    assert samples["0001"].caption == "first caption" and samples["0001"].image == jpeg_bytes(1)
+    assert failures == [("0001", "duplicate_key")]
+
+
+def test_dot_slash_members_link_only_keys_and_members_per_key(tmp_path):
+    import tarfile
+
+    from tests.shardkit import add_member
+
+    path = tmp_path / "m.tar"
+    with tarfile.open(path, "w") as tar:
+        for ext, data in sample("0001")[1].items():
+            add_member(tar, f"./{'./' if ext == 'txt' else ''}0001.{ext}", data)
+        for ext in ("jpg", "txt"):
+            info = tarfile.TarInfo(f"0002.{ext}")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        for ext, data in sample("0003")[1].items():
+            add_member(tar, f"0003.{ext}", data)
+        for i in range(10):
+            add_member(tar, f"0003.x{i}", b"x")
+    samples, failures, _ = _read(path, ReadLimits(max_members_per_key=8))
+    assert set(samples) == {"0001"}
+    assert sorted(failures) == [("0002", "link_member"), ("0003", "too_many_members")]
+
+
+def test_caption_limits_hold_for_the_json_caption():
+    meta = b'{"caption": "' + b"x" * 300 + b'"}'
+    result = build_sample("k", "s", {"jpg": b"x", "json": meta}, ReadLimits(max_caption_bytes=100))
+    assert isinstance(result, Failure) and result.error_type == "caption_too_long"
+    assert isinstance(build_sample("k", "s", {"jpg": b"x", "json": meta}, ReadLimits()), Sample)
+    big = build_sample("k", "s", {"jpg": b"x", "txt": b"c", "json": b"{}" + b" " * 200}, ReadLimits(max_json_bytes=100))
+    assert isinstance(big, Failure) and big.error_type == "invalid_json"
+
+
+def test_gzip_named_tar_and_integer_sidecar_keys(tmp_path):
+    import gzip
+
+    plain = write_shard(str(tmp_path / "p.tar"), [sample(f"{i:09d}") for i in range(3)])
+    path = tmp_path / "z.tar"
+    path.write_bytes(gzip.compress(open(plain, "rb").read()))
+    rows = [{"key": i, "status": "success", "url": "", "error_message": None} for i in range(3)]
+    rows.append({"key": 3, "status": "failed_to_download", "url": "u", "error_message": "404"})
+    write_sidecar(str(tmp_path / "z.parquet"), rows)
+    samples, failures, _ = _read(path)
+    assert set(samples) == {"000000000", "000000001", "000000002"}
+    assert failures == [("000000003", "failed_to_download")]  # matched by value, padded like the tar
+
+
+def test_fifo_is_not_opened(tmp_path):
+    fifo = tmp_path / "pipe.tar"
+    os.mkfifo(fifo)
+    samples, failures, summary = _read(fifo)  # would block forever if opened
+    assert not samples and not failures
+    assert summary["truncated"] and summary["events"][0].startswith("unreadable_shard")
+
+
+def test_shard_identity_is_the_full_path(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    names = {shard_name(str(p)) for p in (tmp_path / "a" / "00000.tar", tmp_path / "b" / "00000.tar")}
+    names |= {shard_name(str(tmp_path / "web 1.tar")), shard_name(str(tmp_path / "web_1.tar"))}
+    assert len(names) == 4
+    from transforms.write import safe_part_name
+
+    assert len({safe_part_name(n) for n in names}) == 4  # part files and cache entries too
+    assert shard_name(str(tmp_path / "a" / "00000.tar")).startswith("00000-")
+    assert shard_name("x/../a.tar") == shard_name(os.path.abspath("a.tar"))

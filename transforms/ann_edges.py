@@ -1,61 +1,207 @@
-"""Semantic-duplicate edges from embedding batches (the webdataset path's CLIP stage).
+"""Near-duplicate edges from batches of vectors, partitioned by k-means cell (no global gather).
 
-Batches of (keys, unit vectors) are gathered and searched with the same cell algorithm as the
-LAION job (``transforms.ann``): top-m k-means cells, in-cell products, edges above the cosine
-threshold, nearest neighbour per sample.
+``CellSearch`` is the Beam wiring of ``transforms.cell_search``:
+
+    batches (keys, payload) --CombineGlobally(bounded sample + row count)--> Plan (centroids)
+    batches --assign rows to cells (Plan as the only side input)--> (cell group, arrays)
+            --GroupByKey--> in-cell products --> edges, final neighbours,
+            neighbour candidates of rows in two cells --CombinePerKey--> neighbours
+
+Elements through the shuffle are arrays (keys, float16 vectors or packed codes, cell ids), never
+one element per row. ``VectorEdges`` (CLIP, LAION embeddings) and ``FindPhashCopies`` use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import apache_beam as beam
 import numpy as np
 
 from schemas.elements import Edge, Neighbour
-from transforms import ann
+from transforms import cell_search as cs
+
+SAMPLE_CAP = 100_000  # rows kept for k-means training (the sample is one bounded element)
+TARGET_GROUP_ROWS = 200_000  # rows (with second cells) per shuffle group: groups = n / this
 
 
-def _search(batches, threshold: float, embedder: str, top_m: int, n_cells: int, seed: int) -> Iterator:
-    pairs = sorted((k, v) for keys, vecs in batches for k, v in zip(keys, np.asarray(vecs), strict=True))
-    seen, keys, rows = set(), [], []
-    for k, v in pairs:
-        if k not in seen:  # a key repeated across shards: the first one counts
-            seen.add(k)
-            keys.append(k)
-            rows.append(v)
-    if len(keys) < 2:
+class SampleRows(beam.CombineFn):
+    """Batches -> (row count, the ``cap`` rows of smallest key priority): order-independent."""
+
+    def __init__(self, cap: int, seed: int):
+        self.cap, self.seed = cap, seed
+
+    def create_accumulator(self):
+        return 0, np.empty(0, np.uint64), np.empty(0, dtype="U1"), None
+
+    def add_input(self, acc, batch):
+        keys, payload = batch
+        prio = cs.key_priority(keys, self.seed)
+        take = np.argsort(prio, kind="stable")[: self.cap]
+        return self._merge([acc, (len(keys), prio[take], np.asarray(keys)[take], payload[take])])
+
+    def merge_accumulators(self, accs):
+        return self._merge(list(accs))
+
+    def _merge(self, accs):
+        full = [a for a in accs if a[3] is not None and len(a[1])]
+        n = sum(a[0] for a in accs)
+        if not full:
+            return n, np.empty(0, np.uint64), np.empty(0, dtype="U1"), None
+        prio = np.concatenate([a[1] for a in full])
+        keys = np.concatenate([a[2] for a in full])
+        take = np.lexsort((keys, prio))[: self.cap]
+        return n, prio[take], keys[take], np.concatenate([a[3] for a in full])[take]
+
+    def extract_output(self, acc):
+        return acc[0], acc[3]
+
+
+def _plan(stats, vectorize: Callable, query_rows: tuple, settings: dict) -> cs.Plan:
+    n, payload = stats
+    if payload is None or n < 2:
+        return cs.Plan(None, 1, settings["margin"], settings["top_m"] >= 2)
+    vecs = vectorize(payload)
+    q = [r for r in query_rows if r < vecs.shape[1]] or [0]
+    sample = vecs[:, q].reshape(-1, vecs.shape[2])
+    return cs.make_plan(n, sample, **settings)
+
+
+def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Iterator:
+    keys, payload = batch
+    if not len(keys):
         return
-    x = np.stack(rows).astype(np.float32)
-    a, b, s, nn, nn_sim, _, _ = ann.dedup_in_memory(x, threshold, top_m=top_m, n_cells=n_cells, seed=seed)
-    for i, j, sim in zip(a.tolist(), b.tolist(), s.tolist(), strict=True):
-        yield Edge(keys[i], keys[j], float(sim), embedder)
-    for i, (j, sim) in enumerate(zip(nn.tolist(), nn_sim.tolist(), strict=True)):
-        if j >= 0:
-            yield beam.pvalue.TaggedOutput("neighbours", Neighbour(keys[i], embedder, keys[j], float(sim)))
+    vecs = vectorize(payload)
+    q = [r for r in query_rows if r < vecs.shape[1]] or [0]
+    cells = cs.assign(vecs[:, q], plan)
+    in_group = cs.groups_of(cells, plan.groups)
+    for g in np.unique(in_group[in_group >= 0]):
+        rows = np.flatnonzero((in_group == g).any(axis=1))
+        yield int(g), (keys[rows], payload[rows], cells[rows])
+
+
+def _search(item, plan: cs.Plan, vectorize: Callable, query_rows: tuple, threshold: float) -> Iterator[dict]:
+    group, pieces = item
+    pieces = list(pieces)
+    keys = np.concatenate([p[0] for p in pieces])
+    vecs = vectorize(np.concatenate([p[1] for p in pieces]))
+    cells = np.concatenate([p[2] for p in pieces])
+    q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
+    found = cs.search_group(keys, vecs, cells, group, plan.groups, q, threshold)
+    beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
+    yield found
+
+
+def _edges(found: dict, embedder: str, similarity: Callable) -> Iterator[Edge]:
+    a, b, s = found["edges"]
+    for x, y, z in zip(a.tolist(), b.tolist(), similarity(s).tolist(), strict=True):
+        yield Edge(x, y, z, embedder)
+
+
+def _neighbours(found: dict, embedder: str, similarity: Callable) -> Iterator[Neighbour]:
+    a, b, s = found["nn"]
+    for x, y, z in zip(a.tolist(), b.tolist(), similarity(s).tolist(), strict=True):
+        yield Neighbour(x, embedder, y, z)
+
+
+def _partial(found: dict) -> Iterator[tuple]:
+    a, b, s = found["nn_partial"]
+    for x, y, z in zip(a.tolist(), b.tolist(), s.tolist(), strict=True):
+        yield x, (z, y)
+
+
+def _best(candidates) -> tuple:
+    """The most similar candidate; ties -> the smaller key."""
+    return min(candidates, key=lambda c: (-c[0], c[1]))
+
+
+def _combined_neighbour(kv, embedder: str, similarity: Callable) -> Neighbour:
+    key, (sim, other) = kv
+    return Neighbour(key, embedder, other, float(similarity(np.array([sim], dtype=np.float32))[0]))
+
+
+def identity_similarity(s: np.ndarray) -> np.ndarray:
+    return s.astype(np.float64)
+
+
+def float_vectors(payload: np.ndarray) -> np.ndarray:
+    """Stored (m, 1, d) float16 rows -> float32."""
+    return np.asarray(payload, dtype=np.float32)
+
+
+class CellSearch(beam.PTransform):
+    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour}."""
+
+    def __init__(
+        self,
+        threshold: float,
+        embedder: str,
+        cluster_cfg,
+        seed: int,
+        vectorize: Callable = float_vectors,
+        query_rows: tuple = (0,),
+        similarity: Callable = identity_similarity,
+    ):
+        super().__init__()
+        self.threshold, self.embedder, self.seed = threshold, embedder, seed
+        self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
+        c = cluster_cfg
+        self.cap = c.sample_size or SAMPLE_CAP
+        self.settings = {
+            "single_cell_below": getattr(c, "single_cell_below", 50_000),
+            "requested_cells": c.n_cells,
+            "sample_size": c.sample_size,
+            "margin": getattr(c, "second_cell_margin", 0.05),
+            "top_m": c.top_m,
+            "target_group_rows": TARGET_GROUP_ROWS,
+            "min_groups": c.cell_groups,
+            "seed": seed,
+        }
+
+    def expand(self, batches):
+        stats = batches | "SampleForCells" >> beam.CombineGlobally(SampleRows(self.cap, self.seed))
+        plan = stats | "TrainCells" >> beam.Map(_plan, self.vectorize, self.query_rows, self.settings)
+        found = (
+            batches
+            | "AssignCells" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(plan), self.vectorize, self.query_rows)
+            | "ByCellGroup" >> beam.GroupByKey()
+            | "SearchCells"
+            >> beam.FlatMap(
+                _search,
+                beam.pvalue.AsSingleton(plan),
+                vectorize=self.vectorize,
+                query_rows=self.query_rows,
+                threshold=self.threshold,
+            )
+        )
+        edges = found | "Edges" >> beam.FlatMap(_edges, self.embedder, self.similarity)
+        final = found | "Neighbours" >> beam.FlatMap(_neighbours, self.embedder, self.similarity)
+        combined = (
+            found
+            | "NeighbourCandidates" >> beam.FlatMap(_partial)
+            | "BestNeighbour" >> beam.CombinePerKey(_best)
+            | "NeighbourOfTwoCells" >> beam.Map(_combined_neighbour, self.embedder, self.similarity)
+        )
+        neighbours = (final, combined) | "AllNeighbours" >> beam.Flatten()
+        return {"edges": edges, "neighbours": neighbours}
+
+
+def _columnar(batch) -> tuple:
+    keys, vecs = batch
+    v = np.asarray(vecs, dtype=np.float16)
+    return np.asarray(list(keys), dtype=str), v.reshape(len(v), 1, -1)
 
 
 class VectorEdges(beam.PTransform):
-    """(keys, vectors) batches -> {"edges": Edge, "neighbours": Neighbour}."""
+    """(keys, vectors) batches -> {"edges": Edge, "neighbours": Neighbour}: cosine >= threshold."""
 
     def __init__(self, threshold: float, embedder: str, cluster_cfg, seed: int):
         super().__init__()
         self.threshold, self.embedder, self.cluster_cfg, self.seed = threshold, embedder, cluster_cfg, seed
 
     def expand(self, batches):
-        from transforms.outputs import multi_output
-
-        gathered = batches | "GatherVectors" >> beam.combiners.ToList()
-        out = multi_output(
-            gathered,
-            "SearchVectors",
-            _search,
-            ["neighbours"],
-            "edges",
-            threshold=self.threshold,
-            embedder=self.embedder,
-            top_m=self.cluster_cfg.top_m,
-            n_cells=self.cluster_cfg.n_cells,
-            seed=self.seed,
+        return (
+            batches
+            | "Columnar" >> beam.Map(_columnar)
+            | "CellSearch" >> CellSearch(self.threshold, self.embedder, self.cluster_cfg, self.seed)
         )
-        return {"edges": out["edges"], "neighbours": out["neighbours"]}

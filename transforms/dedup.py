@@ -3,7 +3,9 @@
 Embedders only annotate (they emit ``Edge`` elements). This stage unions the edges of all of
 them (exact bytes, exact pixels, perceptual hash, CLIP), so a chain a~b~c is one cluster
 (SemDeDup's greedy order lets such chains slip), and picks the keeper by the configured policy
-with deterministic tie-breaks. Only keys that have an edge are shuffled to the global step.
+with deterministic tie-breaks. Nothing is gathered: components are large-star/small-star rounds
+over keyed edges (``transforms.components``), and each cluster's members and edges meet in one
+``CoGroupByKey`` on the cluster id, where the keeper is chosen.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
+from transforms.components import DEFAULT_ROUNDS, Components
 
 EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
 
@@ -27,26 +30,6 @@ def exact_edges(group: tuple[str, Iterable[str]], embedder: str) -> Iterator[Edg
         yield Edge(ordered[0], other, 1.0, embedder)
 
 
-def components(edges: list[Edge]) -> dict[str, str]:
-    """key -> component id (the smallest key in the component), for keys with an edge."""
-    import numpy as np
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    keys = sorted({e.key_a for e in edges} | {e.key_b for e in edges})
-    if not keys:
-        return {}
-    index = {k: i for i, k in enumerate(keys)}
-    rows = np.fromiter((index[e.key_a] for e in edges), dtype=np.int64, count=len(edges))
-    cols = np.fromiter((index[e.key_b] for e in edges), dtype=np.int64, count=len(edges))
-    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (rows, cols)), shape=(len(keys), len(keys)))
-    _, labels = connected_components(graph, directed=False)
-    first: dict[int, str] = {}
-    for key, label in zip(keys, labels, strict=True):  # keys are sorted, so the first seen is the smallest
-        first.setdefault(int(label), key)
-    return {key: first[int(label)] for key, label in zip(keys, labels, strict=True)}
-
-
 def _column_value(info: SampleInfo, column: str) -> float:
     try:
         value = json.loads(info.meta_json or "{}").get(column)
@@ -56,23 +39,46 @@ def _column_value(info: SampleInfo, column: str) -> float:
 
 
 def keeper_sort_key(policy: str):
-    """A sort key: the first member after sorting is the keeper. Ties -> the smallest key."""
-    if policy in ("resolution", "centre"):  # centre needs vectors: the float path handles it
-        return lambda i: (-(i.width * i.height), i.key)
+    """A sort key: the first member after sorting is the keeper. Ties -> the smallest key.
+
+    ``resolution`` (and ``centre``, whose vector path is elsewhere) ranks by the original pixel
+    count img2dataset recorded before resizing (decoded pixels when unknown), then the decoded
+    pixels, then encoded bytes per pixel (the less compressed copy first), then the key: a
+    degraded copy resized to the same 256 px as its original no longer ties with it.
+    """
+    if policy in ("resolution", "centre"):
+        return _resolution_rank
     if policy == "earliest":
         return lambda i: (i.key,)
     if policy.startswith("column:"):
         parts = policy.split(":")
+        if len(parts) not in (2, 3) or not parts[1] or (len(parts) == 3 and parts[2] not in ("asc", "desc")):
+            raise ValueError(f"dedup.keeper: {policy!r} is not column:NAME[:asc|desc]")
         column, order = parts[1], (parts[2] if len(parts) > 2 else "desc")
         sign = -1.0 if order == "desc" else 1.0
-        return lambda i: (sign * _column_value(i, column), i.key)
+
+        def rank(i: SampleInfo) -> tuple:
+            value = _column_value(i, column)
+            missing = not math.isfinite(value)  # a member without the column (or NaN) ranks last
+            return (missing, 0.0 if missing else sign * value, i.key)
+
+        return rank
     raise ValueError(f"dedup.keeper: unknown policy {policy!r}")
 
 
+def _resolution_rank(info: SampleInfo) -> tuple:
+    decoded = max(int(info.width or 0), 0) * max(int(info.height or 0), 0)
+    ow, oh = int(getattr(info, "original_width", 0) or 0), int(getattr(info, "original_height", 0) or 0)
+    original = ow * oh if ow > 0 and oh > 0 else decoded
+    n_bytes = int(getattr(info, "image_bytes", 0) or 0)
+    per_pixel = n_bytes / decoded if decoded else 0.0
+    return (-original, -decoded, -per_pixel, info.key)
+
+
 def assign_cluster(
-    cluster_id: str, members: list[SampleInfo], edges: list[Edge], policy: str
+    cluster_id: str, members: list[SampleInfo], edges: Iterable[Edge], policy: str
 ) -> list[ClusterAssignment]:
-    """Pick the keeper and describe each member's link to it."""
+    """Pick the keeper and describe each member's link to it (the edges are read once, streaming)."""
     ordered = sorted(members, key=keeper_sort_key(policy))
     keeper = ordered[0].key
     best: dict[str, tuple[int, float, str]] = {}
@@ -95,27 +101,75 @@ def assign_cluster(
     return out
 
 
-def _gather_components(edges: list[Edge]) -> Iterator[tuple[str, str]]:
-    yield from components(edges).items()
+def _pair(e: Edge) -> tuple[str, str]:
+    return (e.key_a, e.key_b) if e.key_a < e.key_b else (e.key_b, e.key_a)
 
 
-def _assign(item, edges_by_cluster: dict, policy: str) -> Iterator[ClusterAssignment]:
-    cluster_id, members = item
-    yield from assign_cluster(cluster_id, list(members), edges_by_cluster.get(cluster_id, []), policy)
-
-
-def _edges_by_cluster(edges: list[Edge], comp: dict[str, str]) -> dict[str, list[Edge]]:
-    out: dict[str, list[Edge]] = {}
-    for e in edges:
-        out.setdefault(comp[e.key_a], []).append(e)
-    return out
-
-
-def _join_member(item) -> Iterator[tuple[str, SampleInfo]]:
+def _member(item) -> Iterator[tuple[str, SampleInfo]]:
+    """(key, {"info", "root"}) -> (root, info) for a key in a cluster."""
     _, grouped = item
-    infos, comps = sorted(grouped["info"], key=lambda i: i.shard), list(grouped["comp"])
-    if infos and comps:  # a key repeated across shards: the first shard's record wins
-        yield comps[0], infos[0]
+    infos = sorted(grouped["info"], key=lambda i: i.shard)  # a key repeated across shards: first shard wins
+    roots = list(grouped["root"])
+    if infos and roots:
+        yield roots[0], infos[0]
+
+
+def _single(item) -> Iterator[ClusterAssignment]:
+    """(key, {"info", "root"}) -> a cluster of one for a key with no edge."""
+    key, grouped = item
+    if not list(grouped["root"]) and list(grouped["info"]):
+        yield ClusterAssignment(key, key, 1, True, "", 1.0)
+
+
+def _edge_to_cluster(item) -> Iterator[tuple[str, Edge]]:
+    _, grouped = item
+    roots = list(grouped["root"])
+    if roots:
+        for e in grouped["edge"]:
+            yield roots[0], e
+
+
+def _assign(item, policy: str) -> Iterator[ClusterAssignment]:
+    cluster_id, grouped = item
+    members = list(grouped["member"])
+    if members:
+        yield from assign_cluster(cluster_id, members, grouped["edge"], policy)
+
+
+def _old_end(item, end: str) -> Iterator[tuple[str, tuple[Edge, bool]]]:
+    """Incremental join: tag each edge with whether its ``end`` key is an old sample."""
+    _, grouped = item
+    old = bool(list(grouped["old"]))
+    for e, a_old in grouped["edge"]:
+        yield (e.key_b, (e, old)) if end == "a" else (None, (e, a_old and old))
+
+
+class _OnlyNewPairs(beam.PTransform):
+    """Drop edges between two old samples (their pair is in the old clusters): two keyed joins
+    against the old keys instead of a set of every old key in each worker."""
+
+    def __init__(self, old_keys):
+        super().__init__()
+        self.old_keys = old_keys
+
+    def expand(self, edges):
+        from transforms.incremental import PREVIOUS
+
+        old = self.old_keys
+        if not isinstance(old, beam.pvalue.PCollection):
+            old = edges.pipeline | "OldKeys" >> beam.Create(sorted(old))
+        old = old | "OldKeyed" >> beam.Map(lambda k: (k, True))
+        previous = edges | "Previous" >> beam.Filter(lambda e: e.embedder == PREVIOUS)
+        fresh = edges | "Fresh" >> beam.Filter(lambda e: e.embedder != PREVIOUS)
+        by_a = {"edge": fresh | "ByA" >> beam.Map(lambda e: (e.key_a, (e, False))), "old": old}
+        tagged = by_a | "JoinA" >> beam.CoGroupByKey() | "TagA" >> beam.FlatMap(_old_end, end="a")
+        by_b = {"edge": tagged, "old": old} | "JoinB" >> beam.CoGroupByKey()
+        kept = (
+            by_b
+            | "TagB" >> beam.FlatMap(_old_end, end="b")
+            | "NotBothOld" >> beam.FlatMap(lambda kv: [] if kv[1][1] else [kv[1][0]])
+        )
+        return (previous, kept) | "NewPairs" >> beam.Flatten()
 
 
 class FindDuplicates(beam.PTransform):
@@ -123,14 +177,23 @@ class FindDuplicates(beam.PTransform):
 
     Exact-byte and exact-pixel edges are computed here; other embedders pass their edges in.
     Every info gets an assignment: singletons form a cluster of size 1 under their own key.
+    ``old_keys`` (incremental mode): the old samples' keys, a PCollection or a collection.
     """
 
-    def __init__(self, keeper: str, exact: bool = True, exact_pixels: bool = True, old_keys: set | None = None):
+    def __init__(
+        self,
+        keeper: str,
+        exact: bool = True,
+        exact_pixels: bool = True,
+        old_keys=None,
+        rounds: int = DEFAULT_ROUNDS,
+    ):
         super().__init__()
         self.keeper = keeper
         self.exact = exact
         self.exact_pixels = exact_pixels
-        self.old_keys = frozenset(old_keys or ())  # incremental mode: old-old pairs come from the old clusters
+        self.old_keys = old_keys  # incremental mode: old-old pairs come from the old clusters
+        self.rounds = rounds
 
     def expand(self, inputs):
         infos = inputs["infos"]
@@ -150,30 +213,22 @@ class FindDuplicates(beam.PTransform):
             else infos.pipeline | "NoEdges" >> beam.Create([])
         )
         edges = edges | "NoSelfEdges" >> beam.Filter(lambda e: e.key_a != e.key_b)
-        if self.old_keys:
-            from transforms.incremental import touches_new
-
-            edges = edges | "OnlyNewPairs" >> beam.Filter(touches_new, old_keys=self.old_keys)
-        edge_list = edges | "EdgeList" >> beam.combiners.ToList()
-        comp = edge_list | "Components" >> beam.FlatMap(_gather_components)
-        by_cluster = edge_list | "EdgesByCluster" >> beam.Map(
-            lambda es, c: _edges_by_cluster(es, dict(c)), c=beam.pvalue.AsList(comp)
-        )
+        if self.old_keys is not None and (isinstance(self.old_keys, beam.pvalue.PCollection) or self.old_keys):
+            edges = edges | "OnlyNewPairs" >> _OnlyNewPairs(self.old_keys)
+        roots = edges | "Pairs" >> beam.Map(_pair) | "Components" >> Components(self.rounds)
         keyed_infos = infos | "KeyInfos" >> beam.Map(lambda i: (i.key, i))
-        joined = {"info": keyed_infos, "comp": comp} | "JoinComponents" >> beam.CoGroupByKey()
-        clustered = (
-            joined
-            | "MemberOf" >> beam.FlatMap(_join_member)
-            | "GroupClusters" >> beam.GroupByKey()
-            | "Assign"
-            >> beam.FlatMap(_assign, edges_by_cluster=beam.pvalue.AsSingleton(by_cluster), policy=self.keeper)
+        joined = {"info": keyed_infos, "root": roots} | "JoinComponents" >> beam.CoGroupByKey()
+        members = joined | "MemberOf" >> beam.FlatMap(_member)
+        singles = joined | "Singletons" >> beam.FlatMap(_single)
+        cluster_edges = (
+            {"edge": edges | "EdgesByA" >> beam.Map(lambda e: (e.key_a, e)), "root": roots}
+            | "JoinEdgeRoots" >> beam.CoGroupByKey()
+            | "EdgeOfCluster" >> beam.FlatMap(_edge_to_cluster)
         )
-        singles = joined | "Singletons" >> beam.FlatMap(
-            lambda kv: (
-                [ClusterAssignment(kv[0], kv[0], 1, True, "", 1.0)]
-                if list(kv[1]["info"]) and not list(kv[1]["comp"])
-                else []
-            )
+        clustered = (
+            {"member": members, "edge": cluster_edges}
+            | "GroupClusters" >> beam.CoGroupByKey()
+            | "Assign" >> beam.FlatMap(_assign, policy=self.keeper)
         )
         assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten()
         return {"assignments": assignments, "edges": edges}

@@ -18,6 +18,7 @@ import json
 import os
 import tarfile
 
+from transforms import fsio
 from transforms.read_shards import is_unsafe_name, shard_name, split_member_name
 from transforms.write import read_table, safe_part_name
 
@@ -26,10 +27,10 @@ KEEP_DECISIONS = ("keep", "diversify")
 
 def kept_by_shard(out_dir: str, diversify_cfg=None) -> dict[str, dict[str, dict]]:
     """shard -> key -> the ``memsieve`` json block, for the kept samples of a run's manifest."""
-    manifest = read_table(os.path.join(out_dir, "manifest"))
+    manifest = read_table(fsio.join(out_dir, "manifest"))
     if manifest is not None:
         manifest = manifest.select(["key", "shard", "status", "decision", "reasons"])
-    div = read_table(os.path.join(out_dir, "diversify"))
+    div = read_table(fsio.join(out_dir, "diversify"))
     alts = {r["key"]: r for r in (div.to_pylist() if div is not None else [])}
     training = {}
     if diversify_cfg is not None:
@@ -54,13 +55,17 @@ def kept_by_shard(out_dir: str, diversify_cfg=None) -> dict[str, dict[str, dict]
 def _read_kept(path: str, kept: dict[str, dict]) -> dict[str, dict]:
     """The kept samples of one shard as webdataset dicts (a truncated shard: what precedes the break)."""
     samples: dict[str, dict] = {}
-    try:
-        with tarfile.open(path) as tar:
+    if not kept:  # nothing to copy: never open it (a FIFO or an unreadable shard)
+        return samples
+    try:  # streamed through the filesystem layer: local, s3:// and gs:// shards, gzip or not
+        with fsio.open_input(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for m in tar:
                 split = split_member_name(m.name) if m.isfile() and not is_unsafe_name(m.name) else None
                 if not split or split[0] not in kept:
                     continue
-                samples.setdefault(split[0], {"__key__": split[0]})[split[1]] = tar.extractfile(m).read()
+                sample = samples.setdefault(split[0], {"__key__": split[0]})
+                if split[1] not in sample:  # a repeated key: the first occurrence is the one kept
+                    sample[split[1]] = tar.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError):
         pass  # the manifest already records what a damaged shard lost
     return samples
@@ -90,26 +95,36 @@ def filter_shard(path: str, kept: dict[str, dict], out_path: str) -> int:
     the standard library's tarfile: importing webdataset would import torch, seconds a re-decide
     should not pay."""
     samples = _read_kept(path, kept)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as sink:
+    with fsio.atomic_writer(out_path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as sink:
         for key in sorted(samples):
             sample = _with_block(samples[key], kept[key])
             for ext in sorted(e for e in sample if not e.startswith("__")):
                 _add_member(sink, f"{key}.{ext}", sample[ext])
-    os.replace(tmp, out_path)
     return len(samples)
 
 
 def write_filtered_shards(out_dir: str, shard_paths: list[str], diversify_cfg=None) -> int:
     """``OUTPUT/filtered/<shard>.tar`` for every input shard; returns the samples written."""
     kept = kept_by_shard(out_dir, diversify_cfg)
-    folder = os.path.join(out_dir, "filtered")
-    os.makedirs(folder, exist_ok=True)
+    folder = fsio.join(out_dir, "filtered")
+    fsio.makedirs(folder)
     total = 0
-    for path in shard_paths:
-        name = shard_name(path)
-        total += filter_shard(path, kept.get(name, {}), os.path.join(folder, f"{safe_part_name(name)}.tar"))
+    for path, rel in zip(shard_paths, _relative_names(shard_paths), strict=True):
+        target = fsio.join(folder, *rel.split(os.sep))
+        total += filter_shard(path, kept.get(shard_name(path), {}), target)
     return total
+
+
+def _relative_names(paths: list[str]) -> list[str]:
+    """``filtered/`` mirrors the inputs' paths below their common folder (``a/00000.tar`` and
+    ``b/00000.tar`` stay apart); remote or odd paths fall back to the shard identity."""
+    local = [p for p in paths if "://" not in p]
+    if paths and len(local) == len(paths):
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+        rels = [os.path.relpath(os.path.abspath(p), root) for p in paths]
+        if all(not r.startswith("..") and r.lower().endswith(".tar") for r in rels) and len(set(rels)) == len(rels):
+            return rels
+    return [f"{safe_part_name(shard_name(p))}.tar" for p in paths]
 
 
 def _block_for(kept: dict[str, dict[str, dict]], sample: dict) -> dict | None:

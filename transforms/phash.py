@@ -1,4 +1,4 @@
-"""Weight-free copy detection: multi-crop DCT perceptual hashes searched with a FAISS binary index.
+"""Weight-free copy detection: multi-crop DCT perceptual hashes searched by k-means cell.
 
 A plain 64-bit pHash finds resizes, re-encodes and brightness shifts but misses centre crops:
 a crop keeping 85-93% of each side moves every low frequency. Each image therefore gets a hash
@@ -14,7 +14,8 @@ photos of different scenes far apart (on Flickr8k: copies <= 52 of 256 bits, oth
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import zlib
+from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
@@ -36,7 +37,6 @@ ROWS = tuple(f"{m}{c}" for m in ("", "mirror:") for c in CROPS) + ("trimmed",)
 N_HASHES = len(ROWS)
 QUERY_ROWS = (0, N_HASHES - 1)  # rows searched against every row of the others: the frame, trimmed or not
 HASH_VERSION = 2  # bump when the rows change: cached codes of another version are recomputed
-NEIGHBOUR_K = N_HASHES + 4  # k-NN depth for each sample's nearest neighbour (its own hashes take up to N_HASHES)
 TRIM_SIDE = 128  # border trimming looks at a copy this size (averages away JPEG and sensor noise)
 TRIM_ENERGY = 0.15  # a border line has under this share of the central lines' detail
 TRIM_MAX = 0.4  # at most this share of a side is trimmed from each edge
@@ -178,153 +178,144 @@ def hamming_threshold(max_hamming: int) -> int:
     return int(round(max_hamming * BITS / 64))
 
 
-def build_index(db: np.ndarray, exact_below: int, nprobe: int, seed: int = 0):
-    """A FAISS binary index over ``db`` (n, CODE_BYTES): exact (flat) for small n, IVF beyond.
-
-    The flat scan costs ~1.5 ns per code pair on one core: fine to ~300k codes (a minute),
-    quadratic after. The IVF index clusters codes in Hamming space and probes ``nprobe``
-    cells per query, trained on a seeded sample so runs are repeatable.
-    """
-    import faiss
-
-    if len(db) <= exact_below:
-        index = faiss.IndexBinaryFlat(BITS)
-    else:
-        nlist = int(max(1, min(65536, 4 * np.sqrt(len(db)), len(db) // 40)))  # >= 40 codes a cell to train
-        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(BITS), BITS, nlist)
-        rng = np.random.default_rng(seed)
-        sample = db[np.sort(rng.choice(len(db), size=min(len(db), nlist * 64), replace=False))]
-        index.train(sample)
-        index.nprobe = min(nprobe, nlist)
-    index.add(db)
-    return index
+def code_vectors(codes: np.ndarray) -> np.ndarray:
+    """(m, H, CODE_BYTES) packed codes -> (m, H, BITS) float32 +/-1/16: the inner product of two
+    hashes is 1 - 2 * hamming / BITS, exact in bf16 and fp32."""
+    bits = np.unpackbits(np.asarray(codes, dtype=np.uint8), axis=-1).astype(np.float32)
+    return (bits * 2.0 - 1.0) / np.sqrt(BITS)
 
 
-def _candidates(index, queries: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query row, db row, distance) of every range hit within max_bits plus each query's k-NN."""
-    lims, dist, ids = index.range_search(queries, max_bits + 1)  # FAISS' radius is exclusive
-    q_range = np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64)))
-    k = min(NEIGHBOUR_K, index.ntotal)
-    knn_dist, knn_ids = index.search(queries, k)
-    q_knn = np.repeat(np.arange(len(queries)), k)
-    keep = knn_ids.ravel() >= 0
-    q = np.concatenate([q_range, q_knn[keep]])
-    j = np.concatenate([ids.astype(np.int64), knn_ids.ravel()[keep]])
-    d = np.concatenate([dist.astype(np.int64), knn_dist.ravel()[keep].astype(np.int64)])
-    return q, j, d
+def code_similarity(cosine: np.ndarray) -> np.ndarray:
+    """Inner product of +/-1 codes -> the reported similarity 1 - hamming / BITS."""
+    return 1.0 - distance_of(cosine) / BITS
 
 
-def _best_per_pair(a: np.ndarray, b: np.ndarray, d: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """Unordered sample pairs (a != b) -> the smallest distance of each pair, sorted by pair."""
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    keep = lo != hi
-    lo, hi, d = lo[keep], hi[keep], d[keep]
-    pair = lo * n + hi
-    order = np.lexsort((d, pair))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = pair[order][1:] != pair[order][:-1]
-    sel = order[first]
-    return lo[sel], hi[sel], d[sel]
+def distance_of(cosine: np.ndarray) -> np.ndarray:
+    return np.rint((1.0 - np.asarray(cosine, dtype=np.float64)) * BITS / 2)
+
+
+def cosine_threshold(max_bits: int) -> float:
+    """Hamming <= max_bits <=> cosine >= this (half a step of slack: products are exact)."""
+    return 1.0 - 2.0 * max_bits / BITS - 1.0 / BITS
+
+
+def query_rows() -> tuple[int, ...]:
+    """Hash rows compared against every hash of the other image (row 0: the full frame)."""
+    return tuple(globals().get("QUERY_ROWS", (0,)))
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The cell search's settings for hash codes (``PhashConfig`` carries only the threshold and
+    the exact-search bound)."""
+
+    n_cells: int = 0
+    top_m: int = 2
+    sample_size: int = 0
+    cell_groups: int = 1
+    single_cell_below: int = 50_000
+    second_cell_margin: float = 0.1
 
 
 def find_copy_pairs(
-    keys: list[str],
-    codes: np.ndarray,
-    max_bits: int,
-    exact_below: int = 300_000,
-    nprobe: int = 32,
-    seed: int = 0,
+    keys: list[str], codes: np.ndarray, max_bits: int, single_cell_below: int = 50_000, n_cells: int = 0, seed: int = 0
 ) -> tuple[list[Edge], list[Neighbour]]:
-    """keys[i] (sorted, unique) has codes[i] of shape (N_HASHES, CODE_BYTES) -> edges, neighbours.
+    """keys[i] (unique) has codes[i] of shape (H, CODE_BYTES) -> edges, neighbours (in process).
 
-    A pair's distance is the smallest over (full frame of one, any crop of the other). Edges:
-    pairs within ``max_bits``. Neighbours: each sample's nearest other sample among its range
-    hits and k-NN (ties -> the smaller key), whatever the threshold, so it can move later.
+    A pair's distance is the smallest over (a query row of one, any hash of the other). Edges:
+    pairs within ``max_bits``. Neighbours: each sample's nearest other sample in its cells, ties
+    -> the smaller key, whatever the threshold, so it can move later. Exact in one cell
+    (n <= ``single_cell_below``); the same partitioned search as the pipeline beyond.
     """
-    n, per = len(keys), N_HASHES
-    if n < 2:
+    from transforms.cell_search import search_in_memory
+
+    if len(keys) < 2:
         return [], []
-    db = np.ascontiguousarray(codes.reshape(n * per, CODE_BYTES))
-    index = build_index(db, exact_below, nprobe, seed)
-    queries = np.ascontiguousarray(codes[:, QUERY_ROWS].reshape(n * len(QUERY_ROWS), CODE_BYTES))
-    q, j, d = _candidates(index, queries, max_bits)
-    lo, hi, dist = _best_per_pair(q // len(QUERY_ROWS), j // per, d, n)
-    within = dist <= max_bits
+    found = search_in_memory(
+        np.asarray(keys),
+        code_vectors(codes),
+        query_rows(),
+        cosine_threshold(max_bits),
+        single_cell_below=single_cell_below,
+        requested_cells=n_cells,
+        margin=SearchSettings.second_cell_margin,
+        seed=seed,
+    )
+    a, b, s = found["edges"]
+    order = np.lexsort((b, a))
     edges = [
-        Edge(keys[a], keys[b], 1.0 - int(x) / BITS, EMBEDDER)
-        for a, b, x in zip(lo[within], hi[within], dist[within], strict=True)
+        Edge(str(x), str(y), float(z), EMBEDDER)
+        for x, y, z in zip(a[order], b[order], code_similarity(s[order]), strict=True)
     ]
-    return edges, _nearest(keys, lo, hi, dist)
-
-
-def _nearest(keys: list[str], lo: np.ndarray, hi: np.ndarray, dist: np.ndarray) -> list[Neighbour]:
-    node = np.concatenate([lo, hi])
-    other = np.concatenate([hi, lo])
-    d = np.concatenate([dist, dist])
-    order = np.lexsort((other, d, node))  # per node: smallest distance, then smallest key
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = node[order][1:] != node[order][:-1]
-    return [
-        Neighbour(keys[x], EMBEDDER, keys[y], 1.0 - int(z) / BITS)
-        for x, y, z in zip(node[order][first], other[order][first], d[order][first], strict=True)
+    w, o, ns = found["nn"]
+    neighbours = [
+        Neighbour(str(x), EMBEDDER, str(y), float(z)) for x, y, z in zip(w, o, code_similarity(ns), strict=True)
     ]
+    return edges, neighbours
 
 
-def stack_codes(items: list[tuple[str, bytes]]) -> tuple[list[str], np.ndarray]:
-    """(key, code bytes) -> sorted unique keys and their codes; wrong-sized codes are skipped."""
-    size = N_HASHES * CODE_BYTES
+def stack_codes(items) -> tuple[list[str], np.ndarray]:
+    """(key, code bytes) -> sorted unique keys and codes (n, H, CODE_BYTES); H = the most hashes
+    any code has (a code with fewer repeats its full frame, which changes no distance). Codes
+    that are empty or not whole hashes are skipped."""
     good, seen = [], set()
     for key, code in sorted(items):
-        if len(code) != size:
-            log.warning("phash: %s has %d code bytes, expected %d; skipped", key, len(code), size)
+        if not code or len(code) % CODE_BYTES:
+            log.warning("phash: %s has %d code bytes, not a multiple of %d; skipped", key, len(code), CODE_BYTES)
             beam.metrics.Metrics.counter("phash", "bad_code_size").inc()
         elif key not in seen:  # a key repeated across shards: its first (smallest) code wins
             seen.add(key)
-            good.append((key, code))
-    codes = np.frombuffer(b"".join(c for _, c in good), dtype=np.uint8).reshape(len(good), N_HASHES, CODE_BYTES)
+            good.append((key, np.frombuffer(code, dtype=np.uint8).reshape(-1, CODE_BYTES)))
+    per = max((len(c) for _, c in good), default=1)
+    codes = np.empty((len(good), per, CODE_BYTES), dtype=np.uint8)
+    for i, (_, c) in enumerate(good):
+        codes[i, : len(c)] = c
+        codes[i, len(c) :] = c[0]
     return [k for k, _ in good], codes
 
 
-def _search(items: list[tuple[str, bytes]], max_bits: int, exact_below: int, nprobe: int, seed: int) -> Iterator:
-    keys, codes = stack_codes(items)
-    edges, neighbours = find_copy_pairs(keys, codes, max_bits, exact_below, nprobe, seed)
-    log.info("phash: %d samples, %d copy pairs", len(keys), len(edges))
-    beam.metrics.Metrics.counter("phash", "copy_pairs").inc(len(edges))
-    yield from edges
-    for nb in neighbours:
-        yield beam.pvalue.TaggedOutput("neighbours", nb)
+PHASH_BUCKETS = 1024  # per-sample codes are batched by key hash before the cell search
+
+
+def _bucket(item) -> tuple[int, tuple[str, bytes]]:
+    return zlib.crc32(item[0].encode("utf-8")) % PHASH_BUCKETS, item
+
+
+def _batch(group) -> tuple[np.ndarray, np.ndarray]:
+    keys, codes = stack_codes(list(group[1]))
+    return np.asarray(keys, dtype=str), codes
 
 
 class FindPhashCopies(beam.PTransform):
     """PCollection[(key, code bytes)] -> {"edges": Edge, "neighbours": Neighbour}.
 
-    A global step: every sample's codes are gathered to one worker and searched there. That is
-    fine at scale because the codes are small (96 bytes a sample: 1M samples are 96 MB, 10M
-    under 1 GB) and the search is FAISS on packed bits: exact below ``exact_below`` hashes
-    (~1.5 ns per pair of codes), an IVF binary index above it (each query scans ``nprobe`` of
-    ~4*sqrt(n) cells). Only the edges and one neighbour per sample come back out.
+    Codes are batched by key hash (one shuffle of 100-odd bytes a sample), then searched like
+    embeddings (``transforms.ann_edges.CellSearch``): each hash a +/-1 vector, k-means cells on a
+    bounded sample, rows shuffled by cell as arrays, exact products inside each cell. One cell
+    (exact) up to ``single_cell_below`` samples.
     """
 
     def __init__(self, cfg, seed: int = 0):
         super().__init__()
         self.max_bits = hamming_threshold(cfg.max_hamming)
-        self.exact_below = cfg.exact_below
-        self.nprobe = cfg.nprobe
+        self.settings = SearchSettings(single_cell_below=min(cfg.exact_below, SearchSettings.single_cell_below))
         self.seed = seed
 
     def expand(self, codes):
-        from transforms.outputs import multi_output
+        from transforms.ann_edges import CellSearch
 
-        gathered = codes | "GatherCodes" >> beam.combiners.ToList()
-        out = multi_output(
-            gathered,
-            "SearchCodes",
-            _search,
-            ["neighbours"],
-            "edges",
-            max_bits=self.max_bits,
-            exact_below=self.exact_below,
-            nprobe=self.nprobe,
-            seed=self.seed,
+        batches = (
+            codes
+            | "BucketCodes" >> beam.Map(_bucket)
+            | "GroupCodes" >> beam.GroupByKey()
+            | "StackCodes" >> beam.Map(_batch)
         )
-        return {"edges": out["edges"], "neighbours": out["neighbours"]}
+        return batches | "SearchCodes" >> CellSearch(
+            cosine_threshold(self.max_bits),
+            EMBEDDER,
+            self.settings,
+            self.seed,
+            vectorize=code_vectors,
+            query_rows=query_rows(),
+            similarity=code_similarity,
+        )

@@ -10,6 +10,7 @@ are emitted only when a later stage needs pixels (the CLIP embedder).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -19,8 +20,8 @@ import pyarrow as pa
 
 from pipeline import progress
 from schemas.elements import Failure, Sample, SampleInfo
-from transforms import shard_cache
-from transforms.decode import DecodeError, decode_image, pixel_digest
+from transforms import shard_cache, sidecar
+from transforms.decode import DECODE_VERSION, DecodeError, decode_image, pixel_digest
 from transforms.read_shards import ReadLimits, duplicate_key_failures, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ShardSettings:
     pixel_hash: bool
     cache_dir: str | None
     emit_samples: bool = False
+    max_decoded_bytes: int = 0  # 0: transforms.decode's default (bit depth counted)
     debug_sleep_s: float = 0.0  # tests only: make a shard slow so a run can be killed mid-way
 
     def cache_key(self) -> dict:
@@ -63,12 +65,20 @@ class ShardSettings:
             "phash": self.phash,
             "phash_version": (phash.BITS, phash.ROWS, phash.HASH_VERSION) if self.phash else None,
             "pixel_hash": self.pixel_hash,
+            "decode_version": DECODE_VERSION,
+            "max_decoded_bytes": self.max_decoded_bytes,
         }
 
 
-def decode_sample(sample: Sample, settings: ShardSettings, hasher) -> tuple[SampleInfo | Failure, bytes | None]:
+def decode_sample(
+    sample: Sample, settings: ShardSettings, hasher, sizes: dict | None = None
+) -> tuple[SampleInfo | Failure, bytes | None]:
+    """Decode one sample -> its SampleInfo (sizes, digests, notes) and phash codes, or a Failure.
+
+    The original size comes from the sample's json, else from the sidecar (``sizes``)."""
+    notes: list[str] = []
     try:
-        img = decode_image(sample.image, sample.image_ext, settings.max_pixels)
+        img = decode_image(sample.image, sample.image_ext, settings.max_pixels, notes, settings.max_decoded_bytes)
     except DecodeError as exc:
         return Failure(
             sample.key,
@@ -80,6 +90,7 @@ def decode_sample(sample: Sample, settings: ShardSettings, hasher) -> tuple[Samp
             sample.caption,
             sample.sha256,
         ), None
+    original = _original_size(sample, sizes)
     info = SampleInfo(
         sample.key,
         sample.shard,
@@ -90,8 +101,23 @@ def decode_sample(sample: Sample, settings: ShardSettings, hasher) -> tuple[Samp
         img.width,
         img.height,
         sample.meta_json,
+        original_width=original[0],
+        original_height=original[1],
+        image_bytes=len(sample.image),
+        notes=";".join(notes),
     )
     return info, (hasher(img).tobytes() if hasher is not None else None)
+
+
+def _original_size(sample: Sample, sizes: dict | None) -> tuple[int, int]:
+    try:
+        meta = json.loads(sample.meta_json or "{}")
+    except ValueError:
+        meta = {}
+    size = sidecar.original_size(meta if isinstance(meta, dict) else {})
+    if not size[0] and sizes:
+        size = sizes.get(sidecar.key_id(sample.key), (0, 0))
+    return size
 
 
 class ProcessShardFn(beam.DoFn):
@@ -114,8 +140,10 @@ class ProcessShardFn(beam.DoFn):
         s = self.settings
         entry = None
         if s.cache_dir and not s.emit_samples:
+            # the sidecar is part of the shard: a .parquet written later must miss the cache
+            settings = dict(s.cache_key(), sidecar=shard_cache.fingerprint(sidecar.sidecar_path(path), {}))
             entry = shard_cache.entry_dir(
-                s.cache_dir, "shards", shard_name(path), shard_cache.fingerprint(path, s.cache_key())
+                s.cache_dir, "shards", shard_name(path), shard_cache.fingerprint(path, settings)
             )
             cached = shard_cache.load(entry)
             if cached is not None:
@@ -142,16 +170,18 @@ class ProcessShardFn(beam.DoFn):
 
     def _compute(self, path: str) -> dict[str, list]:
         tables: dict[str, list] = {"infos": [], "failures": [], "codes": [], "keys": [], "summary": [], "samples": []}
-        for item in iter_shard(path, self.settings.limits):
+        sizes: dict = {}
+        for item in iter_shard(path, self.settings.limits, sizes):
             if isinstance(item, dict):
                 tables["summary"].append(item)
             elif isinstance(item, Failure):
                 tables["failures"].append(dataclasses.asdict(item))
                 if item.stage == "read" and item.error_type not in ("truncated_tar", "missing_from_shard"):
+                    # keys the tar itself held (sidecar-only rows are not repeats of anything)
                     tables["keys"].append({"key": item.key, "shard": item.shard})
             else:
                 tables["keys"].append({"key": item.key, "shard": item.shard})
-                result, codes = decode_sample(item, self.settings, self.hasher)
+                result, codes = decode_sample(item, self.settings, self.hasher, sizes)
                 if isinstance(result, Failure):
                     tables["failures"].append(dataclasses.asdict(result))
                     continue

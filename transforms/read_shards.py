@@ -1,10 +1,15 @@
 """Stream img2dataset / webdataset shards into samples, with a dead letter for bad ones.
 
 A shard is read member by member (``tarfile`` in stream mode over Beam's filesystems, so
-local paths, gs:// and s3:// all work when their extras are installed). Members are grouped by
-webdataset key; a group becomes a ``Sample`` or a ``Failure`` with a specific error type.
-The img2dataset ``.parquet`` sidecar is read too, so that rows it recorded as failed (never in
-the tar) and rows lost to a truncated tar still reach the manifest.
+local paths, gs:// and s3:// all work when their extras are installed; gzip-compressed tars are
+read whatever their name). Members are grouped by webdataset key; a group becomes a ``Sample``
+or a ``Failure`` with a specific error type. A key that repeats right after itself starts a new
+group (reported as ``duplicate_key``), so the second picture never takes the first caption.
+The img2dataset ``.parquet`` sidecar is read too (``transforms.sidecar``), so that rows it
+recorded as failed (never in the tar) and rows lost to a truncated tar still reach the manifest.
+
+A shard's identity (``shard_name``) is its name plus a hash of its full path: two folders both
+holding ``00000.tar``, or ``web 1.tar`` beside ``web_1.tar``, never share part files or caches.
 """
 
 from __future__ import annotations
@@ -12,21 +17,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import posixpath
-import tarfile
+import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import apache_beam as beam
 
 from pipeline import progress
 from schemas.elements import Failure, Sample
+from transforms.sidecar import original_sizes, read_sidecar, read_sidecar_rows, sidecar_failures
+from transforms.tar_members import iter_members
 
 log = logging.getLogger(__name__)
 
 SAMPLES = "samples"
 FAILURES = "failures"
 SHARD_EVENTS = "shard_events"
+__all__ = ["ReadLimits", "ReadShards", "build_sample", "iter_shard", "read_sidecar", "shard_name"]
 
 
 @dataclass(frozen=True)
@@ -36,10 +45,13 @@ class ReadLimits:
     max_member_bytes: int = 64 * 1024 * 1024
     require_caption: bool = True
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm", "pbm")
+    max_members_per_key: int = 64
+    max_json_bytes: int = 1024 * 1024
 
 
-# image members memsieve recognises but cannot decode: a specific error rather than "missing"
+# image members memsieve may not decode: decoded by content, else a specific error, not "missing"
 UNSUPPORTED_IMAGE_EXTENSIONS = ("svg", "heic", "heif", "avif", "jxl", "ico", "psd", "raw", "cr2", "nef")
+_TEXT_EXTENSIONS = ("txt", "json")
 
 
 def printable(text: str) -> str:
@@ -55,13 +67,30 @@ def printable(text: str) -> str:
             return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _full_path(path: str) -> str:
+    if "://" in path:
+        return path
+    return os.path.abspath(path[7:] if path.startswith("file:") else path)
+
+
 def shard_name(path: str) -> str:
-    base = posixpath.basename(printable(path).replace("\\", "/"))
-    return base[:-4] if base.endswith(".tar") else base
+    """The shard's identity: its file name (without .tar) plus 12 hex of a hash of its full path."""
+    full = printable(_full_path(path))
+    base = posixpath.basename(full.replace("\\", "/"))
+    stem = base[:-4] if base.lower().endswith(".tar") else base
+    return f"{stem}-{hashlib.sha256(full.encode('utf-8')).hexdigest()[:12]}"
+
+
+def normalise_member_name(name: str) -> str:
+    """``./00001.jpg`` (``tar -C dir .``) -> ``00001.jpg``: one key, not two."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
     """``dir/00001.jpg`` -> (``dir/00001``, ``jpg``) as webdataset does; None when unusable."""
+    name = normalise_member_name(name)
     base = posixpath.basename(name)
     if "." not in base or base.startswith("."):
         return None
@@ -71,6 +100,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 
 
 def is_unsafe_name(name: str) -> bool:
+    name = normalise_member_name(name)
     return name.startswith("/") or ".." in name.split("/") or "\\" in name
 
 
@@ -84,28 +114,37 @@ def _decode_text(raw: bytes, what: str, limit: int) -> tuple[str | None, str, st
         return None, f"bad_{what}_encoding", f"{what} is not UTF-8: {exc}"
 
 
+def _load_meta(raw: bytes | None, limits: ReadLimits) -> tuple[dict, str]:
+    """The json member -> (object, error message); "" when fine or absent."""
+    if raw is None:
+        return {}, ""
+    if len(raw) > limits.max_json_bytes:
+        return {}, f"json member is {len(raw)} bytes, the limit is {limits.max_json_bytes}"
+    try:
+        loaded = json.loads(raw.decode("utf-8"))
+        if not isinstance(loaded, dict):
+            raise ValueError("the json member is not an object")
+        # "\\ud800" escapes decode to lone surrogates, which no UTF-8 writer accepts
+        json.dumps(loaded, ensure_ascii=False).encode("utf-8")
+        return loaded, ""
+    except (UnicodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting bombs
+        return {}, f"json member: {type(exc).__name__}: {exc}"[:500]
+
+
 def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLimits) -> Sample | Failure:
     """Turn the members of one key into a Sample, or a Failure naming what is wrong."""
-    meta: dict = {}
-    if "json" in members:
-        try:
-            loaded = json.loads(members["json"].decode("utf-8"))
-            meta = loaded if isinstance(loaded, dict) else {}
-            if not isinstance(loaded, dict):
-                raise ValueError("the json member is not an object")
-            # "\\ud800" escapes decode to lone surrogates, which no UTF-8 writer accepts
-            json.dumps(meta, ensure_ascii=False).encode("utf-8")
-        except (UnicodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting bombs
-            return Failure(key, shard, "read", "invalid_json", f"json member: {type(exc).__name__}: {exc}"[:500])
-    url = str(meta.get("url") or "")
+    meta, bad_json = _load_meta(members.get("json"), limits)
+    if bad_json:
+        return Failure(key, shard, "read", "invalid_json", bad_json)
+    url = meta.get("url")
+    url = url if isinstance(url, str) else ""
     image_ext = next((e for e in limits.image_extensions if e in members), None)
+    # formats named by the member that may not decode: the decoder decides by content (an .avif
+    # or .ico is kept when it decodes; an .svg or .heic fails as unsupported_image_format)
+    image_ext = image_ext or next((e for e in UNSUPPORTED_IMAGE_EXTENSIONS if e in members), None)
     if image_ext is None:
-        unsupported = [e for e in UNSUPPORTED_IMAGE_EXTENSIONS if e in members]
-        if unsupported:
-            msg = f"the image member is .{unsupported[0]}, which is not a supported raster format"
-            return Failure(key, shard, "read", "unsupported_image_format", msg, url)
         others = ",".join(sorted(members)) or "nothing"
-        return Failure(key, shard, "read", "missing_image", f"no image member (has: {others})", url)
+        return Failure(key, shard, "read", "missing_image", f"no image member (has: {others})"[:500], url)
     image = members[image_ext]
     if not image:
         return Failure(key, shard, "read", "empty_image", f"the {image_ext} member is 0 bytes", url)
@@ -114,13 +153,14 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLi
         return Failure(key, shard, "read", "image_too_large", msg, url)
     sha = hashlib.sha256(image).hexdigest()
     if "txt" in members:
-        caption, err, msg = _decode_text(members["txt"], "caption", limits.max_caption_bytes)
-        if caption is None:
-            return Failure(key, shard, "read", err, msg, url, sha256=sha)
-    elif isinstance(meta.get("caption"), str):
-        caption = meta["caption"]
+        raw_caption = members["txt"]
+    elif isinstance(meta.get("caption"), str):  # the json's caption obeys the same limits
+        raw_caption = meta["caption"].encode("utf-8")
     else:
-        caption = ""
+        raw_caption = b""
+    caption, err, msg = _decode_text(raw_caption, "caption", limits.max_caption_bytes)
+    if caption is None:
+        return Failure(key, shard, "read", err, msg, url, sha256=sha)
     if limits.require_caption and not caption.strip():
         return Failure(
             key, shard, "read", "missing_caption", "no caption (txt member empty or absent)", url, sha256=sha
@@ -129,33 +169,13 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], limits: ReadLi
     return Sample(key, shard, url, caption.strip(), meta_json, image, image_ext, sha)
 
 
-def read_sidecar(parquet_path: str) -> list[dict]:
-    """Rows of an img2dataset ``.parquet`` sidecar (key, status, url, caption, error_message)."""
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(parquet_path) as f:
-        table = pq.read_table(f)
-    wanted = [c for c in ("key", "status", "url", "caption", "error_message") if c in table.column_names]
-    return table.select(wanted).to_pylist()
-
-
-def _iter_members(fileobj, limits: ReadLimits) -> Iterator[tuple[str, bytes | None, str]]:
-    """Yield (name, data, error) per regular member; data None with an error for bad members."""
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for info in tar:
-            if info.issym() or info.islnk():  # never followed: a link could point outside the shard
-                kind = "symlink" if info.issym() else "hard link"
-                yield info.name, None, f"link_member: a {kind} to {printable(info.linkname)[:200]}"
-                continue
-            if not info.isfile():  # directories, devices, fifos: not part of any sample
-                yield info.name, None, "not_a_file"
-                continue
-            if info.size > limits.max_member_bytes:
-                yield info.name, None, f"member_too_large:{info.size}"
-                continue
-            handle = tar.extractfile(info)
-            yield info.name, (handle.read() if handle else b""), ""
+@dataclass
+class _Group:
+    key: str | None = None
+    members: dict = field(default_factory=dict)
+    bad: list = field(default_factory=list)
+    exts: set = field(default_factory=set)
+    count: int = 0
 
 
 @dataclass
@@ -166,21 +186,35 @@ class _ShardState:
     n_members: int = 0
     truncated: str = ""
 
-    def flush(self, key: str | None, members: dict[str, bytes], bad: list[str]) -> Iterator[Sample | Failure]:
+    def flush(self, group: _Group) -> Iterator[Sample | Failure]:
+        key = group.key
         if key is None:
             return
         if key in self.seen:
             yield Failure(key, self.shard, "read", "duplicate_key", "the key repeats within the shard")
             return
         self.seen.add(key)
-        if bad:
-            yield Failure(key, self.shard, "read", bad[0].split(":")[0], bad[0])
+        if group.bad:
+            yield Failure(key, self.shard, "read", group.bad[0].split(":")[0], group.bad[0][:500])
             return
-        result = build_sample(key, self.shard, members, self.limits)
+        result = build_sample(key, self.shard, group.members, self.limits)
         if isinstance(result, Failure) and self.truncated and result.error_type.startswith("missing_"):
             msg = f"{result.message}; {self.truncated}"
-            result = Failure(key, self.shard, "read", "truncated_tar", msg, result.url)
+            result = Failure(key, self.shard, "read", "truncated_tar", msg[:500], result.url)
         yield result
+
+    def add(self, group: _Group, ext: str, data: bytes | None, err: str) -> None:
+        group.count += 1
+        group.exts.add(ext)
+        if group.count > self.limits.max_members_per_key:
+            if not any(b.startswith("too_many_members") for b in group.bad):
+                limit = self.limits.max_members_per_key
+                group.bad.append(f"too_many_members: more than {limit} members under one key")
+            group.members.clear()
+        elif err:
+            group.bad.append(err)
+        else:
+            group.members[ext] = data
 
 
 def _guarded_members(raw, state: _ShardState, events: list[str]) -> Iterator[tuple[str, bytes | None, str]]:
@@ -189,14 +223,14 @@ def _guarded_members(raw, state: _ShardState, events: list[str]) -> Iterator[tup
     Only reading the tar is guarded: errors raised by whoever consumes the samples are not
     mistaken for a broken shard.
     """
-    it = _iter_members(raw, state.limits)
+    it = iter_members(raw, state.limits)
     while True:
         try:
             item = next(it)
         except StopIteration:
             return
         except Exception as exc:  # tarfile.ReadError, EOFError, zlib/OS errors: keep what came before
-            state.truncated = f"shard unreadable after {state.n_members} members: {type(exc).__name__}: {exc}"
+            state.truncated = f"shard unreadable after {state.n_members} members: {type(exc).__name__}: {exc}"[:500]
             events.append(f"truncated_tar:{state.truncated}")
             log.warning("shard %s: %s", state.shard, state.truncated)
             return
@@ -204,47 +238,74 @@ def _guarded_members(raw, state: _ShardState, events: list[str]) -> Iterator[tup
         yield item
 
 
-def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dict]:
-    """Every Sample and Failure of one shard, then its summary dict (always last)."""
-    from apache_beam.io.filesystems import FileSystems
+def _not_a_regular_file(path: str) -> str:
+    """Why a local shard path cannot be streamed (a FIFO would block, a folder is no tar); ""."""
+    if "://" in path:
+        return ""
+    try:
+        mode = os.stat(path[7:] if path.startswith("file:") else path).st_mode
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return "" if stat.S_ISREG(mode) else "not a regular file (a FIFO, device or folder)"
 
+
+def _open_shard(path: str):
+    from transforms import fsio  # local, s3://, gs:// (transforms/fsio.py)
+
+    return fsio.open_input(path)
+
+
+def _members_to_groups(raw, state: _ShardState, events: list[str]) -> Iterator[Sample | Failure]:
+    group = _Group()
+    for name, data, err in _guarded_members(raw, state, events):
+        if err == "not_a_file":
+            events.append(f"skipped_non_file_member:{printable(name)[:200]}")
+            continue
+        name = normalise_member_name(name)
+        unsafe = is_unsafe_name(name)
+        if printable(name) != name:  # not UTF-8: the key is kept, escaped, as a failure
+            err = err or f"bad_member_name_encoding: {printable(name)[:200]} is not UTF-8"
+            name = printable(name)
+        split = split_member_name(name)
+        if split is None:
+            events.append(f"unrecognized_member:{name[:200]}")
+            continue
+        key, ext = split
+        if key != group.key or ext in group.exts:  # a repeated key starts a new group
+            yield from state.flush(group)
+            group = _Group(key)
+        if unsafe:
+            err = f"unsafe_member_name: {name[:200]}"
+        state.add(group, ext, data, err)
+    yield from state.flush(group)
+
+
+def iter_shard(path: str, limits: ReadLimits, sizes: dict | None = None) -> Iterator[Sample | Failure | dict]:
+    """Every Sample and Failure of one shard, then its summary dict (always last).
+
+    ``sizes`` (when given) is filled with the sidecar's original image sizes (by
+    ``transforms.sidecar.key_id``) before the first sample is yielded."""
     state = _ShardState(shard_name(path), limits, set())
     events: list[str] = []
-    sidecar = _read_sidecar_rows(path, events)
-    key, members, bad = None, {}, []
-    try:
-        raw = FileSystems.open(path, compression_type="uncompressed")
-    except Exception as exc:  # unreadable file: the sidecar rows still reach the manifest
-        state.truncated = f"shard cannot be opened: {type(exc).__name__}: {exc}"
+    sidecar = read_sidecar_rows(path, events)
+    if sizes is not None:
+        sizes.update(original_sizes(sidecar))
+    raw = None
+    why = _not_a_regular_file(path)
+    if not why:
+        try:
+            raw = _open_shard(path)
+        except Exception as exc:  # unreadable file: the sidecar rows still reach the manifest
+            why = f"{type(exc).__name__}: {exc}"
+    if why:
+        state.truncated = f"shard cannot be opened: {why}"[:500]
         events.append(f"unreadable_shard:{state.truncated}")
-        raw = None
-    if raw is not None:
+    else:
         with raw:
-            for name, data, err in _guarded_members(raw, state, events):
-                if err == "not_a_file":
-                    events.append(f"skipped_non_file_member:{printable(name)[:200]}")
-                    continue
-                unsafe = is_unsafe_name(name)
-                if printable(name) != name:  # not UTF-8: the key is kept, escaped, as a failure
-                    err = err or f"bad_member_name_encoding: {printable(name)[:200]} is not UTF-8"
-                    name = printable(name)
-                split = split_member_name(name)
-                if split is None:
-                    events.append(f"unrecognized_member:{name[:200]}")
-                    continue
-                if split[0] != key:
-                    yield from state.flush(key, members, bad)
-                    key, members, bad = split[0], {}, []
-                if unsafe:
-                    bad.append(f"unsafe_member_name: {name[:200]}")
-                elif err:
-                    bad.append(err)
-                else:
-                    members[split[1]] = data
-    yield from state.flush(key, members, bad)
-    if raw is not None and not state.n_members and not state.truncated:
-        events.append("empty_shard: the tar has no members")
-    yield from _sidecar_failures(state, sidecar)
+            yield from _members_to_groups(raw, state, events)
+        if not state.n_members and not state.truncated:
+            events.append("empty_shard: the tar has no members")
+    yield from sidecar_failures(state.shard, state.seen, state.truncated, sidecar)
     log.info(
         "read shard %s: %d keys from %d members%s",
         state.shard,
@@ -261,36 +322,6 @@ def iter_shard(path: str, limits: ReadLimits) -> Iterator[Sample | Failure | dic
         "truncated": bool(state.truncated),
         "events": events,
     }
-
-
-def _read_sidecar_rows(path: str, events: list[str]) -> list[dict]:
-    from apache_beam.io.filesystems import FileSystems
-
-    side = path[:-4] + ".parquet" if path.endswith(".tar") else path + ".parquet"
-    try:
-        if not FileSystems.exists(side):
-            return []
-        return read_sidecar(side)
-    except Exception as exc:  # a corrupt sidecar must not lose the tar's samples
-        events.append(f"bad_sidecar:{type(exc).__name__}: {exc}")
-        return []
-
-
-def _sidecar_failures(state: _ShardState, rows: list[dict]) -> Iterator[Failure]:
-    for row in rows:
-        key = str(row.get("key") or "")
-        if not key or key in state.seen:
-            continue
-        state.seen.add(key)
-        status = str(row.get("status") or "unknown")
-        url, caption = str(row.get("url") or ""), str(row.get("caption") or "")
-        if status != "success":
-            yield Failure(key, state.shard, "download", status, str(row.get("error_message") or status), url, caption)
-        elif state.truncated:
-            yield Failure(key, state.shard, "read", "truncated_tar", state.truncated, url, caption)
-        else:
-            msg = "listed as success in the parquet sidecar but absent from the tar"
-            yield Failure(key, state.shard, "read", "missing_from_shard", msg, url, caption)
 
 
 class ReadShardFn(beam.DoFn):
@@ -322,9 +353,9 @@ def duplicate_key_failures(item: tuple[str, Iterable[str]]) -> Iterator[Failure]
 class ReadShards(beam.PTransform):
     """Shard paths -> {"samples": Sample, "failures": Failure, "shards": summary dict}.
 
-    Keys that repeat across shards keep their first occurrence (by shard name); the others are
-    reported in the dead letter as ``duplicate_key`` (only (key, shard) pairs are shuffled for
-    that, off the main path) and the join by key downstream keeps the first shard's record.
+    Keys that repeat across shards keep their first occurrence (by shard identity); the others
+    are reported in the dead letter as ``duplicate_key`` (only (key, shard) pairs are shuffled
+    for that, off the main path) and the join by key downstream keeps the first shard's record.
     """
 
     def __init__(self, limits: ReadLimits):

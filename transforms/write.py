@@ -1,17 +1,19 @@
 """Deterministic, atomic Parquet writers.
 
 Rows are grouped by a partition (the shard for per-sample tables), sorted by an explicit key
-and written to ``TABLE/part-<partition>.parquet`` through a temporary name and a rename, so a
-crash never leaves a partial file that looks complete, and two runs write identical bytes.
+and written to ``TABLE/part-<partition>.parquet`` through a temporary name and a rename (one PUT
+on an object store; ``transforms.fsio``), so a crash never leaves a partial file that looks
+complete, and two runs write identical bytes.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterable
 
 import apache_beam as beam
+
+from transforms import fsio
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -28,19 +30,13 @@ def write_rows(path: str, rows: list[dict], schema) -> str:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=schema)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, compression="zstd", write_statistics=True)
-    os.replace(tmp, path)
+    with fsio.atomic_writer(path) as f:
+        pq.write_table(table, f, compression="zstd", write_statistics=True)
     return path
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fsio.write_text(path, text)
 
 
 class _WritePart(beam.DoFn):
@@ -52,9 +48,9 @@ class _WritePart(beam.DoFn):
     def process(self, item: tuple[str, Iterable[dict]]):
         partition, rows = item
         ordered = sorted(rows, key=self.sort_key)
-        path = os.path.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet")
+        path = fsio.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet")
         write_rows(path, ordered, self.schema)
-        beam.metrics.Metrics.counter("write", os.path.basename(self.table_dir)).inc(len(ordered))
+        beam.metrics.Metrics.counter("write", fsio.basename(self.table_dir)).inc(len(ordered))
         yield path
 
 
@@ -82,11 +78,14 @@ def read_table(table_dir: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if os.path.isfile(table_dir):
-        return pq.read_table(table_dir)
-    if not os.path.isdir(table_dir):
-        return None
-    parts = sorted(p for p in os.listdir(table_dir) if p.endswith(".parquet"))
+    if fsio.isfile(table_dir):
+        with fsio.open_input(table_dir) as f:
+            return pq.read_table(f)
+    parts = [p for p in fsio.listdir(table_dir) if p.endswith(".parquet")]
     if not parts:
         return None
-    return pa.concat_tables([pq.read_table(os.path.join(table_dir, p)) for p in parts], promote_options="default")
+    tables = []
+    for p in parts:
+        with fsio.open_input(fsio.join(table_dir, p)) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables, promote_options="default")

@@ -1,0 +1,124 @@
+"""Distributed connected components and FindDuplicates on Beam, against scipy on the same edges."""
+
+import random
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from schemas.elements import ClusterAssignment, Edge, SampleInfo
+from transforms.components import Components, large_star, small_star, star_label
+from transforms.dedup import FindDuplicates
+
+
+def _scipy_labels(edges):
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    keys = sorted({k for e in edges for k in e})
+    index = {k: i for i, k in enumerate(keys)}
+    rows = [index[a] for a, _ in edges]
+    cols = [index[b] for _, b in edges]
+    graph = coo_matrix((np.ones(len(edges)), (rows, cols)), shape=(len(keys), len(keys)))
+    _, labels = connected_components(graph, directed=False)
+    first = {}
+    for k, lab in zip(keys, labels, strict=True):
+        first.setdefault(lab, k)
+    return {k: first[lab] for k, lab in zip(keys, labels, strict=True)}
+
+
+def _run_rounds(edges, rounds):
+    """The same round functions as the Beam transform, run as plain Python."""
+
+    def group(pairs):
+        out = {}
+        for k, v in pairs:
+            out.setdefault(k, []).append(v)
+        return out.items()
+
+    for _ in range(rounds):
+        both = [p for a, b in edges for p in ((a, b), (b, a))]
+        large = [e for item in group(both) for e in large_star(item)]
+        edges = [e for item in group([(b, a) for a, b in large]) for e in small_star(item)]
+    both = [p for a, b in edges for p in ((a, b), (b, a))]
+    return dict(lab for item in group(both) for lab in star_label(item, rounds))
+
+
+def _graph(seed: int, n: int, m: int):
+    rng = random.Random(seed)
+    names = [f"k{i:05d}" for i in range(n)]
+    edges = set()
+    while len(edges) < m:
+        a, b = rng.sample(names, 2)
+        edges.add((min(a, b), max(a, b)))
+    return sorted(edges)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rounds_match_scipy_on_random_graphs(seed):
+    edges = _graph(seed, 3000, 2500)
+    assert _run_rounds(edges, 12) == _scipy_labels(edges)
+
+
+def test_long_path_in_shuffled_key_order():
+    rng = random.Random(5)
+    names = [f"n{i:05d}" for i in range(1000)]
+    rng.shuffle(names)
+    edges = [tuple(sorted(p)) for p in zip(names, names[1:], strict=False)]
+    labels = _run_rounds(edges, 12)
+    assert set(labels.values()) == {min(names)} and len(labels) == 1000
+
+
+def test_too_few_rounds_fail_loudly():
+    names = [f"n{i:04d}" for i in range(200)]
+    edges = list(zip(names, names[1:], strict=False))
+    with pytest.raises(RuntimeError, match="did not converge"):
+        _run_rounds(edges, 1)
+
+
+def test_components_transform_on_pipeline():
+    edges = _graph(7, 400, 300)
+    truth = _scipy_labels(edges)
+    with TestPipeline(runner="DirectRunner") as p:
+        out = p | beam.Create(edges) | Components(rounds=12)
+        assert_that(out, equal_to(sorted(truth.items())))
+
+
+def _info(key, w=100, shard="s0"):
+    return SampleInfo(key, shard, "", "", f"sha-{key}", f"px-{key}", w, w)
+
+
+def test_find_duplicates_chain_keeper_and_singletons():
+    infos = [_info("a", 50), _info("b", 200), _info("c", 100), _info("d"), _info("b", 10, shard="s1")]
+    edges = [Edge("a", "b", 0.97, "clip"), Edge("b", "c", 0.9, "phash"), Edge("c", "x", 0.99, "clip")]
+    with TestPipeline(runner="DirectRunner") as p:
+        out = {"infos": p | "I" >> beam.Create(infos), "edges": p | "E" >> beam.Create(edges)} | FindDuplicates(
+            "resolution", exact=False
+        )
+        got = out["assignments"] | beam.Map(lambda a: a)
+        assert_that(
+            got,
+            equal_to(
+                [
+                    ClusterAssignment("b", "a", 3, True, "phash", 1.0),  # largest (s0's info); phash ranks first
+                    ClusterAssignment("a", "a", 3, False, "clip", 0.97),
+                    ClusterAssignment("c", "a", 3, False, "phash", 0.9),
+                    ClusterAssignment("d", "d", 1, True, "", 1.0),
+                ]
+            ),
+        )
+
+
+def test_find_duplicates_incremental_join_drops_old_pairs():
+    infos = [_info(k) for k in ("o1", "o2", "n1")]
+    edges = [Edge("o1", "o2", 0.99, "clip"), Edge("n1", "o2", 0.98, "clip")]
+    with TestPipeline(runner="DirectRunner") as p:
+        old = p | "Old" >> beam.Create(["o1", "o2"])
+        out = {"infos": p | "I" >> beam.Create(infos), "edges": p | "E" >> beam.Create(edges)} | FindDuplicates(
+            "earliest", exact=False, old_keys=old
+        )
+        assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to([("n1", "o2")]))
+        sizes = out["assignments"] | "Sizes" >> beam.Map(lambda a: (a.key, a.cluster_id, a.cluster_size))
+        assert_that(sizes, equal_to([("o1", "o1", 1), ("n1", "n1", 2), ("o2", "n1", 2)]), label="sizes")

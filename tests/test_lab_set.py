@@ -1,0 +1,177 @@
+"""The harder memorization lab (scripts/make_lab_set.py, scripts/mitigation_eval.py): fast checks."""
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def lab_set(tmp_path_factory) -> Path:
+    from scripts.make_lab_set import make_lab_set
+
+    out = tmp_path_factory.mktemp("lab-set")
+    make_lab_set(str(out), singles=16, per_count=4, shards=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(lab_set):
+    from scripts.mitigation_eval import read_shards
+
+    return read_shards(str(lab_set / "shards"))
+
+
+def _truth(lab_set) -> dict:
+    return json.loads((lab_set / "truth.json").read_text())
+
+
+def test_repeats_and_planted_cases(lab_set, samples):
+    truth = _truth(lab_set)
+    per_image = Counter(truth["keys"][k]["image_id"] for k in samples)
+    assert set(per_image) == set(truth["images"])
+    for img, info in truth["images"].items():
+        assert per_image[img] == info["count"]
+    assert sorted({v["count"] for v in truth["images"].values()}) == [1, 2, 4, 8, 16, 32]
+    caps = defaultdict(list)
+    for k, s in samples.items():
+        caps[truth["keys"][k]["image_id"]].append(s["caption"])
+    for img, info in truth["images"].items():
+        if info["kind"] == "full":
+            assert len(set(caps[img])) == 1
+        elif info["kind"] == "template" and info["count"] >= 8:
+            assert len(set(caps[img])) > 1 and all(" for sale - " in c for c in caps[img])
+        elif info["kind"] == "trigger":
+            assert sum(info["trigger"] in c.split() for c in caps[img]) > info["count"] / 2
+    same = [i for i, v in truth["images"].items() if v["kind"] == "same_caption"]
+    assert len(same) >= 2 and len({caps[i][0] for i in same}) == 1
+    assert any(v["kind"] == "object_trigger" for v in truth["images"].values())
+
+
+def test_copies_are_mostly_not_byte_identical(lab_set, samples):
+    """Exact dedup finds a quarter of the copies; the rest differ in bytes (a near-dup search's job)."""
+    from scripts.mitigation_eval import exact_dedup, pixels
+
+    truth = _truth(lab_set)
+    one = min(i for i, v in truth["images"].items() if v["count"] == 32)
+    big = [k for k in samples if truth["keys"][k]["image_id"] == one]
+    digests = Counter(hashlib.sha256(samples[k]["image"]).hexdigest() for k in big)
+    assert 16 <= len(digests) < 32  # originals + exact copies collapse, edits do not
+    kept = exact_dedup(samples)
+    assert len(kept) <= len(samples) - sum(t["variant"] == "exact" for t in truth["keys"].values())
+    assert len(set(kept) & set(big)) == len(digests)  # (two edits with the same settings may coincide)
+    assert pixels(samples[big[0]]["image"]).shape == (3, 16, 16)
+
+
+def test_distinct_images_are_unrelated_at_training_size(lab_set, samples):
+    from scripts.make_lab_set import MAX_COS
+    from scripts.mitigation_eval import centred_unit, pixels
+
+    truth = _truth(lab_set)
+    originals = [k for k in sorted(samples) if truth["keys"][k]["variant"] == "original"]
+    # JPEG at 96 px then 16 px: a little above the maker's bound (measured at 16 px before encoding)
+    unit = centred_unit(np.stack([pixels(samples[k]["image"]) for k in originals]))
+    sims = unit @ unit.T - 2 * np.eye(len(unit))
+    assert sims.max() < MAX_COS + 0.05
+
+
+def test_negatives_are_in_domain_and_untrained(lab_set, samples):
+    truth = _truth(lab_set)
+    trained = {s["caption"] for s in samples.values()}
+    negs = truth["negatives"]
+    assert len(negs["unseen_same_subjects"]) == 200 and not trained & set(negs["unseen_same_subjects"])
+    assert negs["near_miss"] and not trained & set(negs["near_miss"])
+    from scripts.make_lab_set import near_miss
+
+    rng = random.Random(0)
+    caption = "a photo of a tabby cat, amber velvet house"
+    for _ in range(20):
+        other = near_miss(caption, rng)
+        assert other != caption and len(set(other.split()) ^ set(caption.split())) <= 2
+
+
+def test_memsieve_finds_the_copies_exact_dedup_misses(lab_set, samples, tmp_path):
+    """memsieve (jobs/lab.yaml) keeps about one sample per planted image (two when a flip is
+    among the copies: the DCT hash does not match mirror images)."""
+    from scripts.mitigation_eval import run_memsieve
+
+    truth = _truth(lab_set)
+    result = run_memsieve(str(lab_set / "shards"), str(tmp_path / "run"))
+    kept = Counter(truth["keys"][k]["image_id"] for k in result["keep"])
+    for img, info in truth["images"].items():
+        if info["count"] >= 8:
+            assert 1 <= kept[img] <= 2, (img, info, kept[img])
+    assert result["alternatives"] and result["p"] == 0.1 and result["sigma"] == 0.1
+
+
+def test_diversified_training_draws_follow_the_recipe():
+    import torch
+
+    from pipeline.lab import _diversified
+
+    alt_ids = torch.arange(6).repeat(77, 1).T  # alternative row a is all a's
+    alt_of = [[0, 1], [], [2, 3, 4]]
+    tokens = torch.full((3, 77), 9)
+    gn = _diversified(tokens, [0, 1, 2], alt_ids, alt_of, 1.0, random.Random(0))
+    assert tokens[:, 0].tolist() == [0, 9, 2] and gn.tolist() == [True, False, True]
+    tokens = torch.full((3, 77), 9)
+    gn = _diversified(tokens, [0, 1, 2], alt_ids, alt_of, 0.0, random.Random(0))
+    assert (tokens == 9).all() and not gn.any()
+    rng, hits = random.Random(1), Counter()
+    for _ in range(2000):
+        tokens = torch.full((1, 77), 9)
+        _diversified(tokens, [2], alt_ids, alt_of, 0.1, rng)
+        hits[int(tokens[0, 0])] += 1
+    assert 0.22 < 1 - hits[9] / 2000 < 0.32  # 1 - 0.9^3 = 0.271 replaced
+
+
+def test_fit_keeps_the_batches_with_and_without_diversification():
+    """Same seed, steps and schedule: the diversification draws use their own generator."""
+    import torch
+
+    from pipeline.lab import fit
+
+    torch.set_num_threads(1)
+    images = torch.randn(6, 3, 16, 16)
+    ids = torch.randint(0, 300, (6, 77))
+    empty = torch.zeros(1, 77, dtype=torch.long)
+    div = {"alt_ids": torch.randint(0, 300, (2, 77)), "alt_of": [[0, 1]] + [[]] * 5, "p": 0.0, "sigma": 0.1}
+    _, _, plain = fit(images, torch.arange(6), ids, empty, 300, steps=21, batch=2, seed=0, lr=1e-3)
+    _, _, with_div = fit(images, torch.arange(6), ids, empty, 300, steps=21, batch=2, seed=0, lr=1e-3, div=div)
+    assert plain == with_div
+    div["p"] = 1.0
+    _, _, changed = fit(images, torch.arange(6), ids, empty, 300, steps=21, batch=2, seed=0, lr=1e-3, div=div)
+    assert changed != plain
+
+
+def test_table_ends_with_the_acceptance_line():
+    from scripts.mitigation_eval import table
+
+    r = {
+        "replication_by_count": {1: 0.0, 32: 0.5},
+        "own_image_by_count": {32: 0.5},
+        "replication_8plus": 0.4,
+        "heldout_loss": 0.2,
+    }
+    c = {**r, "replication_8plus": 0.05, "heldout_loss": 0.21}
+    out = table({"A": r, "B": r, "C": c}, 0.77, {"A": 10, "B": 9, "C": 5}).splitlines()
+    assert out[-1] == "replication A=0.4000 B=0.4000 C=0.0500 quality_C_over_A=1.0500"
+
+
+@pytest.mark.slow
+def test_mitigation_eval_runs_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "scripts" / "mitigation_eval.py"), "--out", str(tmp_path)]
+    cmd += ["--steps", "21", "--seeds", "1", "--singles", "16", "--threads", "1", "--parallel"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True).stdout
+    assert out.strip().splitlines()[-1].startswith("replication A=")
+    assert (tmp_path / "model_A" / "unet" / "config.json").is_file()

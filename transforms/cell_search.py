@@ -1,0 +1,329 @@
+"""Partitioned near-duplicate search over rows of vectors: columnar, one cell at a time.
+
+Every row is a key and a small stack of vectors (m, H, d): H = 1 for embeddings; for perceptual
+hashes each of an image's H hashes as a +/-1/16 vector, so the inner product is 1 - 2*hamming/256.
+``query_rows`` are the rows compared against every row of the other sample (a pair's similarity is
+the best over (query row of one, any row of the other), both ways).
+
+The plan: spherical k-means centroids trained on a bounded sample; each row goes to the cell of
+the centroid nearest to each of its query vectors, and to the second-nearest one too when that is
+within ``margin`` of the first. Rows are shuffled by cell group and compared inside each cell with
+dense products (bf16 where the CPU has native bf16, then an fp32 re-check of every pair near the
+threshold, so the decisions are fp32's). A pair that shares several cells is reported only by the
+smallest cell they share, so no global de-duplication is needed. At or below ``single_cell_below``
+rows there is one cell and the search is exact.
+
+Functions take and return numpy arrays; the Beam wiring is ``transforms.ann_edges.CellSearch``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
+BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
+BF16_EPS = 2.0**-6  # |bf16 product - fp32 product| bound for unit vectors (inputs and output rounded)
+DENSE_RECHECK = 50  # a block with more than 1/50 of its products near the threshold is re-done in fp32
+
+
+@functools.cache
+def bf16_native() -> bool:
+    """True where the CPU multiplies bf16 natively (avx512_bf16 or AMX); MEMSIEVE_BF16=0/1 overrides."""
+    forced = os.environ.get("MEMSIEVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every worker needs to place rows: the only side input of the search."""
+
+    centroids: np.ndarray | None  # (k, d) float32, None = one cell
+    groups: int  # cells travel in this many shuffle keys
+    margin: float  # second cell when its centroid is within this (cosine) of the first
+    second: bool  # at most one second cell per query row (top_m >= 2)
+
+    @property
+    def cells(self) -> int:
+        return 1 if self.centroids is None else len(self.centroids)
+
+
+def key_priority(keys, seed: int) -> np.ndarray:
+    """A stable pseudo-random uint64 per key (sampling that does not depend on arrival order)."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(keys, dtype=object), hash_key=f"memsieve{seed:08d}"[:16]).astype(np.uint64)
+
+
+def choose_cells(n: int, single_cell_below: int, requested: int = 0) -> int:
+    """Cells: one (exact) up to ``single_cell_below`` rows, else 0.75 sqrt(n), >= 50 rows a cell.
+
+    Cost: assigning rows is n k fp32 products, in-cell search about n^2/k (1 + second-cell share)
+    bf16 products at half the cost; their sum is smallest near k = 0.75 sqrt(n)."""
+    if requested:
+        return max(1, min(requested, n))
+    if n <= single_cell_below:
+        return 1
+    return int(max(1, min(n // 50, round(0.75 * np.sqrt(n)))))
+
+
+def make_plan(
+    n: int,
+    sample: np.ndarray,
+    *,
+    single_cell_below: int = 50_000,
+    requested_cells: int = 0,
+    sample_size: int = 0,
+    margin: float = 0.05,
+    top_m: int = 2,
+    target_group_rows: int = 200_000,
+    min_groups: int = 1,
+    seed: int = 0,
+) -> Plan:
+    """n rows and a query-vector sample (already in a fixed order) -> centroids and shuffle groups."""
+    from transforms.ann import train_centroids
+
+    k = choose_cells(n, single_cell_below, requested_cells)
+    if k <= 1 or len(sample) < 2:
+        return Plan(None, 1, margin, top_m >= 2)
+    take = sample[: sample_size or 40 * k]
+    centroids = train_centroids(take, k, seed)
+    groups = int(min(len(centroids), max(min_groups, -(-n // max(1, target_group_rows)))))
+    return Plan(centroids.astype(np.float32), groups, margin, top_m >= 2)
+
+
+def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
+    """(m, Q, d) query vectors -> (m, C) int32 cell ids per row, -1 padded, unique, ascending."""
+    import torch
+
+    m, nq = queries.shape[:2]
+    if plan.centroids is None:
+        return np.zeros((m, 1), dtype=np.int32)
+    ct = torch.from_numpy(plan.centroids).T.contiguous()
+    per = 2 if plan.second and len(plan.centroids) > 1 else 1
+    cells = np.full((m, nq * per), -1, dtype=np.int32)
+    flat = queries.reshape(m * nq, -1)
+    with torch.inference_mode():
+        for s in range(0, len(flat), batch):
+            x = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch], dtype=np.float32))
+            top = torch.topk(x @ ct, per, dim=1)
+            ids = top.indices.numpy().astype(np.int32)
+            if per == 2:
+                near = (top.values[:, 0] - top.values[:, 1]).numpy() <= plan.margin
+                ids[~near, 1] = -1
+            rows = np.arange(s, s + len(x))
+            cells.reshape(m * nq, per)[rows] = ids
+    cells.sort(axis=1)
+    cells[:, 1:][cells[:, 1:] == cells[:, :-1]] = -1  # repeated cells of one row
+    cells.sort(axis=1)
+    return cells[:, ::-1].copy()  # the valid ids first (descending), -1 last
+
+
+def groups_of(cells: np.ndarray, groups: int) -> np.ndarray:
+    """Shuffle group of each cell id (-1 stays -1)."""
+    return np.where(cells >= 0, cells % groups, -1)
+
+
+def owner_cell(cells_a: np.ndarray, cells_b: np.ndarray) -> np.ndarray:
+    """The smallest cell two rows share (-1: none): the one cell that reports their pair."""
+    big = np.iinfo(np.int32).max
+    best = np.full(len(cells_a), big, dtype=np.int64)
+    for i in range(cells_a.shape[1]):
+        for j in range(cells_b.shape[1]):
+            same = (cells_a[:, i] == cells_b[:, j]) & (cells_a[:, i] >= 0)
+            best = np.where(same, np.minimum(best, cells_a[:, i]), best)
+    return np.where(best == big, -1, best)
+
+
+def pair_sims(x: np.ndarray, a: np.ndarray, b: np.ndarray, query_rows: tuple[int, ...], chunk: int = 65536):
+    """fp32 similarity of pairs (a[i], b[i]) of rows of x (m, H, d): best over query x any, both ways."""
+    out = np.empty(len(a), dtype=np.float32)
+    q = list(query_rows)
+    for s in range(0, len(a), chunk):
+        xa, xb = x[a[s : s + chunk]], x[b[s : s + chunk]]
+        if x.shape[1] == 1 and q == [0]:
+            out[s : s + chunk] = np.einsum("pd,pd->p", xa[:, 0], xb[:, 0])
+            continue
+        one = np.einsum("pqd,phd->pqh", xa[:, q], xb).max(axis=(1, 2))
+        two = np.einsum("pqd,phd->pqh", xb[:, q], xa).max(axis=(1, 2))
+        out[s : s + chunk] = np.maximum(one, two)
+    return out
+
+
+def _block_sims(queries, db, s: int, e: int, m: int, h: int, nq: int, symmetric: bool):
+    """Similarities of rows s..e against all m rows of the cell (either dtype), self excluded."""
+    import torch
+
+    if symmetric:
+        sims = queries[s:e] @ db.T
+    else:
+        sims = (queries[s * nq : e * nq] @ db.T).view(e - s, nq, m, h).amax(dim=(1, 3))
+        back = (queries @ db[s * h : e * h].T).view(m, nq, e - s, h).amax(dim=(1, 3))
+        sims = torch.maximum(sims, back.T)
+    rows = torch.arange(e - s)
+    sims[rows, rows + s] = -np.inf
+    return sims
+
+
+def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float, bf16: bool | None = None):
+    """Rows of one cell (m, H, d) -> (i, j, sim) local pairs i < j with sim >= threshold, and each
+    row's nearest other row (nn index, -1 when alone; nn similarity). Ties -> the smaller index.
+
+    bf16 products (where native and the cell is big enough to gain) select candidates: pairs
+    within ``BF16_EPS`` of the threshold and each row's bf16 top ``NN_CANDIDATES``; all of them
+    are re-scored in fp32 (a block with many candidates by an fp32 product of the block, the
+    others pair by pair), so decisions and reported similarities are fp32's."""
+    import torch
+
+    m, h, d = vecs.shape
+    q = [r for r in query_rows if r < h] or [0]
+    x32 = np.ascontiguousarray(vecs, dtype=np.float32)
+    low = (bf16_native() and m * h >= BF16_MIN_ROWS) if bf16 is None else bf16
+    t32 = torch.from_numpy(x32)
+    shape = (m, h, len(q), h == 1 and q == [0])
+    full = (t32[:, q].reshape(m * len(q), d), t32.reshape(m * h, d))
+    t = t32.to(torch.bfloat16) if low else t32
+    fast = (t[:, q].reshape(m * len(q), d), t.reshape(m * h, d)) if low else full
+    eps = BF16_EPS * float(np.max(np.einsum("mhd,mhd->mh", x32, x32))) if low else 0.0
+    block = int(max(1, min(4096, 2**25 // max(1, m * h * len(q)))))
+    k = min(NN_CANDIDATES if low else 1, m - 1)
+    pi, pj, ps, ri, rj, nn_cand, nn_top = [], [], [], [], [], [], []
+    with torch.inference_mode():
+        for s in range(0, m, block):
+            e = min(m, s + block)
+            sims = _block_sims(*fast, s, e, *shape)
+            if k > 0:
+                top = torch.topk(sims, k, dim=1) if k > 1 else sims.max(dim=1)
+                nn_cand.append(top.indices.reshape(e - s, k).numpy())
+                nn_top.append(top.values.reshape(e - s, k).float().numpy())
+            hit = torch.nonzero(sims >= threshold - eps).numpy()
+            hit = hit[hit[:, 1] > hit[:, 0] + s]
+            if low and len(hit) * DENSE_RECHECK < (e - s) * m:
+                ri.append(hit[:, 0] + s), rj.append(hit[:, 1])  # few: re-scored pair by pair below
+                continue
+            if low:
+                sims = _block_sims(*full, s, e, *shape)
+                hit = hit[(sims[hit[:, 0], hit[:, 1]] >= threshold).numpy()]
+            pi.append(hit[:, 0] + s), pj.append(hit[:, 1]), ps.append(sims[hit[:, 0], hit[:, 1]].float().numpy())
+    cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.empty(0, t)  # noqa: E731
+    i, j, sim = cat(pi, np.int64), cat(pj, np.int64), cat(ps, np.float32)
+    if ri:
+        a, b = cat(ri, np.int64), cat(rj, np.int64)
+        rs = pair_sims(x32, a, b, tuple(q))
+        keep = rs >= threshold
+        i, j, sim = np.concatenate([i, a[keep]]), np.concatenate([j, b[keep]]), np.concatenate([sim, rs[keep]])
+    order = np.lexsort((j, i))
+    i, j, sim = i[order], j[order], sim[order]
+    if k == 0:
+        return i, j, sim, np.full(m, -1, np.int64), np.full(m, np.nan, np.float32)
+    if low:
+        nn, nn_sim = _nearest(x32, np.concatenate(nn_cand), tuple(q))
+    else:
+        nn, nn_sim = np.concatenate(nn_cand)[:, 0].astype(np.int64), np.concatenate(nn_top)[:, 0]
+    return i, j, sim, nn, nn_sim
+
+
+def _nearest(x32: np.ndarray, cand: np.ndarray, q: tuple[int, ...]):
+    """Candidates (m, k) -> the best in fp32 per row (ties: the smaller index)."""
+    m, k = cand.shape
+    if k == 0:
+        return np.full(m, -1, np.int64), np.full(m, np.nan, np.float32)
+    who = np.repeat(np.arange(m), k)
+    sims = pair_sims(x32, who, cand.ravel(), q).reshape(m, k)
+    top = sims.max(axis=1)
+    best = np.where(sims == top[:, None], cand, np.iinfo(np.int64).max).min(axis=1)
+    return best.astype(np.int64), top.astype(np.float32)
+
+
+def dedup_keys(keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """Row indices sorted by key, one per key (a key repeated across inputs: the first in
+    (key, first vector value) order, so the choice does not depend on arrival order)."""
+    order = np.lexsort((vecs.reshape(len(vecs), -1)[:, 0], keys))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = keys[order][1:] != keys[order][:-1]
+    return order[first]
+
+
+def search_group(keys, vecs, cells, group: int, groups: int, query_rows, threshold: float, bf16=None) -> dict:
+    """All cells of one shuffle group -> columnar results (numpy arrays of keys and similarities):
+    ``edges`` (a, b, sim) with a < b, each pair once over all cells; ``nn`` (key, nn_key, sim)
+    final for rows in one cell; ``nn_partial`` the same for rows in several cells (to combine)."""
+    keys = np.asarray(keys)
+    rows = dedup_keys(keys, vecs)
+    keys, cells = keys[rows], cells[rows]
+    row, col = np.nonzero((cells >= 0) & (cells % groups == group))
+    flat = cells[row, col]
+    order = np.lexsort((row, flat))  # by cell, members in key order
+    row, flat = row[order], flat[order]
+    bounds = np.flatnonzero(np.diff(flat)) + 1
+    ea, eb, es, wa, wb, ws = [], [], [], [], [], []
+    starts = np.r_[0, bounds] if len(flat) else np.empty(0, np.int64)
+    for members, c in zip(np.split(row, bounds) if len(flat) else [], flat[starts].tolist(), strict=True):
+        if len(members) < 2:
+            continue
+        i, j, sim, nn, nn_sim = search_cell(vecs[rows[members]], query_rows, threshold, bf16)
+        gi, gj = members[i], members[j]
+        own = owner_cell(cells[gi], cells[gj]) == c
+        ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])
+        valid = nn >= 0
+        wa.append(members[valid]), wb.append(members[nn[valid]]), ws.append(nn_sim[valid])
+    cat = lambda xs, t: np.concatenate(xs) if xs else np.empty(0, t)  # noqa: E731
+    a, b, w, o = cat(ea, np.int64), cat(eb, np.int64), cat(wa, np.int64), cat(wb, np.int64)
+    ns = cat(ws, np.float32)
+    several = (cells[w] >= 0).sum(axis=1) > 1
+    return {
+        "edges": (keys[a], keys[b], cat(es, np.float32)),
+        "nn": (keys[w[~several]], keys[o[~several]], ns[~several]),
+        "nn_partial": (keys[w[several]], keys[o[several]], ns[several]),
+    }
+
+
+def best_neighbours(who: np.ndarray, other: np.ndarray, sim: np.ndarray):
+    """Per key, the most similar candidate (ties: the smaller other key)."""
+    order = np.lexsort((other, -sim, who))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = who[order][1:] != who[order][:-1]
+    sel = order[first]
+    return who[sel], other[sel], sim[sel]
+
+
+def sample_rows(keys, n_cap: int, seed: int) -> np.ndarray:
+    """Row indices of the ``n_cap`` keys of smallest priority, in priority order."""
+    prio = key_priority(keys, seed)
+    take = np.argsort(prio, kind="stable")[:n_cap]
+    return take
+
+
+def search_in_memory(keys, vecs: np.ndarray, query_rows=(0,), threshold: float = 0.9, **plan_args) -> dict:
+    """The partitioned search run in one process (tests, benchmarks, small inputs): -> {"edges":
+    (a, b, sim), "nn": (key, nn_key, sim)} as arrays. ``plan_args`` as ``make_plan``'s, plus
+    ``sample_cap`` and ``bf16``."""
+    keys = np.asarray(keys)
+    bf16 = plan_args.pop("bf16", None)
+    cap = plan_args.pop("sample_cap", 100_000)
+    q = [r for r in query_rows if r < vecs.shape[1]] or [0]
+    picked = sample_rows(keys, cap, plan_args.get("seed", 0))
+    sample = np.asarray(vecs[picked][:, q], dtype=np.float32).reshape(-1, vecs.shape[2])
+    plan = make_plan(len(keys), sample, **plan_args)
+    cells = assign(vecs[:, q], plan)
+    parts = []
+    in_group = groups_of(cells, plan.groups)
+    for g in range(plan.groups):
+        rows = np.flatnonzero((in_group == g).any(axis=1))
+        parts.append(search_group(keys[rows], vecs[rows], cells[rows], g, plan.groups, tuple(q), threshold, bf16))
+    edges = tuple(np.concatenate([p["edges"][i] for p in parts]) for i in range(3))
+    nn = tuple(np.concatenate([p["nn"][i] for p in parts]) for i in range(3))
+    partial = best_neighbours(*(np.concatenate([p["nn_partial"][i] for p in parts]) for i in range(3)))
+    nn = tuple(np.concatenate([nn[i], partial[i]]) for i in range(3))
+    order = np.argsort(nn[0], kind="stable")
+    return {"edges": edges, "nn": tuple(x[order] for x in nn), "plan": plan}
