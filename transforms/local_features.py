@@ -158,19 +158,19 @@ def _agreement(m: np.ndarray, a: Features, b: Features) -> tuple[float, int]:
     # only the photo counts: the cells inside both content boxes (a template's chrome is not the copy)
     valid = cv2.warpAffine(_box_mask(b, sb), mt, (tw, th), flags=cv2.INTER_NEAREST) > 0.5
     valid &= _box_mask(a, sa) > 0.5
-    ref = a.thumb.astype(np.float32)
-    agree = total = 0
-    for y in range(0, th - CELL + 1, CELL):
-        for x in range(0, tw - CELL + 1, CELL):
-            if not valid[y : y + CELL, x : x + CELL].all():
-                continue
-            p, q = ref[y : y + CELL, x : x + CELL].ravel(), warped[y : y + CELL, x : x + CELL].ravel()
-            p, q = p - p.mean(), q - q.mean()
-            sp, sq = float(np.sqrt((p * p).mean())), float(np.sqrt((q * q).mean()))
-            if sp < 4.0 or sq < 4.0:  # flat (or blurred flat) on either side: says nothing
-                continue
-            total += 1
-            agree += float((p * q).mean()) / (sp * sq) > 0.5
+    ny, nx = th // CELL, tw // CELL
+
+    def cells(x: np.ndarray) -> np.ndarray:
+        return x[: ny * CELL, : nx * CELL].reshape(ny, CELL, nx, CELL).transpose(0, 2, 1, 3).reshape(ny, nx, -1)
+
+    inside = cells(valid).all(axis=2)
+    p, q = cells(a.thumb.astype(np.float32))[inside], cells(warped)[inside]
+    p, q = p - p.mean(axis=1, keepdims=True), q - q.mean(axis=1, keepdims=True)
+    sp, sq = np.sqrt((p * p).mean(axis=1)), np.sqrt((q * q).mean(axis=1))
+    textured = (sp >= 4.0) & (sq >= 4.0)  # flat (or blurred flat) on either side says nothing
+    zncc = (p * q).mean(axis=1)[textured] / (sp[textured] * sq[textured])
+    total = int(textured.sum())
+    agree = int((zncc > 0.5).sum())
     return (agree / total if total else 0.0), total
 
 
