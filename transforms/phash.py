@@ -120,9 +120,12 @@ def _small(gray, side: int = 2 * TRIM_SIDE):
 
 
 def _flat(a: np.ndarray, window: int, tol: int) -> np.ndarray:
-    from scipy.ndimage import maximum_filter, minimum_filter
+    """Pixels whose window x window neighbourhood spans at most ``tol`` grey levels."""
+    import cv2
 
-    return (maximum_filter(a, window) - minimum_filter(a, window)) <= tol
+    kernel = np.ones((window, window), np.uint8)
+    u8 = a.astype(np.uint8)
+    return (cv2.dilate(u8, kernel).astype(np.int16) - cv2.erode(u8, kernel)) <= tol
 
 
 def flat_share(gray) -> float:
