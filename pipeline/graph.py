@@ -95,7 +95,7 @@ def add_copy_embedder(name: str, cfg, dec: dict) -> dict:
     if name == "orb":
         from transforms.orb_stage import FindOrbCopies
 
-        return dec["samples"] | "FindOrbCopies" >> FindOrbCopies(cfg.dedup.orb, cfg.read.max_image_pixels)
+        return dec["orb"] | "FindOrbCopies" >> FindOrbCopies(cfg.dedup.orb)
     from transforms.embed_sscd import SscdCopies
 
     return dec["samples"] | "SscdCopies" >> SscdCopies(
@@ -155,7 +155,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         phash=cfg.dedup.phash.enabled,
         pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
         cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
-        emit_samples=cfg.dedup.clip.enabled or cfg.dedup.orb.enabled or cfg.dedup.sscd.enabled,
+        emit_samples=cfg.dedup.clip.enabled or cfg.dedup.sscd.enabled,
+        orb=cfg.dedup.orb if cfg.dedup.orb.enabled else None,
         max_decoded_bytes=cfg.read.max_decoded_bytes,
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )

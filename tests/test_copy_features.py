@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.config import ClusterConfig, ConfigError, OrbConfig, SscdConfig, parse_config
 from schemas.elements import Sample
+from transforms.decode import DecodeError, decode_image
 from transforms.local_features import Features, extract_features, verify, words
 from transforms.orb_stage import FindOrbCopies, find_orb_pairs
 
@@ -107,8 +108,14 @@ def test_orb_on_pipeline():
         _sample("k3", _photo(12)),
         _sample("bad", _photo(13), ext="png"),
     ]
+    feats = []
+    for smp in samples:
+        try:
+            feats.append((smp.key, _feat(decode_image(smp.image, smp.image_ext, 10**8)).to_bytes()))
+        except DecodeError:
+            pass  # ProcessShards reports it; no features
     with TestPipeline(runner="DirectRunner") as p:
-        out = p | beam.Create(samples) | FindOrbCopies(CFG)
+        out = p | beam.Create(feats) | FindOrbCopies(CFG)
         assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b, e.embedder)), equal_to([("k1", "k2", "orb")]))
         assert_that(
             out["neighbours"] | beam.Map(lambda n: (n.key, n.nn_key)),

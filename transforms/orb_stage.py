@@ -1,11 +1,12 @@
 """The ORB copy embedder on Beam: features per sample, candidates per visual word, verified pairs.
 
 Partitioning (no step gathers all descriptors): features are computed where samples are
-decoded; each image's words are shuffled by word partition (``word_partitions`` ranges of the
-word space, one element per image and partition); in each partition every word's posting list
-(at most ``max_df`` keys, or it is a stop-word and only its id is kept) votes for key pairs,
-and votes are summed per pair; candidate pairs meet their two feature records through two keyed joins; each
-pair is verified on its own. See docs/copy_detection.md for the cost at 1e8 images.
+decoded (``transforms.process_shards``, cached with the shard); each image's words are shuffled
+by word partition (``word_partitions`` ranges of the word space, one element per image and
+partition); in each partition every word's posting list (at most ``max_df`` keys, or it is a
+stop-word and only its id is kept) votes for key pairs, and votes are summed per pair; candidate
+pairs meet their two feature records through two keyed joins; each pair is verified on its own.
+See docs/copy_detection.md for the cost at 1e8 images.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.elements import Edge, Neighbour
-from transforms.local_features import EMBEDDER, Features, extract_features, verify, words
+from transforms.local_features import EMBEDDER, Features, verify, words
 
 log = logging.getLogger(__name__)
 
@@ -82,31 +83,6 @@ def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> 
 
 
 # ---- Beam ----
-
-
-class ExtractOrbFn(beam.DoFn):
-    """Sample -> (key, feature bytes); undecodable samples are skipped (ProcessShards reports them)."""
-
-    def __init__(self, cfg, max_pixels: int):
-        self.cfg, self.max_pixels = cfg, max_pixels
-
-    def setup(self):
-        import cv2
-
-        cv2.setNumThreads(1)  # one worker process per core: no nested threads
-        self.done = beam.metrics.Metrics.counter(EMBEDDER, "extracted")
-        self.failed = beam.metrics.Metrics.counter(EMBEDDER, "undecodable")
-
-    def process(self, sample) -> Iterator:
-        from transforms.decode import DecodeError, decode_image
-
-        try:
-            img = decode_image(sample.image, sample.image_ext, self.max_pixels)
-        except DecodeError:
-            self.failed.inc()
-            return
-        self.done.inc()
-        yield sample.key, extract_features(img, self.cfg).to_bytes()
 
 
 def _postings(item, cfg) -> Iterator:
@@ -180,17 +156,17 @@ def _best(values) -> tuple[float, str]:
 
 
 class FindOrbCopies(beam.PTransform):
-    """Samples -> {"edges": Edge, "neighbours": Neighbour} of verified local-feature copies."""
+    """(key, feature bytes) -> {"edges": Edge, "neighbours": Neighbour} of verified local-feature
+    copies. Features come from ProcessShards (computed with the decode, cached per shard)."""
 
-    def __init__(self, cfg, max_pixels: int = 64_000_000):
+    def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.max_pixels = cfg, max_pixels
+        self.cfg = cfg
 
-    def expand(self, samples):
+    def expand(self, feats):
         from transforms.outputs import multi_output
 
         cfg = self.cfg
-        feats = samples | "ExtractOrb" >> beam.ParDo(ExtractOrbFn(cfg, self.max_pixels))
         by_part = feats | "Postings" >> beam.FlatMap(_postings, cfg=cfg) | "ByWordPartition" >> beam.GroupByKey()
         split = multi_output(by_part, "WordPairs", _partition_pairs, ["stop"], "pairs", max_df=cfg.max_df)
         stop = beam.pvalue.AsList(split["stop"])

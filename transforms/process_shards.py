@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -31,6 +32,7 @@ INFO_SCHEMA = pa.schema(
 )
 FAILURE_SCHEMA = pa.schema([(f.name, pa.string()) for f in dataclasses.fields(Failure)])
 CODE_SCHEMA = pa.schema([("key", pa.string()), ("codes", pa.binary())])
+ORB_SCHEMA = pa.schema([("key", pa.string()), ("features", pa.binary())])
 KEY_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string())])
 SUMMARY_SCHEMA = pa.schema(
     [
@@ -55,6 +57,7 @@ class ShardSettings:
     emit_samples: bool = False
     max_decoded_bytes: int = 0  # 0: transforms.decode's default (bit depth counted)
     debug_sleep_s: float = 0.0  # tests only: make a shard slow so a run can be killed mid-way
+    orb: Any = None  # pipeline.config.OrbConfig: ORB features computed (and cached) with the decode
 
     def cache_key(self) -> dict:
         from transforms import phash
@@ -67,11 +70,12 @@ class ShardSettings:
             "pixel_hash": self.pixel_hash,
             "decode_version": DECODE_VERSION,
             "max_decoded_bytes": self.max_decoded_bytes,
+            "orb": self.orb.model_dump() if self.orb is not None else None,
         }
 
 
 def decode_sample(
-    sample: Sample, settings: ShardSettings, hasher, sizes: dict | None = None
+    sample: Sample, settings: ShardSettings, hasher, sizes: dict | None = None, extras: dict | None = None
 ) -> tuple[SampleInfo | Failure, bytes | None]:
     """Decode one sample -> its SampleInfo (sizes, digests, notes) and phash codes, or a Failure.
 
@@ -106,6 +110,10 @@ def decode_sample(
         image_bytes=len(sample.image),
         notes=";".join(notes),
     )
+    if extras is not None and settings.orb is not None:  # local features: transforms/local_features.py
+        from transforms.local_features import extract_features
+
+        extras["orb"] = extract_features(img, settings.orb).to_bytes()
     return info, (hasher(img).tobytes() if hasher is not None else None)
 
 
@@ -164,12 +172,13 @@ class ProcessShardFn(beam.DoFn):
                     "codes": (tables["codes"], CODE_SCHEMA),
                     "keys": (tables["keys"], KEY_SCHEMA),
                     "summary": (tables["summary"], SUMMARY_SCHEMA),
+                    "orb": (tables["orb"], ORB_SCHEMA),
                 },
             )
         yield from self._emit(tables)
 
     def _compute(self, path: str) -> dict[str, list]:
-        tables: dict[str, list] = {"infos": [], "failures": [], "codes": [], "keys": [], "summary": [], "samples": []}
+        tables: dict[str, list] = {k: [] for k in ("infos", "failures", "codes", "keys", "summary", "samples", "orb")}
         sizes: dict = {}
         for item in iter_shard(path, self.settings.limits, sizes):
             if isinstance(item, dict):
@@ -181,7 +190,8 @@ class ProcessShardFn(beam.DoFn):
                     tables["keys"].append({"key": item.key, "shard": item.shard})
             else:
                 tables["keys"].append({"key": item.key, "shard": item.shard})
-                result, codes = decode_sample(item, self.settings, self.hasher, sizes)
+                extras: dict = {}
+                result, codes = decode_sample(item, self.settings, self.hasher, sizes, extras)
                 if isinstance(result, Failure):
                     tables["failures"].append(dataclasses.asdict(result))
                     continue
@@ -190,6 +200,8 @@ class ProcessShardFn(beam.DoFn):
                 tables["infos"].append(dataclasses.asdict(result))
                 if codes is not None:
                     tables["codes"].append({"key": item.key, "codes": codes})
+                if "orb" in extras:
+                    tables["orb"].append({"key": item.key, "features": extras["orb"]})
                 if self.settings.emit_samples:
                     tables["samples"].append(item)
         return tables
@@ -207,6 +219,8 @@ class ProcessShardFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("keys", (row["key"], row["shard"]))
         for row in tables["summary"]:
             yield beam.pvalue.TaggedOutput("shards", row)
+        for row in tables.get("orb", []):
+            yield beam.pvalue.TaggedOutput("orb", (row["key"], row["features"]))
         for sample in tables.get("samples", []):
             yield beam.pvalue.TaggedOutput("samples", sample)
 
@@ -227,7 +241,7 @@ class ProcessShards(beam.PTransform):
             shuffled,
             "ProcessShard",
             ProcessShardFn(self.settings),
-            ["failures", "codes", "keys", "shards", "samples"],
+            ["failures", "codes", "keys", "shards", "samples", "orb"],
             "infos",
         )
         repeated = (
@@ -240,4 +254,5 @@ class ProcessShards(beam.PTransform):
             "failures": failures,
             "shards": out["shards"],
             "samples": out["samples"],
+            "orb": out["orb"],
         }
