@@ -1,6 +1,31 @@
 """memsieve: curate text-to-image training sets against memorization."""
 
+import glob
+import os
+import re
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    with open(os.path.join(HERE, "memsieve", "__init__.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+class BuildWithJobs(build_py):
+    """The wheel ships the job files of jobs/ as memsieve/jobs/*.yaml (one source of truth)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "memsieve", "jobs")
+        os.makedirs(target, exist_ok=True)
+        for path in sorted(glob.glob(os.path.join(HERE, "jobs", "*.yaml"))):
+            shutil.copy(path, target)
+
 
 CORE = [
     "apache-beam==2.77.0",
@@ -51,13 +76,14 @@ EXTRAS = {
 
 setup(
     name="memsieve",
-    version="0.1.0",
+    version=_version(),
     description="Batch pipeline that curates text-to-image training sets against memorization",
     python_requires=">=3.11",
     packages=find_packages(include=["pipeline*", "transforms*", "schemas*", "memsieve*"]),
     include_package_data=True,
-    package_data={"pipeline": ["templates/*.html", "jobs/*.yaml"]},
+    package_data={"pipeline": ["templates/*.html"], "memsieve": ["templates/*.yaml", "jobs/*.yaml"]},
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["memsieve=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["memsieve=memsieve.cli:main"]},
+    cmdclass={"build_py": BuildWithJobs},
 )

@@ -11,11 +11,11 @@ import apache_beam as beam
 
 from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
-from transforms.decide import Decide, DiversifyCaptions, blocklist_row
+from transforms.decide import BlocklistRows, Decide, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.process_shards import ProcessShards, ShardSettings
+from transforms.process_shards import ProcessShards, ShardSettings, shard_path_element
 from transforms.read_shards import ReadLimits
-from transforms.write import WriteTable
+from transforms.write import WriteTable, bucket
 
 
 def read_limits(cfg) -> ReadLimits:
@@ -148,7 +148,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
 
 def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> dict:
     """Wire the whole job; returns the PCollections of written paths and the decisions."""
-    paths = p | "ShardPaths" >> beam.Create(sorted(shard_paths))
+    paths = p | "ShardPaths" >> beam.Create([shard_path_element(s) for s in sorted(shard_paths)])
     settings = ShardSettings(
         limits=read_limits(cfg),
         max_pixels=cfg.read.max_image_pixels,
@@ -211,7 +211,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
                 | "JoinReps" >> beam.CoGroupByKey()
                 | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else [])
             )
-        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed)
+        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=settings.cache_dir)
         keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
         keyed["failure"] = (
             keyed["failure"],
@@ -247,7 +247,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows),
         out_dir,
         "clusters",
-        lambda r: "all",
+        lambda r, n=len(shard_paths): bucket(r["cluster_id"], n),
         lambda r: (r["cluster_id"], r["key"]),
     )
     if dup["neighbours"]:
@@ -256,7 +256,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             nn | "NeighbourRows" >> beam.Map(_neighbour_row),
             out_dir,
             "neighbours",
-            lambda r: r["embedder"],
+            lambda r, n=len(shard_paths): f"{r['embedder']}-{bucket(r['key'], n)}",
             lambda r: (r["key"],),
         )
     if cfg.diversify.enabled:
@@ -264,9 +264,8 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             cfg.diversify, cfg.run.seed
         )
         _write(div, out_dir, "diversify", _by_shard, lambda r: (r["key"],))
-    dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == "drop")
     _write(
-        dropped | "BlockRows" >> beam.Map(lambda r: dict(blocklist_row(r), _shard=r["shard"])),
+        rows | "BlockRows" >> BlocklistRows(),
         out_dir,
         "blocklist",
         lambda r: r["_shard"],

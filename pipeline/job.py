@@ -40,10 +40,10 @@ def list_input(path: str) -> tuple[str, list[str], dict]:
         lower = p.lower()
         if kind == "dir":
             continue
-        if kind != "file":
-            skipped[p] = "not a regular file (a FIFO, device or socket)"
-        elif lower.endswith(SHARD_SUFFIXES):
+        if lower.endswith(SHARD_SUFFIXES):  # a FIFO named .tar too: the reader reports it, never opens it
             shards.append(p)
+        elif kind != "file":
+            skipped[p] = "not a regular file (a FIFO, device or socket)"
         elif lower.endswith(SIDECAR_SUFFIXES):
             sidecars += 1
         else:
@@ -97,19 +97,10 @@ def beam_options(cfg: JobConfig, beam_args: list[str]):
     return PipelineOptions(args, save_main_session=False)
 
 
-def _one_line(url: str) -> str:
-    """Control characters and line separators percent-encoded: one URL is one line of blocklist.txt."""
-    return "".join(f"%{ord(c):02X}" if ord(c) < 32 or ord(c) == 127 or c in "\x85\u2028\u2029" else c for c in url)
-
-
 def write_blocklist_txt(out_dir: str) -> int:
-    from transforms import fsio
-    from transforms.write import atomic_write_text, read_table
+    from pipeline.blocklist import write_blocklist_txt as write
 
-    table = read_table(fsio.join(out_dir, "blocklist"))
-    urls = sorted({_one_line(u) for u in (table.column("url").to_pylist() if table is not None else []) if u})
-    atomic_write_text(fsio.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
-    return len(urls)
+    return write(out_dir)
 
 
 def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
@@ -158,7 +149,7 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
     build_graph(pipeline, cfg, shards, out_dir)
     from pipeline import progress
 
-    with progress.live(len(shards), ["samples decoded"]):
+    with progress.live(len(shards)):
         result = pipeline.run()
         result.wait_until_finish()
     pipeline_s = time.time() - started
@@ -175,13 +166,16 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         "counters": runinfo.beam_counters(result),
         "outputs": dict(counts, blocklist_urls=n_blocked),
         "timings_s": {"pipeline": round(pipeline_s, 3)},
+        "stages": progress.stage_report(result),
     }
     info["summary"] = _summary(out_dir, counts)
     if cfg.output.filtered_shards:
         from transforms.filtered_shards import write_filtered_shards
 
-        info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
-    _maybe_report(cfg, out_dir, info)
+        with progress.timed(info, "filtered_shards"):
+            info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
+    with progress.timed(info, "report"):
+        _maybe_report(cfg, out_dir, info)
     outdir.fault_point("report")
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 
 from schemas import arrow
 from transforms import ann
-from transforms.write import atomic_write_text
 
 EMBEDDER = "embedding"
 
@@ -72,6 +71,7 @@ def write_outputs(cfg, files, offsets, pairs_path: str, out_dir: str) -> dict:
     is_rep = rep == np.arange(n)
     cluster_id = keys[labels]
     decision = np.where(is_rep, "keep", "drop").astype(object)
+    all_urls = np.concatenate([m["url"] for m in metas])
     for table in ("manifest", "clusters", "neighbours", "blocklist"):
         os.makedirs(os.path.join(out_dir, table), exist_ok=True)
     for i, (f, _) in enumerate(files):
@@ -136,11 +136,15 @@ def write_outputs(cfg, files, offsets, pairs_path: str, out_dir: str) -> dict:
                 "sha256": m["sha256"][drop - a],
                 "key": keys[drop],
                 "reason": np.full(len(drop), f"duplicate:{EMBEDDER}", dtype=object),
+                "category": np.full(len(drop), "duplicate", dtype=object),
+                "kept_key": keys[rep[drop]],
+                "kept_url": all_urls[rep[drop]],
             },
             arrow.BLOCKLIST,
         )
-    urls = sorted({u for u in np.concatenate([m["url"] for m in metas])[decision == "drop"] if u})
-    atomic_write_text(os.path.join(out_dir, "blocklist.txt"), "".join(u + "\n" for u in urls))
+    from pipeline.blocklist import write_blocklist_txt
+
+    write_blocklist_txt(out_dir)
     kept = int(is_rep.sum())
     return {
         "keys": n,

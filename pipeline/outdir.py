@@ -36,6 +36,7 @@ import socket
 import time
 
 from pipeline.config import ConfigError
+from schemas import arrow
 from transforms import fsio
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ TABLES = [
     "blocklist",
     "shards",
 ]
-PRODUCTS = TABLES + ["filtered", "report", "blocklist.txt"]  # run.json is committed last, apart
+TABLES += [t for t in arrow.TABLES if t not in TABLES]  # a table added to the schemas is committed too
+# run.json is committed last, apart
+PRODUCTS = TABLES + ["filtered", "report", "blocklist.txt", "blocklist.tsv", "blocklist.json"]
 SHARED = ["cache", "embeddings"]
 KNOWN = {p.split("/")[0] for p in PRODUCTS} | set(SHARED) | {"run.json", STAGING, LOCK, MARKER}
 KNOWN_PATTERNS = ["run.json.redecide", "*.tmp-*", "*.old-*"]  # re-decide's own staging names

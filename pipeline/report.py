@@ -12,15 +12,12 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tarfile
 from collections import Counter
 
+from pipeline.report_clusters import MAX_CLUSTERS, clusters, keeper_rule
 from transforms.decide import DECISIONS, reason_family
 from transforms.write import atomic_write_text, read_table
 
-MAX_CLUSTERS = 8  # galleries shown (the largest clusters)
-MAX_MEMBERS = 12  # thumbnails per gallery
-THUMB = (300, 224)
 THRESHOLD_COLOURS = ("#b3261e", "#6a3d9a")
 
 
@@ -45,8 +42,10 @@ def _histogram(path: str, values, xlabel: str, ylabel: str, lines: list[tuple[fl
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = f"{path}.tmp-{os.getpid()}.png"  # a new file, renamed: a hard-linked older figure stays as it was
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _embedder_thresholds(config: dict) -> dict[str, float]:
@@ -138,80 +137,6 @@ def _figures(out_dir: str, rdir: str, config: dict, reuse: bool) -> list[dict]:
     return figures
 
 
-def _thumbnails(wanted: dict[str, set[str]], shard_paths: list[str], rdir: str) -> dict[str, str]:
-    """{shard name: keys} -> {key: relative thumbnail path}, read back from the shards."""
-    from PIL import Image
-
-    from transforms.decode import DecodeError, decode_image
-    from transforms.read_shards import shard_name, split_member_name
-    from transforms.write import safe_part_name
-
-    os.makedirs(os.path.join(rdir, "thumbs"), exist_ok=True)
-    out: dict[str, str] = {}
-    for keys in wanted.values():  # thumbnails of an earlier report of this run (re-decide) are reused
-        for key in keys:
-            rel = f"thumbs/{safe_part_name(key)}.jpg"
-            if os.path.isfile(os.path.join(rdir, rel)):
-                out[key] = rel
-    for path in shard_paths:
-        keys = wanted.get(shard_name(path), set()) - set(out)
-        if not keys or not os.path.isfile(path):
-            continue
-        try:
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    split = split_member_name(m.name) if m.isfile() else None
-                    if not split or split[0] not in keys or split[0] in out:
-                        continue
-                    try:
-                        img = decode_image(tar.extractfile(m).read(), split[1], 64_000_000)
-                    except DecodeError:
-                        continue
-                    img.thumbnail(THUMB, Image.BICUBIC)
-                    rel = f"thumbs/{safe_part_name(split[0])}.jpg"
-                    img.save(os.path.join(rdir, rel), quality=85)
-                    out[split[0]] = rel
-        except (tarfile.TarError, OSError, EOFError):
-            continue  # a truncated shard: the thumbnails before the break are kept
-    return out
-
-
-def _member(r: dict, thumbs: dict[str, str]) -> dict:
-    return {
-        "key": r["key"],
-        "caption": r["caption"] or "",
-        "representative": bool(r["is_representative"]),
-        "decision": r["decision"],
-        "reasons": ", ".join(r["reasons"] or []),
-        "thumb": thumbs.get(r["key"]),
-    }
-
-
-def _clusters(manifest: list[dict], shard_paths: list[str], rdir: str, max_clusters: int) -> tuple[list[dict], int]:
-    groups: dict[str, list[dict]] = {}
-    for r in manifest:
-        if r["status"] == "ok" and (r["cluster_size"] or 1) > 1:
-            groups.setdefault(r["cluster_id"], []).append(r)
-    top = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_clusters]
-    shown = {cid: sorted(rows, key=lambda r: (not r["is_representative"], r["key"]))[:MAX_MEMBERS] for cid, rows in top}
-    wanted: dict[str, set[str]] = {}
-    for rows in shown.values():
-        for r in rows:
-            wanted.setdefault(r["shard"], set()).add(r["key"])
-    thumbs = _thumbnails(wanted, shard_paths, rdir)
-    clusters = [
-        {
-            "id": cid,
-            "size": len(groups[cid]),
-            "duplication": rows[0].get("duplication") or "",
-            "decisions": {d: n for d in DECISIONS if (n := sum(r["decision"] == d for r in groups[cid]))},
-            "members": [_member(r, thumbs) for r in rows],
-        }
-        for cid, rows in shown.items()
-    ]
-    return clusters, len(groups)
-
-
 def _reason_table(manifest: list[dict]) -> list[dict]:
     """Reason families by decision: [{"reason", "keep", "diversify", "drop", "total"}], largest first."""
     table: dict[str, Counter] = {}
@@ -254,9 +179,12 @@ def _diversify_examples(out_dir: str, n: int = 10) -> list[dict]:
 
 
 def _page_context(out_dir: str, info: dict, rdir: str, reuse: bool, max_clusters: int) -> dict:
+    from pipeline.report_header import header, next_steps, output_links, trigger_rows
+
     manifest = _rows(out_dir, "manifest")
     config = info.get("config", {})
-    clusters, n_clusters = _clusters(manifest, info.get("input", {}).get("shards", []), rdir, max_clusters)
+    found = clusters(manifest, out_dir, info.get("input", {}).get("shards", []), rdir, max_clusters)
+    keywords = trigger_rows(_rows(out_dir, "triggers/keywords")[:20], found["table"])
     return dict(
         job=info.get("job", ""),
         summary=info["summary"],
@@ -269,13 +197,30 @@ def _page_context(out_dir: str, info: dict, rdir: str, reuse: bool, max_clusters
         diversify_cfg=config.get("diversify", {}),
         reasons=_reason_table(manifest),
         figures=_figures(out_dir, rdir, config, reuse),
-        clusters=clusters,
-        n_clusters=n_clusters,
-        keywords=_rows(out_dir, "triggers/keywords")[:20],
+        clusters=found["galleries"],
+        n_clusters=found["n_clusters"],
+        n_dropped_clusters=found["n_dropped_clusters"],
+        cluster_table=found["table"],
+        keeper=config.get("dedup", {}).get("keeper", "resolution"),
+        keeper_rule=keeper_rule(config.get("dedup", {}).get("keeper", "resolution")),
+        keywords=keywords,
         objects=_rows(out_dir, "triggers/objects")[:20],
         diversify=_diversify_examples(out_dir),
         failures=_failure_table(_rows(out_dir, "failures")),
+        header=header(info),
+        outputs=output_links(out_dir),
+        next_steps=next_steps(out_dir, info),
     )
+
+
+def script_json(value) -> str:
+    """JSON to embed in a <script type="application/json">: no "<", ">" or "&" survives, so a
+    caption holding ``</script>`` cannot end the block (the browser decodes the escapes)."""
+    from markupsafe import Markup
+
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
 def write_report(
@@ -292,6 +237,7 @@ def write_report(
         loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
         autoescape=select_autoescape(["html"]),
     )
+    env.filters["script_json"] = script_json
     html = env.get_template("report.html").render(**_page_context(out_dir, info, rdir, reuse_figures, max_clusters))
     path = os.path.join(rdir, "index.html")
     atomic_write_text(path, html)

@@ -26,7 +26,15 @@ PACKAGES = (
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
+    try:
+        from memsieve import __version__
+
+        out["memsieve"] = __version__  # the code that ran, not pip's record of an older install
+    except ImportError:
+        pass
     for name in PACKAGES:
+        if name in out:
+            continue
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

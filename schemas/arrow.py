@@ -1,4 +1,4 @@
-"""Versioned Arrow schemas of the output tables (contract.md).
+"""Versioned Arrow schemas of the output tables (docs/contract.md, docs/outputs.md).
 
 Each table carries ``memsieve.schema`` and ``memsieve.schema_version`` in its metadata; a
 reader can check them. Bump the version when a column changes meaning or type.
@@ -146,7 +146,10 @@ BLOCKLIST = _schema(
         pa.field("url", pa.string()),
         pa.field("sha256", pa.string()),
         pa.field("key", pa.string(), nullable=False),
-        pa.field("reason", pa.string()),
+        pa.field("reason", pa.string()),  # the drop reason codes, ";"-joined
+        pa.field("category", pa.string()),  # duplicate | memorized | dead_link | unreadable
+        pa.field("kept_key", pa.string()),  # duplicates: the key of the copy that was kept
+        pa.field("kept_url", pa.string()),  # duplicates: its url
     ],
 )
 
@@ -172,6 +175,8 @@ ANNOTATIONS = _schema(
         pa.field("trigger_codes", pa.list_(pa.string())),
         pa.field("probe_score", pa.float64()),
         pa.field("probe_flagged", pa.bool_()),
+        pa.field("original_width", pa.int64()),  # before img2dataset resized; 0: unknown
+        pa.field("original_height", pa.int64()),
     ],
 )
 

@@ -111,3 +111,5 @@ class Annotation:
     trigger_codes: tuple[str, ...] = field(default_factory=tuple)
     probe_score: float | None = None
     probe_flagged: bool = False
+    original_width: int = 0  # before img2dataset resized (the sidecar's); 0: unknown
+    original_height: int = 0

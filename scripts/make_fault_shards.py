@@ -276,6 +276,10 @@ def _shard_cases(s: _Suite) -> None:
     with open(os.path.join(s.out, "41002.tar"), "wb") as f:
         f.write(b"this is not a tar file at all" * 40)
     s.case("a text file named .tar", "41002", None, "event:truncated_tar")
+    with open(os.path.join(os.fsencode(s.out), b"4200\xe9.tar"), "wb") as f:  # a file name that is not UTF-8
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            _sample(tar, "42000000", _img("JPEG", seed=42))
+    s.case("shard file name that is not UTF-8", "4200\\xe9", "42000000", "ok")
 
 
 def _sidecar_cases(s: _Suite) -> None:

@@ -116,7 +116,10 @@ def test_kill_inside_the_commit_is_finished_by_the_next_run(base_run, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["decide"]["drop_duplicates"] is True
-    assert _snapshot(out)["manifest/part-00000.parquet"] == before["manifest/part-00000.parquet"]
+    after = _snapshot(out)
+    assert {k: v for k, v in after.items() if k.startswith("manifest/")} == {
+        k: v for k, v in before.items() if k.startswith("manifest/")
+    }
     _assert_clean(out)
 
 
@@ -189,8 +192,8 @@ def test_unsafe_outputs_are_refused_before_anything_is_written(demo_data, tmp_pa
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert "is a file" in _refused(str(data / "*.tar"), a_file, "a file")
-    assert "not writable" in _refused(str(data / "*.tar"), a_file / "out", "under a file")
+    assert "not a folder" in _refused(str(data / "*.tar"), a_file, "a file")
+    assert "a_file" in _refused(str(data / "*.tar"), a_file / "out", "under a file")
     if os.geteuid() != 0:  # root writes through the mode bits
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
@@ -220,11 +223,12 @@ def test_every_matched_file_is_read_or_named_as_skipped(demo_data, tmp_path):
     (tmp_path / "c.TAR").write_bytes(src.read_bytes())
     (tmp_path / "c.parquet").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("x")
-    os.mkfifo(tmp_path / "pipe.tar")
+    os.mkfifo(tmp_path / "pipe.tar")  # a shard the reader reports as unreadable (never opened)
+    os.mkfifo(tmp_path / "pipe")
     fmt, shards, skipped = list_input(str(tmp_path / "*"))
     assert fmt == "webdataset"
-    assert [Path(p).name for p in shards] == ["a.tar.gz", "b.TGZ", "c.TAR"]
-    assert {Path(p).name: why for p, why in skipped["files"].items()}.keys() == {"notes.txt", "pipe.tar"}
+    assert [Path(p).name for p in shards] == ["a.tar.gz", "b.TGZ", "c.TAR", "pipe.tar"]
+    assert {Path(p).name: why for p, why in skipped["files"].items()}.keys() == {"notes.txt", "pipe"}
     assert skipped["sidecars_seen"] == 1
     # a brace range over the same folder, and the gzip tar reads like the plain one
     assert [Path(p).name for p in list_input(str(tmp_path / "{a.tar.gz,c.TAR,missing.tar}"))[1]] == [
@@ -261,6 +265,7 @@ def test_incremental_reads_only_the_shards_run_json_lists(tmp_path):
     from transforms import shard_cache
     from transforms.incremental import load_reference
     from transforms.process_shards import INFO_SCHEMA
+    from transforms.read_shards import shard_name
 
     run = tmp_path / "old"
     kept, gone = tmp_path / "kept.tar", tmp_path / "gone.tar"
@@ -269,9 +274,8 @@ def test_incremental_reads_only_the_shards_run_json_lists(tmp_path):
         fp = shard_cache.fingerprint(str(path), {})
         row = {f.name: (0 if pa.types.is_integer(f.type) else "") for f in INFO_SCHEMA}
         row.update(key=path.stem, shard=path.stem)
-        shard_cache.store(
-            shard_cache.entry_dir(str(run / "cache"), "shards", path.stem, fp), {"infos": ([row], INFO_SCHEMA)}
-        )
+        entry = shard_cache.entry_dir(str(run / "cache"), "shards", shard_name(str(path)), fp)
+        shard_cache.store(entry, {"infos": ([row], INFO_SCHEMA)})
     (run / "annotations").mkdir()
     cols = {"key": ["kept"], "status": ["ok"], "cluster_id": ["kept"], "cluster_size": [1], "cluster_similarity": [1.0]}
     pq.write_table(pa.table(cols), run / "annotations" / "part-kept.parquet")
@@ -284,5 +288,5 @@ def test_an_unquoted_glob_is_refused(demo_data, tmp_path):
     shards = sorted(str(p) for p in (demo_data / "shards").glob("*.tar"))
     cmd = _cmd(shards[0], tmp_path / "out", *FAST) + shards[1:]  # what the shell makes of --input *.tar
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and "quote the --input glob" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "quote it" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()

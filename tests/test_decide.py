@@ -106,7 +106,14 @@ def test_blocklist_row_joins_reasons():
         "sha256": "ab",
         "key": "k",
         "reason": "duplicate:phash;memorized:probe",
+        "category": "duplicate",
+        "kept_key": None,
+        "kept_url": None,
     }
+    assert blocklist_row(row, ("k0", "http://x/0.jpg"))["kept_key"] == "k0"
+    failed = dict(row, reasons=["failed:download:failed_to_download"])
+    assert blocklist_row(failed, ("k0", "u"))["category"] == "dead_link"  # never names a kept copy
+    assert blocklist_row(dict(row, reasons=["failed:decode:corrupt_image"]))["category"] == "unreadable"
 
 
 def test_decide_transform():

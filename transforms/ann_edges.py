@@ -81,6 +81,9 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
 
 
 def _search(item, plan: cs.Plan, vectorize: Callable, query_rows: tuple, threshold: float) -> Iterator[dict]:
+    from pipeline import progress
+
+    progress.begin("search")
     group, pieces = item
     pieces = list(pieces)
     keys = np.concatenate([p[0] for p in pieces])
@@ -89,6 +92,7 @@ def _search(item, plan: cs.Plan, vectorize: Callable, query_rows: tuple, thresho
     q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
     found = cs.search_group(keys, vecs, cells, group, plan.groups, q, threshold)
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
+    progress.advance("search", len(keys))  # rows searched in this cell group (top-m: a row in m groups)
     yield found
 
 

@@ -21,6 +21,7 @@ def build_annotation(key: str, grouped: dict, duplication: dict[str, str]) -> An
         base = Annotation(
             key=key, shard=i.shard, url=i.url, caption=i.caption, sha256=i.sha256, width=i.width, height=i.height
         )
+        base = _replace(base, original_width=int(i.original_width or 0), original_height=int(i.original_height or 0))
         late = [f for f in failures if f.shard == i.shard and f.stage not in ("read", "download", "decode")]
         if late:  # a later stage (embed, probe) could not process it
             f = late[0]
@@ -76,6 +77,8 @@ def annotation_from_row(row: dict) -> Annotation:
     known = set(Annotation.__dataclass_fields__)
     cleaned = {k: v for k, v in fields.items() if k in known}
     for name, default in (
+        ("original_width", 0),
+        ("original_height", 0),
         ("url", ""),
         ("caption", ""),
         ("sha256", ""),

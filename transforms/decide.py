@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
+from pipeline import progress
 from schemas.elements import Annotation
 from transforms.diversify import DiversifyCaptions  # noqa: F401  (re-exported: pipeline.graph imports it here)
 
@@ -101,8 +102,66 @@ def manifest_row(a: Annotation, decision: str, reasons: list[str]) -> dict:
     }
 
 
-def blocklist_row(row: dict) -> dict:
-    return {"url": row["url"], "sha256": row["sha256"], "key": row["key"], "reason": ";".join(row["reasons"])}
+# blocklist categories: content drops (publish these) and samples that were never judged
+CONTENT_CATEGORIES = ("duplicate", "memorized")
+CATEGORIES = ("duplicate", "memorized", "dead_link", "unreadable")
+
+
+def drop_category(reasons: list[str]) -> str:
+    """A dropped row's category: ``duplicate`` / ``memorized`` (its content), ``dead_link`` (a
+    failed download: nothing to judge) or ``unreadable`` (its bytes or caption could not be used)."""
+    first = reasons[0] if reasons else ""
+    if first.startswith("duplicate:"):
+        return "duplicate"
+    if first.startswith("memorized:"):
+        return "memorized"
+    if first.startswith("failed:download:"):
+        return "dead_link"
+    return "unreadable"
+
+
+def blocklist_row(row: dict, kept: tuple[str, str] | None = None) -> dict:
+    """A dropped manifest row -> its blocklist row; ``kept`` is the (key, url) of the copy its
+    duplicate cluster kept."""
+    category = drop_category(list(row["reasons"] or []))
+    kept_key, kept_url = kept if (kept and category == "duplicate") else (None, None)
+    return {
+        "url": row["url"],
+        "sha256": row["sha256"],
+        "key": row["key"],
+        "reason": ";".join(row["reasons"]),
+        "category": category,
+        "kept_key": kept_key,
+        "kept_url": kept_url,
+    }
+
+
+def is_kept_copy(row: dict) -> bool:
+    """The member a duplicate cluster keeps (its representative, when not dropped itself)."""
+    return bool(row["is_representative"]) and (row["cluster_size"] or 1) > 1 and row["decision"] != DROP
+
+
+def _with_kept(item) -> Iterator[dict]:
+    _, grouped = item
+    kept = next(iter(sorted(grouped["kept"])), None)
+    for row in grouped["dropped"]:
+        yield dict(blocklist_row(row, kept), _shard=row["shard"])
+
+
+class BlocklistRows(beam.PTransform):
+    """Manifest rows -> blocklist rows (with ``_shard``) of the dropped ones; a dropped
+    duplicate is joined to its cluster's kept member by cluster id (one shuffle of dropped and
+    representative rows only)."""
+
+    def expand(self, rows):
+        dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == DROP)
+        kept = (
+            rows
+            | "Kept" >> beam.Filter(is_kept_copy)
+            | "KeptByCluster" >> beam.Map(lambda r: (r["cluster_id"], (r["key"], r["url"] or "")))
+        )
+        by_cluster = dropped | "DroppedByCluster" >> beam.Map(lambda r: (r["cluster_id"] or r["key"], r))
+        return {"dropped": by_cluster, "kept": kept} | "JoinKept" >> beam.CoGroupByKey() | beam.FlatMap(_with_kept)
 
 
 class DecideFn(beam.DoFn):
@@ -111,6 +170,7 @@ class DecideFn(beam.DoFn):
 
     def process(self, a: Annotation) -> Iterator[dict]:
         decision, reasons = decide(a, self.cfg)
+        progress.advance("decide")
         beam.metrics.Metrics.counter("decide", decision).inc()
         for r in reasons:
             beam.metrics.Metrics.counter("decide_reason", reason_family(r)).inc()

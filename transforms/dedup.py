@@ -230,5 +230,7 @@ class FindDuplicates(beam.PTransform):
             | "GroupClusters" >> beam.CoGroupByKey()
             | "Assign" >> beam.FlatMap(_assign, policy=self.keeper)
         )
-        assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten()
+        from pipeline import progress
+
+        assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten() | "Progress" >> progress.Tick("dedup")
         return {"assignments": assignments, "edges": edges}

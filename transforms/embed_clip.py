@@ -21,6 +21,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
+from pipeline import progress
 from schemas.elements import Failure, Sample
 from transforms.decode import DecodeError, decode_image
 
@@ -190,6 +191,10 @@ class EmbedClipFn(beam.DoFn):
         self._bundle: ClipBundle | None = None
 
     def setup(self):
+        from pipeline import logs
+
+        progress.begin("embed")
+        logs.quiet_hf(load=True)
         self._bundle = load_clip(self.cfg.model, self.cfg.pretrained, self.cfg.device, self.cfg.precision)
         self._embedded = beam.metrics.Metrics.counter("embed_clip", "embedded")
 
@@ -208,6 +213,7 @@ class EmbedClipFn(beam.DoFn):
             return
         vectors = self._forward(images)
         self._embedded.inc(len(kept))
+        progress.advance("embed", len(kept))
         by_shard: dict[str, list[int]] = {}
         for i, sample in enumerate(kept):
             by_shard.setdefault(sample.shard, []).append(i)

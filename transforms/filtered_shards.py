@@ -117,12 +117,15 @@ def write_filtered_shards(out_dir: str, shard_paths: list[str], diversify_cfg=No
 
 def _relative_names(paths: list[str]) -> list[str]:
     """``filtered/`` mirrors the inputs' paths below their common folder (``a/00000.tar`` and
-    ``b/00000.tar`` stay apart); remote or odd paths fall back to the shard identity."""
+    ``b/00000.tar`` stay apart; ``x.tar.gz`` becomes ``x.tar``, it is written uncompressed);
+    remote or odd paths fall back to the shard identity."""
+    from transforms.sidecar import tar_stem
+
     local = [p for p in paths if "://" not in p]
     if paths and len(local) == len(paths):
         root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-        rels = [os.path.relpath(os.path.abspath(p), root) for p in paths]
-        if all(not r.startswith("..") and r.lower().endswith(".tar") for r in rels) and len(set(rels)) == len(rels):
+        rels = [tar_stem(os.path.relpath(os.path.abspath(p), root)) + ".tar" for p in paths]
+        if all(not r.startswith("..") for r in rels) and len(set(rels)) == len(rels):
             return rels
     return [f"{safe_part_name(shard_name(p))}.tar" for p in paths]
 

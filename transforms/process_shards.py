@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -128,6 +129,16 @@ def _original_size(sample: Sample, sizes: dict | None) -> tuple[int, int]:
     return size
 
 
+def shard_path_element(path: str) -> str | bytes:
+    """A shard path as a pipeline element: a name that is not UTF-8 (surrogate escapes, which no
+    str coder accepts) travels as its bytes; ProcessShardFn turns it back into the same path."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
 class ProcessShardFn(beam.DoFn):
     """Shard path -> SampleInfo (main), and tagged codes, failures, keys, shards, samples."""
 
@@ -144,18 +155,19 @@ class ProcessShardFn(beam.DoFn):
         self.misses = beam.metrics.Metrics.counter("cache", "shard_misses")
         self.decoded = beam.metrics.Metrics.counter("decode", "decoded")
 
-    def process(self, path: str) -> Iterator:
+    def process(self, path: str | bytes) -> Iterator:
+        if isinstance(path, bytes):  # a file name that is not UTF-8 travels as bytes (see shard_path_element)
+            path = os.fsdecode(path)
         s = self.settings
         entry = None
         if s.cache_dir and not s.emit_samples:
-            # the sidecar is part of the shard: a .parquet written later must miss the cache
-            settings = dict(s.cache_key(), sidecar=shard_cache.fingerprint(sidecar.sidecar_path(path), {}))
-            entry = shard_cache.entry_dir(
-                s.cache_dir, "shards", shard_name(path), shard_cache.fingerprint(path, settings)
-            )
+            # the fingerprint covers the tar's and its sidecars' content (transforms.shard_cache)
+            fp = shard_cache.fingerprint(path, s.cache_key())
+            entry = shard_cache.entry_dir(s.cache_dir, "shards", shard_name(path), fp)
             cached = shard_cache.load(entry)
             if cached is not None:
                 self.hits.inc()
+                progress.advance("samples decoded", len(cached["infos"]))  # ready, as if decoded
                 log.info("shard %s: reused from the cache", shard_name(path))
                 yield from self._emit(cached)
                 return

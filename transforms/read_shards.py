@@ -27,7 +27,7 @@ import apache_beam as beam
 
 from pipeline import progress
 from schemas.elements import Failure, Sample
-from transforms.sidecar import original_sizes, read_sidecar, read_sidecar_rows, sidecar_failures
+from transforms.sidecar import original_sizes, read_sidecar, read_sidecar_rows, sidecar_failures, tar_stem
 from transforms.tar_members import iter_members
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def shard_name(path: str) -> str:
     """The shard's identity: its file name (without .tar) plus 12 hex of a hash of its full path."""
     full = printable(_full_path(path))
     base = posixpath.basename(full.replace("\\", "/"))
-    stem = base[:-4] if base.lower().endswith(".tar") else base
+    stem = tar_stem(base)
     return f"{stem}-{hashlib.sha256(full.encode('utf-8')).hexdigest()[:12]}"
 
 

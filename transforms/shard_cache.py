@@ -24,8 +24,13 @@ SIDECARS = (".parquet", "_stats.json")
 
 
 def sidecar_paths(path: str) -> list[str]:
-    stem = path[:-4] if path.lower().endswith(".tar") else path
-    return [stem + s for s in SIDECARS]
+    from transforms.sidecar import tar_stem
+
+    return [tar_stem(path) + s for s in SIDECARS]
+
+
+def _path_hash(path: str) -> str:
+    return hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:6]
 
 
 def content_fingerprint(path: str) -> str:
@@ -34,7 +39,7 @@ def content_fingerprint(path: str) -> str:
 
     parts = [shard_name(path), fsio.fingerprint(path)] + [fsio.fingerprint(p) for p in sidecar_paths(path)]
     if parts[1] == "absent":  # unreadable: never reuse a cache for it
-        return "unreadable" + hashlib.sha256(path.encode()).hexdigest()[:6]
+        return "unreadable" + _path_hash(path)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -46,7 +51,7 @@ def fingerprint(path: str, settings: dict) -> str:
     try:
         content = content_fingerprint(path)
     except OSError:  # unreadable now: a fresh key that matches no entry
-        content = "unreadable" + hashlib.sha256(path.encode()).hexdigest()[:6]
+        content = "unreadable" + _path_hash(path)
     return content + settings_fingerprint(settings)
 
 

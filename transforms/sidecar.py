@@ -15,8 +15,17 @@ from schemas.elements import Failure
 COLUMNS = ("key", "status", "url", "caption", "error_message", "original_width", "original_height")
 
 
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def tar_stem(path: str) -> str:
+    """``a/00000.tar`` (``.TAR``, ``.tar.gz``, ``.tgz``) -> ``a/00000``."""
+    lower = path.lower()
+    return next((path[: -len(s)] for s in TAR_SUFFIXES if lower.endswith(s)), path)
+
+
 def sidecar_path(path: str) -> str:
-    return path[:-4] + ".parquet" if path.lower().endswith(".tar") else path + ".parquet"
+    return tar_stem(path) + ".parquet"
 
 
 def read_sidecar(parquet_path: str) -> list[dict]:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
+from pipeline import progress
 from transforms.captions import cluster_duplication, minhash_bands, skeleton
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
@@ -35,6 +36,7 @@ class _SampleRecords(beam.DoFn):
             return
         info, assignments = infos[0], list(grouped["a"])
         a = assignments[0] if assignments else None
+        progress.advance("triggers")
         yield {
             "key": key,
             "caption": info.caption,

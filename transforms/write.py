@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 import apache_beam as beam
 
+from pipeline import progress
 from transforms import fsio
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -22,6 +23,15 @@ def safe_part_name(partition: str) -> str:
     """A partition value -> a file-name-safe token (never a path)."""
     cleaned = _SAFE.sub("_", partition).strip("._") or "part"
     return cleaned[:120]
+
+
+def bucket(value: str, n: int) -> str:
+    """A stable hash bucket (of ``n``, zero-padded) for tables without a shard column: a cluster
+    id's rows land in one part, and the parts are as many as the input shards."""
+    import zlib
+
+    n = max(1, int(n))
+    return f"{zlib.crc32(value.encode('utf-8', 'surrogatepass')) % n:0{len(str(n - 1))}d}"
 
 
 def write_rows(path: str, rows: list[dict], schema) -> str:
@@ -51,6 +61,7 @@ class _WritePart(beam.DoFn):
         path = fsio.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet")
         write_rows(path, ordered, self.schema)
         beam.metrics.Metrics.counter("write", fsio.basename(self.table_dir)).inc(len(ordered))
+        progress.advance("write", len(ordered))
         yield path
 
 

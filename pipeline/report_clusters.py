@@ -1,0 +1,183 @@
+"""The report's duplicate clusters: galleries of the largest, and every cluster in a searchable,
+paginated table (thumbnails loaded lazily), with decoded and original sizes and the keeper rule.
+
+Thumbnails are read back from the input shards by key (one pass over each shard that holds a
+wanted key). The table is bounded (``MAX_TABLE``); past it the report says how many more the
+``clusters/`` table holds.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+
+from transforms.decide import DECISIONS
+
+MAX_CLUSTERS = 8  # galleries shown (the largest clusters)
+MAX_MEMBERS = 12  # thumbnails per gallery
+MAX_TABLE = 20_000  # clusters listed in the searchable table
+TABLE_THUMBS = 500  # clusters of the table that get thumbnails (kept + up to 3 dropped)
+THUMB = (300, 224)
+
+
+def keeper_rule(policy: str) -> str:
+    """The keeper policy in words (``dedup.keeper``)."""
+    if policy in ("resolution", "centre", ""):
+        return (
+            "the largest image: original size from the img2dataset sidecar when known, then decoded pixels, "
+            "then the least compressed file; ties go to the smallest key"
+        )
+    if policy == "earliest":
+        return "the smallest key (the earliest sample)"
+    if policy.startswith("column:"):
+        parts = policy.split(":")
+        order = "lowest" if len(parts) > 2 and parts[2] == "asc" else "highest"
+        return f"the {order} value of the sample metadata's {parts[1]!r} column; ties go to the smallest key"
+    return policy
+
+
+def thumbnails(wanted: dict[str, set[str]], shard_paths: list[str], rdir: str) -> dict[str, str]:
+    """{shard name: keys} -> {key: relative thumbnail path}, read back from the shards."""
+    from PIL import Image
+
+    from transforms.decode import DecodeError, decode_image
+    from transforms.read_shards import shard_name, split_member_name
+    from transforms.write import safe_part_name
+
+    os.makedirs(os.path.join(rdir, "thumbs"), exist_ok=True)
+    out: dict[str, str] = {}
+    for keys in wanted.values():  # thumbnails of an earlier report of this run (re-decide) are reused
+        for key in keys:
+            rel = f"thumbs/{safe_part_name(key)}.jpg"
+            if os.path.isfile(os.path.join(rdir, rel)):
+                out[key] = rel
+    for path in shard_paths:
+        keys = wanted.get(shard_name(path), set()) - set(out)
+        if not keys or not os.path.isfile(path):
+            continue
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    split = split_member_name(m.name) if m.isfile() else None
+                    if not split or split[0] not in keys or split[0] in out:
+                        continue
+                    try:
+                        img = decode_image(tar.extractfile(m).read(), split[1], 64_000_000)
+                    except DecodeError:
+                        continue
+                    img.thumbnail(THUMB, Image.BICUBIC)
+                    rel = f"thumbs/{safe_part_name(split[0])}.jpg"
+                    tmp = os.path.join(rdir, f"{rel}.tmp-{os.getpid()}.jpg")
+                    img.save(tmp, quality=85)
+                    os.replace(tmp, os.path.join(rdir, rel))
+                    out[split[0]] = rel
+        except (tarfile.TarError, OSError, EOFError):
+            continue  # a truncated shard: the thumbnails before the break are kept
+    return out
+
+
+def _sizes(out_dir: str, keys: set[str]) -> dict[str, tuple[int, int, int, int]]:
+    """key -> (width, height, original_width, original_height) from the annotations table."""
+    import pyarrow.parquet as pq
+
+    from transforms import fsio
+
+    folder = fsio.join(out_dir, "annotations")
+    out: dict[str, tuple[int, int, int, int]] = {}
+    if not keys or not fsio.isdir(folder):
+        return out
+    wanted = ("key", "width", "height", "original_width", "original_height")
+    for name in sorted(fsio.listdir(folder)):
+        if not name.endswith(".parquet"):
+            continue
+        with fsio.open_input(fsio.join(folder, name)) as f:
+            part = pq.ParquetFile(f)
+            cols = [c for c in wanted if c in part.schema_arrow.names]
+            for r in part.read(columns=cols).to_pylist():
+                if r["key"] in keys:
+                    out[r["key"]] = tuple(int(r.get(c) or 0) for c in wanted[1:])
+    return out
+
+
+def size_text(size: tuple[int, int, int, int] | None) -> dict[str, str]:
+    if not size:
+        return {"decoded": "?", "original": "unknown"}
+    w, h, ow, oh = size
+    return {"decoded": f"{w}\u00d7{h}", "original": f"{ow}\u00d7{oh}" if ow and oh else "unknown"}
+
+
+def _member(r: dict, thumbs: dict[str, str], sizes: dict) -> dict:
+    return {
+        "key": r["key"],
+        "caption": r["caption"] or "",
+        "url": r["url"] or "",
+        "representative": bool(r["is_representative"]),
+        "decision": r["decision"],
+        "reasons": ", ".join(r["reasons"] or []),
+        "thumb": thumbs.get(r["key"]),
+        **size_text(sizes.get(r["key"])),
+    }
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (not r["is_representative"], r["decision"] == "drop", r["key"]))
+
+
+def clusters(manifest: list[dict], out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int) -> dict:
+    """-> {"galleries": [...], "table": [...], "n_clusters": int, "n_dropped_clusters": int}."""
+    groups: dict[str, list[dict]] = {}
+    for r in manifest:
+        if r["status"] == "ok" and (r["cluster_size"] or 1) > 1:
+            groups.setdefault(r["cluster_id"], []).append(r)
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    shown = {cid: _ordered(rows)[:MAX_MEMBERS] for cid, rows in ranked[:max_clusters]}
+    listed = ranked[:MAX_TABLE]
+    wanted: dict[str, set[str]] = {}
+    for rows in shown.values():
+        for r in rows:
+            wanted.setdefault(r["shard"], set()).add(r["key"])
+    for _, rows in listed[:TABLE_THUMBS]:
+        for r in _ordered(rows)[:4]:
+            wanted.setdefault(r["shard"], set()).add(r["key"])
+    thumbs = thumbnails(wanted, shard_paths, rdir)
+    sizes = _sizes(out_dir, {k for keys in wanted.values() for k in keys} | {_ordered(r)[0]["key"] for _, r in listed})
+    galleries = [
+        {
+            "id": cid,
+            "size": len(groups[cid]),
+            "duplication": rows[0].get("duplication") or "",
+            "decisions": _decisions(groups[cid]),
+            "members": [_member(r, thumbs, sizes) for r in rows],
+        }
+        for cid, rows in shown.items()
+    ]
+    table = [_table_row(cid, rows, thumbs, sizes) for cid, rows in listed]
+    return {
+        "galleries": galleries,
+        "table": table,
+        "n_clusters": len(groups),
+        "n_dropped_clusters": sum(any(r["decision"] == "drop" for r in rows) for rows in groups.values()),
+    }
+
+
+def _decisions(rows: list[dict]) -> dict[str, int]:
+    return {d: n for d in DECISIONS if (n := sum(r["decision"] == d for r in rows))}
+
+
+def _table_row(cid: str, rows: list[dict], thumbs: dict, sizes: dict) -> dict:
+    ordered = _ordered(rows)
+    kept = ordered[0]
+    return {
+        "id": cid,
+        "size": len(rows),
+        "decisions": ", ".join(f"{n} {d}" for d, n in _decisions(rows).items()),
+        "kept": kept["key"] if kept["decision"] != "drop" else "",
+        "kept_size": size_text(sizes.get(kept["key"])),
+        "caption": (kept["caption"] or "")[:200],
+        "keys": " ".join(r["key"] for r in ordered[:50]),
+        "thumbs": [
+            {"src": thumbs[r["key"]], "key": r["key"], "decision": r["decision"]}
+            for r in ordered[:4]
+            if r["key"] in thumbs
+        ],
+    }
