@@ -103,11 +103,11 @@ class OrbConfig(Section):
     """Local-feature copies (transforms/local_features.py): what the hashes miss (crops anywhere,
     rotations, memes, screenshots). Off by default; the demo job turns it on."""
 
-    enabled: bool = False
+    enabled: bool = False  # run the ORB local-feature copy stage (features computed with the decode)
     n_features: int = Field(default=500, ge=16)  # ORB keypoints per image
     side: int = Field(default=512, ge=64)  # images are downscaled to this long side
     min_side: int = Field(default=256, ge=32)  # ... and small ones upscaled to this
-    fast_threshold: int = Field(default=12, ge=1)
+    fast_threshold: int = Field(default=12, ge=1)  # FAST corner threshold of the ORB detector
     tables: int = Field(default=8, ge=1, le=64)  # visual-word hash tables per descriptor
     word_bits: int = Field(default=24, ge=8, le=40)  # sampled descriptor bits per word
     max_df: int = Field(default=15, ge=2)  # a word in more images is a stop-word
@@ -115,7 +115,7 @@ class OrbConfig(Section):
     min_votes: int = Field(default=8, ge=1)  # shared words that make a candidate pair
     ratio: float = Field(default=0.8, gt=0, le=1)  # Lowe's ratio test
     ransac_px: float = Field(default=6.0, gt=0)  # RANSAC reprojection threshold (working pixels)
-    min_inliers: int = Field(default=10, ge=4)
+    min_inliers: int = Field(default=10, ge=4)  # RANSAC affine inliers a copy needs
     max_anisotropy: float = Field(default=1.6, ge=1)  # singular-value ratio of the affine fit
     min_overlap: float = Field(default=0.75, gt=0, le=1)  # aligned overlap / the smaller frame
     min_agreement: float = Field(default=0.6, gt=0, le=1)  # textured photo cells that agree once aligned
@@ -126,10 +126,10 @@ class OrbConfig(Section):
 class SscdConfig(Section):
     """Meta's SSCD copy descriptor, for users who bring its TorchScript weights (a local file)."""
 
-    enabled: bool = False
+    enabled: bool = False  # run the SSCD embedder (needs weights)
     weights: str | None = None  # path to an SSCD TorchScript file (e.g. sscd_disc_mixup.torchscript.pt)
     size: int = Field(default=288, ge=32)  # short side the image is resized to (SSCD's eval setting)
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=32, gt=0)  # images per forward pass
     threshold: float = Field(default=0.5, gt=0, le=1)  # cosine for a copy (SD3's dedup threshold)
     device: str = "auto"  # auto | cpu | cuda[:N] | mps
 
