@@ -1,10 +1,15 @@
-"""Build the Beam graph of a webdataset job from its config; returns the named outputs.
+"""Build the Beam graph of a job from its config and its reader's outputs.
 
-Stages only annotate; ``Decide`` turns annotations into decisions; writers persist each table.
+A reader per input layout (``READERS``: webdataset shards, LAION precomputed embeddings) emits the
+same elements: ``SampleInfo``, ``Failure``, shard-table rows and, where the layout has them,
+perceptual-hash codes, samples with pixels, or batches of embedding vectors. Everything after the
+reader is shared: stages only annotate; ``Decide`` turns annotations into decisions; writers
+persist each table.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import apache_beam as beam
@@ -13,21 +18,28 @@ from schemas import arrow
 from transforms.annotate import Annotate, annotation_row
 from transforms.decide import BlocklistRows, Decide, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.process_shards import ProcessShards, ShardSettings, shard_path_element
-from transforms.read_shards import ReadLimits
 from transforms.write import WriteTable, bucket
 
+# input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
+READERS = {
+    "webdataset": "transforms.read_webdataset",
+    "laion_embeddings": "transforms.read_laion",
+}
 
-def read_limits(cfg) -> ReadLimits:
-    r = cfg.read
-    return ReadLimits(
-        max_image_bytes=r.max_image_bytes,
-        max_caption_bytes=r.max_caption_bytes,
-        require_caption=r.require_caption,
-        image_extensions=tuple(r.image_extensions),
-        max_members_per_key=r.max_members_per_key,
-        max_json_bytes=r.max_json_bytes,
-    )
+
+def reader(fmt: str):
+    from pipeline.config import ConfigError
+
+    if fmt not in READERS:
+        raise ConfigError(f"input.format: no reader for {fmt!r} (known: {', '.join(sorted(READERS))})")
+    return importlib.import_module(READERS[fmt])
+
+
+def read_input(p: beam.Pipeline, cfg, fmt: str, inputs: list[str], out_dir: str) -> dict:
+    """The layout's reader -> {"infos": SampleInfo, "failures": Failure, "shards": table rows,
+    optional "codes": (key, bytes), "samples": Sample (pixels), "vectors": {embedder: (keys,
+    ndarray) batches}; "pixels": bool, "input": the run.json description}."""
+    return reader(fmt).read(p, cfg, inputs, out_dir)
 
 
 def _failure_row(f) -> dict:
@@ -67,7 +79,8 @@ def _with_reference(p, cfg, dec: dict) -> dict:
     ref = load_reference(cfg.dedup.incremental_from)
     dec = dict(dec)
     dec["infos"] = (dec["infos"], p | "OldInfos" >> beam.Create(ref["infos"])) | "WithOldInfos" >> beam.Flatten()
-    dec["codes"] = (dec["codes"], p | "OldCodes" >> beam.Create(ref["codes"])) | "WithOldCodes" >> beam.Flatten()
+    old_codes = p | "OldCodes" >> beam.Create(ref["codes"])
+    dec["codes"] = (dec["codes"], old_codes) | "WithOldCodes" >> beam.Flatten() if "codes" in dec else old_codes
     dec["previous_edges"] = p | "OldClusters" >> beam.Create(ref["edges"])
     old_failures = p | "OldFailures" >> beam.Create(ref["failures"])
     dec["failures"] = (dec["failures"], old_failures) | "WithOldFailures" >> beam.Flatten()
@@ -115,56 +128,58 @@ DECODE_ERROR_TYPES = (
 
 
 def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
-    """Wire the duplicate finders that the config enables; returns FindDuplicates' outputs."""
+    """Wire the duplicate finders that the config and the reader's layout allow; returns
+    FindDuplicates' outputs plus the embedders' nearest-neighbour PCollections."""
+    from transforms.ann_edges import VectorEdges
+
     edges = []
     neighbours = []
-    if cfg.dedup.phash.enabled:
+    if cfg.dedup.phash.enabled and "codes" in dec:
         from transforms.phash import FindPhashCopies
 
         found = dec["codes"] | "FindPhashCopies" >> FindPhashCopies(cfg.dedup.phash, seed=cfg.run.seed)
         edges.append(found["edges"])
         neighbours.append(found["neighbours"])
-    if cfg.dedup.clip.enabled:
+    if cfg.dedup.clip.enabled and "samples" in dec:
         clip = add_clip(cfg, dec, out_dir)
         edges.append(clip["edges"])
         neighbours.append(clip["neighbours"])
         dec["failures"] = (dec["failures"], clip["failures"]) | "WithEmbedFailures" >> beam.Flatten()
     for name in ("orb", "sscd"):  # copy embedders that need pixels: transforms/orb_stage.py, embed_sscd.py
-        if getattr(cfg.dedup, name).enabled:
+        if getattr(cfg.dedup, name).enabled and dec.get("pixels"):
             found = add_copy_embedder(name, cfg, dec)
             edges.append(found["edges"])
             neighbours.append(found["neighbours"])
+    for embedder, batches in sorted(dec.get("vectors", {}).items()):  # precomputed embeddings
+        found = batches | f"VectorEdges_{embedder}" >> VectorEdges(
+            cfg.dedup.cluster.threshold, embedder, cfg.dedup.cluster, cfg.run.seed
+        )
+        edges.append(found["edges"])
+        neighbours.append(found["neighbours"])
     if "previous_edges" in dec:
         edges.append(dec["previous_edges"])
     inputs = {"infos": dec["infos"]}
     if edges:
         inputs["edges"] = tuple(edges) | "EmbedderEdges" >> beam.Flatten()
     out = inputs | "FindDuplicates" >> FindDuplicates(
-        cfg.dedup.keeper, cfg.dedup.exact, cfg.dedup.exact_pixels, old_keys=dec.get("old_keys")
+        cfg.dedup.keeper,
+        cfg.dedup.exact,
+        cfg.dedup.exact_pixels and dec.get("pixels", True),
+        old_keys=dec.get("old_keys"),
     )
     out["neighbours"] = neighbours
     return out
 
 
-def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> dict:
-    """Wire the whole job; returns the PCollections of written paths and the decisions."""
-    paths = p | "ShardPaths" >> beam.Create([shard_path_element(s) for s in sorted(shard_paths)])
-    settings = ShardSettings(
-        limits=read_limits(cfg),
-        max_pixels=cfg.read.max_image_pixels,
-        phash=cfg.dedup.phash.enabled,
-        pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
-        cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
-        emit_samples=cfg.dedup.clip.enabled or cfg.dedup.sscd.enabled,
-        orb=cfg.dedup.orb if cfg.dedup.orb.enabled else None,
-        max_decoded_bytes=cfg.read.max_decoded_bytes,
-        debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
-    )
-    dec = paths | "ProcessShards" >> ProcessShards(settings)
-    read = {"shards": dec["shards"]}
+def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
+    """Wire the whole job after the reader (``read_input``'s dict); returns the PCollections of
+    the annotations and the manifest rows."""
+    shards = read["shards"]
+    n_parts = max(1, read["input"]["n_shards"])  # clusters/ and neighbours/ parts, as many as input shards
+    cache_dir = (cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None
+    dec = dict(read)
     if cfg.dedup.incremental_from:
         dec = _with_reference(p, cfg, dec)
-    dec = dict(dec)
     dup = add_dedup(cfg, dec, out_dir)
     failures = dec["failures"]
 
@@ -211,7 +226,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
                 | "JoinReps" >> beam.CoGroupByKey()
                 | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else [])
             )
-        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=settings.cache_dir)
+        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=cache_dir)
         keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
         keyed["failure"] = (
             keyed["failure"],
@@ -247,7 +262,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows),
         out_dir,
         "clusters",
-        lambda r, n=len(shard_paths): bucket(r["cluster_id"], n),
+        lambda r, n=n_parts: bucket(r["cluster_id"], n),
         lambda r: (r["cluster_id"], r["key"]),
     )
     if dup["neighbours"]:
@@ -256,7 +271,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
             nn | "NeighbourRows" >> beam.Map(_neighbour_row),
             out_dir,
             "neighbours",
-            lambda r, n=len(shard_paths): f"{r['embedder']}-{bucket(r['key'], n)}",
+            lambda r, n=n_parts: f"{r['embedder']}-{bucket(r['key'], n)}",
             lambda r: (r["key"],),
         )
     if cfg.diversify.enabled:
@@ -271,7 +286,7 @@ def build_graph(p: beam.Pipeline, cfg, shard_paths: list[str], out_dir: str) -> 
         lambda r: r["_shard"],
         lambda r: (r["key"],),
     )
-    _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
+    _write(shards, out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     _join_sinks(p)
     return outputs
 

@@ -108,48 +108,46 @@ def run_job(cfg: JobConfig, beam_args: list[str] | None = None) -> dict:
     RunFailed past the failure cap (OUT keeps the previous run) and ConfigError (exit 2) for an
     output that is unsafe to write, before anything is written."""
     from pipeline import outdir
+    from pipeline.graph import reader
     from pipeline.preflight import preflight
 
-    preflight(cfg, beam_args)  # everything checkable is checked before the output is touched
     fmt, inputs, skipped = list_input(cfg.input.path)
     if cfg.input.format != "auto" and cfg.input.format != fmt:
         raise ConfigError(f"input.format: {cfg.input.format} given, but {cfg.input.path!r} looks like {fmt}")
+    reader(fmt).check(cfg)  # settings the input layout cannot honour
+    preflight(cfg, beam_args)  # everything checkable is checked before the output is touched
     cfg = _absolute_model_paths(cfg)
     out_dir = _absolute(cfg.output.dir)  # workers of a distributed runner may run elsewhere
     inputs = [_absolute(p) for p in inputs]
     with outdir.private_tmpdir(), outdir.claim(out_dir, inputs) as (run_id, stage):
         cfg = _shared_dirs(cfg, out_dir)
-        if fmt == "laion_embeddings":
-            from pipeline.laion_job import run_laion
-
-            staged = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": stage})})
-            info = run_laion(staged, beam_args or [])
-        else:
-            info = _run_webdataset(cfg, inputs, stage, beam_args or [], {"run_id": run_id, "skipped": skipped})
+        info = _run(cfg, fmt, inputs, stage, beam_args or [], {"run_id": run_id, "skipped": skipped})
         outdir.commit(out_dir, stage)
     return info
 
 
-def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: list[str], meta: dict) -> dict:
-    """Run the graph with every output in ``out_dir`` (the run's staging folder); run.json is
-    written there last, or, past the failure cap, diagnostics instead (RunFailed)."""
+def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: list[str], meta: dict) -> dict:
+    """One run path for every input layout: its reader, then the shared graph, with every output
+    in ``out_dir`` (the run's staging folder); run.json is written there last, or, past the
+    failure cap, diagnostics instead (RunFailed)."""
     import apache_beam as beam
 
     from pipeline import outdir, runinfo
-    from pipeline.graph import build_graph
+    from pipeline.graph import build_graph, read_input
     from transforms import fsio
 
     started = time.time()
-    log.info("job %s: %d shards -> %s", cfg.name, len(shards), out_dir)
+    log.info("job %s: %s input, %d paths -> %s", cfg.name, fmt, len(inputs), out_dir)
     from transforms.outputs import runner_needs_split, split_by_filter
 
     options = beam_options(cfg, beam_args)
     split_by_filter(runner_needs_split(str(options.get_all_options().get("runner") or "")))
     pipeline = beam.Pipeline(options=options)
-    build_graph(pipeline, cfg, shards, out_dir)
+    read = read_input(pipeline, cfg, fmt, inputs, out_dir)
+    build_graph(pipeline, cfg, read, out_dir)
     from pipeline import progress
 
-    with progress.live(len(shards)):
+    with progress.live(read["input"]["n_shards"]):
         result = pipeline.run()
         result.wait_until_finish()
     pipeline_s = time.time() - started
@@ -161,7 +159,7 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         "job": cfg.name,
         "config": cfg.model_dump(mode="json"),
         "versions": runinfo.package_versions(),
-        "input": {"format": "webdataset", "shards": shards, "n_shards": len(shards), "skipped": meta["skipped"]},
+        "input": dict(read["input"], skipped=meta["skipped"]),
         "run_id": meta["run_id"],
         "counters": runinfo.beam_counters(result),
         "outputs": dict(counts, blocklist_urls=n_blocked),
@@ -169,11 +167,11 @@ def _run_webdataset(cfg: JobConfig, shards: list[str], out_dir: str, beam_args: 
         "stages": progress.stage_report(result),
     }
     info["summary"] = _summary(out_dir, counts)
-    if cfg.output.filtered_shards:
+    if cfg.output.filtered_shards and fmt == "webdataset":
         from transforms.filtered_shards import write_filtered_shards
 
         with progress.timed(info, "filtered_shards"):
-            info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, shards, cfg.diversify)
+            info["outputs"]["filtered_samples"] = write_filtered_shards(out_dir, inputs, cfg.diversify)
     with progress.timed(info, "report"):
         _maybe_report(cfg, out_dir, info)
     outdir.fault_point("report")

@@ -171,7 +171,7 @@ def line(stage: str, now: float | None = None) -> str:
         text += ", started"
     elif elapsed >= 1:
         text += f", {rate:.3g}/s"
-    if total and rate > 0 and done < total:
+    if total and rate > 0 and done < total and elapsed >= 1:
         text += f", ETA {_duration((total - done) / rate)}"
     return text + f", elapsed {_duration(elapsed)}"
 

@@ -100,7 +100,12 @@ def shard_cases(s, img, add, sample) -> None:
         s.case("a gzip-compressed tar named .tar", "43004", f"43004{i:03d}", "ok")
     if hasattr(os, "mkfifo"):
         os.mkfifo(os.path.join(s.out, "43005.tar"))  # opening it would block the run forever
-        s.case("a FIFO named .tar (never opened)", "43005", None, "event:unreadable_shard")
+        s.case(
+            "a FIFO named .tar (never opened: skipped at listing or unreadable)",
+            "43005",
+            None,
+            "event:unreadable_shard|event:skipped_at_listing",
+        )
 
 
 def sidecar_and_identity_cases(s, img, sample) -> None:

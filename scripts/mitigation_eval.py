@@ -177,12 +177,15 @@ def table(results: dict, tau: float, sizes: dict) -> str:
     lines = [f"replication threshold (pixel cosine, 99th pct of held-out nearest-training similarity): {tau:.3f}"]
     lines.append("setting  items  " + "  ".join(f"x{c:<5d}" for c in COUNTS) + "  8+     heldout_loss")
     for name, r in results.items():
-        by = r["replication_by_count"]
+        by = {int(c): v for c, v in r["replication_by_count"].items()}  # (JSON keys are strings)
         cells = "  ".join(f"{by.get(c, float('nan')):.3f} " for c in COUNTS)
         lines.append(f"{name:<8s} {sizes[name]:5d}  {cells}  {r['replication_8plus']:.3f}  {r['heldout_loss']:.5f}")
     lines.append("own-image replications (nearest raw image is the prompt's own image):")
     for name, r in results.items():
-        lines.append(f"{name:<8s} " + "  ".join(f"{r['own_image_by_count'].get(c, 0):.3f} " for c in COUNTS))
+        own = {int(c): v for c, v in r["own_image_by_count"].items()}
+        big = [own[c] for c in (8, 16, 32) if c in own]
+        eight = f"  8+ {np.mean(big):.3f}" if big else ""
+        lines.append(f"{name:<8s} {'':5s}  " + "  ".join(f"{own.get(c, 0):.3f} " for c in COUNTS) + eight)
     a, b, c = (results[k] for k in ("A", "B", "C"))
     lines.append(
         f"replication A={a['replication_8plus']:.4f} B={b['replication_8plus']:.4f} C={c['replication_8plus']:.4f} "
@@ -241,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--singles", type=int, default=360)
     parser.add_argument("--settings", default="A,B,C")
     parser.add_argument("--parallel", action="store_true", help="one process per setting, 1 thread each")
+    parser.add_argument("--report", action="store_true", help="only print the table of OUT/setting-*.json")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -254,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(lab, "truth.json")):
         log.info("lab set: %s", make_lab_set(lab, singles=args.singles))
     names = args.settings.split(",")
-    if args.parallel:
+    if args.report:
+        results = {n: json.load(open(os.path.join(args.out, f"setting-{n}.json"))) for n in names}
+    elif args.parallel:
         run_memsieve(os.path.join(lab, "shards"), os.path.join(args.out, "memsieve"))
         rest = [a for a in argv if a != "--parallel"]
         _children(names, [a for i, a in enumerate(rest) if a != "--settings" and rest[i - 1 : i] != ["--settings"]])
@@ -265,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tau = results["A"]["tau"]
     out = table(results, tau, {n: r["items"] for n, r in results.items()})
-    timing = f"(steps {args.steps}, batch {args.batch}, {args.seeds} seeds, {time.time() - started:.0f} s)"
+    per = ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in results.items())
+    wall = "" if args.report else f", {time.time() - started:.0f} s in all"
+    timing = f"(steps {args.steps}, batch {args.batch}, {args.seeds} seeds; training {per}{wall})"
     lines = out.splitlines()
     text_out = "\n".join([*lines[:-1], timing, lines[-1]])  # the acceptance line stays last
     with open(os.path.join(args.out, "result.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""Float-vector near-duplicate search and the LAION-layout job, on small generated data."""
+"""Float-vector near-duplicate search on small generated data (the LAION layout: tests/test_laion.py)."""
 
 import os
 import sys
@@ -6,13 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.config import parse_config
-from pipeline.job import run_job
 from transforms import ann, cell_search
-from transforms.write import read_table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-from make_laion_embeddings import generate, write  # noqa: E402
+from make_laion_embeddings import generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,32 +51,6 @@ def test_cell_forest_components():
     a, b, who, nn, sim = ann.cell_forest(ids, v, 0.95)
     assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(10, 11), (12, 13)]
     assert dict(zip(who.tolist(), nn.tolist(), strict=True)) == {10: 11, 11: 10, 12: 13, 13: 12}
-
-
-def test_laion_job_end_to_end(small, tmp_path):
-    vectors, groups = small
-    write(str(tmp_path / "emb"), vectors, groups, files=3)
-    cfg = parse_config(
-        {
-            "name": "laion",
-            "input": {"path": str(tmp_path / "emb")},
-            "output": {"dir": str(tmp_path / "out"), "report": False},
-            "dedup": {"keeper": "earliest", "cluster": {"threshold": 0.9}},
-        }
-    )
-    info = run_job(cfg)
-    rows = read_table(str(tmp_path / "out" / "manifest")).to_pylist()
-    assert len(rows) == len({r["key"] for r in rows}) == 6000 == info["summary"]["keys"]
-    labels = np.unique([r["cluster_id"] for r in rows], return_inverse=True)[1]
-    assert _cluster_pairs(labels) >= ann.exact_pairs(vectors, 0.9)
-    reps = {}
-    for r in rows:
-        if r["cluster_size"] > 1:
-            reps.setdefault(r["cluster_id"], []).append(r)
-    for members in reps.values():  # earliest key kept, the others dropped
-        kept = [m["key"] for m in members if m["decision"] == "keep"]
-        assert kept == [min(m["key"] for m in members)]
-    assert (tmp_path / "out" / "run.json").is_file() and (tmp_path / "out" / "blocklist.txt").is_file()
 
 
 def _key_pairs(keys, edges):

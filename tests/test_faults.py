@@ -3,7 +3,6 @@ memory bounded, nothing written outside the output folder."""
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,26 @@ def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+_MEASURE = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+)
+
+
+def _run_measured(cmd, cwd, timeout):
+    """Run cmd; -> (CompletedProcess, peak RSS in MB of that run alone).
+
+    RUSAGE_CHILDREN in pytest's own process would report the largest child of the whole session
+    (other tests' runs included), so a small wrapper process measures this run's tree only.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+    last = proc.stderr.rstrip().rsplit("\n", 1)[-1]
+    peak_mb = int(last.split()[1]) / 1024 if last.startswith("peak_kb ") else float("inf")
+    return proc, peak_mb
+
+
 def test_fault_suite(tmp_path, capsys):
     shards = tmp_path / "in"
     cases = make_fault_suite(str(shards))
@@ -26,15 +45,12 @@ def test_fault_suite(tmp_path, capsys):
     job = tmp_path / "job.yaml"
     job.write_text(JOB_YAML)
     before = _tree(tmp_path)
-    proc = subprocess.run(
+    proc, peak_mb = _run_measured(
         [sys.executable, "-m", "pipeline.cli", "run", str(job), "--input", str(shards / "*.tar"), "--output", str(out)],
-        capture_output=True,
-        text=True,
         cwd=tmp_path / "work",
         timeout=600,  # a FIFO among the shards must not hang the run
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     created = {p for p in _tree(tmp_path) - before if not p.startswith("work/out")}
     assert created == {"work/out"} or created == set(), created  # nothing outside the output folder
     assert not (tmp_path / "escape").exists() and not Path("/abs").exists()
@@ -91,3 +107,10 @@ def test_same_shard_names_in_two_folders_stay_apart(tmp_path):
     with tarfile.open(out / "filtered" / "b" / "00000.tar") as tar:
         names = {m.name.split(".")[0] for m in tar}
     assert {"b000", "b001", "b002"} <= names and not any(n.startswith("a") for n in names)
+
+
+def test_blocklist_lines_hold_one_url_each():
+    from pipeline.blocklist import clean_url
+
+    cleaned = clean_url("http://x/a\nb\rc\x00d\x1b[31m\u2028e")
+    assert cleaned.startswith("http://x/a%0Ab%0Dc%00d%1B[31m") and len(cleaned.splitlines()) == 1

@@ -15,10 +15,11 @@ from apache_beam.pipeline import PipelineVisitor
 
 from pipeline.config import parse_config
 
+SEARCH = r"(FindPhashCopies/SearchCodes|(ClipEdges|VectorEdges_\w+)/CellSearch)"  # VectorEdges_*: precomputed
 ALLOWED = {
     # the cell search (phash codes and CLIP vectors): a fixed-size sample, then the k-means plan
-    r"(FindPhashCopies/SearchCodes|ClipEdges/CellSearch)/SampleForCells\b.*": "row count + <= 100k sampled rows",
-    r"(FindPhashCopies/SearchCodes|ClipEdges/CellSearch)/(AssignCells|SearchCells)": "plan: k centroids (~sqrt n)",
+    SEARCH + r"/SampleForCells\b.*": "row count + <= 100k sampled rows",
+    SEARCH + r"/(AssignCells|SearchCells)": "plan: k centroids (~sqrt n)",
     # caption triggers: vocabulary-sized or count-sized
     r"MineTriggers/CountSamples\b.*": "one count",
     r"MineTriggers/Candidates": "keyword counts pruned at min_keyword_count: vocabulary",
@@ -41,7 +42,7 @@ KNOWN_UNBOUNDED = {
 
 
 def _graph(tmp_path, **overrides) -> beam.Pipeline:
-    from pipeline.graph import build_graph
+    from pipeline.graph import build_graph, read_input
 
     raw = yaml.safe_load(open("jobs/demo.yaml"))
     raw["input"]["path"] = str(tmp_path / "*.tar")
@@ -49,7 +50,9 @@ def _graph(tmp_path, **overrides) -> beam.Pipeline:
     raw["dedup"]["clip"] = {"enabled": True}
     raw.update(overrides)
     p = beam.Pipeline()
-    build_graph(p, parse_config(raw), [str(tmp_path / "00000.tar")], str(tmp_path / "out"))
+    cfg = parse_config(raw)
+    read = read_input(p, cfg, "webdataset", [str(tmp_path / "00000.tar")], str(tmp_path / "out"))
+    build_graph(p, cfg, read, str(tmp_path / "out"))
     return p
 
 

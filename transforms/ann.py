@@ -7,7 +7,7 @@ pairs found twice are kept once, and edges above the cosine threshold become clu
 connected components (union-find), so chains are one cluster. Each row also gets its nearest
 neighbour and similarity inside its cells, so the threshold can move later without recomputing.
 
-All functions take and return arrays; the Beam job (``pipeline/laion_job.py``) moves blocks of
+All functions take and return arrays; the Beam stages (``transforms/ann_edges.py``) move blocks of
 thousands of vectors per element.
 """
 

@@ -203,7 +203,8 @@ class FindDuplicates(beam.PTransform):
             for name, field in digests:
                 edge_sets.append(
                     infos
-                    | f"By{name}" >> beam.Map(lambda i, f=field: (getattr(i, f), i.key))
+                    # an empty digest (no image bytes, e.g. precomputed embeddings) links nothing
+                    | f"By{name}" >> beam.FlatMap(lambda i, f=field: [(getattr(i, f), i.key)] if getattr(i, f) else [])
                     | f"Group{name}" >> beam.GroupByKey()
                     | f"Edges{name}" >> beam.FlatMap(exact_edges, embedder=name)
                 )
