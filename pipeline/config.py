@@ -99,6 +99,52 @@ class ClipConfig(Section):
         return v
 
 
+class OrbConfig(Section):
+    """Local-feature copies (transforms/local_features.py): what the hashes miss (crops anywhere,
+    rotations, memes, screenshots). Off by default; the demo job turns it on."""
+
+    enabled: bool = False  # run the ORB local-feature copy stage (features computed with the decode)
+    n_features: int = Field(default=500, ge=16)  # ORB keypoints per image
+    side: int = Field(default=512, ge=64)  # images are downscaled to this long side
+    min_side: int = Field(default=256, ge=32)  # ... and small ones upscaled to this
+    fast_threshold: int = Field(default=12, ge=1)  # FAST corner threshold of the ORB detector
+    tables: int = Field(default=8, ge=1, le=64)  # visual-word hash tables per descriptor
+    word_bits: int = Field(default=24, ge=8, le=40)  # sampled descriptor bits per word
+    max_df: int = Field(default=15, ge=2)  # a word in more images is a stop-word
+    word_partitions: int = Field(default=64, ge=1)  # shuffle partitions of the word space (raise at scale)
+    min_votes: int = Field(default=8, ge=1)  # shared words that make a candidate pair
+    ratio: float = Field(default=0.8, gt=0, le=1)  # Lowe's ratio test
+    ransac_px: float = Field(default=6.0, gt=0)  # RANSAC reprojection threshold (working pixels)
+    min_inliers: int = Field(default=10, ge=4)  # RANSAC affine inliers a copy needs
+    max_anisotropy: float = Field(default=1.6, ge=1)  # singular-value ratio of the affine fit
+    min_overlap: float = Field(default=0.75, gt=0, le=1)  # aligned overlap / the smaller frame
+    min_agreement: float = Field(default=0.6, gt=0, le=1)  # textured photo cells that agree once aligned
+    min_cells: int = Field(default=8, ge=1)  # textured cells the agreement needs
+    min_coverage: float = Field(default=0.0, ge=0, le=1)  # textured 4x4 blocks of the inner image holding inliers (off)
+
+
+class SscdConfig(Section):
+    """Meta's SSCD copy descriptor, for users who bring its TorchScript weights (a local file)."""
+
+    enabled: bool = False  # run the SSCD embedder (needs weights)
+    weights: str | None = None  # path to an SSCD TorchScript file (e.g. sscd_disc_mixup.torchscript.pt)
+    size: int = Field(default=288, ge=32)  # short side the image is resized to (SSCD's eval setting)
+    batch_size: int = Field(default=32, gt=0)  # images per forward pass
+    threshold: float = Field(default=0.5, gt=0, le=1)  # cosine for a copy (SD3's dedup threshold)
+    device: str = "auto"  # auto | cpu | cuda[:N] | mps
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+    @model_validator(mode="after")
+    def _weights_when_enabled(self):
+        if self.enabled and not self.weights:
+            raise ValueError("weights: a local SSCD TorchScript file is required when sscd is enabled")
+        return self
+
+
 class ClusterConfig(Section):
     n_cells: int = Field(default=0, ge=0)  # 0 = choose from the data size (about 1.4 sqrt(n))
     top_m: int = Field(default=2, ge=1)  # cells each vector is assigned to (SemDeDup: 1)
@@ -115,6 +161,8 @@ class DedupConfig(Section):
     exact_pixels: bool = True  # same decoded pixels in other bytes (costs a hash of the pixels)
     phash: PhashConfig = PhashConfig()
     clip: ClipConfig = ClipConfig()
+    orb: OrbConfig = OrbConfig()
+    sscd: SscdConfig = SscdConfig()
     cluster: ClusterConfig = ClusterConfig()
     keeper: str = "resolution"  # resolution | earliest | centre | column:<name>[:asc|desc]
     embeddings_dir: str | None = None  # persisted per-shard embeddings; default OUTPUT/embeddings

@@ -104,6 +104,18 @@ def add_clip(cfg, dec: dict, out_dir: str) -> dict:
     return {"edges": found["edges"], "neighbours": found["neighbours"], "failures": embed_failures}
 
 
+def add_copy_embedder(name: str, cfg, dec: dict) -> dict:
+    if name == "orb":
+        from transforms.orb_stage import FindOrbCopies
+
+        return dec["orb"] | "FindOrbCopies" >> FindOrbCopies(cfg.dedup.orb)
+    from transforms.embed_sscd import SscdCopies
+
+    return dec["samples"] | "SscdCopies" >> SscdCopies(
+        cfg.dedup.sscd, cfg.dedup.cluster, cfg.read.max_image_pixels, cfg.run.seed
+    )
+
+
 DECODE_ERROR_TYPES = (
     "corrupt_image",
     "unidentified_image",
@@ -133,6 +145,11 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
         edges.append(clip["edges"])
         neighbours.append(clip["neighbours"])
         dec["failures"] = (dec["failures"], clip["failures"]) | "WithEmbedFailures" >> beam.Flatten()
+    for name in ("orb", "sscd"):  # copy embedders that need pixels: transforms/orb_stage.py, embed_sscd.py
+        if getattr(cfg.dedup, name).enabled and dec.get("pixels"):
+            found = add_copy_embedder(name, cfg, dec)
+            edges.append(found["edges"])
+            neighbours.append(found["neighbours"])
     for embedder, batches in sorted(dec.get("vectors", {}).items()):  # precomputed embeddings
         found = batches | f"VectorEdges_{embedder}" >> VectorEdges(
             cfg.dedup.cluster.threshold, embedder, cfg.dedup.cluster, cfg.run.seed

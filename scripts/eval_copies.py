@@ -1,8 +1,16 @@
-"""Copy-detection quality: memsieve's multi-crop hash vs. plain 64-bit pHash (imagehash).
+"""Copy-detection quality: memsieve's hashes (and ORB stage) vs. 64-bit pHash (imagehash) and PDQ.
 
     python scripts/make_copy_testset.py --out out/copyset
     python scripts/eval_copies.py --copyset out/copyset [--split test]
         [--shards '../shared/data/flickr8k-dev/img2dataset-256/*.tar'] [--max-hamming 13 15 17]
+    python scripts/make_hard_copyset.py --out out/hardcopy
+    python scripts/eval_copies.py --copyset out/hardcopy --shards '' --orb [--split test]
+    memsieve run jobs/demo.yaml --input 'out/hardcopy/shards/*.tar' --output out/hardrun
+    python scripts/eval_copies.py --copyset out/hardcopy --shards '' --run-dir out/hardrun
+
+``--run-dir`` scores what a pipeline run clustered (clusters/ table: every pair in one cluster).
+Hard-set negatives: ``decoy_*`` images (an unrelated photo in a copy's template) must link to
+nothing but their own photo; the two ``burst`` shots of one scene must not link.
 
 Copy set (manifest.jsonl from make_copy_testset.py): a *copy pair* is (original, copy). For each
 detector and threshold: recall = copy pairs found / copy pairs (overall and by transform);
@@ -31,7 +39,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import PhashConfig  # noqa: E402
-from transforms.phash import BITS, CROPS, compute_hashes, find_copy_pairs, hamming_threshold  # noqa: E402
+from transforms.phash import BITS, ROWS, compute_hashes, find_copy_pairs, hamming_threshold  # noqa: E402
 
 
 def load_copyset(path: str, split: str):
@@ -70,17 +78,6 @@ def imagehash_codes(images) -> np.ndarray:
     return np.array([np.packbits(imagehash.phash(im).hash.ravel()) for im in images], dtype=np.uint8)
 
 
-def imagehash_pairs(keys, codes: np.ndarray, threshold: int) -> set:
-    import faiss
-
-    index = faiss.IndexBinaryFlat(64)
-    index.add(codes)
-    lims, _, ids = index.range_search(codes, threshold + 1)
-    return {
-        (keys[i], keys[j]) for i in range(len(keys)) for j in ids[lims[i] : lims[i + 1]] if i < j
-    }  # keys are sorted, so i < j means keys[i] < keys[j]
-
-
 def cluster_pairs(pairs: set) -> set:
     """Every pair of keys in one connected component of the found pairs."""
     parent: dict[str, str] = {}
@@ -101,6 +98,9 @@ def cluster_pairs(pairs: set) -> set:
     return {tuple(sorted(p)) for g in groups.values() for p in itertools.combinations(g, 2)}
 
 
+NEGATIVE = ("original", "", "burst")
+
+
 def score(found: set, source: dict, copy_pairs: dict) -> tuple[float, float, int, dict]:
     """-> precision, recall over copy pairs, number of false pairs, recall per transform."""
     true = sum(source[a] == source[b] for a, b in found)
@@ -108,36 +108,103 @@ def score(found: set, source: dict, copy_pairs: dict) -> tuple[float, float, int
     for pair, transform in copy_pairs.items():
         by[transform][0] += pair in found
         by[transform][1] += 1
-    recall = sum(h for h, _ in by.values()) / max(1, len(copy_pairs))
+    counted = [(h, n) for t, (h, n) in by.items() if not t.startswith("decoy")]
+    recall = sum(h for h, _ in counted) / max(1, sum(n for _, n in counted))
     precision = true / len(found) if found else 1.0
-    return precision, recall, len(found) - true, {t: h / n for t, (h, n) in sorted(by.items())}
+    return precision, recall, len(found) - true, {t: (h / n, n) for t, (h, n) in sorted(by.items())}
 
 
-def report(label: str, found: set, source: dict, copy_pairs: dict, detail: bool) -> None:
-    for mode, pairs in (("edges", found), ("clusters", cluster_pairs(found))):
+def negatives(found: set, source: dict, transform: dict) -> str:
+    """Decoys linked to anything but their own photo; burst pairs linked; as a short text."""
+    decoys = {k for k, t in transform.items() if t.startswith("decoy")}
+    bad_decoys = {k for a, b in found for k in (a, b) if k in decoys and source[a] != source[b]}
+    bursts = sum(transform[a] == transform[b] == "burst" for a, b in found)
+    return f"decoys linked {len(bad_decoys)}/{len(decoys)}, burst pairs linked {bursts}"
+
+
+def report(label: str, found: set, source: dict, copy_pairs: dict, detail: bool, transform=None, clusters=True):
+    modes = (("edges", found), ("clusters", cluster_pairs(found))) if clusters else (("clusters", found),)
+    for mode, pairs in modes:
         p, r, false, by = score(pairs, source, copy_pairs)
-        line = f"  {label:34s} {mode:8s} precision {p:.4f} recall {r:.4f} false pairs {false:4d}"
-        if detail and mode == "edges":
-            line += "\n      " + "  ".join(f"{t} {v:.3f}" for t, v in by.items())
+        line = f"  {label:40s} {mode:8s} precision {p:.4f} recall {r:.4f} false pairs {false:4d}"
+        if transform:
+            line += "  " + negatives(pairs, source, transform)
+        if detail and mode in ("edges", modes[-1][0]):
+            line += "\n      " + "  ".join(f"{t} {v:.3f}" for t, (v, _) in by.items())
         print(line)
+
+
+def pdq_codes(images) -> np.ndarray:
+    import pdqhash
+
+    bits = [pdqhash.compute(np.ascontiguousarray(np.asarray(im)))[0].astype(bool) for im in images]
+    return np.array([np.packbits(b) for b in bits], dtype=np.uint8)
+
+
+def binary_pairs(keys, codes: np.ndarray, threshold: int) -> set:
+    import faiss
+
+    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    index.add(codes)
+    lims, _, ids = index.range_search(codes, threshold + 1)
+    return {(keys[i], keys[j]) for i in range(len(keys)) for j in ids[lims[i] : lims[i + 1]] if i < j}
+
+
+def orb_pairs(keys, images, overrides: list[str]) -> set:
+    """memsieve's ORB stage (pipeline.config.OrbConfig defaults, KEY=VALUE overrides) in memory."""
+    import yaml
+
+    from pipeline.config import OrbConfig
+    from transforms.local_features import extract_features
+    from transforms.orb_stage import find_orb_pairs
+
+    cfg = OrbConfig(**{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
+    feats = {k: extract_features(im, cfg) for k, im in zip(keys, images, strict=True)}
+    return {tuple(sorted((e.key_a, e.key_b))) for e in find_orb_pairs(feats, cfg)}
+
+
+def run_pairs(run_dir: str) -> set:
+    """Every pair of keys one pipeline run put in one cluster (its clusters/ table)."""
+    from transforms.write import read_table
+
+    groups = defaultdict(list)
+    for r in read_table(os.path.join(run_dir, "clusters")).to_pylist():
+        groups[r["cluster_id"]].append(r["key"])
+    return {tuple(sorted(p)) for g in groups.values() for p in itertools.combinations(g, 2)}
 
 
 def evaluate(name, keys, images, sources, transforms, args) -> None:
     source = dict(zip(keys, sources, strict=True))
+    transform = dict(zip(keys, transforms, strict=True))
     original = {s: k for k, s, t in zip(keys, sources, transforms, strict=True) if t in ("original", "")}
     copy_pairs = {
         tuple(sorted((original[s], k))): t
         for k, s, t in zip(keys, sources, transforms, strict=True)
-        if t not in ("original", "") and s in original
+        if t not in NEGATIVE and s in original
     }
-    print(f"{name}: {len(keys)} images, {len(copy_pairs)} copy pairs {dict(Counter(copy_pairs.values()))}")
+    print(
+        f"{name}: {len(keys)} images, {len(copy_pairs)} copy pairs {dict(sorted(Counter(copy_pairs.values()).items()))}"
+    )
+    if args.run_dir:
+        found = {p for p in run_pairs(args.run_dir) if p[0] in source and p[1] in source}
+        report(f"pipeline run {args.run_dir}", found, source, copy_pairs, True, transform, False)
+        return
     ih = imagehash_codes(images)
     for t in args.imagehash_thresholds:
-        report(f"imagehash pHash-64, hamming <= {t}", imagehash_pairs(keys, ih, t), source, copy_pairs, args.detail)
+        found = binary_pairs(keys, ih, t)
+        report(f"imagehash pHash-64, hamming <= {t}", found, source, copy_pairs, args.detail, transform)
+    if args.pdq_thresholds:
+        pdq = pdq_codes(images)
+        for t in args.pdq_thresholds:
+            report(f"PDQ-256, hamming <= {t}", binary_pairs(keys, pdq, t), source, copy_pairs, args.detail, transform)
     codes = np.stack([compute_hashes(im) for im in images])
     for mh in args.max_hamming:
-        label = f"memsieve, max_hamming {mh} ({hamming_threshold(mh)}/{BITS})"
-        report(label, ours_pairs(keys, codes, mh), source, copy_pairs, True)
+        label = f"memsieve phash, max_hamming {mh} ({hamming_threshold(mh)}/{BITS})"
+        found = ours_pairs(keys, codes, mh)
+        report(label, found, source, copy_pairs, True, transform)
+        if args.orb:
+            both = found | orb_pairs(keys, images, args.orb_set)
+            report(f"memsieve phash {mh} + orb", both, source, copy_pairs, True, transform)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="../shared/data/flickr8k-dev/img2dataset-256/*.tar", help="'' to skip")
     parser.add_argument("--max-hamming", type=int, nargs="*", default=[PhashConfig().max_hamming])
     parser.add_argument("--imagehash-thresholds", type=int, nargs="*", default=[6, 8, 10, 12, 14])
-    parser.add_argument("--detail", action="store_true", help="per-transform recall for imagehash too")
+    parser.add_argument("--pdq-thresholds", type=int, nargs="*", default=[31, 50, 70], help="none to skip PDQ")
+    parser.add_argument("--orb", action="store_true", help="add memsieve's ORB stage to its hashes")
+    parser.add_argument("--orb-set", nargs="*", default=[], help="ORB config overrides, e.g. min_inliers=20")
+    parser.add_argument("--run-dir", default="", help="score a pipeline run's clusters/ instead")
+    parser.add_argument("--detail", action="store_true", help="per-transform recall for imagehash and PDQ too")
     args = parser.parse_args(argv)
-    print(f"memsieve hash: {BITS} bits x centre crops {CROPS}; config default max_hamming {PhashConfig().max_hamming}")
+    print(f"memsieve hash: {BITS} bits x rows {ROWS}; config default max_hamming {PhashConfig().max_hamming}")
     if args.copyset:
         evaluate(f"copy set {args.copyset} ({args.split})", *load_copyset(args.copyset, args.split), args)
     if args.shards:

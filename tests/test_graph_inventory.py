@@ -33,6 +33,7 @@ ALLOWED = {
     r"DiversifyCaptions/Diversify": "top-N vocabulary",
     r"EmbedClip/NotPersisted": "one entry per shard",
     r"CountWritten\b.*": "the final writer join: one count of written files",
+    r"FindOrbCopies/Attach": "ORB stop-word ids: <= min(tables x 2^word_bits, postings / max_df)",
 }
 
 KNOWN_UNBOUNDED = {

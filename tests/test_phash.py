@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from pipeline.config import PhashConfig, parse_config
 from pipeline.job import run_job
@@ -15,11 +15,14 @@ from transforms.phash import (
     BITS,
     CODE_BYTES,
     CROPS,
+    N_HASHES,
+    QUERY_ROWS,
     FindPhashCopies,
     compute_hashes,
     find_copy_pairs,
     hamming_threshold,
     stack_codes,
+    trim_box,
 )
 from transforms.write import read_table
 
@@ -50,16 +53,36 @@ def _watermark(img):
     return out
 
 
+def _pad(img, fill, dx: int, dy: int):
+    """img on a canvas dx/dy larger each side: a fill colour, or (None) a blurred stretch of itself."""
+    size = (img.width + 2 * dx, img.height + 2 * dy)
+    canvas = Image.new("RGB", size, fill) if fill else img.resize(size).filter(ImageFilter.GaussianBlur(12))
+    canvas.paste(img, (dx, dy))
+    return canvas
+
+
+def _template(photo):
+    """A chat-app-like screenshot: flat chrome, a header, text lines, the photo in a bubble."""
+    out = Image.new("RGB", (420, 820), (236, 229, 221))
+    d = ImageDraw.Draw(out)
+    d.rectangle((0, 0, 420, 64), fill=(7, 94, 84))
+    for y in range(90, 140, 16):
+        d.rectangle((20, y, 250, y + 7), fill=(120, 120, 120))
+    out.paste(photo.resize((300, 225)), (100, 160))
+    d.rounded_rectangle((14, 740, 406, 790), 20, fill=(255, 255, 255))
+    return out
+
+
 def _dist(original, copy) -> int:
     """The detector's distance: the copy's full frame vs. any of the original's crops, both ways."""
     a, b = np.unpackbits(compute_hashes(original), axis=1), np.unpackbits(compute_hashes(copy), axis=1)
-    pairs = [(a[0], y) for y in b] + [(x, b[0]) for x in a]
+    pairs = [(a[q], y) for q in QUERY_ROWS for y in b] + [(x, b[q]) for q in QUERY_ROWS for x in a]
     return min(int((x != y).sum()) for x, y in pairs)
 
 
 def test_hash_shape_and_balance():
     codes = compute_hashes(_photo(0))
-    assert codes.shape == (len(CROPS), CODE_BYTES) and codes.dtype == np.uint8
+    assert codes.shape == (N_HASHES, CODE_BYTES) and codes.dtype == np.uint8
     assert (np.unpackbits(codes, axis=1).sum(axis=1) <= BITS // 2).all()  # median split: about half set
 
 
@@ -74,8 +97,23 @@ def test_hash_shape_and_balance():
         lambda im: ImageEnhance.Brightness(im).enhance(1.3),
         lambda im: im.point(lambda v: max(0, v - 40)),
         _watermark,
+        ImageOps.mirror,
+        lambda im: _pad(im, (0, 0, 0), 0, 60),
+        lambda im: _pad(im, (255, 255, 255), 30, 20),
     ],
-    ids=["jpeg25", "downscale", "crop85", "crop93x87", "crop+down+jpeg", "brighter", "darker", "watermark"],
+    ids=[
+        "jpeg25",
+        "downscale",
+        "crop85",
+        "crop93x87",
+        "crop+down+jpeg",
+        "brighter",
+        "darker",
+        "watermark",
+        "flip",
+        "letterbox",
+        "white_border",
+    ],
 )
 def test_copy_within_threshold(make):
     img = _photo(1)
@@ -88,8 +126,26 @@ def test_other_images_beyond_threshold():
         assert _dist(img, _photo(seed)) > LIMIT
 
 
+def test_template_mates_apart_and_photo_found_in_its_template():
+    """Two photos in one screenshot template hash apart (the template's flat chrome is not hashed),
+    while the photo itself still finds the screenshot it sits in."""
+    a, b = _photo(1), _photo(2)
+    assert _dist(_template(a), _template(b)) > LIMIT
+    assert _dist(a, _template(a)) <= LIMIT
+
+
+def test_trim_box_finds_the_photo_inside_borders():
+    rng = np.random.default_rng(5)  # a photo with fine detail, which a blurred pad lacks
+    img = Image.fromarray((rng.random((60, 80, 3)) * 255).astype("uint8")).resize((320, 240), Image.BICUBIC)
+    for padded in (_pad(img, (0, 0, 0), 0, 60), _pad(img, None, 80, 0), _pad(img, (250, 250, 250), 30, 20)):
+        left, top, right, bottom = trim_box(padded.convert("L"))
+        assert abs(right - left - img.width) <= 6 and abs(bottom - top - img.height) <= 6
+        assert _dist(img, padded) <= LIMIT
+    assert trim_box(img.convert("L")) == (0, 0, *img.size)  # nothing to trim
+
+
 def test_find_copy_pairs_on_literal_codes():
-    codes = np.zeros((3, len(CROPS), CODE_BYTES), dtype=np.uint8)
+    codes = np.zeros((3, N_HASHES, CODE_BYTES), dtype=np.uint8)
     codes[1, :, 0] = 0b00000111  # 3 bits from the first, in every crop
     codes[2] = 255  # far from both
     edges, neighbours = find_copy_pairs(["a", "b", "c"], codes, max_bits=4)
@@ -103,9 +159,9 @@ def test_find_copy_pairs_on_literal_codes():
 
 
 def test_threshold_is_inclusive_and_crop_codes_count():
-    codes = np.zeros((2, len(CROPS), CODE_BYTES), dtype=np.uint8)  # crop codes all equal (never compared)
-    codes[0, 0] = 255  # a's full frame is far from all of b's codes
-    codes[1, 0, 0] = 0b00011111  # b's full frame is 5 bits from a's crop codes
+    codes = np.zeros((2, N_HASHES, CODE_BYTES), dtype=np.uint8)  # other codes all equal (never compared)
+    codes[0, list(QUERY_ROWS)] = 255  # a's query rows are far from all of b's codes
+    codes[1, list(QUERY_ROWS), 0] = 0b00011111  # b's query rows are 5 bits from a's other codes
     edges, _ = find_copy_pairs(["a", "b"], codes, max_bits=5)
     assert [(e.key_a, e.key_b, e.similarity) for e in edges] == [("a", "b", 1 - 5 / BITS)]
     assert find_copy_pairs(["a", "b"], codes, max_bits=4)[0] == []
@@ -113,7 +169,7 @@ def test_threshold_is_inclusive_and_crop_codes_count():
 
 def test_partitioned_path_finds_the_same_pairs():
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, (300, len(CROPS), CODE_BYTES), dtype=np.uint8)
+    base = rng.integers(0, 256, (300, N_HASHES, CODE_BYTES), dtype=np.uint8)
     copies = base.copy()
     copies[:, :, 0] ^= 0b00000011  # 2 bits off in every code
     codes = np.concatenate([base, copies])
@@ -125,9 +181,9 @@ def test_partitioned_path_finds_the_same_pairs():
 
 
 def test_stack_codes_skips_bad_sizes_and_repeated_keys():
-    good = bytes(len(CROPS) * CODE_BYTES)
+    good = bytes(N_HASHES * CODE_BYTES)
     keys, codes = stack_codes([("b", good), ("a", good), ("a", good), ("c", b"\x00"), ("d", b"")])
-    assert keys == ["a", "b"] and codes.shape == (2, len(CROPS), CODE_BYTES)
+    assert keys == ["a", "b"] and codes.shape == (2, N_HASHES, CODE_BYTES)
 
 
 def test_stack_codes_pads_fewer_hashes_with_the_full_frame():
@@ -146,6 +202,7 @@ def test_query_rows_extend_the_comparison(monkeypatch):
     codes[0, 0] = 0xFF  # a: full frame all ones, second hash all zeros
     codes[1, 0] = 0x0F  # b: full frame 128 bits from both of a's hashes
     codes[1, 1, 0] = 0b1  # b's second hash: 1 bit from a's second hash, 255 from a's full frame
+    monkeypatch.setattr(phash, "QUERY_ROWS", (0,), raising=False)
     assert phash.find_copy_pairs(["a", "b"], codes, max_bits=4)[0] == []
     monkeypatch.setattr(phash, "QUERY_ROWS", (0, 1), raising=False)
     edges, _ = phash.find_copy_pairs(["a", "b"], codes, max_bits=4)

@@ -30,7 +30,26 @@ SIDE = 64  # grayscale resize before the DCT
 BLOCK = 16  # low-frequency block kept: BLOCK*BLOCK bits
 BITS = BLOCK * BLOCK
 CODE_BYTES = BITS // 8
-NEIGHBOUR_K = len(CROPS) + 4  # k-NN depth for each sample's nearest neighbour (its own hashes take up to len(CROPS))
+# the hash rows of one image: the frame and its centre crops, the same mirrored (a flipped copy's
+# frame lands on them), and the frame inside trimmed borders (a letterboxed or padded copy's
+# trimmed frame lands on the original's frame).
+ROWS = tuple(f"{m}{c}" for m in ("", "mirror:") for c in CROPS) + ("trimmed",)
+N_HASHES = len(ROWS)
+QUERY_ROWS = (0, N_HASHES - 1)  # rows searched against every row of the others: the frame, trimmed or not
+HASH_VERSION = 2  # bump when the rows change: cached codes of another version are recomputed
+TRIM_SIDE = 128  # border trimming looks at a copy this size (averages away JPEG and sensor noise)
+TRIM_ENERGY = 0.15  # a border line has under this share of the central lines' detail
+TRIM_MAX = 0.4  # at most this share of a side is trimmed from each edge
+# an image whose trimmed frame is largely *uniform* (TEMPLATE_WINDOW squares within 2 grey levels
+# on a 256-pixel copy) may be a screenshot or UI template, whose low frequencies are the
+# template's (two photos in one template hash alike). Such an image is hashed on its content box
+# instead: the largest blob where nearly every pixel has detail (text and UI lines have flat
+# gaps), i.e. the photo inside the template.
+TEMPLATE_FLAT = 0.08  # Flickr photos and their copies: ~1% above; screenshots: ~90%
+TEMPLATE_WINDOW = 15
+CONTENT_OPEN = 9  # window (pixels of a 2*TRIM_SIDE copy) of the density test and the opening
+CONTENT_MAX = 0.85  # a content box this share of the frame or more is the frame itself
+TEMPLATE_BOX = 0.45  # a content box under this share of the frame is a photo inside a template
 
 
 def _dct_bits(gray: np.ndarray) -> np.ndarray:
@@ -41,20 +60,120 @@ def _dct_bits(gray: np.ndarray) -> np.ndarray:
     return np.packbits(coeffs > np.median(coeffs))
 
 
-def compute_hashes(img) -> np.ndarray:
-    """RGB PIL image -> uint8 array (len(CROPS), CODE_BYTES): one hash per centre crop."""
+def _edge_run(energy: np.ndarray, limit: float) -> int:
+    """How many leading lines have less detail than ``limit`` (capped at TRIM_MAX of them)."""
+    cap = int(len(energy) * TRIM_MAX)
+    low = energy[:cap] < limit
+    return cap if low.all() else int(np.argmin(low))
+
+
+def trim_box(gray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the content inside uniform or blurred borders and letterboxing.
+
+    A border line (a column for the left/right edges) has almost no detail *along* it: the mean
+    absolute step between neighbouring pixels along a column of a uniform bar or a blurred pad is
+    a small share of the central columns'. The photo's own edge does not count (its step is across
+    the line), so the trim stops right at it. Uniform photos (no central detail) are not trimmed.
+    """
     from PIL import Image
 
-    gray = img.convert("L")
     w, h = gray.size
-    out = np.empty((len(CROPS), CODE_BYTES), dtype=np.uint8)
-    for i, frac in enumerate(CROPS):
+    scale = TRIM_SIDE / max(w, h)
+    small = (
+        gray.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.Resampling.BOX) if scale < 1 else gray
+    )
+    a = np.asarray(small, dtype=np.float32)
+    cols = np.abs(np.diff(a, axis=0)).mean(axis=0)  # detail along each column
+    rows = np.abs(np.diff(a, axis=1)).mean(axis=1)  # detail along each row
+    sw, sh = len(cols), len(rows)
+    ref_c = float(np.median(cols[sw // 4 : sw - sw // 4])) if sw >= 4 else 0.0
+    ref_r = float(np.median(rows[sh // 4 : sh - sh // 4])) if sh >= 4 else 0.0
+    if min(ref_c, ref_r) < 1.0:
+        return 0, 0, w, h
+    left, right = _edge_run(cols, TRIM_ENERGY * ref_c), _edge_run(cols[::-1], TRIM_ENERGY * ref_c)
+    top, bottom = _edge_run(rows, TRIM_ENERGY * ref_r), _edge_run(rows[::-1], TRIM_ENERGY * ref_r)
+    fx, fy = w / sw, h / sh
+    box = (round(left * fx), round(top * fy), w - round(right * fx), h - round(bottom * fy))
+    return box if box[2] - box[0] >= 8 and box[3] - box[1] >= 8 else (0, 0, w, h)
+
+
+def _frame_hashes(gray, crops=CROPS) -> list[np.ndarray]:
+    from PIL import Image
+
+    w, h = gray.size
+    out = []
+    for frac in crops:
         cw, ch = max(1, round(w * frac)), max(1, round(h * frac))
         left, top = (w - cw) // 2, (h - ch) // 2
         crop = gray.crop((left, top, left + cw, top + ch)) if frac < 1.0 else gray
-        small = np.asarray(crop.resize((SIDE, SIDE), Image.Resampling.BILINEAR), dtype=np.float32)
-        out[i] = _dct_bits(small)
+        out.append(_dct_bits(np.asarray(crop.resize((SIDE, SIDE), Image.Resampling.BILINEAR), dtype=np.float32)))
     return out
+
+
+def _small(gray, side: int = 2 * TRIM_SIDE):
+    """(a <= side BOX-downscaled copy as int16, its scale)."""
+    from PIL import Image
+
+    small = gray.copy()
+    small.thumbnail((side, side), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.int16), gray.width / small.width
+
+
+def _flat(a: np.ndarray, window: int, tol: int) -> np.ndarray:
+    """Pixels whose window x window neighbourhood spans at most ``tol`` grey levels."""
+    import cv2
+
+    kernel = np.ones((window, window), np.uint8)
+    u8 = a.astype(np.uint8)
+    return (cv2.dilate(u8, kernel).astype(np.int16) - cv2.erode(u8, kernel)) <= tol
+
+
+def flat_share(gray) -> float:
+    """Share of pixels in a uniform patch (a TEMPLATE_WINDOW square within 2 grey levels): UI
+    fills are uniform over large areas; skies, walls and JPEG-flattened blocks drift."""
+    return float(_flat(_small(gray)[0], TEMPLATE_WINDOW, 2).mean())
+
+
+def content_box(gray) -> tuple[int, int, int, int] | None:
+    """The box of the photo inside a template-like (largely flat) image, or None."""
+    from scipy import ndimage
+
+    a, scale = _small(gray)
+    if float(_flat(a, TEMPLATE_WINDOW, 2).mean()) <= TEMPLATE_FLAT:
+        return None
+    flat = _flat(a, 3, 1)
+    dense = ndimage.uniform_filter((~flat).astype(np.float32), CONTENT_OPEN) > 0.9  # text and lines have gaps
+    detail = ndimage.binary_opening(dense, structure=np.ones((CONTENT_OPEN, CONTENT_OPEN), bool))
+    labels, n = ndimage.label(detail)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(detail, labels, index=np.arange(1, n + 1))
+    ys, xs = ndimage.find_objects(labels)[int(np.argmax(sizes))]
+    if (ys.stop - ys.start) * (xs.stop - xs.start) >= CONTENT_MAX * flat.size:
+        return None
+    box = (round(xs.start * scale), round(ys.start * scale), round(xs.stop * scale), round(ys.stop * scale))
+    return box if box[2] - box[0] >= 16 and box[3] - box[1] >= 16 else None
+
+
+def compute_hashes(img) -> np.ndarray:
+    """RGB PIL image -> uint8 array (N_HASHES, CODE_BYTES), rows as in ROWS."""
+    from PIL import ImageOps
+
+    gray = img.convert("L")
+    box = trim_box(gray)
+    trimmed = gray.crop(box)
+    inner = content_box(trimmed)
+    if inner is not None:
+        # the query rows and their crops are of the content box. A small box is a photo in a
+        # template: the mirror rows mirror it. A large one is more likely a photo with flat parts:
+        # its whole frame stays in the mirror rows (never queried) so that its copies find it.
+        photo = trimmed.crop(inner)
+        content = _frame_hashes(photo)
+        small = (inner[2] - inner[0]) * (inner[3] - inner[1]) < TEMPLATE_BOX * trimmed.width * trimmed.height
+        return np.stack(content + _frame_hashes(ImageOps.mirror(photo) if small else gray) + content[:1])
+    rows = _frame_hashes(gray) + _frame_hashes(ImageOps.mirror(gray))
+    rows.append(rows[0] if box == (0, 0, *gray.size) else _frame_hashes(gray.crop(box), crops=(1.0,))[0])
+    return np.stack(rows)
 
 
 def hamming_threshold(max_hamming: int) -> int:

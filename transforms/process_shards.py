@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -32,6 +33,7 @@ INFO_SCHEMA = pa.schema(
 )
 FAILURE_SCHEMA = pa.schema([(f.name, pa.string()) for f in dataclasses.fields(Failure)])
 CODE_SCHEMA = pa.schema([("key", pa.string()), ("codes", pa.binary())])
+ORB_SCHEMA = pa.schema([("key", pa.string()), ("features", pa.binary())])
 KEY_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string())])
 SUMMARY_SCHEMA = pa.schema(
     [
@@ -56,6 +58,7 @@ class ShardSettings:
     emit_samples: bool = False
     max_decoded_bytes: int = 0  # 0: transforms.decode's default (bit depth counted)
     debug_sleep_s: float = 0.0  # tests only: make a shard slow so a run can be killed mid-way
+    orb: Any = None  # pipeline.config.OrbConfig: ORB features computed (and cached) with the decode
 
     def cache_key(self) -> dict:
         from transforms import phash
@@ -64,15 +67,16 @@ class ShardSettings:
             "limits": dataclasses.asdict(self.limits),
             "max_pixels": self.max_pixels,
             "phash": self.phash,
-            "phash_version": (phash.BITS, phash.CROPS) if self.phash else None,
+            "phash_version": (phash.BITS, phash.ROWS, phash.HASH_VERSION) if self.phash else None,
             "pixel_hash": self.pixel_hash,
             "decode_version": DECODE_VERSION,
             "max_decoded_bytes": self.max_decoded_bytes,
+            "orb": self.orb.model_dump() if self.orb is not None else None,
         }
 
 
 def decode_sample(
-    sample: Sample, settings: ShardSettings, hasher, sizes: dict | None = None
+    sample: Sample, settings: ShardSettings, hasher, sizes: dict | None = None, extras: dict | None = None
 ) -> tuple[SampleInfo | Failure, bytes | None]:
     """Decode one sample -> its SampleInfo (sizes, digests, notes) and phash codes, or a Failure.
 
@@ -107,6 +111,10 @@ def decode_sample(
         image_bytes=len(sample.image),
         notes=";".join(notes),
     )
+    if extras is not None and settings.orb is not None:  # local features: transforms/local_features.py
+        from transforms.local_features import extract_features
+
+        extras["orb"] = extract_features(img, settings.orb).to_bytes()
     return info, (hasher(img).tobytes() if hasher is not None else None)
 
 
@@ -176,12 +184,13 @@ class ProcessShardFn(beam.DoFn):
                     "codes": (tables["codes"], CODE_SCHEMA),
                     "keys": (tables["keys"], KEY_SCHEMA),
                     "summary": (tables["summary"], SUMMARY_SCHEMA),
+                    "orb": (tables["orb"], ORB_SCHEMA),
                 },
             )
         yield from self._emit(tables)
 
     def _compute(self, path: str) -> dict[str, list]:
-        tables: dict[str, list] = {"infos": [], "failures": [], "codes": [], "keys": [], "summary": [], "samples": []}
+        tables: dict[str, list] = {k: [] for k in ("infos", "failures", "codes", "keys", "summary", "samples", "orb")}
         sizes: dict = {}
         for item in iter_shard(path, self.settings.limits, sizes):
             if isinstance(item, dict):
@@ -193,7 +202,8 @@ class ProcessShardFn(beam.DoFn):
                     tables["keys"].append({"key": item.key, "shard": item.shard})
             else:
                 tables["keys"].append({"key": item.key, "shard": item.shard})
-                result, codes = decode_sample(item, self.settings, self.hasher, sizes)
+                extras: dict = {}
+                result, codes = decode_sample(item, self.settings, self.hasher, sizes, extras)
                 if isinstance(result, Failure):
                     tables["failures"].append(dataclasses.asdict(result))
                     continue
@@ -202,6 +212,8 @@ class ProcessShardFn(beam.DoFn):
                 tables["infos"].append(dataclasses.asdict(result))
                 if codes is not None:
                     tables["codes"].append({"key": item.key, "codes": codes})
+                if "orb" in extras:
+                    tables["orb"].append({"key": item.key, "features": extras["orb"]})
                 if self.settings.emit_samples:
                     tables["samples"].append(item)
         return tables
@@ -219,6 +231,8 @@ class ProcessShardFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("keys", (row["key"], row["shard"]))
         for row in tables["summary"]:
             yield beam.pvalue.TaggedOutput("shards", row)
+        for row in tables.get("orb", []):
+            yield beam.pvalue.TaggedOutput("orb", (row["key"], row["features"]))
         for sample in tables.get("samples", []):
             yield beam.pvalue.TaggedOutput("samples", sample)
 
@@ -239,7 +253,7 @@ class ProcessShards(beam.PTransform):
             shuffled,
             "ProcessShard",
             ProcessShardFn(self.settings),
-            ["failures", "codes", "keys", "shards", "samples"],
+            ["failures", "codes", "keys", "shards", "samples", "orb"],
             "infos",
         )
         repeated = (
@@ -252,4 +266,5 @@ class ProcessShards(beam.PTransform):
             "failures": failures,
             "shards": out["shards"],
             "samples": out["samples"],
+            "orb": out["orb"],
         }

@@ -41,7 +41,8 @@ def read(p: beam.Pipeline, cfg, shards: list[str], out_dir: str) -> dict:
         phash=cfg.dedup.phash.enabled,
         pixel_hash=cfg.dedup.exact and cfg.dedup.exact_pixels,
         cache_dir=(cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None,
-        emit_samples=cfg.dedup.clip.enabled,
+        emit_samples=cfg.dedup.clip.enabled or cfg.dedup.sscd.enabled,
+        orb=cfg.dedup.orb if cfg.dedup.orb.enabled else None,
         max_decoded_bytes=cfg.read.max_decoded_bytes,
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )

@@ -1,0 +1,193 @@
+"""The ORB copy embedder on Beam: features per sample, candidates per visual word, verified pairs.
+
+Partitioning (no step gathers all descriptors): features are computed where samples are
+decoded (``transforms.process_shards``, cached with the shard); each image's words are shuffled
+by word partition (``word_partitions`` ranges of the word space, one element per image and
+partition); in each partition every word's posting list (at most ``max_df`` keys, or it is a
+stop-word and only its id is kept) votes for key pairs, and votes are summed per pair; candidate
+pairs meet their two feature records through two keyed joins; each pair is verified on its own.
+See docs/copy_detection.md for the cost at 1e8 images.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+
+import apache_beam as beam
+import numpy as np
+
+from schemas.elements import Edge, Neighbour
+from transforms.local_features import EMBEDDER, Features, verify, words
+
+log = logging.getLogger(__name__)
+
+
+def keep_mask(feat: Features, cfg, stop: np.ndarray) -> np.ndarray:
+    """Descriptors to match: those with at most half of their words stop-words (stop: sorted ids)."""
+    if len(stop) == 0 or len(feat.desc) == 0:
+        return np.ones(len(feat.desc), bool)
+    stopped = np.isin(words(feat.desc, cfg.tables, cfg.word_bits), stop, assume_unique=False)
+    return stopped.sum(axis=1) * 2 <= cfg.tables
+
+
+def postings(feat: Features, cfg) -> np.ndarray:
+    return np.unique(words(feat.desc, cfg.tables, cfg.word_bits))
+
+
+def partition_votes(items: list[tuple[str, np.ndarray]], max_df: int) -> tuple[dict, np.ndarray]:
+    """One partition of the word space: (key, its words there) -> ({(key a, key b): votes}, stop words).
+
+    A word held by more than ``max_df`` keys is a stop-word; every other word shared by keys
+    votes once for each pair of them."""
+    items = sorted(items)
+    if not items:
+        return {}, np.zeros(0, np.int64)
+    keys = [k for k, _ in items]
+    word = np.concatenate([w for _, w in items])
+    owner = np.concatenate([np.full(len(w), i) for i, (_, w) in enumerate(items)])
+    order = np.lexsort((owner, word))
+    word, owner = word[order], owner[order]
+    starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+    counts = np.diff(np.r_[starts, len(word)])
+    stop = word[starts[counts > max_df]]
+    votes: dict[tuple[str, str], int] = {}
+    live = (counts >= 2) & (counts <= max_df)
+    for s, c in zip(starts[live], counts[live], strict=True):
+        for a, b in itertools.combinations(owner[s : s + c].tolist(), 2):
+            pair = (keys[a], keys[b])
+            votes[pair] = votes.get(pair, 0) + 1
+    return votes, stop
+
+
+def candidate_pairs(post: dict[str, np.ndarray], cfg) -> tuple[list[tuple[str, str, int]], np.ndarray]:
+    """In memory: key -> its unique words -> ([(key a, key b, votes >= min_votes)], sorted stop words)."""
+    votes, stop = partition_votes(list(post.items()), cfg.max_df)
+    pairs = [(a, b, v) for (a, b), v in sorted(votes.items()) if v >= cfg.min_votes]
+    return pairs, np.sort(stop)
+
+
+def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> list[Edge]:
+    """In memory (tests, scripts/eval_copies.py): the same algorithm as ``FindOrbCopies``."""
+    pairs, stop = candidate_pairs({k: postings(f, cfg) for k, f in feats.items()}, cfg)
+    masks = {k: keep_mask(f, cfg, stop) for k, f in feats.items()}
+    edges = []
+    for a, b, _ in pairs:
+        if skip and a in skip and b in skip:
+            continue
+        v = verify(feats[a], feats[b], cfg, masks[a], masks[b])
+        if v.copy:
+            edges.append(Edge(a, b, round(v.agreement, 4), EMBEDDER))
+    return edges
+
+
+# ---- Beam ----
+
+
+def _postings(item, cfg) -> Iterator:
+    """(key, features) -> (partition, (key, its words in that partition)): one element per partition."""
+    key, data = item
+    w = postings(Features.from_bytes(data), cfg)
+    part = w % cfg.word_partitions
+    for p in np.unique(part).tolist():
+        yield p, (key, w[part == p])
+
+
+def _partition_pairs(item, max_df: int) -> Iterator:
+    _, items = item
+    votes, stop = partition_votes(list(items), max_df)
+    beam.metrics.Metrics.counter(EMBEDDER, "stop_words").inc(len(stop))
+    if len(stop):
+        yield beam.pvalue.TaggedOutput("stop", stop)
+    yield from votes.items()
+
+
+def _route(item) -> Iterator:
+    (a, b), _ = item
+    yield a, (a, b)
+    yield b, (a, b)
+
+
+_STOP_CACHE: dict[int, np.ndarray] = {}
+
+
+def _stop_array(stop: list) -> np.ndarray:
+    """The side input's stop-word arrays as one sorted array, built once per worker."""
+    if id(stop) not in _STOP_CACHE:
+        _STOP_CACHE.clear()
+        _STOP_CACHE[id(stop)] = np.unique(np.concatenate(stop)) if stop else np.zeros(0, np.int64)
+    return _STOP_CACHE[id(stop)]
+
+
+def _attach(item, cfg, stop: list) -> Iterator:
+    """key -> its features and pairs: (pair, (key, features, keep mask)), the mask computed once."""
+    key, grouped = item
+    feats, pairs = list(grouped["feat"]), list(grouped["pair"])
+    if not feats or not pairs:
+        return
+    mask = np.packbits(keep_mask(Features.from_bytes(feats[0]), cfg, _stop_array(stop))).tobytes()
+    for pair in pairs:
+        yield pair, (key, feats[0], mask)
+
+
+def _verify(item, cfg) -> Iterator:
+    (a, b), parts = item
+    found = {k: (f, m) for k, f, m in parts}
+    if a not in found or b not in found:
+        return
+    fa, fb = Features.from_bytes(found[a][0]), Features.from_bytes(found[b][0])
+    ma = np.unpackbits(np.frombuffer(found[a][1], np.uint8))[: len(fa.desc)].astype(bool)
+    mb = np.unpackbits(np.frombuffer(found[b][1], np.uint8))[: len(fb.desc)].astype(bool)
+    v = verify(fa, fb, cfg, ma, mb)
+    beam.metrics.Metrics.counter(EMBEDDER, "verified" if v.copy else "rejected").inc()
+    if v.copy:
+        yield Edge(a, b, round(v.agreement, 4), EMBEDDER)
+
+
+def _nearest(item) -> Neighbour:
+    key, best = item
+    sim, other = best
+    return Neighbour(key, EMBEDDER, other, sim)
+
+
+def _best(values) -> tuple[float, str]:
+    return max(values, key=lambda v: (v[0], [-ord(c) for c in v[1]]), default=(0.0, ""))
+
+
+class FindOrbCopies(beam.PTransform):
+    """(key, feature bytes) -> {"edges": Edge, "neighbours": Neighbour} of verified local-feature
+    copies. Features come from ProcessShards (computed with the decode, cached per shard)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, feats):
+        from transforms.outputs import multi_output
+
+        cfg = self.cfg
+        by_part = feats | "Postings" >> beam.FlatMap(_postings, cfg=cfg) | "ByWordPartition" >> beam.GroupByKey()
+        split = multi_output(by_part, "WordPairs", _partition_pairs, ["stop"], "pairs", max_df=cfg.max_df)
+        stop = beam.pvalue.AsList(split["stop"])
+        candidates = (
+            split["pairs"]
+            | "Votes" >> beam.CombinePerKey(sum)
+            | "EnoughVotes" >> beam.Filter(lambda kv, n: kv[1] >= n, n=cfg.min_votes)
+        )
+        routed = candidates | "Route" >> beam.FlatMap(_route)
+        joined = {"feat": feats, "pair": routed} | "JoinFeatures" >> beam.CoGroupByKey()
+        edges = (
+            joined
+            | "Attach" >> beam.FlatMap(_attach, cfg=cfg, stop=stop)
+            | "ByPair" >> beam.GroupByKey()
+            | "Verify" >> beam.FlatMap(_verify, cfg=cfg)
+        )
+        neighbours = (
+            edges
+            | "BothEnds"
+            >> beam.FlatMap(lambda e: [(e.key_a, (e.similarity, e.key_b)), (e.key_b, (e.similarity, e.key_a))])
+            | "Best" >> beam.CombinePerKey(_best)
+            | "Neighbour" >> beam.Map(_nearest)
+        )
+        return {"edges": edges, "neighbours": neighbours}
