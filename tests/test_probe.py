@@ -151,8 +151,16 @@ def test_lab_model_separates_memorized_captions():
     pm = load_probe(str(lab), "cpu")
     scorer = MagnitudeScorer(pm, seeds=2)
     memorized = (lab / "memorized.txt").read_text().splitlines()
-    unseen = ["a man riding a wave on top of a surfboard", "two dogs playing in the snow", "a plate of pasta",
-              "a red bus parked on a city street", "a kitchen with a stove and a sink", "a child flying a kite",
-              "a vase of flowers on a table", "a train crossing a bridge", "an old church under a cloudy sky",
-              "a woman reading a book on a bench"]
+    unseen = [
+        "a man riding a wave on top of a surfboard",
+        "two dogs playing in the snow",
+        "a plate of pasta",
+        "a red bus parked on a city street",
+        "a kitchen with a stove and a sink",
+        "a child flying a kite",
+        "a vase of flowers on a table",
+        "a train crossing a bridge",
+        "an old church under a cloudy sky",
+        "a woman reading a book on a bench",
+    ]
     assert auc(scorer.score(memorized), scorer.score(unseen)) >= 0.95
