@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 
@@ -12,6 +13,7 @@ from pipeline.config import ClipConfig
 from schemas.elements import Sample
 from transforms.embed_clip import (
     EmbedClip,
+    content_digest,
     cpu_bf16_is_fast,
     embed_images,
     embed_texts,
@@ -19,6 +21,7 @@ from transforms.embed_clip import (
     load_shard_embeddings,
     model_tag,
     resolve_device_dtype,
+    sample_digest,
     save_shard_embeddings,
     shard_paths,
 )
@@ -59,7 +62,8 @@ def _jpeg_bytes(img) -> bytes:
 
 
 def _sample(key: str, shard: str, data: bytes) -> Sample:
-    return Sample(key, shard, f"http://x/{key}.jpg", f"caption {key}", "{}", data, "jpg", "")
+    digest = hashlib.sha256(data).hexdigest()  # as the reader records it
+    return Sample(key, shard, f"http://x/{key}.jpg", f"caption {key}", "{}", data, "jpg", digest)
 
 
 def test_image_and_text_towers_give_unit_vectors(bundle):
@@ -128,11 +132,25 @@ def test_embed_clip_on_pipeline_with_dead_letters_and_reuse(tiny_model, tmp_path
         failures = out["failures"] | beam.Map(lambda f: (f.key, f.stage, f.error_type))
         assert_that(failures, equal_to([("a2", "embed", "unidentified_image")]), label="failures")
     root = str(tmp_path / "clip" / model_tag(tiny_model, None))
-    keys, vectors = load_shard_embeddings(root, "s1")
+    s1 = _persisted_name(samples, "s1")
+    keys, vectors = load_shard_embeddings(root, s1)
     assert keys == ["b1", "b2"] and vectors.shape == (2, DIM)
 
-    save_shard_embeddings(root, "s1", keys, np.zeros_like(vectors))  # a re-run reads shard s1 back
+    save_shard_embeddings(root, s1, keys, np.zeros_like(vectors))  # a re-run reads shard s1 back
     with TestPipeline(runner="DirectRunner") as p:
         out = p | beam.Create(samples) | EmbedClip(cfg, embeddings_dir=str(tmp_path))
         rows = out["embeddings"] | beam.FlatMap(_summary)
         assert_that(rows, equal_to([("a1", DIM, 1.0), ("b1", DIM, 0.0), ("b2", DIM, 0.0)]))
+
+    # the same shard name with another picture under b2: the stored vectors are stale, not reused
+    changed = samples[:3] + [_sample("b2", "s1", _jpeg_bytes(_image(3)))]
+    assert _persisted_name(changed, "s1") != s1
+    with TestPipeline(runner="DirectRunner") as p:
+        out = p | beam.Create(changed) | EmbedClip(cfg, embeddings_dir=str(tmp_path))
+        rows = out["embeddings"] | beam.FlatMap(_summary)
+        assert_that(rows, equal_to([("a1", DIM, 1.0), ("b1", DIM, 1.0), ("b2", DIM, 1.0)]))
+
+
+def _persisted_name(samples, shard: str) -> str:
+    total = sum(sample_digest(s)[1] for s in samples if s.shard == shard)
+    return content_digest((shard, total))[1]

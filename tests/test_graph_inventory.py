@@ -32,6 +32,7 @@ ALLOWED = {
     r"MineTriggers/Skeletons": "frequent template words: vocabulary",
     r"DiversifyCaptions/Diversify": "top-N vocabulary",
     r"EmbedClip/NotPersisted": "one entry per shard",
+    r"EmbedClip/Save": "one name per shard (identity + content digest)",
     r"CountWritten\b.*": "the final writer join: one count of written files",
     r"FindOrbCopies/Attach": "ORB stop-word ids: <= min(tables x 2^word_bits, postings / max_df)",
 }

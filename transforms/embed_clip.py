@@ -11,6 +11,7 @@ in batches ``(keys, vectors[n, d])``; samples that do not decode go to ``Failure
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -140,39 +141,66 @@ def model_tag(model: str, pretrained: str | None) -> str:
 
 
 def shard_paths(root: str, shard: str) -> tuple[str, str]:
+    """``shard`` is the shard's identity plus its content digest (``content_digest``)."""
+    from transforms import fsio
+
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", shard)
-    return os.path.join(root, f"{safe}.npy"), os.path.join(root, f"{safe}.keys.parquet")
+    return fsio.join(root, f"{safe}.npy"), fsio.join(root, f"{safe}.keys.parquet")
+
+
+def sample_digest(sample: Sample) -> tuple[str, int]:
+    """(shard, 64-bit hash of the sample's key and image digest): summed per shard, order-free."""
+    h = hashlib.sha256(f"{sample.key}\0{sample.sha256}".encode("utf-8", "surrogateescape")).hexdigest()
+    return sample.shard, int(h[:16], 16)
+
+
+def content_digest(item: tuple[str, int]) -> tuple[str, str]:
+    """(shard, summed sample hashes) -> (shard, "<shard>-<16 hex>"): a shard whose keys or image
+    bytes change gets a new name, so stale vectors are never read back."""
+    shard, total = item
+    return shard, f"{shard}-{total % (1 << 64):016x}"
 
 
 def save_shard_embeddings(root: str, shard: str, keys: list[str], vectors: np.ndarray) -> str:
     """Write one shard's vectors sorted by key; atomic (temp files, then rename; keys last)."""
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    os.makedirs(root, exist_ok=True)
+    from transforms import fsio
+
+    fsio.makedirs(root)
     order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
     npy, parquet = shard_paths(root, shard)
-    with open(npy + ".tmp", "wb") as f:
-        np.save(f, np.ascontiguousarray(vectors[order]))
-    pq.write_table(pa.table({"key": [keys[i] for i in order]}), parquet + ".tmp")
-    os.replace(npy + ".tmp", npy)
-    os.replace(parquet + ".tmp", parquet)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(vectors[order]))
+    fsio.write_bytes(npy, buf.getvalue())
+    out = io.BytesIO()
+    pq.write_table(pa.table({"key": [keys[i] for i in order]}), out)
+    fsio.write_bytes(parquet, out.getvalue())
     return npy
 
 
 def has_shard_embeddings(root: str, shard: str) -> bool:
-    return all(os.path.isfile(p) for p in shard_paths(root, shard))
+    from transforms import fsio
+
+    return all(fsio.isfile(p) for p in shard_paths(root, shard))
 
 
 def load_shard_embeddings(root: str, shard: str) -> tuple[list[str], np.ndarray] | None:
     """A shard's persisted (keys, vectors), or None when absent or inconsistent."""
+    import io
+
     import pyarrow.parquet as pq
 
+    from transforms import fsio
+
     npy, parquet = shard_paths(root, shard)
-    if not (os.path.isfile(npy) and os.path.isfile(parquet)):
+    if not has_shard_embeddings(root, shard):
         return None
-    keys = pq.read_table(parquet).column("key").to_pylist()
-    vectors = np.load(npy)
+    keys = pq.read_table(io.BytesIO(fsio.read_bytes(parquet))).column("key").to_pylist()
+    vectors = np.load(io.BytesIO(fsio.read_bytes(npy)))
     if len(keys) != len(vectors):
         log.warning("clip: %s has %d keys but %d vectors; re-embedding it", npy, len(keys), len(vectors))
         return None
@@ -235,15 +263,15 @@ class EmbedClipFn(beam.DoFn):
         return beam.pvalue.TaggedOutput(FAILURES, failure)
 
 
-def _save_shard(item, root: str) -> Iterator[str]:
+def _save_shard(item, root: str, names: dict) -> Iterator[str]:
     shard, pieces = item
     pieces = list(pieces)
     keys = [k for ks, _ in pieces for k in ks]
-    yield save_shard_embeddings(root, shard, keys, np.concatenate([v for _, v in pieces]))
+    yield save_shard_embeddings(root, names[shard], keys, np.concatenate([v for _, v in pieces]))
 
 
-def _load_shard(shard: str, root: str) -> Iterator[tuple[list[str], np.ndarray]]:
-    found = load_shard_embeddings(root, shard)
+def _load_shard(named: tuple[str, str], root: str) -> Iterator[tuple[list[str], np.ndarray]]:
+    found = load_shard_embeddings(root, named[1])
     if found is not None:
         yield found
 
@@ -267,12 +295,18 @@ class EmbedClip(beam.PTransform):
         reused = None
         if self.root:
             root = self.root
-            shards = samples | "Shards" >> beam.Map(lambda s: s.shard) | "DistinctShards" >> beam.Distinct()
-            done = shards | "Persisted" >> beam.Filter(lambda s: has_shard_embeddings(root, s))
+            # vectors are found again by shard identity *and* content: one name per shard (a
+            # side input sized by the number of shards, not samples)
+            names = (
+                samples
+                | "SampleDigest" >> beam.Map(sample_digest)
+                | "ShardDigest" >> beam.CombinePerKey(sum)
+                | "ShardName" >> beam.Map(content_digest)
+            )
+            done = names | "Persisted" >> beam.Filter(lambda kv: has_shard_embeddings(root, kv[1]))
             reused = done | "LoadPersisted" >> beam.FlatMap(_load_shard, root=root)
             samples = samples | "NotPersisted" >> beam.Filter(
-                lambda s, done_set: s.shard not in done_set,
-                done_set=beam.pvalue.AsDict(done | "AsSet" >> beam.Map(lambda s: (s, True))),
+                lambda s, done_set: s.shard not in done_set, done_set=beam.pvalue.AsDict(done)
             )
         bs = self.cfg.batch_size
         from transforms.outputs import multi_output
@@ -283,7 +317,9 @@ class EmbedClip(beam.PTransform):
         outputs = {FAILURES: out[FAILURES]}
         if self.root:
             outputs["written"] = (
-                out["pieces"] | "ByShard" >> beam.GroupByKey() | "Save" >> beam.FlatMap(_save_shard, root=self.root)
+                out["pieces"]
+                | "ByShard" >> beam.GroupByKey()
+                | "Save" >> beam.FlatMap(_save_shard, root=self.root, names=beam.pvalue.AsDict(names))
             )
             embeddings = (embeddings, reused) | "WithPersisted" >> beam.Flatten()
         outputs[EMBEDDINGS] = embeddings
