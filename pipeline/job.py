@@ -91,10 +91,20 @@ def _shared_dirs(cfg: JobConfig, out_dir: str) -> JobConfig:
 def beam_options(cfg: JobConfig, beam_args: list[str]):
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from pipeline import dask_runner
+
     args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args.append(f"--runner={cfg.run.runner}")
+    # Beam's DaskRunner recomputes a side input's upstream per task: ours materialises it once
+    args = [f"--runner={dask_runner.RUNNER_PATH}" if _is_dask_flag(a) else a for a in args]
     return PipelineOptions(args, save_main_session=False)
+
+
+def _is_dask_flag(arg: str) -> bool:
+    from pipeline import dask_runner
+
+    return arg.startswith("--runner=") and dask_runner.is_dask(arg.split("=", 1)[1])
 
 
 def write_blocklist_txt(out_dir: str) -> int:
