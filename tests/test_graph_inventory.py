@@ -1,15 +1,14 @@
 """Issue 10, acceptance 5: every global combine and every side input of the job graph, listed and
 checked against an allow-list of ones bounded by something other than the number of samples.
 
-The graph is built (not run) with every stage on. ``ALLOWED`` says why each is bounded;
-``KNOWN_UNBOUNDED`` lists what still grows with the samples, with its owner, and
-``test_nothing_unbounded_left`` fails (xfail) until it is empty. docs/engines.md has the list.
+The graph is built (not run) with every stage on. ``ALLOWED`` says why each is bounded; anything
+else (a new side input or global combine) fails ``test_nothing_unbounded_left``. docs/engines.md
+has the list.
 """
 
 import re
 
 import apache_beam as beam
-import pytest
 import yaml
 from apache_beam.pipeline import PipelineVisitor
 
@@ -34,10 +33,6 @@ ALLOWED = {
     r"EmbedClip/NotPersisted": "one entry per shard",
     r"CountWritten\b.*": "the final writer join: one count of written files",
     r"FindOrbCopies/Attach": "ORB stop-word ids: <= min(tables x 2^word_bits, postings / max_df)",
-}
-
-KNOWN_UNBOUNDED = {
-    r"Annotate/Build": "cluster_id -> duplication class, one entry per duplicate cluster (owner: annotate)",
 }
 
 
@@ -82,7 +77,7 @@ def _unlisted(found: dict, patterns: dict) -> dict:
 def test_webdataset_graph_has_only_bounded_globals(tmp_path):
     found = inventory(_graph(tmp_path))
     assert any("SampleForCells" in label for label in found)  # the inventory sees combines and side inputs
-    assert _unlisted(found, {**ALLOWED, **KNOWN_UNBOUNDED}) == {}
+    assert _unlisted(found, ALLOWED) == {}
     for label in found:  # nothing of the dedup search or the clustering gathers
         assert not re.match(r"(FindDuplicates|FindPhashCopies|ClipEdges)/", label) or re.fullmatch(
             "|".join(ALLOWED), label
@@ -100,7 +95,7 @@ def test_incremental_graph_keeps_old_keys_out_of_workers(tmp_path):
     assert {k: v for k, v in inventory(p).items() if k.startswith("FindDuplicates")} == {}
 
 
-@pytest.mark.xfail(reason="issue 10: stages owned by other helpers still take sample-sized side inputs", strict=False)
 def test_nothing_unbounded_left(tmp_path):
     found = inventory(_graph(tmp_path))
     assert _unlisted(found, ALLOWED) == {}
+    assert not any(label.startswith("Annotate/") for label in found)  # duplication joins by cluster id
