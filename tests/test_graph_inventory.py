@@ -99,3 +99,34 @@ def test_nothing_unbounded_left(tmp_path):
     found = inventory(_graph(tmp_path))
     assert _unlisted(found, ALLOWED) == {}
     assert not any(label.startswith("Annotate/") for label in found)  # duplication joins by cluster id
+
+
+def test_annotate_joins_duplication_by_cluster_like_the_dict():
+    """The keyed join gives each member of a duplicate cluster its class, as the old dict did;
+    singletons and clusters without a class get ""."""
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from schemas.elements import ClusterAssignment, SampleInfo
+    from transforms.annotate import Annotate, build_annotation
+
+    infos = [SampleInfo(k, "s0", "", f"c {k}", "h", "p", 8, 8) for k in "abcdef"]
+    assigns = [
+        ClusterAssignment("a", "a", 2, True, "exact", 1.0),
+        ClusterAssignment("b", "a", 2, False, "exact", 1.0),
+        ClusterAssignment("c", "c", 3, True, "clip", 1.0),
+        ClusterAssignment("d", "c", 3, False, "clip", 0.9),
+        ClusterAssignment("e", "c", 3, False, "clip", 0.9),
+        ClusterAssignment("f", "f", 1, True, "", 1.0),
+    ]
+    classes = [("a", "full"), ("f", "partial")]  # "c" has no class; "f" is a singleton
+    pairs = zip(infos, assigns, strict=True)
+    expected = [build_annotation(i.key, {"info": [i], "assignment": [a]}, dict(classes)) for i, a in pairs]
+    assert [e.duplication for e in expected] == ["full", "full", "", "", "", ""]
+    with beam.Pipeline() as p:
+        keyed = {
+            "info": p | "I" >> beam.Create([(i.key, i) for i in infos]),
+            "assignment": p | "A" >> beam.Create([(a.key, a) for a in assigns]),
+        }
+        out = keyed | Annotate(p | "D" >> beam.Create(classes))
+        assert_that(out, equal_to(expected))
+    assert not inventory(p)
