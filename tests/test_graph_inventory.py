@@ -1,15 +1,14 @@
 """Issue 10, acceptance 5: every global combine and every side input of the job graph, listed and
 checked against an allow-list of ones bounded by something other than the number of samples.
 
-The graph is built (not run) with every stage on. ``ALLOWED`` says why each is bounded;
-``KNOWN_UNBOUNDED`` lists what still grows with the samples, with its owner, and
-``test_nothing_unbounded_left`` fails (xfail) until it is empty. docs/engines.md has the list.
+The graph is built (not run) with every stage on. ``ALLOWED`` says why each is bounded; anything
+else (a new side input or global combine) fails ``test_nothing_unbounded_left``. docs/engines.md
+has the list.
 """
 
 import re
 
 import apache_beam as beam
-import pytest
 import yaml
 from apache_beam.pipeline import PipelineVisitor
 
@@ -35,10 +34,6 @@ ALLOWED = {
     r"EmbedClip/Save": "one name per shard (identity + content digest)",
     r"CountWritten\b.*": "the final writer join: one count of written files",
     r"FindOrbCopies/Attach": "ORB stop-word ids: <= min(tables x 2^word_bits, postings / max_df)",
-}
-
-KNOWN_UNBOUNDED = {
-    r"Annotate/Build": "cluster_id -> duplication class, one entry per duplicate cluster (owner: annotate)",
 }
 
 
@@ -83,7 +78,7 @@ def _unlisted(found: dict, patterns: dict) -> dict:
 def test_webdataset_graph_has_only_bounded_globals(tmp_path):
     found = inventory(_graph(tmp_path))
     assert any("SampleForCells" in label for label in found)  # the inventory sees combines and side inputs
-    assert _unlisted(found, {**ALLOWED, **KNOWN_UNBOUNDED}) == {}
+    assert _unlisted(found, ALLOWED) == {}
     for label in found:  # nothing of the dedup search or the clustering gathers
         assert not re.match(r"(FindDuplicates|FindPhashCopies|ClipEdges)/", label) or re.fullmatch(
             "|".join(ALLOWED), label
@@ -101,7 +96,38 @@ def test_incremental_graph_keeps_old_keys_out_of_workers(tmp_path):
     assert {k: v for k, v in inventory(p).items() if k.startswith("FindDuplicates")} == {}
 
 
-@pytest.mark.xfail(reason="issue 10: stages owned by other helpers still take sample-sized side inputs", strict=False)
 def test_nothing_unbounded_left(tmp_path):
     found = inventory(_graph(tmp_path))
     assert _unlisted(found, ALLOWED) == {}
+    assert not any(label.startswith("Annotate/") for label in found)  # duplication joins by cluster id
+
+
+def test_annotate_joins_duplication_by_cluster_like_the_dict():
+    """The keyed join gives each member of a duplicate cluster its class, as the old dict did;
+    singletons and clusters without a class get ""."""
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from schemas.elements import ClusterAssignment, SampleInfo
+    from transforms.annotate import Annotate, build_annotation
+
+    infos = [SampleInfo(k, "s0", "", f"c {k}", "h", "p", 8, 8) for k in "abcdef"]
+    assigns = [
+        ClusterAssignment("a", "a", 2, True, "exact", 1.0),
+        ClusterAssignment("b", "a", 2, False, "exact", 1.0),
+        ClusterAssignment("c", "c", 3, True, "clip", 1.0),
+        ClusterAssignment("d", "c", 3, False, "clip", 0.9),
+        ClusterAssignment("e", "c", 3, False, "clip", 0.9),
+        ClusterAssignment("f", "f", 1, True, "", 1.0),
+    ]
+    classes = [("a", "full"), ("f", "partial")]  # "c" has no class; "f" is a singleton
+    pairs = zip(infos, assigns, strict=True)
+    expected = [build_annotation(i.key, {"info": [i], "assignment": [a]}, dict(classes)) for i, a in pairs]
+    assert [e.duplication for e in expected] == ["full", "full", "", "", "", ""]
+    with beam.Pipeline() as p:
+        keyed = {
+            "info": p | "I" >> beam.Create([(i.key, i) for i in infos]),
+            "assignment": p | "A" >> beam.Create([(a.key, a) for a in assigns]),
+        }
+        out = keyed | Annotate(p | "D" >> beam.Create(classes))
+        assert_that(out, equal_to(expected))
+    assert not inventory(p)

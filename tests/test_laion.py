@@ -210,7 +210,7 @@ def test_laion_graph_has_only_bounded_globals(tmp_path):
     import apache_beam as beam
 
     from pipeline.graph import build_graph, read_input
-    from tests.test_graph_inventory import ALLOWED, KNOWN_UNBOUNDED, _unlisted, inventory
+    from tests.test_graph_inventory import ALLOWED, _unlisted, inventory
 
     _bad_folder(tmp_path / "emb")
     cfg = load_job(JOB, ["probe.enabled=false"], input_path=str(tmp_path / "emb"), output_dir=str(tmp_path / "out"))
@@ -219,4 +219,5 @@ def test_laion_graph_has_only_bounded_globals(tmp_path):
     found = inventory(p)
     assert any(label.startswith("VectorEdges_clip/") for label in found)
     assert not any(label.startswith("ReadLaion/") for label in found)
-    assert _unlisted(found, {**ALLOWED, **KNOWN_UNBOUNDED}) == {}
+    assert _unlisted(found, ALLOWED) == {}
+    assert not any(label.startswith("Annotate/") for label in found)

@@ -9,13 +9,17 @@ import apache_beam as beam
 from schemas.elements import Annotation, ClusterAssignment, Failure, SampleInfo
 
 
-def build_annotation(key: str, grouped: dict, duplication: dict[str, str]) -> Annotation | None:
-    """Pure: the joined lists for one key -> an Annotation (None when the key has no record)."""
+def build_annotation(key: str, grouped: dict, duplication: dict[str, str] | None = None) -> Annotation | None:
+    """Pure: the joined lists for one key -> an Annotation (None when the key has no record).
+
+    A cluster's duplication class comes from ``grouped["duplication"]`` ((cluster_id, class)
+    pairs joined to this key) or, for direct callers, the ``duplication`` dict."""
     infos: list[SampleInfo] = sorted(grouped.get("info", []), key=lambda i: i.shard)
     failures: list[Failure] = sorted(grouped.get("failure", []), key=lambda f: (f.shard, f.stage, f.error_type))
     assignments: list[ClusterAssignment] = list(grouped.get("assignment", []))
     codes = sorted({c for codes in grouped.get("codes", []) for c in codes})
     scores = list(grouped.get("score", []))
+    duplication = {**(duplication or {}), **dict(grouped.get("duplication", []))}
     if infos:
         i = infos[0]
         base = Annotation(
@@ -93,18 +97,36 @@ def annotation_from_row(row: dict) -> Annotation:
     return Annotation(**cleaned)
 
 
-def _emit(item, duplication) -> Iterator[Annotation]:
+def _emit(item) -> Iterator[Annotation]:
     key, grouped = item
-    a = build_annotation(key, grouped, duplication or {})
+    a = build_annotation(key, grouped)
     if a is not None:
         yield a
+
+
+def _cluster_members(kv) -> Iterator[tuple[str, str]]:
+    _, a = kv
+    if a.cluster_size > 1:
+        yield a.cluster_id, a.key
+
+
+def _class_to_members(item) -> Iterator[tuple[str, tuple[str, str]]]:
+    """(cluster_id, {"cls": [class], "key": member keys}) -> (key, (cluster_id, class)) per member."""
+    cluster_id, grouped = item
+    classes = list(grouped["cls"])
+    if not classes:
+        return
+    for key in grouped["key"]:
+        yield key, (cluster_id, classes[0])
 
 
 class Annotate(beam.PTransform):
     """{"info", "failure", "assignment", "codes", "score"} keyed PCollections -> Annotation.
 
-    ``duplication`` (cluster_id -> full|partial) is a small side input: one entry per
-    duplicate cluster.
+    ``duplication`` ((cluster_id, full|partial), one per duplicate cluster) joins by key, not
+    as a side input: a ``CoGroupByKey`` on cluster_id hands each member key of the cluster its
+    class, then the per-key ``CoGroupByKey`` joins it with the rest. Nothing here grows with the
+    number of samples in one element or one worker's memory beyond a single cluster's keys.
     """
 
     def __init__(self, duplication=None):
@@ -112,7 +134,13 @@ class Annotate(beam.PTransform):
         self.duplication = duplication
 
     def expand(self, keyed: dict):
+        keyed = dict(keyed)
+        if self.duplication is not None and "assignment" in keyed:
+            members = keyed["assignment"] | "ClusterMembers" >> beam.FlatMap(_cluster_members)
+            keyed["duplication"] = (
+                {"cls": self.duplication, "key": members}
+                | "JoinDuplication" >> beam.CoGroupByKey()
+                | "DuplicationByKey" >> beam.FlatMap(_class_to_members)
+            )
         joined = keyed | "JoinByKey" >> beam.CoGroupByKey()
-        if self.duplication is None:
-            return joined | "Build" >> beam.FlatMap(_emit, duplication={})
-        return joined | "Build" >> beam.FlatMap(_emit, duplication=beam.pvalue.AsDict(self.duplication))
+        return joined | "Build" >> beam.FlatMap(_emit)
