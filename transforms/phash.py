@@ -36,7 +36,7 @@ CODE_BYTES = BITS // 8
 ROWS = tuple(f"{m}{c}" for m in ("", "mirror:") for c in CROPS) + ("trimmed",)
 N_HASHES = len(ROWS)
 QUERY_ROWS = (0, N_HASHES - 1)  # rows searched against every row of the others: the frame, trimmed or not
-HASH_VERSION = 2  # bump when the rows change: cached codes of another version are recomputed
+HASH_VERSION = 3  # bump when the rows change: cached codes of another version are recomputed
 TRIM_SIDE = 128  # border trimming looks at a copy this size (averages away JPEG and sensor noise)
 TRIM_ENERGY = 0.15  # a border line has under this share of the central lines' detail
 TRIM_MAX = 0.4  # at most this share of a side is trimmed from each edge
@@ -164,13 +164,17 @@ def compute_hashes(img) -> np.ndarray:
     trimmed = gray.crop(box)
     inner = content_box(trimmed)
     if inner is not None:
-        # the query rows and their crops are of the content box. A small box is a photo in a
-        # template: the mirror rows mirror it. A large one is more likely a photo with flat parts:
-        # its whole frame stays in the mirror rows (never queried) so that its copies find it.
+        # the query rows and their crops are of the content box; the whole frame always stays in
+        # row 3 (never queried, so two photos in one template do not meet), because a *photo* with
+        # flat parts (a darkened copy clipped to black, a bright sky clipped to white) also lands
+        # here and its copies query with their whole frame. A small box is most likely a photo in
+        # a template: rows 4-5 mirror it. A large one keeps the whole frame's centre crops there.
         photo = trimmed.crop(inner)
         content = _frame_hashes(photo)
         small = (inner[2] - inner[0]) * (inner[3] - inner[1]) < TEMPLATE_BOX * trimmed.width * trimmed.height
-        return np.stack(content + _frame_hashes(ImageOps.mirror(photo) if small else gray) + content[:1])
+        whole = _frame_hashes(gray)
+        rest = _frame_hashes(ImageOps.mirror(photo), crops=CROPS[:2]) if small else whole[1:]
+        return np.stack(content + whole[:1] + rest + content[:1])
     rows = _frame_hashes(gray) + _frame_hashes(ImageOps.mirror(gray))
     rows.append(rows[0] if box == (0, 0, *gray.size) else _frame_hashes(gray.crop(box), crops=(1.0,))[0])
     return np.stack(rows)
