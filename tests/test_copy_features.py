@@ -86,6 +86,15 @@ def test_burst_shots_and_template_mates_do_not_verify():
     assert not verify(_feat(_photo(6)), _feat(_photo(7)), CFG).copy
 
 
+def test_dark_photos_under_one_caption_do_not_verify():
+    """Two dark photos under the same meme caption match on its letters (hundreds of inliers, the
+    photos' few textured cells outvoted): the photometric check leaves out the inliers' cells."""
+    text = ("ONE DOES NOT SIMPLY", "WALK INTO MONDAY")
+    dark = lambda seed: _photo(seed).point(lambda v: int(v * 0.25))  # noqa: E731
+    assert not verify(_feat(_meme(dark(4), text)), _feat(_meme(dark(5), text)), CFG).copy
+    assert verify(_feat(dark(2)), _feat(_meme(dark(2), text)), CFG).copy
+
+
 def test_find_orb_pairs_links_copies_only():
     imgs = {"a": _photo(8), "b": _crop(_photo(8), (60, 40, 420, 330)), "c": _photo(9), "d": _meme(_photo(9))}
     imgs["e"] = _photo(10)

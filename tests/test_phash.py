@@ -17,8 +17,10 @@ from transforms.phash import (
     CROPS,
     N_HASHES,
     QUERY_ROWS,
+    TEMPLATE_BOX,
     FindPhashCopies,
     compute_hashes,
+    content_box,
     find_copy_pairs,
     hamming_threshold,
     stack_codes,
@@ -132,6 +134,21 @@ def test_template_mates_apart_and_photo_found_in_its_template():
     a, b = _photo(1), _photo(2)
     assert _dist(_template(a), _template(b)) > LIMIT
     assert _dist(a, _template(a)) <= LIMIT
+
+
+def test_darkened_copy_clipped_to_black_still_meets_its_original():
+    """A night photo darkened until its sky clips to flat black looks like a template to the
+    content-box test (a small box of detail); its whole frame must still be there for the
+    original's full-frame query (the copy holdout's brightness copies)."""
+    a = np.asarray(_photo(1, (400, 300))).astype(np.float32)
+    a[:, :240] = a[:, :240] * 0.12 + 8  # a dim sky with faint texture
+    night = Image.fromarray(a.astype("uint8"))
+    copy = night.point(lambda v: max(0, v - 40))
+    gray = copy.convert("L")
+    box = content_box(gray.crop(trim_box(gray)))
+    assert box is not None and (box[2] - box[0]) * (box[3] - box[1]) < TEMPLATE_BOX * gray.width * gray.height
+    assert content_box(night.convert("L")) is None
+    assert _dist(night, copy) <= LIMIT
 
 
 def test_trim_box_finds_the_photo_inside_borders():

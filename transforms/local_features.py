@@ -143,9 +143,14 @@ def _box_mask(f: Features, scale: float) -> np.ndarray:
     return mask
 
 
-def _agreement(m: np.ndarray, a: Features, b: Features) -> tuple[float, int]:
+def _agreement(m: np.ndarray, a: Features, b: Features, inliers=None, min_cells: int = 0) -> tuple[float, int]:
     """Warp b's thumbnail onto a's (affine m maps b's frame to a's); -> share of a's textured
-    cells inside the warp whose zero-mean correlation with b's is > 0.5, and how many cells."""
+    cells inside the warp whose zero-mean correlation with b's is > 0.5, and how many cells.
+
+    The cells holding an ``inliers`` point (a's frame), and their neighbours, are left out when ``min_cells`` others
+    remain: the keypoints already matched there, so they are no independent evidence. Two photos
+    under one meme caption match on its letters (the bars are flat), and the letters' cells
+    would outvote a dark photo's few textured ones."""
     import cv2
 
     sa = a.thumb.shape[1] / a.size[0]
@@ -164,6 +169,14 @@ def _agreement(m: np.ndarray, a: Features, b: Features) -> tuple[float, int]:
         return x[: ny * CELL, : nx * CELL].reshape(ny, CELL, nx, CELL).transpose(0, 2, 1, 3).reshape(ny, nx, -1)
 
     inside = cells(valid).all(axis=2)
+    if inliers is not None and len(inliers):
+        near = np.zeros((ny, nx), bool)
+        cx = np.clip((inliers[:, 0] * sa // CELL).astype(int), 0, nx - 1)
+        cy = np.clip((inliers[:, 1] * sa // CELL).astype(int), 0, ny - 1)
+        near[cy, cx] = True
+        near = cv2.dilate(near.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # and their neighbours
+        if int((inside & ~near).sum()) >= min_cells:
+            inside &= ~near
     p, q = cells(a.thumb.astype(np.float32))[inside], cells(warped)[inside]
     p, q = p - p.mean(axis=1, keepdims=True), q - q.mean(axis=1, keepdims=True)
     sp, sq = np.sqrt((p * p).mean(axis=1)), np.sqrt((q * q).mean(axis=1))
@@ -225,10 +238,10 @@ def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
     area_b_in_a = abs(np.linalg.det(m[:, :2])) * b.size[0] * b.size[1]
     inl = mask.ravel().astype(bool)
     if area_b_in_a > a.size[0] * a.size[1]:
-        agreement, cells = _agreement(cv2.invertAffineTransform(m), b, a)
+        agreement, cells = _agreement(cv2.invertAffineTransform(m), b, a, src[inl], cfg.min_cells)
         coverage = _coverage(a, dst[inl])  # a lies inside b: a's blocks must hold inliers
     else:
-        agreement, cells = _agreement(m, a, b)
+        agreement, cells = _agreement(m, a, b, dst[inl], cfg.min_cells)
         coverage = _coverage(b, src[inl])
     ok = cells >= cfg.min_cells and agreement >= cfg.min_agreement and coverage >= cfg.min_coverage
     return Verdict(ok, inliers, overlap, agreement, coverage)

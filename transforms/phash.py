@@ -36,7 +36,7 @@ CODE_BYTES = BITS // 8
 ROWS = tuple(f"{m}{c}" for m in ("", "mirror:") for c in CROPS) + ("trimmed",)
 N_HASHES = len(ROWS)
 QUERY_ROWS = (0, N_HASHES - 1)  # rows searched against every row of the others: the frame, trimmed or not
-HASH_VERSION = 2  # bump when the rows change: cached codes of another version are recomputed
+HASH_VERSION = 4  # bump when the rows change: cached codes of another version are recomputed
 TRIM_SIDE = 128  # border trimming looks at a copy this size (averages away JPEG and sensor noise)
 TRIM_ENERGY = 0.15  # a border line has under this share of the central lines' detail
 TRIM_MAX = 0.4  # at most this share of a side is trimmed from each edge
@@ -50,6 +50,8 @@ TEMPLATE_WINDOW = 15
 CONTENT_OPEN = 9  # window (pixels of a 2*TRIM_SIDE copy) of the density test and the opening
 CONTENT_MAX = 0.85  # a content box this share of the frame or more is the frame itself
 TEMPLATE_BOX = 0.45  # a content box under this share of the frame is a photo inside a template
+BLACK = 4  # grey levels of clipped shadows
+CLIPPED_SHARE = 0.5  # flats mostly black: hashed screenshots ~0.0 (<= 0.13), darkened copies ~1.0
 
 
 def _dct_bits(gray: np.ndarray) -> np.ndarray:
@@ -134,6 +136,14 @@ def flat_share(gray) -> float:
     return float(_flat(_small(gray)[0], TEMPLATE_WINDOW, 2).mean())
 
 
+def black_flat_share(gray) -> float:
+    """Share of the uniform patches (as ``flat_share``) that are black (grey <= BLACK): a photo
+    darkened until its shadows clip, not UI chrome."""
+    a = _small(gray)[0]
+    flat = _flat(a, TEMPLATE_WINDOW, 2)
+    return float((flat & (a <= BLACK)).sum()) / max(1, int(flat.sum()))
+
+
 def content_box(gray) -> tuple[int, int, int, int] | None:
     """The box of the photo inside a template-like (largely flat) image, or None."""
     from scipy import ndimage
@@ -165,12 +175,19 @@ def compute_hashes(img) -> np.ndarray:
     inner = content_box(trimmed)
     if inner is not None:
         # the query rows and their crops are of the content box. A small box is a photo in a
-        # template: the mirror rows mirror it. A large one is more likely a photo with flat parts:
+        # template: the mirror rows mirror it, unless the flats are mostly black (a photo darkened
+        # until its shadows clip: its copies query with their whole frame, so row 3 keeps it;
+        # UI chrome is rarely pure black). A large one is more likely a photo with flat parts:
         # its whole frame stays in the mirror rows (never queried) so that its copies find it.
         photo = trimmed.crop(inner)
         content = _frame_hashes(photo)
         small = (inner[2] - inner[0]) * (inner[3] - inner[1]) < TEMPLATE_BOX * trimmed.width * trimmed.height
-        return np.stack(content + _frame_hashes(ImageOps.mirror(photo) if small else gray) + content[:1])
+        if not small:
+            return np.stack(content + _frame_hashes(gray) + content[:1])
+        mirrored = _frame_hashes(ImageOps.mirror(photo))
+        if black_flat_share(trimmed) >= CLIPPED_SHARE:
+            mirrored = _frame_hashes(gray, crops=CROPS[:1]) + mirrored[:2]
+        return np.stack(content + mirrored + content[:1])
     rows = _frame_hashes(gray) + _frame_hashes(ImageOps.mirror(gray))
     rows.append(rows[0] if box == (0, 0, *gray.size) else _frame_hashes(gray.crop(box), crops=(1.0,))[0])
     return np.stack(rows)
