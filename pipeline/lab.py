@@ -127,6 +127,17 @@ def _diversified(tokens, picked: list[int], alt_ids, alt_of: list[list[int]], p:
 def fit(images, item_img, ids, empty, vocab_size: int, steps: int, batch: int, seed: int, lr: float, div=None):
     """Train the lab architecture on items (image index, token ids) -> (unet, text, losses).
 
+    Gradients are switched on here: the probe turns them off process-wide when it loads a model.
+    """
+    import torch
+
+    with torch.enable_grad():
+        return _fit(images, item_img, ids, empty, vocab_size, steps, batch, seed, lr, div)
+
+
+def _fit(images, item_img, ids, empty, vocab_size: int, steps: int, batch: int, seed: int, lr: float, div=None):
+    """``fit``'s body (see there).
+
     ``div`` (optional): {"alt_ids": tensor, "alt_of": per-item alternative rows, "p": float,
     "sigma": float}. Its draws come from their own generator, so the batches, timesteps and
     noise are the same with and without it (same seed, steps and schedule)."""

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.report import _failure_table, _reason_table, write_report
 from scripts.render_report import chromium_binary, dom_counts, dump_dom, screenshot
+from transforms.write import read_table
 
 
 def test_reason_table_counts_families_by_decision():
@@ -55,7 +56,11 @@ def test_report_renders_in_chromium(demo_run, tmp_path):
     )
     assert counts["galleries"] == min(8, n_clusters) >= 5
     assert counts["thumbnails"] >= 3 * counts["galleries"]
-    assert counts["figures"] == 3  # phash similarities, similarity to representative, probe scores
+    # one nearest-neighbour histogram per embedder with neighbours (phash, orb in the demo job),
+    # similarity to representative, probe scores
+    embedders = {r["embedder"] for r in read_table(str(demo_run / "neighbours")).to_pylist()}
+    assert embedders >= {"phash"}
+    assert counts["figures"] == len(embedders) + 2
     assert dom.count('class="thumb representative"') == counts["galleries"]  # the kept member marked
     for section in ('id="reasons"', "Keyword &rarr; cluster", "Keyword &rarr; object", "Failures by type"):
         assert section in dom or section.replace("&rarr;", "\u2192") in dom, section

@@ -68,9 +68,27 @@ def candidate_pairs(post: dict[str, np.ndarray], cfg) -> tuple[list[tuple[str, s
     return pairs, np.sort(stop)
 
 
+def top_candidates(key: str, scored: list[tuple[int, str]], k: int) -> list[tuple[str, str]]:
+    """One key's candidates (votes, other key) -> its ``k`` best as sorted pairs (most votes first,
+    then the smaller key): verification, and the features shipped to it, stay O(k) per image."""
+    best = sorted(scored, key=lambda vo: (-vo[0], vo[1]))[:k]
+    return [(min(key, o), max(key, o)) for _, o in best]
+
+
+def cap_candidates(pairs: list[tuple[str, str, int]], k: int) -> set[tuple[str, str]]:
+    """In memory: the pairs that are among the ``k`` best of either end (as ``FindOrbCopies``)."""
+    scored: dict[str, list[tuple[int, str]]] = {}
+    for a, b, v in pairs:
+        scored.setdefault(a, []).append((v, b))
+        scored.setdefault(b, []).append((v, a))
+    return {pair for key, sc in scored.items() for pair in top_candidates(key, sc, k)}
+
+
 def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> list[Edge]:
     """In memory (tests, scripts/eval_copies.py): the same algorithm as ``FindOrbCopies``."""
     pairs, stop = candidate_pairs({k: postings(f, cfg) for k, f in feats.items()}, cfg)
+    kept = cap_candidates(pairs, cfg.max_candidates)
+    pairs = [p for p in pairs if (p[0], p[1]) in kept]
     masks = {k: keep_mask(f, cfg, stop) for k, f in feats.items()}
     edges = []
     for a, b, _ in pairs:
@@ -175,7 +193,16 @@ class FindOrbCopies(beam.PTransform):
             | "Votes" >> beam.CombinePerKey(sum)
             | "EnoughVotes" >> beam.Filter(lambda kv, n: kv[1] >= n, n=cfg.min_votes)
         )
-        routed = candidates | "Route" >> beam.FlatMap(_route)
+        capped = (
+            candidates
+            | "BothEndsOfCandidate"
+            >> beam.FlatMap(lambda kv: [(kv[0][0], (kv[1], kv[0][1])), (kv[0][1], (kv[1], kv[0][0]))])
+            | "CandidatesPerKey" >> beam.GroupByKey()
+            | "TopCandidates" >> beam.FlatMap(lambda kv, k: top_candidates(kv[0], list(kv[1]), k), k=cfg.max_candidates)
+            | "KeptPair" >> beam.Map(lambda pair: (pair, 1))
+            | "OncePerPair" >> beam.CombinePerKey(sum)
+        )
+        routed = capped | "Route" >> beam.FlatMap(_route)
         joined = {"feat": feats, "pair": routed} | "JoinFeatures" >> beam.CoGroupByKey()
         edges = (
             joined
