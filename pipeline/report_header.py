@@ -46,7 +46,9 @@ def header(info: dict) -> dict:
     probe, clip = config.get("probe", {}), config.get("dedup", {}).get("clip", {})
     models, warnings = [], []
     if config.get("dedup", {}).get("phash", {}).get("enabled"):
-        models.append(("near duplicates", "perceptual hash (DCT, 3 crops)", "built in"))
+        models.append(("near duplicates", "perceptual hash (DCT: crops, mirrored, borders trimmed)", "built in"))
+    if config.get("dedup", {}).get("orb", {}).get("enabled"):
+        models.append(("copies (local features)", "ORB keypoints + RANSAC verification", "built in"))
     if clip.get("enabled"):
         weights = clip.get("pretrained") or "RANDOM WEIGHTS"
         models.append(("semantic duplicates", f"open_clip {clip.get('model')}", weights))
@@ -98,7 +100,9 @@ def output_links(out_dir: str) -> list[dict]:
 def next_steps(out_dir: str, info: dict) -> list[dict]:
     """A few concrete actions, with the command where there is one."""
     config, summary, outputs = info.get("config", {}), info.get("summary", {}), info.get("outputs", {})
-    out = os.path.abspath(out_dir)
+    # the run's final folder (the report is written in its staging folder, then committed there)
+    final = config.get("output", {}).get("dir") or out_dir
+    out = final if "://" in final else os.path.abspath(final)
     steps = []
     if header(info)["warnings"] and (config.get("probe", {}).get("enabled") or config.get("dedup", {}).get("clip")):
         steps.append(
