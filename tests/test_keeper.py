@@ -1,13 +1,13 @@
 """The keeper: the original of a copy is kept, even when img2dataset resized both to one size."""
 
 import glob
-import json
 import subprocess
 import sys
 
 import pytest
 
 from schemas.elements import SampleInfo
+from scripts.eval_keeper import pairs as flickr_pairs
 from transforms.dedup import keeper_sort_key
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -40,25 +40,13 @@ def test_other_policies():
             keeper_sort_key(bad)
 
 
-def _flickr_pairs(base):
-    originals = {json.loads(line)["original"] for line in open(f"{base}/near_duplicates.jsonl")}
-    pairs: dict[str, dict[str, str]] = {}
-    import pyarrow.parquet as pq
-
-    for side in glob.glob(f"{base}/img2dataset-256/*.parquet"):
-        for r in pq.read_table(side).to_pylist():
-            if r["status"] == "success" and r["flickr_file"] in originals:
-                pairs.setdefault(r["flickr_file"], {})[r["key"]] = r["variant"]
-    return pairs
-
-
 def test_flickr_pairs_keep_the_original(shared_data):
     """On the real shards: decoded sizes tie (both 256 px), the original size decides."""
     from transforms.process_shards import ShardSettings, decode_sample
     from transforms.read_shards import ReadLimits, iter_shard
 
     base = str(shared_data / "flickr8k-dev")
-    pairs = _flickr_pairs(base)
+    pairs = flickr_pairs(base)
     wanted = {k for members in pairs.values() for k in members}
     settings = ShardSettings(ReadLimits(), 64_000_000, phash=False, pixel_hash=False, cache_dir=None)
     infos = {}
@@ -95,7 +83,7 @@ def test_flickr_demo_job_keeps_originals(shared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = {r["key"]: r["decision"] for r in read_table(str(out / "manifest")).to_pylist()}
     good = 0
-    for members in _flickr_pairs(base).values():
+    for members in flickr_pairs(base).values():
         kept = [k for k in members if manifest[k] != "drop"]
         good += len(kept) == 1 and members[kept[0]] == "original"
     assert good >= 49
