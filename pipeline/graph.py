@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
 
 import apache_beam as beam
 
 from schemas import arrow
-from transforms.annotate import Annotate, annotation_row
-from transforms.decide import BlocklistRows, Decide, DiversifyCaptions
+from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
 from transforms.write import WriteTable, bucket
 
@@ -42,21 +42,6 @@ def read_input(p: beam.Pipeline, cfg, fmt: str, inputs: list[str], out_dir: str)
     return reader(fmt).read(p, cfg, inputs, out_dir)
 
 
-def _failure_row(f) -> dict:
-    return {
-        "key": f.key,
-        "shard": f.shard,
-        "stage": f.stage,
-        "error_type": f.error_type,
-        "message": f.message,
-        "url": f.url,
-    }
-
-
-def _by_shard(row: dict) -> str:
-    return row["shard"]
-
-
 def _cluster_rows(a) -> list[dict]:
     if a.cluster_size < 2:
         return []
@@ -72,13 +57,26 @@ def _cluster_rows(a) -> list[dict]:
     ]
 
 
+def sample_infos(dec: dict):
+    """SampleInfo elements exploded from the info batches, for the stages that still take one
+    element per sample (trigger mining, the probe); built once, only when one of them runs."""
+    if "infos" not in dec:
+        dec["infos"] = dec["info_batches"] | "ExplodeInfos" >> beam.FlatMap(arrow.infos_of)
+    return dec["infos"]
+
+
 def _with_reference(p, cfg, dec: dict) -> dict:
     """Incremental mode: the old run's samples and codes join the new ones (not recomputed)."""
     from transforms.incremental import load_reference
 
     ref = load_reference(cfg.dedup.incremental_from)
     dec = dict(dec)
-    dec["infos"] = (dec["infos"], p | "OldInfos" >> beam.Create(ref["infos"])) | "WithOldInfos" >> beam.Flatten()
+    by_shard: dict[str, list] = {}
+    for info in ref["infos"]:
+        by_shard.setdefault(info.shard, []).append(info)
+    old_tables = [arrow.info_table(infos) for _, infos in sorted(by_shard.items())]
+    old = p | "OldInfos" >> beam.Create(old_tables)
+    dec["info_batches"] = (dec["info_batches"], old) | "WithOldInfos" >> beam.Flatten()
     old_codes = p | "OldCodes" >> beam.Create(ref["codes"])
     dec["codes"] = (dec["codes"], old_codes) | "WithOldCodes" >> beam.Flatten() if "codes" in dec else old_codes
     dec["previous_edges"] = p | "OldClusters" >> beam.Create(ref["edges"])
@@ -158,7 +156,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
         neighbours.append(found["neighbours"])
     if "previous_edges" in dec:
         edges.append(dec["previous_edges"])
-    inputs = {"infos": dec["infos"]}
+    inputs = {"info_batches": dec["info_batches"]}
     if edges:
         inputs["edges"] = tuple(edges) | "EmbedderEdges" >> beam.Flatten()
     out = inputs | "FindDuplicates" >> FindDuplicates(
@@ -166,100 +164,109 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
         cfg.dedup.exact,
         cfg.dedup.exact_pixels and dec.get("pixels", True),
         old_keys=dec.get("old_keys"),
+        buckets=dec.get("buckets", 16),
     )
     out["neighbours"] = neighbours
     return out
 
 
+def _class_to_members(item) -> Iterator[tuple[str, tuple[str, tuple[str, str]]]]:
+    """(cluster_id, {"cls": [class], "member": [(key, shard)]}) -> (shard, (key, (cluster_id, class)))."""
+    cluster_id, grouped = item
+    classes = list(grouped["cls"])
+    if classes:
+        for key, shard in grouped["member"]:
+            yield shard, (key, (cluster_id, classes[0]))
+
+
+def duplication_by_shard(duplication, assignments):
+    """A duplicate cluster's caption-duplication class -> each member's shard, by a keyed join
+    on the cluster id (one cluster's member keys in a group), not a side input."""
+    members = (
+        assignments
+        | "ClusterMembers" >> beam.Filter(lambda a: a.cluster_size > 1)
+        | "MemberShards" >> beam.Map(lambda a: (a.cluster_id, (a.key, a.shard)))
+    )
+    classes = duplication | "DuplicationClass" >> beam.Map(lambda kv: (kv[0], kv[1]["class"]))
+    return (
+        {"cls": classes, "member": members}
+        | "JoinDuplication" >> beam.CoGroupByKey()
+        | "DuplicationByShard" >> beam.FlatMap(_class_to_members)
+    )
+
+
+def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None:
+    from transforms.triggers import MineTriggers
+
+    mined = {"infos": sample_infos(dec), "assignments": assignments} | "MineTriggers" >> MineTriggers(cfg.triggers)
+    keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.Map(lambda kv: (kv[0][1], (kv[0][0], kv[1])))
+    keyed["duplication"] = duplication_by_shard(mined["duplication"], assignments)
+    _write(
+        mined["keywords"],
+        out_dir,
+        "triggers/keywords",
+        lambda r: "all",
+        lambda r: (-r["npmi"], r["keyword"], r["cluster_id"]),
+    )
+    _write(
+        mined["objects"],
+        out_dir,
+        "triggers/objects",
+        lambda r: "all",
+        lambda r: (r["q_value"], r["keyword"], r["object"]),
+    )
+
+
+def add_probe(cfg, dec: dict, keyed: dict, assignments, out_dir: str, cache_dir: str | None) -> None:
+    from transforms.probe_stage import ProbeCaptions
+    from transforms.shard_stage import InfosOfKeys
+
+    if cfg.probe.budget == "cluster_representatives":
+        reps = (
+            assignments
+            | "Representatives" >> beam.Filter(lambda a: a.cluster_size > 1 and a.is_representative)
+            | "RepKeys" >> beam.Map(lambda a: (a.shard, a.key))
+        )
+        to_probe = {"info": keyed["info"], "key": reps} | "RepInfos" >> InfosOfKeys()
+    else:
+        to_probe = sample_infos(dec)
+    probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=cache_dir)
+    keyed["score"] = probed["scores"] | "ScoreByShard" >> beam.Map(lambda r: (r["_shard"], r))
+    keyed["late_failure"] = probed["failures"] | "ProbeFailureByShard" >> beam.Map(lambda f: (f.shard, f))
+    _write(probed["scores"], out_dir, "scores", lambda r: r["_shard"], lambda r: (r["key"],))
+
+
 def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
-    """Wire the whole job after the reader (``read_input``'s dict); returns the PCollections of
-    the annotations and the manifest rows."""
-    shards = read["shards"]
+    """Wire the whole job after the reader (``read_input``'s dict); returns the written part
+    paths of the per-shard stage and the cluster assignments.
+
+    Annotate, Decide and the per-sample writers run once per shard (``AnnotateShards``) on the
+    shard's info batches joined with what is sparse and routed to the shard: failures, the
+    assignments of clustered keys, trigger codes, probe scores, duplication classes."""
+    from transforms.shard_stage import AnnotateShards
+
     n_parts = max(1, read["input"]["n_shards"])  # clusters/ and neighbours/ parts, as many as input shards
     cache_dir = (cfg.run.cache_dir or os.path.join(out_dir, "cache")) if cfg.run.cache else None
     dec = dict(read)
     if cfg.dedup.incremental_from:
         dec = _with_reference(p, cfg, dec)
     dup = add_dedup(cfg, dec, out_dir)
-    failures = dec["failures"]
-
+    assignments = dup["assignments"]
     keyed = {
-        "info": dec["infos"] | "KeyInfo" >> beam.Map(lambda i: (i.key, i)),
-        "failure": failures | "KeyFailure" >> beam.Map(lambda f: (f.key, f)),
-        "assignment": dup["assignments"] | "KeyAssignment" >> beam.Map(lambda a: (a.key, a)),
+        "info": dec["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
+        "failure": dec["failures"] | "FailureByShard" >> beam.Map(lambda f: (f.shard, f)),
+        "assignment": assignments | "AssignmentByShard" >> beam.Map(lambda a: (a.shard, a)),
     }
-    duplication = None
+    if "moved" in dec:
+        keyed["moved"] = dec["moved"]
     if cfg.triggers.enabled:
-        from transforms.triggers import MineTriggers
-
-        mined = {"infos": dec["infos"], "assignments": dup["assignments"]} | "MineTriggers" >> MineTriggers(
-            cfg.triggers
-        )
-        keyed["codes"] = mined["codes"]
-        duplication = mined["duplication"] | "DuplicationClass" >> beam.Map(lambda kv: (kv[0], kv[1]["class"]))
-        _write(
-            mined["keywords"],
-            out_dir,
-            "triggers/keywords",
-            lambda r: "all",
-            lambda r: (-r["npmi"], r["keyword"], r["cluster_id"]),
-        )
-        _write(
-            mined["objects"],
-            out_dir,
-            "triggers/objects",
-            lambda r: "all",
-            lambda r: (r["q_value"], r["keyword"], r["object"]),
-        )
+        add_triggers(cfg, dec, keyed, assignments, out_dir)
     if cfg.probe.enabled:
-        from transforms.probe_stage import ProbeCaptions
-
-        to_probe = dec["infos"]
-        if cfg.probe.budget == "cluster_representatives":
-            reps = (
-                dup["assignments"]
-                | "Representatives" >> beam.Filter(lambda a: a.cluster_size > 1 and a.is_representative)
-                | "RepKeys" >> beam.Map(lambda a: (a.key, 1))
-            )
-            to_probe = (
-                {"i": keyed["info"], "r": reps}
-                | "JoinReps" >> beam.CoGroupByKey()
-                | "RepInfos" >> beam.FlatMap(lambda kv: list(kv[1]["i"])[:1] if list(kv[1]["r"]) else [])
-            )
-        probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=cache_dir)
-        keyed["score"] = probed["scores"] | "KeyScore" >> beam.Map(lambda r: (r["key"], r))
-        keyed["failure"] = (
-            keyed["failure"],
-            probed["failures"] | "KeyProbeFailure" >> beam.Map(lambda f: (f.key, f)),
-        ) | "WithProbeFailures" >> beam.Flatten()
-        shard_of = keyed["info"] | "ShardOf" >> beam.Map(lambda kv: (kv[0], kv[1].shard))
-        score_rows = (
-            {"s": keyed["score"], "shard": shard_of}
-            | "JoinScoreShard" >> beam.CoGroupByKey()
-            | "ScoreRows" >> beam.FlatMap(_score_rows)
-        )
-        _write(score_rows, out_dir, "scores", lambda r: r["_shard"], lambda r: (r["key"],))
-
-    annotations = keyed | "Annotate" >> Annotate(duplication)
-    rows = annotations | "Decide" >> Decide(cfg.decide)
-    outputs = {"annotations": annotations, "manifest": rows}
+        add_probe(cfg, dec, keyed, assignments, out_dir, cache_dir)
+    staged = keyed | "AnnotateShards" >> AnnotateShards(cfg.decide, out_dir, cfg.diversify.enabled)
+    p.__dict__.setdefault("_memsieve_written", []).append(staged["written"])
     _write(
-        annotations | "AnnotationRows" >> beam.Map(annotation_row),
-        out_dir,
-        "annotations",
-        _by_shard,
-        lambda r: (r["key"],),
-    )
-    _write(rows, out_dir, "manifest", _by_shard, lambda r: (r["key"],))
-    _write(
-        failures | "FailureRows" >> beam.Map(_failure_row),
-        out_dir,
-        "failures",
-        _by_shard,
-        lambda r: (r["key"], r["stage"], r["error_type"]),
-    )
-    _write(
-        dup["assignments"] | "ClusterRows" >> beam.FlatMap(_cluster_rows),
+        assignments | "ClusterRows" >> beam.FlatMap(_cluster_rows),
         out_dir,
         "clusters",
         lambda r, n=n_parts: bucket(r["cluster_id"], n),
@@ -275,26 +282,22 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
             lambda r: (r["key"],),
         )
     if cfg.diversify.enabled:
-        div = {"rows": rows, "annotations": annotations} | "DiversifyCaptions" >> DiversifyCaptions(
-            cfg.diversify, cfg.run.seed
-        )
-        _write(div, out_dir, "diversify", _by_shard, lambda r: (r["key"],))
+        div = {
+            "rows": staged["diversify"],
+            "words": staged["words"],
+            "captions": staged["cluster_captions"],
+        } | "DiversifyCaptions" >> DiversifyCaptions(cfg.diversify, cfg.run.seed)
+        _write(div, out_dir, "diversify", lambda r: r["shard"], lambda r: (r["key"],))
     _write(
-        rows | "BlockRows" >> BlocklistRows(),
+        staged["blockable"] | "BlockRows" >> BlocklistRows(),
         out_dir,
         "blocklist",
         lambda r: r["_shard"],
         lambda r: (r["key"],),
     )
-    _write(shards, out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
+    _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     _join_sinks(p)
-    return outputs
-
-
-def _score_rows(item) -> list[dict]:
-    _, grouped = item
-    shards = list(grouped["shard"])
-    return [dict(r, _shard=shards[0] if shards else "unknown") for r in grouped["s"]]
+    return {"written": staged["written"], "assignments": assignments}
 
 
 def _neighbour_row(n) -> dict:

@@ -206,3 +206,37 @@ TABLES: dict[str, pa.Schema] = {
     "blocklist": BLOCKLIST,
     "annotations": ANNOTATIONS,
 }
+
+
+# SampleInfo's columns: the per-shard (or per-reader-batch) info batches that travel between stages
+def _info_batch_schema() -> pa.Schema:
+    import dataclasses
+
+    from schemas.elements import SampleInfo
+
+    return pa.schema(
+        [(f.name, pa.int64() if f.type in ("int", int) else pa.string()) for f in dataclasses.fields(SampleInfo)]
+    )
+
+
+INFO_BATCH = _info_batch_schema()
+
+
+def info_table(infos) -> pa.Table:
+    """SampleInfo objects (or their dicts) -> one info batch."""
+    import dataclasses
+
+    rows = [i if isinstance(i, dict) else dataclasses.asdict(i) for i in infos]
+    return pa.Table.from_pylist(rows, schema=INFO_BATCH)
+
+
+def infos_of(table: pa.Table):
+    """An info batch -> SampleInfo objects, in row order."""
+    from schemas.elements import SampleInfo
+
+    return [SampleInfo(**r) for r in table.to_pylist()]
+
+
+def batch_shard(table: pa.Table) -> str:
+    """The shard of an info batch (a batch never spans shards)."""
+    return table.column("shard")[0].as_py() if table.num_rows else ""

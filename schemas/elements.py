@@ -86,6 +86,7 @@ class ClusterAssignment:
     is_representative: bool
     embedder: str  # the strongest embedder that linked it: exact > phash > clip
     similarity: float  # to the cluster's representative (1.0 for the representative)
+    shard: str = ""  # the member's shard (its first shard when the key repeats): routes it to its shard
 
 
 @dataclass(frozen=True)

@@ -90,23 +90,31 @@ def _info(key, w=100, shard="s0"):
     return SampleInfo(key, shard, "", "", f"sha-{key}", f"px-{key}", w, w)
 
 
+def _batches(infos):
+    """SampleInfo objects -> info batches, one per shard (a batch never spans shards)."""
+    from schemas.arrow import info_table
+
+    shards = sorted({i.shard for i in infos})
+    return [info_table([i for i in infos if i.shard == s]) for s in shards]
+
+
 def test_find_duplicates_chain_keeper_and_singletons():
     infos = [_info("a", 50), _info("b", 200), _info("c", 100), _info("d"), _info("b", 10, shard="s1")]
     edges = [Edge("a", "b", 0.97, "clip"), Edge("b", "c", 0.9, "phash"), Edge("c", "x", 0.99, "clip")]
     with TestPipeline(runner="DirectRunner") as p:
-        out = {"infos": p | "I" >> beam.Create(infos), "edges": p | "E" >> beam.Create(edges)} | FindDuplicates(
-            "resolution", exact=False
-        )
+        out = {
+            "info_batches": p | "I" >> beam.Create(_batches(infos)),
+            "edges": p | "E" >> beam.Create(edges),
+        } | FindDuplicates("resolution", exact=False)
         got = out["assignments"] | beam.Map(lambda a: a)
         assert_that(
             got,
             equal_to(
                 [
-                    ClusterAssignment("b", "a", 3, True, "phash", 1.0),  # largest (s0's info); phash ranks first
-                    ClusterAssignment("a", "a", 3, False, "clip", 0.97),
-                    ClusterAssignment("c", "a", 3, False, "phash", 0.9),
-                    ClusterAssignment("d", "d", 1, True, "", 1.0),
-                ]
+                    ClusterAssignment("b", "a", 3, True, "phash", 1.0, "s0"),  # largest (s0's info); phash first
+                    ClusterAssignment("a", "a", 3, False, "clip", 0.97, "s0"),
+                    ClusterAssignment("c", "a", 3, False, "phash", 0.9, "s0"),
+                ]  # "d" has no edge: no assignment (a cluster of one under its own key)
             ),
         )
 
@@ -116,9 +124,10 @@ def test_find_duplicates_incremental_join_drops_old_pairs():
     edges = [Edge("o1", "o2", 0.99, "clip"), Edge("n1", "o2", 0.98, "clip")]
     with TestPipeline(runner="DirectRunner") as p:
         old = p | "Old" >> beam.Create(["o1", "o2"])
-        out = {"infos": p | "I" >> beam.Create(infos), "edges": p | "E" >> beam.Create(edges)} | FindDuplicates(
-            "earliest", exact=False, old_keys=old
-        )
+        out = {
+            "info_batches": p | "I" >> beam.Create(_batches(infos)),
+            "edges": p | "E" >> beam.Create(edges),
+        } | FindDuplicates("earliest", exact=False, old_keys=old)
         assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to([("n1", "o2")]))
         sizes = out["assignments"] | "Sizes" >> beam.Map(lambda a: (a.key, a.cluster_id, a.cluster_size))
-        assert_that(sizes, equal_to([("o1", "o1", 1), ("n1", "n1", 2), ("o2", "n1", 2)]), label="sizes")
+        assert_that(sizes, equal_to([("n1", "n1", 2), ("o2", "n1", 2)]), label="sizes")  # o1: alone

@@ -92,7 +92,7 @@ def test_incremental_graph_keeps_old_keys_out_of_workers(tmp_path):
     p = beam.Pipeline()
     infos = p | "Infos" >> beam.Create([])
     old = p | "Old" >> beam.Create(["a"])
-    _ = {"infos": infos, "edges": p | "E" >> beam.Create([])} | FindDuplicates("earliest", old_keys=old)
+    _ = {"info_batches": infos, "edges": p | "E" >> beam.Create([])} | FindDuplicates("earliest", old_keys=old)
     assert {k: v for k, v in inventory(p).items() if k.startswith("FindDuplicates")} == {}
 
 

@@ -18,6 +18,7 @@ import apache_beam as beam
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
 from transforms.components import DEFAULT_ROUNDS, Components
+from transforms.key_batches import bucket_of, grouped, split_buckets
 
 EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
 
@@ -96,7 +97,9 @@ def assign_cluster(
         rank, sim, embedder = best.get(info.key, (9, 1.0, ""))
         similarity = 1.0 if info.key == keeper else direct.get(info.key, sim)
         out.append(
-            ClusterAssignment(info.key, cluster_id, len(members), info.key == keeper, embedder, float(similarity))
+            ClusterAssignment(
+                info.key, cluster_id, len(members), info.key == keeper, embedder, float(similarity), info.shard
+            )
         )
     return out
 
@@ -105,20 +108,48 @@ def _pair(e: Edge) -> tuple[str, str]:
     return (e.key_a, e.key_b) if e.key_a < e.key_b else (e.key_b, e.key_a)
 
 
+def _digest_lists(table, field: str, n: int) -> Iterator[tuple[int, list]]:
+    """An info batch -> (bucket, [(digest, key)]) per bucket; an empty digest (no image bytes,
+    e.g. precomputed embeddings) links nothing."""
+    pairs = zip(table.column(field).to_pylist(), table.column("key").to_pylist(), strict=True)
+    yield from split_buckets(((d, k) for d, k in pairs if d), n)
+
+
+def _digest_edges(item, embedder: str) -> Iterator[Edge]:
+    """(bucket, lists of (digest, key)) -> a star of edges per digest shared by 2+ keys."""
+    _, lists = item
+    for digest, keys in sorted(grouped(lists).items()):
+        if len(keys) > 1:
+            yield from exact_edges((digest, keys), embedder)
+
+
+RANK_FIELDS = ("key", "shard", "width", "height", "original_width", "original_height", "image_bytes")
+
+
+def _feature_lists(table, n: int, with_meta: bool) -> Iterator[tuple[int, list]]:
+    """An info batch -> (bucket, [(key, ranking features)]): what the keeper needs of a member."""
+    cols = [table.column(c).to_pylist() for c in RANK_FIELDS]
+    metas = table.column("meta_json").to_pylist() if with_meta else None
+    rows = []
+    for i, values in enumerate(zip(*cols, strict=True)):
+        rows.append((values[0], (*values[1:], metas[i] if metas else "{}")))
+    yield from split_buckets(rows, n)
+
+
 def _member(item) -> Iterator[tuple[str, SampleInfo]]:
-    """(key, {"info", "root"}) -> (root, info) for a key in a cluster."""
-    _, grouped = item
-    infos = sorted(grouped["info"], key=lambda i: i.shard)  # a key repeated across shards: first shard wins
-    roots = list(grouped["root"])
-    if infos and roots:
-        yield roots[0], infos[0]
-
-
-def _single(item) -> Iterator[ClusterAssignment]:
-    """(key, {"info", "root"}) -> a cluster of one for a key with no edge."""
-    key, grouped = item
-    if not list(grouped["root"]) and list(grouped["info"]):
-        yield ClusterAssignment(key, key, 1, True, "", 1.0)
+    """(bucket, {"root": [(key, root)], "features": lists}) -> (root, member) per clustered key;
+    a key repeated across shards: its first shard's record."""
+    _, joined = item
+    roots = dict(joined["root"])
+    if not roots:
+        return
+    found: dict[str, tuple] = {}
+    for pairs in joined["features"]:
+        for key, f in pairs:
+            if key in roots and (key not in found or f[0] < found[key][0]):
+                found[key] = f
+    for key, (shard, w, h, ow, oh, n_bytes, meta) in sorted(found.items()):
+        yield roots[key], SampleInfo(key, shard, "", "", "", "", w, h, meta, ow, oh, n_bytes)
 
 
 def _edge_to_cluster(item) -> Iterator[tuple[str, Edge]]:
@@ -178,11 +209,14 @@ class _OnlyNewPairs(beam.PTransform):
 
 
 class FindDuplicates(beam.PTransform):
-    """{"infos": SampleInfo, "edges": PCollection[Edge] (optional)} -> {"assignments", "edges"}.
+    """{"info_batches": SampleInfo tables, "edges": PCollection[Edge] (optional)} ->
+    {"assignments", "edges"}.
 
-    Exact-byte and exact-pixel edges are computed here; other embedders pass their edges in.
-    Every info gets an assignment: singletons form a cluster of size 1 under their own key.
-    ``old_keys`` (incremental mode): the old samples' keys, a PCollection or a collection.
+    Exact-byte and exact-pixel edges are computed here (digests shuffled as lists per hash
+    bucket); other embedders pass their edges in. Only clustered keys get an assignment (with
+    their shard): a key without one is a cluster of one under its own key. The keeper's ranking
+    features of the clustered keys are joined per key-hash bucket, so no element per sample
+    travels. ``old_keys`` (incremental mode): the old samples' keys, a PCollection or a collection.
     """
 
     def __init__(
@@ -192,6 +226,7 @@ class FindDuplicates(beam.PTransform):
         exact_pixels: bool = True,
         old_keys=None,
         rounds: int = DEFAULT_ROUNDS,
+        buckets: int = 16,
     ):
         super().__init__()
         self.keeper = keeper
@@ -199,44 +234,46 @@ class FindDuplicates(beam.PTransform):
         self.exact_pixels = exact_pixels
         self.old_keys = old_keys  # incremental mode: old-old pairs come from the old clusters
         self.rounds = rounds
+        self.buckets = buckets
 
     def expand(self, inputs):
-        infos = inputs["infos"]
+        batches = inputs["info_batches"]
+        n = self.buckets
         edge_sets = [inputs["edges"]] if "edges" in inputs else []
         if self.exact:
             digests = [("exact", "sha256")] + ([("pixels", "pixel_sha256")] if self.exact_pixels else [])
             for name, field in digests:
                 edge_sets.append(
-                    infos
-                    # an empty digest (no image bytes, e.g. precomputed embeddings) links nothing
-                    | f"By{name}" >> beam.FlatMap(lambda i, f=field: [(getattr(i, f), i.key)] if getattr(i, f) else [])
+                    batches
+                    | f"By{name}" >> beam.FlatMap(_digest_lists, field=field, n=n)
                     | f"Group{name}" >> beam.GroupByKey()
-                    | f"Edges{name}" >> beam.FlatMap(exact_edges, embedder=name)
+                    | f"Edges{name}" >> beam.FlatMap(_digest_edges, embedder=name)
                 )
         edges = (
             tuple(edge_sets) | "AllEdges" >> beam.Flatten()
             if edge_sets
-            else infos.pipeline | "NoEdges" >> beam.Create([])
+            else batches.pipeline | "NoEdges" >> beam.Create([])
         )
         edges = edges | "NoSelfEdges" >> beam.Filter(lambda e: e.key_a != e.key_b)
         if self.old_keys is not None and (isinstance(self.old_keys, beam.pvalue.PCollection) or self.old_keys):
             edges = edges | "OnlyNewPairs" >> _OnlyNewPairs(self.old_keys)
         roots = edges | "Pairs" >> beam.Map(_pair) | "Components" >> Components(self.rounds)
-        keyed_infos = infos | "KeyInfos" >> beam.Map(lambda i: (i.key, i))
-        joined = {"info": keyed_infos, "root": roots} | "JoinComponents" >> beam.CoGroupByKey()
-        members = joined | "MemberOf" >> beam.FlatMap(_member)
-        singles = joined | "Singletons" >> beam.FlatMap(_single)
+        with_meta = self.keeper.startswith("column:")
+        members = {
+            "root": roots | "RootBuckets" >> beam.Map(lambda kv, n=n: (bucket_of(kv[0], n), kv)),
+            "features": batches | "FeatureBuckets" >> beam.FlatMap(_feature_lists, n=n, with_meta=with_meta),
+        } | "JoinComponents" >> beam.CoGroupByKey()
         cluster_edges = (
             {"edge": edges | "EdgesByA" >> beam.Map(lambda e: (e.key_a, e)), "root": roots}
             | "JoinEdgeRoots" >> beam.CoGroupByKey()
             | "EdgeOfCluster" >> beam.FlatMap(_edge_to_cluster)
         )
         clustered = (
-            {"member": members, "edge": cluster_edges}
+            {"member": members | "MemberOf" >> beam.FlatMap(_member), "edge": cluster_edges}
             | "GroupClusters" >> beam.CoGroupByKey()
             | "Assign" >> beam.FlatMap(_assign, policy=self.keeper)
         )
         from pipeline import progress
 
-        assignments = (clustered, singles) | "AllAssignments" >> beam.Flatten() | "Progress" >> progress.Tick("dedup")
+        assignments = clustered | "Progress" >> progress.Tick("dedup")
         return {"assignments": assignments, "edges": edges}

@@ -137,7 +137,9 @@ def _joined(item, vocab: list[str], cfg, seed: int) -> Iterator[dict]:
 
 
 class DiversifyCaptions(beam.PTransform):
-    """{"rows": manifest rows, "annotations": Annotation} -> diversify/ rows.
+    """{"rows": manifest rows, "annotations": Annotation} -> diversify/ rows; or, instead of
+    "annotations", "words" ((word, count) per shard) and "captions" ((cluster_id, caption) of
+    clustered samples) from the per-shard stage.
 
     MC needs the other captions of a sample's duplicate cluster: they are grouped per cluster
     (bounded) and joined by cluster id; RT and RC draw from the run's common caption words.
@@ -149,20 +151,30 @@ class DiversifyCaptions(beam.PTransform):
         self.seed = seed
 
     def expand(self, inputs):
-        annotations, rows = inputs["annotations"], inputs["rows"]
+        rows = inputs["rows"]
         size, limit = self.cfg.vocabulary_size, self.cfg.max_cluster_captions
-        ok = annotations | "OkCaptions" >> beam.Filter(lambda a: a.status == "ok" and bool(a.caption))
+        if "annotations" in inputs:
+            ok = inputs["annotations"] | "OkCaptions" >> beam.Filter(lambda a: a.status == "ok" and bool(a.caption))
+            word_counts = (
+                ok
+                | "VocabWords" >> beam.FlatMap(lambda a: caption_words(a.caption))
+                | "CountVocab" >> beam.combiners.Count.PerElement()
+            )
+            clustered = (
+                ok
+                | "InCluster" >> beam.Filter(lambda a: a.cluster_size > 1)
+                | "CaptionByCluster" >> beam.Map(lambda a: (a.cluster_id, a.caption))
+            )
+        else:  # per-shard word counts and clustered captions (transforms/shard_stage.py)
+            word_counts = inputs["words"] | "SumVocab" >> beam.CombinePerKey(sum)
+            clustered = inputs["captions"]
         vocab = (
-            ok
-            | "VocabWords" >> beam.FlatMap(lambda a: caption_words(a.caption))
-            | "CountVocab" >> beam.combiners.Count.PerElement()
+            word_counts
             | "TopCounts" >> beam.combiners.Top.Of(size, key=lambda kv: (-kv[1], kv[0]), reverse=True)
             | "TopVocab" >> beam.Map(vocabulary_from_counts, size=size)
         )
         captions = (
-            ok
-            | "InCluster" >> beam.Filter(lambda a: a.cluster_size > 1)
-            | "CaptionByCluster" >> beam.Map(lambda a: (a.cluster_id, a.caption))
+            clustered
             | "GroupCaptions" >> beam.GroupByKey()
             | "BoundCaptions" >> beam.MapTuple(lambda cid, caps: (cid, cluster_captions(caps, limit)))
         )

@@ -163,6 +163,7 @@ class ProbeFn(beam.DoFn):
                 "model": self.name,
                 "threshold": threshold,
                 "flagged": bool(threshold is not None and score > threshold),
+                "_shard": shard,  # routes the score to its shard's annotations (not a column)
             }
 
     def _shard_scores(self, shard: str, ordered: list[SampleInfo]) -> tuple[dict[str, float], list[Failure]]:

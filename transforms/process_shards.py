@@ -21,16 +21,16 @@ import apache_beam as beam
 import pyarrow as pa
 
 from pipeline import progress
+from schemas import arrow
 from schemas.elements import Failure, Sample, SampleInfo
 from transforms import shard_cache, sidecar
 from transforms.decode import DECODE_VERSION, DecodeError, decode_image, pixel_digest
+from transforms.key_batches import RepeatedKeys
 from transforms.read_shards import ReadLimits, duplicate_key_failures, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
 
-INFO_SCHEMA = pa.schema(
-    [(f.name, pa.int64() if f.type in ("int", int) else pa.string()) for f in dataclasses.fields(SampleInfo)]
-)
+INFO_SCHEMA = arrow.INFO_BATCH
 FAILURE_SCHEMA = pa.schema([(f.name, pa.string()) for f in dataclasses.fields(Failure)])
 CODE_SCHEMA = pa.schema([("key", pa.string()), ("codes", pa.binary())])
 ORB_SCHEMA = pa.schema([("key", pa.string()), ("features", pa.binary())])
@@ -140,7 +140,7 @@ def shard_path_element(path: str) -> str | bytes:
 
 
 class ProcessShardFn(beam.DoFn):
-    """Shard path -> SampleInfo (main), and tagged codes, failures, keys, shards, samples."""
+    """Shard path -> one SampleInfo table (main), and tagged codes, failures, keys, shards, samples."""
 
     def __init__(self, settings: ShardSettings):
         self.settings = settings
@@ -221,14 +221,14 @@ class ProcessShardFn(beam.DoFn):
     def _emit(self, tables: dict[str, list]) -> Iterator:
         beam.metrics.Metrics.counter("read", "shards").inc()
         progress.advance("shards")
-        for row in tables["infos"]:
-            yield SampleInfo(**row)
+        if tables["infos"]:  # one info batch per shard, not one element per sample
+            yield pa.Table.from_pylist(tables["infos"], schema=INFO_SCHEMA)
         for row in tables["failures"]:
             yield beam.pvalue.TaggedOutput("failures", Failure(**row))
         for row in tables["codes"]:
             yield beam.pvalue.TaggedOutput("codes", (row["key"], row["codes"]))
-        for row in tables["keys"]:
-            yield beam.pvalue.TaggedOutput("keys", (row["key"], row["shard"]))
+        if tables["keys"]:
+            yield beam.pvalue.TaggedOutput("keys", [(row["key"], row["shard"]) for row in tables["keys"]])
         for row in tables["summary"]:
             yield beam.pvalue.TaggedOutput("shards", row)
         for row in tables.get("orb", []):
@@ -238,12 +238,15 @@ class ProcessShardFn(beam.DoFn):
 
 
 class ProcessShards(beam.PTransform):
-    """Shard paths -> {"infos", "codes", "failures", "shards", "samples"}; cross-shard duplicate
-    keys are reported as ``duplicate_key`` failures (only (key, shard) pairs are shuffled)."""
+    """Shard paths -> {"info_batches" (one SampleInfo table per shard), "codes", "failures",
+    "moved", "shards", "samples", "orb"}; cross-shard duplicate keys are reported as
+    ``duplicate_key`` failures (each shard's keys travel as one list per hash bucket), and
+    ``moved`` names the (shard, key) occurrences that are not the key's first shard."""
 
-    def __init__(self, settings: ShardSettings):
+    def __init__(self, settings: ShardSettings, key_buckets: int = 16):
         super().__init__()
         self.settings = settings
+        self.key_buckets = key_buckets
 
     def expand(self, paths):
         from transforms.outputs import multi_output
@@ -256,12 +259,11 @@ class ProcessShards(beam.PTransform):
             ["failures", "codes", "keys", "shards", "samples", "orb"],
             "infos",
         )
-        repeated = (
-            out["keys"] | "GroupKeys" >> beam.GroupByKey() | "RepeatedKeys" >> beam.FlatMap(duplicate_key_failures)
-        )
-        failures = (out["failures"], repeated) | "MergeFailures" >> beam.Flatten()
+        repeated = out["keys"] | "RepeatedKeys" >> RepeatedKeys(duplicate_key_failures, str, self.key_buckets)
+        failures = (out["failures"], repeated["failures"]) | "MergeFailures" >> beam.Flatten()
         return {
-            "infos": out["infos"],
+            "info_batches": out["infos"],
+            "moved": repeated["moved"],
             "codes": out["codes"],
             "failures": failures,
             "shards": out["shards"],

@@ -24,7 +24,9 @@ import apache_beam as beam
 import numpy as np
 
 from pipeline import progress
+from schemas.arrow import info_table
 from schemas.elements import Failure, SampleInfo
+from transforms.key_batches import RepeatedKeys, n_buckets
 from transforms.laion_files import LaionFile, RowRange, VectorSource, open_file
 
 VECTOR_BATCH = 4096  # rows per vector element (16 MB at 1024 dims)
@@ -65,7 +67,8 @@ def synthetic_key(shard: str, row: int) -> str:
 
 
 class ReadRangeFn(beam.DoFn):
-    """RowRange -> SampleInfo (main); tagged "failures", "vectors", "keys"."""
+    """RowRange -> SampleInfo tables (main, one per batch); tagged "failures", "vectors", "keys"
+    (one list of (key, (shard, row)) per batch)."""
 
     def __init__(self, settings: LaionSettings):
         self.settings = settings
@@ -105,7 +108,7 @@ class ReadRangeFn(beam.DoFn):
         norms = np.linalg.norm(x, axis=1) if len(x) else np.empty(0, np.float32)
         good_vec = np.isfinite(norms) & (norms > MIN_NORM)
         others = sorted(c for c in columns if c not in FIELDS)
-        keys, rows = [], []
+        keys, rows, infos, where = [], [], [], []
         for i in range(n):
             row = start + i
             info_or_failure = self._row(lf, columns, others, i, row, i < len(x), bool(i < len(x) and good_vec[i]))
@@ -115,13 +118,17 @@ class ReadRangeFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput("failures", Failure(key, lf.shard, "read", "duplicate_key", msg))
                 continue
             seen.add(key)
-            yield beam.pvalue.TaggedOutput("keys", (key, (lf.shard, row)))
+            where.append((key, (lf.shard, row)))
             if isinstance(info_or_failure, Failure):
                 yield beam.pvalue.TaggedOutput("failures", info_or_failure)
                 continue
-            yield info_or_failure
+            infos.append(info_or_failure)
             keys.append(key)
             rows.append(i)
+        if where:
+            yield beam.pvalue.TaggedOutput("keys", where)
+        if infos:  # one info batch per reader batch, not one element per row
+            yield info_table(infos)
         if keys:
             sel = np.asarray(rows)
             unit = x[sel] / norms[sel, None]
@@ -198,21 +205,23 @@ def shard_row(lf: LaionFile) -> dict:
 
 
 class ReadLaion(beam.PTransform):
-    """Planned row ranges -> {"infos", "failures", "vectors", "shards"} (see the module doc)."""
+    """Planned row ranges -> {"info_batches", "moved", "failures", "vectors", "shards"} (see the
+    module doc)."""
 
-    def __init__(self, files: list[LaionFile], ranges: list[RowRange], settings: LaionSettings):
+    def __init__(self, files: list[LaionFile], ranges: list[RowRange], settings: LaionSettings, buckets: int = 1):
         super().__init__()
-        self.files, self.ranges, self.settings = files, ranges, settings
+        self.files, self.ranges, self.settings, self.buckets = files, ranges, settings, buckets
 
     def expand(self, p):
         from transforms.outputs import multi_output
 
         ranges = p | "RowRanges" >> beam.Create(self.ranges) | "SpreadRanges" >> beam.Reshuffle()
         out = multi_output(ranges, "ReadRanges", ReadRangeFn(self.settings), ["failures", "vectors", "keys"], "infos")
-        repeated = out["keys"] | "GroupKeys" >> beam.GroupByKey() | "RepeatedKeys" >> beam.FlatMap(repeated_keys)
+        repeated = out["keys"] | "RepeatedKeys" >> RepeatedKeys(repeated_keys, lambda w: w[0], self.buckets)
         return {
-            "infos": out["infos"],
-            "failures": (out["failures"], repeated) | "MergeFailures" >> beam.Flatten(),
+            "info_batches": out["infos"],
+            "moved": repeated["moved"],
+            "failures": (out["failures"], repeated["failures"]) | "MergeFailures" >> beam.Flatten(),
             "vectors": out["vectors"],
             "shards": p | "ShardRows" >> beam.Create([shard_row(lf) for lf in self.files]),
         }
@@ -255,9 +264,12 @@ def read(p: beam.Pipeline, cfg, inputs: list[str], out_dir: str) -> dict:
     if not files:
         raise ConfigError(f"input.path: no img_emb/*.npy or metadata/*.parquet under {root!r}")
     settings = LaionSettings(require_caption=cfg.read.require_caption, max_caption_bytes=cfg.read.max_caption_bytes)
-    out = p | "ReadLaion" >> ReadLaion(files, plan_ranges(files), settings)
+    buckets = n_buckets(len(files), sum(lf.rows for lf in files))
+    out = p | "ReadLaion" >> ReadLaion(files, plan_ranges(files), settings, buckets)
     return {
-        "infos": out["infos"],
+        "info_batches": out["info_batches"],
+        "moved": out["moved"],
+        "buckets": buckets,
         "failures": out["failures"],
         "shards": out["shards"],
         "vectors": {EMBEDDER: out["vectors"]},

@@ -10,6 +10,7 @@ import os
 
 import apache_beam as beam
 
+from transforms.key_batches import n_buckets
 from transforms.process_shards import ProcessShards, ShardSettings, shard_path_element
 from transforms.read_shards import ReadLimits
 
@@ -47,7 +48,9 @@ def read(p: beam.Pipeline, cfg, shards: list[str], out_dir: str) -> dict:
         debug_sleep_s=cfg.run.debug_sleep_per_shard_s,
     )
     paths = p | "ShardPaths" >> beam.Create([shard_path_element(s) for s in sorted(shards)])
-    out = dict(paths | "ProcessShards" >> ProcessShards(settings))
+    buckets = n_buckets(len(shards))
+    out = dict(paths | "ProcessShards" >> ProcessShards(settings, key_buckets=buckets))
+    out["buckets"] = buckets
     out["pixels"] = True
     out["input"] = describe(shards)
     return out

@@ -39,6 +39,7 @@ class _SampleRecords(beam.DoFn):
         progress.advance("triggers")
         yield {
             "key": key,
+            "shard": info.shard,
             "caption": info.caption,
             "norm": normalize_caption(info.caption),
             "terms": self.extractor.terms(info.caption),
@@ -95,7 +96,7 @@ def _codes_for(record: dict, word_sig, object_sig) -> Iterator[tuple[str, tuple[
                 # unintended associations are acted on; implicit intended ones are only recorded
                 codes.append(f"{'object_trigger' if relation == 'unintended' else 'implicit_object'}:{w}->{o}")
     if codes:
-        yield record["key"], tuple(sorted(codes))
+        yield (record["key"], record["shard"]), tuple(sorted(codes))
 
 
 def _group_codes(item, code: str, min_members: int = 2, min_clusters: int = 2) -> Iterator:
@@ -129,8 +130,9 @@ def _template_keys(item, min_count: int, min_distinct: int) -> Iterator:
 
 
 class MineTriggers(beam.PTransform):
-    """{"infos": SampleInfo, "assignments": ClusterAssignment} -> {"keywords", "objects",
-    "codes": (key, tuple of codes), "duplication": (cluster_id, dict with "class")}."""
+    """{"infos": SampleInfo, "assignments": ClusterAssignment (of clustered keys; a key without
+    one is a cluster of one)} -> {"keywords", "objects", "codes": ((key, shard), tuple of codes),
+    "duplication": (cluster_id, dict with "class")}."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -255,7 +257,7 @@ class MineTriggers(beam.PTransform):
         cfg = self.cfg
         exact = (
             recs
-            | "ByCaption" >> beam.Map(lambda r: (r["norm"], (r["key"], r["cluster_id"])))
+            | "ByCaption" >> beam.Map(lambda r: (r["norm"], ((r["key"], r["shard"]), r["cluster_id"])))
             | "GroupCaption" >> beam.GroupByKey()
             | "DuplicateCaptions" >> beam.FlatMap(_group_codes, code="duplicate_caption")
         )
@@ -263,7 +265,7 @@ class MineTriggers(beam.PTransform):
         if cfg.near_duplicate_captions:
             out.append(
                 recs
-                | "Bands" >> beam.FlatMap(lambda r: [(b, (r["key"], r["norm"])) for b in minhash_bands(r["caption"])])
+                | "Bands" >> beam.FlatMap(_bands)
                 | "GroupBands" >> beam.GroupByKey()
                 | "NearPairs" >> beam.FlatMap(_near_dup_keys)
                 | "DistinctNear" >> beam.Distinct()
@@ -279,7 +281,7 @@ class MineTriggers(beam.PTransform):
             recs
             | "Skeletons"
             >> beam.FlatMap(
-                lambda r, fw: [(sk, (r["key"], r["norm"]))] if (sk := skeleton(r["caption"], fw)) else [],
+                lambda r, fw: [(sk, ((r["key"], r["shard"]), r["norm"]))] if (sk := skeleton(r["caption"], fw)) else [],
                 fw=_as_set(frequent),
             )
             | "GroupSkeleton" >> beam.GroupByKey()
@@ -287,6 +289,10 @@ class MineTriggers(beam.PTransform):
             >> beam.FlatMap(_template_keys, min_count=cfg.template_min_count, min_distinct=cfg.template_min_distinct)
         )
         return out
+
+
+def _bands(r: dict) -> list[tuple]:
+    return [(b, ((r["key"], r["shard"]), r["norm"])) for b in minhash_bands(r["caption"])]
 
 
 def _as_set(pcoll):

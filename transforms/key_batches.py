@@ -1,0 +1,84 @@
+"""Keyed work on batches: rows travel to hash buckets as lists, not one element per row.
+
+A per-row ``GroupByKey`` costs Beam's per-element work (coders, shuffle entries) for every
+sample. Here each reader batch splits its rows by a stable hash bucket of the key (or digest)
+and ships one list per (batch, bucket); one group per bucket then does the per-key work in a
+plain loop. The number of buckets is set by the graph from the input's size, so a bucket holds
+about ``rows / buckets`` rows, and the elements number at most batches x buckets.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+
+import apache_beam as beam
+
+
+def bucket_of(value: str, n: int) -> int:
+    return zlib.crc32(value.encode("utf-8", "surrogatepass")) % max(1, n)
+
+
+def split_buckets(pairs: Iterable[tuple], n: int) -> Iterator[tuple[int, list]]:
+    """(key, value) pairs -> (bucket, [(key, value), ...]) per non-empty bucket."""
+    out: dict[int, list] = {}
+    for pair in pairs:
+        out.setdefault(bucket_of(pair[0], n), []).append(pair)
+    yield from sorted(out.items())
+
+
+def grouped(lists: Iterable[list]) -> dict:
+    """Lists of (key, value) pairs -> {key: [values]}."""
+    by_key: dict = {}
+    for pairs in lists:
+        for k, v in pairs:
+            by_key.setdefault(k, []).append(v)
+    return by_key
+
+
+def _repeats(item, failures_of: Callable, shard_of: Callable) -> Iterator:
+    """(bucket, lists of (key, where)) -> fn's failures for keys seen more than once, and a
+    ``moved`` marker (shard, key) for each occurrence outside the key's first shard (that shard's
+    record is the key's manifest row; the others only list the failure)."""
+    _, lists = item
+    for key, where in sorted(grouped(lists).items()):
+        if len(where) < 2:
+            continue
+        first = min(shard_of(w) for w in where)
+        for f in failures_of((key, where)):
+            yield f
+            if f.shard != first:
+                yield beam.pvalue.TaggedOutput("moved", (f.shard, key))
+
+
+class RepeatedKeys(beam.PTransform):
+    """Batches (lists) of (key, where) -> {"failures": fn((key, [where...])) for keys seen more
+    than once, "moved": (shard, key) of the occurrences that are not the key's first shard}."""
+
+    def __init__(self, fn: Callable, shard_of: Callable, buckets: int):
+        super().__init__()
+        self.fn, self.shard_of, self.buckets = fn, shard_of, buckets
+
+    def expand(self, batches):
+        from transforms.outputs import multi_output
+
+        grouped_keys = (
+            batches
+            | "KeyBuckets" >> beam.FlatMap(split_buckets, n=self.buckets)
+            | "GroupKeyBuckets" >> beam.GroupByKey()
+        )
+        out = multi_output(
+            grouped_keys, "Repeats", _repeats, ["moved"], "failures", failures_of=self.fn, shard_of=self.shard_of
+        )
+        return {"failures": out["failures"], "moved": out["moved"]}
+
+
+def n_buckets(n_shards: int, rows: int = 0) -> int:
+    """Buckets for keyed batch work: about 500,000 rows a bucket when the row count is known (the
+    LAION layout), else 4 sqrt(shards) (40,000 shards of 10,000 samples: 800 buckets of 500,000
+    keys, lists of ~12 keys per (shard, bucket)); at least 1."""
+    import math
+
+    if rows:
+        return max(1, math.ceil(rows / 500_000))
+    return max(1, round(4 * math.sqrt(max(1, n_shards))))
