@@ -223,11 +223,12 @@ INFO_BATCH = _info_batch_schema()
 
 
 def info_table(infos) -> pa.Table:
-    """SampleInfo objects (or their dicts) -> one info batch."""
-    import dataclasses
-
-    rows = [i if isinstance(i, dict) else dataclasses.asdict(i) for i in infos]
-    return pa.Table.from_pylist(rows, schema=INFO_BATCH)
+    """SampleInfo objects (or their dicts) -> one info batch, built column by column."""
+    infos = list(infos)
+    if infos and isinstance(infos[0], dict):
+        return pa.Table.from_pylist(infos, schema=INFO_BATCH)
+    columns = [pa.array([getattr(i, f.name) for i in infos], type=f.type) for f in INFO_BATCH]
+    return pa.Table.from_arrays(columns, schema=INFO_BATCH)
 
 
 def infos_of(table: pa.Table):

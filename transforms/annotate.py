@@ -22,18 +22,23 @@ def build_annotation(key: str, grouped: dict, duplication: dict[str, str] | None
     duplication = {**(duplication or {}), **dict(grouped.get("duplication", []))}
     if infos:
         i = infos[0]
-        base = Annotation(
-            key=key, shard=i.shard, url=i.url, caption=i.caption, sha256=i.sha256, width=i.width, height=i.height
+        fields: dict = dict(
+            shard=i.shard,
+            url=i.url,
+            caption=i.caption,
+            sha256=i.sha256,
+            width=i.width,
+            height=i.height,
+            original_width=int(i.original_width or 0),
+            original_height=int(i.original_height or 0),
         )
-        base = _replace(base, original_width=int(i.original_width or 0), original_height=int(i.original_height or 0))
         late = [f for f in failures if f.shard == i.shard and f.stage not in ("read", "download", "decode")]
         if late:  # a later stage (embed, probe) could not process it
             f = late[0]
-            base = _replace(base, status="failed", failure_stage=f.stage, failure_type=f.error_type)
+            fields.update(status="failed", failure_stage=f.stage, failure_type=f.error_type)
     elif failures:
         f = failures[0]
-        base = Annotation(
-            key=key,
+        fields = dict(
             shard=f.shard,
             url=f.url,
             caption=f.caption,
@@ -44,8 +49,8 @@ def build_annotation(key: str, grouped: dict, duplication: dict[str, str] | None
         )
     else:
         return None
-    fields: dict = {"trigger_codes": tuple(codes)}
-    if assignments and base.status == "ok":
+    fields["trigger_codes"] = tuple(codes)
+    if assignments and fields.get("status", "ok") == "ok":
         a = assignments[0]
         fields.update(
             cluster_id=a.cluster_id,
@@ -58,7 +63,7 @@ def build_annotation(key: str, grouped: dict, duplication: dict[str, str] | None
     if scores:
         s = scores[0]
         fields.update(probe_score=float(s["score"]), probe_flagged=bool(s.get("flagged")))
-    return _replace(base, **fields)
+    return Annotation(key=key, **fields)
 
 
 def _replace(a: Annotation, **kw) -> Annotation:
@@ -67,10 +72,11 @@ def _replace(a: Annotation, **kw) -> Annotation:
     return replace(a, **kw)
 
 
-def annotation_row(a: Annotation) -> dict:
-    from dataclasses import asdict
+ANNOTATION_FIELDS = tuple(Annotation.__dataclass_fields__)
 
-    row = asdict(a)
+
+def annotation_row(a: Annotation) -> dict:
+    row = {name: getattr(a, name) for name in ANNOTATION_FIELDS}  # flat fields: no deep copy (asdict)
     row["trigger_codes"] = list(a.trigger_codes)
     return row
 

@@ -76,10 +76,17 @@ def minhash_bands(caption: str, num_perm: int = 64, bands: int = 16, seed: int =
     return [f"{b}:" + ",".join(str(int(x)) for x in hv[b * rows : (b + 1) * rows]) for b in range(bands)]
 
 
+_PERMUTATIONS: dict = {}
+
+
 def _minhash(normalized: str, num_perm: int, seed: int):
     from datasketch import MinHash
 
-    mh = MinHash(num_perm=num_perm, seed=seed)
+    perms = _PERMUTATIONS.get((num_perm, seed))
+    if perms is None:  # drawn once per process: MinHash draws them from the seed on every call
+        template = MinHash(num_perm=num_perm, seed=seed)
+        perms = _PERMUTATIONS[(num_perm, seed)] = (template.permutations, template.scheme)
+    mh = MinHash(num_perm=num_perm, seed=seed, permutations=perms[0], scheme=perms[1])
     mh.update_batch([w.encode() for w in sorted(set(normalized.split()))])
     return mh
 

@@ -49,16 +49,21 @@ class _SampleRecords(beam.DoFn):
         }
 
 
-def _mentions(record: dict, obj: str) -> bool:
-    words = set(record["norm"].split()) | set(record["terms"])
+def _words(record: dict) -> set[str]:
+    return set(record["norm"].split()) | set(record["terms"])
+
+
+def _mentions(record: dict, obj: str, words: set[str] | None = None) -> bool:
+    words = _words(record) if words is None else words
     return all(w in words for w in obj.split())
 
 
 def _object_events(record: dict, vocabulary: frozenset[str]) -> Iterator[tuple]:
     """Counting events for keyword -> object statistics over captions not naming the object."""
     present = set(record["objects"])
+    words = _words(record)
     for obj in sorted(vocabulary | present):
-        if _mentions(record, obj):
+        if _mentions(record, obj, words):
             yield ("mention", obj)
             for w in record["terms"]:
                 yield ("kw_mention", w, obj)
@@ -114,9 +119,11 @@ def _near_dup_keys(item) -> Iterator:
     members = sorted(set(members))
     if len(members) < 2 or len(members) > 200:  # a huge bucket is an exact-template flood
         return
+    sets = [frozenset(n.split()) for _, n in members]
     for i, (ka, na) in enumerate(members):
-        for kb, nb in members[i + 1 :]:
-            if na != nb and jaccard(frozenset(na.split()), frozenset(nb.split())) >= 0.8:
+        for j in range(i + 1, len(members)):
+            kb, nb = members[j]
+            if na != nb and jaccard(sets[i], sets[j]) >= 0.8:
                 yield ka, ("near_duplicate_caption",)
                 yield kb, ("near_duplicate_caption",)
 
