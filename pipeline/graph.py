@@ -198,7 +198,9 @@ def duplication_by_shard(duplication, assignments):
 def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None:
     from transforms.triggers import MineTriggers
 
-    mined = {"infos": sample_infos(dec), "assignments": assignments} | "MineTriggers" >> MineTriggers(cfg.triggers)
+    mined = {"info_batches": dec["info_batches"], "assignments": assignments} | "MineTriggers" >> MineTriggers(
+        cfg.triggers, buckets=dec.get("buckets", 16)
+    )
     keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.Map(lambda kv: (kv[0][1], (kv[0][0], kv[1])))
     keyed["duplication"] = duplication_by_shard(mined["duplication"], assignments)
     _write(

@@ -28,7 +28,7 @@ ALLOWED = {
     r"MineTriggers/TestObjects": "vocabulary x objects counts, one count",
     r"MineTriggers/TriggerCodes": "significant (keyword, cluster) and (keyword, object) sets",
     r"MineTriggers/FrequentSet\b.*": "frequent template words: vocabulary",
-    r"MineTriggers/Skeletons": "frequent template words: vocabulary",
+    r"MineTriggers/Skeletons(/Split)?": "frequent template words: vocabulary",
     r"DiversifyCaptions/Diversify": "top-N vocabulary",
     r"EmbedClip/NotPersisted": "one entry per shard",
     r"EmbedClip/Save": "one name per shard (identity + content digest)",

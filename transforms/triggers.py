@@ -8,6 +8,7 @@ Per-sample trigger codes go back to the annotations by key.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -16,6 +17,7 @@ from pipeline import progress
 from transforms.captions import cluster_duplication, minhash_bands, skeleton
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
+from transforms.trigger_records import CHUNK, GroupInBuckets, ShardRecordsFn, counted
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -136,23 +138,63 @@ def _template_keys(item, min_count: int, min_distinct: int) -> Iterator:
             yield key, ("template_caption",)
 
 
-class MineTriggers(beam.PTransform):
-    """{"infos": SampleInfo, "assignments": ClusterAssignment (of clustered keys; a key without
-    one is a cluster of one)} -> {"keywords", "objects", "codes": ((key, shard), tuple of codes),
-    "duplication": (cluster_id, dict with "class")}."""
+def _terms(r: dict) -> list[str]:
+    return r["terms"]
 
-    def __init__(self, cfg):
+
+def _cluster_pairs(r: dict, m: int) -> list[tuple]:
+    return [(w, r["cluster_id"], r["cluster_size"]) for w in r["terms"]] if r["cluster_size"] >= m else []
+
+
+def _distinct_words(r: dict) -> list[str]:
+    return sorted(set(r["norm"].split()))
+
+
+def _by_caption(r: dict) -> list[tuple]:
+    return [(r["norm"], ((r["key"], r["shard"]), r["cluster_id"]))]
+
+
+def _skeleton_pairs(r: dict, frequent) -> list[tuple]:
+    sk = skeleton(r["caption"], frequent)
+    return [(sk, ((r["key"], r["shard"]), r["norm"]))] if sk else []
+
+
+def _batch_codes(batch: list[dict], ws, os_) -> Iterator:
+    word_sig, object_sig = set(ws), _by_keyword(os_)
+    for r in batch:
+        yield from _codes_for(r, word_sig, object_sig)
+
+
+def _clustered_captions(batch: list[dict]) -> list[tuple[str, str]]:
+    return [(r["cluster_id"], r["caption"]) for r in batch if r["cluster_size"] > 1]
+
+
+def _chunks(item) -> Iterator[list[dict]]:
+    _, records = item
+    records = sorted(records, key=lambda r: r["key"])
+    for i in range(0, len(records), CHUNK):
+        yield records[i : i + CHUNK]
+
+
+class MineTriggers(beam.PTransform):
+    """{"info_batches": SampleInfo tables (or "infos": SampleInfo elements), "assignments":
+    ClusterAssignment (of clustered keys; a key without one is a cluster of one)} ->
+    {"keywords", "objects", "codes": ((key, shard), tuple of codes), "duplication": (cluster_id,
+    dict with "class")}. Records travel as batches (``transforms.trigger_records``)."""
+
+    def __init__(self, cfg, buckets: int = 16):
         super().__init__()
         self.cfg = cfg
+        self.buckets = buckets
 
     def expand(self, inputs):
         cfg = self.cfg
         recs = self._records(inputs)
-        n_total = recs | "CountSamples" >> beam.combiners.Count.Globally()
+        n_total = recs | "BatchSizes" >> beam.Map(len) | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = (
             recs
-            | "Terms" >> beam.FlatMap(lambda r: r["terms"])
-            | "CountTerms" >> beam.combiners.Count.PerElement()
+            | "Terms" >> beam.FlatMap(counted, events=_terms)
+            | "CountTerms" >> beam.CombinePerKey(sum)
             | "PruneTerms" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_keyword_count)
         )
         keywords = self._keyword_triggers(recs, kw_counts, n_total)
@@ -160,15 +202,12 @@ class MineTriggers(beam.PTransform):
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
         trigger_codes = recs | "TriggerCodes" >> beam.FlatMap(
-            lambda r, ws, os_: _codes_for(r, set(ws), _by_keyword(os_)),
-            ws=beam.pvalue.AsList(word_sig),
-            os_=beam.pvalue.AsList(object_sig),
+            _batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig)
         )
         codes = (trigger_codes, *self._caption_codes(recs)) | "AllCodes" >> beam.Flatten()
         duplication = (
             recs
-            | "InClusters" >> beam.Filter(lambda r: r["cluster_size"] > 1)
-            | "CaptionByCluster" >> beam.Map(lambda r: (r["cluster_id"], r["caption"]))
+            | "CaptionByCluster" >> beam.FlatMap(_clustered_captions)
             | "GroupClusterCaptions" >> beam.GroupByKey()
             | "ClassifyCluster"
             >> beam.Map(
@@ -178,22 +217,34 @@ class MineTriggers(beam.PTransform):
         return {"keywords": keywords, "objects": objects, "codes": codes, "duplication": duplication}
 
     def _records(self, inputs):
+        """-> batches (lists) of records, per shard."""
+        use_meta = self.cfg.object_source in ("auto", "metadata")
+        if "info_batches" in inputs:
+            from schemas import arrow
+
+            keyed = {
+                "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
+                "a": inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a)),
+            }
+            joined = keyed | "JoinShard" >> beam.CoGroupByKey()
+            return joined | "Records" >> beam.ParDo(ShardRecordsFn(self.cfg.bigrams, use_meta))
         keyed_i = inputs["infos"] | "KeyInfos" >> beam.Map(lambda i: (i.key, i))
         keyed_a = inputs["assignments"] | "KeyAssign" >> beam.Map(lambda a: (a.key, a))
-        use_meta = self.cfg.object_source in ("auto", "metadata")
         return (
             {"i": keyed_i, "a": keyed_a}
             | "JoinSample" >> beam.CoGroupByKey()
             | "Records" >> beam.ParDo(_SampleRecords(self.cfg.bigrams, use_meta))
+            | "ByShard" >> beam.Map(lambda r: (r["shard"], r))
+            | "GroupShard" >> beam.GroupByKey()
+            | "Batches" >> beam.FlatMap(_chunks)
         )
 
     def _keyword_triggers(self, recs, kw_counts, n_total):
         cfg = self.cfg
         pairs = (
             recs
-            | "BigClusters" >> beam.Filter(lambda r, m: r["cluster_size"] >= m, m=cfg.min_pair_count)
-            | "Pairs" >> beam.FlatMap(lambda r: [(w, r["cluster_id"], r["cluster_size"]) for w in r["terms"]])
-            | "CountPairs" >> beam.combiners.Count.PerElement()
+            | "Pairs" >> beam.FlatMap(counted, events=functools.partial(_cluster_pairs, m=cfg.min_pair_count))
+            | "CountPairs" >> beam.CombinePerKey(sum)
             | "PrunePairs" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_pair_count)
         )
         candidates = pairs | "Candidates" >> beam.FlatMap(
@@ -231,8 +282,8 @@ class MineTriggers(beam.PTransform):
         vocabulary = frozenset(cfg.objects or DEFAULT_OBJECTS)
         events = (
             recs
-            | "ObjectEvents" >> beam.FlatMap(_object_events, vocabulary=vocabulary)
-            | "CountEvents" >> beam.combiners.Count.PerElement()
+            | "ObjectEvents" >> beam.FlatMap(counted, events=functools.partial(_object_events, vocabulary=vocabulary))
+            | "CountEvents" >> beam.CombinePerKey(sum)
         )
         both = events | "BothEvents" >> beam.Filter(
             lambda kv, m: kv[0][0] == "both" and kv[1] >= m, m=cfg.min_pair_count
@@ -261,40 +312,26 @@ class MineTriggers(beam.PTransform):
         )
 
     def _caption_codes(self, recs):
-        cfg = self.cfg
-        exact = (
-            recs
-            | "ByCaption" >> beam.Map(lambda r: (r["norm"], ((r["key"], r["shard"]), r["cluster_id"])))
-            | "GroupCaption" >> beam.GroupByKey()
-            | "DuplicateCaptions" >> beam.FlatMap(_group_codes, code="duplicate_caption")
+        cfg, n = self.cfg, self.buckets
+        exact = recs | "DuplicateCaptions" >> GroupInBuckets(
+            _by_caption, functools.partial(_group_codes, code="duplicate_caption"), n
         )
         out = [exact]
         if cfg.near_duplicate_captions:
             out.append(
-                recs
-                | "Bands" >> beam.FlatMap(_bands)
-                | "GroupBands" >> beam.GroupByKey()
-                | "NearPairs" >> beam.FlatMap(_near_dup_keys)
-                | "DistinctNear" >> beam.Distinct()
+                recs | "NearPairs" >> GroupInBuckets(_bands, _near_dup_keys, n) | "DistinctNear" >> beam.Distinct()
             )
         frequent = (
             recs
-            | "Words" >> beam.FlatMap(lambda r: sorted(set(r["norm"].split())))
-            | "CountWords" >> beam.combiners.Count.PerElement()
+            | "Words" >> beam.FlatMap(counted, events=_distinct_words)
+            | "CountWords" >> beam.CombinePerKey(sum)
             | "Frequent" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.template_min_df)
             | "FrequentWords" >> beam.Keys()
         )
-        out.append(
-            recs
-            | "Skeletons"
-            >> beam.FlatMap(
-                lambda r, fw: [(sk, ((r["key"], r["shard"]), r["norm"]))] if (sk := skeleton(r["caption"], fw)) else [],
-                fw=_as_set(frequent),
-            )
-            | "GroupSkeleton" >> beam.GroupByKey()
-            | "Templates"
-            >> beam.FlatMap(_template_keys, min_count=cfg.template_min_count, min_distinct=cfg.template_min_distinct)
+        templates = functools.partial(
+            _template_keys, min_count=cfg.template_min_count, min_distinct=cfg.template_min_distinct
         )
+        out.append(recs | "Skeletons" >> GroupInBuckets(_skeleton_pairs, templates, n, side=_as_set(frequent)))
         return out
 
 
