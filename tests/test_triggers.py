@@ -109,3 +109,24 @@ def test_planted_triggers_found():
 
 def test_shuffled_keywords_report_nothing():
     _mine(shuffled=True)
+
+
+def test_near_duplicate_band_marks_the_same_keys_as_every_pair():
+    """Comparing distinct captions once marks the same members as comparing every pair."""
+    import random
+
+    from transforms.captions import jaccard
+    from transforms.triggers import _near_dup_keys
+
+    rng = random.Random(3)
+    words = "red car old mosque near the river at night blue sky".split()
+    base = words[:6]  # base plus one more word: Jaccard 6/7; two random captions: far apart
+    options = [base, base + ["night"], base + ["sky"], rng.sample(words, 6), rng.sample(words, 4)]
+    members = [(f"k{i}", " ".join(rng.choice(options))) for i in range(40)]
+    expected = set()
+    for i, (ka, na) in enumerate(members):
+        for kb, nb in members[i + 1 :]:
+            if na != nb and jaccard(frozenset(na.split()), frozenset(nb.split())) >= 0.8:
+                expected |= {ka, kb}
+    got = [k for k, code in _near_dup_keys(("band", members))]
+    assert len(got) == len(set(got)) and set(got) == expected and expected

@@ -115,19 +115,28 @@ def _group_codes(item, code: str, min_members: int = 2, min_clusters: int = 2) -
 
 
 def _near_dup_keys(item) -> Iterator:
+    """(band, [(member id, normalized caption)]) -> (member id, code) for members whose caption
+    is a near duplicate (Jaccard >= 0.8, not equal) of another's; distinct captions are compared
+    once, whatever number of members share each."""
     from transforms.captions import jaccard
 
     _, members = item
     members = sorted(set(members))
     if len(members) < 2 or len(members) > 200:  # a huge bucket is an exact-template flood
         return
-    sets = [frozenset(n.split()) for _, n in members]
-    for i, (ka, na) in enumerate(members):
-        for j in range(i + 1, len(members)):
-            kb, nb = members[j]
-            if na != nb and jaccard(sets[i], sets[j]) >= 0.8:
-                yield ka, ("near_duplicate_caption",)
-                yield kb, ("near_duplicate_caption",)
+    by_norm: dict[str, list] = {}
+    for key, norm in members:
+        by_norm.setdefault(norm, []).append(key)
+    norms = sorted(by_norm)
+    sets = [frozenset(n.split()) for n in norms]
+    near: set[str] = set()
+    for i in range(len(norms)):
+        for j in range(i + 1, len(norms)):
+            if jaccard(sets[i], sets[j]) >= 0.8:
+                near.update((norms[i], norms[j]))
+    for norm in sorted(near):
+        for key in by_norm[norm]:
+            yield key, ("near_duplicate_caption",)
 
 
 def _template_keys(item, min_count: int, min_distinct: int) -> Iterator:
