@@ -18,7 +18,7 @@ import apache_beam as beam
 from schemas import arrow
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.write import WriteTable, bucket
+from transforms.write import WriteBatches, WriteTable, bucket
 
 # input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
 READERS = {
@@ -150,7 +150,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
             neighbours.append(found["neighbours"])
     for embedder, batches in sorted(dec.get("vectors", {}).items()):  # precomputed embeddings
         found = batches | f"VectorEdges_{embedder}" >> VectorEdges(
-            cfg.dedup.cluster.threshold, embedder, cfg.dedup.cluster, cfg.run.seed
+            cfg.dedup.cluster.threshold, embedder, cfg.dedup.cluster, cfg.run.seed, batched_neighbours=True
         )
         edges.append(found["edges"])
         neighbours.append(found["neighbours"])
@@ -276,13 +276,18 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     )
     if dup["neighbours"]:
         nn = tuple(dup["neighbours"]) | "AllNeighbours" >> beam.Flatten()
-        _write(
-            nn | "NeighbourRows" >> beam.Map(_neighbour_row),
-            out_dir,
-            "neighbours",
-            lambda r, n=n_parts: f"{r['embedder']}-{bucket(r['key'], n)}",
-            lambda r: (r["key"],),
+        written = (
+            nn
+            | "NeighbourRows" >> beam.Map(_neighbour_rows)
+            | "Write_neighbours"
+            >> WriteBatches(
+                os.path.join(out_dir, "neighbours"),
+                arrow.TABLES["neighbours"],
+                lambda r, n=n_parts: f"{r['embedder']}-{bucket(r['key'], n)}",
+                lambda r: (r["key"],),
+            )
         )
+        p.__dict__.setdefault("_memsieve_written", []).append(written)
     if cfg.diversify.enabled:
         div = {
             "rows": staged["diversify"],
@@ -302,8 +307,12 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     return {"written": staged["written"], "assignments": assignments}
 
 
-def _neighbour_row(n) -> dict:
-    return {"key": n.key, "embedder": n.embedder, "nn_key": n.nn_key, "nn_similarity": float(n.nn_similarity)}
+def _neighbour_rows(n) -> list[dict]:
+    """A Neighbour, or a list of them (a search group's, ``batched_neighbours``) -> table rows."""
+    return [
+        {"key": x.key, "embedder": x.embedder, "nn_key": x.nn_key, "nn_similarity": float(x.nn_similarity)}
+        for x in (n if isinstance(n, list) else [n])
+    ]
 
 
 def _write(pcoll, out_dir: str, table: str, partition, sort_key):

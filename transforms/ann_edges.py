@@ -136,7 +136,8 @@ def float_vectors(payload: np.ndarray) -> np.ndarray:
 
 
 class CellSearch(beam.PTransform):
-    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour}.
+    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour (or, with
+    ``batched_neighbours``, lists of Neighbour)}.
 
     ``forest`` (default): each cell emits a breadth-first spanning forest of its pairs above the
     threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else every
@@ -152,9 +153,11 @@ class CellSearch(beam.PTransform):
         query_rows: tuple = (0,),
         similarity: Callable = identity_similarity,
         forest: bool = True,
+        batched_neighbours: bool = False,
     ):
         super().__init__()
         self.forest = forest
+        self.batched_neighbours = batched_neighbours
         self.threshold, self.embedder, self.seed = threshold, embedder, seed
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
         c = cluster_cfg
@@ -189,13 +192,19 @@ class CellSearch(beam.PTransform):
             )
         )
         edges = found | "Edges" >> beam.FlatMap(_edges, self.embedder, self.similarity)
-        final = found | "Neighbours" >> beam.FlatMap(_neighbours, self.embedder, self.similarity)
         combined = (
             found
             | "NeighbourCandidates" >> beam.FlatMap(_partial)
             | "BestNeighbour" >> beam.CombinePerKey(_best)
             | "NeighbourOfTwoCells" >> beam.Map(_combined_neighbour, self.embedder, self.similarity)
         )
+        if self.batched_neighbours:  # one list per search group; rows in two cells stay one element each
+            final = found | "Neighbours" >> beam.Map(
+                lambda f, e, sim: list(_neighbours(f, e, sim)), self.embedder, self.similarity
+            )
+            combined = combined | "OneNeighbourLists" >> beam.Map(lambda n: [n])
+        else:
+            final = found | "Neighbours" >> beam.FlatMap(_neighbours, self.embedder, self.similarity)
         neighbours = (final, combined) | "AllNeighbours" >> beam.Flatten()
         return {"edges": edges, "neighbours": neighbours}
 
@@ -209,13 +218,13 @@ def _columnar(batch) -> tuple:
 class VectorEdges(beam.PTransform):
     """(keys, vectors) batches -> {"edges": Edge, "neighbours": Neighbour}: cosine >= threshold."""
 
-    def __init__(self, threshold: float, embedder: str, cluster_cfg, seed: int):
+    def __init__(self, threshold: float, embedder: str, cluster_cfg, seed: int, batched_neighbours: bool = False):
         super().__init__()
         self.threshold, self.embedder, self.cluster_cfg, self.seed = threshold, embedder, cluster_cfg, seed
+        self.batched_neighbours = batched_neighbours
 
     def expand(self, batches):
-        return (
-            batches
-            | "Columnar" >> beam.Map(_columnar)
-            | "CellSearch" >> CellSearch(self.threshold, self.embedder, self.cluster_cfg, self.seed)
+        search = CellSearch(
+            self.threshold, self.embedder, self.cluster_cfg, self.seed, batched_neighbours=self.batched_neighbours
         )
+        return batches | "Columnar" >> beam.Map(_columnar) | "CellSearch" >> search

@@ -9,7 +9,7 @@ complete, and two runs write identical bytes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
 
@@ -80,6 +80,36 @@ class WriteTable(beam.PTransform):
             rows
             | "ByPartition" >> beam.Map(lambda r, f=self.partition: (f(r), r))
             | "GroupPartition" >> beam.GroupByKey()
+            | "WritePart" >> beam.ParDo(_WritePart(self.table_dir, self.schema, self.sort_key))
+        )
+
+
+def _partition_lists(rows: list[dict], partition: Callable[[dict], str]) -> Iterator[tuple[str, list[dict]]]:
+    parts: dict[str, list[dict]] = {}
+    for r in rows:
+        parts.setdefault(partition(r), []).append(r)
+    yield from parts.items()
+
+
+def _concat(item: tuple[str, Iterable[list[dict]]]) -> tuple[str, list[dict]]:
+    partition, lists = item
+    return partition, [r for rows in lists for r in rows]
+
+
+class WriteBatches(beam.PTransform):
+    """Lists of rows -> ``table_dir/part-<partition>.parquet`` files, as ``WriteTable`` writes
+    them, with one shuffled list per (batch, partition) instead of one element per row."""
+
+    def __init__(self, table_dir: str, schema, partition: Callable[[dict], str], sort_key: Callable[[dict], tuple]):
+        super().__init__()
+        self.table_dir, self.schema, self.partition, self.sort_key = table_dir, schema, partition, sort_key
+
+    def expand(self, batches):
+        return (
+            batches
+            | "ByPartition" >> beam.FlatMap(_partition_lists, partition=self.partition)
+            | "GroupPartition" >> beam.GroupByKey()
+            | "Concat" >> beam.Map(_concat)
             | "WritePart" >> beam.ParDo(_WritePart(self.table_dir, self.schema, self.sort_key))
         )
 
