@@ -132,6 +132,8 @@ def _near_dup_keys(item) -> Iterator:
     near: set[str] = set()
     for i in range(len(norms)):
         for j in range(i + 1, len(norms)):
+            if norms[i] in near and norms[j] in near:
+                continue  # both marked already: the pair cannot mark anything new
             if jaccard(sets[i], sets[j]) >= 0.8:
                 near.update((norms[i], norms[j]))
     for norm in sorted(near):
