@@ -3,11 +3,12 @@
 ``img_emb/img_emb_N.npy`` + ``metadata/metadata_N.parquet`` (``transforms.laion_files``). Work
 items are row ranges (metadata row groups); each yields, per batch of a few thousand rows:
 
-- ``SampleInfo`` per good row (key, shard = the metadata file, url, caption, sizes and original
-  sizes from the metadata; every other column in ``meta_json``; no pixels, so no pixel digest),
+- one table of ``SampleInfo`` columns (``schemas.arrow.INFO_BATCH``), a row per good row (key,
+  shard = the metadata file, url, caption, sizes and original sizes from the metadata; every
+  other column in ``meta_json``; no pixels, so no pixel digest),
 - ``Failure`` per bad row (no usable vector: NaN, infinite or zero; no caption; a vector without a
   metadata row or the reverse) so every row's key still reaches the manifest,
-- one vector batch ``(keys, float32 unit vectors)`` of the good rows, for ``VectorEdges``.
+- one vector batch ``(keys, float16 unit vectors)`` of the good rows, for ``VectorEdges``.
 
 Keys repeated across files are reported as ``duplicate_key`` failures (the first file keeps the
 key), as the webdataset reader does.
@@ -109,9 +110,10 @@ class ReadRangeFn(beam.DoFn):
         good_vec = np.isfinite(norms) & (norms > MIN_NORM)
         others = sorted(c for c in columns if c not in FIELDS)
         keys, rows, infos, where = [], [], [], []
+        good, n_vec = good_vec.tolist(), len(x)
         for i in range(n):
             row = start + i
-            info_or_failure = self._row(lf, columns, others, i, row, i < len(x), bool(i < len(x) and good_vec[i]))
+            info_or_failure = self._row(lf, columns, others, i, row, i < n_vec, i < n_vec and good[i])
             key = info_or_failure.key
             if key in seen:  # repeated inside this range: the first row keeps it
                 msg = f"row {row}: the key repeats in {lf.shard}"
@@ -131,7 +133,8 @@ class ReadRangeFn(beam.DoFn):
             yield info_table(infos)
         if keys:
             sel = np.asarray(rows)
-            unit = x[sel] / norms[sel, None]
+            # float16, as the cell search stores them (ann_edges._columnar): half the bytes in flight
+            unit = (x[sel] / norms[sel, None]).astype(np.float16)
             yield beam.pvalue.TaggedOutput("vectors", (keys, unit))
 
     def _row(self, lf: LaionFile, columns: dict, others: list[str], i: int, row: int, has_vec: bool, good: bool):

@@ -20,14 +20,17 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import progress
 from schemas import arrow
 from schemas.elements import Annotation
 from transforms import fsio
 from transforms.annotate import annotation_row, build_annotation
-from transforms.decide import DROP, decide, is_kept_copy, manifest_row, reason_family
-from transforms.write import safe_part_name, write_rows
+from transforms.decide import DROP, KEEP, decide, is_kept_copy, manifest_row, reason_family
+from transforms.write import safe_part_name, write_arrow
 
 EXTRA_TAGS = ("blockable", "diversify", "words", "cluster_captions")
 
@@ -39,18 +42,29 @@ def _by_key(pairs: Iterable[tuple]) -> dict[str, list]:
     return out
 
 
-def shard_annotations(grouped: dict) -> list[Annotation]:
-    """Pure: one shard's joined records -> its keys' Annotations, in key order.
+def _first_per_key(tables: list) -> pa.Table | None:
+    """A shard's info tables -> one table, a key repeated in the shard keeping its first record."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    keys = table.column("key").to_pylist()
+    if len(set(keys)) == len(keys):
+        return table
+    seen: set[str] = set()
+    first = [i for i, k in enumerate(keys) if not (k in seen or seen.add(k))]
+    return table.take(first)
+
+
+def split_shard(grouped: dict) -> tuple[list[Annotation], pa.Table | None]:
+    """Pure: one shard's joined records -> (the Annotations of its keys with any sparse record,
+    in key order; the info rows of the others, "plain" keys: ok, a cluster of one, nothing else).
 
     ``grouped``: "info" (info tables), "failure" (Failure, written to the failures table),
     "late_failure" (Failure, annotation only), "assignment" (ClusterAssignment), "codes"
     ((key, codes)), "score" (score rows), "duplication" ((key, (cluster_id, class))), "moved"
     (keys whose first shard is another one)."""
     moved = set(grouped.get("moved", ()))
-    infos: dict = {}
-    for table in grouped.get("info", ()):
-        for info in arrow.infos_of(table):
-            infos.setdefault(info.key, info)  # a key repeated in one shard: its first record
     failures = _by_key((f.key, f) for f in (*grouped.get("failure", ()), *grouped.get("late_failure", ())))
     sparse = {
         "assignment": _by_key((a.key, a) for a in grouped.get("assignment", ())),
@@ -58,6 +72,16 @@ def shard_annotations(grouped: dict) -> list[Annotation]:
         "score": _by_key((r["key"], r) for r in grouped.get("score", ())),
         "duplication": _by_key(grouped.get("duplication", ())),
     }
+    rich = set(failures) | moved
+    for values in sparse.values():
+        rich.update(values)
+    table = _first_per_key(list(grouped.get("info", ())))
+    infos: dict = {}
+    plain = None
+    if table is not None:
+        is_rich = pa.array([k in rich for k in table.column("key").to_pylist()], pa.bool_())
+        infos = {i.key: i for i in arrow.infos_of(table.filter(is_rich))}
+        plain = table.filter(pc.invert(is_rich))
     out = []
     for key in sorted((infos.keys() | failures.keys()) - moved):
         joined = {name: values.get(key, ()) for name, values in sparse.items()}
@@ -66,7 +90,56 @@ def shard_annotations(grouped: dict) -> list[Annotation]:
         a = build_annotation(key, joined)
         if a is not None:
             out.append(a)
-    return out
+    return out, plain
+
+
+def shard_annotations(grouped: dict) -> list[Annotation]:
+    """Pure: one shard's joined records -> every key's Annotation, in key order."""
+    rich, plain = split_shard(grouped)
+    extra = [build_annotation(i.key, {"info": [i]}) for i in arrow.infos_of(plain)] if plain is not None else []
+    return sorted(rich + extra, key=lambda a: a.key)
+
+
+def _constant(value, n: int, type_) -> pa.Array:
+    if pa.types.is_list(type_):
+        offsets = np.arange(n + 1, dtype=np.int32) * len(value)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(list(value) * n, type_.value_type))
+    if value is None:
+        return pa.nulls(n, type_)
+    return pa.array(np.full(n, value) if not isinstance(value, str) else [value] * n, type_)
+
+
+def plain_table(plain: pa.Table, schema: pa.Schema, constants: dict) -> pa.Table:
+    """Plain keys' info rows -> a table of ``schema``: columns named like an info column are
+    copied (integers' nulls as 0), the others are ``constants``; ``cluster_id``: the key."""
+    n = plain.num_rows
+    columns = []
+    for field in schema:
+        if field.name in constants:
+            columns.append(_constant(constants[field.name], n, field.type))
+        elif field.name == "cluster_id":
+            columns.append(plain.column("key"))
+        else:
+            col = plain.column(field.name)
+            columns.append(pc.fill_null(col, 0).cast(field.type) if pa.types.is_integer(field.type) else col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+PLAIN = Annotation(key="", shard="")  # what a key with nothing but its info becomes
+PLAIN_ANNOTATION = {
+    "status": "ok",
+    "failure_stage": "",
+    "failure_type": "",
+    "cluster_id": "",
+    "cluster_size": 1,
+    "is_representative": True,
+    "cluster_embedder": "",
+    "cluster_similarity": 1.0,
+    "duplication": "",
+    "trigger_codes": (),
+    "probe_score": None,
+    "probe_flagged": False,
+}
 
 
 def _failure_row(f) -> dict:
@@ -90,11 +163,38 @@ class AnnotateShardFn(beam.DoFn):
 
     def process(self, item) -> Iterator:
         shard, grouped = item
-        annotations = shard_annotations(grouped)
+        rich, plain = split_shard(grouped)
+        plain_decision, plain_reasons = decide(PLAIN, self.cfg)
+        if plain is not None and (plain_decision != KEEP or plain_reasons):  # a policy that acts on plain keys
+            extra = [build_annotation(i.key, {"info": [i]}) for i in arrow.infos_of(plain)]
+            rich, plain = sorted(rich + extra, key=lambda a: a.key), None
+        rows = self._decide(rich, plain.num_rows if plain is not None else 0)
+        manifest_constants = {
+            "status": "ok",
+            "decision": KEEP,
+            "reasons": (),
+            "cluster_size": 1,
+            "is_representative": True,
+            "duplication": "",
+            "trigger_codes": (),
+            "probe_score": None,
+        }
+        annotations = self._table("annotations", [annotation_row(a) for a in rich], plain, PLAIN_ANNOTATION)
+        yield from self._write(shard, "annotations", annotations)
+        yield from self._write(shard, "manifest", self._table("manifest", rows, plain, manifest_constants))
+        failures = sorted(grouped.get("failure", ()), key=lambda f: (f.key, f.stage, f.error_type))
+        yield from self._write(shard, "failures", self._table("failures", [_failure_row(f) for f in failures]))
+        for row in rows:  # plain keys are kept and alone: never on the blocklist
+            if row["decision"] == DROP or is_kept_copy(row):
+                yield beam.pvalue.TaggedOutput("blockable", row)
+        if self.diversify:
+            yield from self._diversify_inputs(rich, rows, plain)
+
+    def _decide(self, rich: list[Annotation], n_plain: int) -> list[dict]:
         rows = []
-        decisions: Counter = Counter()
+        decisions: Counter = Counter({KEEP: n_plain} if n_plain else {})
         reasons: Counter = Counter()
-        for a in annotations:
+        for a in rich:
             decision, why = decide(a, self.cfg)
             decisions[decision] += 1
             reasons.update(reason_family(r) for r in why)
@@ -103,39 +203,42 @@ class AnnotateShardFn(beam.DoFn):
             beam.metrics.Metrics.counter("decide", name).inc(n)
         for name, n in reasons.items():
             beam.metrics.Metrics.counter("decide_reason", name).inc(n)
-        progress.advance("decide", len(rows))
-        failures = sorted(grouped.get("failure", ()), key=lambda f: (f.key, f.stage, f.error_type))
-        yield from self._write(shard, "annotations", [annotation_row(a) for a in annotations])
-        yield from self._write(shard, "manifest", rows)
-        yield from self._write(shard, "failures", [_failure_row(f) for f in failures])
-        for row in rows:
-            if row["decision"] == DROP or is_kept_copy(row):
-                yield beam.pvalue.TaggedOutput("blockable", row)
-        if self.diversify:
-            yield from self._diversify_inputs(annotations, rows)
+        progress.advance("decide", len(rows) + n_plain)
+        return rows
 
-    def _diversify_inputs(self, annotations: list[Annotation], rows: list[dict]) -> Iterator:
+    @staticmethod
+    def _table(name: str, rows: list[dict], plain: pa.Table | None = None, constants: dict | None = None):
+        schema = arrow.TABLES[name]
+        table = pa.Table.from_pylist(rows, schema=schema)
+        if plain is None or not plain.num_rows:
+            return table
+        return pa.concat_tables([table, plain_table(plain, schema, constants or {})]).sort_by("key")
+
+    def _diversify_inputs(self, rich: list[Annotation], rows: list[dict], plain: pa.Table | None) -> Iterator:
         from transforms.diversify import caption_words
 
         words: Counter = Counter()
-        for a in annotations:
+        for a in rich:
             if a.status == "ok" and a.caption:
                 words.update(caption_words(a.caption))
                 if a.cluster_size > 1:
                     yield beam.pvalue.TaggedOutput("cluster_captions", (a.cluster_id, a.caption))
+        for caption in plain.column("caption").to_pylist() if plain is not None else ():
+            if caption:
+                words.update(caption_words(caption))
         for item in sorted(words.items()):
             yield beam.pvalue.TaggedOutput("words", item)
         for row in rows:
             if row["decision"] == "diversify":
                 yield beam.pvalue.TaggedOutput("diversify", row)
 
-    def _write(self, shard: str, table: str, rows: list[dict]) -> Iterator[str]:
-        if not rows:  # like WriteTable: a partition without rows has no part
+    def _write(self, shard: str, table: str, data: pa.Table) -> Iterator[str]:
+        if not data.num_rows:  # like WriteTable: a partition without rows has no part
             return
         path = fsio.join(self.out_dir, table, f"part-{safe_part_name(shard)}.parquet")
-        write_rows(path, rows, arrow.TABLES[table])
-        beam.metrics.Metrics.counter("write", table).inc(len(rows))
-        progress.advance("write", len(rows))
+        write_arrow(path, data)
+        beam.metrics.Metrics.counter("write", table).inc(data.num_rows)
+        progress.advance("write", data.num_rows)
         yield path
 
 

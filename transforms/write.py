@@ -37,9 +37,14 @@ def bucket(value: str, n: int) -> str:
 def write_rows(path: str, rows: list[dict], schema) -> str:
     """Write rows (dicts) with the schema to ``path`` atomically; returns the path."""
     import pyarrow as pa
+
+    return write_arrow(path, pa.Table.from_pylist(rows, schema=schema))
+
+
+def write_arrow(path: str, table) -> str:
+    """Write a pyarrow Table to ``path`` atomically (as ``write_rows``); returns the path."""
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=schema)
     with fsio.atomic_writer(path) as f:
         pq.write_table(table, f, compression="zstd", write_statistics=True)
     return path

@@ -1,0 +1,59 @@
+"""The per-shard stage (transforms/shard_stage.py): the columnar path for plain keys writes the
+same rows as building every key's Annotation and deciding it one by one."""
+
+import apache_beam as beam
+
+from pipeline.config import DecideConfig
+from schemas.arrow import info_table
+from schemas.elements import ClusterAssignment, Failure, SampleInfo
+from transforms.annotate import annotation_row
+from transforms.decide import decide, manifest_row
+from transforms.shard_stage import AnnotateShardFn, shard_annotations
+from transforms.write import read_table
+
+
+def _grouped():
+    infos = [
+        SampleInfo(f"k{i}", "s0", f"u{i}", f"cap {i}", f"h{i}", "", 10 + i, 20, "{}", 0 if i % 2 else 5, 7)
+        for i in range(9)
+    ]
+    infos.append(SampleInfo("k0", "s0", "dup", "repeat", "x", "", 1, 1))  # a key repeated in the shard
+    return {
+        "info": [info_table(infos[5:]), info_table(infos[:5])],
+        "assignment": [
+            ClusterAssignment("k1", "k1", 2, True, "exact", 1.0, "s0"),
+            ClusterAssignment("k2", "k1", 2, False, "clip", 0.97, "s0"),
+        ],
+        "failure": [
+            Failure("k9", "s0", "decode", "corrupt_image", "bad"),
+            Failure("k4", "s0", "read", "duplicate_key", "m"),
+        ],
+        "late_failure": [Failure("k5", "s0", "probe", "probe_error", "x")],
+        "codes": [("k3", ("word_trigger:cat",))],
+        "duplication": [("k1", ("k1", "full")), ("k2", ("k1", "full"))],
+        "moved": ["k4"],
+    }
+
+
+def test_plain_keys_written_columnar_equal_the_row_path(tmp_path):
+    cfg = DecideConfig()
+    grouped = _grouped()
+    expected = shard_annotations(grouped)
+    keys = [a.key for a in expected]
+    assert keys == sorted(keys) and "k4" not in keys and {"k0", "k8", "k9"} <= set(keys)
+    fn = AnnotateShardFn(cfg, str(tmp_path), diversify=True)
+    out = list(fn.process(("s0", grouped)))
+    written = [o for o in out if not isinstance(o, beam.pvalue.TaggedOutput)]
+    assert len(written) == 3  # annotations, manifest, failures parts
+    manifest = read_table(str(tmp_path / "manifest")).to_pylist()
+    assert manifest == [manifest_row(a, *decide(a, cfg)) for a in expected]
+    annotations = read_table(str(tmp_path / "annotations")).to_pylist()
+    assert annotations == [annotation_row(a) | {"trigger_codes": list(a.trigger_codes)} for a in expected]
+    by_key = {r["key"]: r for r in manifest}
+    assert by_key["k0"]["url"] in ("u0", "dup")  # one record of the repeated key
+    assert by_key["k2"]["decision"] == "drop" and by_key["k5"]["status"] == "failed"
+    assert by_key["k8"]["decision"] == "keep" and by_key["k8"]["cluster_id"] == "k8"
+    tags = {o.tag for o in out if isinstance(o, beam.pvalue.TaggedOutput)}
+    assert {"blockable", "words", "cluster_captions", "diversify"} <= tags
+    failures = read_table(str(tmp_path / "failures")).to_pylist()
+    assert [(r["key"], r["error_type"]) for r in failures] == [("k4", "duplicate_key"), ("k9", "corrupt_image")]
