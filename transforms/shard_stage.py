@@ -168,7 +168,10 @@ class AnnotateShardFn(beam.DoFn):
         if plain is not None and (plain_decision != KEEP or plain_reasons):  # a policy that acts on plain keys
             extra = [build_annotation(i.key, {"info": [i]}) for i in arrow.infos_of(plain)]
             rich, plain = sorted(rich + extra, key=lambda a: a.key), None
-        rows = self._decide(rich, plain.num_rows if plain is not None else 0)
+        n_plain = plain.num_rows if plain is not None else 0
+        # clustered keys tick "dedup" as FindDuplicates assigns them; a key alone is done here
+        progress.advance("dedup", n_plain + sum(1 for a in rich if a.status == "ok" and not a.cluster_id))
+        rows = self._decide(rich, n_plain)
         manifest_constants = {
             "status": "ok",
             "decision": KEEP,
