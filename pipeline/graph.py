@@ -1,10 +1,11 @@
 """Build the Beam graph of a job from its config and its reader's outputs.
 
 A reader per input layout (``READERS``: webdataset shards, LAION precomputed embeddings) emits the
-same elements: ``SampleInfo``, ``Failure``, shard-table rows and, where the layout has them,
-perceptual-hash codes, samples with pixels, or batches of embedding vectors. Everything after the
-reader is shared: stages only annotate; ``Decide`` turns annotations into decisions; writers
-persist each table.
+same elements: ``SampleInfo`` tables (one per shard or reader batch, never one element per
+sample), ``Failure``, ``moved`` markers of keys repeated across shards, shard-table rows and,
+where the layout has them, perceptual-hash codes, samples with pixels, or batches of embedding
+vectors. Everything after the reader is shared: stages only annotate; the per-shard stage
+(``transforms.shard_stage``) builds each shard's annotations, decides them and writes them.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def reader(fmt: str):
 
 
 def read_input(p: beam.Pipeline, cfg, fmt: str, inputs: list[str], out_dir: str) -> dict:
-    """The layout's reader -> {"infos": SampleInfo, "failures": Failure, "shards": table rows,
-    optional "codes": (key, bytes), "samples": Sample (pixels), "vectors": {embedder: (keys,
-    ndarray) batches}; "pixels": bool, "input": the run.json description}."""
+    """The layout's reader -> {"info_batches": SampleInfo tables, "failures": Failure, "moved":
+    (shard, key), "shards": table rows, "buckets": int, optional "codes": (key, bytes), "samples":
+    Sample (pixels), "vectors": {embedder: (keys, ndarray) batches}; "pixels": bool, "input": the
+    run.json description}."""
     return reader(fmt).read(p, cfg, inputs, out_dir)
 
 
