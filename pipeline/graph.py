@@ -59,14 +59,6 @@ def _cluster_rows(a) -> list[dict]:
     ]
 
 
-def sample_infos(dec: dict):
-    """SampleInfo elements exploded from the info batches, for the stages that still take one
-    element per sample (trigger mining, the probe); built once, only when one of them runs."""
-    if "infos" not in dec:
-        dec["infos"] = dec["info_batches"] | "ExplodeInfos" >> beam.FlatMap(arrow.infos_of)
-    return dec["infos"]
-
-
 def _with_reference(p, cfg, dec: dict) -> dict:
     """Incremental mode: the old run's samples and codes join the new ones (not recomputed)."""
     from transforms.incremental import load_reference
@@ -233,7 +225,7 @@ def add_probe(cfg, dec: dict, keyed: dict, assignments, out_dir: str, cache_dir:
         )
         to_probe = {"info": keyed["info"], "key": reps} | "RepInfos" >> InfosOfKeys()
     else:
-        to_probe = sample_infos(dec)
+        to_probe = dec["info_batches"]  # the probe groups them by shard
     probed = to_probe | "ProbeCaptions" >> ProbeCaptions(cfg.probe, cfg.run.seed, cache_dir=cache_dir)
     keyed["score"] = probed["scores"] | "ScoreByShard" >> beam.Map(lambda r: (r["_shard"], r))
     keyed["late_failure"] = probed["failures"] | "ProbeFailureByShard" >> beam.Map(lambda f: (f.shard, f))

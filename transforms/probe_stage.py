@@ -201,8 +201,21 @@ class ProbeFn(beam.DoFn):
         return scores, failures
 
 
+def _shard_parts(item, fraction: float | None, seed: int) -> Iterator[tuple[str, list[SampleInfo]]]:
+    """A SampleInfo table (an info batch) or one SampleInfo -> (shard, its infos in the budget):
+    ``fraction`` (budget "sample") keeps a key when its seeded draw is below it."""
+    from schemas import arrow
+
+    infos = arrow.infos_of(item) if isinstance(item, pa.Table) else [item]
+    if fraction is not None:
+        infos = [i for i in infos if random.Random(f"{seed}:{i.key}").random() < fraction]
+    if infos:
+        yield infos[0].shard, infos
+
+
 class ProbeCaptions(beam.PTransform):
-    """SampleInfo -> {"scores": dict rows, "failures": Failure}; the budget picks which captions."""
+    """SampleInfo elements or info batches (SampleInfo tables) -> {"scores": dict rows,
+    "failures": Failure}; the budget picks which captions."""
 
     def __init__(self, cfg, seed: int = 0, cache_dir: str | None = None):
         super().__init__()
@@ -213,12 +226,14 @@ class ProbeCaptions(beam.PTransform):
     def expand(self, infos):
         from transforms.outputs import multi_output
 
-        if self.cfg.budget == "sample":
-            infos = infos | "Budget" >> beam.Filter(
-                lambda i, f, s: random.Random(f"{s}:{i.key}").random() < f, f=self.cfg.sample_fraction, s=self.seed
-            )
+        fraction = self.cfg.sample_fraction if self.cfg.budget == "sample" else None
         # one element per shard: batches are cut in key order (the same captions share a batch on
         # every runner) and a shard's scores are cached together
-        shards = infos | "ByShard" >> beam.Map(lambda i: (i.shard, i)) | "GroupShard" >> beam.GroupByKey()
+        shards = (
+            infos
+            | "ByShard" >> beam.FlatMap(_shard_parts, fraction=fraction, seed=self.seed)
+            | "GroupShard" >> beam.GroupByKey()
+            | "JoinParts" >> beam.MapTuple(lambda shard, parts: (shard, [i for part in parts for i in part]))
+        )
         out = multi_output(shards, "Probe", ProbeFn(self.cfg, self.cache_dir), ["failures"], "scores")
         return {"scores": out["scores"], "failures": out["failures"]}
