@@ -57,3 +57,16 @@ def test_plain_keys_written_columnar_equal_the_row_path(tmp_path):
     assert {"blockable", "words", "cluster_captions", "diversify"} <= tags
     failures = read_table(str(tmp_path / "failures")).to_pylist()
     assert [(r["key"], r["error_type"]) for r in failures] == [("k4", "duplicate_key"), ("k9", "corrupt_image")]
+
+
+def test_probe_parts_apply_the_sample_budget_per_key():
+    """The probe's per-shard parts keep the keys the old per-element budget filter kept."""
+    import random
+
+    from transforms.probe_stage import _shard_parts
+
+    infos = [SampleInfo(f"k{i:03d}", "s1", "", f"c {i}", "", "", 1, 1) for i in range(200)]
+    kept = [i.key for i in infos if random.Random(f"7:{i.key}").random() < 0.3]
+    ((shard, got),) = list(_shard_parts(info_table(infos), 0.3, 7))
+    assert shard == "s1" and [i.key for i in got] == kept and 30 < len(kept) < 90
+    assert list(_shard_parts(infos[0], None, 7)) == [("s1", [infos[0]])]
