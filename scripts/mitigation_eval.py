@@ -15,9 +15,11 @@ Then it samples (DDIM 50 steps, guidance 3) from the training captions of every 
 24 singletons and 64 held-out captions (never trained), one sample per seed, and counts
 replications: a generation whose nearest raw training image (centred pixel cosine at 16x16) is
 the caption's own image (any copy of it) and closer than the chance level, the 99th percentile
-of the nearest-training-image similarity of the held-out captions' generations (all settings
-pooled). The table also gives the any-image rate (chance matches count) and the chance rate of
-the own-image rule (each prompt credited with another prompt's image).
+of the similarity of unrelated pairs (a generation and a training image its caption does not
+belong to; all settings pooled). The table also gives the rule at a stricter level (the 99th
+percentile of the nearest-image similarity of the never-trained captions' generations), the
+any-image rate (chance matches count) and the rule's chance rate (each prompt credited with
+another prompt's image).
 Quality proxy: the denoising loss on held-out (image, caption) pairs. Writes OUT/table.txt and
 OUT/result.json; the last line reads
 `replication A=<rate> B=<rate> C=<rate> quality_C_over_A=<ratio>` (rates over images repeated 8+ times).
@@ -46,7 +48,8 @@ from pipeline.lab import SIZE  # noqa: E402
 log = logging.getLogger("mitigation_eval")
 COUNTS = (1, 2, 4, 8, 16, 32)
 SINGLES_GENERATED = 24
-HELDOUT_GENERATED = 64  # never-trained captions generated per seed: the chance level
+HELDOUT_GENERATED = 64  # never-trained captions generated per seed (the strict chance level)
+BINS = np.linspace(-1.0, 1.0, 401)  # histogram of unrelated-pair similarities (the chance level)
 
 
 def pixels(data: bytes | np.ndarray) -> np.ndarray:
@@ -161,24 +164,36 @@ def evaluate(unet, text, tokenizer, truth, pool_unit, pool_ids, held, args) -> d
     sched = DDIMScheduler.from_config(noise_scheduler().config)
     pm = ProbeModel(unet, text, tokenizer, sched, "cpu", torch.float32, "lab")
     rows, ids = prompts(truth), np.asarray(pool_ids)
-    gens = []
+    images = sorted(set(pool_ids))
+    copies = np.stack([ids == i for i in images])  # distinct image x raw sample
+    gens, unrelated = [], np.zeros(len(BINS) - 1, dtype=np.int64)
     for seed in range(args.seeds):
         gen = np.concatenate(
             [generate(pm, [r[2] for r in rows[i : i + 64]], seed=seed) for i in range(0, len(rows), 64)]
         )
         sims = centred_unit(gen) @ pool_unit.T
-        for (img_id, count, _), s in zip(rows, sims, strict=True):
+        per_image = np.stack([np.where(copies[k], sims, -1.0).max(1) for k in range(len(images))], 1)
+        for (img_id, count, _), s, p in zip(rows, sims, per_image, strict=True):
             j = int(s.argmax())
             own = float(s[ids == img_id].max()) if img_id else float("nan")
             gens.append({"image": img_id, "count": count, "seed": seed, "sim": float(s[j]), "nn": ids[j], "own": own})
+            unrelated += np.histogram([v for i, v in zip(images, p, strict=True) if i != img_id], BINS)[0]
     loss = heldout_loss(unet, text, held["images"], tokenize(tokenizer, held["captions"]))
-    return {"generations": gens, "heldout_loss": loss}
+    return {"generations": gens, "unrelated_hist": unrelated.tolist(), "heldout_loss": loss}
 
 
-def threshold(results: dict) -> float:
-    """The chance level: the 99th percentile of the nearest-training-image similarity of
-    generations from held-out captions (never trained: whatever they match, they match by
-    chance), pooled over the settings."""
+def threshold(results: dict, q: float = 0.99) -> float:
+    """The chance level of one (generation, training image) pair: the q quantile of the similarity
+    of every generation to every training image its caption does not belong to (an image's
+    similarity: its closest copy), pooled over the settings."""
+    hist = np.sum([r["unrelated_hist"] for r in results.values()], axis=0)
+    return float(BINS[1:][np.searchsorted(np.cumsum(hist), q * hist.sum())])
+
+
+def strict_threshold(results: dict) -> float:
+    """A stricter chance level: the 99th percentile of the *nearest*-training-image similarity of
+    generations from never-trained captions (these match the often-repeated images too: what
+    the model makes for any in-domain caption), pooled over the settings."""
     sims = [g["sim"] for r in results.values() for g in r["generations"] if g["count"] == 0]
     return float(np.quantile(sims, 0.99))
 
@@ -219,23 +234,32 @@ def _row(name: str, items, by: dict, tail: str) -> str:
     return f"{name:<8s} {items:>5}  {cells}  {tail}"
 
 
-def table(results: dict, tau: float, sizes: dict) -> str:
-    """The replication table (own-image rule, then the any-image rule and the chance rate) and
-    the acceptance line last."""
+def table(results: dict, sizes: dict, tau: float | None = None, strict: float | None = None) -> str:
+    """The replication table (own-image rule at the pair chance level, at the strict level, the
+    any-image rule and the own rule's chance rate) and the acceptance line last."""
+    tau = threshold(results) if tau is None else tau
+    strict = strict_threshold(results) if strict is None else strict
     r = {n: rates(res["generations"], tau) for n, res in results.items()}
+    rs = {n: rates(res["generations"], strict) for n, res in results.items()}
     head = "setting  items  " + "  ".join(f"x{c:<5d}" for c in COUNTS) + "  8+     heldout_loss"
     lines = [
-        f"replication threshold (centred pixel cosine at 16x16; 99th pct of the nearest-training-image "
-        f"similarity of generations from never-trained captions, all settings): {tau:.3f}",
-        "replication = the nearest raw training image is the caption's own image (any copy) and above it:",
+        f"replication: the nearest raw training image is the caption's own image (any copy), closer "
+        f"(centred pixel cosine at 16x16) than {tau:.3f}, the 99th pct of unrelated (generation, "
+        "training image) pairs, all settings:",
         head,
     ]
     for n, res in results.items():
         lines.append(_row(n, sizes[n], r[n]["own"], f"{r[n]['own_8plus']:.3f}  {res['heldout_loss']:.5f}"))
-    lines.append("any training image above the threshold (chance matches count; held-out captions' rate last):")
+    lines.append(
+        f"the same rule at the strict level {strict:.3f} (99th pct of the nearest-image similarity of "
+        "generations from never-trained captions):"
+    )
     for n in results:
-        lines.append(_row(n, "", r[n]["any"], f"{r[n]['any_8plus']:.3f}  held-out {r[n]['heldout_any']:.3f}"))
-    lines.append("chance: the replication rule crediting each prompt with another prompt's image:")
+        lines.append(_row(n, "", rs[n]["own"], f"{rs[n]['own_8plus']:.3f}"))
+    lines.append(f"any training image above {tau:.3f} (chance matches count; never-trained captions' rate last):")
+    for n in results:
+        lines.append(_row(n, "", r[n]["any"], f"{r[n]['any_8plus']:.3f}  never-trained {r[n]['heldout_any']:.3f}"))
+    lines.append("chance rate of the rule (each prompt credited with another prompt's image):")
     for n in results:
         lines.append(_row(n, "", r[n]["chance"], f"{r[n]['chance_8plus']:.3f}"))
     a, b, c = (r[k]["own_8plus"] for k in ("A", "B", "C"))
@@ -334,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(results) < {"A", "B", "C"}:
         return 0
     tau = threshold(results)
-    out = table(results, tau, {n: r["items"] for n, r in results.items()})
+    out = table(results, {n: r["items"] for n, r in results.items()}, tau)
     per = ", ".join(f"{n} {r['seconds']:.0f}+{r.get('eval_seconds', 0):.0f} s" for n, r in results.items())
     wall = "" if args.report else f", {time.time() - started:.0f} s in all, load average {os.getloadavg()[1]:.1f}"
     timing = f"(steps {args.steps}, batch {args.batch}, {args.seeds} seeds; train+eval {per}{wall})"

@@ -167,10 +167,13 @@ def _gen(image, count, sim, nn, seed=0):
 
 
 def test_replication_rule_counts_own_image_copies_above_the_chance_level():
-    from scripts.mitigation_eval import rates, threshold
+    from scripts.mitigation_eval import BINS, rates, strict_threshold, threshold
 
     held = [_gen("", 0, s, "img9") for s in np.linspace(0.1, 0.5, 101)]
-    assert threshold({"A": {"generations": held}, "B": {"generations": []}}) == pytest.approx(0.496)
+    assert strict_threshold({"A": {"generations": held}, "B": {"generations": []}}) == pytest.approx(0.496)
+    pairs = np.histogram(np.linspace(-0.5, 0.5, 1001), BINS)[0]  # unrelated-pair similarities
+    both = {"A": {"unrelated_hist": pairs.tolist()}, "B": {"unrelated_hist": (2 * pairs).tolist()}}
+    assert threshold(both) == pytest.approx(0.49, abs=0.006)
     gens = held + [
         _gen("a", 8, 0.9, "a"),  # a replication of its own image
         _gen("a", 8, 0.9, "b", seed=1),  # close to another image: not its own
@@ -193,7 +196,7 @@ def test_table_ends_with_the_acceptance_line():
     b = {"generations": held + [_gen("x", 32, 0.9, "x"), _gen("y", 8, 0.2, "y")], "heldout_loss": 0.2}
     c = {"generations": held + [_gen("x", 32, 0.9, "q"), _gen("y", 8, 0.2, "y")], "heldout_loss": 0.21}
     results = json.loads(json.dumps({"A": a, "B": b, "C": c}))  # as read back from setting-*.json
-    out = table(results, 0.5, {"A": 10, "B": 9, "C": 5}).splitlines()
+    out = table(results, {"A": 10, "B": 9, "C": 5}, tau=0.5, strict=0.95).splitlines()
     assert "1.000" in next(line for line in out if line.startswith("A "))
     assert out[-1] == "replication A=1.0000 B=0.5000 C=0.0000 quality_C_over_A=1.0500"
 
