@@ -306,7 +306,9 @@ def run_setting(name: str, args, lab: str) -> dict:
     result["kept_per_image"] = kept_per_image(keys, truth)
     with open(os.path.join(args.out, f"setting-{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    log.info("%s: %s", name, json.dumps({k: v for k, v in result.items() if k not in ("generations", "unrelated_hist")}))
+    log.info(
+        "%s: %s", name, json.dumps({k: v for k, v in result.items() if k not in ("generations", "unrelated_hist")})
+    )
     return result
 
 
