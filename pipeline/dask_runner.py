@@ -1,36 +1,203 @@
-"""Beam's DaskRunner, with each side input computed once.
+"""A Beam runner on ``dask.distributed`` that computes every step once.
 
-Beam 2.77's DaskRunner hands a side input to its consumer as a lazy bag that every task lists
-again (``DaskBagWindowedIterator``): a nested compute of the side input's whole upstream graph
-per consuming partition, so the shard reading ran ~130 times for 2 shards. Here the bag behind a
-side input is persisted on the cluster when the first consumer is wired, and that persisted bag
-also replaces the original for every later consumer: the upstream runs once and side-input reads
-fetch the stored result. ``memsieve run --runner=DaskRunner`` (or Beam's full class path) uses it.
+Beam 2.77's own DaskRunner (``apache_beam.runners.dask``) has four problems that made the demo
+job 34x slower than in-process and wrong in places (issue 10):
+
+- a side input is a lazy bag that each consuming task lists again: a nested compute of the side
+  input's whole upstream per consuming partition (``ProcessShards`` ran 132 times for 2 shards);
+- ``Create`` puts up to 128 elements in one partition, so fewer shards than that run on one core;
+- each partition calls the DoFn's ``setup()`` and ``teardown()`` (a model load per partition), and
+  the outputs of ``finish_bundle`` are dropped (``BatchElements``' last, partial batch is lost);
+- a ParDo's tagged outputs are merged into one bag, and only the graph's last step is computed.
+
+This runner translates the pipeline itself, one bag per PCollection:
+
+- ``Create``: one partition per element up to ``--dask_npartitions`` (default 64; so one per
+  shard for the shard list), ``Reshuffle`` keeps the partitions;
+- ``ParDo``: ``map_partitions`` through Beam's ``DoFnRunner`` (``pipeline/dask_tasks.py``), the
+  DoFn set up once per worker thread; tagged outputs each get their own bag;
+- a side input: its bag's partitions concatenated into one list by one task; every consumer
+  depends on that task, so the upstream runs once and the list travels to each worker once;
+- ``GroupByKey``: a hash shuffle (each input partition cut into buckets by a process-independent
+  hash of the key, one task per output partition groups its buckets);
+- ``Flatten``: the bags concatenated.
+
+All the pipeline's leaves are computed together in one ``client.compute``, so shared steps run once.
+``memsieve run --runner=DaskRunner`` (or Beam's full class path) maps to this runner.
 """
 
 from __future__ import annotations
 
-from apache_beam.runners.dask.dask_runner import DaskRunner as BeamDaskRunner
+import typing as t
+import uuid
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.pipeline import PipelineVisitor
+from apache_beam.runners.runner import PipelineResult, PipelineRunner, PipelineState
+
+DEFAULT_PARTITIONS = 64
 
 
-class DaskRunner(BeamDaskRunner):
+class DaskRunner(PipelineRunner):
+    """Runs a batch pipeline on the ``dask.distributed`` scheduler at ``--dask_client_address``."""
+
+    def run_pipeline(self, pipeline, options):
+        import dask.distributed as ddist
+        from apache_beam.runners.dask.dask_runner import DaskOptions
+        from apache_beam.runners.dask.overrides import dask_overrides
+
+        dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
+        bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
+        if "partition_size" in bag_kwargs:
+            raise ValueError("--dask_partition_size is not supported here; use --dask_npartitions")
+        client = ddist.Client(**dask_options)
+        # Create -> _Create (values), Reshuffle -> identity, Flatten -> _Flatten; GroupByKey stays
+        pipeline.replace_all([o for o in dask_overrides() if type(o).__name__ != "GroupByKeyOverride"])
+        threads = sum(client.nthreads().values()) or 1
+        translator = Translator(bag_kwargs.get("npartitions") or DEFAULT_PARTITIONS, 2 * threads)
+        pipeline.visit(translator)
+        futures = client.compute([translator.done()])
+        return DaskResult(client, futures)
+
+
+class DaskResult(PipelineResult):
+    """Waits for the pipeline's one final future, then closes the client this run opened."""
+
+    def __init__(self, client, futures):
+        super().__init__(PipelineState.RUNNING)
+        self.client, self.futures = client, futures
+
+    def wait_until_finish(self, duration=None) -> str:
+        try:
+            self.client.gather(self.futures)  # raises a worker's error here
+            self._state = PipelineState.DONE
+        except BaseException:
+            self._state = PipelineState.FAILED
+            raise
+        finally:
+            self.client.close()
+        return self._state
+
+    def cancel(self) -> str:
+        self.client.cancel(self.futures)
+        self._state = PipelineState.CANCELLED
+        return self._state
+
+    def metrics(self):
+        raise NotImplementedError("the Dask runner collects no Beam metrics")
+
+
+class Translator(PipelineVisitor):
+    """Beam's leaf transforms -> dask bags, one bag per PCollection."""
+
+    def __init__(self, max_partitions: int, shuffle_partitions: int):
+        self.max_partitions = max_partitions
+        self.shuffle_partitions = min(shuffle_partitions, max_partitions)
+        self.run_id = uuid.uuid4().hex
+        self.bags: dict = {}  # PCollection -> bag
+        self.consumed: set = set()
+        self.sides: dict = {}  # PCollection -> Delayed list
+
+    def visit_transform(self, node) -> None:
+        from apache_beam.runners.dask.overrides import _Create, _Flatten, _Reshuffle
+
+        transform = node.transform
+        inputs = [i for i in node.inputs if not isinstance(i, pvalue.PBegin)]
+        self.consumed.update(inputs)
+        self.consumed.update(si.pvalue for si in node.side_inputs)
+        if isinstance(transform, _Create):
+            self._set(node, self._create(transform.values))
+        elif isinstance(transform, _Reshuffle):
+            self._set(node, self.bags[inputs[0]])
+        elif isinstance(transform, _Flatten):
+            self._set(node, self._flatten([self.bags[i] for i in inputs]))
+        elif isinstance(transform, beam.GroupByKey):
+            self._set(node, self._group(self.bags[inputs[0]]))
+        elif isinstance(transform, beam.ParDo):
+            self._pardo(node, self.bags[inputs[0]])
+        elif node.outputs:
+            raise NotImplementedError(f"DaskRunner: no translation for {type(transform).__name__} ({node.full_label})")
+
+    def leaves(self) -> list:
+        """Every bag nothing consumes: computing them all computes the whole pipeline once."""
+        return [bag for pcoll, bag in self.bags.items() if pcoll not in self.consumed]
+
+    def done(self):
+        """One small bag (element counts) that depends on every leaf: no leaf's data reaches the
+        launching process, and the leaves' shared upstream steps run once."""
+        import dask.bag as db
+
+        return db.concat([leaf.map_partitions(_size) for leaf in self.leaves()])
+
+    def _set(self, node, bag) -> None:
+        (pcoll,) = node.outputs.values()
+        self.bags[pcoll] = bag
+
+    def _create(self, values):
+        import dask.bag as db
+
+        values = list(values)
+        n = max(1, min(len(values), self.max_partitions))
+        return (
+            db.from_sequence(values, npartitions=n)
+            if values
+            else db.from_sequence([None], npartitions=1).filter(_never)
+        )
+
     @staticmethod
-    def to_dask_bag_visitor(bag_kwargs=None):
-        visitor = BeamDaskRunner.to_dask_bag_visitor(bag_kwargs)
-        wire = visitor.visit_transform
+    def _flatten(bags: list):
+        import dask.bag as db
 
-        def visit_transform(transform_node) -> None:
-            for si in transform_node.side_inputs:
-                producer = si.pvalue.producer
-                bag = visitor.bags.get(producer)
-                if bag is not None and not getattr(bag, "_memsieve_persisted", False):
-                    persisted = bag.persist()  # the client made by run_pipeline is the default one
-                    persisted._memsieve_persisted = True
-                    visitor.bags[producer] = persisted
-            wire(transform_node)
+        return db.concat(bags) if bags else db.from_sequence([None], npartitions=1).filter(_never)
 
-        visitor.visit_transform = visit_transform
-        return visitor
+    def _group(self, bag):
+        import dask.bag as db
+        from dask import delayed
+
+        from pipeline import dask_tasks
+
+        n = max(1, min(bag.npartitions, self.shuffle_partitions))
+        parts = bag.map_partitions(dask_tasks.bucketize, n).to_delayed(optimize_graph=False)
+        buckets = [[delayed(dask_tasks.bucket, pure=True)(p, i) for p in parts] for i in range(n)]
+        return db.from_delayed([delayed(dask_tasks.group, pure=True)(*b) for b in buckets])
+
+    def _side(self, pcoll):
+        from dask import delayed
+
+        from pipeline import dask_tasks
+
+        if pcoll not in self.sides:
+            parts = self.bags[pcoll].to_delayed(optimize_graph=False)
+            self.sides[pcoll] = delayed(dask_tasks.concat, pure=True)(*parts)
+        return self.sides[pcoll]
+
+    def _pardo(self, node, bag) -> None:
+        from apache_beam.internal import pickler
+
+        from pipeline import dask_tasks
+
+        transform = node.transform
+        tags = list(node.outputs)
+        views = [(type(si), si._view_options()) for si in node.side_inputs]
+        main = next(iter(node.main_inputs.values()))
+        spec = pickler.dumps(
+            (transform.fn, transform.args, transform.kwargs, main.windowing, tags, node.full_label, views)
+        )
+        sides = [self._side(si.pvalue) for si in node.side_inputs]
+        token = (self.run_id, node.full_label)
+        multi = len(tags) > 1
+        out = bag.map_partitions(dask_tasks.run_dofn, token, spec, multi, *sides)
+        for tag, pcoll in node.outputs.items():
+            self.bags[pcoll] = out.map_partitions(dask_tasks.select, tag) if multi else out
+
+
+def _size(part) -> list[int]:
+    return [len(part)]
+
+
+def _never(_) -> bool:
+    return False
 
 
 def is_dask(runner: str) -> bool:
@@ -38,3 +205,5 @@ def is_dask(runner: str) -> bool:
 
 
 RUNNER_PATH = f"{__name__}.DaskRunner"
+
+__all__: t.Sequence[str] = ("DaskRunner", "RUNNER_PATH", "is_dask")
