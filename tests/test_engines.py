@@ -2,9 +2,10 @@
 order on every runner; scores are compared to 4 decimals since torch's thread count, and so float
 rounding, differs between engines): the in-process DirectRunner, the
 DirectRunner with 2 worker processes, the PortableRunner with Beam's embedded job service (the
-path Flink, Spark and Dataflow take), and the DaskRunner against a real dask.distributed
-scheduler with 2 workers on 127.0.0.1."""
+path Flink, Spark and Dataflow take), and the DaskRunner (``pipeline/dask_runner.py``) against a
+real dask.distributed scheduler with 2 workers on 127.0.0.1, on both input layouts."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,31 +15,33 @@ import pytest
 from transforms.write import read_table
 
 ROOT = Path(__file__).resolve().parent.parent
+DASK = "--runner=apache_beam.runners.dask.dask_runner.DaskRunner"  # mapped to pipeline.dask_runner
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _run(job: str, inputs: str, out: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / job), "--input", inputs]
+    cmd += ["--output", str(out), "--set", "output.report=false", "--set", "run.cache=false", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _rows(out: Path, table: str, key) -> list[dict]:
+    rows = read_table(str(out / table)).to_pylist()
+    for r in rows:  # torch's thread count differs per engine: float sums round differently (~1e-6)
+        for f in ("probe_score", "nn_similarity"):
+            if r.get(f) is not None:
+                r[f] = round(r[f], 4)
+    return sorted(rows, key=key)
 
 
 def _manifest(demo_data, out: Path, *beam_args: str, shards: str = "*.tar") -> list[dict]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "run",
-        str(ROOT / "jobs" / "demo.yaml"),
-        "--input",
-        str(demo_data / "shards" / shards),
-        "--output",
-        str(out),
-        "--set",
-        "output.report=false",
-        "--set",
-        "run.cache=false",
-        *beam_args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = read_table(str(out / "manifest")).to_pylist()
-    for r in rows:  # torch's thread count differs per engine: float sums round differently (~1e-6)
-        r["probe_score"] = None if r["probe_score"] is None else round(r["probe_score"], 4)
-    return sorted(rows, key=lambda r: r["key"])
+    _run("demo.yaml", str(demo_data / "shards" / shards), out, *beam_args)
+    return _rows(out, "manifest", lambda r: r["key"])
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +61,48 @@ def test_engines_agree(demo_data, reference, tmp_path, beam_args):
     assert _manifest(demo_data, tmp_path / "out", *beam_args) == reference
 
 
-@pytest.mark.dask
-def test_dask_runner_agrees(demo_data, tmp_path):
+@pytest.fixture(scope="module")
+def cluster():
+    """A dask.distributed cluster of 2 worker processes (one thread each) on 127.0.0.1."""
     from distributed import LocalCluster
 
-    reference = _manifest(demo_data, tmp_path / "ref", shards="00000.tar")
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
-        got = _manifest(
-            demo_data,
-            tmp_path / "dask",
-            "--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
-            f"--dask_client_address={cluster.scheduler_address}",
-            shards="00000.tar",
-        )
-    assert got == reference and len(got) > 30
+    ) as c:
+        yield c.scheduler_address
+
+
+@pytest.mark.dask
+def test_dask_runner_agrees_with_clip_on(demo_data, tmp_path, cluster):
+    """The demo job with the CLIP stage on (a tiny random-weight open_clip architecture; batches
+    of 8, so every shard ends in a partial batch that ``BatchElements`` emits from
+    ``finish_bundle``): the manifest, and every decoded sample's CLIP neighbour, as in-process."""
+    model = tmp_path / "tiny-clip.json"
+    model.write_text(json.dumps(TINY_CLIP))
+    clip = ["dedup.clip.enabled=true", f"dedup.clip.model={model}", "dedup.clip.batch_size=8"]
+    clip += ["dedup.clip.allow_random_weights=true", "dedup.clip.threshold=0.999"]
+    sets = [a for s in clip for a in ("--set", s)]
+    ref = _manifest(demo_data, tmp_path / "ref", *sets)
+    got = _manifest(demo_data, tmp_path / "dask", *sets, DASK, f"--dask_client_address={cluster}")
+    assert got == ref and len(got) == 104
+    by_key = lambda r: (r["key"], r["embedder"])  # noqa: E731
+    clip_rows = [r for r in _rows(tmp_path / "dask", "neighbours", by_key) if r["embedder"] == "clip"]
+    assert clip_rows == [r for r in _rows(tmp_path / "ref", "neighbours", by_key) if r["embedder"] == "clip"]
+    assert len(clip_rows) == sum(r["status"] == "ok" for r in got)  # the last batches were not dropped
+
+
+@pytest.mark.dask
+def test_dask_runner_agrees_on_the_laion_layout(tmp_path, cluster):
+    """The LAION precomputed-embedding layout (2 files, planted duplicates and triggers): every
+    table the webdataset job writes, the same manifest and clusters as the DirectRunner."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_laion_embeddings import generate, write
+
+    write(str(tmp_path / "emb"), *generate(1500, 64, seed=3, topics=40, trigger_group=40), files=2)
+    sets = ["--set", "dedup.keeper=earliest"]
+    _run("laion_embeddings.yaml", str(tmp_path / "emb"), tmp_path / "ref", *sets)
+    _run("laion_embeddings.yaml", str(tmp_path / "emb"), tmp_path / "dask", *sets, DASK, f"--dask_client_address={cluster}")
+    for table, key in (("manifest", lambda r: r["key"]), ("clusters", lambda r: (r["cluster_id"], r["key"]))):
+        ref, got = _rows(tmp_path / "ref", table, key), _rows(tmp_path / "dask", table, key)
+        assert got == ref and ref, table
+    assert len(_rows(tmp_path / "dask", "manifest", lambda r: r["key"])) == 1500
