@@ -28,15 +28,20 @@ All the pipeline's leaves are computed together in one ``client.compute``, so sh
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import time
 import typing as t
 import uuid
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.pipeline import PipelineVisitor
+from apache_beam.pipeline import PipelineVisitor, PTransformOverride
 from apache_beam.runners.runner import PipelineResult, PipelineRunner, PipelineState
 
 DEFAULT_PARTITIONS = 64
+log = logging.getLogger(__name__)
 
 
 class DaskRunner(PipelineRunner):
@@ -53,25 +58,59 @@ class DaskRunner(PipelineRunner):
             raise ValueError("--dask_partition_size is not supported here; use --dask_npartitions")
         client = ddist.Client(**dask_options)
         # Create -> _Create (values), Reshuffle -> identity, Flatten -> _Flatten; GroupByKey stays
-        pipeline.replace_all([o for o in dask_overrides() if type(o).__name__ != "GroupByKeyOverride"])
+        overrides = [o for o in dask_overrides() if type(o).__name__ != "GroupByKeyOverride"]
+        pipeline.replace_all([*overrides, _LiftCombines()])
         threads = sum(client.nthreads().values()) or 1
         translator = Translator(bag_kwargs.get("npartitions") or DEFAULT_PARTITIONS, 2 * threads)
         pipeline.visit(translator)
-        futures = client.compute([translator.done()])
-        return DaskResult(client, futures)
+        done = translator.done()
+        log.info(
+            "dask: %d tasks, %d steps, %d side inputs, %d worker threads",
+            len(done.__dask_graph__()),
+            len(translator.bags),
+            len(translator.sides),
+            threads,
+        )
+        profile = os.environ.get("MEMSIEVE_DASK_PROFILE")  # a JSON file: where the workers' time went
+        started = time.time()
+        if profile:
+            client.get_task_stream(start=started)  # starts the scheduler's recording
+        futures = client.compute([done])
+        return DaskResult(client, futures, translator.run_id, profile, started)
+
+
+class _LiftCombines(PTransformOverride):
+    """CombinePerKey -> Beam's LiftedCombinePerKey: each partition combines its own values per key
+    before the shuffle (``CombineGlobally``, ``Count``, ``ToList`` and the ORB votes included), so
+    a shuffle moves one accumulator per key and partition instead of every value."""
+
+    def matches(self, applied) -> bool:
+        t = applied.transform
+        return type(t) is beam.CombinePerKey and not t.args and not t.kwargs and not t.side_inputs
+
+    def get_replacement_transform_for_applied_ptransform(self, applied):
+        from apache_beam.transforms.combiners import LiftedCombinePerKey
+
+        return LiftedCombinePerKey(applied.transform.fn, [], {})
 
 
 class DaskResult(PipelineResult):
     """Waits for the pipeline's one final future, then closes the client this run opened."""
 
-    def __init__(self, client, futures):
+    def __init__(self, client, futures, run_id: str, profile: str | None = None, started: float = 0.0):
         super().__init__(PipelineState.RUNNING)
-        self.client, self.futures = client, futures
+        self.client, self.futures, self.run_id = client, futures, run_id
+        self.profile, self.started = profile, started
 
     def wait_until_finish(self, duration=None) -> str:
+        from pipeline import dask_tasks
+
         try:
             self.client.gather(self.futures)  # raises a worker's error here
             self._state = PipelineState.DONE
+            if self.profile:
+                cpu = self.client.run(dask_tasks.cpu_seconds, self.run_id)
+                _write_profile(self.client.get_task_stream(start=self.started), self.profile, self.started, cpu)
         except BaseException:
             self._state = PipelineState.FAILED
             raise
@@ -113,7 +152,7 @@ class Translator(PipelineVisitor):
         elif isinstance(transform, _Flatten):
             self._set(node, self._flatten([self.bags[i] for i in inputs]))
         elif isinstance(transform, beam.GroupByKey):
-            self._set(node, self._group(self.bags[inputs[0]]))
+            self._set(node, self._group(self.bags[inputs[0]], node.full_label))
         elif isinstance(transform, beam.ParDo):
             self._pardo(node, self.bags[inputs[0]])
         elif node.outputs:
@@ -151,16 +190,26 @@ class Translator(PipelineVisitor):
 
         return db.concat(bags) if bags else db.from_sequence([None], npartitions=1).filter(_never)
 
-    def _group(self, bag):
+    def _group(self, bag, label: str):
         import dask.bag as db
         from dask import delayed
 
         from pipeline import dask_tasks
 
         n = max(1, min(bag.npartitions, self.shuffle_partitions))
-        parts = bag.map_partitions(dask_tasks.bucketize, n).to_delayed(optimize_graph=False)
-        buckets = [[delayed(dask_tasks.bucket, pure=True)(p, i) for p in parts] for i in range(n)]
-        return db.from_delayed([delayed(dask_tasks.group, pure=True)(*b) for b in buckets])
+        parts = bag.map_partitions(dask_tasks.bucketize, n, token=f"{label}|split").to_delayed(optimize_graph=False)
+        uid = self.run_id[:12]
+        buckets = [
+            [
+                delayed(dask_tasks.bucket)(p, i, dask_key_name=(f"{label}|bucket-{uid}", i, j))
+                for j, p in enumerate(parts)
+            ]
+            for i in range(n)
+        ]
+        groups = [
+            delayed(dask_tasks.group)(*b, dask_key_name=(f"{label}|group-{uid}", i)) for i, b in enumerate(buckets)
+        ]
+        return db.from_delayed(groups)
 
     def _side(self, pcoll):
         from dask import delayed
@@ -169,7 +218,8 @@ class Translator(PipelineVisitor):
 
         if pcoll not in self.sides:
             parts = self.bags[pcoll].to_delayed(optimize_graph=False)
-            self.sides[pcoll] = delayed(dask_tasks.concat, pure=True)(*parts)
+            name = f"{pcoll.producer.full_label}|side-{self.run_id[:12]}"
+            self.sides[pcoll] = delayed(dask_tasks.concat)(*parts, dask_key_name=name)
         return self.sides[pcoll]
 
     def _pardo(self, node, bag) -> None:
@@ -187,9 +237,35 @@ class Translator(PipelineVisitor):
         sides = [self._side(si.pvalue) for si in node.side_inputs]
         token = (self.run_id, node.full_label)
         multi = len(tags) > 1
-        out = bag.map_partitions(dask_tasks.run_dofn, token, spec, multi, *sides)
+        out = bag.map_partitions(dask_tasks.run_dofn, token, spec, multi, *sides, token=f"{node.full_label}|dofn")
         for tag, pcoll in node.outputs.items():
-            self.bags[pcoll] = out.map_partitions(dask_tasks.select, tag) if multi else out
+            self.bags[pcoll] = (
+                out.map_partitions(dask_tasks.select, tag, token=f"{node.full_label}|{tag}") if multi else out
+            )
+
+
+def _write_profile(records: list[dict], path: str, started: float, cpu: dict) -> None:
+    """Seconds of compute, transfer and deserialisation per step (``label|kind``), busiest first,
+    and each worker's CPU seconds per ParDo."""
+    steps: dict[str, dict] = {}
+    for per_worker in cpu.values():
+        for step, seconds in per_worker.items():
+            entry = steps.setdefault(f"{step}|dofn", {"tasks": 0})
+            entry["cpu"] = entry.get("cpu", 0.0) + seconds
+    for r in records:
+        key = r["key"] if isinstance(r["key"], str) else r["key"][0]
+        entry = steps.setdefault(key.rsplit("-", 1)[0], {"tasks": 0})
+        entry["tasks"] += 1
+        for ss in r["startstops"]:
+            entry[ss["action"]] = entry.get(ss["action"], 0.0) + ss["stop"] - ss["start"]
+    ranked = dict(sorted(steps.items(), key=lambda kv: -sum(v for k, v in kv[1].items() if k != "tasks")))
+    totals: dict[str, float] = {}
+    for entry in steps.values():
+        for k, v in entry.items():
+            totals[k] = totals.get(k, 0) + v
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"wall_s": time.time() - started, "totals": totals, "steps": ranked}, f, indent=1)
+    log.info("dask profile -> %s: %s", path, totals)
 
 
 def _size(part) -> list[int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 import zlib
 
 _local = threading.local()
@@ -139,8 +140,24 @@ class _Windowed:
             yield WindowedValue(v, 0, windows)
 
 
+_cpu: dict = {}  # (run id, step) -> CPU seconds of this worker process's threads in the step
+
+
+def cpu_seconds(run_id: str) -> dict:
+    """This worker's CPU seconds per step of one run (``client.run`` collects them)."""
+    return {step: s for (run, step), s in _cpu.items() if run == run_id}
+
+
 def run_dofn(items, token: tuple, spec: bytes, multi: bool, *sides):
     """One partition through a ParDo: a list of outputs, or ``[{tag: outputs}]`` for several tags."""
+    started = time.thread_time()
+    try:
+        return _run_dofn(items, token, spec, multi, sides)
+    finally:
+        _cpu[token] = _cpu.get(token, 0.0) + time.thread_time() - started
+
+
+def _run_dofn(items, token: tuple, spec: bytes, multi: bool, sides: tuple):
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.windowed_value import WindowedValue
 
