@@ -66,9 +66,7 @@ def cluster():
     """A dask.distributed cluster of 2 worker processes (one thread each) on 127.0.0.1."""
     from distributed import LocalCluster
 
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as c:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as c:
         yield c.scheduler_address
 
 
@@ -99,9 +97,9 @@ def test_dask_runner_agrees_on_the_laion_layout(tmp_path, cluster):
     from make_laion_embeddings import generate, write
 
     write(str(tmp_path / "emb"), *generate(1500, 64, seed=3, topics=40, trigger_group=40), files=2)
-    sets = ["--set", "dedup.keeper=earliest"]
-    _run("laion_embeddings.yaml", str(tmp_path / "emb"), tmp_path / "ref", *sets)
-    _run("laion_embeddings.yaml", str(tmp_path / "emb"), tmp_path / "dask", *sets, DASK, f"--dask_client_address={cluster}")
+    job, folder, sets = "laion_embeddings.yaml", str(tmp_path / "emb"), ["--set", "dedup.keeper=earliest"]
+    _run(job, folder, tmp_path / "ref", *sets)
+    _run(job, folder, tmp_path / "dask", *sets, DASK, f"--dask_client_address={cluster}")
     for table, key in (("manifest", lambda r: r["key"]), ("clusters", lambda r: (r["cluster_id"], r["key"]))):
         ref, got = _rows(tmp_path / "ref", table, key), _rows(tmp_path / "dask", table, key)
         assert got == ref and ref, table
