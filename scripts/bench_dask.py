@@ -14,8 +14,10 @@ Then, each as its own ``memsieve run jobs/demo.yaml`` command (report and cache 
 2. the DaskRunner against a ``dask.distributed`` LocalCluster started here (2 worker processes,
    one thread each, 127.0.0.1) before the clock starts, as a real cluster would be.
 
-It prints both wall times, the ratio (issue 10's target: Dask <= 2x) and whether the two
-manifests are equal (rows sorted by key, probe scores to 4 decimals as in tests/test_engines.py).
+It prints both wall times, the ratio (issue 10's target: Dask <= 2x), the CPU seconds each
+spent (the command, plus the worker processes and this process's scheduler for Dask: on a shared
+machine the CPU ratio is the steadier figure) and whether the two manifests are equal (rows
+sorted by key, probe scores within 1e-4: torch's thread count differs per engine).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import io
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -94,21 +97,36 @@ def make_input(folder: str, n: int, shards: int) -> str:
     return os.path.join(folder, "*.tar")
 
 
-def run_job(shards: str, out: str, sets: list[str], beam_args: list[str], log: str) -> float:
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_job(shards: str, out: str, sets: list[str], beam_args: list[str], log: str) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of one ``memsieve run`` command."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline.cli", "run", os.path.join(ROOT, "jobs", "demo.yaml")]
     cmd += ["--input", shards, "--output", out, "--set", "output.report=false", "--set", "run.cache=false"]
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONHASHSEED="0")
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([*cmd, *beam_args], capture_output=True, text=True, cwd=ROOT, env=env)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, _cpu(resource.RUSAGE_CHILDREN) - cpu
     with open(log, "w", encoding="utf-8") as f:
         f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"run failed (exit {proc.returncode}); see {log}:\n{proc.stderr[-2000:]}")
-    return wall
+    return wall, cpu
+
+
+def _workers_cpu(address: str) -> float:
+    """CPU seconds the cluster's worker processes have used since they started."""
+    from distributed import Client
+
+    with Client(address) as client:
+        times = client.run(lambda: sum(__import__("psutil").Process().cpu_times()[:2]))
+    return sum(times.values())
 
 
 def manifest(out: str) -> list[dict]:
@@ -142,16 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.work, exist_ok=True)
     shards = make_input(os.path.join(args.work, "shards"), args.samples, args.shards)
     direct_out, dask_out = os.path.join(args.work, "direct"), os.path.join(args.work, "dask")
-    direct = run_job(shards, direct_out, args.sets, ["--runner=DirectRunner"], os.path.join(args.work, "direct.log"))
-    print(f"DirectRunner (in-process): {direct:.1f} s", flush=True)
+    direct, direct_cpu = run_job(shards, direct_out, args.sets, ["--runner=DirectRunner"], f"{direct_out}.log")
+    print(f"DirectRunner (in-process): {direct:.1f} s wall, {direct_cpu:.1f} s CPU", flush=True)
     from distributed import LocalCluster
 
     with LocalCluster(
         n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster:
+        idle = _workers_cpu(cluster.scheduler_address) + _cpu(resource.RUSAGE_SELF)  # worker start-up, scheduler
         beam_args = ["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]
-        dask = run_job(shards, dask_out, args.sets, beam_args, os.path.join(args.work, "dask.log"))
-    print(f"DaskRunner ({args.workers} local workers): {dask:.1f} s", flush=True)
+        dask, dask_cpu = run_job(shards, dask_out, args.sets, beam_args, f"{dask_out}.log")
+        dask_cpu += _workers_cpu(cluster.scheduler_address) + _cpu(resource.RUSAGE_SELF) - idle
+    print(f"DaskRunner ({args.workers} local workers): {dask:.1f} s wall, {dask_cpu:.1f} s CPU", flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (the machine's other jobs share its cores)")
     equal = same(manifest(direct_out), manifest(dask_out))
     ratio = dask / direct
     print(f"samples {args.samples}; ratio Dask/Direct {ratio:.2f} (target <= {TARGET}); manifests equal: {equal}")
