@@ -59,7 +59,7 @@ class DaskRunner(PipelineRunner):
         client = ddist.Client(**dask_options)
         # Create -> _Create (values), Reshuffle -> identity, Flatten -> _Flatten; GroupByKey stays
         overrides = [o for o in dask_overrides() if type(o).__name__ != "GroupByKeyOverride"]
-        pipeline.replace_all([*overrides, _LiftCombines()])
+        pipeline.replace_all([*overrides, _NativeCombines()])
         threads = sum(client.nthreads().values()) or 1
         translator = Translator(bag_kwargs.get("npartitions") or DEFAULT_PARTITIONS, 2 * threads)
         pipeline.visit(translator)
@@ -79,19 +79,27 @@ class DaskRunner(PipelineRunner):
         return DaskResult(client, futures, translator.run_id, profile, started)
 
 
-class _LiftCombines(PTransformOverride):
-    """CombinePerKey -> Beam's LiftedCombinePerKey: each partition combines its own values per key
-    before the shuffle (``CombineGlobally``, ``Count``, ``ToList`` and the ORB votes included), so
-    a shuffle moves one accumulator per key and partition instead of every value."""
+class _CombinePerKey(beam.PTransform):
+    """A CombinePerKey that this runner translates itself (``Translator._combine``)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def expand(self, pcoll):
+        return pvalue.PCollection.from_(pcoll)
+
+
+class _NativeCombines(PTransformOverride):
+    """CombinePerKey without side inputs -> ``_CombinePerKey`` (``CombineGlobally``, ``Count``,
+    ``ToList`` and the ORB votes included)."""
 
     def matches(self, applied) -> bool:
         t = applied.transform
         return type(t) is beam.CombinePerKey and not t.args and not t.kwargs and not t.side_inputs
 
     def get_replacement_transform_for_applied_ptransform(self, applied):
-        from apache_beam.transforms.combiners import LiftedCombinePerKey
-
-        return LiftedCombinePerKey(applied.transform.fn, [], {})
+        return _CombinePerKey(applied.transform.fn)
 
 
 class DaskResult(PipelineResult):
@@ -110,6 +118,7 @@ class DaskResult(PipelineResult):
             self._state = PipelineState.DONE
             if self.profile:
                 cpu = self.client.run(dask_tasks.cpu_seconds, self.run_id)
+                self.client.run(dask_tasks.dump_profile, self.profile + ".prof")
                 _write_profile(self.client.get_task_stream(start=self.started), self.profile, self.started, cpu)
         except BaseException:
             self._state = PipelineState.FAILED
@@ -153,6 +162,8 @@ class Translator(PipelineVisitor):
             self._set(node, self._flatten([self.bags[i] for i in inputs]))
         elif isinstance(transform, beam.GroupByKey):
             self._set(node, self._group(self.bags[inputs[0]], node.full_label))
+        elif isinstance(transform, _CombinePerKey):
+            self._set(node, self._combine(self.bags[inputs[0]], node.full_label, transform.fn))
         elif isinstance(transform, beam.ParDo):
             self._pardo(node, self.bags[inputs[0]])
         elif node.outputs:
@@ -191,14 +202,35 @@ class Translator(PipelineVisitor):
         return db.concat(bags) if bags else db.from_sequence([None], npartitions=1).filter(_never)
 
     def _group(self, bag, label: str):
+        from pipeline import dask_tasks
+
+        n = self._shuffle_width(bag)
+        split = bag.map_partitions(dask_tasks.bucketize, n, token=f"{label}|split")
+        return self._shuffle(split, n, label, dask_tasks.group)
+
+    def _combine(self, bag, label: str, fn):
+        """Combined per key within each partition, shuffled as accumulators, merged per key."""
+        from functools import partial
+
+        from apache_beam.internal import pickler
+
+        from pipeline import dask_tasks
+
+        n, token, spec = self._shuffle_width(bag), (self.run_id, label), pickler.dumps(fn)
+        split = bag.map_partitions(dask_tasks.combine_partial, token, spec, n, token=f"{label}|partial")
+        return self._shuffle(split, n, label, partial(dask_tasks.combine_merge, token, spec))
+
+    def _shuffle_width(self, bag) -> int:
+        return max(1, min(bag.npartitions, self.shuffle_partitions))
+
+    def _shuffle(self, split, n: int, label: str, merge):
+        """``split``'s partitions each hold ``[buckets]``: bucket i of all of them -> partition i."""
         import dask.bag as db
         from dask import delayed
 
         from pipeline import dask_tasks
 
-        n = max(1, min(bag.npartitions, self.shuffle_partitions))
-        parts = bag.map_partitions(dask_tasks.bucketize, n, token=f"{label}|split").to_delayed(optimize_graph=False)
-        uid = self.run_id[:12]
+        parts, uid = split.to_delayed(optimize_graph=False), self.run_id[:12]
         buckets = [
             [
                 delayed(dask_tasks.bucket)(p, i, dask_key_name=(f"{label}|bucket-{uid}", i, j))
@@ -206,10 +238,8 @@ class Translator(PipelineVisitor):
             ]
             for i in range(n)
         ]
-        groups = [
-            delayed(dask_tasks.group)(*b, dask_key_name=(f"{label}|group-{uid}", i)) for i, b in enumerate(buckets)
-        ]
-        return db.from_delayed(groups)
+        merged = [delayed(merge)(*b, dask_key_name=(f"{label}|merge-{uid}", i)) for i, b in enumerate(buckets)]
+        return db.from_delayed(merged)
 
     def _side(self, pcoll):
         from dask import delayed

@@ -11,6 +11,7 @@ in every process (Python's ``hash`` of a string is not).
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 import time
@@ -38,6 +39,44 @@ def bucketize(items, n: int) -> list[list]:
     for kv in items:
         buckets[stable_hash(kv[0]) % n].append(kv)
     return [buckets]  # a partition of one element: the buckets
+
+
+def _combine_fn(token: tuple, spec: bytes):
+    """The step's CombineFn on this thread, unpickled and set up by the step's first partition."""
+    cache = getattr(_local, "combine_fns", None)
+    if cache is None or _local.combine_run != token[0]:
+        _local.combine_fns, _local.combine_run = {}, token[0]
+        cache = _local.combine_fns
+    if token not in cache:
+        from apache_beam.internal import pickler
+
+        cache[token] = fn = pickler.loads(spec)
+        fn.setup()
+    return cache[token]
+
+
+def combine_partial(items, token: tuple, spec: bytes, n: int) -> list[list]:
+    """One partition's values combined per key (one accumulator a key), cut into ``n`` buckets."""
+    fn = _combine_fn(token, spec)
+    accs: dict = {}
+    missing = object()
+    for k, v in items:
+        acc = accs.get(k, missing)
+        accs[k] = fn.add_input(fn.create_accumulator() if acc is missing else acc, v)
+    buckets: list[list] = [[] for _ in range(n)]
+    for k, acc in accs.items():
+        buckets[stable_hash(k) % n].append((k, fn.compact(acc)))
+    return [buckets]
+
+
+def combine_merge(token: tuple, spec: bytes, *buckets: list) -> list:
+    """Bucket i of every partition's accumulators -> (key, output) per key."""
+    fn = _combine_fn(token, spec)
+    accs: dict = {}
+    for b in buckets:
+        for k, acc in b:
+            accs.setdefault(k, []).append(acc)
+    return [(k, fn.extract_output(fn.merge_accumulators(a))) for k, a in accs.items()]
 
 
 def bucket(parts: list, i: int) -> list:
@@ -148,12 +187,33 @@ def cpu_seconds(run_id: str) -> dict:
     return {step: s for (run, step), s in _cpu.items() if run == run_id}
 
 
+_PROFILE = os.environ.get("MEMSIEVE_DASK_PROFILE")  # set where the workers start: cProfile them too
+_profiler = None
+
+
+def dump_profile(path: str) -> str:
+    """This worker's cProfile of every ParDo partition so far -> ``path.<pid>``."""
+    if _profiler is None:
+        return ""
+    _profiler.dump_stats(f"{path}.{os.getpid()}")
+    return f"{path}.{os.getpid()}"
+
+
 def run_dofn(items, token: tuple, spec: bytes, multi: bool, *sides):
     """One partition through a ParDo: a list of outputs, or ``[{tag: outputs}]`` for several tags."""
+    global _profiler
     started = time.thread_time()
+    if _PROFILE and _profiler is None:
+        import cProfile
+
+        _profiler = cProfile.Profile()
+    if _profiler is not None:
+        _profiler.enable()
     try:
         return _run_dofn(items, token, spec, multi, sides)
     finally:
+        if _profiler is not None:
+            _profiler.disable()
         _cpu[token] = _cpu.get(token, 0.0) + time.thread_time() - started
 
 
