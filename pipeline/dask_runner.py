@@ -116,6 +116,7 @@ class DaskResult(PipelineResult):
         try:
             self.client.gather(self.futures)  # raises a worker's error here
             self._state = PipelineState.DONE
+            self._metrics = _merge_metrics(self.client.run(dask_tasks.metric_updates, self.run_id))
             if self.profile:
                 cpu = self.client.run(dask_tasks.cpu_seconds, self.run_id)
                 self.client.run(dask_tasks.dump_profile, self.profile + ".prof")
@@ -133,7 +134,21 @@ class DaskResult(PipelineResult):
         return self._state
 
     def metrics(self):
-        raise NotImplementedError("the Dask runner collects no Beam metrics")
+        if getattr(self, "_metrics", None) is None:
+            raise NotImplementedError("metrics are collected when the pipeline has finished")
+        return self._metrics
+
+
+def _merge_metrics(per_worker: dict):
+    """Every worker's metric updates -> Beam's DirectMetrics (committed = attempted here)."""
+    from apache_beam.runners.direct.direct_metrics import DirectMetrics
+
+    metrics = DirectMetrics()
+    for updates in per_worker.values():
+        for u in updates:
+            metrics.commit_logical(None, u)
+            metrics.commit_physical(object(), u)
+    return metrics
 
 
 class Translator(PipelineVisitor):

@@ -217,6 +217,34 @@ def run_dofn(items, token: tuple, spec: bytes, multi: bool, *sides):
         _cpu[token] = _cpu.get(token, 0.0) + time.thread_time() - started
 
 
+_containers: dict = {}  # (run id, step, thread) -> MetricsContainer: Beam metrics of this process
+
+
+def metric_updates(run_id: str) -> list:
+    """This worker's Beam metrics of one run, one ``MetricUpdates`` per step and thread."""
+    return [c.get_cumulative() for (run, _, _), c in list(_containers.items()) if run == run_id]
+
+
+def _metrics_scope(token: tuple):
+    """A state of this thread's Beam state sampler whose metrics container is the step's."""
+    from apache_beam.metrics.execution import MetricsContainer
+    from apache_beam.runners.worker import statesampler
+
+    tracker = getattr(_local, "tracker", None)
+    if tracker is None or _local.tracker_run != token[0]:  # it keeps each step's state (and container)
+        from apache_beam.utils.counters import CounterFactory
+
+        tracker = _local.tracker = statesampler.StateSampler("", CounterFactory())
+        _local.tracker_run = token[0]
+    statesampler.set_current_tracker(tracker)
+    key = (*token, threading.get_ident())
+    if key not in _containers:
+        for old in [k for k in _containers if k[0] != token[0]]:  # an earlier run's metrics
+            _containers.pop(old, None)
+        _containers[key] = MetricsContainer(token[1])
+    return tracker.scoped_state(token[1], "process", metrics_container=_containers[key])
+
+
 def _run_dofn(items, token: tuple, spec: bytes, multi: bool, sides: tuple):
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.windowed_value import WindowedValue
@@ -225,10 +253,11 @@ def _run_dofn(items, token: tuple, spec: bytes, multi: bool, sides: tuple):
     for r in receivers.values():
         r.values = []
     windows = (GlobalWindow(),)
-    runner.start()
-    for x in items:
-        runner.process(WindowedValue(x, 0, windows))
-    runner.finish()
+    with _metrics_scope(token):
+        runner.start()
+        for x in items:
+            runner.process(WindowedValue(x, 0, windows))
+        runner.finish()
     if multi:
         return [{tag: r.values for tag, r in receivers.items()}]
     return receivers[None].values

@@ -39,6 +39,16 @@ def _rows(out: Path, table: str, key) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def _counters(out: Path) -> dict:
+    """run.json's Beam counters, less timings (the progress namespace, BatchElements' msec)."""
+    counters = json.loads((out / "run.json").read_text())["counters"]
+    return {
+        ns: {k: v for k, v in c.items() if not k.startswith("msec_")}
+        for ns, c in counters.items()
+        if ns != "memsieve.progress"
+    }
+
+
 def _manifest(demo_data, out: Path, *beam_args: str, shards: str = "*.tar") -> list[dict]:
     _run("demo.yaml", str(demo_data / "shards" / shards), out, *beam_args)
     return _rows(out, "manifest", lambda r: r["key"])
@@ -87,12 +97,13 @@ def test_dask_runner_agrees_with_clip_on(demo_data, tmp_path, cluster):
     clip_rows = [r for r in _rows(tmp_path / "dask", "neighbours", by_key) if r["embedder"] == "clip"]
     assert clip_rows == [r for r in _rows(tmp_path / "ref", "neighbours", by_key) if r["embedder"] == "clip"]
     assert len(clip_rows) == sum(r["status"] == "ok" for r in got)  # the last batches were not dropped
+    assert _counters(tmp_path / "dask") == _counters(tmp_path / "ref")  # Beam metrics from the workers
 
 
 @pytest.mark.dask
 def test_dask_runner_agrees_on_the_laion_layout(tmp_path, cluster):
     """The LAION precomputed-embedding layout (2 files, planted duplicates and triggers): every
-    table the webdataset job writes, the same manifest and clusters as the DirectRunner."""
+    table the webdataset job writes, the same manifest, clusters and counters as the DirectRunner."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from make_laion_embeddings import generate, write
 
@@ -104,3 +115,4 @@ def test_dask_runner_agrees_on_the_laion_layout(tmp_path, cluster):
         ref, got = _rows(tmp_path / "ref", table, key), _rows(tmp_path / "dask", table, key)
         assert got == ref and ref, table
     assert len(_rows(tmp_path / "dask", "manifest", lambda r: r["key"])) == 1500
+    assert _counters(tmp_path / "dask") == _counters(tmp_path / "ref") != {}
