@@ -116,3 +116,67 @@ def test_dask_runner_agrees_on_the_laion_layout(tmp_path, cluster):
         assert got == ref and ref, table
     assert len(_rows(tmp_path / "dask", "manifest", lambda r: r["key"])) == 1500
     assert _counters(tmp_path / "dask") == _counters(tmp_path / "ref") != {}
+
+
+def _dump(items, path: str) -> None:
+    Path(path).write_text(json.dumps(sorted(items)))
+
+
+class _SplitThrees:
+    @staticmethod
+    def fn(x):
+        import apache_beam as beam
+
+        beam.metrics.Metrics.counter("test", "seen").inc()
+        yield beam.pvalue.TaggedOutput("three", x) if x % 3 == 0 else x
+
+
+def test_dask_tasks_shuffle_helpers():
+    """Buckets by a hash every process agrees on; groups and combines per key in arrival order."""
+    from apache_beam.internal import pickler
+    from apache_beam.transforms.core import CombineFn
+
+    from pipeline import dask_tasks
+
+    assert dask_tasks.stable_hash("key") == 2324736937  # zlib.crc32(b"key"): no per-process salt
+    assert dask_tasks.stable_hash(("a", 1)) == 2745452491  # crc32 of its repr
+    pairs = [("a", 1), ("b", 2), ("a", 3), (("t", 1), 4)]
+    (buckets,) = dask_tasks.bucketize(pairs, 3)
+    assert sorted((kv for b in buckets for kv in b), key=repr) == sorted(pairs, key=repr)
+    assert dict(dask_tasks.group(*buckets)) == {"a": [1, 3], "b": [2], ("t", 1): [4]}
+    token, spec = ("run", "Sum"), pickler.dumps(CombineFn.maybe_from_callable(sum))
+    (one,) = dask_tasks.combine_partial(pairs[:2], token, spec, 2)
+    (two,) = dask_tasks.combine_partial(pairs[2:], token, spec, 2)
+    merged = [kv for i in range(2) for kv in dask_tasks.combine_merge(token, spec, one[i], two[i])]
+    assert dict(merged) == {"a": 4, "b": 2, ("t", 1): 4}
+
+
+@pytest.mark.dask
+def test_dask_runner_primitives(tmp_path, cluster):
+    """Tagged outputs, a singleton and a dict side input, GroupByKey, CombineGlobally,
+    BatchElements' partial last batch (emitted from finish_bundle) and a Beam counter."""
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    opts = PipelineOptions(["--runner=pipeline.dask_runner.DaskRunner", f"--dask_client_address={cluster}"])
+    p = beam.Pipeline(options=opts)
+    nums = p | beam.Create(list(range(30)))
+    split = nums | beam.FlatMap(_SplitThrees.fn).with_outputs("three", main="rest")
+    total = nums | "Sum" >> beam.CombineGlobally(sum)
+    keyed = split.rest | beam.Map(lambda x, t: (x % 4, x * 1000 // t), t=beam.pvalue.AsSingleton(total))
+    grouped = keyed | beam.GroupByKey() | beam.MapTuple(lambda k, v: (k, sorted(v)))
+    sizes = split.three | beam.BatchElements(min_batch_size=4, max_batch_size=4) | beam.Map(len)
+    lookup = split.three | beam.Map(lambda x, d: (x, len(d[x % 4])), d=beam.pvalue.AsDict(grouped))
+    grouped | "G" >> beam.combiners.ToList() | "WG" >> beam.Map(_dump, str(tmp_path / "grouped"))
+    sizes | "S" >> beam.combiners.ToList() | "WS" >> beam.Map(_dump, str(tmp_path / "sizes"))
+    lookup | "L" >> beam.combiners.ToList() | "WL" >> beam.Map(_dump, str(tmp_path / "lookup"))
+    result = p.run()
+    result.wait_until_finish()
+    rest = [x for x in range(30) if x % 3]
+    expected = {k: sorted(x * 1000 // 435 for x in rest if x % 4 == k) for k in range(4)}
+    assert dict(map(tuple, json.loads((tmp_path / "grouped").read_text()))) == expected
+    assert sum(json.loads((tmp_path / "sizes").read_text())) == 10  # every multiple of 3, in batches
+    assert json.loads((tmp_path / "lookup").read_text()) == [[x, len(expected[x % 4])] for x in range(0, 30, 3)]
+    (seen,) = result.metrics().query(MetricsFilter().with_name("seen"))["counters"]
+    assert seen.committed == 30
