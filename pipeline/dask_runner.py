@@ -1,25 +1,30 @@
 """A Beam runner on ``dask.distributed`` that computes every step once.
 
-Beam 2.77's own DaskRunner (``apache_beam.runners.dask``) has four problems that made the demo
-job 34x slower than in-process and wrong in places (issue 10):
+Beam 2.77's own DaskRunner (``apache_beam.runners.dask``) made the 2,000-sample demo job 34x
+slower than in-process and was wrong in places (issue 10):
 
 - a side input is a lazy bag that each consuming task lists again: a nested compute of the side
   input's whole upstream per consuming partition (``ProcessShards`` ran 132 times for 2 shards);
 - ``Create`` puts up to 128 elements in one partition, so fewer shards than that run on one core;
 - each partition calls the DoFn's ``setup()`` and ``teardown()`` (a model load per partition), and
   the outputs of ``finish_bundle`` are dropped (``BatchElements``' last, partial batch is lost);
-- a ParDo's tagged outputs are merged into one bag, and only the graph's last step is computed.
+- a ParDo's tagged outputs are merged into one bag, only the graph's last step is computed, and
+  no metrics are reported.
 
 This runner translates the pipeline itself, one bag per PCollection:
 
 - ``Create``: one partition per element up to ``--dask_npartitions`` (default 64; so one per
   shard for the shard list), ``Reshuffle`` keeps the partitions;
 - ``ParDo``: ``map_partitions`` through Beam's ``DoFnRunner`` (``pipeline/dask_tasks.py``), the
-  DoFn set up once per worker thread; tagged outputs each get their own bag;
+  DoFn set up once per worker thread; tagged outputs each get their own bag; Beam metrics are
+  kept per step on the workers and merged when the run ends;
 - a side input: its bag's partitions concatenated into one list by one task; every consumer
   depends on that task, so the upstream runs once and the list travels to each worker once;
 - ``GroupByKey``: a hash shuffle (each input partition cut into buckets by a process-independent
-  hash of the key, one task per output partition groups its buckets);
+  hash of the key, one task per output partition groups its buckets), 2 output partitions per
+  worker thread (at most ``--dask_npartitions``);
+- ``CombinePerKey``: combined per key within each partition by the ``CombineFn``, the
+  accumulators shuffled as above and merged;
 - ``Flatten``: the bags concatenated.
 
 All the pipeline's leaves are computed together in one ``client.compute``, so shared steps run once.
@@ -109,10 +114,13 @@ class DaskResult(PipelineResult):
         super().__init__(PipelineState.RUNNING)
         self.client, self.futures, self.run_id = client, futures, run_id
         self.profile, self.started = profile, started
+        self._metrics = None
 
     def wait_until_finish(self, duration=None) -> str:
         from pipeline import dask_tasks
 
+        if self._state != PipelineState.RUNNING:
+            return self._state
         try:
             self.client.gather(self.futures)  # raises a worker's error here
             self._state = PipelineState.DONE
@@ -134,7 +142,7 @@ class DaskResult(PipelineResult):
         return self._state
 
     def metrics(self):
-        if getattr(self, "_metrics", None) is None:
+        if self._metrics is None:
             raise NotImplementedError("metrics are collected when the pipeline has finished")
         return self._metrics
 
