@@ -1,0 +1,183 @@
+"""DaskRunner vs in-process DirectRunner on a 2,000-sample demo-style input, back to back.
+
+    python scripts/bench_dask.py [--samples 2000] [--shards 8] [--set probe.enabled=false] [--keep]
+
+The input is the demo's samples (``pipeline/demo_data.py``: planted exact and near duplicates,
+triggers, broken samples) once, then unique drawn pictures (a gradient and random shapes) with
+captions of random words, up to ``--samples`` samples in ``--shards`` img2dataset shards: about 5%
+of the samples are duplicates, as in a crawl. (The demo's samples repeated with edits made every
+picture a member of a 20-copy cluster: that measured the copy verification, not the runner.)
+Then, each as its own ``memsieve run jobs/demo.yaml`` command (report and cache off, the same
+``--set`` overrides for both):
+
+1. the in-process DirectRunner;
+2. the DaskRunner against a ``dask.distributed`` LocalCluster started here (2 worker processes,
+   one thread each, 127.0.0.1) before the clock starts, as a real cluster would be.
+
+It prints both wall times, the ratio (issue 10's target: Dask <= 2x), the CPU seconds each
+spent (the command, plus the worker processes and this process's scheduler for Dask: on a shared
+machine the CPU ratio is the steadier figure) and whether the two manifests are equal (rows
+sorted by key, probe scores within 1e-4: torch's thread count differs per engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TARGET = 2.0
+
+
+WORDS = (
+    "red blue green old new small large wooden glass paper metal quiet busy city river forest "
+    "mountain street garden kitchen window door table chair lamp book bicycle boat train bird dog "
+    "horse flower tree cloud sunset morning evening winter summer market bridge tower road field"
+).split()
+
+
+def _drawing(rng: random.Random) -> bytes:
+    """A picture no other sample has: a gradient and a dozen random shapes, JPEG-encoded."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    w, h = rng.randint(200, 320), rng.randint(200, 320)
+    a, b = np.array([rng.randint(0, 255) for _ in range(3)]), np.array([rng.randint(0, 255) for _ in range(3)])
+    t = np.linspace(0, 1, w)[None, :, None]
+    img = Image.fromarray(np.broadcast_to(a * (1 - t) + b * t, (h, w, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(8, 16)):
+        x0, y0 = rng.randint(0, w - 10), rng.randint(0, h - 10)
+        box = (x0, y0, rng.randint(x0 + 5, w), rng.randint(y0 + 5, h))
+        fill = tuple(rng.randint(0, 255) for _ in range(3))
+        [draw.ellipse, draw.rectangle][rng.randint(0, 1)](box, fill=fill)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=rng.randint(75, 92))
+    return buf.getvalue()
+
+
+def bench_samples(n: int) -> list[dict]:
+    """The demo's planted samples once, then unique drawn pictures with captions up to ``n``."""
+    from pipeline.demo_data import plan_samples
+
+    out = plan_samples(0)[:n]
+    rng = random.Random(7)
+    while len(out) < n:
+        caption = " ".join(rng.sample(WORDS, rng.randint(3, 8)))
+        out.append(
+            {
+                "base": "drawn",
+                "variant": "unique",
+                "image": _drawing(rng),
+                "ext": "jpg",
+                "caption": f"a drawing of {caption}",
+                "objects": [],
+            }
+        )
+    return out
+
+
+def make_input(folder: str, n: int, shards: int) -> str:
+    from pipeline.demo_data import write_shards
+
+    marker = os.path.join(folder, f".made-v2-{n}-{shards}")
+    if not os.path.exists(marker):
+        shutil.rmtree(folder, ignore_errors=True)
+        write_shards(bench_samples(n), folder, n_shards=shards, failed_downloads=0)
+        open(marker, "w").close()
+    return os.path.join(folder, "*.tar")
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_job(shards: str, out: str, sets: list[str], beam_args: list[str], log: str) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of one ``memsieve run`` command."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", os.path.join(ROOT, "jobs", "demo.yaml")]
+    cmd += ["--input", shards, "--output", out, "--set", "output.report=false", "--set", "run.cache=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONHASHSEED="0")
+    t, cpu = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([*cmd, *beam_args], capture_output=True, text=True, cwd=ROOT, env=env)
+    wall, cpu = time.perf_counter() - t, _cpu(resource.RUSAGE_CHILDREN) - cpu
+    with open(log, "w", encoding="utf-8") as f:
+        f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed (exit {proc.returncode}); see {log}:\n{proc.stderr[-2000:]}")
+    return wall, cpu
+
+
+def _workers_cpu(address: str) -> float:
+    """CPU seconds the cluster's worker processes have used since they started."""
+    from distributed import Client
+
+    with Client(address) as client:
+        times = client.run(lambda: sum(__import__("psutil").Process().cpu_times()[:2]))
+    return sum(times.values())
+
+
+def manifest(out: str) -> list[dict]:
+    from transforms.write import read_table
+
+    return sorted(read_table(os.path.join(out, "manifest")).to_pylist(), key=lambda r: r["key"])
+
+
+def same(a: list[dict], b: list[dict], tol: float = 1e-4) -> bool:
+    """Equal manifests, probe scores within ``tol`` (torch's thread count differs per engine, so
+    float sums round differently, ~1e-6)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        sx, sy = x["probe_score"], y["probe_score"]
+        if {**x, "probe_score": None} != {**y, "probe_score": None} or (sx is None) != (sy is None):
+            return False
+        if sx is not None and abs(sx - sy) > tol:
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="job overrides for both runs")
+    parser.add_argument("--work", default=os.path.join(ROOT, "out", "bench-dask"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    shards = make_input(os.path.join(args.work, "shards"), args.samples, args.shards)
+    direct_out, dask_out = os.path.join(args.work, "direct"), os.path.join(args.work, "dask")
+    direct, direct_cpu = run_job(shards, direct_out, args.sets, ["--runner=DirectRunner"], f"{direct_out}.log")
+    print(f"DirectRunner (in-process): {direct:.1f} s wall, {direct_cpu:.1f} s CPU", flush=True)
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        idle = _workers_cpu(cluster.scheduler_address) + _cpu(resource.RUSAGE_SELF)  # worker start-up, scheduler
+        beam_args = ["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]
+        dask, dask_cpu = run_job(shards, dask_out, args.sets, beam_args, f"{dask_out}.log")
+        dask_cpu += _workers_cpu(cluster.scheduler_address) + _cpu(resource.RUSAGE_SELF) - idle
+    print(f"DaskRunner ({args.workers} local workers): {dask:.1f} s wall, {dask_cpu:.1f} s CPU", flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (the machine's other jobs share its cores)")
+    equal = same(manifest(direct_out), manifest(dask_out))
+    ratio = dask / direct
+    print(f"samples {args.samples}; ratio Dask/Direct {ratio:.2f} (target <= {TARGET}); manifests equal: {equal}")
+    return 0 if equal and ratio <= TARGET else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
