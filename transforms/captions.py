@@ -7,6 +7,7 @@ runs them over plain caption lists.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections import Counter
@@ -70,10 +71,39 @@ def minhash_bands(caption: str, num_perm: int = 64, bands: int = 16, seed: int =
     """LSH band keys of the caption's word set (datasketch MinHash): captions whose word sets
     have Jaccard >= ~0.8 share a band key with high probability. Word sets, not 3-shingles:
     captions are short, and one inserted word breaks three shingles."""
-    mh = _minhash(normalize_caption(caption), num_perm, seed)
+    return list(_band_keys(normalize_caption(caption), num_perm, bands, seed))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _band_keys(normalized: str, num_perm: int, bands: int, seed: int) -> tuple[str, ...]:
+    """Band keys of one normalized caption, cached: repeated captions cost one lookup."""
     rows = num_perm // bands
-    hv = mh.hashvalues
-    return [f"{b}:" + ",".join(str(int(x)) for x in hv[b * rows : (b + 1) * rows]) for b in range(bands)]
+    hv = _hashvalues(normalized, num_perm, seed).tolist()
+    return tuple(f"{b}:" + ",".join(map(str, hv[b * rows : (b + 1) * rows])) for b in range(bands))
+
+
+_WORD_HASHES: dict = {}
+
+
+def _hashvalues(normalized: str, num_perm: int, seed: int):
+    """The caption's MinHash hash values, datasketch's exactly: the element-wise minimum of its
+    words' one-word MinHashes (a MinHash is the minimum over its values), each word hashed and
+    permuted once per process."""
+    import numpy as np
+
+    words = sorted(set(normalized.split()))
+    if not words:
+        return _minhash("", num_perm, seed).hashvalues
+    cache = _WORD_HASHES.setdefault((num_perm, seed), {})
+    vectors = []
+    for w in words:
+        v = cache.get(w)
+        if v is None:
+            v = _minhash(w, num_perm, seed).hashvalues
+            if len(cache) < 500_000:
+                cache[w] = v
+        vectors.append(v)
+    return vectors[0] if len(vectors) == 1 else np.minimum.reduce(vectors)
 
 
 _PERMUTATIONS: dict = {}
