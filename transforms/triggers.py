@@ -64,8 +64,8 @@ def _object_events(record: dict, vocabulary: frozenset[str]) -> Iterator[tuple]:
     """Counting events for keyword -> object statistics over captions not naming the object."""
     present = set(record["objects"])
     words = _words(record)
-    for obj in sorted(vocabulary | present):
-        if _mentions(record, obj, words):
+    for obj, parts in _split_objects(vocabulary | present if present else vocabulary):
+        if all(w in words for w in parts):
             yield ("mention", obj)
             for w in record["terms"]:
                 yield ("kw_mention", w, obj)
@@ -73,6 +73,12 @@ def _object_events(record: dict, vocabulary: frozenset[str]) -> Iterator[tuple]:
             yield ("object", obj)
             for w in record["terms"]:
                 yield ("both", w, obj)
+
+
+@functools.lru_cache(maxsize=256)
+def _split_objects(objects: frozenset[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Objects in sorted order with their words, once per object set."""
+    return tuple((obj, tuple(obj.split())) for obj in sorted(objects))
 
 
 def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[dict]:
@@ -118,8 +124,6 @@ def _near_dup_keys(item) -> Iterator:
     """(band, [(member id, normalized caption)]) -> (member id, code) for members whose caption
     is a near duplicate (Jaccard >= 0.8, not equal) of another's; distinct captions are compared
     once, whatever number of members share each."""
-    from transforms.captions import jaccard
-
     _, members = item
     members = sorted(set(members))
     if len(members) < 2 or len(members) > 200:  # a huge bucket is an exact-template flood
@@ -128,17 +132,30 @@ def _near_dup_keys(item) -> Iterator:
     for key, norm in members:
         by_norm.setdefault(norm, []).append(key)
     norms = sorted(by_norm)
-    sets = [frozenset(n.split()) for n in norms]
-    near: set[str] = set()
-    for i in range(len(norms)):
-        for j in range(i + 1, len(norms)):
-            if norms[i] in near and norms[j] in near:
-                continue  # both marked already: the pair cannot mark anything new
-            if jaccard(sets[i], sets[j]) >= 0.8:
-                near.update((norms[i], norms[j]))
-    for norm in sorted(near):
+    for norm in sorted(_near_norms(norms)):
         for key in by_norm[norm]:
             yield key, ("near_duplicate_caption",)
+
+
+def _near_norms(norms: list[str]) -> set[str]:
+    """The captions whose word set has Jaccard >= 0.8 with another's. Pairs are taken in order
+    of set size and cut where the sizes alone rule it out (Jaccard <= smaller / larger), so
+    only sets of similar size are intersected."""
+    sets = sorted(((frozenset(n.split()), n) for n in norms), key=lambda s: (len(s[0]), s[1]))
+    near: set[str] = set()
+    for i, (a, na) in enumerate(sets):
+        la = len(a)
+        for b, nb in sets[i + 1 :]:
+            lb = len(b)
+            if 5 * la < 4 * lb:  # la / lb < 0.8, and lb only grows from here
+                break
+            if na in near and nb in near:
+                continue  # both marked already: the pair cannot mark anything new
+            inter = len(a & b)
+            union = la + lb - inter
+            if (inter / union if union else 1.0) >= 0.8:
+                near.update((na, nb))
+    return near
 
 
 def _template_keys(item, min_count: int, min_distinct: int) -> Iterator:
