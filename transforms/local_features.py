@@ -213,8 +213,32 @@ class Verdict:
     coverage: float = 0.0
 
 
-def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
-    """Geometric and photometric verification of one candidate pair."""
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+    """A candidate pair's RANSAC affine fit that passed the geometric checks: m maps b's frame to
+    a's; src / dst are the inliers in b's / a's frame."""
+
+    m: np.ndarray  # (2, 3) float64
+    src: np.ndarray  # (k, 2) float32
+    dst: np.ndarray  # (k, 2) float32
+    overlap: float
+
+    def to_bytes(self) -> bytes:
+        head = struct.pack("<I6dd", len(self.src), *self.m.ravel().tolist(), self.overlap)
+        return head + self.src.astype(np.float32).tobytes() + self.dst.astype(np.float32).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Alignment:
+        n, *rest = struct.unpack_from("<I6dd", data)
+        off = struct.calcsize("<I6dd")
+        src = np.frombuffer(data, np.float32, n * 2, off).reshape(n, 2)
+        dst = np.frombuffer(data, np.float32, n * 2, off + n * 8).reshape(n, 2)
+        return cls(np.array(rest[:6]).reshape(2, 3), src, dst, rest[6])
+
+
+def align(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Alignment | Verdict:
+    """The geometric half of ``verify`` (descriptors and keypoints only): an Alignment, or the
+    rejecting Verdict."""
     import cv2
 
     keep_a = np.ones(len(a.desc), bool) if keep_a is None else keep_a
@@ -233,15 +257,29 @@ def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
     overlap = _overlap(m, a, b)
     if overlap < cfg.min_overlap:
         return Verdict(False, inliers, overlap, 0.0)
+    inl = mask.ravel().astype(bool)
+    return Alignment(m, src[inl], dst[inl], overlap)
+
+
+def confirm(al: Alignment, a: Features, b: Features, cfg) -> Verdict:
+    """The photometric half of ``verify`` (thumbnails and content boxes only)."""
+    import cv2
+
+    m, src, dst = al.m, al.src, al.dst
     # agreement in the frame of the image the other lies inside: its thumbnail is the coarser one
     # there, so the finer one is only ever downsampled onto it (no blur mismatch)
     area_b_in_a = abs(np.linalg.det(m[:, :2])) * b.size[0] * b.size[1]
-    inl = mask.ravel().astype(bool)
     if area_b_in_a > a.size[0] * a.size[1]:
-        agreement, cells = _agreement(cv2.invertAffineTransform(m), b, a, src[inl], cfg.min_cells)
-        coverage = _coverage(a, dst[inl])  # a lies inside b: a's blocks must hold inliers
+        agreement, cells = _agreement(cv2.invertAffineTransform(m), b, a, src, cfg.min_cells)
+        coverage = _coverage(a, dst)  # a lies inside b: a's blocks must hold inliers
     else:
-        agreement, cells = _agreement(m, a, b, dst[inl], cfg.min_cells)
-        coverage = _coverage(b, src[inl])
+        agreement, cells = _agreement(m, a, b, dst, cfg.min_cells)
+        coverage = _coverage(b, src)
     ok = cells >= cfg.min_cells and agreement >= cfg.min_agreement and coverage >= cfg.min_coverage
-    return Verdict(ok, inliers, overlap, agreement, coverage)
+    return Verdict(ok, len(src), al.overlap, agreement, coverage)
+
+
+def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
+    """Geometric and photometric verification of one candidate pair."""
+    al = align(a, b, cfg, keep_a, keep_b)
+    return al if isinstance(al, Verdict) else confirm(al, a, b, cfg)

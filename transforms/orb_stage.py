@@ -19,7 +19,7 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.elements import Edge, Neighbour
-from transforms.local_features import EMBEDDER, Features, verify, words
+from transforms.local_features import EMBEDDER, Alignment, Features, Verdict, align, confirm, verify, words
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,6 @@ def _partition_pairs(item, max_df: int) -> Iterator:
     yield from votes.items()
 
 
-def _route(item) -> Iterator:
-    (a, b), _ = item
-    yield a, (a, b)
-    yield b, (a, b)
-
-
 _STOP_CACHE: dict[int, np.ndarray] = {}
 
 
@@ -138,29 +132,67 @@ def _stop_array(stop: list) -> np.ndarray:
     return _STOP_CACHE[id(stop)]
 
 
-def _attach(item, cfg, stop: list) -> Iterator:
-    """key -> its features and pairs: (pair, (key, features, keep mask)), the mask computed once."""
+def matchable(feat: Features, keep: np.ndarray) -> Features:
+    """What the other end of a pair needs to align with ``feat``: its kept keypoints and
+    descriptors, frame size and content box, no thumbnail (~18 KB instead of ~40 KB)."""
+    return Features(feat.xy[keep], feat.desc[keep], feat.size, np.zeros((0, 0), np.uint8), feat.content)
+
+
+def photo_record(feat: Features) -> bytes:
+    """What the photometric check needs of one end: frame size, thumbnail, content box."""
+    return Features(
+        np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), feat.size, feat.thumb, feat.content
+    ).to_bytes()
+
+
+def _one(grouped, tag: str):
+    got = list(grouped[tag])
+    return got[0] if got else None
+
+
+def _ship_matchable(item, cfg, stop: list) -> Iterator:
+    """At key a (the smaller key of its pairs): its matchable record once per partner b -> (b, (a, record))."""
     key, grouped = item
-    feats, pairs = list(grouped["feat"]), list(grouped["pair"])
-    if not feats or not pairs:
+    data, partners = _one(grouped, "feat"), sorted(set(grouped["partner"]))
+    if data is None or not partners:
         return
-    mask = np.packbits(keep_mask(Features.from_bytes(feats[0]), cfg, _stop_array(stop))).tobytes()
-    for pair in pairs:
-        yield pair, (key, feats[0], mask)
+    feat = Features.from_bytes(data)
+    record = matchable(feat, keep_mask(feat, cfg, _stop_array(stop))).to_bytes()
+    for other in partners:
+        yield other, (key, record)
 
 
-def _verify(item, cfg) -> Iterator:
-    (a, b), parts = item
-    found = {k: (f, m) for k, f, m in parts}
-    if a not in found or b not in found:
+def _align_at_b(item, cfg, stop: list) -> Iterator:
+    """At key b: align every partner's matchable record with b's features; the pairs that pass the
+    geometric checks go back to a with b's thumbnail -> (a, (b, alignment, b's photo record))."""
+    key, grouped = item
+    data, records = _one(grouped, "feat"), sorted(grouped["matchable"])
+    if data is None or not records:
         return
-    fa, fb = Features.from_bytes(found[a][0]), Features.from_bytes(found[b][0])
-    ma = np.unpackbits(np.frombuffer(found[a][1], np.uint8))[: len(fa.desc)].astype(bool)
-    mb = np.unpackbits(np.frombuffer(found[b][1], np.uint8))[: len(fb.desc)].astype(bool)
-    v = verify(fa, fb, cfg, ma, mb)
-    beam.metrics.Metrics.counter(EMBEDDER, "verified" if v.copy else "rejected").inc()
-    if v.copy:
-        yield Edge(a, b, round(v.agreement, 4), EMBEDDER)
+    fb = Features.from_bytes(data)
+    fb = matchable(fb, keep_mask(fb, cfg, _stop_array(stop)))
+    photo = None
+    for other, record in records:
+        al = align(Features.from_bytes(record), fb, cfg)
+        if isinstance(al, Verdict):
+            beam.metrics.Metrics.counter(EMBEDDER, "rejected").inc()
+            continue
+        photo = photo or photo_record(Features.from_bytes(data))
+        yield other, (key, al.to_bytes(), photo)
+
+
+def _confirm_at_a(item, cfg) -> Iterator:
+    """At key a: the photometric check of each aligned pair with a's thumbnail -> Edge."""
+    key, grouped = item
+    data, aligned = _one(grouped, "feat"), sorted(grouped["aligned"])
+    if data is None:
+        return
+    fa = Features.from_bytes(data)
+    for other, al, photo in aligned:
+        v = confirm(Alignment.from_bytes(al), fa, Features.from_bytes(photo), cfg)
+        beam.metrics.Metrics.counter(EMBEDDER, "verified" if v.copy else "rejected").inc()
+        if v.copy:
+            yield Edge(key, other, round(v.agreement, 4), EMBEDDER)
 
 
 def _nearest(item) -> Neighbour:
@@ -202,14 +234,15 @@ class FindOrbCopies(beam.PTransform):
             | "KeptPair" >> beam.Map(lambda pair: (pair, 1))
             | "OncePerPair" >> beam.CombinePerKey(sum)
         )
-        routed = capped | "Route" >> beam.FlatMap(_route)
-        joined = {"feat": feats, "pair": routed} | "JoinFeatures" >> beam.CoGroupByKey()
-        edges = (
-            joined
-            | "Attach" >> beam.FlatMap(_attach, cfg=cfg, stop=stop)
-            | "ByPair" >> beam.GroupByKey()
-            | "Verify" >> beam.FlatMap(_verify, cfg=cfg)
-        )
+        # features travel once per image to each join; per pair only a's matchable record (and,
+        # for the few pairs that align, b's thumbnail) is shipped: memory O(pairs x ~18 KB)
+        partners = capped | "ToSmallerKey" >> beam.Map(lambda kv: (kv[0][0], kv[0][1]))
+        at_a = {"feat": feats, "partner": partners} | "JoinPartners" >> beam.CoGroupByKey()
+        shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable, cfg=cfg, stop=stop)
+        at_b = {"feat": feats, "matchable": shipped} | "JoinMatchable" >> beam.CoGroupByKey()
+        aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg, stop=stop)
+        back = {"feat": feats, "aligned": aligned} | "JoinAligned" >> beam.CoGroupByKey()
+        edges = back | "Confirm" >> beam.FlatMap(_confirm_at_a, cfg=cfg)
         neighbours = (
             edges
             | "BothEnds"
