@@ -121,6 +121,9 @@ class OrbConfig(Section):
     min_overlap: float = Field(default=0.75, gt=0, le=1)  # aligned overlap / the smaller frame
     min_agreement: float = Field(default=0.6, gt=0, le=1)  # textured photo cells that agree once aligned
     min_cells: int = Field(default=8, ge=1)  # textured cells the agreement needs
+    # share of one image's textured content that lies inside the other's aligned frame (the larger
+    # of the two): a copy is part of its original or holds all of it; burst shots each show more
+    min_contained: float = Field(default=0.9, ge=0, le=1)
     min_coverage: float = Field(default=0.0, ge=0, le=1)  # textured 4x4 blocks of the inner image holding inliers (off)
 
 

@@ -14,8 +14,10 @@ a small grayscale thumbnail for the photometric check. Then:
 3. **Verification** (``verify``): descriptors matched with Lowe's ratio test (stop-word
    descriptors left out), a RANSAC affine fit; a pair is a copy when the fit has ``min_inliers``
    inliers, the aligned frames overlap by ``min_overlap`` of the smaller one (two burst shots of
-   one scene overlap less), and the aligned thumbnails agree in ``min_agreement`` of the textured
-   cells they share (two photos in one meme or screenshot template agree only on the template).
+   one scene overlap less), the aligned thumbnails agree in ``min_agreement`` of the textured
+   cells they share (two photos in one meme or screenshot template agree only on the template),
+   and one image's textured content lies inside the other's frame (``min_contained``: a copy is a
+   part of its original or holds all of it; two shots of one scene each show what the other lacks).
 """
 
 from __future__ import annotations
@@ -204,6 +206,38 @@ def _coverage(f: Features, xy: np.ndarray, grid: int = 4) -> float:
     return float((hit & textured).sum()) / max(1, int(textured.sum()))
 
 
+def _content_cells(f: Features) -> np.ndarray:
+    """Centres (working frame) of f's textured thumbnail cells inside its content box."""
+    th, tw = f.thumb.shape
+    ny, nx = th // CELL, tw // CELL
+    std = f.thumb[: ny * CELL, : nx * CELL].astype(np.float32).reshape(ny, CELL, nx, CELL).std(axis=(1, 3))
+    yy, xx = np.nonzero(std >= 4.0)
+    s = f.size[0] / max(1, tw)
+    pts = np.c_[(xx + 0.5) * CELL * s, (yy + 0.5) * CELL * s]
+    x0, y0, x1, y1 = f.content if f.content[2] > 0 else (0, 0, *f.size)
+    return pts[(pts[:, 0] >= x0) & (pts[:, 0] < x1) & (pts[:, 1] >= y0) & (pts[:, 1] < y1)]
+
+
+def _share_inside(pts: np.ndarray, m: np.ndarray, size: tuple[int, int]) -> float:
+    if not len(pts):
+        return 0.0
+    q = pts @ m[:, :2].T + m[:, 2]
+    return float(((q[:, 0] >= 0) & (q[:, 0] < size[0]) & (q[:, 1] >= 0) & (q[:, 1] < size[1])).mean())
+
+
+def _contained(m: np.ndarray, a: Features, b: Features) -> float:
+    """The larger of: the share of b's textured content cells that m maps inside a's frame, and
+    of a's inside b's. A copy is part of its original (a crop) or holds all of it (a border, a
+    meme, a screenshot): one side's content lies in the other (>= 0.94 on the hard set). Two
+    shots of one scene each show some of it that the other lacks (a Flickr burst pair: 0.84)."""
+    import cv2
+
+    return max(
+        _share_inside(_content_cells(b), m, a.size),
+        _share_inside(_content_cells(a), cv2.invertAffineTransform(m), b.size),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     copy: bool
@@ -211,6 +245,7 @@ class Verdict:
     overlap: float
     agreement: float
     coverage: float = 0.0
+    contained: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,8 +310,10 @@ def confirm(al: Alignment, a: Features, b: Features, cfg) -> Verdict:
     else:
         agreement, cells = _agreement(m, a, b, dst, cfg.min_cells)
         coverage = _coverage(b, src)
+    contained = _contained(m, a, b)
     ok = cells >= cfg.min_cells and agreement >= cfg.min_agreement and coverage >= cfg.min_coverage
-    return Verdict(ok, len(src), al.overlap, agreement, coverage)
+    ok = ok and contained >= cfg.min_contained
+    return Verdict(ok, len(src), al.overlap, agreement, coverage, contained)
 
 
 def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
