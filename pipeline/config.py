@@ -111,6 +111,9 @@ class OrbConfig(Section):
     tables: int = Field(default=8, ge=1, le=64)  # visual-word hash tables per descriptor
     word_bits: int = Field(default=24, ge=8, le=40)  # sampled descriptor bits per word
     max_df: int = Field(default=15, ge=2)  # a word in more images is a stop-word
+    # word_bits and tables suit this many images; a larger collection gets a bit per doubling and
+    # more tables (transforms/local_features.vocabulary); 0 = fixed
+    vocabulary_images: int = Field(default=100_000, ge=0)
     word_partitions: int = Field(default=64, ge=1)  # shuffle partitions of the word space (raise at scale)
     min_votes: int = Field(default=8, ge=1)  # shared words that make a candidate pair
     max_candidates: int = Field(default=32, ge=1)  # candidates verified per image (most votes first)

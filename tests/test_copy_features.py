@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pipeline.config import ClusterConfig, ConfigError, OrbConfig, SscdConfig, parse_config
 from schemas.elements import Sample
 from transforms.decode import DecodeError, decode_image
-from transforms.local_features import Alignment, Features, align, extract_features, verify, words
+from transforms.local_features import Alignment, Features, align, extract_features, verify, vocabulary, words
 from transforms.orb_stage import FindOrbCopies, find_orb_pairs
 
 CFG = OrbConfig(enabled=True)
@@ -115,6 +115,17 @@ def test_real_burst_shots_stay_apart(flickr_shards):
     assert not v.copy and v.contained < CFG.min_contained, v
     w, h = imgs["00000192"].size
     assert verify(a, _feat(imgs["00000192"].crop((w // 8, h // 10, w, h))), CFG).copy  # its crop still links
+
+
+def test_vocabulary_grows_with_the_collection():
+    assert vocabulary(CFG, 2_000) == vocabulary(CFG, CFG.vocabulary_images) == (CFG.tables, CFG.word_bits)
+    tables, bits = vocabulary(CFG, 10**8)  # 1e8 / 1e5 = 2^9.97: ten more bits, ~19 tables
+    assert bits == CFG.word_bits + 10 and 16 <= tables <= 24
+    assert vocabulary(CFG, 10**7)[1] < bits and vocabulary(CFG.model_copy(update={"vocabulary_images": 0}), 10**8) == (
+        CFG.tables,
+        CFG.word_bits,
+    )
+    assert vocabulary(CFG, 10**12)[1] == 40  # the word id keeps its table index above bit 40
 
 
 def test_alignment_round_trip():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import struct
 
 import numpy as np
@@ -82,6 +83,22 @@ def extract_features(img, cfg) -> Features:
     box = content_box(gray)
     content = (0, 0, *size) if box is None else tuple(min(size[i % 2], round(v * scale)) for i, v in enumerate(box))
     return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size, thumb, content)
+
+
+FLIP_RATE = 0.08  # share of descriptor bits an edit flips (ORB on the hard set's copies)
+
+
+def vocabulary(cfg, n_images: int) -> tuple[int, int]:
+    """(tables, word_bits) for a collection of ``n_images``. A word's expected occupancy is
+    n_images x n_features / 2^word_bits: past ``cfg.vocabulary_images`` each doubling of the
+    collection adds a bit (or every word becomes a stop-word), and tables grow so that a copy's
+    descriptor still shares a word in at least one table as often as at the configured size."""
+    if not cfg.vocabulary_images or n_images <= cfg.vocabulary_images:
+        return cfg.tables, cfg.word_bits
+    bits = min(40, cfg.word_bits + math.ceil(math.log2(n_images / cfg.vocabulary_images)))
+    hit = lambda b: (1 - FLIP_RATE) ** b  # noqa: E731  (a descriptor keeps one table's word)
+    tables = math.ceil(cfg.tables * math.log1p(-hit(cfg.word_bits)) / math.log1p(-hit(bits)))
+    return min(64, tables), bits
 
 
 @functools.lru_cache(maxsize=8)

@@ -19,21 +19,32 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.elements import Edge, Neighbour
-from transforms.local_features import EMBEDDER, Alignment, Features, Verdict, align, confirm, verify, words
+from transforms.local_features import (
+    EMBEDDER,
+    Alignment,
+    Features,
+    Verdict,
+    align,
+    confirm,
+    verify,
+    vocabulary,
+    words,
+)
 
 log = logging.getLogger(__name__)
 
 
-def keep_mask(feat: Features, cfg, stop: np.ndarray) -> np.ndarray:
-    """Descriptors to match: those with at most half of their words stop-words (stop: sorted ids)."""
+def keep_mask(feat: Features, voc: tuple[int, int], stop: np.ndarray) -> np.ndarray:
+    """Descriptors to match: those with at most half of their words stop-words (stop: sorted ids;
+    voc: ``vocabulary()``'s tables and word bits)."""
     if len(stop) == 0 or len(feat.desc) == 0:
         return np.ones(len(feat.desc), bool)
-    stopped = np.isin(words(feat.desc, cfg.tables, cfg.word_bits), stop, assume_unique=False)
-    return stopped.sum(axis=1) * 2 <= cfg.tables
+    stopped = np.isin(words(feat.desc, *voc), stop, assume_unique=False)
+    return stopped.sum(axis=1) * 2 <= voc[0]
 
 
-def postings(feat: Features, cfg) -> np.ndarray:
-    return np.unique(words(feat.desc, cfg.tables, cfg.word_bits))
+def postings(feat: Features, voc: tuple[int, int]) -> np.ndarray:
+    return np.unique(words(feat.desc, *voc))
 
 
 def partition_votes(items: list[tuple[str, np.ndarray]], max_df: int) -> tuple[dict, np.ndarray]:
@@ -86,10 +97,11 @@ def cap_candidates(pairs: list[tuple[str, str, int]], k: int) -> set[tuple[str, 
 
 def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> list[Edge]:
     """In memory (tests, scripts/eval_copies.py): the same algorithm as ``FindOrbCopies``."""
-    pairs, stop = candidate_pairs({k: postings(f, cfg) for k, f in feats.items()}, cfg)
+    voc = vocabulary(cfg, len(feats))
+    pairs, stop = candidate_pairs({k: postings(f, voc) for k, f in feats.items()}, cfg)
     kept = cap_candidates(pairs, cfg.max_candidates)
     pairs = [p for p in pairs if (p[0], p[1]) in kept]
-    masks = {k: keep_mask(f, cfg, stop) for k, f in feats.items()}
+    masks = {k: keep_mask(f, voc, stop) for k, f in feats.items()}
     edges = []
     for a, b, _ in pairs:
         if skip and a in skip and b in skip:
@@ -103,10 +115,10 @@ def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> 
 # ---- Beam ----
 
 
-def _postings(item, cfg) -> Iterator:
+def _postings(item, cfg, n_images: int) -> Iterator:
     """(key, features) -> (partition, (key, its words in that partition)): one element per partition."""
     key, data = item
-    w = postings(Features.from_bytes(data), cfg)
+    w = postings(Features.from_bytes(data), vocabulary(cfg, n_images))
     part = w % cfg.word_partitions
     for p in np.unique(part).tolist():
         yield p, (key, w[part == p])
@@ -150,19 +162,19 @@ def _one(grouped, tag: str):
     return got[0] if got else None
 
 
-def _ship_matchable(item, cfg, stop: list) -> Iterator:
+def _ship_matchable(item, cfg, stop: list, n_images: int) -> Iterator:
     """At key a (the smaller key of its pairs): its matchable record once per partner b -> (b, (a, record))."""
     key, grouped = item
     data, partners = _one(grouped, "feat"), sorted(set(grouped["partner"]))
     if data is None or not partners:
         return
     feat = Features.from_bytes(data)
-    record = matchable(feat, keep_mask(feat, cfg, _stop_array(stop))).to_bytes()
+    record = matchable(feat, keep_mask(feat, vocabulary(cfg, n_images), _stop_array(stop))).to_bytes()
     for other in partners:
         yield other, (key, record)
 
 
-def _align_at_b(item, cfg, stop: list) -> Iterator:
+def _align_at_b(item, cfg, stop: list, n_images: int) -> Iterator:
     """At key b: align every partner's matchable record with b's features; the pairs that pass the
     geometric checks go back to a with b's thumbnail -> (a, (b, alignment, b's photo record))."""
     key, grouped = item
@@ -170,7 +182,7 @@ def _align_at_b(item, cfg, stop: list) -> Iterator:
     if data is None or not records:
         return
     fb = Features.from_bytes(data)
-    fb = matchable(fb, keep_mask(fb, cfg, _stop_array(stop)))
+    fb = matchable(fb, keep_mask(fb, vocabulary(cfg, n_images), _stop_array(stop)))
     photo = None
     for other, record in records:
         al = align(Features.from_bytes(record), fb, cfg)
@@ -217,7 +229,13 @@ class FindOrbCopies(beam.PTransform):
         from transforms.outputs import multi_output
 
         cfg = self.cfg
-        by_part = feats | "Postings" >> beam.FlatMap(_postings, cfg=cfg) | "ByWordPartition" >> beam.GroupByKey()
+        # the vocabulary grows with the collection (local_features.vocabulary): one count, a scalar side input
+        n_images = beam.pvalue.AsSingleton(feats | "CountImages" >> beam.combiners.Count.Globally())
+        by_part = (
+            feats
+            | "Postings" >> beam.FlatMap(_postings, cfg=cfg, n_images=n_images)
+            | "ByWordPartition" >> beam.GroupByKey()
+        )
         split = multi_output(by_part, "WordPairs", _partition_pairs, ["stop"], "pairs", max_df=cfg.max_df)
         stop = beam.pvalue.AsList(split["stop"])
         candidates = (
@@ -238,9 +256,9 @@ class FindOrbCopies(beam.PTransform):
         # for the few pairs that align, b's thumbnail) is shipped: memory O(pairs x ~18 KB)
         partners = capped | "ToSmallerKey" >> beam.Map(lambda kv: (kv[0][0], kv[0][1]))
         at_a = {"feat": feats, "partner": partners} | "JoinPartners" >> beam.CoGroupByKey()
-        shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable, cfg=cfg, stop=stop)
+        shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable, cfg=cfg, stop=stop, n_images=n_images)
         at_b = {"feat": feats, "matchable": shipped} | "JoinMatchable" >> beam.CoGroupByKey()
-        aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg, stop=stop)
+        aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg, stop=stop, n_images=n_images)
         back = {"feat": feats, "aligned": aligned} | "JoinAligned" >> beam.CoGroupByKey()
         edges = back | "Confirm" >> beam.FlatMap(_confirm_at_a, cfg=cfg)
         neighbours = (
