@@ -11,7 +11,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.config import ClusterConfig, ConfigError, OrbConfig, SscdConfig, parse_config
-from schemas.elements import Sample
+from schemas.elements import Edge, Sample
 from transforms.decode import DecodeError, decode_image
 from transforms.local_features import Alignment, Features, align, extract_features, verify, vocabulary, words
 from transforms.orb_stage import FindOrbCopies, find_orb_pairs
@@ -183,6 +183,18 @@ def test_orb_on_pipeline():
             equal_to([("k1", "k2"), ("k2", "k1")]),
             label="nn",
         )
+
+
+@pytest.mark.parametrize("hash_matched,linked", [([("k1", "k2")], []), ([("k1", "k9")], [("k1", "k2")])])
+def test_only_unmatched_skips_pairs_the_hash_matched(hash_matched, linked):
+    """only_unmatched: a pair is verified only when the hash left one of its images unmatched."""
+    img = _photo(11)
+    feats = [("k1", _feat(img).to_bytes()), ("k2", _feat(img.rotate(5, Image.BICUBIC)).to_bytes())]
+    cfg = CFG.model_copy(update={"only_unmatched": True})
+    with TestPipeline(runner="DirectRunner") as p:
+        hashed = p | "Hash" >> beam.Create([Edge(a, b, 1.0, "phash") for a, b in hash_matched])
+        out = p | beam.Create(feats) | FindOrbCopies(cfg, hashed)
+        assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to(linked))
 
 
 def test_sscd_config_needs_weights():

@@ -170,8 +170,9 @@ def _ship_matchable(item, cfg, stop: list, n_images: int) -> Iterator:
         return
     feat = Features.from_bytes(data)
     record = matchable(feat, keep_mask(feat, vocabulary(cfg, n_images), _stop_array(stop))).to_bytes()
+    matched = bool(list(grouped.get("matched", ())))
     for other in partners:
-        yield other, (key, record)
+        yield other, (key, record, matched)
 
 
 def _align_at_b(item, cfg, stop: list, n_images: int) -> Iterator:
@@ -184,7 +185,11 @@ def _align_at_b(item, cfg, stop: list, n_images: int) -> Iterator:
     fb = Features.from_bytes(data)
     fb = matchable(fb, keep_mask(fb, vocabulary(cfg, n_images), _stop_array(stop)))
     photo = None
-    for other, record in records:
+    matched = bool(list(grouped.get("matched", ())))
+    for other, record, other_matched in records:
+        if matched and other_matched:  # only_unmatched: the hash already matched both ends
+            beam.metrics.Metrics.counter(EMBEDDER, "skipped_hash_matched").inc()
+            continue
         al = align(Features.from_bytes(record), fb, cfg)
         if isinstance(al, Verdict):
             beam.metrics.Metrics.counter(EMBEDDER, "rejected").inc()
@@ -221,9 +226,12 @@ class FindOrbCopies(beam.PTransform):
     """(key, feature bytes) -> {"edges": Edge, "neighbours": Neighbour} of verified local-feature
     copies. Features come from ProcessShards (computed with the decode, cached per shard)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, hash_edges=None):
+        """hash_edges: the hash stage's Edges; with ``cfg.only_unmatched`` a candidate pair is
+        verified only when the hash left at least one of its images unmatched."""
         super().__init__()
         self.cfg = cfg
+        self.hash_edges = hash_edges if cfg.only_unmatched else None
 
     def expand(self, feats):
         from transforms.outputs import multi_output
@@ -255,9 +263,17 @@ class FindOrbCopies(beam.PTransform):
         # features travel once per image to each join; per pair only a's matchable record (and,
         # for the few pairs that align, b's thumbnail) is shipped: memory O(pairs x ~18 KB)
         partners = capped | "ToSmallerKey" >> beam.Map(lambda kv: (kv[0][0], kv[0][1]))
-        at_a = {"feat": feats, "partner": partners} | "JoinPartners" >> beam.CoGroupByKey()
+        matched = {}
+        if self.hash_edges is not None:
+            matched["matched"] = (
+                self.hash_edges
+                | "HashMatchedKeys" >> beam.FlatMap(lambda e: [e.key_a, e.key_b])
+                | "OnceEach" >> beam.Distinct()
+                | "KeyMatched" >> beam.Map(lambda k: (k, True))
+            )
+        at_a = {"feat": feats, "partner": partners, **matched} | "JoinPartners" >> beam.CoGroupByKey()
         shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable, cfg=cfg, stop=stop, n_images=n_images)
-        at_b = {"feat": feats, "matchable": shipped} | "JoinMatchable" >> beam.CoGroupByKey()
+        at_b = {"feat": feats, "matchable": shipped, **matched} | "JoinMatchable" >> beam.CoGroupByKey()
         aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg, stop=stop, n_images=n_images)
         back = {"feat": feats, "aligned": aligned} | "JoinAligned" >> beam.CoGroupByKey()
         edges = back | "Confirm" >> beam.FlatMap(_confirm_at_a, cfg=cfg)
