@@ -119,7 +119,7 @@ def test_real_burst_shots_stay_apart(flickr_shards):
 
 def test_vocabulary_grows_with_the_collection():
     assert vocabulary(CFG, 2_000) == vocabulary(CFG, CFG.vocabulary_images) == (CFG.tables, CFG.word_bits)
-    tables, bits = vocabulary(CFG, 10**8)  # 1e8 / 1e5 = 2^9.97: ten more bits, ~19 tables
+    tables, bits = vocabulary(CFG, 10**8)  # 1e8 / 1e5 = 2^9.97: ten more bits, ~20 tables
     assert bits == CFG.word_bits + 10 and 16 <= tables <= 24
     assert vocabulary(CFG, 10**7)[1] < bits and vocabulary(CFG.model_copy(update={"vocabulary_images": 0}), 10**8) == (
         CFG.tables,
