@@ -117,7 +117,7 @@ class OrbConfig(Section):
     word_partitions: int = Field(default=64, ge=1)  # shuffle partitions of the word space (raise at scale)
     min_votes: int = Field(default=8, ge=1)  # shared words that make a candidate pair
     max_candidates: int = Field(default=32, ge=1)  # candidates verified per image (most votes first)
-    only_unmatched: bool = False  # verify a pair only when the hash matched neither or one of its images
+    only_unmatched: bool = False  # skip candidate pairs whose two images both have a hash match (cost lever)
     ratio: float = Field(default=0.8, gt=0, le=1)  # Lowe's ratio test
     ransac_px: float = Field(default=6.0, gt=0)  # RANSAC reprojection threshold (working pixels)
     min_inliers: int = Field(default=10, ge=4)  # RANSAC affine inliers a copy needs

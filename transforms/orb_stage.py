@@ -100,7 +100,8 @@ def cap_candidates(pairs: list[tuple[str, str, int]], k: int) -> set[tuple[str, 
 
 
 def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> list[Edge]:
-    """In memory (tests, scripts/eval_copies.py): the same algorithm as ``FindOrbCopies``."""
+    """In memory (tests, scripts/eval_copies.py): the same algorithm as ``FindOrbCopies``; a pair
+    with both keys in ``skip`` (the hash-matched keys, ``only_unmatched``) is not verified."""
     voc = vocabulary(cfg, len(feats))
     pairs, stop = candidate_pairs({k: postings(f, voc) for k, f in feats.items()}, cfg)
     kept = cap_candidates(pairs, cfg.max_candidates)
