@@ -175,9 +175,8 @@ def _ship_matchable(item, cfg, stop: list, n_images: int) -> Iterator:
         return
     feat = Features.from_bytes(data)
     record = matchable(feat, keep_mask(feat, vocabulary(cfg, n_images), _stop_array(stop))).to_bytes()
-    matched = bool(list(grouped.get("matched", ())))
     for other in partners:
-        yield other, (key, record, matched)
+        yield other, (key, record)
 
 
 def _align_at_b(item, cfg, stop: list, n_images: int) -> Iterator:
@@ -190,17 +189,53 @@ def _align_at_b(item, cfg, stop: list, n_images: int) -> Iterator:
     fb = Features.from_bytes(data)
     fb = matchable(fb, keep_mask(fb, vocabulary(cfg, n_images), _stop_array(stop)))
     photo = None
-    matched = bool(list(grouped.get("matched", ())))
-    for other, record, other_matched in records:
-        if matched and other_matched:  # only_unmatched: the hash already matched both ends
-            beam.metrics.Metrics.counter(EMBEDDER, "skipped_hash_matched").inc()
-            continue
+    for other, record in records:
         al = align(Features.from_bytes(record), fb, cfg)
         if isinstance(al, Verdict):
             beam.metrics.Metrics.counter(EMBEDDER, "rejected").inc()
             continue
         photo = photo or photo_record(Features.from_bytes(data))
         yield other, (key, al.to_bytes(), photo)
+
+
+def _tag_hash_matched(item) -> Iterator:
+    """At key a: its pairs (a, b) -> (b, (a, whether the hash matched a))."""
+    key, grouped = item
+    matched = bool(list(grouped["matched"]))
+    for other in grouped["pair"]:
+        yield other, (key, matched)
+
+
+def _unless_both_hash_matched(item) -> Iterator:
+    """At key b: the pairs (a, b) whose a or b the hash left unmatched, as (a, b)."""
+    key, grouped = item
+    matched = bool(list(grouped["matched"]))
+    for other, other_matched in grouped["pair"]:
+        if matched and other_matched:
+            beam.metrics.Metrics.counter(EMBEDDER, "skipped_hash_matched").inc()
+        else:
+            yield other, key
+
+
+class DropHashMatched(beam.PTransform):
+    """Pairs (a, b) -> those with a or b outside the hash stage's edges (two joins with the
+    matched keys, a few bytes per pair, before any feature record is shipped)."""
+
+    def __init__(self, hash_edges):
+        super().__init__()
+        self.hash_edges = hash_edges
+
+    def expand(self, pairs):
+        matched = (
+            self.hash_edges
+            | "HashMatchedKeys" >> beam.FlatMap(lambda e: [e.key_a, e.key_b])
+            | "OnceEach" >> beam.Distinct()
+            | "KeyMatched" >> beam.Map(lambda k: (k, True))
+        )
+        tagged = {"pair": pairs, "matched": matched} | "AtFirstKey" >> beam.CoGroupByKey()
+        second = tagged | "TagFirst" >> beam.FlatMap(_tag_hash_matched)
+        at_second = {"pair": second, "matched": matched} | "AtSecondKey" >> beam.CoGroupByKey()
+        return at_second | "UnlessBothMatched" >> beam.FlatMap(_unless_both_hash_matched)
 
 
 def _confirm_at_a(item, cfg) -> Iterator:
@@ -268,17 +303,11 @@ class FindOrbCopies(beam.PTransform):
         # features travel once per image to each join; per pair only a's matchable record (and,
         # for the few pairs that align, b's thumbnail) is shipped: memory O(pairs x ~18 KB)
         partners = capped | "ToSmallerKey" >> beam.Map(lambda kv: (kv[0][0], kv[0][1]))
-        matched = {}
         if self.hash_edges is not None:
-            matched["matched"] = (
-                self.hash_edges
-                | "HashMatchedKeys" >> beam.FlatMap(lambda e: [e.key_a, e.key_b])
-                | "OnceEach" >> beam.Distinct()
-                | "KeyMatched" >> beam.Map(lambda k: (k, True))
-            )
-        at_a = {"feat": feats, "partner": partners, **matched} | "JoinPartners" >> beam.CoGroupByKey()
+            partners = partners | "DropHashMatched" >> DropHashMatched(self.hash_edges)
+        at_a = {"feat": feats, "partner": partners} | "JoinPartners" >> beam.CoGroupByKey()
         shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable, cfg=cfg, stop=stop, n_images=n_images)
-        at_b = {"feat": feats, "matchable": shipped, **matched} | "JoinMatchable" >> beam.CoGroupByKey()
+        at_b = {"feat": feats, "matchable": shipped} | "JoinMatchable" >> beam.CoGroupByKey()
         aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg, stop=stop, n_images=n_images)
         back = {"feat": feats, "aligned": aligned} | "JoinAligned" >> beam.CoGroupByKey()
         edges = back | "Confirm" >> beam.FlatMap(_confirm_at_a, cfg=cfg)
