@@ -185,6 +185,21 @@ def test_orb_on_pipeline():
         )
 
 
+def test_beam_stage_equals_in_memory_with_stop_words():
+    """Four photos in one meme template plus copies, max_df 2: the template's words are
+    stop-words, which reach verification keyed per image (not a side input); same edges."""
+    imgs = {f"m{i}": _meme(_photo(20 + i)) for i in range(4)}
+    imgs["c0"] = _crop(_photo(20), (60, 40, 420, 330))
+    imgs["c1"] = _photo(21).rotate(4, Image.BICUBIC)
+    feats = {k: _feat(v) for k, v in imgs.items()}
+    cfg = CFG.model_copy(update={"max_df": 2})
+    expected = sorted((e.key_a, e.key_b) for e in find_orb_pairs(feats, cfg))
+    assert ("c0", "m0") in expected and ("c1", "m1") in expected
+    with TestPipeline(runner="DirectRunner") as p:
+        out = p | beam.Create([(k, f.to_bytes()) for k, f in feats.items()]) | FindOrbCopies(cfg)
+        assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to(expected))
+
+
 @pytest.mark.parametrize("hash_matched,linked", [([("k1", "k2")], []), ([("k1", "k9")], [("k1", "k2")])])
 def test_only_unmatched_skips_pairs_the_hash_matched(hash_matched, linked):
     """only_unmatched: a pair is verified only when the hash left one of its images unmatched."""

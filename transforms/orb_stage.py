@@ -130,23 +130,24 @@ def _postings(item, cfg, n_images: int) -> Iterator:
 
 
 def _partition_pairs(item, max_df: int) -> Iterator:
+    """One word partition -> votes ((key a, key b), 1 per shared word) and, tagged "stop", each
+    key's stop-words there (key, word ids): keyed, so no step holds the collection's stop-words."""
     _, items = item
-    votes, stop = partition_votes(list(items), max_df)
+    items = list(items)
+    votes, stop = partition_votes(items, max_df)
     beam.metrics.Metrics.counter(EMBEDDER, "stop_words").inc(len(stop))
     if len(stop):
-        yield beam.pvalue.TaggedOutput("stop", stop)
+        for key, w in items:
+            mine = w[np.isin(w, stop)]
+            if len(mine):
+                yield beam.pvalue.TaggedOutput("stop", (key, mine))
     yield from votes.items()
 
 
-_STOP_CACHE: dict[int, np.ndarray] = {}
-
-
-def _stop_array(stop: list) -> np.ndarray:
-    """The side input's stop-word arrays as one sorted array, built once per worker."""
-    if id(stop) not in _STOP_CACHE:
-        _STOP_CACHE.clear()
-        _STOP_CACHE[id(stop)] = np.unique(np.concatenate(stop)) if stop else np.zeros(0, np.int64)
-    return _STOP_CACHE[id(stop)]
+def _stops(grouped) -> np.ndarray:
+    """One key's stop-words from all word partitions, sorted."""
+    got = list(grouped["stop"])
+    return np.sort(np.concatenate(got)) if got else np.zeros(0, np.int64)
 
 
 def matchable(feat: Features, keep: np.ndarray) -> Features:
@@ -167,19 +168,19 @@ def _one(grouped, tag: str):
     return got[0] if got else None
 
 
-def _ship_matchable(item, cfg, stop: list, n_images: int) -> Iterator:
+def _ship_matchable(item, cfg, n_images: int) -> Iterator:
     """At key a (the smaller key of its pairs): its matchable record once per partner b -> (b, (a, record))."""
     key, grouped = item
     data, partners = _one(grouped, "feat"), sorted(set(grouped["partner"]))
     if data is None or not partners:
         return
     feat = Features.from_bytes(data)
-    record = matchable(feat, keep_mask(feat, vocabulary(cfg, n_images), _stop_array(stop))).to_bytes()
+    record = matchable(feat, keep_mask(feat, vocabulary(cfg, n_images), _stops(grouped))).to_bytes()
     for other in partners:
         yield other, (key, record)
 
 
-def _align_at_b(item, cfg, stop: list, n_images: int) -> Iterator:
+def _align_at_b(item, cfg, n_images: int) -> Iterator:
     """At key b: align every partner's matchable record with b's features; the pairs that pass the
     geometric checks go back to a with b's thumbnail -> (a, (b, alignment, b's photo record))."""
     key, grouped = item
@@ -187,7 +188,7 @@ def _align_at_b(item, cfg, stop: list, n_images: int) -> Iterator:
     if data is None or not records:
         return
     fb = Features.from_bytes(data)
-    fb = matchable(fb, keep_mask(fb, vocabulary(cfg, n_images), _stop_array(stop)))
+    fb = matchable(fb, keep_mask(fb, vocabulary(cfg, n_images), _stops(grouped)))
     photo = None
     for other, record in records:
         al = align(Features.from_bytes(record), fb, cfg)
@@ -285,7 +286,7 @@ class FindOrbCopies(beam.PTransform):
             | "ByWordPartition" >> beam.GroupByKey()
         )
         split = multi_output(by_part, "WordPairs", _partition_pairs, ["stop"], "pairs", max_df=cfg.max_df)
-        stop = beam.pvalue.AsList(split["stop"])
+        stop = split["stop"]  # (key, its stop-words in one partition)
         candidates = (
             split["pairs"]
             | "Votes" >> beam.CombinePerKey(sum)
@@ -305,10 +306,10 @@ class FindOrbCopies(beam.PTransform):
         partners = capped | "ToSmallerKey" >> beam.Map(lambda kv: (kv[0][0], kv[0][1]))
         if self.hash_edges is not None:
             partners = partners | "DropHashMatched" >> DropHashMatched(self.hash_edges)
-        at_a = {"feat": feats, "partner": partners} | "JoinPartners" >> beam.CoGroupByKey()
-        shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable, cfg=cfg, stop=stop, n_images=n_images)
-        at_b = {"feat": feats, "matchable": shipped} | "JoinMatchable" >> beam.CoGroupByKey()
-        aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg, stop=stop, n_images=n_images)
+        at_a = {"feat": feats, "partner": partners, "stop": stop} | "JoinPartners" >> beam.CoGroupByKey()
+        shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable, cfg=cfg, n_images=n_images)
+        at_b = {"feat": feats, "matchable": shipped, "stop": stop} | "JoinMatchable" >> beam.CoGroupByKey()
+        aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg, n_images=n_images)
         back = {"feat": feats, "aligned": aligned} | "JoinAligned" >> beam.CoGroupByKey()
         edges = back | "Confirm" >> beam.FlatMap(_confirm_at_a, cfg=cfg)
         neighbours = (
