@@ -4,7 +4,7 @@ Partitioning (no step gathers all descriptors): features are computed where samp
 decoded (``transforms.process_shards``, cached with the shard); each image's words are shuffled
 by word partition (``word_partitions`` ranges of the word space, one element per image and
 partition); in each partition every word's posting list (at most ``max_df`` keys, or it is a
-stop-word and only its id is kept) votes for key pairs, and votes are summed per pair; each
+stop-word and only its id is kept) votes for key pairs, sent per first key and summed there; each
 image keeps its ``max_candidates`` best pairs. Verification takes three keyed joins with the
 feature records, so no element ever holds two full records: at the smaller key its matchable
 record (kept descriptors and keypoints) goes to the other key, which aligns the pair; the pairs
@@ -130,8 +130,9 @@ def _postings(item, cfg, n_images: int) -> Iterator:
 
 
 def _partition_pairs(item, max_df: int) -> Iterator:
-    """One word partition -> votes ((key a, key b), 1 per shared word) and, tagged "stop", each
-    key's stop-words there (key, word ids): keyed, so no step holds the collection's stop-words."""
+    """One word partition -> its votes, one element per first key (key a, ([key b], [votes])), and,
+    tagged "stop", each key's stop-words there (key, word ids): keyed, so no step holds the
+    collection's stop-words."""
     _, items = item
     items = list(items)
     votes, stop = partition_votes(items, max_df)
@@ -141,7 +142,24 @@ def _partition_pairs(item, max_df: int) -> Iterator:
             mine = w[np.isin(w, stop)]
             if len(mine):
                 yield beam.pvalue.TaggedOutput("stop", (key, mine))
-    yield from votes.items()
+    by_first: dict[str, tuple[list, list]] = {}
+    for (a, b), n in votes.items():  # a < b: one element per key, not one per pair and partition
+        others, counts = by_first.setdefault(a, ([], []))
+        others.append(b)
+        counts.append(n)
+    yield from by_first.items()
+
+
+def _sum_votes(item, min_votes: int) -> Iterator:
+    """At key a: its votes from every word partition -> ((a, b), votes) for the pairs with ``min_votes``."""
+    key, parts = item
+    total: dict[str, int] = {}
+    for others, counts in parts:
+        for other, n in zip(others, counts, strict=True):
+            total[other] = total.get(other, 0) + n
+    for other, v in sorted(total.items()):
+        if v >= min_votes:
+            yield (key, other), v
 
 
 def _stops(grouped) -> np.ndarray:
@@ -289,8 +307,8 @@ class FindOrbCopies(beam.PTransform):
         stop = split["stop"]  # (key, its stop-words in one partition)
         candidates = (
             split["pairs"]
-            | "Votes" >> beam.CombinePerKey(sum)
-            | "EnoughVotes" >> beam.Filter(lambda kv, n: kv[1] >= n, n=cfg.min_votes)
+            | "VotesByFirstKey" >> beam.GroupByKey()
+            | "SumVotes" >> beam.FlatMap(_sum_votes, min_votes=cfg.min_votes)
         )
         capped = (
             candidates
