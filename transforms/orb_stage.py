@@ -9,7 +9,7 @@ image keeps its ``max_candidates`` best pairs. Verification takes three keyed jo
 feature records, so no element ever holds two full records: at the smaller key its matchable
 record (kept descriptors and keypoints) goes to the other key, which aligns the pair; the pairs
 that align go back with the other's thumbnail and are confirmed photometrically. Per pair ~18 KB
-travel, not 2 x ~45 KB (the Flickr shards' peak RSS: 6.7 GB -> 2.3 GB, 1.26 GB without ORB).
+travel, not 2 x ~45 KB (the Flickr shards' peak RSS: 6.7 GB -> 2.4 GB, 1.26 GB without ORB).
 See docs/copy_detection.md for the cost at 1e8 images.
 """
 
