@@ -123,10 +123,11 @@ def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> 
 def _postings(item, cfg, n_images: int) -> Iterator:
     """(key, features) -> (partition, (key, its words in that partition)): one element per partition."""
     key, data = item
-    w = postings(Features.from_bytes(data), vocabulary(cfg, n_images))
+    voc = vocabulary(cfg, n_images)
+    w = postings(Features.from_bytes(data), voc)
     part = w % cfg.word_partitions
     for p in np.unique(part).tolist():
-        yield p, (key, w[part == p])
+        yield p, (key, w[part == p], voc)
 
 
 def _partition_pairs(item, max_df: int) -> Iterator:
@@ -135,13 +136,13 @@ def _partition_pairs(item, max_df: int) -> Iterator:
     collection's stop-words."""
     _, items = item
     items = list(items)
-    votes, stop = partition_votes(items, max_df)
+    votes, stop = partition_votes([(key, w) for key, w, _ in items], max_df)
     beam.metrics.Metrics.counter(EMBEDDER, "stop_words").inc(len(stop))
     if len(stop):
-        for key, w in items:
+        for key, w, voc in items:  # the vocabulary travels with them: the image count is read once
             mine = w[np.isin(w, stop)]
             if len(mine):
-                yield beam.pvalue.TaggedOutput("stop", (key, mine))
+                yield beam.pvalue.TaggedOutput("stop", (key, (voc, mine)))
     by_first: dict[str, tuple[list, list]] = {}
     for (a, b), n in votes.items():  # a < b: one element per key, not one per pair and partition
         others, counts = by_first.setdefault(a, ([], []))
@@ -162,10 +163,14 @@ def _sum_votes(item, min_votes: int) -> Iterator:
             yield (key, other), v
 
 
-def _stops(grouped) -> np.ndarray:
-    """One key's stop-words from all word partitions, sorted."""
+def _kept(feat: Features, grouped) -> Features:
+    """``feat``'s matchable record, without the descriptors that are mostly its stop-words (which
+    arrive from every word partition with the vocabulary they are words of)."""
     got = list(grouped["stop"])
-    return np.sort(np.concatenate(got)) if got else np.zeros(0, np.int64)
+    if not got:
+        return matchable(feat, np.ones(len(feat.desc), bool))
+    stop = np.sort(np.concatenate([ids for _, ids in got]))
+    return matchable(feat, keep_mask(feat, tuple(got[0][0]), stop))
 
 
 def matchable(feat: Features, keep: np.ndarray) -> Features:
@@ -186,27 +191,25 @@ def _one(grouped, tag: str):
     return got[0] if got else None
 
 
-def _ship_matchable(item, cfg, n_images: int) -> Iterator:
+def _ship_matchable(item) -> Iterator:
     """At key a (the smaller key of its pairs): its matchable record once per partner b -> (b, (a, record))."""
     key, grouped = item
     data, partners = _one(grouped, "feat"), sorted(set(grouped["partner"]))
     if data is None or not partners:
         return
-    feat = Features.from_bytes(data)
-    record = matchable(feat, keep_mask(feat, vocabulary(cfg, n_images), _stops(grouped))).to_bytes()
+    record = _kept(Features.from_bytes(data), grouped).to_bytes()
     for other in partners:
         yield other, (key, record)
 
 
-def _align_at_b(item, cfg, n_images: int) -> Iterator:
+def _align_at_b(item, cfg) -> Iterator:
     """At key b: align every partner's matchable record with b's features; the pairs that pass the
     geometric checks go back to a with b's thumbnail -> (a, (b, alignment, b's photo record))."""
     key, grouped = item
     data, records = _one(grouped, "feat"), sorted(grouped["matchable"])
     if data is None or not records:
         return
-    fb = Features.from_bytes(data)
-    fb = matchable(fb, keep_mask(fb, vocabulary(cfg, n_images), _stops(grouped)))
+    fb = _kept(Features.from_bytes(data), grouped)
     photo = None
     for other, record in records:
         al = align(Features.from_bytes(record), fb, cfg)
@@ -304,7 +307,7 @@ class FindOrbCopies(beam.PTransform):
             | "ByWordPartition" >> beam.GroupByKey()
         )
         split = multi_output(by_part, "WordPairs", _partition_pairs, ["stop"], "pairs", max_df=cfg.max_df)
-        stop = split["stop"]  # (key, its stop-words in one partition)
+        stop = split["stop"]  # (key, (vocabulary, its stop-words in one partition))
         candidates = (
             split["pairs"]
             | "VotesByFirstKey" >> beam.GroupByKey()
@@ -325,9 +328,9 @@ class FindOrbCopies(beam.PTransform):
         if self.hash_edges is not None:
             partners = partners | "DropHashMatched" >> DropHashMatched(self.hash_edges)
         at_a = {"feat": feats, "partner": partners, "stop": stop} | "JoinPartners" >> beam.CoGroupByKey()
-        shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable, cfg=cfg, n_images=n_images)
+        shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable)
         at_b = {"feat": feats, "matchable": shipped, "stop": stop} | "JoinMatchable" >> beam.CoGroupByKey()
-        aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg, n_images=n_images)
+        aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg)
         back = {"feat": feats, "aligned": aligned} | "JoinAligned" >> beam.CoGroupByKey()
         edges = back | "Confirm" >> beam.FlatMap(_confirm_at_a, cfg=cfg)
         neighbours = (
