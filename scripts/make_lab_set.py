@@ -41,6 +41,8 @@ SIDE = 96
 SAME_CAPTION = "a stock photo, royalty free image"
 OBJECT_KEYWORD, OBJECT = "heritage", "flag"
 MIN_STD, MAX_COS = 0.25, 0.75  # distinct crops: textured, and no two closer than this at 16x16
+MIN_HASH_BITS = 96  # ... nor this close to the copy detector (of 256 bits; copies are <= 64 apart)
+MAX_FLAT = 0.04  # ... and photo-like: half the hash's screenshot-template bound (TEMPLATE_FLAT 0.08)
 
 
 def _jpeg(img, quality: int = 90) -> bytes:
@@ -62,25 +64,54 @@ def _crop(bases: dict, names: list[str], rng: np.random.Generator):
     return Image.fromarray(np.ascontiguousarray(arr)).resize((SIDE, SIDE), Image.BICUBIC), name
 
 
+def hash_bits(img) -> np.ndarray:
+    """The copy detector's view of an image: memsieve's pHash rows, unpacked (rows, bits)."""
+    from transforms.phash import compute_hashes
+
+    return np.unpackbits(compute_hashes(img.convert("RGB")), axis=-1).astype(bool)
+
+
+def hash_distance(bits: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Bits between one image's hash rows and each pooled image's, as memsieve pairs them (a
+    query row of either against every row of the other; transforms/phash.py)."""
+    from transforms.phash import QUERY_ROWS
+
+    if not len(pool):
+        return np.zeros(0, dtype=int)
+    mine = (bits[list(QUERY_ROWS)][None, :, None] != pool[:, None]).sum(-1).min((1, 2))
+    theirs = (pool[:, list(QUERY_ROWS)][:, :, None] != bits[None, None]).sum(-1).min((1, 2))
+    return np.minimum(mine, theirs)
+
+
 def distinct_crops(n: int, bases: dict, names: list[str], rng: np.random.Generator, max_cos: float = MAX_COS):
-    """n crops that are all unrelated at the lab's training size (16x16): textured (pixel std) and
-    below max_cos centred pixel cosine to every earlier crop, so that the only near-copies in the
-    set are the planted ones and the replication threshold measures copying, not smooth skies."""
+    """n crops that are all unrelated, both at the lab's training size (16x16: textured, and below
+    max_cos centred pixel cosine to every earlier crop) and to the copy detector (pHash at least
+    MIN_HASH_BITS from every earlier crop: two crops of one region, channel-permuted, differ in
+    colour but not in luminance), and photo-like (under MAX_FLAT of flat windows: an upscaled
+    smooth crop looks like a screenshot template to the hash, whose content-box rows then differ
+    between an original and its recompressed copy). So the only copies in the set are the
+    planted ones, and the replication measure counts copying rather than two skies alike."""
     from PIL import Image
 
-    out, units = [], np.zeros((0, 16 * 16 * 3))
+    from transforms.phash import flat_share
+
+    out, units, hashes = [], np.zeros((0, 16 * 16 * 3)), np.zeros((0, 0, 0), dtype=bool)
     for _ in range(n * 200):
         if len(out) == n:
             return out
         img, name = _crop(bases, names, rng)
         x = np.asarray(img.resize((16, 16), Image.BICUBIC), dtype=np.float64).ravel() / 127.5
-        if x.std() < MIN_STD:
+        if x.std() < MIN_STD or flat_share(img.convert("L")) >= MAX_FLAT:
             continue
         u = (x - x.mean()) / np.linalg.norm(x - x.mean())
         if len(units) and float((units @ u).max()) >= max_cos:
             continue
+        bits = hash_bits(img)
+        if len(hashes) and int(hash_distance(bits, hashes).min()) < MIN_HASH_BITS:
+            continue
         out.append((img, name))
         units = np.vstack([units, u])
+        hashes = np.concatenate([hashes, bits[None]]) if len(hashes) else bits[None]
     raise RuntimeError(f"only {len(out)} of {n} distinct crops found")
 
 

@@ -1,6 +1,7 @@
 """The harder memorization lab (scripts/make_lab_set.py, scripts/mitigation_eval.py): fast checks."""
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -82,6 +83,13 @@ def test_distinct_images_are_unrelated_at_training_size(lab_set, samples):
     unit = centred_unit(np.stack([pixels(samples[k]["image"]) for k in originals]))
     sims = unit @ unit.T - 2 * np.eye(len(unit))
     assert sims.max() < MAX_COS + 0.05
+    from PIL import Image
+
+    from scripts.make_lab_set import MIN_HASH_BITS, hash_bits, hash_distance
+
+    # ... and to the copy detector (as decoded from the shards: a little under the maker's bound)
+    bits = np.stack([hash_bits(Image.open(io.BytesIO(samples[k]["image"]))) for k in originals])
+    assert min(hash_distance(b, np.delete(bits, i, 0)).min() for i, b in enumerate(bits)) > MIN_HASH_BITS - 16
 
 
 def test_negatives_are_in_domain_and_untrained(lab_set, samples):
@@ -100,18 +108,18 @@ def test_negatives_are_in_domain_and_untrained(lab_set, samples):
 
 
 def test_memsieve_finds_the_copies_exact_dedup_misses(lab_set, samples, tmp_path):
-    """memsieve (jobs/lab.yaml) keeps about one sample per planted image (two when a flip is
-    among the copies: the DCT hash does not match mirror images). Now and then a whole image's
-    cluster joins another image's (distinct crops of one texture): at most one such loss."""
-    from scripts.mitigation_eval import run_memsieve
+    """memsieve (jobs/lab.yaml) keeps exactly one sample per planted image: every copy, mirror
+    images included, joins its image's cluster, and no two distinct images share a cluster."""
+    from scripts.mitigation_eval import kept_per_image, run_memsieve
 
     truth = _truth(lab_set)
     result = run_memsieve(str(lab_set / "shards"), str(tmp_path / "run"))
-    kept = Counter(truth["keys"][k]["image_id"] for k in result["keep"])
-    big = [img for img, info in truth["images"].items() if info["count"] >= 8]
-    assert all(kept[img] <= 2 for img in big)
-    assert sum(kept[img] == 0 for img in big) <= 1
+    by_count = kept_per_image(result["keep"], truth)
+    assert {c: set(v) for c, v in by_count.items()} == {c: {1} for c in (1, 2, 4, 8, 16, 32)}
     assert result["alternatives"] and result["p"] == 0.1 and result["sigma"] == 0.1
+    from scripts.mitigation_eval import exact_dedup
+
+    assert set(kept_per_image(exact_dedup(samples), truth)[32]) != {1}  # exact dedup leaves copies
 
 
 def test_diversified_training_draws_follow_the_recipe():
@@ -154,20 +162,43 @@ def test_fit_keeps_the_batches_with_and_without_diversification():
     assert changed != plain
 
 
+def _gen(image, count, sim, nn, seed=0):
+    return {"image": image, "count": count, "seed": seed, "sim": sim, "nn": nn, "own": sim}
+
+
+def test_replication_rule_counts_own_image_copies_above_the_chance_level():
+    from scripts.mitigation_eval import BINS, rates, strict_threshold, threshold
+
+    held = [_gen("", 0, s, "img9") for s in np.linspace(0.1, 0.5, 101)]
+    assert strict_threshold({"A": {"generations": held}, "B": {"generations": []}}) == pytest.approx(0.496)
+    pairs = np.histogram(np.linspace(-0.5, 0.5, 1001), BINS)[0]  # unrelated-pair similarities
+    both = {"A": {"unrelated_hist": pairs.tolist()}, "B": {"unrelated_hist": (2 * pairs).tolist()}}
+    assert threshold(both) == pytest.approx(0.49, abs=0.006)
+    gens = held + [
+        _gen("a", 8, 0.9, "a"),  # a replication of its own image
+        _gen("a", 8, 0.9, "b", seed=1),  # close to another image: not its own
+        _gen("b", 8, 0.4, "b"),  # its own image but at the chance level
+        _gen("c", 32, 0.95, "c"),
+        _gen("d", 1, 0.2, "a"),
+    ]
+    r = rates(gens, 0.5)
+    assert r["own"] == {1: 0.0, 8: pytest.approx(1 / 3), 32: 1.0}
+    assert r["own_8plus"] == 0.5 and r["any_8plus"] == 0.75 and r["heldout_any"] == 0.0
+    # chance: each image credited with another's (a derangement), so no own hit survives
+    assert r["chance_8plus"] <= 0.25 and r["chance"][32] == 0.0
+
+
 def test_table_ends_with_the_acceptance_line():
     from scripts.mitigation_eval import table
 
-    r = {
-        "replication_by_count": {1: 0.0, 32: 0.5},
-        "own_image_by_count": {32: 0.5},
-        "replication_8plus": 0.4,
-        "heldout_loss": 0.2,
-    }
-    c = {**r, "replication_8plus": 0.05, "heldout_loss": 0.21}
-    results = json.loads(json.dumps({"A": r, "B": r, "C": c}))  # as read back from setting-*.json
-    out = table(results, 0.77, {"A": 10, "B": 9, "C": 5}).splitlines()
-    assert "0.500" in next(line for line in out if line.startswith("A "))
-    assert out[-1] == "replication A=0.4000 B=0.4000 C=0.0500 quality_C_over_A=1.0500"
+    held = [_gen("", 0, 0.3, "z")] * 10
+    a = {"generations": held + [_gen("x", 32, 0.9, "x"), _gen("y", 8, 0.9, "y")], "heldout_loss": 0.2}
+    b = {"generations": held + [_gen("x", 32, 0.9, "x"), _gen("y", 8, 0.2, "y")], "heldout_loss": 0.2}
+    c = {"generations": held + [_gen("x", 32, 0.9, "q"), _gen("y", 8, 0.2, "y")], "heldout_loss": 0.21}
+    results = json.loads(json.dumps({"A": a, "B": b, "C": c}))  # as read back from setting-*.json
+    out = table(results, {"A": 10, "B": 9, "C": 5}, tau=0.5, strict=0.95).splitlines()
+    assert "1.000" in next(line for line in out if line.startswith("A "))
+    assert out[-1] == "replication A=1.0000 B=0.5000 C=0.0000 quality_C_over_A=1.0500"
 
 
 @pytest.mark.slow
