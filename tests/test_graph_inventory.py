@@ -33,7 +33,7 @@ ALLOWED = {
     r"EmbedClip/NotPersisted": "one entry per shard",
     r"EmbedClip/Save": "one name per shard (identity + content digest)",
     r"CountWritten\b.*": "the final writer join: one count of written files",
-    r"FindOrbCopies/SumImages\b.*": "one count (the ORB vocabulary grows with it)",
+    r"FindOrbCopies/CountImages\b.*": "one count (the ORB vocabulary grows with it)",
     r"FindOrbCopies/Postings": "the image count, a scalar (stop-words join by key)",
 }
 

@@ -300,11 +300,7 @@ class FindOrbCopies(beam.PTransform):
 
         cfg = self.cfg
         # the vocabulary grows with the collection (local_features.vocabulary): one count, a scalar side input
-        # (without_defaults: no default-injecting side input of its own; an empty input counts 0)
-        counted = (
-            feats | "CountImages" >> beam.Map(lambda _: 1) | "SumImages" >> beam.CombineGlobally(sum).without_defaults()
-        )
-        n_images = beam.pvalue.AsSingleton(counted, default_value=0)
+        n_images = beam.pvalue.AsSingleton(feats | "CountImages" >> beam.combiners.Count.Globally())
         by_part = (
             feats
             | "Postings" >> beam.FlatMap(_postings, cfg=cfg, n_images=n_images)
