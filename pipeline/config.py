@@ -161,7 +161,7 @@ class ClusterConfig(Section):
     cell_groups: int = Field(default=64, ge=1)  # cells travel in this many groups (elements) through the shuffle
     # a row also joins its second-nearest cell when that centroid is within this cosine of the nearest
     second_cell_margin: float = Field(default=0.02, ge=0)
-    single_cell_below: int = Field(default=50_000, ge=0)  # up to this many rows: one cell, an exact search
+    single_cell_below: int = Field(default=20_000, ge=0)  # up to this many rows: one cell, an exact search
 
 
 class DedupConfig(Section):
