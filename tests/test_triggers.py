@@ -130,3 +130,30 @@ def test_near_duplicate_band_marks_the_same_keys_as_every_pair():
                 expected |= {ka, kb}
     got = [k for k, code in _near_dup_keys(("band", members))]
     assert len(got) == len(set(got)) and set(got) == expected and expected
+
+
+def test_cached_minhash_bands_match_datasketch_and_pruned_near_pairs_match_all_pairs():
+    import itertools
+    import random
+
+    from datasketch import MinHash
+
+    from transforms.captions import jaccard, minhash_bands
+    from transforms.keywords import normalize_caption
+    from transforms.triggers import _near_norms
+
+    rng = random.Random(3)
+    vocab = [f"w{i}" for i in range(12)]
+    captions = ["", "!!", "a", "A b a", "a b c d", "a b c d e"]
+    captions += [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))) for _ in range(200)]
+    for c in captions:  # datasketch itself, one MinHash per caption
+        mh = MinHash(num_perm=64, seed=1)
+        mh.update_batch([w.encode() for w in sorted(set(normalize_caption(c).split()))])
+        want = [f"{b}:" + ",".join(str(int(x)) for x in mh.hashvalues[b * 4 : (b + 1) * 4]) for b in range(16)]
+        assert minhash_bands(c) == want
+    for _ in range(30):
+        norms = sorted({normalize_caption(c) for c in rng.sample(captions, 25)})
+        sets = {n: frozenset(n.split()) for n in norms}
+        want = {n for a, b in itertools.combinations(norms, 2) if jaccard(sets[a], sets[b]) >= 0.8 for n in (a, b)}
+        assert _near_norms(norms) == want
+    assert _near_norms(["a b c d", "a b c d e"]) == {"a b c d", "a b c d e"}  # 4/5: exactly 0.8
