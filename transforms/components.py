@@ -169,7 +169,7 @@ class _BatchEdges(beam.DoFn):
             yield WindowedValue(kv, 0, [GlobalWindow()])
 
 
-def _unbatch(item: tuple[int, Lists]) -> Iterator[tuple[str, str]]:
+def root_pairs(item: tuple[int, Lists]) -> Iterator[tuple[str, str]]:
     _, (nodes, roots) = item
     yield from zip(nodes, roots, strict=True)
 
@@ -199,4 +199,4 @@ class Components(beam.PTransform):
         labels = (
             edges | "StarGroup" >> beam.GroupByKey() | "StarLabels" >> beam.FlatMap(star_labels, rounds=self.rounds)
         )
-        return labels if self.batched else labels | "Unbatch" >> beam.FlatMap(_unbatch)
+        return labels if self.batched else labels | "Unbatch" >> beam.FlatMap(root_pairs)

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
-from transforms.components import DEFAULT_ROUNDS, Components
-from transforms.key_batches import bucket_of, grouped, split_buckets
+from transforms.components import DEFAULT_ROUNDS, Components, root_pairs
+from transforms.key_batches import grouped, split_buckets
 
 EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
 
@@ -137,10 +137,10 @@ def _feature_lists(table, n: int, with_meta: bool) -> Iterator[tuple[int, list]]
 
 
 def _member(item) -> Iterator[tuple[str, SampleInfo]]:
-    """(bucket, {"root": [(key, root)], "features": lists}) -> (root, member) per clustered key;
+    """(bucket, {"root": [(keys, roots)], "features": lists}) -> (root, member) per clustered key;
     a key repeated across shards: its first shard's record."""
     _, joined = item
-    roots = dict(joined["root"])
+    roots = {k: r for keys, rts in joined["root"] for k, r in zip(keys, rts, strict=True)}
     if not roots:
         return
     found: dict[str, tuple] = {}
@@ -257,10 +257,11 @@ class FindDuplicates(beam.PTransform):
         edges = edges | "NoSelfEdges" >> beam.Filter(lambda e: e.key_a != e.key_b)
         if self.old_keys is not None and (isinstance(self.old_keys, beam.pvalue.PCollection) or self.old_keys):
             edges = edges | "OnlyNewPairs" >> _OnlyNewPairs(self.old_keys)
-        roots = edges | "Pairs" >> beam.Map(_pair) | "Components" >> Components(self.rounds)
+        root_lists = edges | "Pairs" >> beam.Map(_pair) | "Components" >> Components(self.rounds, n, batched=True)
+        roots = root_lists | "Roots" >> beam.FlatMap(root_pairs)
         with_meta = self.keeper.startswith("column:")
         members = {
-            "root": roots | "RootBuckets" >> beam.Map(lambda kv, n=n: (bucket_of(kv[0], n), kv)),
+            "root": root_lists,  # (bucket_of(key, n), (keys, roots)): already in the features' buckets
             "features": batches | "FeatureBuckets" >> beam.FlatMap(_feature_lists, n=n, with_meta=with_meta),
         } | "JoinComponents" >> beam.CoGroupByKey()
         cluster_edges = (
