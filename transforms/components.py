@@ -43,9 +43,9 @@ Lists = tuple[list[str], list[str]]  # (sources, destinations), one directed edg
 
 
 def _as_array(keys: list[str]) -> np.ndarray:
-    """Fixed-width unicode sorts by code point like ``str``; a key ending in NUL (which numpy's
-    fixed width would strip) falls back to objects, compared by Python."""
-    if not keys or any(k[-1:] == "\x00" for k in keys):
+    """Fixed-width unicode sorts by code point like ``str``; keys holding a NUL (numpy's fixed
+    width strips trailing ones) fall back to objects, compared by Python."""
+    if not keys or "\x00" in "".join(keys):
         return np.array(keys, dtype=object)
     return np.array(keys)
 
