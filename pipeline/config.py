@@ -111,9 +111,13 @@ class OrbConfig(Section):
     tables: int = Field(default=8, ge=1, le=64)  # visual-word hash tables per descriptor
     word_bits: int = Field(default=24, ge=8, le=40)  # sampled descriptor bits per word
     max_df: int = Field(default=15, ge=2)  # a word in more images is a stop-word
+    # word_bits and tables suit this many images; a larger collection gets a bit per doubling and
+    # more tables (transforms/local_features.vocabulary); 0 = fixed
+    vocabulary_images: int = Field(default=100_000, ge=0)
     word_partitions: int = Field(default=64, ge=1)  # shuffle partitions of the word space (raise at scale)
     min_votes: int = Field(default=8, ge=1)  # shared words that make a candidate pair
     max_candidates: int = Field(default=32, ge=1)  # candidates verified per image (most votes first)
+    only_unmatched: bool = False  # skip candidate pairs whose two images both have a hash match (cost lever)
     ratio: float = Field(default=0.8, gt=0, le=1)  # Lowe's ratio test
     ransac_px: float = Field(default=6.0, gt=0)  # RANSAC reprojection threshold (working pixels)
     min_inliers: int = Field(default=10, ge=4)  # RANSAC affine inliers a copy needs
@@ -121,6 +125,9 @@ class OrbConfig(Section):
     min_overlap: float = Field(default=0.75, gt=0, le=1)  # aligned overlap / the smaller frame
     min_agreement: float = Field(default=0.6, gt=0, le=1)  # textured photo cells that agree once aligned
     min_cells: int = Field(default=8, ge=1)  # textured cells the agreement needs
+    # share of one image's textured content that lies inside the other's aligned frame (the larger
+    # of the two): a copy is part of its original or holds all of it; burst shots each show more
+    min_contained: float = Field(default=0.9, ge=0, le=1)
     min_coverage: float = Field(default=0.0, ge=0, le=1)  # textured 4x4 blocks of the inner image holding inliers (off)
 
 
@@ -154,7 +161,7 @@ class ClusterConfig(Section):
     cell_groups: int = Field(default=64, ge=1)  # cells travel in this many groups (elements) through the shuffle
     # a row also joins its second-nearest cell when that centroid is within this cosine of the nearest
     second_cell_margin: float = Field(default=0.02, ge=0)
-    single_cell_below: int = Field(default=50_000, ge=0)  # up to this many rows: one cell, an exact search
+    single_cell_below: int = Field(default=20_000, ge=0)  # up to this many rows: one cell, an exact search
 
 
 class DedupConfig(Section):

@@ -96,11 +96,11 @@ def add_clip(cfg, dec: dict, out_dir: str) -> dict:
     return {"edges": found["edges"], "neighbours": found["neighbours"], "failures": embed_failures}
 
 
-def add_copy_embedder(name: str, cfg, dec: dict) -> dict:
+def add_copy_embedder(name: str, cfg, dec: dict, hash_edges=None) -> dict:
     if name == "orb":
         from transforms.orb_stage import FindOrbCopies
 
-        return dec["orb"] | "FindOrbCopies" >> FindOrbCopies(cfg.dedup.orb)
+        return dec["orb"] | "FindOrbCopies" >> FindOrbCopies(cfg.dedup.orb, hash_edges)
     from transforms.embed_sscd import SscdCopies
 
     return dec["samples"] | "SscdCopies" >> SscdCopies(
@@ -126,10 +126,12 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
 
     edges = []
     neighbours = []
+    hash_edges = None
     if cfg.dedup.phash.enabled and "codes" in dec:
         from transforms.phash import FindPhashCopies
 
         found = dec["codes"] | "FindPhashCopies" >> FindPhashCopies(cfg.dedup.phash, seed=cfg.run.seed)
+        hash_edges = found["edges"]
         edges.append(found["edges"])
         neighbours.append(found["neighbours"])
     if cfg.dedup.clip.enabled and "samples" in dec:
@@ -139,7 +141,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
         dec["failures"] = (dec["failures"], clip["failures"]) | "WithEmbedFailures" >> beam.Flatten()
     for name in ("orb", "sscd"):  # copy embedders that need pixels: transforms/orb_stage.py, embed_sscd.py
         if getattr(cfg.dedup, name).enabled and dec.get("pixels"):
-            found = add_copy_embedder(name, cfg, dec)
+            found = add_copy_embedder(name, cfg, dec, hash_edges)
             edges.append(found["edges"])
             neighbours.append(found["neighbours"])
     for embedder, batches in sorted(dec.get("vectors", {}).items()):  # precomputed embeddings

@@ -150,8 +150,9 @@ def binary_pairs(keys, codes: np.ndarray, threshold: int) -> set:
     return {(keys[i], keys[j]) for i in range(len(keys)) for j in ids[lims[i] : lims[i + 1]] if i < j}
 
 
-def orb_pairs(keys, images, overrides: list[str]) -> set:
-    """memsieve's ORB stage (pipeline.config.OrbConfig defaults, KEY=VALUE overrides) in memory."""
+def orb_pairs(keys, images, overrides: list[str], hash_pairs: set = frozenset()) -> set:
+    """memsieve's ORB stage (pipeline.config.OrbConfig defaults, KEY=VALUE overrides) in memory;
+    with only_unmatched=true the pairs whose two images both have a hash pair are not verified."""
     import yaml
 
     from pipeline.config import OrbConfig
@@ -160,7 +161,8 @@ def orb_pairs(keys, images, overrides: list[str]) -> set:
 
     cfg = OrbConfig(**{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
     feats = {k: extract_features(im, cfg) for k, im in zip(keys, images, strict=True)}
-    return {tuple(sorted((e.key_a, e.key_b))) for e in find_orb_pairs(feats, cfg)}
+    skip = {k for p in hash_pairs for k in p} if cfg.only_unmatched else None
+    return {tuple(sorted((e.key_a, e.key_b))) for e in find_orb_pairs(feats, cfg, skip)}
 
 
 def run_pairs(run_dir: str) -> set:
@@ -203,7 +205,7 @@ def evaluate(name, keys, images, sources, transforms, args) -> None:
         found = ours_pairs(keys, codes, mh)
         report(label, found, source, copy_pairs, True, transform)
         if args.orb:
-            both = found | orb_pairs(keys, images, args.orb_set)
+            both = found | orb_pairs(keys, images, args.orb_set, found)
             report(f"memsieve phash {mh} + orb", both, source, copy_pairs, True, transform)
 
 

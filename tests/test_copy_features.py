@@ -11,9 +11,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.config import ClusterConfig, ConfigError, OrbConfig, SscdConfig, parse_config
-from schemas.elements import Sample
+from schemas.elements import Edge, Sample
 from transforms.decode import DecodeError, decode_image
-from transforms.local_features import Features, extract_features, verify, words
+from transforms.local_features import Alignment, Features, align, extract_features, verify, vocabulary, words
 from transforms.orb_stage import FindOrbCopies, find_orb_pairs
 
 CFG = OrbConfig(enabled=True)
@@ -86,6 +86,56 @@ def test_burst_shots_and_template_mates_do_not_verify():
     assert not verify(_feat(_photo(6)), _feat(_photo(7)), CFG).copy
 
 
+def test_wide_burst_shots_stay_apart_and_a_crop_of_the_same_size_links():
+    """Two shots panned across one scene overlapping 86% pass the overlap and photometric checks
+    (the same pixels); each shows a strip the other lacks, so neither lies inside the other."""
+    img = _photo(3, (640, 360))
+    left, right = _feat(img.crop((0, 0, 560, 360))), _feat(img.crop((80, 0, 640, 360)))
+    v = verify(left, right, CFG)
+    assert v.overlap >= CFG.min_overlap and v.agreement >= CFG.min_agreement  # only containment tells
+    assert not v.copy and v.contained < CFG.min_contained, v
+    crop = verify(_feat(img), right, CFG)  # the same shot against the whole scene: a crop
+    assert crop.copy and crop.contained >= 0.97, crop
+
+
+def test_real_burst_shots_stay_apart(flickr_shards):
+    """Flickr 1295671216 / 1295698260: two shots of one crowd a moment apart (83% overlap,
+    agreement ~0.6), the one extra pair the demo job once linked on the Flickr shards."""
+    import glob
+    import tarfile
+
+    imgs = {}
+    for shard in sorted(glob.glob(flickr_shards)):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.name in ("00000192.jpg", "00001066.jpg"):
+                    imgs[m.name[:8]] = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+    a, b = _feat(imgs["00000192"]), _feat(imgs["00001066"])
+    v = verify(a, b, CFG)
+    assert not v.copy and v.contained < CFG.min_contained, v
+    w, h = imgs["00000192"].size
+    assert verify(a, _feat(imgs["00000192"].crop((w // 8, h // 10, w, h))), CFG).copy  # its crop still links
+
+
+def test_vocabulary_grows_with_the_collection():
+    assert vocabulary(CFG, 2_000) == vocabulary(CFG, CFG.vocabulary_images) == (CFG.tables, CFG.word_bits)
+    tables, bits = vocabulary(CFG, 10**8)  # 1e8 / 1e5 = 2^9.97: ten more bits, ~20 tables
+    assert bits == CFG.word_bits + 10 and 16 <= tables <= 24
+    assert vocabulary(CFG, 10**7)[1] < bits and vocabulary(CFG.model_copy(update={"vocabulary_images": 0}), 10**8) == (
+        CFG.tables,
+        CFG.word_bits,
+    )
+    assert vocabulary(CFG, 10**12)[1] == 40  # the word id keeps its table index above bit 40
+
+
+def test_alignment_round_trip():
+    img = _photo(2)
+    al = align(_feat(img), _feat(img.rotate(5, Image.BICUBIC)), CFG)
+    back = Alignment.from_bytes(al.to_bytes())
+    assert np.allclose(back.m, al.m) and np.array_equal(back.src, al.src) and np.array_equal(back.dst, al.dst)
+    assert back.overlap == al.overlap and len(al.src) >= CFG.min_inliers
+
+
 def test_dark_photos_under_one_caption_do_not_verify():
     """Two dark photos under the same meme caption match on its letters (hundreds of inliers, the
     photos' few textured cells outvoted): the photometric check leaves out the inliers' cells."""
@@ -115,6 +165,8 @@ def test_orb_on_pipeline():
         _sample("k1", _photo(11)),
         _sample("k2", _photo(11).rotate(5, Image.BICUBIC)),
         _sample("k3", _photo(12)),
+        _sample("k4", _photo(14, (640, 360)).crop((0, 0, 560, 360))),  # two wide burst shots: apart
+        _sample("k5", _photo(14, (640, 360)).crop((80, 0, 640, 360))),
         _sample("bad", _photo(13), ext="png"),
     ]
     feats = []
@@ -131,6 +183,33 @@ def test_orb_on_pipeline():
             equal_to([("k1", "k2"), ("k2", "k1")]),
             label="nn",
         )
+
+
+def test_beam_stage_equals_in_memory_with_stop_words():
+    """Four photos in one meme template plus copies, max_df 2: the template's words are
+    stop-words, which reach verification keyed per image (not a side input); same edges."""
+    imgs = {f"m{i}": _meme(_photo(20 + i)) for i in range(4)}
+    imgs["c0"] = _crop(_photo(20), (60, 40, 420, 330))
+    imgs["c1"] = _photo(21).rotate(4, Image.BICUBIC)
+    feats = {k: _feat(v) for k, v in imgs.items()}
+    cfg = CFG.model_copy(update={"max_df": 2})
+    expected = sorted((e.key_a, e.key_b) for e in find_orb_pairs(feats, cfg))
+    assert ("c0", "m0") in expected and ("c1", "m1") in expected
+    with TestPipeline(runner="DirectRunner") as p:
+        out = p | beam.Create([(k, f.to_bytes()) for k, f in feats.items()]) | FindOrbCopies(cfg)
+        assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to(expected))
+
+
+@pytest.mark.parametrize("hash_matched,linked", [([("k1", "k2")], []), ([("k1", "k9")], [("k1", "k2")])])
+def test_only_unmatched_skips_pairs_the_hash_matched(hash_matched, linked):
+    """only_unmatched: a pair is verified only when the hash left one of its images unmatched."""
+    img = _photo(11)
+    feats = [("k1", _feat(img).to_bytes()), ("k2", _feat(img.rotate(5, Image.BICUBIC)).to_bytes())]
+    cfg = CFG.model_copy(update={"only_unmatched": True})
+    with TestPipeline(runner="DirectRunner") as p:
+        hashed = p | "Hash" >> beam.Create([Edge(a, b, 1.0, "phash") for a, b in hash_matched])
+        out = p | beam.Create(feats) | FindOrbCopies(cfg, hashed)
+        assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to(linked))
 
 
 def test_sscd_config_needs_weights():

@@ -33,7 +33,8 @@ ALLOWED = {
     r"EmbedClip/NotPersisted": "one entry per shard",
     r"EmbedClip/Save": "one name per shard (identity + content digest)",
     r"CountWritten\b.*": "the final writer join: one count of written files",
-    r"FindOrbCopies/Attach": "ORB stop-word ids: <= min(tables x 2^word_bits, postings / max_df)",
+    r"FindOrbCopies/CountImages\b.*": "one count (the ORB vocabulary grows with it)",
+    r"FindOrbCopies/Postings": "the image count, a scalar (stop-words join by key)",
 }
 
 

@@ -246,11 +246,13 @@ def _flickr_truth(shard_dir: str) -> dict[str, str]:
     return flickr_file
 
 
-def test_flickr_compressed_dups_precision_recall(flickr_shards, tmp_path):
-    """Acceptance 1: each compressed_dup clusters with its original, and nothing else merges."""
+@pytest.mark.parametrize("orb", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["hash", "hash+orb"])
+def test_flickr_compressed_dups_precision_recall(flickr_shards, tmp_path, orb):
+    """Acceptance 1: each compressed_dup clusters with its original, and nothing else merges;
+    with the ORB stage too (two burst shots of one crowd, 00000192 / 00001066, stay apart)."""
     out = tmp_path / "out"
     raw = {"name": "t", "input": {"path": flickr_shards}, "output": {"dir": str(out), "report": False}}
-    run_job(parse_config({**raw, "triggers": {"enabled": False}}))
+    run_job(parse_config({**raw, "triggers": {"enabled": False}, "dedup": {"orb": {"enabled": orb}}}))
     rows = read_table(str(out / "manifest")).to_pylist()
     flickr_file = _flickr_truth(os.path.dirname(flickr_shards))
     by_cluster, by_file = {}, {}

@@ -163,7 +163,7 @@ class CellSearch(beam.PTransform):
         c = cluster_cfg
         self.cap = c.sample_size or SAMPLE_CAP
         self.settings = {
-            "single_cell_below": getattr(c, "single_cell_below", 50_000),
+            "single_cell_below": getattr(c, "single_cell_below", 20_000),
             "requested_cells": c.n_cells,
             "sample_size": c.sample_size,
             "margin": getattr(c, "second_cell_margin", 0.02),

@@ -81,7 +81,7 @@ def make_plan(
     n: int,
     sample: np.ndarray,
     *,
-    single_cell_below: int = 50_000,
+    single_cell_below: int = 20_000,
     requested_cells: int = 0,
     sample_size: int = 0,
     margin: float = 0.02,

@@ -14,14 +14,17 @@ a small grayscale thumbnail for the photometric check. Then:
 3. **Verification** (``verify``): descriptors matched with Lowe's ratio test (stop-word
    descriptors left out), a RANSAC affine fit; a pair is a copy when the fit has ``min_inliers``
    inliers, the aligned frames overlap by ``min_overlap`` of the smaller one (two burst shots of
-   one scene overlap less), and the aligned thumbnails agree in ``min_agreement`` of the textured
-   cells they share (two photos in one meme or screenshot template agree only on the template).
+   one scene overlap less), the aligned thumbnails agree in ``min_agreement`` of the textured
+   cells they share (two photos in one meme or screenshot template agree only on the template),
+   and one image's textured content lies inside the other's frame (``min_contained``: a copy is a
+   part of its original or holds all of it; two shots of one scene each show what the other lacks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import struct
 
 import numpy as np
@@ -80,6 +83,22 @@ def extract_features(img, cfg) -> Features:
     box = content_box(gray)
     content = (0, 0, *size) if box is None else tuple(min(size[i % 2], round(v * scale)) for i, v in enumerate(box))
     return Features(xy, np.ascontiguousarray(desc, dtype=np.uint8), size, thumb, content)
+
+
+FLIP_RATE = 0.08  # share of descriptor bits an edit flips (ORB on the hard set's copies)
+
+
+def vocabulary(cfg, n_images: int) -> tuple[int, int]:
+    """(tables, word_bits) for a collection of ``n_images``. A word's expected occupancy is
+    n_images x n_features / 2^word_bits: past ``cfg.vocabulary_images`` each doubling of the
+    collection adds a bit (or every word becomes a stop-word), and tables grow so that a copy's
+    descriptor still shares a word in at least one table as often as at the configured size."""
+    if not cfg.vocabulary_images or n_images <= cfg.vocabulary_images:
+        return cfg.tables, cfg.word_bits
+    bits = min(40, cfg.word_bits + math.ceil(math.log2(n_images / cfg.vocabulary_images)))
+    hit = lambda b: (1 - FLIP_RATE) ** b  # noqa: E731  (a descriptor keeps one table's word)
+    tables = math.ceil(cfg.tables * math.log1p(-hit(cfg.word_bits)) / math.log1p(-hit(bits)))
+    return min(64, tables), bits
 
 
 @functools.lru_cache(maxsize=8)
@@ -204,6 +223,38 @@ def _coverage(f: Features, xy: np.ndarray, grid: int = 4) -> float:
     return float((hit & textured).sum()) / max(1, int(textured.sum()))
 
 
+def _content_cells(f: Features) -> np.ndarray:
+    """Centres (working frame) of f's textured thumbnail cells inside its content box."""
+    th, tw = f.thumb.shape
+    ny, nx = th // CELL, tw // CELL
+    std = f.thumb[: ny * CELL, : nx * CELL].astype(np.float32).reshape(ny, CELL, nx, CELL).std(axis=(1, 3))
+    yy, xx = np.nonzero(std >= 4.0)
+    s = f.size[0] / max(1, tw)
+    pts = np.c_[(xx + 0.5) * CELL * s, (yy + 0.5) * CELL * s]
+    x0, y0, x1, y1 = f.content if f.content[2] > 0 else (0, 0, *f.size)
+    return pts[(pts[:, 0] >= x0) & (pts[:, 0] < x1) & (pts[:, 1] >= y0) & (pts[:, 1] < y1)]
+
+
+def _share_inside(pts: np.ndarray, m: np.ndarray, size: tuple[int, int]) -> float:
+    if not len(pts):
+        return 0.0
+    q = pts @ m[:, :2].T + m[:, 2]
+    return float(((q[:, 0] >= 0) & (q[:, 0] < size[0]) & (q[:, 1] >= 0) & (q[:, 1] < size[1])).mean())
+
+
+def _contained(m: np.ndarray, a: Features, b: Features) -> float:
+    """The larger of: the share of b's textured content cells that m maps inside a's frame, and
+    of a's inside b's. A copy is part of its original (a crop) or holds all of it (a border, a
+    meme, a screenshot): one side's content lies in the other (>= 0.94 on the hard set). Two
+    shots of one scene each show some of it that the other lacks (a Flickr burst pair: 0.84)."""
+    import cv2
+
+    return max(
+        _share_inside(_content_cells(b), m, a.size),
+        _share_inside(_content_cells(a), cv2.invertAffineTransform(m), b.size),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     copy: bool
@@ -211,10 +262,35 @@ class Verdict:
     overlap: float
     agreement: float
     coverage: float = 0.0
+    contained: float = 0.0
 
 
-def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
-    """Geometric and photometric verification of one candidate pair."""
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+    """A candidate pair's RANSAC affine fit that passed the geometric checks: m maps b's frame to
+    a's; src / dst are the inliers in b's / a's frame."""
+
+    m: np.ndarray  # (2, 3) float64
+    src: np.ndarray  # (k, 2) float32
+    dst: np.ndarray  # (k, 2) float32
+    overlap: float
+
+    def to_bytes(self) -> bytes:
+        head = struct.pack("<I6dd", len(self.src), *self.m.ravel().tolist(), self.overlap)
+        return head + self.src.astype(np.float32).tobytes() + self.dst.astype(np.float32).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Alignment:
+        n, *rest = struct.unpack_from("<I6dd", data)
+        off = struct.calcsize("<I6dd")
+        src = np.frombuffer(data, np.float32, n * 2, off).reshape(n, 2)
+        dst = np.frombuffer(data, np.float32, n * 2, off + n * 8).reshape(n, 2)
+        return cls(np.array(rest[:6]).reshape(2, 3), src, dst, rest[6])
+
+
+def align(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Alignment | Verdict:
+    """The geometric half of ``verify`` (descriptors and keypoints only): an Alignment, or the
+    rejecting Verdict."""
     import cv2
 
     keep_a = np.ones(len(a.desc), bool) if keep_a is None else keep_a
@@ -233,15 +309,31 @@ def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
     overlap = _overlap(m, a, b)
     if overlap < cfg.min_overlap:
         return Verdict(False, inliers, overlap, 0.0)
+    inl = mask.ravel().astype(bool)
+    return Alignment(m, src[inl], dst[inl], overlap)
+
+
+def confirm(al: Alignment, a: Features, b: Features, cfg) -> Verdict:
+    """The photometric half of ``verify`` (thumbnails and content boxes only)."""
+    import cv2
+
+    m, src, dst = al.m, al.src, al.dst
     # agreement in the frame of the image the other lies inside: its thumbnail is the coarser one
     # there, so the finer one is only ever downsampled onto it (no blur mismatch)
     area_b_in_a = abs(np.linalg.det(m[:, :2])) * b.size[0] * b.size[1]
-    inl = mask.ravel().astype(bool)
     if area_b_in_a > a.size[0] * a.size[1]:
-        agreement, cells = _agreement(cv2.invertAffineTransform(m), b, a, src[inl], cfg.min_cells)
-        coverage = _coverage(a, dst[inl])  # a lies inside b: a's blocks must hold inliers
+        agreement, cells = _agreement(cv2.invertAffineTransform(m), b, a, src, cfg.min_cells)
+        coverage = _coverage(a, dst)  # a lies inside b: a's blocks must hold inliers
     else:
-        agreement, cells = _agreement(m, a, b, dst[inl], cfg.min_cells)
-        coverage = _coverage(b, src[inl])
+        agreement, cells = _agreement(m, a, b, dst, cfg.min_cells)
+        coverage = _coverage(b, src)
+    contained = _contained(m, a, b)
     ok = cells >= cfg.min_cells and agreement >= cfg.min_agreement and coverage >= cfg.min_coverage
-    return Verdict(ok, inliers, overlap, agreement, coverage)
+    ok = ok and contained >= cfg.min_contained
+    return Verdict(ok, len(src), al.overlap, agreement, coverage, contained)
+
+
+def verify(a: Features, b: Features, cfg, keep_a=None, keep_b=None) -> Verdict:
+    """Geometric and photometric verification of one candidate pair."""
+    al = align(a, b, cfg, keep_a, keep_b)
+    return al if isinstance(al, Verdict) else confirm(al, a, b, cfg)

@@ -4,8 +4,12 @@ Partitioning (no step gathers all descriptors): features are computed where samp
 decoded (``transforms.process_shards``, cached with the shard); each image's words are shuffled
 by word partition (``word_partitions`` ranges of the word space, one element per image and
 partition); in each partition every word's posting list (at most ``max_df`` keys, or it is a
-stop-word and only its id is kept) votes for key pairs, and votes are summed per pair; candidate
-pairs meet their two feature records through two keyed joins; each pair is verified on its own.
+stop-word and only its id is kept) votes for key pairs, sent per first key and summed there; each
+image keeps its ``max_candidates`` best pairs. Verification takes three keyed joins with the
+feature records, so no element ever holds two full records: at the smaller key its matchable
+record (kept descriptors and keypoints) goes to the other key, which aligns the pair; the pairs
+that align go back with the other's thumbnail and are confirmed photometrically. Per pair ~18 KB
+travel, not 2 x ~45 KB (the Flickr shards' peak RSS: 6.7 GB -> 2.4 GB, 1.26 GB without ORB).
 See docs/copy_detection.md for the cost at 1e8 images.
 """
 
@@ -19,21 +23,32 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.elements import Edge, Neighbour
-from transforms.local_features import EMBEDDER, Features, verify, words
+from transforms.local_features import (
+    EMBEDDER,
+    Alignment,
+    Features,
+    Verdict,
+    align,
+    confirm,
+    verify,
+    vocabulary,
+    words,
+)
 
 log = logging.getLogger(__name__)
 
 
-def keep_mask(feat: Features, cfg, stop: np.ndarray) -> np.ndarray:
-    """Descriptors to match: those with at most half of their words stop-words (stop: sorted ids)."""
+def keep_mask(feat: Features, voc: tuple[int, int], stop: np.ndarray) -> np.ndarray:
+    """Descriptors to match: those with at most half of their words stop-words (stop: sorted ids;
+    voc: ``vocabulary()``'s tables and word bits)."""
     if len(stop) == 0 or len(feat.desc) == 0:
         return np.ones(len(feat.desc), bool)
-    stopped = np.isin(words(feat.desc, cfg.tables, cfg.word_bits), stop, assume_unique=False)
-    return stopped.sum(axis=1) * 2 <= cfg.tables
+    stopped = np.isin(words(feat.desc, *voc), stop, assume_unique=False)
+    return stopped.sum(axis=1) * 2 <= voc[0]
 
 
-def postings(feat: Features, cfg) -> np.ndarray:
-    return np.unique(words(feat.desc, cfg.tables, cfg.word_bits))
+def postings(feat: Features, voc: tuple[int, int]) -> np.ndarray:
+    return np.unique(words(feat.desc, *voc))
 
 
 def partition_votes(items: list[tuple[str, np.ndarray]], max_df: int) -> tuple[dict, np.ndarray]:
@@ -85,11 +100,13 @@ def cap_candidates(pairs: list[tuple[str, str, int]], k: int) -> set[tuple[str, 
 
 
 def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> list[Edge]:
-    """In memory (tests, scripts/eval_copies.py): the same algorithm as ``FindOrbCopies``."""
-    pairs, stop = candidate_pairs({k: postings(f, cfg) for k, f in feats.items()}, cfg)
+    """In memory (tests, scripts/eval_copies.py): the same algorithm as ``FindOrbCopies``; a pair
+    with both keys in ``skip`` (the hash-matched keys, ``only_unmatched``) is not verified."""
+    voc = vocabulary(cfg, len(feats))
+    pairs, stop = candidate_pairs({k: postings(f, voc) for k, f in feats.items()}, cfg)
     kept = cap_candidates(pairs, cfg.max_candidates)
     pairs = [p for p in pairs if (p[0], p[1]) in kept]
-    masks = {k: keep_mask(f, cfg, stop) for k, f in feats.items()}
+    masks = {k: keep_mask(f, voc, stop) for k, f in feats.items()}
     edges = []
     for a, b, _ in pairs:
         if skip and a in skip and b in skip:
@@ -103,64 +120,158 @@ def find_orb_pairs(feats: dict[str, Features], cfg, skip: set | None = None) -> 
 # ---- Beam ----
 
 
-def _postings(item, cfg) -> Iterator:
+def _postings(item, cfg, n_images: int) -> Iterator:
     """(key, features) -> (partition, (key, its words in that partition)): one element per partition."""
     key, data = item
-    w = postings(Features.from_bytes(data), cfg)
+    voc = vocabulary(cfg, n_images)
+    w = postings(Features.from_bytes(data), voc)
     part = w % cfg.word_partitions
     for p in np.unique(part).tolist():
-        yield p, (key, w[part == p])
+        yield p, (key, w[part == p], voc)
 
 
 def _partition_pairs(item, max_df: int) -> Iterator:
+    """One word partition -> its votes, one element per first key (key a, ([key b], [votes])), and,
+    tagged "stop", each key's stop-words there (key, word ids): keyed, so no step holds the
+    collection's stop-words."""
     _, items = item
-    votes, stop = partition_votes(list(items), max_df)
+    items = list(items)
+    votes, stop = partition_votes([(key, w) for key, w, _ in items], max_df)
     beam.metrics.Metrics.counter(EMBEDDER, "stop_words").inc(len(stop))
     if len(stop):
-        yield beam.pvalue.TaggedOutput("stop", stop)
-    yield from votes.items()
+        for key, w, voc in items:  # the vocabulary travels with them: the image count is read once
+            mine = w[np.isin(w, stop)]
+            if len(mine):
+                yield beam.pvalue.TaggedOutput("stop", (key, (voc, mine)))
+    by_first: dict[str, tuple[list, list]] = {}
+    for (a, b), n in votes.items():  # a < b: one element per key, not one per pair and partition
+        others, counts = by_first.setdefault(a, ([], []))
+        others.append(b)
+        counts.append(n)
+    yield from by_first.items()
 
 
-def _route(item) -> Iterator:
-    (a, b), _ = item
-    yield a, (a, b)
-    yield b, (a, b)
+def _sum_votes(item, min_votes: int) -> Iterator:
+    """At key a: its votes from every word partition -> ((a, b), votes) for the pairs with ``min_votes``."""
+    key, parts = item
+    total: dict[str, int] = {}
+    for others, counts in parts:
+        for other, n in zip(others, counts, strict=True):
+            total[other] = total.get(other, 0) + n
+    for other, v in sorted(total.items()):
+        if v >= min_votes:
+            yield (key, other), v
 
 
-_STOP_CACHE: dict[int, np.ndarray] = {}
+def _kept(feat: Features, grouped) -> Features:
+    """``feat``'s matchable record, without the descriptors that are mostly its stop-words (which
+    arrive from every word partition with the vocabulary they are words of)."""
+    got = list(grouped["stop"])
+    if not got:
+        return matchable(feat, np.ones(len(feat.desc), bool))
+    stop = np.sort(np.concatenate([ids for _, ids in got]))
+    return matchable(feat, keep_mask(feat, tuple(got[0][0]), stop))
 
 
-def _stop_array(stop: list) -> np.ndarray:
-    """The side input's stop-word arrays as one sorted array, built once per worker."""
-    if id(stop) not in _STOP_CACHE:
-        _STOP_CACHE.clear()
-        _STOP_CACHE[id(stop)] = np.unique(np.concatenate(stop)) if stop else np.zeros(0, np.int64)
-    return _STOP_CACHE[id(stop)]
+def matchable(feat: Features, keep: np.ndarray) -> Features:
+    """What the other end of a pair needs to align with ``feat``: its kept keypoints and
+    descriptors, frame size and content box, no thumbnail (~18 KB instead of ~40 KB)."""
+    return Features(feat.xy[keep], feat.desc[keep], feat.size, np.zeros((0, 0), np.uint8), feat.content)
 
 
-def _attach(item, cfg, stop: list) -> Iterator:
-    """key -> its features and pairs: (pair, (key, features, keep mask)), the mask computed once."""
+def photo_record(feat: Features) -> bytes:
+    """What the photometric check needs of one end: frame size, thumbnail, content box."""
+    return Features(
+        np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), feat.size, feat.thumb, feat.content
+    ).to_bytes()
+
+
+def _one(grouped, tag: str):
+    got = list(grouped[tag])
+    return got[0] if got else None
+
+
+def _ship_matchable(item) -> Iterator:
+    """At key a (the smaller key of its pairs): its matchable record once per partner b -> (b, (a, record))."""
     key, grouped = item
-    feats, pairs = list(grouped["feat"]), list(grouped["pair"])
-    if not feats or not pairs:
+    data, partners = _one(grouped, "feat"), sorted(set(grouped["partner"]))
+    if data is None or not partners:
         return
-    mask = np.packbits(keep_mask(Features.from_bytes(feats[0]), cfg, _stop_array(stop))).tobytes()
-    for pair in pairs:
-        yield pair, (key, feats[0], mask)
+    record = _kept(Features.from_bytes(data), grouped).to_bytes()
+    for other in partners:
+        yield other, (key, record)
 
 
-def _verify(item, cfg) -> Iterator:
-    (a, b), parts = item
-    found = {k: (f, m) for k, f, m in parts}
-    if a not in found or b not in found:
+def _align_at_b(item, cfg) -> Iterator:
+    """At key b: align every partner's matchable record with b's features; the pairs that pass the
+    geometric checks go back to a with b's thumbnail -> (a, (b, alignment, b's photo record))."""
+    key, grouped = item
+    data, records = _one(grouped, "feat"), sorted(grouped["matchable"])
+    if data is None or not records:
         return
-    fa, fb = Features.from_bytes(found[a][0]), Features.from_bytes(found[b][0])
-    ma = np.unpackbits(np.frombuffer(found[a][1], np.uint8))[: len(fa.desc)].astype(bool)
-    mb = np.unpackbits(np.frombuffer(found[b][1], np.uint8))[: len(fb.desc)].astype(bool)
-    v = verify(fa, fb, cfg, ma, mb)
-    beam.metrics.Metrics.counter(EMBEDDER, "verified" if v.copy else "rejected").inc()
-    if v.copy:
-        yield Edge(a, b, round(v.agreement, 4), EMBEDDER)
+    fb = _kept(Features.from_bytes(data), grouped)
+    photo = None
+    for other, record in records:
+        al = align(Features.from_bytes(record), fb, cfg)
+        if isinstance(al, Verdict):
+            beam.metrics.Metrics.counter(EMBEDDER, "rejected").inc()
+            continue
+        photo = photo or photo_record(Features.from_bytes(data))
+        yield other, (key, al.to_bytes(), photo)
+
+
+def _tag_hash_matched(item) -> Iterator:
+    """At key a: its pairs (a, b) -> (b, (a, whether the hash matched a))."""
+    key, grouped = item
+    matched = bool(list(grouped["matched"]))
+    for other in grouped["pair"]:
+        yield other, (key, matched)
+
+
+def _unless_both_hash_matched(item) -> Iterator:
+    """At key b: the pairs (a, b) whose a or b the hash left unmatched, as (a, b)."""
+    key, grouped = item
+    matched = bool(list(grouped["matched"]))
+    for other, other_matched in grouped["pair"]:
+        if matched and other_matched:
+            beam.metrics.Metrics.counter(EMBEDDER, "skipped_hash_matched").inc()
+        else:
+            yield other, key
+
+
+class DropHashMatched(beam.PTransform):
+    """Pairs (a, b) -> those with a or b outside the hash stage's edges (two joins with the
+    matched keys, a few bytes per pair, before any feature record is shipped)."""
+
+    def __init__(self, hash_edges):
+        super().__init__()
+        self.hash_edges = hash_edges
+
+    def expand(self, pairs):
+        matched = (
+            self.hash_edges
+            | "HashMatchedKeys" >> beam.FlatMap(lambda e: [e.key_a, e.key_b])
+            | "OnceEach" >> beam.Distinct()
+            | "KeyMatched" >> beam.Map(lambda k: (k, True))
+        )
+        tagged = {"pair": pairs, "matched": matched} | "AtFirstKey" >> beam.CoGroupByKey()
+        second = tagged | "TagFirst" >> beam.FlatMap(_tag_hash_matched)
+        at_second = {"pair": second, "matched": matched} | "AtSecondKey" >> beam.CoGroupByKey()
+        return at_second | "UnlessBothMatched" >> beam.FlatMap(_unless_both_hash_matched)
+
+
+def _confirm_at_a(item, cfg) -> Iterator:
+    """At key a: the photometric check of each aligned pair with a's thumbnail -> Edge."""
+    key, grouped = item
+    data, aligned = _one(grouped, "feat"), sorted(grouped["aligned"])
+    if data is None:
+        return
+    fa = Features.from_bytes(data)
+    for other, al, photo in aligned:
+        v = confirm(Alignment.from_bytes(al), fa, Features.from_bytes(photo), cfg)
+        beam.metrics.Metrics.counter(EMBEDDER, "verified" if v.copy else "rejected").inc()
+        if v.copy:
+            yield Edge(key, other, round(v.agreement, 4), EMBEDDER)
 
 
 def _nearest(item) -> Neighbour:
@@ -177,21 +288,30 @@ class FindOrbCopies(beam.PTransform):
     """(key, feature bytes) -> {"edges": Edge, "neighbours": Neighbour} of verified local-feature
     copies. Features come from ProcessShards (computed with the decode, cached per shard)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, hash_edges=None):
+        """hash_edges: the hash stage's Edges; with ``cfg.only_unmatched`` a candidate pair is
+        verified only when the hash left at least one of its images unmatched."""
         super().__init__()
         self.cfg = cfg
+        self.hash_edges = hash_edges if cfg.only_unmatched else None
 
     def expand(self, feats):
         from transforms.outputs import multi_output
 
         cfg = self.cfg
-        by_part = feats | "Postings" >> beam.FlatMap(_postings, cfg=cfg) | "ByWordPartition" >> beam.GroupByKey()
+        # the vocabulary grows with the collection (local_features.vocabulary): one count, a scalar side input
+        n_images = beam.pvalue.AsSingleton(feats | "CountImages" >> beam.combiners.Count.Globally())
+        by_part = (
+            feats
+            | "Postings" >> beam.FlatMap(_postings, cfg=cfg, n_images=n_images)
+            | "ByWordPartition" >> beam.GroupByKey()
+        )
         split = multi_output(by_part, "WordPairs", _partition_pairs, ["stop"], "pairs", max_df=cfg.max_df)
-        stop = beam.pvalue.AsList(split["stop"])
+        stop = split["stop"]  # (key, (vocabulary, its stop-words in one partition))
         candidates = (
             split["pairs"]
-            | "Votes" >> beam.CombinePerKey(sum)
-            | "EnoughVotes" >> beam.Filter(lambda kv, n: kv[1] >= n, n=cfg.min_votes)
+            | "VotesByFirstKey" >> beam.GroupByKey()
+            | "SumVotes" >> beam.FlatMap(_sum_votes, min_votes=cfg.min_votes)
         )
         capped = (
             candidates
@@ -202,14 +322,17 @@ class FindOrbCopies(beam.PTransform):
             | "KeptPair" >> beam.Map(lambda pair: (pair, 1))
             | "OncePerPair" >> beam.CombinePerKey(sum)
         )
-        routed = capped | "Route" >> beam.FlatMap(_route)
-        joined = {"feat": feats, "pair": routed} | "JoinFeatures" >> beam.CoGroupByKey()
-        edges = (
-            joined
-            | "Attach" >> beam.FlatMap(_attach, cfg=cfg, stop=stop)
-            | "ByPair" >> beam.GroupByKey()
-            | "Verify" >> beam.FlatMap(_verify, cfg=cfg)
-        )
+        # features travel once per image to each join; per pair only a's matchable record (and,
+        # for the few pairs that align, b's thumbnail) is shipped: memory O(pairs x ~18 KB)
+        partners = capped | "ToSmallerKey" >> beam.Map(lambda kv: (kv[0][0], kv[0][1]))
+        if self.hash_edges is not None:
+            partners = partners | "DropHashMatched" >> DropHashMatched(self.hash_edges)
+        at_a = {"feat": feats, "partner": partners, "stop": stop} | "JoinPartners" >> beam.CoGroupByKey()
+        shipped = at_a | "ShipMatchable" >> beam.FlatMap(_ship_matchable)
+        at_b = {"feat": feats, "matchable": shipped, "stop": stop} | "JoinMatchable" >> beam.CoGroupByKey()
+        aligned = at_b | "Align" >> beam.FlatMap(_align_at_b, cfg=cfg)
+        back = {"feat": feats, "aligned": aligned} | "JoinAligned" >> beam.CoGroupByKey()
+        edges = back | "Confirm" >> beam.FlatMap(_confirm_at_a, cfg=cfg)
         neighbours = (
             edges
             | "BothEnds"
