@@ -9,7 +9,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
-from transforms.components import Components, large_star, small_star, star_label
+from transforms.components import Components, NotConverged, _BatchEdges, large_star, small_star, star_labels
 from transforms.dedup import FindDuplicates
 
 
@@ -29,21 +29,28 @@ def _scipy_labels(edges):
     return {k: first[lab] for k, lab in zip(keys, labels, strict=True)}
 
 
-def _run_rounds(edges, rounds):
-    """The same round functions as the Beam transform, run as plain Python."""
+def _run_rounds(edges, rounds, n=4):
+    """The same batched round functions as the Beam transform, run as plain Python (buckets
+    grouped by a dict; each list split in two to stand for lists from several batches)."""
 
-    def group(pairs):
+    def group(items):
         out = {}
-        for k, v in pairs:
-            out.setdefault(k, []).append(v)
-        return out.items()
+        for b, (src, dst) in items:
+            half = len(src) // 2
+            out.setdefault(b, []).extend([(src[:half], dst[:half]), (src[half:], dst[half:])])
+        return sorted(out.items())
 
+    batcher = _BatchEdges(n)
+    batcher.start_bundle()
+    lists = [kv for e in edges for kv in batcher.process(e)] + list(batcher._flush())
     for _ in range(rounds):
-        both = [p for a, b in edges for p in ((a, b), (b, a))]
-        large = [e for item in group(both) for e in large_star(item)]
-        edges = [e for item in group([(b, a) for a, b in large]) for e in small_star(item)]
-    both = [p for a, b in edges for p in ((a, b), (b, a))]
-    return dict(lab for item in group(both) for lab in star_label(item, rounds))
+        large = [kv for item in group(lists) for kv in large_star(item, n)]
+        lists = [kv for item in group(large) for kv in small_star(item, n)]
+    out = {}
+    for item in group(lists):
+        for _, (nodes, roots) in star_labels(item, rounds):
+            out.update(zip(nodes, roots, strict=True))
+    return out
 
 
 def _graph(seed: int, n: int, m: int):
@@ -74,7 +81,7 @@ def test_long_path_in_shuffled_key_order():
 def test_too_few_rounds_fail_loudly():
     names = [f"n{i:04d}" for i in range(200)]
     edges = list(zip(names, names[1:], strict=False))
-    with pytest.raises(RuntimeError, match="did not converge"):
+    with pytest.raises(NotConverged, match="did not converge in 1 rounds.*FindDuplicates\\(rounds="):
         _run_rounds(edges, 1)
 
 
@@ -82,7 +89,7 @@ def test_components_transform_on_pipeline():
     edges = _graph(7, 400, 300)
     truth = _scipy_labels(edges)
     with TestPipeline(runner="DirectRunner") as p:
-        out = p | beam.Create(edges) | Components(rounds=12)
+        out = p | beam.Create(edges) | Components(rounds=12, buckets=5)
         assert_that(out, equal_to(sorted(truth.items())))
 
 
@@ -131,3 +138,23 @@ def test_find_duplicates_incremental_join_drops_old_pairs():
         assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to([("n1", "o2")]))
         sizes = out["assignments"] | "Sizes" >> beam.Map(lambda a: (a.key, a.cluster_id, a.cluster_size))
         assert_that(sizes, equal_to([("n1", "n1", 2), ("o2", "n1", 2)]), label="sizes")  # o1: alone
+
+
+def test_rounds_order_keys_as_python_strings():
+    """Non-ASCII keys, prefixes and a key ending in NUL: the root is Python's smallest key."""
+    names = ["b", "a\x00", "a", "é", "Z", "ab", "日本", "a\x00x", "\U0001f600", "ba"]
+    edges = [tuple(sorted(p)) for p in zip(names, names[1:], strict=False)] + [("x1", "x2")]
+    labels = _run_rounds(edges, 8, n=3)
+    assert labels == _scipy_labels(edges)
+    assert set(labels.values()) == {min(names), "x1"}
+
+
+def test_components_batched_output_by_bucket():
+    from transforms.key_batches import bucket_of
+
+    edges = _graph(3, 200, 150)
+    truth = _scipy_labels(edges)
+    with TestPipeline(runner="DirectRunner") as p:
+        out = p | beam.Create(edges) | Components(rounds=12, buckets=3, batched=True)
+        flat = out | beam.FlatMap(lambda kv: [(bucket_of(k, 3) == kv[0], k, r) for k, r in zip(*kv[1], strict=True)])
+        assert_that(flat, equal_to([(True, k, r) for k, r in truth.items()]))

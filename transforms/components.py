@@ -1,18 +1,25 @@
-"""Connected components of a keyed edge list, distributed: large-star / small-star rounds.
+"""Connected components of a keyed edge list, distributed and batched: large-star / small-star.
 
 Kiveris et al., "Connected Components in MapReduce and Beyond" (SoCC 2014). Edges are (lo, hi)
-key pairs; every round is one GroupByKey by node, so no step holds more than one node's
-neighbours. Large-star links every larger neighbour of a node to the smallest key it sees;
+key pairs. Large-star links every larger neighbour of a node to the smallest key it sees;
 small-star links a node and its smaller neighbours to the smallest of them. Alternating, every
 component becomes a star around its smallest key in O(log n) rounds (a sorted path of 10,000
 nodes: 14 pairs of rounds; 1,000: 10; duplicate clusters, mostly stars already: 1-3).
+
+Edges do not travel one element each. Directed edges are cut into lists by a stable hash bucket
+of their source key (``transforms.key_batches.bucket_of``; ``buckets`` set by the graph from the
+input's size), and every step is one ``GroupByKey`` over buckets: a bucket holds every edge of
+each of its nodes, so the star operations run vectorised within it (keys factorised to sorted
+integer codes with ``np.unique``, pairs deduplicated and sorted, the smallest neighbour of each
+node the first of its run). A step emits one list pair per (input bucket, output bucket); no
+element holds more than one bucket's edges, and the first batching holds at most ``BATCH`` edges.
 
 The rounds are unrolled in the graph (``rounds`` pairs, 8 by default: a shuffled path of 1,000
 nodes converges in 8; the cell search emits breadth-first forests, so copies of one image arrive
 as a star). The last step groups once more and checks, node by node, that the result is a union
 of stars (each node either has only larger neighbours, or exactly one neighbour, smaller): a
 local test that holds everywhere only when the whole graph has converged. If it fails anywhere,
-the job fails loudly, naming the setting.
+the job fails loudly, naming the setting. Results depend on neither bucketing nor arrival order.
 """
 
 from __future__ import annotations
@@ -20,82 +27,176 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
+
+from transforms.key_batches import bucket_of
 
 DEFAULT_ROUNDS = 8
+BATCH = 50_000  # directed edges per list out of the first batching step
 
 
 class NotConverged(RuntimeError):
     pass
 
 
-def _both_ways(edge: tuple[str, str]) -> Iterator[tuple[str, str]]:
-    a, b = edge
-    yield a, b
-    yield b, a
+Lists = tuple[list[str], list[str]]  # (sources, destinations), one directed edge per position
 
 
-def _to_larger(edge: tuple[str, str]) -> tuple[str, str]:
-    return edge[1], edge[0]  # keyed by the larger end, value the smaller
+def _as_array(keys: list[str]) -> np.ndarray:
+    """Fixed-width unicode sorts by code point like ``str``; keys holding a NUL (numpy's fixed
+    width strips trailing ones) fall back to objects, compared by Python."""
+    if not keys or "\x00" in "".join(keys):
+        return np.array(keys, dtype=object)
+    return np.array(keys)
 
 
-def large_star(item: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
-    node, neighbours = item
-    ns = set(neighbours)
-    low = min(ns | {node})
-    for v in ns:
-        if v > node:
-            yield low, v
+def _factorize(lists: Iterable[Lists]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lists of directed edges -> (sorted unique keys, source codes, destination codes), the
+    (source, destination) code pairs deduplicated and sorted by source, then destination."""
+    src: list[str] = []
+    dst: list[str] = []
+    for s, d in lists:
+        src.extend(s)
+        dst.extend(d)
+    if not src:
+        empty = np.zeros(0, dtype=np.int64)
+        return np.array([], dtype=object), empty, empty
+    uniq, inv = np.unique(_as_array(src + dst), return_inverse=True)
+    inv = inv.reshape(-1).astype(np.int64)
+    k = len(uniq)
+    pairs = np.unique(inv[: len(src)] * k + inv[len(src) :])
+    return uniq, pairs // k, pairs % k
 
 
-def small_star(item: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
-    node, smaller = item
-    ns = set(smaller)
-    low = min(ns)
-    for v in ns:
-        if v != low:
-            yield low, v
-    yield low, node
+def _runs(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted codes -> (start index, length) of each run of equal values."""
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    return starts, np.diff(np.r_[starts, len(u)])
 
 
-def star_label(item: tuple[str, Iterable[str]], rounds: int) -> Iterator[tuple[str, str]]:
-    """-> (node, component id) when the node's neighbourhood is a converged star's."""
-    node, neighbours = item
-    ns = set(neighbours)
-    low = min(ns)
-    if low > node:
-        yield node, node
-    elif len(ns) == 1:
-        yield node, low
-    else:
+def _split(uniq: np.ndarray, src: np.ndarray, dst: np.ndarray, n: int) -> Iterator[tuple[int, Lists]]:
+    """Directed edges (codes into ``uniq``) -> (bucket of the source, (sources, destinations))."""
+    if not len(src):
+        return
+    used = np.unique(src)
+    bucket = np.full(len(uniq), -1, dtype=np.int64)
+    bucket[used] = [bucket_of(k, n) for k in uniq[used].tolist()]
+    b = bucket[src]
+    order = np.argsort(b, kind="stable")
+    cuts = np.flatnonzero(np.diff(b[order])) + 1
+    for part in np.split(order, cuts):
+        yield int(b[part[0]]), (uniq[src[part]].tolist(), uniq[dst[part]].tolist())
+
+
+def _both_ways(uniq: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> Iterator[tuple[int, Lists]]:
+    yield from _split(uniq, np.r_[lo, hi], np.r_[hi, lo], n)
+
+
+def large_star(item: tuple[int, Iterable[Lists]], n: int) -> Iterator[tuple[int, Lists]]:
+    """(bucket, lists of directed edges by source) -> edges (larger neighbour v -> smallest key
+    m of the source's closed neighbourhood), keyed by v's bucket for small-star."""
+    uniq, u, v = _factorize(item[1])
+    if not len(u):
+        return
+    starts, counts = _runs(u)
+    low = np.repeat(np.minimum(u[starts], v[starts]), counts)
+    keep = v > u
+    yield from _split(uniq, v[keep], low[keep], n)
+
+
+def small_star(item: tuple[int, Iterable[Lists]], n: int) -> Iterator[tuple[int, Lists]]:
+    """(bucket, lists of node -> a smaller neighbour) -> each node and its smaller neighbours
+    linked to the smallest of them, both ways, keyed by source bucket for the next step."""
+    uniq, u, w = _factorize(item[1])
+    if not len(u):
+        return
+    starts, counts = _runs(u)
+    low = np.repeat(w[starts], counts)
+    other = w != low
+    lo = np.r_[low[other], w[starts]]
+    hi = np.r_[w[other], u[starts]]
+    yield from _both_ways(uniq, lo, hi, n)
+
+
+def star_labels(item: tuple[int, Iterable[Lists]], rounds: int) -> Iterator[tuple[int, Lists]]:
+    """(bucket, lists of directed edges by source) -> (bucket, (nodes, component ids)) when every
+    node's neighbourhood is a converged star's; else ``NotConverged``."""
+    bucket, lists = item
+    uniq, u, v = _factorize(lists)
+    if not len(u):
+        return
+    starts, counts = _runs(u)
+    node, low = u[starts], v[starts]
+    bad = (low < node) & (counts > 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
         raise NotConverged(
-            f"connected components did not converge in {rounds} rounds (node {node!r} still has "
-            f"{len(ns)} neighbours); raise FindDuplicates(rounds=...)"
+            f"connected components did not converge in {rounds} rounds (node {uniq[node[i]]!r} still has "
+            f"{int(counts[i])} neighbours); raise FindDuplicates(rounds=...)"
         )
+    yield bucket, (uniq[node].tolist(), uniq[np.minimum(node, low)].tolist())
+
+
+class _BatchEdges(beam.DoFn):
+    """(lo, hi) pairs -> (bucket, (sources, destinations)) lists, both directions, per bundle."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def start_bundle(self):
+        self.buffer: dict[int, Lists] = {}
+        self.size = 0
+
+    def process(self, pair):
+        a, b = pair
+        for s, d in ((a, b), (b, a)):
+            src, dst = self.buffer.setdefault(bucket_of(s, self.n), ([], []))
+            src.append(s)
+            dst.append(d)
+        self.size += 2
+        if self.size >= BATCH:
+            yield from self._flush()
+
+    def _flush(self):
+        out, self.buffer, self.size = sorted(self.buffer.items()), {}, 0
+        yield from out
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for kv in self._flush():
+            yield WindowedValue(kv, 0, [GlobalWindow()])
+
+
+def root_pairs(item: tuple[int, Lists]) -> Iterator[tuple[str, str]]:
+    _, (nodes, roots) = item
+    yield from zip(nodes, roots, strict=True)
 
 
 class Components(beam.PTransform):
-    """PCollection[(key_a, key_b)] (key_a < key_b) -> PCollection[(key, smallest key of its component)]
-    for every key with an edge."""
+    """PCollection[(key_a, key_b)] (key_a < key_b) -> PCollection[(key, smallest key of its
+    component)] for every key with an edge; with ``batched``, (bucket_of(key, buckets), (keys,
+    roots)) lists instead, a bucket's keys in one or more lists."""
 
-    def __init__(self, rounds: int = DEFAULT_ROUNDS):
+    def __init__(self, rounds: int = DEFAULT_ROUNDS, buckets: int = 16, batched: bool = False):
         super().__init__()
         self.rounds = rounds
+        self.buckets = max(1, buckets)
+        self.batched = batched
 
     def expand(self, pairs):
-        edges = pairs
+        n = self.buckets
+        edges = pairs | "EdgeLists" >> beam.ParDo(_BatchEdges(n))
         for r in range(self.rounds):
             edges = (
                 edges
-                | f"LargeStarKeys{r}" >> beam.FlatMap(_both_ways)
                 | f"LargeStarGroup{r}" >> beam.GroupByKey()
-                | f"LargeStar{r}" >> beam.FlatMap(large_star)
-                | f"SmallStarKeys{r}" >> beam.Map(_to_larger)
+                | f"LargeStar{r}" >> beam.FlatMap(large_star, n=n)
                 | f"SmallStarGroup{r}" >> beam.GroupByKey()
-                | f"SmallStar{r}" >> beam.FlatMap(small_star)
+                | f"SmallStar{r}" >> beam.FlatMap(small_star, n=n)
             )
-        return (
-            edges
-            | "StarKeys" >> beam.FlatMap(_both_ways)
-            | "StarGroup" >> beam.GroupByKey()
-            | "StarLabels" >> beam.FlatMap(star_label, rounds=self.rounds)
+        labels = (
+            edges | "StarGroup" >> beam.GroupByKey() | "StarLabels" >> beam.FlatMap(star_labels, rounds=self.rounds)
         )
+        return labels if self.batched else labels | "Unbatch" >> beam.FlatMap(root_pairs)

@@ -4,8 +4,10 @@ Embedders only annotate (they emit ``Edge`` elements). This stage unions the edg
 them (exact bytes, exact pixels, perceptual hash, CLIP), so a chain a~b~c is one cluster
 (SemDeDup's greedy order lets such chains slip), and picks the keeper by the configured policy
 with deterministic tie-breaks. Nothing is gathered: components are large-star/small-star rounds
-over keyed edges (``transforms.components``), and each cluster's members and edges meet in one
-``CoGroupByKey`` on the cluster id, where the keeper is chosen.
+over per-bucket edge lists (``transforms.components``); the roots come out as lists per key-hash
+bucket, joined there with the members' ranking features and with the edges (lists per bucket of
+``key_a``); members and edges then travel as lists per hash bucket of their cluster id, where one
+``CoGroupByKey`` brings each cluster together and the keeper is chosen, cluster by cluster.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
-from transforms.components import DEFAULT_ROUNDS, Components
+from transforms.components import BATCH, DEFAULT_ROUNDS, Components
 from transforms.key_batches import bucket_of, grouped, split_buckets
 
 EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
@@ -136,11 +138,11 @@ def _feature_lists(table, n: int, with_meta: bool) -> Iterator[tuple[int, list]]
     yield from split_buckets(rows, n)
 
 
-def _member(item) -> Iterator[tuple[str, SampleInfo]]:
-    """(bucket, {"root": [(key, root)], "features": lists}) -> (root, member) per clustered key;
-    a key repeated across shards: its first shard's record."""
+def _member(item, n: int) -> Iterator[tuple[int, list]]:
+    """(bucket, {"root": [(keys, roots)], "features": lists}) -> (bucket of the root, [(root,
+    member)]) for the clustered keys; a key repeated across shards: its first shard's record."""
     _, joined = item
-    roots = dict(joined["root"])
+    roots = {k: r for keys, rts in joined["root"] for k, r in zip(keys, rts, strict=True)}
     if not roots:
         return
     found: dict[str, tuple] = {}
@@ -148,23 +150,55 @@ def _member(item) -> Iterator[tuple[str, SampleInfo]]:
         for key, f in pairs:
             if key in roots and (key not in found or f[0] < found[key][0]):
                 found[key] = f
-    for key, (shard, w, h, ow, oh, n_bytes, meta) in sorted(found.items()):
-        yield roots[key], SampleInfo(key, shard, "", "", "", "", w, h, meta, ow, oh, n_bytes)
+    members = (
+        (roots[key], SampleInfo(key, shard, "", "", "", "", w, h, meta, ow, oh, n_bytes))
+        for key, (shard, w, h, ow, oh, n_bytes, meta) in sorted(found.items())
+    )
+    yield from split_buckets(members, n)
 
 
-def _edge_to_cluster(item) -> Iterator[tuple[str, Edge]]:
-    _, grouped = item
-    roots = list(grouped["root"])
-    if roots:
-        for e in grouped["edge"]:
-            yield roots[0], e
+class _EdgeLists(beam.DoFn):
+    """Edges -> (bucket of key_a, [edges]) lists, buffered per bundle (at most BATCH a list)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def start_bundle(self):
+        self.buffer: dict[int, list] = {}
+        self.size = 0
+
+    def process(self, e: Edge):
+        self.buffer.setdefault(bucket_of(e.key_a, self.n), []).append(e)
+        self.size += 1
+        if self.size >= BATCH:
+            yield from self._flush()
+
+    def _flush(self):
+        out, self.buffer, self.size = sorted(self.buffer.items()), {}, 0
+        yield from out
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for kv in self._flush():
+            yield WindowedValue(kv, 0, [GlobalWindow()])
+
+
+def _edges_to_clusters(item, n: int) -> Iterator[tuple[int, list]]:
+    """(bucket, {"root": [(keys, roots)], "edge": [[edges]]}) -> (bucket of the root, [(root, edge)])."""
+    _, joined = item
+    roots = {k: r for keys, rts in joined["root"] for k, r in zip(keys, rts, strict=True)}
+    yield from split_buckets(((roots[e.key_a], e) for edges in joined["edge"] for e in edges), n)
 
 
 def _assign(item, policy: str) -> Iterator[ClusterAssignment]:
-    cluster_id, grouped = item
-    members = list(grouped["member"])
-    if members:
-        yield from assign_cluster(cluster_id, members, grouped["edge"], policy)
+    """(bucket, {"member": lists of (root, member), "edge": lists of (root, edge)}) -> every
+    member's assignment, cluster by cluster."""
+    _, joined = item
+    members, edges = grouped(joined["member"]), grouped(joined["edge"])
+    for cluster_id in sorted(members):
+        yield from assign_cluster(cluster_id, members[cluster_id], edges.get(cluster_id, ()), policy)
 
 
 def _tag_old_a(item) -> Iterator[tuple[str, tuple[Edge, bool]]]:
@@ -257,19 +291,19 @@ class FindDuplicates(beam.PTransform):
         edges = edges | "NoSelfEdges" >> beam.Filter(lambda e: e.key_a != e.key_b)
         if self.old_keys is not None and (isinstance(self.old_keys, beam.pvalue.PCollection) or self.old_keys):
             edges = edges | "OnlyNewPairs" >> _OnlyNewPairs(self.old_keys)
-        roots = edges | "Pairs" >> beam.Map(_pair) | "Components" >> Components(self.rounds)
+        root_lists = edges | "Pairs" >> beam.Map(_pair) | "Components" >> Components(self.rounds, n, batched=True)
         with_meta = self.keeper.startswith("column:")
         members = {
-            "root": roots | "RootBuckets" >> beam.Map(lambda kv, n=n: (bucket_of(kv[0], n), kv)),
+            "root": root_lists,  # (bucket_of(key, n), (keys, roots)): already in the features' buckets
             "features": batches | "FeatureBuckets" >> beam.FlatMap(_feature_lists, n=n, with_meta=with_meta),
         } | "JoinComponents" >> beam.CoGroupByKey()
         cluster_edges = (
-            {"edge": edges | "EdgesByA" >> beam.Map(lambda e: (e.key_a, e)), "root": roots}
+            {"edge": edges | "EdgeBuckets" >> beam.ParDo(_EdgeLists(n)), "root": root_lists}
             | "JoinEdgeRoots" >> beam.CoGroupByKey()
-            | "EdgeOfCluster" >> beam.FlatMap(_edge_to_cluster)
+            | "EdgeOfCluster" >> beam.FlatMap(_edges_to_clusters, n=n)
         )
         clustered = (
-            {"member": members | "MemberOf" >> beam.FlatMap(_member), "edge": cluster_edges}
+            {"member": members | "MemberOf" >> beam.FlatMap(_member, n=n), "edge": cluster_edges}
             | "GroupClusters" >> beam.CoGroupByKey()
             | "Assign" >> beam.FlatMap(_assign, policy=self.keeper)
         )
