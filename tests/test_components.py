@@ -9,7 +9,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
-from transforms.components import Components, NotConverged, _BatchEdges, large_star, small_star, star_labels
+from transforms.components import Components, NotConverged, edge_lists, large_star, small_star, star_labels
 from transforms.dedup import FindDuplicates
 
 
@@ -40,7 +40,7 @@ def _run_rounds(edges, rounds, n=4):
             out.setdefault(b, []).extend([(src[:half], dst[:half]), (src[half:], dst[half:])])
         return sorted(out.items())
 
-    batcher = _BatchEdges(n)
+    batcher = edge_lists(n)
     batcher.start_bundle()
     lists = [kv for e in edges for kv in batcher.process(e)] + list(batcher._flush())
     for _ in range(rounds):

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 import numpy as np
 
-from transforms.key_batches import bucket_of
+from transforms.key_batches import BufferedBuckets, bucket_of
 
 DEFAULT_ROUNDS = 8
 BATCH = 50_000  # directed edges per list out of the first batching step
@@ -137,36 +137,20 @@ def star_labels(item: tuple[int, Iterable[Lists]], rounds: int) -> Iterator[tupl
     yield bucket, (uniq[node].tolist(), uniq[np.minimum(node, low)].tolist())
 
 
-class _BatchEdges(beam.DoFn):
+def _directed(pair: tuple[str, str]) -> Iterator[tuple[str, tuple[str, str]]]:
+    """(lo, hi) -> both directions, each keyed by its source."""
+    a, b = pair
+    yield a, (a, b)
+    yield b, (b, a)
+
+
+def _as_lists(pairs: list[tuple[str, str]]) -> Lists:
+    return [s for s, _ in pairs], [d for _, d in pairs]
+
+
+def edge_lists(n: int) -> BufferedBuckets:
     """(lo, hi) pairs -> (bucket, (sources, destinations)) lists, both directions, per bundle."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def start_bundle(self):
-        self.buffer: dict[int, Lists] = {}
-        self.size = 0
-
-    def process(self, pair):
-        a, b = pair
-        for s, d in ((a, b), (b, a)):
-            src, dst = self.buffer.setdefault(bucket_of(s, self.n), ([], []))
-            src.append(s)
-            dst.append(d)
-        self.size += 2
-        if self.size >= BATCH:
-            yield from self._flush()
-
-    def _flush(self):
-        out, self.buffer, self.size = sorted(self.buffer.items()), {}, 0
-        yield from out
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        for kv in self._flush():
-            yield WindowedValue(kv, 0, [GlobalWindow()])
+    return BufferedBuckets(n, _directed, BATCH, pack=_as_lists)
 
 
 def root_pairs(item: tuple[int, Lists]) -> Iterator[tuple[str, str]]:
@@ -187,7 +171,7 @@ class Components(beam.PTransform):
 
     def expand(self, pairs):
         n = self.buckets
-        edges = pairs | "EdgeLists" >> beam.ParDo(_BatchEdges(n))
+        edges = pairs | "EdgeLists" >> beam.ParDo(edge_lists(n))
         for r in range(self.rounds):
             edges = (
                 edges

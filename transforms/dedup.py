@@ -20,7 +20,7 @@ import apache_beam as beam
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
 from transforms.components import BATCH, DEFAULT_ROUNDS, Components
-from transforms.key_batches import bucket_of, grouped, split_buckets
+from transforms.key_batches import BufferedBuckets, grouped, split_buckets
 
 EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
 
@@ -157,32 +157,8 @@ def _member(item, n: int) -> Iterator[tuple[int, list]]:
     yield from split_buckets(members, n)
 
 
-class _EdgeLists(beam.DoFn):
-    """Edges -> (bucket of key_a, [edges]) lists, buffered per bundle (at most BATCH a list)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def start_bundle(self):
-        self.buffer: dict[int, list] = {}
-        self.size = 0
-
-    def process(self, e: Edge):
-        self.buffer.setdefault(bucket_of(e.key_a, self.n), []).append(e)
-        self.size += 1
-        if self.size >= BATCH:
-            yield from self._flush()
-
-    def _flush(self):
-        out, self.buffer, self.size = sorted(self.buffer.items()), {}, 0
-        yield from out
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        for kv in self._flush():
-            yield WindowedValue(kv, 0, [GlobalWindow()])
+def _by_key_a(e: Edge) -> Iterator[tuple[str, Edge]]:
+    yield e.key_a, e
 
 
 def _edges_to_clusters(item, n: int) -> Iterator[tuple[int, list]]:
@@ -298,7 +274,7 @@ class FindDuplicates(beam.PTransform):
             "features": batches | "FeatureBuckets" >> beam.FlatMap(_feature_lists, n=n, with_meta=with_meta),
         } | "JoinComponents" >> beam.CoGroupByKey()
         cluster_edges = (
-            {"edge": edges | "EdgeBuckets" >> beam.ParDo(_EdgeLists(n)), "root": root_lists}
+            {"edge": edges | "EdgeBuckets" >> beam.ParDo(BufferedBuckets(n, _by_key_a, BATCH)), "root": root_lists}
             | "JoinEdgeRoots" >> beam.CoGroupByKey()
             | "EdgeOfCluster" >> beam.FlatMap(_edges_to_clusters, n=n)
         )

@@ -27,6 +27,39 @@ def split_buckets(pairs: Iterable[tuple], n: int) -> Iterator[tuple[int, list]]:
     yield from sorted(out.items())
 
 
+class BufferedBuckets(beam.DoFn):
+    """Elements -> (bucket, list) per non-empty bucket, buffered per bundle: ``entries(element)``
+    gives (key, value) pairs, values go to the list of the key's bucket, and the buffer is
+    flushed once it holds ``limit`` values (and at the bundle's end); ``pack`` turns a list into
+    the element shipped (the list itself by default)."""
+
+    def __init__(self, n: int, entries: Callable, limit: int, pack: Callable | None = None):
+        self.n, self.entries, self.limit, self.pack = n, entries, limit, pack
+
+    def start_bundle(self):
+        self.buffer: dict[int, list] = {}
+        self.size = 0
+
+    def process(self, element):
+        for key, value in self.entries(element):
+            self.buffer.setdefault(bucket_of(key, self.n), []).append(value)
+            self.size += 1
+        if self.size >= self.limit:
+            yield from self._flush()
+
+    def _flush(self):
+        out, self.buffer, self.size = sorted(self.buffer.items()), {}, 0
+        for bucket, values in out:
+            yield bucket, (self.pack(values) if self.pack else values)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for kv in self._flush():
+            yield WindowedValue(kv, 0, [GlobalWindow()])
+
+
 def grouped(lists: Iterable[list]) -> dict:
     """Lists of (key, value) pairs -> {key: [values]}."""
     by_key: dict = {}
