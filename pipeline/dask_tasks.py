@@ -20,6 +20,46 @@ import zlib
 _local = threading.local()
 
 
+class Blob:
+    """A task's result as one pickled blob when it travels to another worker (nothing is pickled
+    while it stays where it was made). Dask serialises a list that holds numpy arrays element by
+    element, one frame per array: ~8x pickle's CPU (the ORB postings, a partition's vectors)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items):
+        self.items = items
+
+    def __reduce__(self):
+        try:
+            data = pickle.dumps(self.items, protocol=5)  # buffers in-band: one frame
+        except Exception:  # noqa: BLE001 what stdlib pickle cannot take (a lambda in a value)
+            import cloudpickle
+
+            data = cloudpickle.dumps(self.items, protocol=5)
+        return (_unblob, (data,))
+
+    def __sizeof__(self) -> int:  # the scheduler's estimate of what a transfer costs
+        from dask.sizeof import sizeof
+
+        return 64 + sizeof(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):  # dask.bag's ``from_delayed`` peeks at a partition's first element
+        return iter(self.items)
+
+
+def _unblob(data: bytes) -> Blob:
+    return Blob(pickle.loads(data))
+
+
+def items_of(part):
+    """A partition's elements: a ``Blob`` made here, or a plain list (``Create``)."""
+    return part.items if isinstance(part, Blob) else part
+
+
 def stable_hash(key) -> int:
     """A hash of a Beam key that every worker process agrees on."""
     if isinstance(key, str):
@@ -36,9 +76,9 @@ def stable_hash(key) -> int:
 def bucketize(items, n: int) -> list[list]:
     """One input partition's (key, value) pairs -> ``n`` buckets by key."""
     buckets: list[list] = [[] for _ in range(n)]
-    for kv in items:
+    for kv in items_of(items):
         buckets[stable_hash(kv[0]) % n].append(kv)
-    return [buckets]  # a partition of one element: the buckets
+    return [[Blob(b) for b in buckets]]  # a partition of one element: the buckets
 
 
 def _combine_fn(token: tuple, spec: bytes):
@@ -60,13 +100,13 @@ def combine_partial(items, token: tuple, spec: bytes, n: int) -> list[list]:
     fn = _combine_fn(token, spec)
     accs: dict = {}
     missing = object()
-    for k, v in items:
+    for k, v in items_of(items):
         acc = accs.get(k, missing)
         accs[k] = fn.add_input(fn.create_accumulator() if acc is missing else acc, v)
     buckets: list[list] = [[] for _ in range(n)]
     for k, acc in accs.items():
         buckets[stable_hash(k) % n].append((k, fn.compact(acc)))
-    return [buckets]
+    return [[Blob(b) for b in buckets]]
 
 
 def combine_merge(token: tuple, spec: bytes, *buckets: list) -> list:
@@ -74,9 +114,9 @@ def combine_merge(token: tuple, spec: bytes, *buckets: list) -> list:
     fn = _combine_fn(token, spec)
     accs: dict = {}
     for b in buckets:
-        for k, acc in b:
+        for k, acc in items_of(b):
             accs.setdefault(k, []).append(acc)
-    return [(k, fn.extract_output(fn.merge_accumulators(a))) for k, a in accs.items()]
+    return Blob([(k, fn.extract_output(fn.merge_accumulators(a))) for k, a in accs.items()])
 
 
 def bucket(parts: list, i: int) -> list:
@@ -87,22 +127,22 @@ def group(*buckets: list) -> list:
     """Bucket i of every input partition -> (key, [values]) in arrival order."""
     grouped: dict = {}
     for b in buckets:
-        for k, v in b:
+        for k, v in items_of(b):
             grouped.setdefault(k, []).append(v)
-    return list(grouped.items())
+    return Blob(list(grouped.items()))
 
 
 def concat(*parts: list) -> list:
     """A side input's partitions -> one list, computed once and shared by its consumers."""
     out: list = []
     for p in parts:
-        out.extend(p)
-    return out
+        out.extend(items_of(p))
+    return Blob(out)
 
 
 def select(parts: list, tag):
     """One tagged output of a multi-output ParDo partition."""
-    return parts[0].get(tag, [])
+    return Blob(parts.items.get(tag, []))
 
 
 from apache_beam.runners.common import Receiver  # noqa: E402  (the workers import Beam anyway)
@@ -149,7 +189,8 @@ def _make_runner(spec: bytes, sides: tuple):
     fn, args, kwargs, windowing, tags, label, views = pickler.loads(spec)
     receivers = _Receivers({tag: _Receiver() for tag in tags})
     side_maps = [
-        SideInputMap(view, options, _Windowed(values)) for (view, options), values in zip(views, sides, strict=True)
+        SideInputMap(view, options, _Windowed(items_of(values)))
+        for (view, options), values in zip(views, sides, strict=True)
     ]
     runner = DoFnRunner(fn, args, kwargs, side_maps, windowing, tagged_receivers=receivers, step_name=label)
     runner.setup()
@@ -187,8 +228,22 @@ def cpu_seconds(run_id: str) -> dict:
     return {step: s for (run, step), s in _cpu.items() if run == run_id}
 
 
-_PROFILE = os.environ.get("MEMSIEVE_DASK_PROFILE")  # set where the workers start: cProfile them too
+_PROFILE = os.environ.get("MEMSIEVE_DASK_CPROFILE")  # set where the workers start: cProfile their ParDos
 _profiler = None
+
+
+def transfers(dask_worker) -> dict:
+    """What this worker fetched from the others since it started: per step (key prefix), the
+    number of results, their bytes (dask's size estimate) and the seconds spent fetching."""
+    steps: dict = {}
+    for entry in dask_worker.transfer_incoming_log:
+        for key, nbytes in entry["keys"].items():
+            name = key if isinstance(key, str) else key[0]
+            step = steps.setdefault(name.rsplit("-", 1)[0], {"n": 0, "bytes": 0, "seconds": 0.0})
+            step["n"] += 1
+            step["bytes"] += nbytes
+            step["seconds"] += entry["duration"] * nbytes / max(1, entry["total"])
+    return steps
 
 
 def dump_profile(path: str) -> str:
@@ -255,9 +310,9 @@ def _run_dofn(items, token: tuple, spec: bytes, multi: bool, sides: tuple):
     windows = (GlobalWindow(),)
     with _metrics_scope(token):
         runner.start()
-        for x in items:
+        for x in items_of(items):
             runner.process(WindowedValue(x, 0, windows))
         runner.finish()
     if multi:
-        return [{tag: r.values for tag, r in receivers.items()}]
-    return receivers[None].values
+        return Blob({tag: r.values for tag, r in receivers.items()})
+    return Blob(receivers[None].values)

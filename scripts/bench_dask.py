@@ -167,15 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     with LocalCluster(
         n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster:
-        idle = _workers_cpu(cluster.scheduler_address) + _cpu(resource.RUSAGE_SELF)  # worker start-up, scheduler
+        idle_workers, idle_self = _workers_cpu(cluster.scheduler_address), _cpu(resource.RUSAGE_SELF)
         beam_args = ["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]
-        dask, dask_cpu = run_job(shards, dask_out, args.sets, beam_args, f"{dask_out}.log")
-        dask_cpu += _workers_cpu(cluster.scheduler_address) + _cpu(resource.RUSAGE_SELF) - idle
-    print(f"DaskRunner ({args.workers} local workers): {dask:.1f} s wall, {dask_cpu:.1f} s CPU", flush=True)
+        dask, driver_cpu = run_job(shards, dask_out, args.sets, beam_args, f"{dask_out}.log")
+        workers_cpu = _workers_cpu(cluster.scheduler_address) - idle_workers
+        scheduler_cpu = _cpu(resource.RUSAGE_SELF) - idle_self
+    dask_cpu = driver_cpu + workers_cpu + scheduler_cpu
+    print(
+        f"DaskRunner ({args.workers} local workers): {dask:.1f} s wall, {dask_cpu:.1f} s CPU"
+        f" (command {driver_cpu:.1f}, workers {workers_cpu:.1f}, scheduler {scheduler_cpu:.1f})",
+        flush=True,
+    )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (the machine's other jobs share its cores)")
     equal = same(manifest(direct_out), manifest(dask_out))
     ratio = dask / direct
-    print(f"samples {args.samples}; ratio Dask/Direct {ratio:.2f} (target <= {TARGET}); manifests equal: {equal}")
+    print(
+        f"samples {args.samples}; ratio Dask/Direct {ratio:.2f} (target <= {TARGET}), CPU ratio "
+        f"{dask_cpu / direct_cpu:.2f}; manifests equal: {equal}"
+    )
     return 0 if equal and ratio <= TARGET else 1
 
 

@@ -6,6 +6,7 @@ path Flink, Spark and Dataflow take), and the DaskRunner (``pipeline/dask_runner
 real dask.distributed scheduler with 2 workers on 127.0.0.1, on both input layouts."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -141,13 +142,15 @@ def test_dask_tasks_shuffle_helpers():
     assert dask_tasks.stable_hash("key") == 2324736937  # zlib.crc32(b"key"): no per-process salt
     assert dask_tasks.stable_hash(("a", 1)) == 2745452491  # crc32 of its repr
     pairs = [("a", 1), ("b", 2), ("a", 3), (("t", 1), 4)]
+    items = dask_tasks.items_of
     (buckets,) = dask_tasks.bucketize(pairs, 3)
-    assert sorted((kv for b in buckets for kv in b), key=repr) == sorted(pairs, key=repr)
-    assert dict(dask_tasks.group(*buckets)) == {"a": [1, 3], "b": [2], ("t", 1): [4]}
+    buckets = [pickle.loads(pickle.dumps(b)) for b in buckets]  # as when fetched by another worker
+    assert sorted((kv for b in buckets for kv in items(b)), key=repr) == sorted(pairs, key=repr)
+    assert dict(items(dask_tasks.group(*buckets))) == {"a": [1, 3], "b": [2], ("t", 1): [4]}
     token, spec = ("run", "Sum"), pickler.dumps(CombineFn.maybe_from_callable(sum))
     (one,) = dask_tasks.combine_partial(pairs[:2], token, spec, 2)
     (two,) = dask_tasks.combine_partial(pairs[2:], token, spec, 2)
-    merged = [kv for i in range(2) for kv in dask_tasks.combine_merge(token, spec, one[i], two[i])]
+    merged = [kv for i in range(2) for kv in items(dask_tasks.combine_merge(token, spec, one[i], two[i]))]
     assert dict(merged) == {"a": 4, "b": 2, ("t", 1): 4}
 
 

@@ -20,7 +20,8 @@ def split_by_filter(enabled: bool) -> None:
 
 
 def runner_needs_split(runner: str) -> bool:
-    return "dask" in runner.lower()
+    """Beam's own Dask runner; memsieve's (``pipeline.dask_runner``) keeps tagged outputs apart."""
+    return "dask" in runner.lower() and not runner.startswith("pipeline.")
 
 
 class _AsTagged(beam.DoFn):
