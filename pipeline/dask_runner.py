@@ -21,7 +21,7 @@ This runner translates the pipeline itself, one bag per PCollection:
 - a side input: its bag's partitions concatenated into one list by one task; every consumer
   depends on that task, so the upstream runs once and the list travels to each worker once;
 - ``GroupByKey``: a hash shuffle (each input partition cut into buckets by a process-independent
-  hash of the key, one task per output partition groups its buckets), 2 output partitions per
+  hash of the key, one task per output partition groups its buckets), one output partition per
   worker thread (at most ``--dask_npartitions``);
 - ``CombinePerKey``: combined per key within each partition by the ``CombineFn``, the
   accumulators shuffled as above and merged;
@@ -68,7 +68,7 @@ class DaskRunner(PipelineRunner):
         overrides = [o for o in dask_overrides() if type(o).__name__ != "GroupByKeyOverride"]
         pipeline.replace_all([*overrides, _NativeCombines()])
         threads = sum(client.nthreads().values()) or 1
-        translator = Translator(bag_kwargs.get("npartitions") or DEFAULT_PARTITIONS, 2 * threads)
+        translator = Translator(bag_kwargs.get("npartitions") or DEFAULT_PARTITIONS, threads)
         pipeline.visit(translator)
         done = translator.done()
         log.info(
@@ -86,6 +86,38 @@ class DaskRunner(PipelineRunner):
         with dask.annotate(workers=placement(client, done), allow_other_workers=True):
             futures = client.compute([done], optimize_graph=False)
         return DaskResult(client, futures, translator.run_id, profile, started)
+
+
+# A batch cluster's worker settings (``dask worker`` reads them from its dask config): no
+# statistical profiler sampling every thread every 10 ms, event-loop ticks, system and memory
+# monitors each second instead of every 20/500/100 ms. Idle, they cost a 2-worker cluster and its
+# scheduler ~7% of a core together; ~1% so.
+BATCH_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
+def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, **kwargs):
+    """A ``LocalCluster`` of worker processes on 127.0.0.1 set up as a memsieve cluster's workers
+    would be (``dask worker --preload pipeline.dask_tasks`` with ``BATCH_CONFIG``): memsieve's
+    imports done once when each worker starts (``dask_tasks.dask_setup``), no dashboard."""
+    import dask
+    from distributed import LocalCluster
+
+    kwargs = {"preload": ["pipeline.dask_tasks"], **kwargs}
+    with dask.config.set(BATCH_CONFIG):
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard": False},
+            **kwargs,
+        )
 
 
 def placement(client, collection):
@@ -371,4 +403,4 @@ def is_dask(runner: str) -> bool:
 
 RUNNER_PATH = f"{__name__}.DaskRunner"
 
-__all__: t.Sequence[str] = ("DaskRunner", "RUNNER_PATH", "is_dask")
+__all__: t.Sequence[str] = ("DaskRunner", "RUNNER_PATH", "is_dask", "local_cluster")

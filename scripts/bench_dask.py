@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--cold", dest="warm", action="store_false", help="workers without the preload: imports in the first tasks"
+    )
     parser.add_argument("--set", dest="sets", action="append", default=[], help="job overrides for both runs")
     parser.add_argument("--work", default=os.path.join(ROOT, "out", "bench-dask"))
     args = parser.parse_args(argv)
@@ -162,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     direct_out, dask_out = os.path.join(args.work, "direct"), os.path.join(args.work, "dask")
     direct, direct_cpu = run_job(shards, direct_out, args.sets, ["--runner=DirectRunner"], f"{direct_out}.log")
     print(f"DirectRunner (in-process): {direct:.1f} s wall, {direct_cpu:.1f} s CPU", flush=True)
-    from distributed import LocalCluster
+    import logging
 
-    with LocalCluster(
-        n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
+    import distributed  # noqa: F401  (its import sets its loggers' levels)
+
+    from pipeline.dask_runner import local_cluster
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
+    with local_cluster(args.workers, **({} if args.warm else {"preload": []})) as cluster:
         idle_workers, idle_self = _workers_cpu(cluster.scheduler_address), _cpu(resource.RUSAGE_SELF)
         beam_args = ["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]
         dask, driver_cpu = run_job(shards, dask_out, args.sets, beam_args, f"{dask_out}.log")

@@ -75,9 +75,9 @@ def test_engines_agree(demo_data, reference, tmp_path, beam_args):
 @pytest.fixture(scope="module")
 def cluster():
     """A dask.distributed cluster of 2 worker processes (one thread each) on 127.0.0.1."""
-    from distributed import LocalCluster
+    from pipeline.dask_runner import local_cluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as c:
+    with local_cluster(2) as c:
         yield c.scheduler_address
 
 
