@@ -3,8 +3,9 @@
 ``ROOT/img_emb/img_emb_N.npy`` (one embedding per row) pairs with
 ``ROOT/metadata/metadata_N.parquet`` (key, url, caption, sizes, ... one row per embedding) by N.
 The listing reads only headers (the .npy header, the Parquet footer), so planning costs a few
-small reads per file, never the data. Local files are memory-mapped; other paths (gs://, s3://)
-are read through Beam's filesystems with a seek to the wanted rows.
+small reads per file, never the data. Vector rows are read with a seek and a read into a fresh
+array (``NpyRows``), from local files and Beam's filesystems (gs://, s3://) alike: each row is
+read once, and no memory map keeps a whole file's pages resident.
 """
 
 from __future__ import annotations
