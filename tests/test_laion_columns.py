@@ -307,3 +307,42 @@ def test_read_laion_pipeline_reports_cross_file_repeats(tmp_path):
         assert_that(out["moved"], equal_to([("metadata_1", "c")]), label="moved")
         rows = out["info_batches"] | beam.FlatMap(lambda t: t.column("key").to_pylist())
         assert_that(rows, equal_to(list("abcdefcg")), label="infos")
+
+
+class _NoReadinto:
+    """A file object with only seek and read, as some filesystems' are."""
+
+    def __init__(self, path):
+        self.f = open(path, "rb")
+
+    def seek(self, *a):
+        return self.f.seek(*a)
+
+    def tell(self):
+        return self.f.tell()
+
+    def read(self, n=-1):
+        return self.f.read(min(n, 100) if n and n > 0 else n)  # short reads too
+
+    def readline(self, *a):
+        return self.f.readline(*a)
+
+    def close(self):
+        self.f.close()
+
+
+@pytest.mark.parametrize("plain_read", [False, True])
+def test_npy_rows_read_what_numpy_loads(tmp_path, monkeypatch, plain_read):
+    from transforms import laion_files
+
+    v = np.random.default_rng(3).standard_normal((50, 7)).astype(np.float32)
+    np.save(tmp_path / "x.npy", v)
+    if plain_read:
+        monkeypatch.setattr(laion_files, "open_file", _NoReadinto)
+    src = laion_files.VectorSource()
+    assert np.array_equal(src.rows(str(tmp_path / "x.npy"), 3, 41), v[3:41])
+    assert np.array_equal(src.rows(str(tmp_path / "x.npy"), 49, 50), v[49:])
+    assert src.rows(str(tmp_path / "x.npy"), 5, 5).shape == (0, 7)
+    with pytest.raises(EOFError):
+        src.rows(str(tmp_path / "x.npy"), 45, 60)
+    src.close()
