@@ -6,12 +6,17 @@ items are row ranges (metadata row groups); each yields, per batch of a few thou
 - one table of ``SampleInfo`` columns (``schemas.arrow.INFO_BATCH``), a row per good row (key,
   shard = the metadata file, url, caption, sizes and original sizes from the metadata; every
   other column in ``meta_json``; no pixels, so no pixel digest),
-- ``Failure`` per bad row (no usable vector: NaN, infinite or zero; no caption; a vector without a
-  metadata row or the reverse) so every row's key still reaches the manifest,
+- ``Failure`` per bad row (a vector without a metadata row or the reverse, a missing file; a
+  download status other than success; no usable vector: NaN, infinite or zero; a caption over
+  ``max_caption_bytes`` in UTF-8 or none; a key repeated inside the range), so every row's key
+  still reaches the manifest,
 - one vector batch ``(keys, float16 unit vectors)`` of the good rows, for ``VectorEdges``.
 
-Keys repeated across files are reported as ``duplicate_key`` failures (the first file keeps the
-key), as the webdataset reader does.
+The rules run on columns (``transforms.laion_rows``): the metadata's Arrow record batch and the
+batch's vector norms give a reason code per row, the good rows' table is built with
+pyarrow.compute, and Python objects are made only for failed rows. Keys repeated across ranges
+and files are reported as ``duplicate_key`` failures (the first file keeps the key), as the
+webdataset reader does, from per-range key arrays in hash buckets (``transforms.key_arrays``).
 """
 
 from __future__ import annotations
@@ -127,6 +132,8 @@ class ReadRangeFn(beam.DoFn):
         from schemas.arrow import INFO_BATCH
 
         n_vec = max(0, min(start + n, lf.n_vectors) - start)
+        if batch is None:  # past the metadata: every row fails, its vector is not needed
+            n_vec = 0
         vecs = self.vectors.rows(lf.npy, start, start + n_vec) if n_vec else np.empty((0, lf.dim), np.float32)
         x, norms = norms_of(vecs)
         good_vec = np.isfinite(norms) & (norms > MIN_NORM)
