@@ -16,7 +16,15 @@ from transforms import laion_rows as lr
 from transforms.key_arrays import SeenKeys, bucket_repeats, key_hashes, split_key_arrays
 from transforms.key_batches import _repeats
 from transforms.laion_files import list_files, plan_ranges
-from transforms.read_laion import UNIT_TOL, LaionSettings, ReadLaion, ReadRangeFn, repeated_keys, unit_float16
+from transforms.read_laion import (
+    UNIT_TOL,
+    LaionSettings,
+    ReadLaion,
+    ReadRangeFn,
+    repeated_keys,
+    row_norms,
+    unit_float16,
+)
 
 DIM = 8
 
@@ -290,8 +298,11 @@ def test_unit_float16_equals_the_division(scale):
     norms = np.linalg.norm(x32, axis=1)
     rows = np.arange(0, 3000, 2)
     expected = (x32[rows] / norms[rows, None]).astype(np.float16)
-    assert np.array_equal(unit_float16(v, x32.copy(), norms, rows), expected)
-    assert np.array_equal(unit_float16(v, x32.copy(), norms, None), (x32 / norms[:, None]).astype(np.float16))
+    assert np.array_equal(row_norms(v, chunk=100), norms)
+    assert np.array_equal(unit_float16(v, norms, rows), expected)
+    assert np.array_equal(unit_float16(v, norms, None), (x32 / norms[:, None]).astype(np.float16))
+    v32 = v.astype(np.float32)  # float32 rows: always divided
+    assert np.array_equal(unit_float16(v32, norms, rows), expected)
 
 
 def test_read_laion_pipeline_reports_cross_file_repeats(tmp_path):

@@ -54,24 +54,25 @@ def synthetic_key(shard: str, row: int) -> str:
     return f"{shard}:{row:09d}"
 
 
-def norms_of(vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows as read -> (float32 rows, their norms); a usable row has a finite norm > MIN_NORM."""
-    x = vecs.astype(np.float32)
-    norms = np.linalg.norm(x, axis=1) if len(x) else np.empty(0, np.float32)
-    return x, norms
+def row_norms(vecs: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """float32 norms of the rows (a usable row: finite and > MIN_NORM), cast a chunk at a time
+    so the float32 copy stays in cache."""
+    out = np.empty(len(vecs), dtype=np.float32)
+    for i in range(0, len(vecs), chunk):
+        out[i : i + chunk] = np.linalg.norm(vecs[i : i + chunk].astype(np.float32), axis=1)
+    return out
 
 
-def unit_float16(vecs: np.ndarray, x: np.ndarray, norms: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-    """The ``rows`` (None: all) as float16 unit vectors, x / norm rounded to float16; float16
-    rows that are unit already (LAION's are) are that result as they are, without the casts."""
+def unit_float16(vecs: np.ndarray, norms: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The ``rows`` (None: all) as float16 unit vectors, float32 x / norm rounded to float16;
+    float16 rows that are unit already (LAION's are) are that result as they are, no casts."""
     sel = slice(None) if rows is None else rows
     n = norms[sel]
     if vecs.dtype == np.float16 and len(n) and float(np.abs(n - 1).max()) <= UNIT_TOL:
         return vecs[sel]
-    if rows is None:
-        x /= n[:, None]
-        return x.astype(np.float16)
-    return (x[rows] / n[:, None]).astype(np.float16)
+    x = vecs[sel].astype(np.float32)
+    x /= n[:, None]
+    return x.astype(np.float16)
 
 
 class ReadRangeFn(beam.DoFn):
@@ -135,7 +136,7 @@ class ReadRangeFn(beam.DoFn):
         if batch is None:  # past the metadata: every row fails, its vector is not needed
             n_vec = 0
         vecs = self.vectors.rows(lf.npy, start, start + n_vec) if n_vec else np.empty((0, lf.dim), np.float32)
-        x, norms = norms_of(vecs)
+        norms = row_norms(vecs)
         good_vec = np.isfinite(norms) & (norms > MIN_NORM)
         s = self.settings
         keys = self._keys(lf, batch, start, n)
@@ -163,7 +164,7 @@ class ReadRangeFn(beam.DoFn):
         table = pa.Table.from_arrays([cols[f.name] for f in INFO_BATCH], schema=INFO_BATCH)
         yield table  # one info batch per reader batch, not one element per row
         # float16, as the cell search stores them: half the bytes in flight
-        unit = unit_float16(vecs, x, norms, None if whole else good)
+        unit = unit_float16(vecs, norms, None if whole else good)
         yield beam.pvalue.TaggedOutput("vectors", (table.column("key").to_pylist(), unit))
 
     def _failures(self, lf, batch, start, n, keys, caption, status, reasons, first) -> Iterator:
