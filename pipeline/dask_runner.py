@@ -88,11 +88,12 @@ class DaskRunner(PipelineRunner):
         return DaskResult(client, futures, translator.run_id, profile, started)
 
 
-# A batch cluster's worker settings (``dask worker`` reads them from its dask config): no
-# statistical profiler sampling every thread every 10 ms, event-loop ticks, system and memory
+# A batch cluster's settings (``dask scheduler``/``dask worker`` read them from their dask config):
+# no work stealing, no statistical profiler sampling every thread every 10 ms, event-loop ticks, system and memory
 # monitors each second instead of every 20/500/100 ms. Idle, they cost a 2-worker cluster and its
 # scheduler ~7% of a core together; ~1% so.
 BATCH_CONFIG = {
+    "distributed.scheduler.work-stealing": False,  # a stolen task fetches its input: see placement()
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
