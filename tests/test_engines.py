@@ -183,3 +183,35 @@ def test_dask_runner_primitives(tmp_path, cluster):
     assert json.loads((tmp_path / "lookup").read_text()) == [[x, len(expected[x % 4])] for x in range(0, 30, 3)]
     (seen,) = result.metrics().query(MetricsFilter().with_name("seen"))["counters"]
     assert seen.committed == 30
+
+
+def test_dask_placement_and_blobs():
+    """Partition i of every bag (and a shuffle's cut of input partition i) prefers worker slot i;
+    a task result travels as one pickled frame (dask cuts a list of numpy arrays into one frame
+    per array)."""
+    import dask.bag as db
+    import numpy as np
+    from dask import delayed
+    from distributed.protocol import dumps, to_serialize
+
+    from pipeline import dask_tasks
+    from pipeline.dask_runner import placement
+
+    class _Client:
+        def nthreads(self):
+            return {"tcp://b:2": 1, "tcp://a:1": 2}
+
+    bag = db.from_sequence(range(6), npartitions=6).map_partitions(dask_tasks.bucketize, 2)
+    where, slots = placement(_Client(), bag), ["tcp://a:1", "tcp://a:1", "tcp://b:2"]
+    assert {key[-1]: where(key) for key in bag.__dask_graph__()} == {i: [slots[i % 3]] for i in range(6)}
+    assert where("finalize-x") == []  # a key the collection does not name: anywhere
+    cut = delayed(list)([1], dask_key_name=("Group|bucket", 1, 4))  # bucket 1 of input partition 4
+    assert placement(_Client(), db.from_delayed([cut]))(("Group|bucket", 1, 4)) == [slots[4 % 3]]
+    rows = [(f"k{i}", np.arange(i, i + 40)) for i in range(300)]
+    assert len(dumps({"data": to_serialize(rows)})) > 300  # what a plain list costs
+    frames = dumps({"data": to_serialize(dask_tasks.Blob(rows))})
+    assert len(frames) <= 3
+    got = pickle.loads(pickle.dumps(dask_tasks.Blob(rows))).items
+    assert [k for k, _ in got] == [k for k, _ in rows] and all(
+        (a == b).all() for (_, a), (_, b) in zip(got, rows, strict=True)
+    )
