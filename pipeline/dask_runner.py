@@ -130,20 +130,14 @@ def placement(client, collection):
     shuffles move data. Left to itself the scheduler sends a task to an idle worker when its
     input's owner is busy: whole shuffle inputs were fetched (408 MB per 2,000-sample demo run
     instead of 279 MB of shuffle buckets)."""
-    slots = [addr for addr, n in sorted(client.nthreads().items()) for _ in range(max(1, n))]
-    if not slots:
-        return None
-    where: dict = collections.defaultdict(list)  # a key not in the collection (its finalize): anywhere
-    for key in collection.__dask_graph__():
-        index = key[-1] if isinstance(key, tuple) and isinstance(key[-1], int) else dask_tasks_hash(key)
-        where[key] = [slots[index % len(slots)]]
-    return where.__getitem__
-
-
-def dask_tasks_hash(key) -> int:
     from pipeline import dask_tasks
 
-    return dask_tasks.stable_hash(key)
+    slots = [addr for addr, n in sorted(client.nthreads().items()) for _ in range(max(1, n))]
+    where: dict = collections.defaultdict(list)  # a key not in the collection (its finalize): anywhere
+    for key in collection.__dask_graph__() if slots else ():  # no worker yet: anywhere
+        index = key[-1] if isinstance(key, tuple) and isinstance(key[-1], int) else dask_tasks.stable_hash(key)
+        where[key] = [slots[index % len(slots)]]
+    return where.__getitem__
 
 
 class _CombinePerKey(beam.PTransform):
