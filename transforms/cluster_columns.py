@@ -247,6 +247,31 @@ def _keeper_rank(t: pa.Table, key_code: np.ndarray, policy: str) -> np.ndarray:
     return out
 
 
+def assign_lists(item, policy: str) -> Iterator[list[ClusterAssignment]]:
+    """``assign_clusters`` -> one list per root bucket (what travels: ``assignment_rows``)."""
+    out = list(assign_clusters(item, policy))
+    if out:
+        from pipeline import progress
+
+        progress.advance("dedup", len(out))
+        yield out
+
+
+def single_assignments(assignments: list[ClusterAssignment]) -> Iterator[ClusterAssignment]:
+    yield from assignments
+
+
+def assignment_rows(assignments: list[ClusterAssignment]) -> Iterator[tuple[str, list[tuple]]]:
+    """A list of assignments -> (shard, [assignment as a tuple]) per shard: tuples of plain
+    values travel without a pickle per object (``transforms.shard_stage`` reads them back)."""
+    by_shard: dict[str, list[tuple]] = {}
+    for a in assignments:
+        by_shard.setdefault(a.shard, []).append(
+            (a.key, a.cluster_id, a.cluster_size, a.is_representative, a.embedder, a.similarity, a.shard)
+        )
+    yield from sorted(by_shard.items())
+
+
 def assign_clusters(item, policy: str) -> Iterator[ClusterAssignment]:
     """(root bucket, {"member": feature tables with "root", "edge": Cols with root}) -> every
     member's ``ClusterAssignment``: the keeper first by ``policy``, each member's strongest

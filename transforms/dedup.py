@@ -25,13 +25,14 @@ from schemas.elements import ClusterAssignment, Edge, EdgeBatch, SampleInfo
 from transforms.cluster_columns import (
     EMBEDDER_RANK,
     EdgeColumns,
-    assign_clusters,
+    assign_lists,
     edge_batch,
     edges_to_clusters,
     feature_tables,
     id_columns,
     id_pairs,
     members,
+    single_assignments,
     single_edges,
     split_by,
 )
@@ -207,7 +208,8 @@ class _OnlyNewPairs(beam.PTransform):
 
 class FindDuplicates(beam.PTransform):
     """{"info_batches": SampleInfo tables, "edges": PCollection of ``Edge`` and/or ``EdgeBatch``
-    (optional)} -> {"assignments": ClusterAssignment, "edges": normalised EdgeBatch}.
+    (optional)} -> {"assignments": ClusterAssignment, "assignment_lists": the same as lists (one
+    per cluster bucket: what ``pipeline.graph`` routes to shards), "edges": normalised EdgeBatch}.
 
     Exact-byte and exact-pixel edges are computed here (digests shuffled as arrays per hash
     bucket); other embedders pass their edges in, one at a time or as batches. The components run
@@ -277,12 +279,10 @@ class FindDuplicates(beam.PTransform):
             | "JoinEdgeRoots" >> beam.CoGroupByKey()
             | "EdgeOfCluster" >> beam.FlatMap(edges_to_clusters, n=n)
         )
-        clustered = (
+        lists = (
             {"member": member_tables, "edge": cluster_edges}
             | "GroupClusters" >> beam.CoGroupByKey()
-            | "Assign" >> beam.FlatMap(assign_clusters, policy=self.keeper)
+            | "Assign" >> beam.FlatMap(assign_lists, policy=self.keeper)
         )
-        from pipeline import progress
-
-        assignments = clustered | "Progress" >> progress.Tick("dedup")
-        return {"assignments": assignments, "edges": edges}
+        assignments = lists | "Assignments" >> beam.FlatMap(single_assignments)
+        return {"assignments": assignments, "assignment_lists": lists, "edges": edges}

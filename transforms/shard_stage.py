@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from pipeline import progress
 from schemas import arrow
-from schemas.elements import Annotation
+from schemas.elements import Annotation, ClusterAssignment
 from transforms import fsio
 from transforms.annotate import annotation_row, build_annotation
 from transforms.decide import DROP, KEEP, decide, is_kept_copy, manifest_row, reason_family
@@ -48,12 +48,22 @@ def _first_per_key(tables: list) -> pa.Table | None:
     if not tables:
         return None
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    keys = table.column("key").to_pylist()
-    if len(set(keys)) == len(keys):
+    if pc.count_distinct(table.column("key")).as_py() == table.num_rows:
         return table
+    keys = table.column("key").to_pylist()
     seen: set[str] = set()
     first = [i for i, k in enumerate(keys) if not (k in seen or seen.add(k))]
     return table.take(first)
+
+
+def _assignments(values: Iterable) -> Iterator[ClusterAssignment]:
+    """``ClusterAssignment`` elements, or lists of them as tuples (``cluster_columns.assignment_rows``)."""
+    for v in values:
+        if isinstance(v, ClusterAssignment):
+            yield v
+        else:
+            for row in v:
+                yield ClusterAssignment(*row)
 
 
 def split_shard(grouped: dict) -> tuple[list[Annotation], pa.Table | None]:
@@ -61,13 +71,15 @@ def split_shard(grouped: dict) -> tuple[list[Annotation], pa.Table | None]:
     in key order; the info rows of the others, "plain" keys: ok, a cluster of one, nothing else).
 
     ``grouped``: "info" (info tables), "failure" (Failure, written to the failures table),
-    "late_failure" (Failure, annotation only), "assignment" (ClusterAssignment), "codes"
+    "late_failure" (Failure, annotation only), "assignment" (ClusterAssignment, or lists of
+    them as tuples), "codes"
     ((key, codes)), "score" (score rows), "duplication" ((key, (cluster_id, class))), "moved"
     (keys whose first shard is another one)."""
     moved = set(grouped.get("moved", ()))
+    assignments = _assignments(grouped.get("assignment", ()))
     failures = _by_key((f.key, f) for f in (*grouped.get("failure", ()), *grouped.get("late_failure", ())))
     sparse = {
-        "assignment": _by_key((a.key, a) for a in grouped.get("assignment", ())),
+        "assignment": _by_key((a.key, a) for a in assignments),
         "codes": _by_key(grouped.get("codes", ())),
         "score": _by_key((r["key"], r) for r in grouped.get("score", ())),
         "duplication": _by_key(grouped.get("duplication", ())),
@@ -79,7 +91,7 @@ def split_shard(grouped: dict) -> tuple[list[Annotation], pa.Table | None]:
     infos: dict = {}
     plain = None
     if table is not None:
-        is_rich = pa.array([k in rich for k in table.column("key").to_pylist()], pa.bool_())
+        is_rich = pc.fill_null(pc.is_in(table.column("key"), value_set=pa.array(sorted(rich), pa.string())), False)
         infos = {i.key: i for i in arrow.infos_of(table.filter(is_rich))}
         plain = table.filter(pc.invert(is_rich))
     out = []
