@@ -54,9 +54,14 @@ def cluster_duplication(captions: list[str], full_share: float = 0.5, max_pairs:
 def skeleton(caption: str, frequent: frozenset[str] | set[str], min_fixed: int = 2) -> str | None:
     """The caption with its rare words and numbers as slots: ``* for sale - *``; None when the
     caption has fewer than ``min_fixed`` fixed words or no slot (then it is no template)."""
+    return skeleton_of_norm(normalize_caption(caption), frequent, min_fixed)
+
+
+def skeleton_of_norm(normalized: str, frequent: frozenset[str] | set[str], min_fixed: int = 2) -> str | None:
+    """``skeleton`` of an already normalized caption."""
     out: list[str] = []
     fixed = 0
-    for word in normalize_caption(caption).split():
+    for word in normalized.split():
         if word in frequent and not _NUMBER.match(word):
             out.append(word)
             fixed += 1
@@ -80,6 +85,16 @@ def _band_keys(normalized: str, num_perm: int, bands: int, seed: int) -> tuple[s
     rows = num_perm // bands
     hv = _hashvalues(normalized, num_perm, seed).tolist()
     return tuple(f"{b}:" + ",".join(map(str, hv[b * rows : (b + 1) * rows])) for b in range(bands))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def band_bytes(normalized: str, num_perm: int = 64, bands: int = 16, seed: int = 1) -> tuple[bytes, ...]:
+    """``minhash_bands`` of an already normalized caption as compact keys, one to one with them:
+    the band number and the raw bytes of the band's hash values."""
+    hv = _hashvalues(normalized, num_perm, seed)
+    width = (num_perm // bands) * hv.dtype.itemsize
+    raw = hv.tobytes()
+    return tuple(bytes((b,)) + raw[width * b : width * (b + 1)] for b in range(bands))
 
 
 _WORD_HASHES: dict = {}

@@ -5,12 +5,12 @@ A record is what the miners need of one ok sample: key, shard, caption, normaliz
 keyword terms, metadata objects, and its duplicate cluster (its own key and size 1 when it has
 no assignment). Counting is a ``Counter`` per batch whose items are summed per term
 (``CombinePerKey``), so a term travels once per batch, not once per caption; captions are
-grouped (exact text, MinHash bands, template skeletons) through hash buckets of lists.
+grouped (template skeletons here; exact text and MinHash bands in ``trigger_captions``)
+through hash buckets of lists.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
@@ -30,7 +30,7 @@ def make_record(info, assignment, extractor, use_metadata: bool) -> dict:
         "shard": info.shard,
         "caption": info.caption,
         "norm": normalize_caption(info.caption),
-        "terms": extractor.terms(info.caption),
+        "terms": extractor.terms_tuple(info.caption),
         "objects": metadata_objects(info.meta_json) if use_metadata else [],
         "cluster_id": assignment.cluster_id if assignment else info.key,
         "cluster_size": assignment.cluster_size if assignment else 1,
@@ -65,14 +65,6 @@ class ShardRecordsFn(beam.DoFn):
         if batch:
             progress.advance("triggers", len(batch))
             yield batch
-
-
-def counted(batch: list[dict], events: Callable[[dict], Iterable]) -> Iterator[tuple]:
-    """A batch's records -> (event, count) items of the events they produce."""
-    counts: Counter = Counter()
-    for r in batch:
-        counts.update(events(r))
-    yield from counts.items()
 
 
 def bucketed(batch: list[dict], pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:
