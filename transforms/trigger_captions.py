@@ -33,20 +33,23 @@ def group_codes(members: list, code: str, min_members: int = 2, min_clusters: in
             yield key, (code,)
 
 
-def near_norms(norms: list[str]) -> set[str]:
-    """The captions whose word set has Jaccard >= 0.8 with another's. Pairs are taken in order
-    of set size and cut where the sizes alone rule it out (Jaccard <= smaller / larger), so
-    only sets of similar size are intersected. Jaccard >= 0.8 is tested as 5 x inter >= 4 x
-    union (exact; for different captions the union is never empty)."""
+def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """The captions whose word set has Jaccard >= 0.8 with another's (in any order; the result
+    does not depend on it). Pairs are taken in order of set size and cut where the sizes alone
+    rule them out (Jaccard <= smaller / larger), so only sets of similar size are intersected;
+    a pair of captions both already in ``known`` (or found here) is skipped, as it cannot add
+    a caption to the union. Jaccard >= 0.8 is tested as 5 x inter >= 4 x union (exact; the
+    union of two different captions' words is never empty)."""
     sets = sorted(((frozenset(n.split()), n) for n in norms), key=lambda s: (len(s[0]), s[1]))
     near: set[str] = set()
     for i, (a, na) in enumerate(sets):
         la = len(a)
+        a_known = na in known
         for b, nb in sets[i + 1 :]:
             lb = len(b)
             if 5 * la < 4 * lb:  # la / lb < 0.8, and lb only grows from here
                 break
-            if na in near and nb in near:
+            if (a_known or na in near) and (nb in known or nb in near):
                 continue  # both marked already: the pair cannot mark anything new
             inter = len(a & b)
             if 5 * inter >= 4 * (la + lb - inter):
@@ -76,10 +79,10 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
                 by_band[band] = {norm: count}
             else:
                 counts[norm] = counts.get(norm, 0) + count
-    near: set[str] = set()
-    for _, counts in sorted(by_band.items()):
+    near: set[str] = set()  # the union over bands does not depend on their order
+    for counts in by_band.values():
         if len(counts) >= 2 and sum(counts.values()) <= MAX_BAND:
-            near |= near_norms(sorted(counts))
+            near |= near_norms(counts, near)
     yield from split_buckets(((norm, NEAR) for norm in sorted(near)), n)
 
 
