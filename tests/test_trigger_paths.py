@@ -1,0 +1,177 @@
+"""Trigger mining's fast paths equal their per-caption references: piece-cached lemmas vs spaCy on
+the whole caption, distinct-caption MinHash bands vs one band entry per record, batch counters vs
+per-record events."""
+
+import glob
+import os
+import random
+from collections import Counter
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.captions import band_bytes, minhash_bands
+from transforms.keywords import KeywordExtractor, normalize_caption
+from transforms.trigger_captions import MAX_BAND, CaptionCodes, group_codes, near_norms
+
+TRICKY = [
+    "",
+    "   ",
+    "Don't stop: it's 3 a.m. in N.Y.C., isn't it?!",
+    "dont cannot gonna wanna lemme gimme",
+    "(:) :-) <3 ^_^ =) ...hello...world!!",
+    "e-mail me at foo@example.com or https://example.com/a-b?c=d",
+    "tabs\tand\nnewlines\u00a0and  double  spaces\u2003em",
+    "Cafés, naïve résumés; über-cool STRASSE ß",
+    "running runners ran; the mice's feet -- 1990s '90s 10km 5x",
+    "emoji 🐶🐱 dog's cats' “quoted” ‘single’ «fr» (parens) [brackets] {braces}",
+    "U.S.A. vs. U.K. etc. e.g. i.e. Mr. Smith's Dr. Who",
+    "hyphen-ated well-known state-of-the-art x-ray",
+    "RED Flags waving; red flags waving, Red flags!",
+]
+
+
+def _real_captions(limit: int = 3000) -> list[str]:
+    import pyarrow.parquet as pq
+
+    root = "/work/shared/data/captions"
+    out: list[str] = []
+    for path in sorted(glob.glob(os.path.join(root, "*.parquet"))):
+        table = pq.read_table(path)
+        col = "caption" if "caption" in table.schema.names else table.schema.names[1]
+        out += [c for c in table.column(col).to_pylist() if isinstance(c, str)][:limit]
+    return out
+
+
+@pytest.mark.parametrize("bigrams", [False, True])
+def test_piece_cached_terms_equal_spacy_on_the_whole_caption(bigrams):
+    rng = random.Random(0)
+    pieces = [w for c in TRICKY for w in c.split()]
+    mixed = [" ".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(300)]
+    captions = TRICKY + mixed + _real_captions()
+    reference = KeywordExtractor(bigrams)
+    cached = KeywordExtractor(bigrams)
+    for _ in range(2):  # the second pass reads every piece and caption from the caches
+        for c in captions:
+            want = reference._terms_of(reference.lemmas_spacy(c))
+            assert cached.terms_tuple(c) == want, c
+            assert cached.terms(c) == list(want)
+    assert cached._pieces and cached._terms
+
+
+def test_band_bytes_are_one_to_one_with_minhash_bands():
+    rng = random.Random(1)
+    vocab = [f"w{i}" for i in range(9)] + ["café", "a"]
+    captions = ["", "!!", "a"] + [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 6))) for _ in range(300)]
+    pairs = {}
+    for c in captions:
+        for s, b in zip(minhash_bands(c), band_bytes(normalize_caption(c)), strict=True):
+            assert pairs.setdefault(s, b) == b
+    assert len(set(pairs.values())) == len(pairs)  # no two string keys share a bytes key
+
+
+def _records(n: int, seed: int) -> list[dict]:
+    """Records with exact repeats, near variants, clusters, one key in two shards and a flood of
+    one caption (a band of more than MAX_BAND records)."""
+    rng = random.Random(seed)
+    words = "red car old mosque near the river at night blue sky photo dog".split()
+    bases = [rng.sample(words, rng.randint(3, 7)) for _ in range(12)]
+    out = []
+    for i in range(n):
+        base = list(rng.choice(bases))
+        if rng.random() < 0.4:
+            base.append(rng.choice(words + ["sunset", "boat"]))
+        caption = " ".join(base) + rng.choice(["", "!", " .", ""])
+        out.append((f"k{i:05d}", f"s{i % 3}", caption, f"c{rng.randint(0, 30)}"))
+    out += [(f"f{i:04d}", "s1", "flood caption for sale", f"c{i % 7}") for i in range(MAX_BAND + 5)]
+    out += [("f0000", "s2", "flood caption for sale today", "c1")]
+    recs = [
+        {"key": k, "shard": s, "caption": c, "norm": normalize_caption(c), "cluster_id": cid} for k, s, c, cid in out
+    ]
+    rng.shuffle(recs)
+    return recs
+
+
+def _reference_codes(recs: list[dict]) -> list[tuple]:
+    """One exact group per caption and one band entry per record (the per-record path)."""
+    from transforms.triggers import _near_dup_keys
+
+    exact: dict = {}
+    bands: dict = {}
+    for r in recs:
+        exact.setdefault(r["norm"], []).append(((r["key"], r["shard"]), r["cluster_id"]))
+        for b in minhash_bands(r["caption"]):
+            bands.setdefault(b, []).append(((r["key"], r["shard"]), r["norm"]))
+    out = [kv for members in exact.values() for kv in group_codes(members, "duplicate_caption")]
+    out += sorted(set(kv for item in bands.items() for kv in _near_dup_keys(item)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_caption_codes_by_distinct_caption_equal_the_per_record_path(seed):
+    recs = _records(600, seed)
+    want = _reference_codes(recs)
+    assert {c for _, (c,) in want} == {"duplicate_caption", "near_duplicate_caption"}
+    batches = [recs[i : i + 97] for i in range(0, len(recs), 97)]
+    with TestPipeline(runner="DirectRunner") as p:
+        got = p | beam.Create(batches, reshuffle=False) | CaptionCodes(near=True, n=5)
+        assert_that(got, equal_to(want))
+
+
+def test_near_norms_with_known_and_integer_test_equal_every_pair():
+    import itertools
+
+    from transforms.captions import jaccard
+
+    rng = random.Random(5)
+    vocab = [f"w{i}" for i in range(10)]
+    for _ in range(200):
+        norms = sorted({" ".join(rng.sample(vocab, rng.randint(1, 9))) for _ in range(rng.randint(2, 30))})
+        sets = {n: frozenset(n.split()) for n in norms}
+        want = {n for a, b in itertools.combinations(norms, 2) if jaccard(sets[a], sets[b]) >= 0.8 for n in (a, b)}
+        assert near_norms(norms) == want
+        known = set(rng.sample(norms, len(norms) // 3))
+        assert near_norms(list(reversed(norms)), known) | known == want | known
+
+
+def test_batch_counters_equal_per_record_events():
+    from transforms.triggers import (
+        _object_event_counts,
+        _object_events,
+        _pair_counts,
+        _term_counts,
+        _word_counts,
+    )
+
+    rng = random.Random(2)
+    ex = KeywordExtractor()
+    words = "red car old dog tree sky the street sign traffic light flag on a pole".split()
+    vocabulary = frozenset(["car", "tree", "sky", "traffic light", "flag", "sign"])
+    batch = []
+    for i in range(400):
+        caption = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        objects = sorted(set(rng.sample(["flag", "logo", "dog", "traffic light"], rng.randint(0, 2))))
+        size = rng.choice([1, 1, 2, 12, 30])
+        batch.append(
+            {
+                "key": f"k{i}",
+                "norm": normalize_caption(caption),
+                "terms": ex.terms_tuple(caption),
+                "objects": objects if i % 2 else [],
+                "cluster_id": f"c{size}",
+                "cluster_size": size,
+            }
+        )
+    events = Counter()
+    for r in batch:
+        events.update(_object_events(r, vocabulary))
+    assert dict(_object_event_counts(batch, vocabulary)) == dict(events)
+    assert any(k[0] == "both" for k in events) and any(k[0] == "kw_mention" for k in events)
+    assert dict(_term_counts(batch)) == dict(Counter(w for r in batch for w in r["terms"]))
+    pairs = Counter(
+        (w, r["cluster_id"], r["cluster_size"]) for r in batch if r["cluster_size"] >= 10 for w in r["terms"]
+    )
+    assert dict(_pair_counts(batch, 10)) == dict(pairs) and pairs
+    assert dict(_word_counts(batch)) == dict(Counter(w for r in batch for w in set(r["norm"].split())))
