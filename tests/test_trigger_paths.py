@@ -175,3 +175,19 @@ def test_batch_counters_equal_per_record_events():
     )
     assert dict(_pair_counts(batch, 10)) == dict(pairs) and pairs
     assert dict(_word_counts(batch)) == dict(Counter(w for r in batch for w in set(r["norm"].split())))
+
+
+def test_info_rows_read_the_columns_as_sample_infos_do():
+    from schemas import arrow
+    from schemas.elements import SampleInfo
+    from transforms.trigger_records import INFO_COLUMNS, info_rows
+
+    infos = [
+        SampleInfo(f"k{i}", "s0", f"u{i}", f"cap {i}", "", "", 1, 1, meta_json='{"objects": ["flag"]}' if i else "{}")
+        for i in range(5)
+    ]
+    table = arrow.info_table(infos)
+    got = [tuple(getattr(r, c) for c in INFO_COLUMNS) for r in info_rows(table)]
+    assert got == [tuple(getattr(i, c) for c in INFO_COLUMNS) for i in arrow.infos_of(table)]
+    partial = arrow.info_table([{"key": "a", "shard": "s", "caption": "x"}])  # absent columns: None either way
+    assert [(r.key, r.meta_json) for r in info_rows(partial)] == [(i.key, i.meta_json) for i in arrow.infos_of(partial)]
