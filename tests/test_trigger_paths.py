@@ -191,3 +191,17 @@ def test_info_rows_read_the_columns_as_sample_infos_do():
     assert got == [tuple(getattr(i, c) for c in INFO_COLUMNS) for i in arrow.infos_of(table)]
     partial = arrow.info_table([{"key": "a", "shard": "s", "caption": "x"}])  # absent columns: None either way
     assert [(r.key, r.meta_json) for r in info_rows(partial)] == [(i.key, i.meta_json) for i in arrow.infos_of(partial)]
+
+
+def test_band_key_rows_equal_band_bytes_per_caption():
+    from transforms.captions import band_key_rows
+
+    rng = random.Random(4)
+    vocab = [f"w{i}" for i in range(15)] + ["café"]
+    norms = ["", "a", "a a b"] + [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))) for _ in range(300)]
+    keys, hashes = band_key_rows(norms)
+    assert keys == [k for n in norms for k in band_bytes(n)]
+    again, hashes2 = band_key_rows(list(reversed(norms)))
+    by_key = dict(zip(keys, hashes.tolist(), strict=True))
+    assert dict(zip(again, hashes2.tolist(), strict=True)) == by_key  # a key's hash: its values only
+    assert len(set(by_key.values())) > len(by_key) // 2 and band_key_rows([])[0] == []

@@ -12,13 +12,12 @@ caption in the same group as the exact duplicates, and no per-record band entry 
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 
 import apache_beam as beam
 
-from transforms.captions import band_bytes
+from transforms.captions import band_key_rows
 from transforms.key_batches import grouped, split_buckets
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
@@ -60,10 +59,14 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
 def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, list]]:
     """A record batch -> (bucket, [(band key, caption, records)]): each distinct normalized
     caption of the batch once per MinHash band, with its number of records."""
+    counts = sorted(Counter(r["norm"] for r in batch).items())
+    keys, hashes = band_key_rows([norm for norm, _ in counts])
+    buckets = (hashes % max(1, n)).tolist()
+    per = len(keys) // max(1, len(counts))
     out: dict[int, list] = {}
-    for norm, count in sorted(Counter(r["norm"] for r in batch).items()):
-        for band in band_bytes(norm):
-            out.setdefault(zlib.crc32(band) % n, []).append((band, norm, count))
+    for i, (norm, count) in enumerate(counts):
+        for k in range(i * per, (i + 1) * per):
+            out.setdefault(buckets[k], []).append((keys[k], norm, count))
     yield from sorted(out.items())
 
 
