@@ -205,3 +205,24 @@ def test_band_key_rows_equal_band_bytes_per_caption():
     by_key = dict(zip(keys, hashes.tolist(), strict=True))
     assert dict(zip(again, hashes2.tolist(), strict=True)) == by_key  # a key's hash: its values only
     assert len(set(by_key.values())) > len(by_key) // 2 and band_key_rows([])[0] == []
+
+
+def test_metadata_objects_skips_only_jsons_without_objects():
+    import json
+
+    from transforms.objects import metadata_objects
+
+    def parsed(meta):  # the parse every json got before
+        try:
+            objects = json.loads(meta or "{}").get("objects")
+        except (ValueError, AttributeError):
+            return []
+        if not isinstance(objects, list):
+            return []
+        return sorted({str(o).strip().lower() for o in objects if isinstance(o, str | int) and str(o).strip()})
+
+    cases = ["", "{}", "[]", "not json", '{"objects": ["Flag", " logo ", 3, ""]}', '{"\\u006fbjects": ["Dome"]}']
+    cases += ['{"a": 1}', '{"objects": "flag"}', '{"objects": ["a"]', "null", '{"x": "\\u00e9", "objects": ["Cup"]}']
+    for meta in cases:
+        assert metadata_objects(meta) == parsed(meta), meta
+    assert metadata_objects('{"\\u006fbjects": ["Dome"]}') == ["dome"]
