@@ -126,9 +126,11 @@ def test_near_norms_with_known_and_integer_test_equal_every_pair():
     from transforms.captions import jaccard
 
     rng = random.Random(5)
-    vocab = [f"w{i}" for i in range(10)]
-    for _ in range(200):
-        norms = sorted({" ".join(rng.sample(vocab, rng.randint(1, 9))) for _ in range(rng.randint(2, 30))})
+    vocab = [f"w{i}" for i in range(16)]
+    for t in range(400):  # sizes to 15 words: equal sizes past 8 and n vs n + 1 past 12 too
+        top = 9 if t % 2 else 15
+        norms = sorted({" ".join(rng.sample(vocab, rng.randint(1, top))) for _ in range(rng.randint(2, 30))})
+        norms += [n + " " + n.split()[0] for n in norms[:3]]  # same word set, another caption
         sets = {n: frozenset(n.split()) for n in norms}
         want = {n for a, b in itertools.combinations(norms, 2) if jaccard(sets[a], sets[b]) >= 0.8 for n in (a, b)}
         assert near_norms(norms) == want

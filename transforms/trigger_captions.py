@@ -37,8 +37,10 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
     does not depend on it). Pairs are taken in order of set size and cut where the sizes alone
     rule them out (Jaccard <= smaller / larger), so only sets of similar size are intersected;
     a pair of captions both already in ``known`` (or found here) is skipped, as it cannot add
-    a caption to the union. Jaccard >= 0.8 is tested as 5 x inter >= 4 x union (exact; the
-    union of two different captions' words is never empty)."""
+    a caption to the union. Jaccard >= 0.8 is 5 x inter >= 4 x union, i.e. 9 x inter >= 4 x
+    (size a + size b) (exact; two different captions' union is never empty): for sets of equal
+    size (<= 8 words) that is equality, for sizes n and n + 1 (n <= 12) the smaller inside the
+    larger, tested without building the intersection."""
     sets = sorted(((frozenset(n.split()), n) for n in norms), key=lambda s: (len(s[0]), s[1]))
     near: set[str] = set()
     for i, (a, na) in enumerate(sets):
@@ -50,8 +52,13 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
                 break
             if (a_known or na in near) and (nb in known or nb in near):
                 continue  # both marked already: the pair cannot mark anything new
-            inter = len(a & b)
-            if 5 * inter >= 4 * (la + lb - inter):
+            if lb == la:  # 9 x inter >= 8 x la: for la <= 8 only equal word sets
+                hit = a == b if la <= 8 else 9 * len(a & b) >= 8 * la
+            elif lb == la + 1 and la <= 12:  # 9 x inter >= 8 x la + 4: a inside b
+                hit = a < b
+            else:
+                hit = 9 * len(a & b) >= 4 * (la + lb)
+            if hit:
                 near.update((na, nb))
     return near
 
