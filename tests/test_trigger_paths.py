@@ -228,3 +228,14 @@ def test_metadata_objects_skips_only_jsons_without_objects():
     for meta in cases:
         assert metadata_objects(meta) == parsed(meta), meta
     assert metadata_objects('{"\\u006fbjects": ["Dome"]}') == ["dome"]
+
+
+def test_full_caches_give_the_same_terms(monkeypatch):
+    from transforms import keywords
+
+    monkeypatch.setattr(keywords, "PIECE_CACHE", 5)
+    monkeypatch.setattr(keywords, "CAPTION_CACHE", 3)
+    reference, capped = KeywordExtractor(True), KeywordExtractor(True)
+    for c in TRICKY * 2:
+        assert capped.terms_tuple(c) == reference._terms_of(reference.lemmas_spacy(c)), c
+    assert len(capped._pieces) == 5 and len(capped._terms) == 3
