@@ -15,7 +15,7 @@ from functools import lru_cache
 _SPACE = re.compile(r"\s+")
 _NON_WORD = re.compile(r"[^\w\s]")
 _DIGITS = re.compile(r"\d+")
-PIECE_CACHE = 1_000_000  # distinct whitespace-separated pieces whose lemmas are kept
+PIECE_CACHE = 500_000  # distinct whitespace-separated pieces whose lemmas are kept (~250 B each)
 CAPTION_CACHE = 100_000  # distinct captions whose terms are kept
 
 
