@@ -71,6 +71,9 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
     keys, payload = batch
     if not len(keys):
         return
+    if plan.centroids is None:  # one cell: nothing to compare with
+        yield 0, (keys, payload, np.zeros((len(keys), 1), dtype=np.int32), plan.groups)
+        return
     vecs = vectorize(payload)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
     cells = cs.assign(vecs[:, q], plan)
@@ -80,7 +83,9 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
         yield int(g), (keys[rows], payload[rows], cells[rows], plan.groups)
 
 
-def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool) -> Iterator[dict]:
+def _search(
+    item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool, cell_fn=None
+) -> Iterator[dict]:
     """One shuffle group's pieces (each says how many groups there are) -> its columnar results."""
     from pipeline import progress
 
@@ -92,7 +97,7 @@ def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, fore
     vecs = vectorize(np.concatenate([p[1] for p in pieces]))
     cells = np.concatenate([p[2] for p in pieces])
     q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
-    found = cs.search_group(keys, vecs, cells, group, groups, q, threshold, forest=forest)
+    found = cs.search_group(keys, vecs, cells, group, groups, q, threshold, forest=forest, cell_fn=cell_fn)
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
     progress.advance("search", len(keys))  # rows searched in this cell group (top-m: a row in m groups)
     yield found
@@ -141,7 +146,8 @@ class CellSearch(beam.PTransform):
 
     ``forest`` (default): each cell emits a breadth-first spanning forest of its pairs above the
     threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else every
-    pair once."""
+    pair once. ``cell_fn`` replaces the in-cell search (``cell_search.search_cell``'s contract) and
+    ``search_vectorize`` what it is given (packed codes for ``transforms.hamming_search``)."""
 
     def __init__(
         self,
@@ -154,9 +160,12 @@ class CellSearch(beam.PTransform):
         similarity: Callable = identity_similarity,
         forest: bool = True,
         batched_neighbours: bool = False,
+        cell_fn: Callable | None = None,
+        search_vectorize: Callable | None = None,
     ):
         super().__init__()
         self.forest = forest
+        self.cell_fn, self.search_vectorize = cell_fn, search_vectorize or vectorize
         self.batched_neighbours = batched_neighbours
         self.threshold, self.embedder, self.seed = threshold, embedder, seed
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
@@ -185,10 +194,11 @@ class CellSearch(beam.PTransform):
             | "SearchCells"
             >> beam.FlatMap(
                 _search,
-                vectorize=self.vectorize,
+                vectorize=self.search_vectorize,
                 query_rows=self.query_rows,
                 threshold=self.threshold,
                 forest=self.forest,
+                cell_fn=self.cell_fn,
             )
         )
         edges = found | "Edges" >> beam.FlatMap(_edges, self.embedder, self.similarity)
