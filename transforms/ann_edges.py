@@ -26,35 +26,44 @@ TARGET_GROUP_ROWS = 200_000  # rows (with second cells) per shuffle group: group
 
 
 class SampleRows(beam.CombineFn):
-    """Batches -> (row count, the ``cap`` rows of smallest key priority): order-independent."""
+    """Batches -> (row count, the ``cap`` rows of smallest key priority): order-independent.
+
+    The accumulator is [row count, pieces]: pieces are only merged (sorted and cut to ``cap``)
+    once they hold more than 2 x ``cap`` rows, so many small batches cost no repeated sorts."""
 
     def __init__(self, cap: int, seed: int):
         self.cap, self.seed = cap, seed
 
     def create_accumulator(self):
-        return 0, np.empty(0, np.uint64), np.empty(0, dtype="U1"), None
+        return [0, []]
 
     def add_input(self, acc, batch):
         keys, payload = batch
         prio = cs.key_priority(keys, self.seed)
         take = np.argsort(prio, kind="stable")[: self.cap]
-        return self._merge([acc, (len(keys), prio[take], np.asarray(keys)[take], payload[take])])
+        acc[0] += len(keys)
+        acc[1].append((prio[take], np.asarray(keys)[take], payload[take]))
+        if sum(len(p[0]) for p in acc[1]) > 2 * self.cap:
+            acc[1] = self._merge(acc[1])
+        return acc
 
     def merge_accumulators(self, accs):
-        return self._merge(list(accs))
+        accs = list(accs)
+        pieces = [p for a in accs for p in a[1]]
+        return [sum(a[0] for a in accs), self._merge(pieces) if len(pieces) > 1 else pieces]
 
-    def _merge(self, accs):
-        full = [a for a in accs if a[3] is not None and len(a[1])]
-        n = sum(a[0] for a in accs)
+    def _merge(self, pieces):
+        full = [p for p in pieces if len(p[0])]
         if not full:
-            return n, np.empty(0, np.uint64), np.empty(0, dtype="U1"), None
-        prio = np.concatenate([a[1] for a in full])
-        keys = np.concatenate([a[2] for a in full])
+            return []
+        prio = np.concatenate([p[0] for p in full])
+        keys = np.concatenate([p[1] for p in full])
         take = np.lexsort((keys, prio))[: self.cap]
-        return n, prio[take], keys[take], np.concatenate([a[3] for a in full])[take]
+        return [(prio[take], keys[take], np.concatenate([p[2] for p in full])[take])]
 
     def extract_output(self, acc):
-        return acc[0], acc[3]
+        pieces = self._merge(acc[1])
+        return acc[0], (pieces[0][2] if pieces else None)
 
 
 def _plan(stats, vectorize: Callable, query_rows: tuple, settings: dict) -> cs.Plan:

@@ -12,6 +12,7 @@ bytes, which counts the bit depth (a 64 Mpx 16-bit RGB PNG is 384 MB decoded).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -124,12 +125,13 @@ def _orientation(img) -> int:
         return 1
 
 
-def _openers() -> list[str]:
+@functools.cache
+def _openers() -> tuple[str, ...]:
     """The PIL openers of DECODABLE_FORMATS that this Pillow has (MPO is opened by JPEG's)."""
     from PIL import Image
 
     Image.init()
-    return [f for f in sorted(DECODABLE_FORMATS) if f in Image.OPEN]
+    return tuple(f for f in sorted(DECODABLE_FORMATS) if f in Image.OPEN)
 
 
 def decode_image(data: bytes, ext: str, max_pixels: int, notes: list[str] | None = None, max_decoded_bytes: int = 0):

@@ -22,7 +22,7 @@ import functools
 
 import numpy as np
 
-TILE = 1024  # images per tile side: a product is ~(TILE x 1.1) x (TILE x H) int32
+TILE = 512  # images per tile side: a product is (TILE x TILE) int32, 1 MB, in cache
 NONE = np.iinfo(np.int32).min
 
 
@@ -85,24 +85,22 @@ class _Queries:
         return out
 
 
-def targets(codes: np.ndarray, a: int, b: int):
-    """Every hash row of images [a, b) as one (BITS, H * n) matrix, row-major slabs (all images'
-    row 0, then row 1, ...): products with it reduce by elementwise maxima of contiguous slabs."""
-    block = codes[a:b].transpose(1, 0, 2).reshape(-1, codes.shape[2])
-    return signs(block).T.contiguous()
+def targets(codes: np.ndarray, a: int, b: int) -> list:
+    """Every hash row of images [a, b), one (BITS, n) matrix per row (transposed for products)."""
+    return [signs(codes[a:b, r]).T.contiguous() for r in range(codes.shape[1])]
 
 
-def _best_dots(queries: list, target, n_t: int):
-    """Query slabs (the first holds every image, in order) x a target matrix of n_t images ->
-    (n_q, n_t) int32: per image pair, the largest product of a query row and any target row."""
+def _best_dots(queries: list, target: list, n_t: int):
+    """Query slabs (the first holds every image, in order) x one tile's target matrices ->
+    (n_q, n_t) int32: per image pair, the largest product of a query row and any target row.
+    One product per target row, folded into the running maximum while it is in cache."""
     import torch
 
     best = None
     for pos, vecs in queries:
-        prod = _product(vecs, target)
-        red = prod[:, :n_t].clone()
-        for s in range(n_t, prod.shape[1], n_t):  # contiguous slabs: cheaper than amax over a view
-            torch.maximum(red, prod[:, s : s + n_t], out=red)
+        red = _product(vecs, target[0])
+        for t in target[1:]:
+            torch.maximum(red, _product(vecs, t), out=red)
         if best is None:
             best = red
         else:
@@ -130,6 +128,18 @@ def search_codes(codes: np.ndarray, query_rows, threshold: float, tile: int = TI
     bits = nbytes * 8
     q = [r for r in query_rows if r < h] or [0]
     need = int(np.ceil(threshold * bits - 1e-6))  # dot = bits - 2 hamming is an integer
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound maxima: a second thread on a busy core costs 5-20x
+    try:
+        return _search(codes, q, need, bits, tile)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _search(codes: np.ndarray, q: list, need: int, bits: int, tile: int):
+    import torch
+
+    m = len(codes)
     found = _Queries(codes, q)
     queries = {a: found.block(a, min(m, a + tile)) for a in range(0, m, tile)}
     cache: dict = {}  # target matrices of the blocks to the right of the current one
