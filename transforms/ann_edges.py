@@ -68,8 +68,8 @@ class SampleRows(beam.CombineFn):
 
 def _plan(stats, vectorize: Callable, query_rows: tuple, settings: dict) -> cs.Plan:
     n, payload = stats
-    if payload is None or n < 2:
-        return cs.Plan(None, 1, settings["margin"], settings["top_m"] >= 2)
+    if payload is None or n < 2 or cs.choose_cells(n, settings["single_cell_below"], settings["requested_cells"]) <= 1:
+        return cs.Plan(None, 1, settings["margin"], settings["top_m"] >= 2)  # one cell: no vectors needed
     vecs = vectorize(payload)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
     sample = vecs[:, q].reshape(-1, vecs.shape[2])
