@@ -117,7 +117,12 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
+_EXIF_INFO = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where PIL's getexif looks
+
+
 def _orientation(img) -> int:
+    if not hasattr(img, "tag_v2") and not any(k in img.info for k in _EXIF_INFO):
+        return 1  # no EXIF or XMP block: nothing to parse
     try:
         value = img.getexif().get(0x0112)
         return int(value) if value in _TRANSPOSE else 1
