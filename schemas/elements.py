@@ -66,6 +66,26 @@ class Edge:
     embedder: str  # exact | phash | clip | ...
 
 
+@dataclass(frozen=True, eq=False)
+class EdgeBatch:
+    """Many duplicate edges of one embedder as columns (what a batched search emits instead of
+    one ``Edge`` per pair): ``key_a``/``key_b`` numpy arrays of key strings with key_a[i] < key_b[i],
+    ``similarity`` a float array of the same length."""
+
+    key_a: object
+    key_b: object
+    similarity: object
+    embedder: str
+
+    def __len__(self) -> int:
+        return len(self.key_a)
+
+    def edges(self):
+        """-> one ``Edge`` per row (for consumers that still take single edges)."""
+        for a, b, s in zip(self.key_a.tolist(), self.key_b.tolist(), self.similarity.tolist(), strict=True):
+            yield Edge(a, b, float(s), self.embedder)
+
+
 @dataclass(frozen=True)
 class Neighbour:
     """A sample's nearest neighbour under one embedder, so thresholds can move later."""
