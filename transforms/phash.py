@@ -329,8 +329,9 @@ class FindPhashCopies(beam.PTransform):
 
     Codes are batched by key hash (one shuffle of 100-odd bytes a sample), then searched like
     embeddings (``transforms.ann_edges.CellSearch``): each hash a +/-1 vector, k-means cells on a
-    bounded sample, rows shuffled by cell as arrays, exact products inside each cell. One cell
-    (exact) up to ``single_cell_below`` samples.
+    bounded sample, rows shuffled by cell as arrays, exact products inside each cell (of packed
+    codes in integers: ``transforms.hamming_search``). One cell (exact) up to
+    ``single_cell_below`` samples.
     """
 
     def __init__(self, cfg, seed: int = 0):
