@@ -19,7 +19,9 @@ Measured 2026-11-30 on the shared 2-core machine (load average 8-13 throughout),
   Same manifest, clusters, neighbours and every other table before and after (also on the
   Flickr shards themselves and on the demo data, ORB on).
 - ``--copies 58`` (31,900 samples), ``--work out/bench/read``: (dc3fff6) bare 359.7 s wall,
-  graph 530.8 s = 1.48x wall (load 8-13); CPU_C58_LINE
+  graph 530.8 s = 1.48x wall (load 8-13); again (751da60): bare 332.0 s wall / 98.4 s CPU,
+  graph 224.3 s wall / 129.1 s CPU = 1.31x CPU (the load fell from ~12 to ~4 between the two
+  halves, so that run's 0.68x wall ratio means nothing).
 - Where the rest goes (8,250 samples, CPU): the job's fixed cost is ~9.5 s (a 104-sample demo
   run: imports, graph construction, Beam's DoFn signature inspection); the reader is 1.03-1.13x
   the bare loop; the perceptual-hash search (transforms/hamming_search.py, exact, int8
@@ -27,6 +29,7 @@ Measured 2026-11-30 on the shared 2-core machine (load average 8-13 throughout),
   rows in one cell (~25 s at 32k).
 
 Earlier (the float search): 52.9 s bare vs 130.9 s graph (2.4x) at 8,250 samples, load 8-9.
+
 The real Flickr8k shards are replicated under new keys (``--copies``) so start-up does not
 dominate. Both sides run on one core: the pipeline on the in-process DirectRunner with one
 worker, the loop in this process. Prints samples/s for each and the ratio.
