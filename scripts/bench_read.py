@@ -16,6 +16,8 @@ Measured 2026-11-30 on the shared 2-core machine (load average 8-13 throughout),
 - ``--copies 15`` (8,250 samples), back to back, ``--work out/bench/read15``:
   before (74ace18): bare 94.9 s wall / 26.3 s CPU, graph 233.8 s / 59.6 s = 2.46x wall, 2.26x CPU;
   after (751da60): bare 91.6 s / 25.3 s, graph 130.5 s / 40.0 s = 1.42x wall, 1.58x CPU.
+  After merging main's columnar FindDuplicates (a273770, load 4.3): bare 34.8 s / 23.2 s,
+  graph 52.4 s / 37.6 s = 1.51x wall, 1.62x CPU.
   Same manifest, clusters, neighbours and every other table before and after (also on the
   Flickr shards themselves and on the demo data, ORB on).
 - ``--copies 58`` (31,900 samples), ``--work out/bench/read``: (dc3fff6) bare 359.7 s wall,
