@@ -26,41 +26,50 @@ TARGET_GROUP_ROWS = 200_000  # rows (with second cells) per shuffle group: group
 
 
 class SampleRows(beam.CombineFn):
-    """Batches -> (row count, the ``cap`` rows of smallest key priority): order-independent."""
+    """Batches -> (row count, the ``cap`` rows of smallest key priority): order-independent.
+
+    The accumulator is [row count, pieces]: pieces are only merged (sorted and cut to ``cap``)
+    once they hold more than 2 x ``cap`` rows, so many small batches cost no repeated sorts."""
 
     def __init__(self, cap: int, seed: int):
         self.cap, self.seed = cap, seed
 
     def create_accumulator(self):
-        return 0, np.empty(0, np.uint64), np.empty(0, dtype="U1"), None
+        return [0, []]
 
     def add_input(self, acc, batch):
         keys, payload = batch
         prio = cs.key_priority(keys, self.seed)
         take = np.argsort(prio, kind="stable")[: self.cap]
-        return self._merge([acc, (len(keys), prio[take], np.asarray(keys)[take], payload[take])])
+        acc[0] += len(keys)
+        acc[1].append((prio[take], np.asarray(keys)[take], payload[take]))
+        if sum(len(p[0]) for p in acc[1]) > 2 * self.cap:
+            acc[1] = self._merge(acc[1])
+        return acc
 
     def merge_accumulators(self, accs):
-        return self._merge(list(accs))
+        accs = list(accs)
+        pieces = [p for a in accs for p in a[1]]
+        return [sum(a[0] for a in accs), self._merge(pieces) if len(pieces) > 1 else pieces]
 
-    def _merge(self, accs):
-        full = [a for a in accs if a[3] is not None and len(a[1])]
-        n = sum(a[0] for a in accs)
+    def _merge(self, pieces):
+        full = [p for p in pieces if len(p[0])]
         if not full:
-            return n, np.empty(0, np.uint64), np.empty(0, dtype="U1"), None
-        prio = np.concatenate([a[1] for a in full])
-        keys = np.concatenate([a[2] for a in full])
+            return []
+        prio = np.concatenate([p[0] for p in full])
+        keys = np.concatenate([p[1] for p in full])
         take = np.lexsort((keys, prio))[: self.cap]
-        return n, prio[take], keys[take], np.concatenate([a[3] for a in full])[take]
+        return [(prio[take], keys[take], np.concatenate([p[2] for p in full])[take])]
 
     def extract_output(self, acc):
-        return acc[0], acc[3]
+        pieces = self._merge(acc[1])
+        return acc[0], (pieces[0][2] if pieces else None)
 
 
 def _plan(stats, vectorize: Callable, query_rows: tuple, settings: dict) -> cs.Plan:
     n, payload = stats
-    if payload is None or n < 2:
-        return cs.Plan(None, 1, settings["margin"], settings["top_m"] >= 2)
+    if payload is None or n < 2 or cs.choose_cells(n, settings["single_cell_below"], settings["requested_cells"]) <= 1:
+        return cs.Plan(None, 1, settings["margin"], settings["top_m"] >= 2)  # one cell: no vectors needed
     vecs = vectorize(payload)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
     sample = vecs[:, q].reshape(-1, vecs.shape[2])
@@ -71,6 +80,9 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
     keys, payload = batch
     if not len(keys):
         return
+    if plan.centroids is None:  # one cell: nothing to compare with
+        yield 0, (keys, payload, np.zeros((len(keys), 1), dtype=np.int32), plan.groups)
+        return
     vecs = vectorize(payload)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
     cells = cs.assign(vecs[:, q], plan)
@@ -80,7 +92,9 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
         yield int(g), (keys[rows], payload[rows], cells[rows], plan.groups)
 
 
-def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool) -> Iterator[dict]:
+def _search(
+    item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool, cell_fn=None
+) -> Iterator[dict]:
     """One shuffle group's pieces (each says how many groups there are) -> its columnar results."""
     from pipeline import progress
 
@@ -92,7 +106,7 @@ def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, fore
     vecs = vectorize(np.concatenate([p[1] for p in pieces]))
     cells = np.concatenate([p[2] for p in pieces])
     q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
-    found = cs.search_group(keys, vecs, cells, group, groups, q, threshold, forest=forest)
+    found = cs.search_group(keys, vecs, cells, group, groups, q, threshold, forest=forest, cell_fn=cell_fn)
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
     progress.advance("search", len(keys))  # rows searched in this cell group (top-m: a row in m groups)
     yield found
@@ -141,7 +155,8 @@ class CellSearch(beam.PTransform):
 
     ``forest`` (default): each cell emits a breadth-first spanning forest of its pairs above the
     threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else every
-    pair once."""
+    pair once. ``cell_fn`` replaces the in-cell search (``cell_search.search_cell``'s contract) and
+    ``search_vectorize`` what it is given (packed codes for ``transforms.hamming_search``)."""
 
     def __init__(
         self,
@@ -154,9 +169,12 @@ class CellSearch(beam.PTransform):
         similarity: Callable = identity_similarity,
         forest: bool = True,
         batched_neighbours: bool = False,
+        cell_fn: Callable | None = None,
+        search_vectorize: Callable | None = None,
     ):
         super().__init__()
         self.forest = forest
+        self.cell_fn, self.search_vectorize = cell_fn, search_vectorize or vectorize
         self.batched_neighbours = batched_neighbours
         self.threshold, self.embedder, self.seed = threshold, embedder, seed
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
@@ -185,10 +203,11 @@ class CellSearch(beam.PTransform):
             | "SearchCells"
             >> beam.FlatMap(
                 _search,
-                vectorize=self.vectorize,
+                vectorize=self.search_vectorize,
                 query_rows=self.query_rows,
                 threshold=self.threshold,
                 forest=self.forest,
+                cell_fn=self.cell_fn,
             )
         )
         edges = found | "Edges" >> beam.FlatMap(_edges, self.embedder, self.similarity)

@@ -290,12 +290,22 @@ def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 
 def search_group(
-    keys, vecs, cells, group: int, groups: int, query_rows, threshold: float, bf16=None, forest: bool = False
+    keys,
+    vecs,
+    cells,
+    group: int,
+    groups: int,
+    query_rows,
+    threshold: float,
+    bf16=None,
+    forest: bool = False,
+    cell_fn=None,
 ) -> dict:
     """All cells of one shuffle group -> columnar results (numpy arrays of keys and similarities):
     ``edges`` (a, b, sim) with a < b, each pair once over all cells (``forest``: only each cell's
     breadth-first spanning forest, which keeps the components); ``nn`` (key, nn_key, sim) final for
-    rows in one cell; ``nn_partial`` the same for rows in several cells (to combine)."""
+    rows in one cell; ``nn_partial`` the same for rows in several cells (to combine). ``cell_fn``:
+    the in-cell search (``search_cell``'s contract; packed binary codes: transforms.hamming_search)."""
     keys = np.asarray(keys)
     rows = dedup_keys(keys, vecs)
     keys, cells = keys[rows], cells[rows]
@@ -309,7 +319,7 @@ def search_group(
     for members, c in zip(np.split(row, bounds) if len(flat) else [], flat[starts].tolist(), strict=True):
         if len(members) < 2:
             continue
-        i, j, sim, nn, nn_sim = search_cell(vecs[rows[members]], query_rows, threshold, bf16)
+        i, j, sim, nn, nn_sim = (cell_fn or search_cell)(vecs[rows[members]], query_rows, threshold, bf16)
         gi, gj = members[i], members[j]
         own = owner_cell(cells[gi], cells[gj]) == c  # a forest edge another cell owns is connected there
         if forest:

@@ -1,8 +1,9 @@
 """Caption keywords with spaCy: ``blank("en")`` tokenizer + the lookup lemmatizer, offline.
 
 Lower-case lemmas, stop words, punctuation and numbers out; optional bigrams of adjacent
-kept lemmas. The lemma table comes from spacy-lookups-data; lookups are cached per word, so
-tokenizing is the cost (about 30,000 short captions/s on one core here).
+kept lemmas. The lemma table comes from spacy-lookups-data. spaCy tokenizes each
+whitespace-separated piece on its own, so a piece's kept lemmas are computed once (spaCy's
+tokenizer and the lookup) and cached: a caption then costs a split and dict lookups.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from functools import lru_cache
 _SPACE = re.compile(r"\s+")
 _NON_WORD = re.compile(r"[^\w\s]")
 _DIGITS = re.compile(r"\d+")
+PIECE_CACHE = 500_000  # distinct whitespace-separated pieces whose lemmas are kept (~250 B each)
+CAPTION_CACHE = 100_000  # distinct captions whose terms are kept
 
 
 class KeywordExtractor:
@@ -34,6 +37,8 @@ class KeywordExtractor:
         self._table = table
         self._stop = frozenset(nlp.Defaults.stop_words)
         self._cache: dict[int, str | None] = {}
+        self._pieces: dict[str, tuple[str, ...]] = {}
+        self._terms: dict[str, tuple[str, ...]] = {}
 
     def __getstate__(self):
         return {"bigrams": self.bigrams, "_nlp": None}
@@ -53,18 +58,49 @@ class KeywordExtractor:
         return lemma
 
     def lemmas(self, text: str) -> list[str]:
-        """Kept lemmas in order (duplicates kept)."""
+        """Kept lemmas in order (duplicates kept). spaCy's tokenizer splits the text at
+        whitespace first and tokenizes each piece on its own (prefixes, suffixes, infixes,
+        special cases), so the kept lemmas of each distinct piece are computed once by spaCy
+        and cached; ``lemmas_spacy`` is the per-caption reference."""
+        if self._nlp is None:
+            self._load()
+        pieces = self._pieces
+        out: list[str] = []
+        for piece in text.split():
+            kept = pieces.get(piece)
+            if kept is None:
+                kept = tuple(lem for t in self._nlp.tokenizer(piece) if (lem := self._lemma(t)) is not None)
+                if len(pieces) < PIECE_CACHE:
+                    pieces[piece] = kept
+            out.extend(kept)
+        return out
+
+    def lemmas_spacy(self, text: str) -> list[str]:
+        """Kept lemmas of the whole caption through spaCy's tokenizer (the reference path)."""
         if self._nlp is None:
             self._load()
         return [lem for t in self._nlp.tokenizer(text) if (lem := self._lemma(t)) is not None]
 
     def terms(self, text: str) -> list[str]:
         """Sorted unique keyword terms of one caption (lemmas, and bigrams when enabled)."""
-        seq = self.lemmas(text)
+        return list(self.terms_tuple(text))
+
+    def terms_tuple(self, text: str) -> tuple[str, ...]:
+        """``terms`` as a tuple, cached per distinct caption (captions repeat)."""
+        if self._nlp is None:
+            self._load()
+        got = self._terms.get(text)
+        if got is None:
+            got = self._terms_of(self.lemmas(text))
+            if len(self._terms) < CAPTION_CACHE:
+                self._terms[text] = got
+        return got
+
+    def _terms_of(self, seq: list[str]) -> tuple[str, ...]:
         out = set(seq)
         if self.bigrams:
             out.update(f"{a} {b}" for a, b in zip(seq, seq[1:], strict=False))
-        return sorted(out)
+        return tuple(sorted(out))
 
     def many(self, texts: list[str]) -> list[list[str]]:
         if self._nlp is None:

@@ -79,7 +79,10 @@ DEFAULT_RELATED = (
 
 
 def metadata_objects(meta_json: str) -> list[str]:
-    """The sample json's ``objects`` list (names lower-cased), or [] when absent or malformed."""
+    """The sample json's ``objects`` list (names lower-cased), or [] when absent or malformed.
+    A json without the word ``objects`` (nor an escape that could spell it) is not parsed."""
+    if not meta_json or ("objects" not in meta_json and "\\u" not in meta_json):
+        return []
     try:
         objects = json.loads(meta_json or "{}").get("objects")
     except (ValueError, AttributeError):

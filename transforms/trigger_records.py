@@ -5,18 +5,17 @@ A record is what the miners need of one ok sample: key, shard, caption, normaliz
 keyword terms, metadata objects, and its duplicate cluster (its own key and size 1 when it has
 no assignment). Counting is a ``Counter`` per batch whose items are summed per term
 (``CombinePerKey``), so a term travels once per batch, not once per caption; captions are
-grouped (exact text, MinHash bands, template skeletons) through hash buckets of lists.
+grouped (template skeletons here; exact text and MinHash bands in ``trigger_captions``)
+through hash buckets of lists.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
 
 from pipeline import progress
-from schemas import arrow
 from transforms.key_batches import grouped, split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import metadata_objects
@@ -24,17 +23,36 @@ from transforms.objects import metadata_objects
 CHUNK = 4096  # records per element
 
 
-def make_record(info, assignment, extractor, use_metadata: bool) -> dict:
+INFO_COLUMNS = ("key", "shard", "caption", "meta_json")
+NORM_CACHE = 100_000  # distinct captions whose normalized text is kept
+
+
+def make_record(info, assignment, extractor, use_metadata: bool, norm: str | None = None) -> dict:
+    """A SampleInfo (or an object with its key, shard, caption, meta_json) -> a record."""
     return {
         "key": info.key,
         "shard": info.shard,
         "caption": info.caption,
-        "norm": normalize_caption(info.caption),
-        "terms": extractor.terms(info.caption),
+        "norm": normalize_caption(info.caption) if norm is None else norm,
+        "terms": extractor.terms_tuple(info.caption),
         "objects": metadata_objects(info.meta_json) if use_metadata else [],
         "cluster_id": assignment.cluster_id if assignment else info.key,
         "cluster_size": assignment.cluster_size if assignment else 1,
     }
+
+
+class _Row:
+    """The info columns records need, for ``make_record`` (no SampleInfo per row)."""
+
+    __slots__ = INFO_COLUMNS
+
+    def __init__(self, key, shard, caption, meta_json):
+        self.key, self.shard, self.caption, self.meta_json = key, shard, caption, meta_json
+
+
+def info_rows(table) -> Iterator[_Row]:
+    """An info batch -> its rows' key, shard, caption and meta_json, read column by column."""
+    yield from map(_Row, *(table.column(c).to_pylist() for c in INFO_COLUMNS))
 
 
 class ShardRecordsFn(beam.DoFn):
@@ -46,6 +64,15 @@ class ShardRecordsFn(beam.DoFn):
 
     def setup(self):
         self.extractor = KeywordExtractor(self.bigrams)
+        self.norms: dict[str, str] = {}
+
+    def _norm(self, caption: str) -> str:
+        norm = self.norms.get(caption)
+        if norm is None:
+            norm = normalize_caption(caption)
+            if len(self.norms) < NORM_CACHE:
+                self.norms[caption] = norm
+        return norm
 
     def process(self, item) -> Iterator[list[dict]]:
         _, joined = item
@@ -53,11 +80,12 @@ class ShardRecordsFn(beam.DoFn):
         seen: set[str] = set()
         batch: list[dict] = []
         for table in joined["info"]:
-            for info in arrow.infos_of(table):
+            for info in info_rows(table):
                 if info.key in seen:  # a key repeated in one shard: its first record
                     continue
                 seen.add(info.key)
-                batch.append(make_record(info, assigned.get(info.key), self.extractor, self.use_metadata))
+                norm = self._norm(info.caption)
+                batch.append(make_record(info, assigned.get(info.key), self.extractor, self.use_metadata, norm))
                 if len(batch) >= CHUNK:
                     progress.advance("triggers", len(batch))
                     yield batch
@@ -65,14 +93,6 @@ class ShardRecordsFn(beam.DoFn):
         if batch:
             progress.advance("triggers", len(batch))
             yield batch
-
-
-def counted(batch: list[dict], events: Callable[[dict], Iterable]) -> Iterator[tuple]:
-    """A batch's records -> (event, count) items of the events they produce."""
-    counts: Counter = Counter()
-    for r in batch:
-        counts.update(events(r))
-    yield from counts.items()
 
 
 def bucketed(batch: list[dict], pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:

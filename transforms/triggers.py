@@ -9,15 +9,18 @@ Per-sample trigger codes go back to the annotations by key.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Iterator
+from itertools import chain
 
 import apache_beam as beam
 
 from pipeline import progress
-from transforms.captions import cluster_duplication, minhash_bands, skeleton
+from transforms.captions import cluster_duplication, skeleton_of_norm
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
-from transforms.trigger_records import CHUNK, GroupInBuckets, ShardRecordsFn, counted
+from transforms.trigger_captions import CaptionCodes, near_norms
+from transforms.trigger_records import CHUNK, GroupInBuckets, ShardRecordsFn
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -44,7 +47,7 @@ class _SampleRecords(beam.DoFn):
             "shard": info.shard,
             "caption": info.caption,
             "norm": normalize_caption(info.caption),
-            "terms": self.extractor.terms(info.caption),
+            "terms": self.extractor.terms_tuple(info.caption),
             "objects": metadata_objects(info.meta_json) if self.use_metadata else [],
             "cluster_id": a.cluster_id if a else key,
             "cluster_size": a.cluster_size if a else 1,
@@ -73,6 +76,33 @@ def _object_events(record: dict, vocabulary: frozenset[str]) -> Iterator[tuple]:
             yield ("object", obj)
             for w in record["terms"]:
                 yield ("both", w, obj)
+
+
+def _object_event_counts(batch: list[dict], vocabulary: frozenset[str]):
+    """A batch's ``_object_events``, counted. A record without metadata objects only mentions
+    objects: those whose words it has, found through an index of the vocabulary's words."""
+    index = _object_index(vocabulary)
+    counts: Counter = Counter()
+    for r in batch:
+        if r["objects"]:
+            counts.update(_object_events(r, vocabulary))
+            continue
+        words = _words(r)
+        hits = {obj for w in words.intersection(index) for obj, parts in index[w] if all(p in words for p in parts)}
+        for obj in sorted(hits):
+            counts[("mention", obj)] += 1
+            counts.update([("kw_mention", w, obj) for w in r["terms"]])
+    return counts.items()
+
+
+@functools.lru_cache(maxsize=256)
+def _object_index(objects: frozenset[str]) -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """word -> the objects (with their words) that contain it."""
+    index: dict[str, list] = {}
+    for obj, parts in _split_objects(objects):
+        for w in set(parts):
+            index.setdefault(w, []).append((obj, parts))
+    return {w: tuple(v) for w, v in index.items()}
 
 
 @functools.lru_cache(maxsize=256)
@@ -112,18 +142,11 @@ def _codes_for(record: dict, word_sig, object_sig) -> Iterator[tuple[str, tuple[
         yield (record["key"], record["shard"]), tuple(sorted(codes))
 
 
-def _group_codes(item, code: str, min_members: int = 2, min_clusters: int = 2) -> Iterator:
-    _, members = item
-    members = list(members)
-    if len(members) >= min_members and len({c for _, c in members}) >= min_clusters:
-        for key, _ in members:
-            yield key, (code,)
-
-
 def _near_dup_keys(item) -> Iterator:
     """(band, [(member id, normalized caption)]) -> (member id, code) for members whose caption
     is a near duplicate (Jaccard >= 0.8, not equal) of another's; distinct captions are compared
-    once, whatever number of members share each."""
+    once, whatever number of members share each. The per-record reference of
+    ``transforms.trigger_captions`` (which sends distinct captions only)."""
     _, members = item
     members = sorted(set(members))
     if len(members) < 2 or len(members) > 200:  # a huge bucket is an exact-template flood
@@ -138,24 +161,7 @@ def _near_dup_keys(item) -> Iterator:
 
 
 def _near_norms(norms: list[str]) -> set[str]:
-    """The captions whose word set has Jaccard >= 0.8 with another's. Pairs are taken in order
-    of set size and cut where the sizes alone rule it out (Jaccard <= smaller / larger), so
-    only sets of similar size are intersected."""
-    sets = sorted(((frozenset(n.split()), n) for n in norms), key=lambda s: (len(s[0]), s[1]))
-    near: set[str] = set()
-    for i, (a, na) in enumerate(sets):
-        la = len(a)
-        for b, nb in sets[i + 1 :]:
-            lb = len(b)
-            if 5 * la < 4 * lb:  # la / lb < 0.8, and lb only grows from here
-                break
-            if na in near and nb in near:
-                continue  # both marked already: the pair cannot mark anything new
-            inter = len(a & b)
-            union = la + lb - inter
-            if (inter / union if union else 1.0) >= 0.8:
-                near.update((na, nb))
-    return near
+    return near_norms(norms)
 
 
 def _template_keys(item, min_count: int, min_distinct: int) -> Iterator:
@@ -166,24 +172,25 @@ def _template_keys(item, min_count: int, min_distinct: int) -> Iterator:
             yield key, ("template_caption",)
 
 
-def _terms(r: dict) -> list[str]:
-    return r["terms"]
+def _term_counts(batch: list[dict]):
+    """A batch's (term, captions with it) counts."""
+    return Counter(chain.from_iterable(r["terms"] for r in batch)).items()
 
 
-def _cluster_pairs(r: dict, m: int) -> list[tuple]:
-    return [(w, r["cluster_id"], r["cluster_size"]) for w in r["terms"]] if r["cluster_size"] >= m else []
+def _pair_counts(batch: list[dict], m: int):
+    """A batch's ((term, cluster, cluster size), count) over records in clusters of >= m."""
+    return Counter(
+        (w, r["cluster_id"], r["cluster_size"]) for r in batch if r["cluster_size"] >= m for w in r["terms"]
+    ).items()
 
 
-def _distinct_words(r: dict) -> list[str]:
-    return sorted(set(r["norm"].split()))
-
-
-def _by_caption(r: dict) -> list[tuple]:
-    return [(r["norm"], ((r["key"], r["shard"]), r["cluster_id"]))]
+def _word_counts(batch: list[dict]):
+    """A batch's (word, captions with it) counts over normalized captions."""
+    return Counter(chain.from_iterable(set(r["norm"].split()) for r in batch)).items()
 
 
 def _skeleton_pairs(r: dict, frequent) -> list[tuple]:
-    sk = skeleton(r["caption"], frequent)
+    sk = skeleton_of_norm(r["norm"], frequent)
     return [(sk, ((r["key"], r["shard"]), r["norm"]))] if sk else []
 
 
@@ -221,7 +228,7 @@ class MineTriggers(beam.PTransform):
         n_total = recs | "BatchSizes" >> beam.Map(len) | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = (
             recs
-            | "Terms" >> beam.FlatMap(counted, events=_terms)
+            | "Terms" >> beam.FlatMap(_term_counts)
             | "CountTerms" >> beam.CombinePerKey(sum)
             | "PruneTerms" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_keyword_count)
         )
@@ -271,7 +278,7 @@ class MineTriggers(beam.PTransform):
         cfg = self.cfg
         pairs = (
             recs
-            | "Pairs" >> beam.FlatMap(counted, events=functools.partial(_cluster_pairs, m=cfg.min_pair_count))
+            | "Pairs" >> beam.FlatMap(_pair_counts, m=cfg.min_pair_count)
             | "CountPairs" >> beam.CombinePerKey(sum)
             | "PrunePairs" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_pair_count)
         )
@@ -310,7 +317,7 @@ class MineTriggers(beam.PTransform):
         vocabulary = frozenset(cfg.objects or DEFAULT_OBJECTS)
         events = (
             recs
-            | "ObjectEvents" >> beam.FlatMap(counted, events=functools.partial(_object_events, vocabulary=vocabulary))
+            | "ObjectEvents" >> beam.FlatMap(_object_event_counts, vocabulary=vocabulary)
             | "CountEvents" >> beam.CombinePerKey(sum)
         )
         both = events | "BothEvents" >> beam.Filter(
@@ -341,17 +348,10 @@ class MineTriggers(beam.PTransform):
 
     def _caption_codes(self, recs):
         cfg, n = self.cfg, self.buckets
-        exact = recs | "DuplicateCaptions" >> GroupInBuckets(
-            _by_caption, functools.partial(_group_codes, code="duplicate_caption"), n
-        )
-        out = [exact]
-        if cfg.near_duplicate_captions:
-            out.append(
-                recs | "NearPairs" >> GroupInBuckets(_bands, _near_dup_keys, n) | "DistinctNear" >> beam.Distinct()
-            )
+        out = [recs | "DuplicateCaptions" >> CaptionCodes(cfg.near_duplicate_captions, n)]
         frequent = (
             recs
-            | "Words" >> beam.FlatMap(counted, events=_distinct_words)
+            | "Words" >> beam.FlatMap(_word_counts)
             | "CountWords" >> beam.CombinePerKey(sum)
             | "Frequent" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.template_min_df)
             | "FrequentWords" >> beam.Keys()
@@ -361,10 +361,6 @@ class MineTriggers(beam.PTransform):
         )
         out.append(recs | "Skeletons" >> GroupInBuckets(_skeleton_pairs, templates, n, side=_as_set(frequent)))
         return out
-
-
-def _bands(r: dict) -> list[tuple]:
-    return [(b, ((r["key"], r["shard"]), r["norm"])) for b in minhash_bands(r["caption"])]
 
 
 def _as_set(pcoll):

@@ -1,0 +1,241 @@
+"""Trigger mining's fast paths equal their per-caption references: piece-cached lemmas vs spaCy on
+the whole caption, distinct-caption MinHash bands vs one band entry per record, batch counters vs
+per-record events."""
+
+import glob
+import os
+import random
+from collections import Counter
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.captions import band_bytes, minhash_bands
+from transforms.keywords import KeywordExtractor, normalize_caption
+from transforms.trigger_captions import MAX_BAND, CaptionCodes, group_codes, near_norms
+
+TRICKY = [
+    "",
+    "   ",
+    "Don't stop: it's 3 a.m. in N.Y.C., isn't it?!",
+    "dont cannot gonna wanna lemme gimme",
+    "(:) :-) <3 ^_^ =) ...hello...world!!",
+    "e-mail me at foo@example.com or https://example.com/a-b?c=d",
+    "tabs\tand\nnewlines\u00a0and  double  spaces\u2003em",
+    "Cafés, naïve résumés; über-cool STRASSE ß",
+    "running runners ran; the mice's feet -- 1990s '90s 10km 5x",
+    "emoji 🐶🐱 dog's cats' “quoted” ‘single’ «fr» (parens) [brackets] {braces}",
+    "U.S.A. vs. U.K. etc. e.g. i.e. Mr. Smith's Dr. Who",
+    "hyphen-ated well-known state-of-the-art x-ray",
+    "RED Flags waving; red flags waving, Red flags!",
+]
+
+
+def _real_captions(limit: int = 3000) -> list[str]:
+    import pyarrow.parquet as pq
+
+    root = "/work/shared/data/captions"
+    out: list[str] = []
+    for path in sorted(glob.glob(os.path.join(root, "*.parquet"))):
+        table = pq.read_table(path)
+        col = "caption" if "caption" in table.schema.names else table.schema.names[1]
+        out += [c for c in table.column(col).to_pylist() if isinstance(c, str)][:limit]
+    return out
+
+
+@pytest.mark.parametrize("bigrams", [False, True])
+def test_piece_cached_terms_equal_spacy_on_the_whole_caption(bigrams):
+    rng = random.Random(0)
+    pieces = [w for c in TRICKY for w in c.split()]
+    mixed = [" ".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(300)]
+    captions = TRICKY + mixed + _real_captions()
+    reference = KeywordExtractor(bigrams)
+    cached = KeywordExtractor(bigrams)
+    for _ in range(2):  # the second pass reads every piece and caption from the caches
+        for c in captions:
+            want = reference._terms_of(reference.lemmas_spacy(c))
+            assert cached.terms_tuple(c) == want, c
+            assert cached.terms(c) == list(want)
+    assert cached._pieces and cached._terms
+
+
+def test_band_bytes_are_one_to_one_with_minhash_bands():
+    rng = random.Random(1)
+    vocab = [f"w{i}" for i in range(9)] + ["café", "a"]
+    captions = ["", "!!", "a"] + [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 6))) for _ in range(300)]
+    pairs = {}
+    for c in captions:
+        for s, b in zip(minhash_bands(c), band_bytes(normalize_caption(c)), strict=True):
+            assert pairs.setdefault(s, b) == b
+    assert len(set(pairs.values())) == len(pairs)  # no two string keys share a bytes key
+
+
+def _records(n: int, seed: int) -> list[dict]:
+    """Records with exact repeats, near variants, clusters, one key in two shards and a flood of
+    one caption (a band of more than MAX_BAND records)."""
+    rng = random.Random(seed)
+    words = "red car old mosque near the river at night blue sky photo dog".split()
+    bases = [rng.sample(words, rng.randint(3, 7)) for _ in range(12)]
+    out = []
+    for i in range(n):
+        base = list(rng.choice(bases))
+        if rng.random() < 0.4:
+            base.append(rng.choice(words + ["sunset", "boat"]))
+        caption = " ".join(base) + rng.choice(["", "!", " .", ""])
+        out.append((f"k{i:05d}", f"s{i % 3}", caption, f"c{rng.randint(0, 30)}"))
+    out += [(f"f{i:04d}", "s1", "flood caption for sale", f"c{i % 7}") for i in range(MAX_BAND + 5)]
+    out += [("f0000", "s2", "flood caption for sale today", "c1")]
+    recs = [
+        {"key": k, "shard": s, "caption": c, "norm": normalize_caption(c), "cluster_id": cid} for k, s, c, cid in out
+    ]
+    rng.shuffle(recs)
+    return recs
+
+
+def _reference_codes(recs: list[dict]) -> list[tuple]:
+    """One exact group per caption and one band entry per record (the per-record path)."""
+    from transforms.triggers import _near_dup_keys
+
+    exact: dict = {}
+    bands: dict = {}
+    for r in recs:
+        exact.setdefault(r["norm"], []).append(((r["key"], r["shard"]), r["cluster_id"]))
+        for b in minhash_bands(r["caption"]):
+            bands.setdefault(b, []).append(((r["key"], r["shard"]), r["norm"]))
+    out = [kv for members in exact.values() for kv in group_codes(members, "duplicate_caption")]
+    out += sorted(set(kv for item in bands.items() for kv in _near_dup_keys(item)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_caption_codes_by_distinct_caption_equal_the_per_record_path(seed):
+    recs = _records(600, seed)
+    want = _reference_codes(recs)
+    assert {c for _, (c,) in want} == {"duplicate_caption", "near_duplicate_caption"}
+    batches = [recs[i : i + 97] for i in range(0, len(recs), 97)]
+    with TestPipeline(runner="DirectRunner") as p:
+        got = p | beam.Create(batches, reshuffle=False) | CaptionCodes(near=True, n=5)
+        assert_that(got, equal_to(want))
+
+
+def test_near_norms_with_known_and_integer_test_equal_every_pair():
+    import itertools
+
+    from transforms.captions import jaccard
+
+    rng = random.Random(5)
+    vocab = [f"w{i}" for i in range(16)]
+    for t in range(400):  # sizes to 15 words: equal sizes past 8 and n vs n + 1 past 12 too
+        top = 9 if t % 2 else 15
+        norms = sorted({" ".join(rng.sample(vocab, rng.randint(1, top))) for _ in range(rng.randint(2, 30))})
+        norms += [n + " " + n.split()[0] for n in norms[:3]]  # same word set, another caption
+        sets = {n: frozenset(n.split()) for n in norms}
+        want = {n for a, b in itertools.combinations(norms, 2) if jaccard(sets[a], sets[b]) >= 0.8 for n in (a, b)}
+        assert near_norms(norms) == want
+        known = set(rng.sample(norms, len(norms) // 3))
+        assert near_norms(list(reversed(norms)), known) | known == want | known
+
+
+def test_batch_counters_equal_per_record_events():
+    from transforms.triggers import (
+        _object_event_counts,
+        _object_events,
+        _pair_counts,
+        _term_counts,
+        _word_counts,
+    )
+
+    rng = random.Random(2)
+    ex = KeywordExtractor()
+    words = "red car old dog tree sky the street sign traffic light flag on a pole".split()
+    vocabulary = frozenset(["car", "tree", "sky", "traffic light", "flag", "sign"])
+    batch = []
+    for i in range(400):
+        caption = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        objects = sorted(set(rng.sample(["flag", "logo", "dog", "traffic light"], rng.randint(0, 2))))
+        size = rng.choice([1, 1, 2, 12, 30])
+        batch.append(
+            {
+                "key": f"k{i}",
+                "norm": normalize_caption(caption),
+                "terms": ex.terms_tuple(caption),
+                "objects": objects if i % 2 else [],
+                "cluster_id": f"c{size}",
+                "cluster_size": size,
+            }
+        )
+    events = Counter()
+    for r in batch:
+        events.update(_object_events(r, vocabulary))
+    assert dict(_object_event_counts(batch, vocabulary)) == dict(events)
+    assert any(k[0] == "both" for k in events) and any(k[0] == "kw_mention" for k in events)
+    assert dict(_term_counts(batch)) == dict(Counter(w for r in batch for w in r["terms"]))
+    pairs = Counter(
+        (w, r["cluster_id"], r["cluster_size"]) for r in batch if r["cluster_size"] >= 10 for w in r["terms"]
+    )
+    assert dict(_pair_counts(batch, 10)) == dict(pairs) and pairs
+    assert dict(_word_counts(batch)) == dict(Counter(w for r in batch for w in set(r["norm"].split())))
+
+
+def test_info_rows_read_the_columns_as_sample_infos_do():
+    from schemas import arrow
+    from schemas.elements import SampleInfo
+    from transforms.trigger_records import INFO_COLUMNS, info_rows
+
+    infos = [
+        SampleInfo(f"k{i}", "s0", f"u{i}", f"cap {i}", "", "", 1, 1, meta_json='{"objects": ["flag"]}' if i else "{}")
+        for i in range(5)
+    ]
+    table = arrow.info_table(infos)
+    got = [tuple(getattr(r, c) for c in INFO_COLUMNS) for r in info_rows(table)]
+    assert got == [tuple(getattr(i, c) for c in INFO_COLUMNS) for i in arrow.infos_of(table)]
+    partial = arrow.info_table([{"key": "a", "shard": "s", "caption": "x"}])  # absent columns: None either way
+    assert [(r.key, r.meta_json) for r in info_rows(partial)] == [(i.key, i.meta_json) for i in arrow.infos_of(partial)]
+
+
+def test_band_key_rows_equal_band_bytes_per_caption():
+    from transforms.captions import band_key_rows
+
+    rng = random.Random(4)
+    vocab = [f"w{i}" for i in range(15)] + ["café"]
+    norms = ["", "a", "a a b"] + [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))) for _ in range(300)]
+    keys, hashes = band_key_rows(norms)
+    assert keys == [k for n in norms for k in band_bytes(n)]
+    again, hashes2 = band_key_rows(list(reversed(norms)))
+    by_key = dict(zip(keys, hashes.tolist(), strict=True))
+    assert dict(zip(again, hashes2.tolist(), strict=True)) == by_key  # a key's hash: its values only
+    assert len(set(by_key.values())) > len(by_key) // 2 and band_key_rows([])[0] == []
+
+
+def test_metadata_objects_skips_only_jsons_without_objects():
+    import json
+
+    from transforms.objects import metadata_objects
+
+    def parsed(meta):  # the parse every json got before
+        try:
+            objects = json.loads(meta or "{}").get("objects")
+        except (ValueError, AttributeError):
+            return []
+        if not isinstance(objects, list):
+            return []
+        return sorted({str(o).strip().lower() for o in objects if isinstance(o, str | int) and str(o).strip()})
+
+    cases = ["", "{}", "[]", "not json", '{"objects": ["Flag", " logo ", 3, ""]}', '{"\\u006fbjects": ["Dome"]}']
+    cases += ['{"a": 1}', '{"objects": "flag"}', '{"objects": ["a"]', "null", '{"x": "\\u00e9", "objects": ["Cup"]}']
+    for meta in cases:
+        assert metadata_objects(meta) == parsed(meta), meta
+    assert metadata_objects('{"\\u006fbjects": ["Dome"]}') == ["dome"]
+
+
+def test_full_caches_give_the_same_terms(monkeypatch):
+    from transforms import keywords
+
+    monkeypatch.setattr(keywords, "PIECE_CACHE", 5)
+    monkeypatch.setattr(keywords, "CAPTION_CACHE", 3)
+    reference, capped = KeywordExtractor(True), KeywordExtractor(True)
+    for c in TRICKY * 2:
+        assert capped.terms_tuple(c) == reference._terms_of(reference.lemmas_spacy(c)), c
+    assert len(capped._pieces) == 5 and len(capped._terms) == 3

@@ -1,0 +1,134 @@
+"""Caption codes of trigger mining, per distinct caption: exact duplicates, near duplicates and
+template captions (``transforms.triggers.MineTriggers`` wires them).
+
+Near duplicates go through MinHash LSH bands of *distinct* normalized captions: each record
+batch sends each of its distinct captions once per band, with how many of its records carry it;
+a band's group sums those counts (a band with more than ``MAX_BAND`` records is an
+exact-template flood and is skipped, as when every record was sent), compares its distinct
+captions (``near_norms``) and marks the near ones. A caption's bands depend on its text only,
+so a near caption is near for every record that carries it: the marks join the records by
+caption in the same group as the exact duplicates, and no per-record band entry is shipped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import apache_beam as beam
+
+from transforms.captions import band_key_rows
+from transforms.key_batches import grouped, split_buckets
+
+MAX_BAND = 200  # records in one band beyond which the band is not compared
+NEAR = None  # a near mark among a caption's members
+
+
+def group_codes(members: list, code: str, min_members: int = 2, min_clusters: int = 2) -> Iterator:
+    """Members ((key, shard), cluster_id) of one caption -> (member, (code,)) when the caption
+    is on >= min_members records in >= min_clusters clusters."""
+    if len(members) >= min_members and len({c for _, c in members}) >= min_clusters:
+        for key, _ in members:
+            yield key, (code,)
+
+
+def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """The captions whose word set has Jaccard >= 0.8 with another's (in any order; the result
+    does not depend on it). Pairs are taken in order of set size and cut where the sizes alone
+    rule them out (Jaccard <= smaller / larger), so only sets of similar size are intersected;
+    a pair of captions both already in ``known`` (or found here) is skipped, as it cannot add
+    a caption to the union. Jaccard >= 0.8 is 5 x inter >= 4 x union, i.e. 9 x inter >= 4 x
+    (size a + size b) (exact; two different captions' union is never empty): for sets of equal
+    size (<= 8 words) that is equality, for sizes n and n + 1 (n <= 12) the smaller inside the
+    larger, tested without building the intersection."""
+    sets = sorted(((frozenset(n.split()), n) for n in norms), key=lambda s: (len(s[0]), s[1]))
+    near: set[str] = set()
+    for i, (a, na) in enumerate(sets):
+        la = len(a)
+        a_known = na in known
+        for b, nb in sets[i + 1 :]:
+            lb = len(b)
+            if 5 * la < 4 * lb:  # la / lb < 0.8, and lb only grows from here
+                break
+            if (a_known or na in near) and (nb in known or nb in near):
+                continue  # both marked already: the pair cannot mark anything new
+            if lb == la:  # 9 x inter >= 8 x la: for la <= 8 only equal word sets
+                hit = a == b if la <= 8 else 9 * len(a & b) >= 8 * la
+            elif lb == la + 1 and la <= 12:  # 9 x inter >= 8 x la + 4: a inside b
+                hit = a < b
+            else:
+                hit = 9 * len(a & b) >= 4 * (la + lb)
+            if hit:
+                near.update((na, nb))
+    return near
+
+
+def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, list]]:
+    """A record batch -> (bucket, [(band key, caption, records)]): each distinct normalized
+    caption of the batch once per MinHash band, with its number of records."""
+    counts = sorted(Counter(r["norm"] for r in batch).items())
+    keys, hashes = band_key_rows([norm for norm, _ in counts])
+    buckets = (hashes % max(1, n)).tolist()
+    per = len(keys) // max(1, len(counts))
+    out: dict[int, list] = {}
+    for i, (norm, count) in enumerate(counts):
+        for k in range(i * per, (i + 1) * per):
+            out.setdefault(buckets[k], []).append((keys[k], norm, count))
+    yield from sorted(out.items())
+
+
+def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
+    """(bucket, lists of band entries) -> (caption bucket, [(caption, NEAR)]) for the captions
+    near another in some band of at most MAX_BAND records."""
+    _, lists = item
+    by_band: dict[bytes, dict[str, int]] = {}
+    for entries in lists:
+        for band, norm, count in entries:
+            counts = by_band.get(band)
+            if counts is None:
+                by_band[band] = {norm: count}
+            else:
+                counts[norm] = counts.get(norm, 0) + count
+    near: set[str] = set()  # the union over bands does not depend on their order
+    for counts in by_band.values():
+        if len(counts) >= 2 and sum(counts.values()) <= MAX_BAND:
+            near |= near_norms(counts, near)
+    yield from split_buckets(((norm, NEAR) for norm in sorted(near)), n)
+
+
+def _members(batch: list[dict], n: int) -> Iterator[tuple[int, list]]:
+    return split_buckets(((r["norm"], ((r["key"], r["shard"]), r["cluster_id"])) for r in batch), n)
+
+
+def caption_codes(item) -> Iterator:
+    """(bucket, lists of (caption, member or NEAR)) -> (member, (code,)) per caption: exact
+    duplicates across clusters, and near duplicates where the caption is marked near."""
+    _, lists = item
+    for _, values in sorted(grouped(lists).items()):
+        members = [v for v in values if v is not NEAR]
+        yield from group_codes(members, "duplicate_caption")
+        if len(members) < len(values):
+            for key, _ in members:
+                yield key, ("near_duplicate_caption",)
+
+
+class CaptionCodes(beam.PTransform):
+    """Record batches -> (member, (code,)) for duplicate and (when ``near``) near-duplicate
+    captions, through ``n`` hash buckets of captions and of band keys."""
+
+    def __init__(self, near: bool, n: int):
+        super().__init__()
+        self.near, self.n = near, n
+
+    def expand(self, batches):
+        n = self.n
+        members = batches | "Members" >> beam.FlatMap(_members, n=n)
+        if self.near:
+            marks = (
+                batches
+                | "Bands" >> beam.FlatMap(band_entries, n=n)
+                | "GroupBands" >> beam.GroupByKey()
+                | "NearInBands" >> beam.FlatMap(near_in_bands, n=n)
+            )
+            members = (members, marks) | "WithNearMarks" >> beam.Flatten()
+        return members | "GroupCaptions" >> beam.GroupByKey() | "Codes" >> beam.FlatMap(caption_codes)
