@@ -29,6 +29,7 @@ python scripts/bench_dask.py --set probe.enabled=false``; manifests equal every 
     after, run 2           Direct 138.3 s wall / 48.6 s CPU, Dask 169.3 s / 58.4 s: 1.22x wall, 1.20x CPU (load 9.5)
     after, run 3           Direct  70.0 s wall / 47.9 s CPU, Dask 104.6 s / 52.6 s: 1.49x wall, 1.10x CPU (load 2.6-6.4)
     after, run 4 (merged)  Direct  63.0 s wall / 45.6 s CPU, Dask  38.4 s / 48.0 s: 0.61x wall, 1.05x CPU (load 2.0-3.4)
+    after, run 5 (merged)  Direct  45.9 s wall / 44.0 s CPU, Dask  48.4 s / 50.1 s: 1.05x wall, 1.14x CPU (load 3.6-3.9)
     probe on (no --set)    Direct 475.4 s wall / 167.3 s CPU, Dask 153.5 s / 88.4 s: 0.32x wall, 0.53x CPU (load 5.5)
 
 (Dask CPU after, probe off: command 3.1-3.8 s, workers 43.7-52.3 s, scheduler 1.1-2.3 s; load: the
