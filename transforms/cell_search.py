@@ -124,11 +124,8 @@ def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
     with torch.inference_mode():
         for s in range(0, len(flat), batch):
             x = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch], dtype=np.float32))
-            if low:  # bf16 shortlist of per + 2 centroids, ranked again in fp32
-                short = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1).indices
-                exact = torch.bmm(c32[short], x[:, :, None])[:, :, 0]
-                best = torch.topk(exact, per, dim=1)
-                values, ids = best.values, torch.gather(short, 1, best.indices)
+            if low:
+                values, ids = _nearest_centroids(x, ct_low, c32, per, plan.margin)
             else:
                 values, ids = torch.topk(x @ ct, per, dim=1)
             ids = ids.numpy().astype(np.int32)
@@ -141,6 +138,25 @@ def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
     cells[:, 1:][cells[:, 1:] == cells[:, :-1]] = -1  # repeated cells of one row
     cells.sort(axis=1)
     return cells[:, ::-1].copy()  # the valid ids first (descending), -1 last
+
+
+def _nearest_centroids(x, ct_low, c32, per: int, margin: float):
+    """bf16 products -> (values, ids) of each row's ``per`` nearest centroids. A row whose first
+    two are within ``margin`` plus twice the bf16 error (its order, or its second-cell decision,
+    could differ in fp32: a few percent of rows) is ranked again in fp32 among its bf16 top
+    per + 2; the others' bf16 choice is fp32's."""
+    import torch
+
+    top = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1)
+    values, short = top.values.float(), top.indices
+    eps = BF16_EPS * float(torch.linalg.vector_norm(x, dim=1).max()) * float(torch.linalg.vector_norm(c32, dim=1).max())
+    rows = torch.nonzero(values[:, 0] - values[:, 1] <= (margin if per == 2 else 0.0) + 2 * eps)[:, 0]
+    values, ids = values[:, :per].clone(), short[:, :per].clone()
+    if len(rows):
+        exact = torch.bmm(c32[short[rows]], x[rows][:, :, None])[:, :, 0]
+        best = torch.topk(exact, per, dim=1)
+        values[rows], ids[rows] = best.values, torch.gather(short[rows], 1, best.indices)
+    return values, ids
 
 
 def groups_of(cells: np.ndarray, groups: int) -> np.ndarray:
