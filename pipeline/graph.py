@@ -19,7 +19,7 @@ import apache_beam as beam
 from schemas import arrow
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.write import WriteBatches, WriteTable, bucket
+from transforms.write import WriteBatches, WriteTable, bucket, buckets
 
 # input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
 READERS = {
@@ -322,9 +322,13 @@ def _neighbour_rows(n):
     ]
 
 
-def _neighbour_parts(table, n: int) -> list[str]:
-    """The neighbours writer's partition of each row of a Table (as its row partition)."""
-    return [f"{e}-{bucket(k, n)}" for e, k in zip(table["embedder"].to_pylist(), table["key"].to_pylist(), strict=True)]
+def _neighbour_parts(table, n: int):
+    """The neighbours writer's partition of each row of a Table (as a row's partition)."""
+    import numpy as np
+
+    width, keys = len(str(max(1, n) - 1)), table["key"].to_pylist()
+    labels = np.asarray(table["embedder"].to_pylist(), dtype=object) + "-"
+    return labels + np.char.zfill(buckets(keys, n).astype(str), width).astype(object)
 
 
 def _write(pcoll, out_dir: str, table: str, partition, sort_key):

@@ -32,7 +32,10 @@ def _smallest(prio: np.ndarray, keys: np.ndarray, cap: int) -> np.ndarray:
         cand = np.flatnonzero(prio <= np.partition(prio, cap - 1)[cap - 1])
     else:
         cand = np.arange(len(prio))
-    return cand[np.lexsort((keys[cand], prio[cand]))][:cap]
+    order = cand[np.argsort(prio[cand], kind="stable")]
+    if (prio[order][1:] == prio[order][:-1]).any():  # equal priorities (a repeated key): by key too
+        order = cand[np.lexsort((keys[cand], prio[cand]))]
+    return order[:cap]
 
 
 class SampleRows(beam.CombineFn):

@@ -34,6 +34,18 @@ def bucket(value: str, n: int) -> str:
     return f"{zlib.crc32(value.encode('utf-8', 'surrogatepass')) % n:0{len(str(n - 1))}d}"
 
 
+def buckets(values, n: int):
+    """``bucket`` of many strings at once -> an int array (the same buckets, without the
+    per-call formatting)."""
+    import zlib
+
+    import numpy as np
+
+    n = max(1, int(n))
+    crc = np.fromiter((zlib.crc32(v.encode("utf-8", "surrogatepass")) for v in values), np.int64, len(values))
+    return crc % n
+
+
 def write_rows(path: str, rows: list[dict], schema) -> str:
     """Write rows (dicts) with the schema to ``path`` atomically; returns the path."""
     import pyarrow as pa
@@ -94,13 +106,16 @@ def _partition_lists(rows, partition: Callable[[dict], str], table_partition=Non
     label per row), -> (partition, its rows as a list or a Table)."""
     if table_partition is not None and not isinstance(rows, list):
         import numpy as np
+        import pandas as pd
 
-        labels, inverse = np.unique(np.asarray(table_partition(rows), dtype=object), return_inverse=True)
+        codes, labels = pd.factorize(np.asarray(table_partition(rows), dtype=object))
         if len(labels) == 1:
             yield str(labels[0]), rows
             return
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(labels) + 1))
         for i, label in enumerate(labels.tolist()):
-            yield str(label), rows.take(np.flatnonzero(inverse == i))
+            yield str(label), rows.take(order[bounds[i] : bounds[i + 1]])
         return
     parts: dict[str, list[dict]] = {}
     for r in rows:
