@@ -3,8 +3,9 @@
 ``ROOT/img_emb/img_emb_N.npy`` (one embedding per row) pairs with
 ``ROOT/metadata/metadata_N.parquet`` (key, url, caption, sizes, ... one row per embedding) by N.
 The listing reads only headers (the .npy header, the Parquet footer), so planning costs a few
-small reads per file, never the data. Local files are memory-mapped; other paths (gs://, s3://)
-are read through Beam's filesystems with a seek to the wanted rows.
+small reads per file, never the data. Vector rows are read with a seek and a read into a fresh
+array (``NpyRows``), from local files and Beam's filesystems (gs://, s3://) alike: each row is
+read once, and no memory map keeps a whole file's pages resident.
 """
 
 from __future__ import annotations
@@ -173,20 +174,54 @@ def plan_ranges(files: list[LaionFile], range_rows: int = RANGE_ROWS) -> list[Ro
     return out
 
 
+class NpyRows:
+    """One open .npy file whose rows are read by seek and read: a local file or any path of
+    Beam's filesystems (gs://, s3://). No memory map: mapped pages stay resident, so the
+    reader's RSS would grow with every file it has read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = open_file(path)
+        shape, self.dtype, _, self.offset = npy_header(self.f)
+        self.dim = int(shape[1])
+        self.width = self.dim * self.dtype.itemsize
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((max(0, stop - start), self.dim), dtype=self.dtype)
+        if not len(out):
+            return out
+        self.f.seek(self.offset + start * self.width)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(buf):
+            if hasattr(self.f, "readinto"):
+                got = self.f.readinto(buf[done:])
+            else:
+                chunk = self.f.read(len(buf) - done)
+                got = len(chunk)
+                buf[done : done + got] = chunk
+            if not got:
+                raise EOFError(f"{self.path}: rows {start}-{stop} are past the end of the file")
+            done += got
+        return out
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class VectorSource:
-    """Rows of .npy files: memory-mapped when local, seek-and-read elsewhere; opened once each."""
+    """Rows of .npy files, one open file at a time (a reader works through one file's ranges)."""
 
     def __init__(self):
-        self._maps: dict[str, np.ndarray] = {}
+        self._open: NpyRows | None = None
 
     def rows(self, path: str, start: int, stop: int) -> np.ndarray:
-        if "://" not in path:
-            if path not in self._maps:
-                self._maps[path] = np.load(path, mmap_mode="r")
-            return np.asarray(self._maps[path][start:stop])
-        with open_file(path) as f:
-            shape, dtype, _, offset = npy_header(f)
-            width = shape[1] * dtype.itemsize
-            f.seek(offset + start * width)
-            raw = f.read((stop - start) * width)
-        return np.frombuffer(raw, dtype=dtype).reshape(-1, shape[1])
+        if self._open is None or self._open.path != path:
+            self.close()
+            self._open = NpyRows(path)
+        return self._open.rows(start, stop)
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open.close()
+            self._open = None

@@ -6,34 +6,41 @@ items are row ranges (metadata row groups); each yields, per batch of a few thou
 - one table of ``SampleInfo`` columns (``schemas.arrow.INFO_BATCH``), a row per good row (key,
   shard = the metadata file, url, caption, sizes and original sizes from the metadata; every
   other column in ``meta_json``; no pixels, so no pixel digest),
-- ``Failure`` per bad row (no usable vector: NaN, infinite or zero; no caption; a vector without a
-  metadata row or the reverse) so every row's key still reaches the manifest,
+- ``Failure`` per bad row (a vector without a metadata row or the reverse, a missing file; a
+  download status other than success; no usable vector: NaN, infinite or zero; a caption over
+  ``max_caption_bytes`` in UTF-8 or none; a key repeated inside the range), so every row's key
+  still reaches the manifest,
 - one vector batch ``(keys, float16 unit vectors)`` of the good rows, for ``VectorEdges``.
 
-Keys repeated across files are reported as ``duplicate_key`` failures (the first file keeps the
-key), as the webdataset reader does.
+The rules run on columns (``transforms.laion_rows``): the metadata's Arrow record batch and the
+batch's vector norms give a reason code per row, the good rows' table is built with
+pyarrow.compute, and Python objects are made only for failed rows. Keys repeated across ranges
+and files are reported as ``duplicate_key`` failures (the first file keeps the key), as the
+webdataset reader does, from per-range key arrays in hash buckets (``transforms.key_arrays``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from collections.abc import Iterator
 
 import apache_beam as beam
 import numpy as np
 
 from pipeline import progress
-from schemas.arrow import info_table
-from schemas.elements import Failure, SampleInfo
-from transforms.key_batches import RepeatedKeys, n_buckets
+from schemas.elements import Failure
+from transforms import laion_rows as lr
+from transforms.key_arrays import RepeatedKeyArrays, SeenKeys, key_hashes
+from transforms.key_batches import n_buckets
 from transforms.laion_files import LaionFile, RowRange, VectorSource, open_file
 
 VECTOR_BATCH = 4096  # rows per vector element (16 MB at 1024 dims)
 EMBEDDER = "clip"  # LAION's img_emb are CLIP image embeddings
-FIELDS = ("key", "url", "caption", "sha256", "width", "height", "original_width", "original_height")
+FIELDS = lr.FIELDS
 MIN_NORM = 1e-6
+# float16 rows whose float32 norm is within this of 1 come out of x / norm -> float16 unchanged:
+# |v e| < half a float16 ulp of v for |e| < 2**-12 (tests/test_laion_columns.py checks it)
+UNIT_TOL = 2.4e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,52 +50,58 @@ class LaionSettings:
     batch_rows: int = VECTOR_BATCH
 
 
-def _int(value) -> int:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return 0
-    return int(f) if math.isfinite(f) and f > 0 else 0
-
-
-def _text(value) -> str:
-    return "" if value is None else str(value)
-
-
-def _json_value(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
-
-
 def synthetic_key(shard: str, row: int) -> str:
     return f"{shard}:{row:09d}"
 
 
-class ReadRangeFn(beam.DoFn):
-    """RowRange -> SampleInfo tables (main, one per batch); tagged "failures", "vectors", "keys"
-    (one list of (key, (shard, row)) per batch)."""
+def row_norms(vecs: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """float32 norms of the rows (a usable row: finite and > MIN_NORM), cast a chunk at a time
+    so the float32 copy stays in cache."""
+    out = np.empty(len(vecs), dtype=np.float32)
+    for i in range(0, len(vecs), chunk):
+        out[i : i + chunk] = np.linalg.norm(vecs[i : i + chunk].astype(np.float32), axis=1)
+    return out
 
-    def __init__(self, settings: LaionSettings):
-        self.settings = settings
+
+def unit_float16(vecs: np.ndarray, norms: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The ``rows`` (None: all) as float16 unit vectors, float32 x / norm rounded to float16;
+    float16 rows that are unit already (LAION's are) are that result as they are, no casts."""
+    sel = slice(None) if rows is None else rows
+    n = norms[sel]
+    if vecs.dtype == np.float16 and len(n) and float(np.abs(n - 1).max()) <= UNIT_TOL:
+        return vecs[sel]
+    x = vecs[sel].astype(np.float32)
+    x /= n[:, None]
+    return x.astype(np.float16)
+
+
+class ReadRangeFn(beam.DoFn):
+    """RowRange -> SampleInfo tables (main, one per batch); tagged "failures", "vectors" (keys,
+    float16 unit vectors) and "keys" ((bucket, (shard, keys, rows)) per bucket of the range)."""
+
+    def __init__(self, settings: LaionSettings, buckets: int = 1):
+        self.settings, self.buckets = settings, buckets
 
     def setup(self):
         self.vectors = VectorSource()
         self.rows_read = beam.metrics.Metrics.counter("read", "laion_rows")
 
+    def teardown(self):
+        self.vectors.close()
+
     def process(self, item: RowRange) -> Iterator:
-        seen: set[str] = set()  # keys of this range (a row group): a repeat is dropped here
-        for columns, start, n in self._metadata_batches(item):
-            yield from self._batch(item.file, columns, start, n, seen)
+        seen = SeenKeys()  # keys of this range (row groups): a repeat is dropped here
+        for batch, start, n in self._metadata_batches(item):
+            yield from self._batch(item.file, batch, start, n, seen)
             self.rows_read.inc(n)
             progress.advance("samples decoded", n)
+        for kv in seen.split(item.file.shard, self.buckets):
+            yield beam.pvalue.TaggedOutput("keys", kv)
         if item.stop >= item.file.rows:  # the file's last range
             progress.advance("shards")
 
-    def _metadata_batches(self, item: RowRange) -> Iterator[tuple[dict, int, int]]:
-        """-> (columns as Python lists, first row, rows) per batch; columns empty past the metadata."""
+    def _metadata_batches(self, item: RowRange) -> Iterator[tuple]:
+        """-> (metadata record batch, first row, rows) per batch; None past the metadata."""
         size = self.settings.batch_rows
         if item.row_groups:
             import pyarrow.parquet as pq
@@ -96,91 +109,105 @@ class ReadRangeFn(beam.DoFn):
             pos = item.start
             with open_file(item.file.metadata) as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=size, row_groups=list(item.row_groups)):
-                    yield {name: batch.column(name).to_pylist() for name in batch.schema.names}, pos, batch.num_rows
+                    yield batch, pos, batch.num_rows
                     pos += batch.num_rows
             return
         for s in range(item.start, item.stop, size):
-            yield {}, s, min(item.stop, s + size) - s
+            yield None, s, min(item.stop, s + size) - s
 
-    def _batch(self, lf: LaionFile, columns: dict, start: int, n: int, seen: set[str]) -> Iterator:
-        stop_vec = min(start + n, lf.n_vectors)
-        vecs = self.vectors.rows(lf.npy, start, stop_vec) if stop_vec > start else np.empty((0, lf.dim), np.float32)
-        x = vecs.astype(np.float32)
-        norms = np.linalg.norm(x, axis=1) if len(x) else np.empty(0, np.float32)
+    def _keys(self, lf: LaionFile, batch, start: int, n: int):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        keys = lr.stripped(lr.text_column(batch, "key", n))
+        empty = pc.equal(pc.binary_length(keys), 0)
+        if pc.any(empty).as_py():  # the synthetic key: the file and the row
+            rows = np.flatnonzero(empty.to_numpy(zero_copy_only=False))
+            made = pa.array([synthetic_key(lf.shard, start + int(i)) for i in rows], pa.string())
+            keys = pc.replace_with_mask(keys, empty, made)
+        return keys
+
+    def _batch(self, lf: LaionFile, batch, start: int, n: int, seen: SeenKeys) -> Iterator:
+        import pyarrow as pa
+
+        from schemas.arrow import INFO_BATCH
+
+        n_vec = max(0, min(start + n, lf.n_vectors) - start)
+        if batch is None:  # past the metadata: every row fails, its vector is not needed
+            n_vec = 0
+        vecs = self.vectors.rows(lf.npy, start, start + n_vec) if n_vec else np.empty((0, lf.dim), np.float32)
+        norms = row_norms(vecs)
         good_vec = np.isfinite(norms) & (norms > MIN_NORM)
-        others = sorted(c for c in columns if c not in FIELDS)
-        keys, rows, infos, where = [], [], [], []
-        good, n_vec = good_vec.tolist(), len(x)
-        for i in range(n):
-            row = start + i
-            info_or_failure = self._row(lf, columns, others, i, row, i < n_vec, i < n_vec and good[i])
-            key = info_or_failure.key
-            if key in seen:  # repeated inside this range: the first row keeps it
+        s = self.settings
+        keys = self._keys(lf, batch, start, n)
+        caption = lr.stripped(lr.text_column(batch, "caption", n))
+        status = lr.text_column(batch, "status", n)
+        reasons = lr.row_reasons(batch, n, good_vec, caption, status, s.max_caption_bytes, s.require_caption)
+        hashes = key_hashes(keys)
+        first = seen.first(keys, hashes)
+        kept = np.flatnonzero(first)
+        seen.add(keys.take(pa.array(kept)), hashes[kept], start + kept)
+        yield from self._failures(lf, batch, start, n, keys, caption, status, reasons, first)
+        good = np.flatnonzero(first & (reasons == lr.OK))
+        if not len(good):
+            return
+        whole = len(good) == n
+        rows = batch if whole else batch.take(pa.array(good))
+        others = sorted(c for c in batch.schema.names if c not in FIELDS)
+        cols = lr.info_columns(
+            rows,
+            lf.shard,
+            keys if whole else keys.take(pa.array(good)),
+            caption if whole else caption.take(pa.array(good)),
+            others,
+        )
+        table = pa.Table.from_arrays([cols[f.name] for f in INFO_BATCH], schema=INFO_BATCH)
+        yield table  # one info batch per reader batch, not one element per row
+        # float16, as the cell search stores them: half the bytes in flight
+        unit = unit_float16(vecs, norms, None if whole else good)
+        yield beam.pvalue.TaggedOutput("vectors", (table.column("key").to_pylist(), unit))
+
+    def _failures(self, lf, batch, start, n, keys, caption, status, reasons, first) -> Iterator:
+        """Failure records of the bad rows (few): repeats in the range, then each row's reason."""
+        bad = np.flatnonzero(~first | (reasons != lr.OK))
+        if not len(bad):
+            return
+        import pyarrow as pa
+
+        take = pa.array(bad)
+        cols = {"key": keys, "caption": caption, "status": status}
+        for name in ("url", "sha256", "error_message"):
+            cols[name] = lr.text_column(batch, name, n)
+        val = {name: col.take(take).to_pylist() for name, col in cols.items()}
+        why = "; ".join(lf.problems) or lf.shard
+        for j, i in enumerate(bad.tolist()):
+            row, key = start + i, val["key"][j]
+            if not first[i]:  # repeated inside this range: the first row keeps it
                 msg = f"row {row}: the key repeats in {lf.shard}"
                 yield beam.pvalue.TaggedOutput("failures", Failure(key, lf.shard, "read", "duplicate_key", msg))
                 continue
-            seen.add(key)
-            where.append((key, (lf.shard, row)))
-            if isinstance(info_or_failure, Failure):
-                yield beam.pvalue.TaggedOutput("failures", info_or_failure)
-                continue
-            infos.append(info_or_failure)
-            keys.append(key)
-            rows.append(i)
-        if where:
-            yield beam.pvalue.TaggedOutput("keys", where)
-        if infos:  # one info batch per reader batch, not one element per row
-            yield info_table(infos)
-        if keys:
-            sel = np.asarray(rows)
-            # float16, as the cell search stores them (ann_edges._columnar): half the bytes in flight
-            unit = (x[sel] / norms[sel, None]).astype(np.float16)
-            yield beam.pvalue.TaggedOutput("vectors", (keys, unit))
-
-    def _row(self, lf: LaionFile, columns: dict, others: list[str], i: int, row: int, has_vec: bool, good: bool):
-        s = self.settings
-        key = _text(_cell(columns, "key", i)).strip() or synthetic_key(lf.shard, row)
-        url, caption = _text(_cell(columns, "url", i)), _text(_cell(columns, "caption", i)).strip()
-        sha = _text(_cell(columns, "sha256", i))
-
-        def fail(error_type: str, message: str, stage: str = "read") -> Failure:
-            return Failure(key, lf.shard, stage, error_type, message[:500], url, caption, sha)
-
-        why = "; ".join(lf.problems) or lf.shard
-        if not columns:
-            return fail(
-                "row_count_mismatch" if lf.metadata_ok else "missing_metadata", f"row {row}: no metadata ({why})"
+            stage, error_type, message = _reason(lf, int(reasons[i]), row, why, val, j, self.settings)
+            failure = Failure(
+                key, lf.shard, stage, error_type, message[:500], val["url"][j], val["caption"][j], val["sha256"][j]
             )
-        if not has_vec:
-            return fail("row_count_mismatch" if lf.npy_ok else "missing_vector", f"row {row}: no embedding ({why})")
-        status = _cell(columns, "status", i)
-        if status not in (None, "", "success"):
-            return fail(_text(status), _text(_cell(columns, "error_message", i)) or _text(status), "download")
-        if not good:
-            return fail("bad_vector", f"row {row}: the embedding is NaN, infinite or zero")
-        if len(caption.encode("utf-8", "replace")) > s.max_caption_bytes:
-            return fail("caption_too_long", f"caption is over {s.max_caption_bytes} bytes")
-        if s.require_caption and not caption:
-            return fail("missing_caption", "no caption in the metadata row")
-        meta = {c: _json_value(columns[c][i]) for c in others}
-        return SampleInfo(
-            key=key,
-            shard=lf.shard,
-            url=url,
-            caption=caption,
-            sha256=sha,
-            pixel_sha256="",
-            width=_int(_cell(columns, "width", i)),
-            height=_int(_cell(columns, "height", i)),
-            meta_json=json.dumps(meta, sort_keys=True, default=str) if meta else "{}",
-            original_width=_int(_cell(columns, "original_width", i)),
-            original_height=_int(_cell(columns, "original_height", i)),
-        )
+            yield beam.pvalue.TaggedOutput("failures", failure)
 
 
-def _cell(columns: dict, name: str, i: int):
-    col = columns.get(name)
-    return None if col is None else col[i]
+def _reason(lf: LaionFile, code: int, row: int, why: str, val: dict, j: int, s: LaionSettings) -> tuple:
+    """-> (stage, error_type, message) of a failed row's reason code."""
+    if code == lr.NO_META:
+        kind = "row_count_mismatch" if lf.metadata_ok else "missing_metadata"
+        return "read", kind, f"row {row}: no metadata ({why})"
+    if code == lr.NO_VECTOR:
+        kind = "row_count_mismatch" if lf.npy_ok else "missing_vector"
+        return "read", kind, f"row {row}: no embedding ({why})"
+    if code == lr.STATUS:
+        return "download", val["status"][j], val["error_message"][j] or val["status"][j]
+    if code == lr.BAD_VECTOR:
+        return "read", "bad_vector", f"row {row}: the embedding is NaN, infinite or zero"
+    if code == lr.TOO_LONG:
+        return "read", "caption_too_long", f"caption is over {s.max_caption_bytes} bytes"
+    return "read", "missing_caption", "no caption in the metadata row"
 
 
 def repeated_keys(item) -> Iterator[Failure]:
@@ -219,8 +246,9 @@ class ReadLaion(beam.PTransform):
         from transforms.outputs import multi_output
 
         ranges = p | "RowRanges" >> beam.Create(self.ranges) | "SpreadRanges" >> beam.Reshuffle()
-        out = multi_output(ranges, "ReadRanges", ReadRangeFn(self.settings), ["failures", "vectors", "keys"], "infos")
-        repeated = out["keys"] | "RepeatedKeys" >> RepeatedKeys(repeated_keys, lambda w: w[0], self.buckets)
+        fn = ReadRangeFn(self.settings, self.buckets)
+        out = multi_output(ranges, "ReadRanges", fn, ["failures", "vectors", "keys"], "infos")
+        repeated = out["keys"] | "RepeatedKeys" >> RepeatedKeyArrays(repeated_keys)
         return {
             "info_batches": out["infos"],
             "moved": repeated["moved"],
