@@ -104,7 +104,7 @@ def make_plan(
     if k <= 1 or len(sample) < 2:
         return Plan(None, 1, margin, top_m >= 2)
     take = sample[: sample_size or 40 * k]
-    centroids = train_centroids(take, k, seed)
+    centroids = train_centroids(take, k, seed, bf16=bf16_native())
     groups = int(min(len(centroids), max(min_groups, -(-n // max(1, target_group_rows)))))
     return Plan(centroids.astype(np.float32), groups, margin, top_m >= 2)
 
