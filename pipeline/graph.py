@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import apache_beam as beam
 
 from schemas import arrow
+from transforms.cluster_columns import assignment_rows
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
 from transforms.write import WriteBatches, WriteTable, bucket, buckets
@@ -259,7 +260,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     keyed = {
         "info": dec["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
         "failure": dec["failures"] | "FailureByShard" >> beam.Map(lambda f: (f.shard, f)),
-        "assignment": assignments | "AssignmentByShard" >> beam.Map(lambda a: (a.shard, a)),
+        "assignment": dup["assignment_lists"] | "AssignmentByShard" >> beam.FlatMap(assignment_rows),
     }
     if "moved" in dec:
         keyed["moved"] = dec["moved"]
@@ -269,12 +270,18 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
         add_probe(cfg, dec, keyed, assignments, out_dir, cache_dir)
     staged = keyed | "AnnotateShards" >> AnnotateShards(cfg.decide, out_dir, cfg.diversify.enabled)
     p.__dict__.setdefault("_memsieve_written", []).append(staged["written"])
-    _write(
-        assignments | "ClusterRows" >> beam.FlatMap(_cluster_rows),
-        out_dir,
-        "clusters",
-        lambda r, n=n_parts: bucket(r["cluster_id"], n),
-        lambda r: (r["cluster_id"], r["key"]),
+    clusters = dup["assignment_lists"] | "ClusterRows" >> beam.Map(
+        lambda lst: [r for a in lst for r in _cluster_rows(a)]
+    )
+    p.__dict__.setdefault("_memsieve_written", []).append(
+        clusters
+        | "Write_clusters"
+        >> WriteBatches(
+            os.path.join(out_dir, "clusters"),
+            arrow.TABLES["clusters"],
+            lambda r, n=n_parts: bucket(r["cluster_id"], n),
+            lambda r: (r["cluster_id"], r["key"]),
+        )
     )
     if dup["neighbours"]:
         nn = tuple(dup["neighbours"]) | "AllNeighbours" >> beam.Flatten()

@@ -135,7 +135,8 @@ def test_find_duplicates_incremental_join_drops_old_pairs():
             "info_batches": p | "I" >> beam.Create(_batches(infos)),
             "edges": p | "E" >> beam.Create(edges),
         } | FindDuplicates("earliest", exact=False, old_keys=old)
-        assert_that(out["edges"] | beam.Map(lambda e: (e.key_a, e.key_b)), equal_to([("n1", "o2")]))
+        pairs = out["edges"] | beam.FlatMap(lambda b: [(e.key_a, e.key_b) for e in b.edges()])  # EdgeBatch
+        assert_that(pairs, equal_to([("n1", "o2")]))
         sizes = out["assignments"] | "Sizes" >> beam.Map(lambda a: (a.key, a.cluster_id, a.cluster_size))
         assert_that(sizes, equal_to([("n1", "n1", 2), ("o2", "n1", 2)]), label="sizes")  # o1: alone
 

@@ -211,14 +211,16 @@ def test_seen_keys_and_hash_buckets():
 
 
 def _reference_hash(key: str) -> int:
-    """The same hash, one Python int at a time."""
+    """The same hash (FNV-1a, the length, MurmurHash3's finaliser), one Python int at a time."""
     m = 2**64
     b = key.encode("utf-8")
-    h = sum((byte + 1) * pow(0x100000001B3, i, m) for i, byte in enumerate(b)) % m
-    h ^= len(b) * 0x9E3779B97F4A7C15 % m
-    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) % m
-    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) % m
-    return h ^ (h >> 31)
+    h = 0xCBF29CE484222325
+    for byte in b:
+        h = ((h ^ byte) * 0x100000001B3) % m
+    h ^= len(b)
+    for mult in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        h = ((h ^ (h >> 33)) * mult) % m
+    return h ^ (h >> 33)
 
 
 def test_key_hashes_equal_a_per_key_reference():

@@ -70,3 +70,27 @@ def test_probe_parts_apply_the_sample_budget_per_key():
     ((shard, got),) = list(_shard_parts(info_table(infos), 0.3, 7))
     assert shard == "s1" and [i.key for i in got] == kept and 30 < len(kept) < 90
     assert list(_shard_parts(infos[0], None, 7)) == [("s1", [infos[0]])]
+
+
+def test_keys_with_only_an_assignment_equal_build_annotation(tmp_path):
+    """Clustered keys with nothing else (built from the info columns) and assignments arriving as
+    tuple lists give the Annotations ``build_annotation`` gives, and the same written rows."""
+    from schemas.arrow import infos_of
+    from transforms.annotate import build_annotation
+    from transforms.shard_stage import split_shard
+
+    grouped = _grouped()
+    tuples = [("k6", "k6", 2, True, "clip", 1.0, "s0"), ("k7", "k6", 2, False, "phash", 0.93, "s0")]
+    grouped["assignment"] = [*grouped["assignment"], tuples]
+    rich, _ = split_shard(grouped)
+    by_key = {a.key: a for a in rich}
+    infos = {i.key: i for t in grouped["info"] for i in infos_of(t)}
+    for key, row in (("k6", tuples[0]), ("k7", tuples[1])):
+        expected = build_annotation(key, {"info": [infos[key]], "assignment": [ClusterAssignment(*row)]})
+        assert by_key[key] == expected and expected.cluster_id == "k6"
+    assert [a.key for a in rich] == sorted(by_key)
+    cfg = DecideConfig()
+    list(AnnotateShardFn(cfg, str(tmp_path), diversify=False).process(("s0", grouped)))
+    manifest = {r["key"]: r for r in read_table(str(tmp_path / "manifest")).to_pylist()}
+    assert manifest["k7"] == manifest_row(by_key["k7"], *decide(by_key["k7"], cfg))
+    assert manifest["k7"]["decision"] == "drop" and manifest["k6"]["is_representative"]

@@ -7,12 +7,15 @@ component becomes a star around its smallest key in O(log n) rounds (a sorted pa
 nodes: 14 pairs of rounds; 1,000: 10; duplicate clusters, mostly stars already: 1-3).
 
 Edges do not travel one element each. Directed edges are cut into lists by a stable hash bucket
-of their source key (``transforms.key_batches.bucket_of``; ``buckets`` set by the graph from the
-input's size), and every step is one ``GroupByKey`` over buckets: a bucket holds every edge of
-each of its nodes, so the star operations run vectorised within it (keys factorised to sorted
-integer codes with ``np.unique``, pairs deduplicated and sorted, the smallest neighbour of each
-node the first of its run). A step emits one list pair per (input bucket, output bucket); no
-element holds more than one bucket's edges, and the first batching holds at most ``BATCH`` edges.
+of their source node (``buckets`` set by the graph from the input's size), and every step is one
+``GroupByKey`` over buckets: a bucket holds every edge of each of its nodes, so the star
+operations run vectorised within it (nodes factorised to sorted integer codes with ``np.unique``,
+pairs deduplicated and sorted, the smallest neighbour of each node the first of its run). Nodes
+are either keys (lists of strings, bucket ``key_batches.bucket_of``) or, as ``FindDuplicates``
+runs it (``ids=True``), stable 64-bit ids of the keys (``key_batches.key_ids``) in int64 arrays,
+bucket = id mod buckets: no Python object per key, and the root is then the smallest id. A
+step emits one list pair per (input bucket, output bucket); no element holds more than one
+bucket's edges, and the first batching holds at most ``BATCH`` edges.
 
 The rounds are unrolled in the graph (``rounds`` pairs, 8 by default: a shuffled path of 1,000
 nodes converges in 8; the cell search emits breadth-first forests, so copies of one image arrive
@@ -29,7 +32,7 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 import numpy as np
 
-from transforms.key_batches import BufferedBuckets, bucket_of
+from transforms.key_batches import BufferedBuckets, buckets_of
 
 DEFAULT_ROUNDS = 8
 BATCH = 50_000  # directed edges per list out of the first batching step
@@ -39,7 +42,7 @@ class NotConverged(RuntimeError):
     pass
 
 
-Lists = tuple[list[str], list[str]]  # (sources, destinations), one directed edge per position
+Lists = tuple  # (sources, destinations), one directed edge per position: lists of keys or int64 id arrays
 
 
 def _as_array(keys: list[str]) -> np.ndarray:
@@ -50,22 +53,44 @@ def _as_array(keys: list[str]) -> np.ndarray:
     return np.array(keys)
 
 
+def _is_ids(part) -> bool:
+    return isinstance(part, np.ndarray) and part.dtype.kind in "iu"
+
+
+def _nodes(parts: list) -> np.ndarray:
+    """Lists of nodes -> one array: int64 ids stay integers, keys become a string array."""
+    if all(_is_ids(p) for p in parts):
+        return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
+    flat: list = []
+    for p in parts:
+        flat.extend(p.tolist() if isinstance(p, np.ndarray) else p)
+    return _as_array(flat)
+
+
 def _factorize(lists: Iterable[Lists]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lists of directed edges -> (sorted unique keys, source codes, destination codes), the
+    """Lists of directed edges -> (sorted unique nodes, source codes, destination codes), the
     (source, destination) code pairs deduplicated and sorted by source, then destination."""
-    src: list[str] = []
-    dst: list[str] = []
+    src: list = []
+    dst: list = []
     for s, d in lists:
-        src.extend(s)
-        dst.extend(d)
+        if len(s):
+            src.append(s)
+            dst.append(d)
     if not src:
         empty = np.zeros(0, dtype=np.int64)
         return np.array([], dtype=object), empty, empty
-    uniq, inv = np.unique(_as_array(src + dst), return_inverse=True)
+    nodes = _nodes(src + dst)
+    n_src = sum(len(s) for s in src)
+    uniq, inv = np.unique(nodes, return_inverse=True)
     inv = inv.reshape(-1).astype(np.int64)
     k = len(uniq)
-    pairs = np.unique(inv[: len(src)] * k + inv[len(src) :])
+    pairs = np.unique(inv[:n_src] * k + inv[n_src:])
     return uniq, pairs // k, pairs % k
+
+
+def _out(values: np.ndarray):
+    """What a list of nodes travels as: int64 ids as an array, keys as a Python list."""
+    return values if values.dtype.kind in "iu" else values.tolist()
 
 
 def _runs(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,12 +105,12 @@ def _split(uniq: np.ndarray, src: np.ndarray, dst: np.ndarray, n: int) -> Iterat
         return
     used = np.unique(src)
     bucket = np.full(len(uniq), -1, dtype=np.int64)
-    bucket[used] = [bucket_of(k, n) for k in uniq[used].tolist()]
+    bucket[used] = buckets_of(uniq[used], n)
     b = bucket[src]
     order = np.argsort(b, kind="stable")
     cuts = np.flatnonzero(np.diff(b[order])) + 1
     for part in np.split(order, cuts):
-        yield int(b[part[0]]), (uniq[src[part]].tolist(), uniq[dst[part]].tolist())
+        yield int(b[part[0]]), (_out(uniq[src[part]]), _out(uniq[dst[part]]))
 
 
 def _both_ways(uniq: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> Iterator[tuple[int, Lists]]:
@@ -134,7 +159,7 @@ def star_labels(item: tuple[int, Iterable[Lists]], rounds: int) -> Iterator[tupl
             f"connected components did not converge in {rounds} rounds (node {uniq[node[i]]!r} still has "
             f"{int(counts[i])} neighbours); raise FindDuplicates(rounds=...)"
         )
-    yield bucket, (uniq[node].tolist(), uniq[np.minimum(node, low)].tolist())
+    yield bucket, (_out(uniq[node]), _out(uniq[np.minimum(node, low)]))
 
 
 def _directed(pair: tuple[str, str]) -> Iterator[tuple[str, tuple[str, str]]]:
@@ -153,6 +178,20 @@ def edge_lists(n: int) -> BufferedBuckets:
     return BufferedBuckets(n, _directed, BATCH, pack=_as_lists)
 
 
+def id_edge_lists(pair: tuple[np.ndarray, np.ndarray], n: int) -> Iterator[tuple[int, Lists]]:
+    """(lo ids, hi ids), a batch of undirected edges -> (bucket, (sources, destinations)) per
+    bucket of the source, both directions (the batch is already a list: nothing buffered)."""
+    lo, hi = (np.asarray(x, dtype=np.int64) for x in pair)
+    if not len(lo):
+        return
+    src, dst = np.r_[lo, hi], np.r_[hi, lo]
+    b = buckets_of(src, n)
+    order = np.argsort(b, kind="stable")
+    cuts = np.flatnonzero(np.diff(b[order])) + 1
+    for part in np.split(order, cuts):
+        yield int(b[part[0]]), (src[part], dst[part])
+
+
 def root_pairs(item: tuple[int, Lists]) -> Iterator[tuple[str, str]]:
     _, (nodes, roots) = item
     yield from zip(nodes, roots, strict=True)
@@ -161,17 +200,26 @@ def root_pairs(item: tuple[int, Lists]) -> Iterator[tuple[str, str]]:
 class Components(beam.PTransform):
     """PCollection[(key_a, key_b)] (key_a < key_b) -> PCollection[(key, smallest key of its
     component)] for every key with an edge; with ``batched``, (bucket_of(key, buckets), (keys,
-    roots)) lists instead, a bucket's keys in one or more lists."""
+    roots)) lists instead, a bucket's keys in one or more lists.
 
-    def __init__(self, rounds: int = DEFAULT_ROUNDS, buckets: int = 16, batched: bool = False):
+    ``ids``: the input is batches of edges on int64 node ids instead, ``(lo ids, hi ids)`` arrays
+    (``key_batches.key_ids``); the output (always batched) is (id mod buckets, (id array, root
+    id array)), the root the smallest id of the component (mapping ids back to keys, and the
+    smallest key, is the caller's: ``transforms.dedup``)."""
+
+    def __init__(self, rounds: int = DEFAULT_ROUNDS, buckets: int = 16, batched: bool = False, ids: bool = False):
         super().__init__()
         self.rounds = rounds
         self.buckets = max(1, buckets)
-        self.batched = batched
+        self.batched = batched or ids
+        self.ids = ids
 
     def expand(self, pairs):
         n = self.buckets
-        edges = pairs | "EdgeLists" >> beam.ParDo(edge_lists(n))
+        if self.ids:
+            edges = pairs | "EdgeLists" >> beam.FlatMap(id_edge_lists, n=n)
+        else:
+            edges = pairs | "EdgeLists" >> beam.ParDo(edge_lists(n))
         for r in range(self.rounds):
             edges = (
                 edges

@@ -1,13 +1,15 @@
 """Duplicate clusters: edges from every embedder -> connected components -> one keeper each.
 
-Embedders only annotate (they emit ``Edge`` elements). This stage unions the edges of all of
-them (exact bytes, exact pixels, perceptual hash, CLIP), so a chain a~b~c is one cluster
-(SemDeDup's greedy order lets such chains slip), and picks the keeper by the configured policy
-with deterministic tie-breaks. Nothing is gathered: components are large-star/small-star rounds
-over per-bucket edge lists (``transforms.components``); the roots come out as lists per key-hash
-bucket, joined there with the members' ranking features and with the edges (lists per bucket of
-``key_a``); members and edges then travel as lists per hash bucket of their cluster id, where one
-``CoGroupByKey`` brings each cluster together and the keeper is chosen, cluster by cluster.
+Embedders only annotate (they emit ``Edge`` elements, or ``EdgeBatch`` columns). This stage
+unions the edges of all of them (exact bytes, exact pixels, perceptual hash, CLIP), so a chain
+a~b~c is one cluster (SemDeDup's greedy order lets such chains slip), and picks the keeper by the
+configured policy with deterministic tie-breaks. Nothing is gathered and nothing is one element
+per sample: edges travel as arrays, components are large-star/small-star rounds over per-bucket
+arrays of 64-bit key ids (``transforms.components``); the roots come out per id bucket, joined
+there with the members' ranking features (Arrow columns of every info batch, filtered to the
+clustered ids) and with the edges; members and edges then travel per bucket of their root, where
+one ``CoGroupByKey`` brings each cluster together and the keepers are chosen, vectorised
+(``transforms.cluster_columns``). The cluster id is the component's smallest key.
 """
 
 from __future__ import annotations
@@ -17,12 +19,25 @@ import math
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
 
-from schemas.elements import ClusterAssignment, Edge, SampleInfo
-from transforms.components import BATCH, DEFAULT_ROUNDS, Components
-from transforms.key_batches import BufferedBuckets, grouped, split_buckets
-
-EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
+from schemas.elements import ClusterAssignment, Edge, EdgeBatch, SampleInfo
+from transforms.cluster_columns import (
+    EMBEDDER_RANK,
+    EdgeColumns,
+    assign_lists,
+    edge_batch,
+    edges_to_clusters,
+    feature_tables,
+    id_columns,
+    id_pairs,
+    members,
+    single_assignments,
+    single_edges,
+    split_by,
+)
+from transforms.components import DEFAULT_ROUNDS, Components
+from transforms.key_batches import key_ids
 
 
 def exact_edges(group: tuple[str, Iterable[str]], embedder: str) -> Iterator[Edge]:
@@ -81,7 +96,8 @@ def _resolution_rank(info: SampleInfo) -> tuple:
 def assign_cluster(
     cluster_id: str, members: list[SampleInfo], edges: Iterable[Edge], policy: str
 ) -> list[ClusterAssignment]:
-    """Pick the keeper and describe each member's link to it (the edges are read once, streaming)."""
+    """Pick the keeper and describe each member's link to it, one cluster as objects (the
+    reference that ``cluster_columns.assign_clusters`` vectorises; tests compare the two)."""
     ordered = sorted(members, key=keeper_sort_key(policy))
     keeper = ordered[0].key
     best: dict[str, tuple[int, float, str]] = {}
@@ -90,7 +106,7 @@ def assign_cluster(
         for a, b in ((e.key_a, e.key_b), (e.key_b, e.key_a)):
             rank = EMBEDDER_RANK.get(e.embedder, 9)
             current = best.get(a)
-            if current is None or (rank, -e.similarity) < (current[0], -current[1]):
+            if current is None or (rank, -e.similarity, e.embedder) < (current[0], -current[1], current[2]):
                 best[a] = (rank, e.similarity, e.embedder)
             if b == keeper:
                 direct[a] = max(direct.get(a, -1.0), e.similarity)
@@ -106,75 +122,47 @@ def assign_cluster(
     return out
 
 
-def _pair(e: Edge) -> tuple[str, str]:
-    return (e.key_a, e.key_b) if e.key_a < e.key_b else (e.key_b, e.key_a)
+def _digest_lists(table, field: str, n: int) -> Iterator[tuple[int, tuple]]:
+    """An info batch -> (bucket of the digest, (digest ids, digests, keys)) per bucket; an empty
+    digest (no image bytes, e.g. precomputed embeddings) links nothing."""
+    import pyarrow.compute as pc
 
-
-def _digest_lists(table, field: str, n: int) -> Iterator[tuple[int, list]]:
-    """An info batch -> (bucket, [(digest, key)]) per bucket; an empty digest (no image bytes,
-    e.g. precomputed embeddings) links nothing."""
-    pairs = zip(table.column(field).to_pylist(), table.column("key").to_pylist(), strict=True)
-    yield from split_buckets(((d, k) for d, k in pairs if d), n)
-
-
-def _digest_edges(item, embedder: str) -> Iterator[Edge]:
-    """(bucket, lists of (digest, key)) -> a star of edges per digest shared by 2+ keys."""
-    _, lists = item
-    for digest, keys in sorted(grouped(lists).items()):
-        if len(keys) > 1:
-            yield from exact_edges((digest, keys), embedder)
-
-
-RANK_FIELDS = ("key", "shard", "width", "height", "original_width", "original_height", "image_bytes")
-
-
-def _feature_lists(table, n: int, with_meta: bool) -> Iterator[tuple[int, list]]:
-    """An info batch -> (bucket, [(key, ranking features)]): what the keeper needs of a member."""
-    cols = [table.column(c).to_pylist() for c in RANK_FIELDS]
-    metas = table.column("meta_json").to_pylist() if with_meta else None
-    rows = []
-    for i, values in enumerate(zip(*cols, strict=True)):
-        rows.append((values[0], (*values[1:], metas[i] if metas else "{}")))
-    yield from split_buckets(rows, n)
-
-
-def _member(item, n: int) -> Iterator[tuple[int, list]]:
-    """(bucket, {"root": [(keys, roots)], "features": lists}) -> (bucket of the root, [(root,
-    member)]) for the clustered keys; a key repeated across shards: its first shard's record."""
-    _, joined = item
-    roots = {k: r for keys, rts in joined["root"] for k, r in zip(keys, rts, strict=True)}
-    if not roots:
+    col = table.column(field)
+    has = pc.fill_null(pc.not_equal(col, ""), False)
+    if not table.num_rows or not pc.any(has).as_py():
         return
-    found: dict[str, tuple] = {}
-    for pairs in joined["features"]:
-        for key, f in pairs:
-            if key in roots and (key not in found or f[0] < found[key][0]):
-                found[key] = f
-    members = (
-        (roots[key], SampleInfo(key, shard, "", "", "", "", w, h, meta, ow, oh, n_bytes))
-        for key, (shard, w, h, ow, oh, n_bytes, meta) in sorted(found.items())
-    )
-    yield from split_buckets(members, n)
+    digests = col.filter(has)
+    keys = table.column("key").filter(has)
+    cols = (key_ids(digests), _numpy(digests), _numpy(keys))
+    yield from split_by(cols, 0, n)
 
 
-def _by_key_a(e: Edge) -> Iterator[tuple[str, Edge]]:
-    yield e.key_a, e
+def _numpy(column) -> np.ndarray:
+    return column.to_numpy(zero_copy_only=False).astype(object)
 
 
-def _edges_to_clusters(item, n: int) -> Iterator[tuple[int, list]]:
-    """(bucket, {"root": [(keys, roots)], "edge": [[edges]]}) -> (bucket of the root, [(root, edge)])."""
-    _, joined = item
-    roots = {k: r for keys, rts in joined["root"] for k, r in zip(keys, rts, strict=True)}
-    yield from split_buckets(((roots[e.key_a], e) for edges in joined["edge"] for e in edges), n)
-
-
-def _assign(item, policy: str) -> Iterator[ClusterAssignment]:
-    """(bucket, {"member": lists of (root, member), "edge": lists of (root, edge)}) -> every
-    member's assignment, cluster by cluster."""
-    _, joined = item
-    members, edges = grouped(joined["member"]), grouped(joined["edge"])
-    for cluster_id in sorted(members):
-        yield from assign_cluster(cluster_id, members[cluster_id], edges.get(cluster_id, ()), policy)
+def _digest_edges(item, embedder: str) -> Iterator[EdgeBatch]:
+    """(bucket, lists of (digest ids, digests, keys)) -> a star of edges to the smallest key per
+    digest shared by 2+ keys (one EdgeBatch); only digests whose id repeats leave numpy."""
+    _, lists = item
+    lists = [c for c in lists if len(c[0])]
+    if not lists:
+        return
+    ids, digests, keys = (np.concatenate([c[i] for c in lists]) for i in range(3))
+    uniq, counts = np.unique(ids, return_counts=True)
+    shared = np.isin(ids, uniq[counts > 1])
+    by_digest: dict[str, set] = {}
+    for d, k in zip(digests[shared].tolist(), keys[shared].tolist(), strict=True):
+        by_digest.setdefault(d, set()).add(k)
+    lo: list[str] = []
+    hi: list[str] = []
+    for digest in sorted(by_digest):
+        ordered = sorted(by_digest[digest])
+        lo.extend([ordered[0]] * (len(ordered) - 1))
+        hi.extend(ordered[1:])
+    batch = edge_batch(lo, hi, np.ones(len(lo)), embedder) if lo else None
+    if batch is not None:
+        yield batch
 
 
 def _tag_old_a(item) -> Iterator[tuple[str, tuple[Edge, bool]]]:
@@ -219,14 +207,16 @@ class _OnlyNewPairs(beam.PTransform):
 
 
 class FindDuplicates(beam.PTransform):
-    """{"info_batches": SampleInfo tables, "edges": PCollection[Edge] (optional)} ->
-    {"assignments", "edges"}.
+    """{"info_batches": SampleInfo tables, "edges": PCollection of ``Edge`` and/or ``EdgeBatch``
+    (optional)} -> {"assignments": ClusterAssignment, "assignment_lists": the same as lists (one
+    per cluster bucket: what ``pipeline.graph`` routes to shards), "edges": normalised EdgeBatch}.
 
-    Exact-byte and exact-pixel edges are computed here (digests shuffled as lists per hash
-    bucket); other embedders pass their edges in. Only clustered keys get an assignment (with
-    their shard): a key without one is a cluster of one under its own key. The keeper's ranking
-    features of the clustered keys are joined per key-hash bucket, so no element per sample
-    travels. ``old_keys`` (incremental mode): the old samples' keys, a PCollection or a collection.
+    Exact-byte and exact-pixel edges are computed here (digests shuffled as arrays per hash
+    bucket); other embedders pass their edges in, one at a time or as batches. The components run
+    on 64-bit ids of the keys (``transforms.cluster_columns``). Only clustered keys get an
+    assignment (with their shard): a key without one is a cluster of one under its own key. The
+    ranking features join the labels as Arrow columns per id bucket, and only the clustered rows
+    go on. ``old_keys`` (incremental mode): the old samples' keys, a PCollection or a collection.
     """
 
     def __init__(
@@ -249,7 +239,7 @@ class FindDuplicates(beam.PTransform):
     def expand(self, inputs):
         batches = inputs["info_batches"]
         n = self.buckets
-        edge_sets = [inputs["edges"]] if "edges" in inputs else []
+        edge_sets = [inputs["edges"] | "EdgeColumns" >> beam.ParDo(EdgeColumns())] if "edges" in inputs else []
         if self.exact:
             digests = [("exact", "sha256")] + ([("pixels", "pixel_sha256")] if self.exact_pixels else [])
             for name, field in digests:
@@ -264,26 +254,35 @@ class FindDuplicates(beam.PTransform):
             if edge_sets
             else batches.pipeline | "NoEdges" >> beam.Create([])
         )
-        edges = edges | "NoSelfEdges" >> beam.Filter(lambda e: e.key_a != e.key_b)
         if self.old_keys is not None and (isinstance(self.old_keys, beam.pvalue.PCollection) or self.old_keys):
-            edges = edges | "OnlyNewPairs" >> _OnlyNewPairs(self.old_keys)
-        root_lists = edges | "Pairs" >> beam.Map(_pair) | "Components" >> Components(self.rounds, n, batched=True)
+            edges = (
+                edges
+                | "SingleEdges" >> beam.FlatMap(single_edges)
+                | "OnlyNewPairs" >> _OnlyNewPairs(self.old_keys)
+                | "NewEdgeColumns" >> beam.ParDo(EdgeColumns())
+            )
+        cols = edges | "EdgeIds" >> beam.Map(id_columns)
+        root_lists = (
+            cols | "Pairs" >> beam.Map(id_pairs) | "Components" >> Components(self.rounds, n, ids=True)
+        )  # (id mod n, (ids, root ids))
         with_meta = self.keeper.startswith("column:")
-        members = {
-            "root": root_lists,  # (bucket_of(key, n), (keys, roots)): already in the features' buckets
-            "features": batches | "FeatureBuckets" >> beam.FlatMap(_feature_lists, n=n, with_meta=with_meta),
-        } | "JoinComponents" >> beam.CoGroupByKey()
+        member_tables = (
+            {
+                "root": root_lists,
+                "features": batches | "FeatureBuckets" >> beam.FlatMap(feature_tables, n=n, with_meta=with_meta),
+            }
+            | "JoinComponents" >> beam.CoGroupByKey()
+            | "MemberOf" >> beam.FlatMap(members, n=n)
+        )
         cluster_edges = (
-            {"edge": edges | "EdgeBuckets" >> beam.ParDo(BufferedBuckets(n, _by_key_a, BATCH)), "root": root_lists}
+            {"edge": cols | "EdgeBuckets" >> beam.FlatMap(split_by, column=0, n=n), "root": root_lists}
             | "JoinEdgeRoots" >> beam.CoGroupByKey()
-            | "EdgeOfCluster" >> beam.FlatMap(_edges_to_clusters, n=n)
+            | "EdgeOfCluster" >> beam.FlatMap(edges_to_clusters, n=n)
         )
-        clustered = (
-            {"member": members | "MemberOf" >> beam.FlatMap(_member, n=n), "edge": cluster_edges}
+        lists = (
+            {"member": member_tables, "edge": cluster_edges}
             | "GroupClusters" >> beam.CoGroupByKey()
-            | "Assign" >> beam.FlatMap(_assign, policy=self.keeper)
+            | "Assign" >> beam.FlatMap(assign_lists, policy=self.keeper)
         )
-        from pipeline import progress
-
-        assignments = clustered | "Progress" >> progress.Tick("dedup")
-        return {"assignments": assignments, "edges": edges}
+        assignments = lists | "Assignments" >> beam.FlatMap(single_assignments)
+        return {"assignments": assignments, "assignment_lists": lists, "edges": edges}

@@ -6,8 +6,8 @@ numpy array of the rows the keys sit on in ``shard``); one group per bucket conc
 counts each key with a dictionary encoding, and only the keys seen more than once (few) become
 Python ``(key, [(shard, row), ...])`` groups for the same failure and ``moved`` rules.
 
-The bucket is a 64-bit hash of the key's UTF-8 bytes computed with numpy over the Arrow
-buffers (no Python string per key), stable across processes and machines.
+The bucket is the key's 64-bit id (``key_batches.key_ids``: a hash of its UTF-8 bytes computed
+with numpy over the Arrow buffers, no Python string per key), stable across processes and machines.
 """
 
 from __future__ import annotations
@@ -19,49 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.key_batches import _repeats
-
-_PRIME = np.uint64(0x100000001B3)
-_POWERS = np.ones(1, dtype=np.uint64)
-
-
-def _powers(n: int) -> np.ndarray:
-    """_PRIME ** i mod 2**64 for i < n (cached, grown on demand)."""
-    global _POWERS
-    if len(_POWERS) < n:
-        table = np.full(max(n, 2 * len(_POWERS)), _PRIME, dtype=np.uint64)
-        table[0] = 1
-        _POWERS = np.cumprod(table, dtype=np.uint64)
-    return _POWERS[:n]
-
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: every input bit reaches every output bit."""
-    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return h ^ (h >> np.uint64(31))
+from transforms.key_batches import _repeats, key_ids
 
 
 def key_hashes(keys: pa.Array) -> np.ndarray:
-    """An Arrow string array (no nulls) -> a uint64 hash per key: a polynomial over its UTF-8
-    bytes, mixed with its length."""
-    keys = keys.cast(pa.large_string()) if not pa.types.is_large_string(keys.type) else keys
-    n = len(keys)
-    if n == 0:
-        return np.empty(0, dtype=np.uint64)
-    bufs = keys.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[keys.offset : keys.offset + n + 1]
-    lengths = np.diff(offsets)
-    h = np.zeros(n, dtype=np.uint64)
-    total = int(offsets[-1] - offsets[0])
-    if total:
-        data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0] : offsets[-1]].astype(np.uint64)
-        starts = offsets[:-1] - offsets[0]
-        pos = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-        terms = (data + np.uint64(1)) * _powers(int(lengths.max()))[pos]
-        filled = lengths > 0
-        h[filled] = np.add.reduceat(terms, starts[filled])
-    return _mix(h ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+    """An Arrow string array (no nulls) -> a uint64 hash per key: ``key_batches.key_ids`` (FNV-1a
+    over the UTF-8 bytes, vectorised, then a finaliser), the one key hash of the project."""
+    return key_ids(keys).view(np.uint64)
 
 
 def buckets_of(keys: pa.Array, n: int) -> np.ndarray:

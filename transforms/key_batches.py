@@ -13,10 +13,69 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
 
 
 def bucket_of(value: str, n: int) -> int:
     return zlib.crc32(value.encode("utf-8", "surrogatepass")) % max(1, n)
+
+
+def _utf8(keys):
+    """Keys (a list, a numpy or an Arrow string array) -> (byte offsets, bytes) of their UTF-8."""
+    import pyarrow as pa
+
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    try:
+        arr = keys if isinstance(keys, pa.Array) else pa.array(keys, type=pa.large_string())
+        arr = arr.cast(pa.large_string()) if arr.type != pa.large_string() else arr
+    except (pa.ArrowException, UnicodeEncodeError):  # lone surrogates: their bytes as ``bucket_of`` sees them
+        values = keys.to_pylist() if isinstance(keys, pa.Array) else list(keys)
+        arr = pa.array([k.encode("utf-8", "surrogatepass") for k in values], type=pa.large_binary())
+    if arr.null_count:
+        raise ValueError("key_ids: a key is null")
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+def key_ids(keys) -> np.ndarray:
+    """Keys -> stable 64-bit ids (int64), vectorised: FNV-1a over each key's UTF-8 bytes, then
+    MurmurHash3's finaliser with the length mixed in. The same key gives the same id in every
+    process and run (no ``PYTHONHASHSEED``); two keys can share one (about n^2 / 2^65 pairs), so
+    whoever maps ids back to keys checks (``transforms.dedup``)."""
+    offsets, data = _utf8(keys)
+    n = len(offsets) - 1
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    if n == 0:
+        return h.view(np.int64)
+    lengths = np.diff(offsets)
+    order = np.argsort(-lengths, kind="stable")  # longest first: the rows still going are a prefix
+    starts, sorted_len = offsets[:-1][order], lengths[order]
+    hs = h[order]
+    for j in range(int(sorted_len[0]) if n else 0):
+        live = int(np.searchsorted(-sorted_len, -j, side="left"))  # rows with length > j
+        hs[:live] = (hs[:live] ^ data[starts[:live] + j].astype(np.uint64)) * _FNV_PRIME
+    h[order] = hs
+    h ^= lengths.astype(np.uint64)
+    for shift, mult in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53)):
+        h ^= h >> np.uint64(shift)
+        h *= np.uint64(mult)
+    h ^= h >> np.uint64(33)
+    return h.view(np.int64)
+
+
+def buckets_of(values: np.ndarray, n: int) -> np.ndarray:
+    """Nodes -> their buckets: int64 ids by their unsigned value mod ``n`` (vectorised); keys by
+    ``bucket_of`` (a Python loop, for the keyed-string paths)."""
+    n = max(1, n)
+    if values.dtype.kind in "iu":
+        return (values.astype(np.int64, copy=False).view(np.uint64) % np.uint64(n)).astype(np.int64)
+    return np.array([bucket_of(k, n) for k in values.tolist()], dtype=np.int64)
 
 
 def split_buckets(pairs: Iterable[tuple], n: int) -> Iterator[tuple[int, list]]:

@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 
 from pipeline import progress
 from schemas import arrow
-from schemas.elements import Annotation
+from schemas.elements import Annotation, ClusterAssignment
 from transforms import fsio
-from transforms.annotate import annotation_row, build_annotation
+from transforms.annotate import build_annotation
 from transforms.decide import DROP, KEEP, decide, is_kept_copy, manifest_row, reason_family
 from transforms.write import safe_part_name, write_arrow
 
@@ -48,12 +48,22 @@ def _first_per_key(tables: list) -> pa.Table | None:
     if not tables:
         return None
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    keys = table.column("key").to_pylist()
-    if len(set(keys)) == len(keys):
+    if pc.count_distinct(table.column("key")).as_py() == table.num_rows:
         return table
+    keys = table.column("key").to_pylist()
     seen: set[str] = set()
     first = [i for i, k in enumerate(keys) if not (k in seen or seen.add(k))]
     return table.take(first)
+
+
+def _assignments(values: Iterable) -> Iterator[ClusterAssignment]:
+    """``ClusterAssignment`` elements, or lists of them as tuples (``cluster_columns.assignment_rows``)."""
+    for v in values:
+        if isinstance(v, ClusterAssignment):
+            yield v
+        else:
+            for row in v:
+                yield ClusterAssignment(*row)
 
 
 def split_shard(grouped: dict) -> tuple[list[Annotation], pa.Table | None]:
@@ -61,13 +71,15 @@ def split_shard(grouped: dict) -> tuple[list[Annotation], pa.Table | None]:
     in key order; the info rows of the others, "plain" keys: ok, a cluster of one, nothing else).
 
     ``grouped``: "info" (info tables), "failure" (Failure, written to the failures table),
-    "late_failure" (Failure, annotation only), "assignment" (ClusterAssignment), "codes"
+    "late_failure" (Failure, annotation only), "assignment" (ClusterAssignment, or lists of
+    them as tuples), "codes"
     ((key, codes)), "score" (score rows), "duplication" ((key, (cluster_id, class))), "moved"
     (keys whose first shard is another one)."""
     moved = set(grouped.get("moved", ()))
+    assignments = _assignments(grouped.get("assignment", ()))
     failures = _by_key((f.key, f) for f in (*grouped.get("failure", ()), *grouped.get("late_failure", ())))
     sparse = {
-        "assignment": _by_key((a.key, a) for a in grouped.get("assignment", ())),
+        "assignment": _by_key((a.key, a) for a in assignments),
         "codes": _by_key(grouped.get("codes", ())),
         "score": _by_key((r["key"], r) for r in grouped.get("score", ())),
         "duplication": _by_key(grouped.get("duplication", ())),
@@ -78,11 +90,17 @@ def split_shard(grouped: dict) -> tuple[list[Annotation], pa.Table | None]:
     table = _first_per_key(list(grouped.get("info", ())))
     infos: dict = {}
     plain = None
-    if table is not None:
-        is_rich = pa.array([k in rich for k in table.column("key").to_pylist()], pa.bool_())
-        infos = {i.key: i for i in arrow.infos_of(table.filter(is_rich))}
-        plain = table.filter(pc.invert(is_rich))
     out = []
+    if table is not None:
+        is_rich = _is_in(table.column("key"), rich)
+        rich_rows, plain = table.filter(is_rich), table.filter(pc.invert(is_rich))
+        # keys with an info row and an assignment but nothing else: built from the columns
+        only_clustered = set(sparse["assignment"]) - set(failures) - moved
+        for name in ("codes", "score", "duplication"):
+            only_clustered -= set(sparse[name])
+        fast = _is_in(rich_rows.column("key"), only_clustered)
+        out = _clustered_annotations(rich_rows.filter(fast), sparse["assignment"])
+        infos = {i.key: i for i in arrow.infos_of(rich_rows.filter(pc.invert(fast)))}
     for key in sorted((infos.keys() | failures.keys()) - moved):
         joined = {name: values.get(key, ()) for name, values in sparse.items()}
         joined["info"] = [infos[key]] if key in infos else []
@@ -90,7 +108,44 @@ def split_shard(grouped: dict) -> tuple[list[Annotation], pa.Table | None]:
         a = build_annotation(key, joined)
         if a is not None:
             out.append(a)
-    return out, plain
+    return sorted(out, key=lambda a: a.key), plain
+
+
+def _is_in(keys, wanted: set) -> pa.ChunkedArray:
+    return pc.fill_null(pc.is_in(keys, value_set=pa.array(sorted(wanted), pa.string())), False)
+
+
+INFO_FIELDS = ("key", "shard", "url", "caption", "sha256", "width", "height", "original_width", "original_height")
+
+
+def _clustered_annotations(rows: pa.Table, assignments: dict) -> list[Annotation]:
+    """Info rows of keys whose only record is an assignment -> their Annotations, what
+    ``build_annotation`` gives them, without a ``SampleInfo`` per row."""
+    if not rows.num_rows:
+        return []
+    cols = [rows.column(c).to_pylist() for c in INFO_FIELDS]
+    out = []
+    for key, shard, url, caption, sha, w, h, ow, oh in zip(*cols, strict=True):
+        a = assignments[key][0]
+        out.append(
+            Annotation(
+                key=key,
+                shard=shard,
+                url=url,
+                caption=caption,
+                sha256=sha,
+                width=w,
+                height=h,
+                original_width=int(ow or 0),
+                original_height=int(oh or 0),
+                cluster_id=a.cluster_id,
+                cluster_size=a.cluster_size,
+                is_representative=a.is_representative,
+                cluster_embedder=a.embedder,
+                cluster_similarity=a.similarity,
+            )
+        )
+    return out
 
 
 def shard_annotations(grouped: dict) -> list[Annotation]:
@@ -142,6 +197,14 @@ PLAIN_ANNOTATION = {
 }
 
 
+def _annotation_column(rows: list[Annotation], field: pa.Field) -> pa.Array:
+    """One column of ``annotation_row(a)`` for every Annotation."""
+    values = [getattr(a, field.name) for a in rows]
+    if field.name == "trigger_codes":
+        values = [list(v) for v in values]
+    return pa.array(values, field.type)
+
+
 def _failure_row(f) -> dict:
     return {
         "key": f.key,
@@ -182,7 +245,7 @@ class AnnotateShardFn(beam.DoFn):
             "trigger_codes": (),
             "probe_score": None,
         }
-        annotations = self._table("annotations", [annotation_row(a) for a in rich], plain, PLAIN_ANNOTATION)
+        annotations = self._table("annotations", rich, plain, PLAIN_ANNOTATION)
         yield from self._write(shard, "annotations", annotations)
         yield from self._write(shard, "manifest", self._table("manifest", rows, plain, manifest_constants))
         failures = sorted(grouped.get("failure", ()), key=lambda f: (f.key, f.stage, f.error_type))
@@ -210,9 +273,13 @@ class AnnotateShardFn(beam.DoFn):
         return rows
 
     @staticmethod
-    def _table(name: str, rows: list[dict], plain: pa.Table | None = None, constants: dict | None = None):
+    def _table(name: str, rows: list, plain: pa.Table | None = None, constants: dict | None = None):
+        """Rows (dicts, or Annotations: read column by column) [+ plain keys' rows] -> a table."""
         schema = arrow.TABLES[name]
-        table = pa.Table.from_pylist(rows, schema=schema)
+        if rows and isinstance(rows[0], Annotation):
+            table = pa.Table.from_arrays([_annotation_column(rows, f) for f in schema], schema=schema)
+        else:
+            table = pa.Table.from_pylist(rows, schema=schema)
         if plain is None or not plain.num_rows:
             return table
         return pa.concat_tables([table, plain_table(plain, schema, constants or {})]).sort_by("key")
