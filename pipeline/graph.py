@@ -154,8 +154,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
             batched_neighbours=True,
             batched_edges=True,
         )
-        # EdgeBatch elements; single Edges until FindDuplicates takes batches
-        edges.append(found["edges"] | f"EdgesOf_{embedder}" >> beam.FlatMap(lambda b: b.edges()))
+        edges.append(found["edges"])  # EdgeBatch columns, one per search group
         neighbours.append(found["neighbours"])
     if "previous_edges" in dec:
         edges.append(dec["previous_edges"])
