@@ -266,3 +266,23 @@ def test_flickr_compressed_dups_precision_recall(flickr_shards, tmp_path, orb):
     found, truth = pairs(by_cluster), pairs(by_file)
     assert len(truth) == 50
     assert found == truth  # pair precision and recall 1.0
+
+
+def test_sample_rows_merges_pieces_lazily_and_order_free():
+    """The cell search's sample (many small code batches, merged only past 2x cap) is the cap rows
+    of smallest key priority, whatever the batches' order and the accumulators' split."""
+    from transforms import cell_search
+    from transforms.ann_edges import SampleRows
+
+    rng = np.random.default_rng(3)
+    keys = np.array([f"k{i:05d}" for i in range(700)])
+    codes = rng.integers(0, 256, (700, N_HASHES, CODE_BYTES), dtype=np.uint8)
+    batches = [(keys[s : s + 9], codes[s : s + 9]) for s in range(0, 700, 9)]
+    want = codes[cell_search.sample_rows(keys, 50, 0)]
+    fn = SampleRows(50, 0)
+    for order in (batches, batches[::-1]):
+        accs = [fn.create_accumulator(), fn.create_accumulator()]
+        for n, batch in enumerate(order):
+            accs[n % 2] = fn.add_input(accs[n % 2], batch)
+        n_rows, sample = fn.extract_output(fn.merge_accumulators(accs))
+        assert n_rows == 700 and np.array_equal(sample, want)

@@ -86,8 +86,8 @@ class SampleRows(beam.CombineFn):
 
 def _plan(stats, vectorize: Callable, query_rows: tuple, settings: dict) -> cs.Plan:
     n, payload = stats
-    if payload is None or n < 2:
-        return cs.Plan(None, 1, settings["margin"], settings["top_m"] >= 2)
+    if payload is None or n < 2 or cs.choose_cells(n, settings["single_cell_below"], settings["requested_cells"]) <= 1:
+        return cs.Plan(None, 1, settings["margin"], settings["top_m"] >= 2)  # one cell: no vectors needed
     vecs = vectorize(payload)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
     sample = vecs[:, q].reshape(-1, vecs.shape[2])
@@ -98,6 +98,9 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
     keys, payload = batch
     if not len(keys):
         return
+    if plan.centroids is None:  # one cell: nothing to compare with
+        yield 0, (keys, payload, np.zeros((len(keys), 1), dtype=np.int32), plan.groups)
+        return
     vecs = vectorize(payload)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
     cells = cs.assign(vecs[:, q], plan)
@@ -107,7 +110,9 @@ def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Ite
         yield int(g), (keys[rows], payload[rows], cells[rows], plan.groups)
 
 
-def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool) -> Iterator[dict]:
+def _search(
+    item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool, cell_fn=None
+) -> Iterator[dict]:
     """One shuffle group's pieces (each says how many groups there are) -> its columnar results."""
     from pipeline import progress
 
@@ -121,7 +126,9 @@ def _search(item, vectorize: Callable, query_rows: tuple, threshold: float, fore
     del pieces
     h = vectorize(payload[:1]).shape[1]
     q = tuple(r for r in query_rows if r < h) or (0,)
-    found = cs.search_group(keys, payload, cells, group, groups, q, threshold, forest=forest, vectorize=vectorize)
+    found = cs.search_group(
+        keys, payload, cells, group, groups, q, threshold, forest=forest, vectorize=vectorize, cell_fn=cell_fn
+    )
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
     progress.advance("search", len(keys))  # rows searched in this cell group (top-m: a row in m groups)
     yield found
@@ -214,7 +221,9 @@ class CellSearch(beam.PTransform):
     ``Neighbour`` per row (rows in several cells combined per key-hash bucket, as arrays).
     ``forest`` (default): a breadth-first spanning forest of each group's pairs above the
     threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else
-    every pair once."""
+    every pair once. ``cell_fn`` replaces the in-cell search
+    (``cell_search.search_cell``'s contract) and ``search_vectorize`` what it is given, one cell at
+    a time (packed codes for ``transforms.hamming_search``)."""
 
     def __init__(
         self,
@@ -228,9 +237,12 @@ class CellSearch(beam.PTransform):
         forest: bool = True,
         batched_neighbours: bool = False,
         batched_edges: bool = False,
+        cell_fn: Callable | None = None,
+        search_vectorize: Callable | None = None,
     ):
         super().__init__()
         self.forest = forest
+        self.cell_fn, self.search_vectorize = cell_fn, search_vectorize or vectorize
         self.batched_neighbours, self.batched_edges = batched_neighbours, batched_edges
         self.threshold, self.embedder, self.seed = threshold, embedder, seed
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
@@ -259,10 +271,11 @@ class CellSearch(beam.PTransform):
             | "SearchCells"
             >> beam.FlatMap(
                 _search,
-                vectorize=self.vectorize,
+                vectorize=self.search_vectorize,
                 query_rows=self.query_rows,
                 threshold=self.threshold,
                 forest=self.forest,
+                cell_fn=self.cell_fn,
             )
         )
         to_edges = _edge_batch if self.batched_edges else _edges

@@ -340,13 +340,15 @@ def search_group(
     bf16=None,
     forest: bool = False,
     vectorize=None,
+    cell_fn=None,
 ) -> dict:
     """All cells of one shuffle group -> columnar results (numpy arrays of keys and similarities):
     ``edges`` (a, b, sim) with a < b, each pair once over all cells (``forest``: only a
     breadth-first spanning forest of the group's pairs, which keeps the components); ``nn`` (key,
     nn_key, sim) final for rows in one cell; ``nn_partial`` the same for rows in several cells (to
     combine). ``payload`` rows are turned into (m, H, d) vectors by ``vectorize`` one cell at a
-    time (the stored float16 stays as it is; only a cell is float32 at once)."""
+    time (the stored float16 stays as it is; only a cell is float32 at once). ``cell_fn``: the
+    in-cell search (``search_cell``'s contract; packed binary codes: transforms.hamming_search)."""
     keys = np.asarray(keys)
     rows = dedup_keys(keys, payload)
     keys, cells = keys[rows], cells[rows]
@@ -362,7 +364,8 @@ def search_group(
             continue
         members = row[lo:hi]
         vecs = payload[rows[members]]
-        i, j, sim, nn, nn_sim = search_cell(vectorize(vecs) if vectorize else vecs, query_rows, threshold, bf16)
+        vecs = vectorize(vecs) if vectorize else vecs
+        i, j, sim, nn, nn_sim = (cell_fn or search_cell)(vecs, query_rows, threshold, bf16)
         gi, gj = members[i], members[j]
         own = owner_cell(cells[gi], cells[gj]) == flat[lo]  # a pair in several cells: the smallest reports it
         ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])

@@ -12,6 +12,7 @@ bytes, which counts the bit depth (a 64 Mpx 16-bit RGB PNG is 384 MB decoded).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -116,7 +117,12 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
+_EXIF_INFO = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where PIL's getexif looks
+
+
 def _orientation(img) -> int:
+    if not hasattr(img, "tag_v2") and not any(k in img.info for k in _EXIF_INFO):
+        return 1  # no EXIF or XMP block: nothing to parse
     try:
         value = img.getexif().get(0x0112)
         return int(value) if value in _TRANSPOSE else 1
@@ -124,12 +130,13 @@ def _orientation(img) -> int:
         return 1
 
 
-def _openers() -> list[str]:
+@functools.cache
+def _openers() -> tuple[str, ...]:
     """The PIL openers of DECODABLE_FORMATS that this Pillow has (MPO is opened by JPEG's)."""
     from PIL import Image
 
     Image.init()
-    return [f for f in sorted(DECODABLE_FORMATS) if f in Image.OPEN]
+    return tuple(f for f in sorted(DECODABLE_FORMATS) if f in Image.OPEN)
 
 
 def decode_image(data: bytes, ext: str, max_pixels: int, notes: list[str] | None = None, max_decoded_bytes: int = 0):

@@ -205,6 +205,11 @@ def code_vectors(codes: np.ndarray) -> np.ndarray:
     return (bits * 2.0 - 1.0) / np.sqrt(BITS)
 
 
+def packed_codes(codes: np.ndarray) -> np.ndarray:
+    """Codes as the in-cell search takes them (``transforms.hamming_search``): packed uint8."""
+    return np.asarray(codes, dtype=np.uint8)
+
+
 def code_similarity(cosine: np.ndarray) -> np.ndarray:
     """Inner product of +/-1 codes -> the reported similarity 1 - hamming / BITS."""
     return 1.0 - distance_of(cosine) / BITS
@@ -247,20 +252,33 @@ def find_copy_pairs(
     -> the smaller key, whatever the threshold, so it can move later. Exact in one cell
     (n <= ``single_cell_below``); the same partitioned search as the pipeline beyond.
     """
-    from transforms.cell_search import search_in_memory
+    from transforms import cell_search, hamming_search
 
     if len(keys) < 2:
         return [], []
-    found = search_in_memory(
-        np.asarray(keys),
-        code_vectors(codes),
-        query_rows(),
-        cosine_threshold(max_bits),
-        single_cell_below=single_cell_below,
-        requested_cells=n_cells,
-        margin=SearchSettings.second_cell_margin,
-        seed=seed,
-    )
+    if cell_search.choose_cells(len(keys), single_cell_below, n_cells) == 1:  # exact, in integers
+        one = np.zeros((len(keys), 1), dtype=np.int32)
+        found = cell_search.search_group(
+            np.asarray(keys),
+            codes,
+            one,
+            0,
+            1,
+            query_rows(),
+            cosine_threshold(max_bits),
+            cell_fn=hamming_search.search_cell,
+        )
+    else:
+        found = cell_search.search_in_memory(
+            np.asarray(keys),
+            code_vectors(codes),
+            query_rows(),
+            cosine_threshold(max_bits),
+            single_cell_below=single_cell_below,
+            requested_cells=n_cells,
+            margin=SearchSettings.second_cell_margin,
+            seed=seed,
+        )
     a, b, s = found["edges"]
     order = np.lexsort((b, a))
     edges = [
@@ -311,8 +329,9 @@ class FindPhashCopies(beam.PTransform):
 
     Codes are batched by key hash (one shuffle of 100-odd bytes a sample), then searched like
     embeddings (``transforms.ann_edges.CellSearch``): each hash a +/-1 vector, k-means cells on a
-    bounded sample, rows shuffled by cell as arrays, exact products inside each cell. One cell
-    (exact) up to ``single_cell_below`` samples.
+    bounded sample, rows shuffled by cell as arrays, exact products inside each cell (of packed
+    codes in integers: ``transforms.hamming_search``). One cell (exact) up to
+    ``single_cell_below`` samples.
     """
 
     def __init__(self, cfg, seed: int = 0):
@@ -322,6 +341,7 @@ class FindPhashCopies(beam.PTransform):
         self.seed = seed
 
     def expand(self, codes):
+        from transforms import hamming_search
         from transforms.ann_edges import CellSearch
 
         batches = (
@@ -338,4 +358,6 @@ class FindPhashCopies(beam.PTransform):
             vectorize=code_vectors,
             query_rows=query_rows(),
             similarity=code_similarity,
+            cell_fn=hamming_search.search_cell,
+            search_vectorize=packed_codes,
         )

@@ -29,6 +29,7 @@ from transforms.key_batches import RepeatedKeys
 from transforms.read_shards import ReadLimits, duplicate_key_failures, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
+PROGRESS_STEP = 32
 
 INFO_SCHEMA = arrow.INFO_BATCH
 FAILURE_SCHEMA = pa.schema([(f.name, pa.string()) for f in dataclasses.fields(Failure)])
@@ -129,6 +130,12 @@ def _original_size(sample: Sample, sizes: dict | None) -> tuple[int, int]:
     return size
 
 
+def _row(record) -> dict:
+    """A flat frozen dataclass (SampleInfo, Failure) -> its fields as a dict (``asdict`` without
+    the deep copy: the values are strings and numbers)."""
+    return dict(record.__dict__)
+
+
 def shard_path_element(path: str) -> str | bytes:
     """A shard path as a pipeline element: a name that is not UTF-8 (surrogate escapes, which no
     str coder accepts) travels as its bytes; ProcessShardFn turns it back into the same path."""
@@ -192,11 +199,12 @@ class ProcessShardFn(beam.DoFn):
     def _compute(self, path: str) -> dict[str, list]:
         tables: dict[str, list] = {k: [] for k in ("infos", "failures", "codes", "keys", "summary", "samples", "orb")}
         sizes: dict = {}
+        decoded = 0  # progress is told in steps of PROGRESS_STEP samples, not per sample
         for item in iter_shard(path, self.settings.limits, sizes):
             if isinstance(item, dict):
                 tables["summary"].append(item)
             elif isinstance(item, Failure):
-                tables["failures"].append(dataclasses.asdict(item))
+                tables["failures"].append(_row(item))
                 if item.stage == "read" and item.error_type not in ("truncated_tar", "missing_from_shard"):
                     # keys the tar itself held (sidecar-only rows are not repeats of anything)
                     tables["keys"].append({"key": item.key, "shard": item.shard})
@@ -205,17 +213,21 @@ class ProcessShardFn(beam.DoFn):
                 extras: dict = {}
                 result, codes = decode_sample(item, self.settings, self.hasher, sizes, extras)
                 if isinstance(result, Failure):
-                    tables["failures"].append(dataclasses.asdict(result))
+                    tables["failures"].append(_row(result))
                     continue
-                self.decoded.inc()
-                progress.advance("samples decoded")
-                tables["infos"].append(dataclasses.asdict(result))
+                decoded += 1
+                if decoded % PROGRESS_STEP == 0:
+                    progress.advance("samples decoded", PROGRESS_STEP)
+                tables["infos"].append(_row(result))
                 if codes is not None:
                     tables["codes"].append({"key": item.key, "codes": codes})
                 if "orb" in extras:
                     tables["orb"].append({"key": item.key, "features": extras["orb"]})
                 if self.settings.emit_samples:
                     tables["samples"].append(item)
+        self.decoded.inc(decoded)
+        if decoded % PROGRESS_STEP:
+            progress.advance("samples decoded", decoded % PROGRESS_STEP)
         return tables
 
     def _emit(self, tables: dict[str, list]) -> Iterator:
