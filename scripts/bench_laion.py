@@ -55,6 +55,8 @@ After merging main (columnar reader, FindDuplicates on EdgeBatch) and bf16 k-mea
 P/R 1.000; spans: start to search 41 s, search 22 s, FindDuplicates 21 s. SemDeDup run right
 after with OMP_WAIT_POLICY=PASSIVE (load ~3): 58.4 s wall, 51.0 s algorithm, so against a
 non-spinning SemDeDup the dedup-only job is ~1.9x (target 1.2x: not met on that footing).
+Since then every command of this script runs with the same ``OMP_WAIT_POLICY`` (PASSIVE unless
+set), so the baseline and the jobs get the same thread policy.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ MAX_RSS_GB = 6.0
 def timed(cmd: list[str], log: str) -> dict:
     """Run under /usr/bin/time -v; -> wall seconds, peak RSS in GB, stdout."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONHASHSEED="0")
+    # the same OpenMP thread policy for SemDeDup and memsieve (transforms/cell_search sets PASSIVE on import)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t
