@@ -20,7 +20,7 @@ from schemas import arrow
 from transforms.cluster_columns import assignment_rows
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.write import WriteBatches, WriteTable, bucket
+from transforms.write import WriteBatches, WriteTable, bucket, buckets
 
 # input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
 READERS = {
@@ -147,9 +147,14 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
             neighbours.append(found["neighbours"])
     for embedder, batches in sorted(dec.get("vectors", {}).items()):  # precomputed embeddings
         found = batches | f"VectorEdges_{embedder}" >> VectorEdges(
-            cfg.dedup.cluster.threshold, embedder, cfg.dedup.cluster, cfg.run.seed, batched_neighbours=True
+            cfg.dedup.cluster.threshold,
+            embedder,
+            cfg.dedup.cluster,
+            cfg.run.seed,
+            batched_neighbours=True,
+            batched_edges=True,
         )
-        edges.append(found["edges"])
+        edges.append(found["edges"])  # EdgeBatch columns, one per search group
         neighbours.append(found["neighbours"])
     if "previous_edges" in dec:
         edges.append(dec["previous_edges"])
@@ -288,6 +293,8 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
                 arrow.TABLES["neighbours"],
                 lambda r, n=n_parts: f"{r['embedder']}-{bucket(r['key'], n)}",
                 lambda r: (r["key"],),
+                table_partition=lambda t, n=n_parts: _neighbour_parts(t, n),
+                sort_columns=("key",),
             )
         )
         p.__dict__.setdefault("_memsieve_written", []).append(written)
@@ -310,12 +317,24 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     return {"written": staged["written"], "assignments": assignments}
 
 
-def _neighbour_rows(n) -> list[dict]:
-    """A Neighbour, or a list of them (a search group's, ``batched_neighbours``) -> table rows."""
+def _neighbour_rows(n):
+    """A Neighbour, or a list of them -> table rows; a pyarrow Table (a search group's,
+    ``batched_neighbours``) stays as it is."""
+    if hasattr(n, "num_rows"):
+        return n
     return [
         {"key": x.key, "embedder": x.embedder, "nn_key": x.nn_key, "nn_similarity": float(x.nn_similarity)}
         for x in (n if isinstance(n, list) else [n])
     ]
+
+
+def _neighbour_parts(table, n: int):
+    """The neighbours writer's partition of each row of a Table (as a row's partition)."""
+    import numpy as np
+
+    width, keys = len(str(max(1, n) - 1)), table["key"].to_pylist()
+    labels = np.asarray(table["embedder"].to_pylist(), dtype=object) + "-"
+    return labels + np.char.zfill(buckets(keys, n).astype(str), width).astype(object)
 
 
 def _write(pcoll, out_dir: str, table: str, partition, sort_key):

@@ -18,52 +18,70 @@ from collections.abc import Callable, Iterator
 import apache_beam as beam
 import numpy as np
 
-from schemas.elements import Edge, Neighbour
+from schemas.elements import Edge, EdgeBatch, Neighbour
 from transforms import cell_search as cs
 
 SAMPLE_CAP = 100_000  # rows kept for k-means training (the sample is one bounded element)
 TARGET_GROUP_ROWS = 200_000  # rows (with second cells) per shuffle group: groups = n / this
+PARTIAL_BUCKETS = 64  # key-hash buckets combining the neighbours of rows in several cells (batched)
+
+
+def _smallest(prio: np.ndarray, keys: np.ndarray, cap: int) -> np.ndarray:
+    """Indices of the ``cap`` rows of smallest (priority, key), in that order."""
+    if len(prio) > cap:  # only rows at or below the cap-th priority can be chosen
+        cand = np.flatnonzero(prio <= np.partition(prio, cap - 1)[cap - 1])
+    else:
+        cand = np.arange(len(prio))
+    order = cand[np.argsort(prio[cand], kind="stable")]
+    if (prio[order][1:] == prio[order][:-1]).any():  # equal priorities (a repeated key): by key too
+        order = cand[np.lexsort((keys[cand], prio[cand]))]
+    return order[:cap]
 
 
 class SampleRows(beam.CombineFn):
     """Batches -> (row count, the ``cap`` rows of smallest key priority): order-independent.
 
-    The accumulator is [row count, pieces]: pieces are only merged (sorted and cut to ``cap``)
-    once they hold more than 2 x ``cap`` rows, so many small batches cost no repeated sorts."""
+    The accumulator is (rows seen, chunks of (priority, key, payload), bound): once ``cap`` rows
+    are held, a row above the bound (the cap-th smallest priority held) can never be chosen and
+    is dropped on arrival, and chunks are merged only when they hold twice the cap: no copy of
+    the whole sample per input batch."""
 
     def __init__(self, cap: int, seed: int):
         self.cap, self.seed = cap, seed
 
     def create_accumulator(self):
-        return [0, []]
+        return 0, [], np.iinfo(np.uint64).max
 
     def add_input(self, acc, batch):
         keys, payload = batch
+        n, chunks, bound = acc
         prio = cs.key_priority(keys, self.seed)
-        take = np.argsort(prio, kind="stable")[: self.cap]
-        acc[0] += len(keys)
-        acc[1].append((prio[take], np.asarray(keys)[take], payload[take]))
-        if sum(len(p[0]) for p in acc[1]) > 2 * self.cap:
-            acc[1] = self._merge(acc[1])
-        return acc
+        take = np.flatnonzero(prio <= bound)
+        if len(take) > self.cap:
+            take = take[_smallest(prio[take], np.asarray(keys)[take], self.cap)]
+        if len(take):
+            chunks = [*chunks, (prio[take], np.asarray(keys)[take], payload[take])]
+        return self._compact(n + len(keys), chunks, bound, 2 * self.cap)
 
     def merge_accumulators(self, accs):
         accs = list(accs)
-        pieces = [p for a in accs for p in a[1]]
-        return [sum(a[0] for a in accs), self._merge(pieces) if len(pieces) > 1 else pieces]
+        chunks = [c for a in accs for c in a[1]]
+        return self._compact(sum(a[0] for a in accs), chunks, min(a[2] for a in accs), 2 * self.cap)
 
-    def _merge(self, pieces):
-        full = [p for p in pieces if len(p[0])]
-        if not full:
-            return []
-        prio = np.concatenate([p[0] for p in full])
-        keys = np.concatenate([p[1] for p in full])
-        take = np.lexsort((keys, prio))[: self.cap]
-        return [(prio[take], keys[take], np.concatenate([p[2] for p in full])[take])]
+    def _compact(self, n, chunks, bound, limit):
+        if sum(len(c[0]) for c in chunks) <= limit:
+            return n, chunks, bound
+        prio, keys = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+        take = _smallest(prio, keys, self.cap)
+        payload = np.concatenate([c[2] for c in chunks])[take]
+        return n, [(prio[take], keys[take], payload)], prio[take][-1] if len(take) == self.cap else bound
 
     def extract_output(self, acc):
-        pieces = self._merge(acc[1])
-        return acc[0], (pieces[0][2] if pieces else None)
+        n, chunks, _ = acc
+        if not chunks:
+            return n, None
+        prio, keys = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+        return n, np.concatenate([c[2] for c in chunks])[_smallest(prio, keys, self.cap)]
 
 
 def _plan(stats, vectorize: Callable, query_rows: tuple, settings: dict) -> cs.Plan:
@@ -103,10 +121,14 @@ def _search(
     pieces = list(pieces)
     groups = pieces[0][3]
     keys = np.concatenate([p[0] for p in pieces])
-    vecs = vectorize(np.concatenate([p[1] for p in pieces]))
+    payload = np.concatenate([p[1] for p in pieces])
     cells = np.concatenate([p[2] for p in pieces])
-    q = tuple(r for r in query_rows if r < vecs.shape[1]) or (0,)
-    found = cs.search_group(keys, vecs, cells, group, groups, q, threshold, forest=forest, cell_fn=cell_fn)
+    del pieces
+    h = vectorize(payload[:1]).shape[1]
+    q = tuple(r for r in query_rows if r < h) or (0,)
+    found = cs.search_group(
+        keys, payload, cells, group, groups, q, threshold, forest=forest, vectorize=vectorize, cell_fn=cell_fn
+    )
     beam.metrics.Metrics.counter("cell_search", "pairs").inc(len(found["edges"][0]))
     progress.advance("search", len(keys))  # rows searched in this cell group (top-m: a row in m groups)
     yield found
@@ -118,16 +140,58 @@ def _edges(found: dict, embedder: str, similarity: Callable) -> Iterator[Edge]:
         yield Edge(x, y, z, embedder)
 
 
+def _edge_batch(found: dict, embedder: str, similarity: Callable) -> Iterator[EdgeBatch]:
+    a, b, s = found["edges"]
+    if len(a):
+        yield EdgeBatch(a, b, similarity(s), embedder)
+
+
+def neighbour_table(key: np.ndarray, nn_key: np.ndarray, sim: np.ndarray, embedder: str):
+    """Columns -> a pyarrow Table of the neighbours schema (``schemas.arrow.TABLES``)."""
+    import pyarrow as pa
+
+    from schemas import arrow
+
+    columns = [pa.array(key, pa.string()), pa.array([embedder] * len(key), pa.string())]
+    columns += [pa.array(nn_key, pa.string()), pa.array(np.asarray(sim, np.float64))]
+    return pa.Table.from_arrays(columns, schema=arrow.TABLES["neighbours"])
+
+
 def _neighbours(found: dict, embedder: str, similarity: Callable) -> Iterator[Neighbour]:
     a, b, s = found["nn"]
     for x, y, z in zip(a.tolist(), b.tolist(), similarity(s).tolist(), strict=True):
         yield Neighbour(x, embedder, y, z)
 
 
+def _neighbour_table(found: dict, embedder: str, similarity: Callable) -> Iterator:
+    a, b, s = found["nn"]
+    if len(a):
+        yield neighbour_table(a, b, similarity(s), embedder)
+
+
 def _partial(found: dict) -> Iterator[tuple]:
     a, b, s = found["nn_partial"]
     for x, y, z in zip(a.tolist(), b.tolist(), s.tolist(), strict=True):
         yield x, (z, y)
+
+
+def _partial_buckets(found: dict) -> Iterator[tuple]:
+    """Neighbour candidates of rows in several cells -> (key-hash bucket, columns)."""
+    a, b, s = found["nn_partial"]
+    if not len(a):
+        return
+    part = cs.key_priority(a, 0) % np.uint64(PARTIAL_BUCKETS)
+    for p in np.unique(part).tolist():
+        sel = part == p
+        yield p, (a[sel], b[sel], s[sel])
+
+
+def _best_table(item, embedder: str, similarity: Callable) -> Iterator:
+    """One bucket's candidates -> a table of each key's best (ties: the smaller key)."""
+    pieces = list(item[1])
+    who, other, sim = (np.concatenate([p[i] for p in pieces]) for i in range(3))
+    w, o, s = cs.best_neighbours(who, other, sim)
+    yield neighbour_table(w, o, similarity(s), embedder)
 
 
 def _best(candidates) -> tuple:
@@ -150,13 +214,16 @@ def float_vectors(payload: np.ndarray) -> np.ndarray:
 
 
 class CellSearch(beam.PTransform):
-    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour (or, with
-    ``batched_neighbours``, lists of Neighbour)}.
+    """(keys array, payload array) batches -> {"edges": Edge, "neighbours": Neighbour}.
 
-    ``forest`` (default): each cell emits a breadth-first spanning forest of its pairs above the
-    threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else every
-    pair once. ``cell_fn`` replaces the in-cell search (``cell_search.search_cell``'s contract) and
-    ``search_vectorize`` what it is given (packed codes for ``transforms.hamming_search``)."""
+    ``batched_edges``: ``EdgeBatch`` elements (one per search group) instead of one ``Edge`` per
+    pair; ``batched_neighbours``: pyarrow Tables of the neighbours schema instead of one
+    ``Neighbour`` per row (rows in several cells combined per key-hash bucket, as arrays).
+    ``forest`` (default): a breadth-first spanning forest of each group's pairs above the
+    threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else
+    every pair once. ``cell_fn`` replaces the in-cell search
+    (``cell_search.search_cell``'s contract) and ``search_vectorize`` what it is given, one cell at
+    a time (packed codes for ``transforms.hamming_search``)."""
 
     def __init__(
         self,
@@ -169,13 +236,14 @@ class CellSearch(beam.PTransform):
         similarity: Callable = identity_similarity,
         forest: bool = True,
         batched_neighbours: bool = False,
+        batched_edges: bool = False,
         cell_fn: Callable | None = None,
         search_vectorize: Callable | None = None,
     ):
         super().__init__()
         self.forest = forest
         self.cell_fn, self.search_vectorize = cell_fn, search_vectorize or vectorize
-        self.batched_neighbours = batched_neighbours
+        self.batched_neighbours, self.batched_edges = batched_neighbours, batched_edges
         self.threshold, self.embedder, self.seed = threshold, embedder, seed
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
         c = cluster_cfg
@@ -210,40 +278,54 @@ class CellSearch(beam.PTransform):
                 cell_fn=self.cell_fn,
             )
         )
-        edges = found | "Edges" >> beam.FlatMap(_edges, self.embedder, self.similarity)
-        combined = (
-            found
-            | "NeighbourCandidates" >> beam.FlatMap(_partial)
-            | "BestNeighbour" >> beam.CombinePerKey(_best)
-            | "NeighbourOfTwoCells" >> beam.Map(_combined_neighbour, self.embedder, self.similarity)
-        )
-        if self.batched_neighbours:  # one list per search group; rows in two cells stay one element each
-            final = found | "Neighbours" >> beam.Map(
-                lambda f, e, sim: list(_neighbours(f, e, sim)), self.embedder, self.similarity
+        to_edges = _edge_batch if self.batched_edges else _edges
+        edges = found | "Edges" >> beam.FlatMap(to_edges, self.embedder, self.similarity)
+        return {"edges": edges, "neighbours": self._neighbours(found)}
+
+    def _neighbours(self, found):
+        e, sim = self.embedder, self.similarity
+        if self.batched_neighbours:  # tables: one per search group, one per bucket of rows in several cells
+            final = found | "Neighbours" >> beam.FlatMap(_neighbour_table, e, sim)
+            combined = (
+                found
+                | "NeighbourCandidates" >> beam.FlatMap(_partial_buckets)
+                | "ByKeyBucket" >> beam.GroupByKey()
+                | "BestNeighbours" >> beam.FlatMap(_best_table, e, sim)
             )
-            combined = combined | "OneNeighbourLists" >> beam.Map(lambda n: [n])
         else:
-            final = found | "Neighbours" >> beam.FlatMap(_neighbours, self.embedder, self.similarity)
-        neighbours = (final, combined) | "AllNeighbours" >> beam.Flatten()
-        return {"edges": edges, "neighbours": neighbours}
+            final = found | "Neighbours" >> beam.FlatMap(_neighbours, e, sim)
+            combined = (
+                found
+                | "NeighbourCandidates" >> beam.FlatMap(_partial)
+                | "BestNeighbour" >> beam.CombinePerKey(_best)
+                | "NeighbourOfTwoCells" >> beam.Map(_combined_neighbour, e, sim)
+            )
+        return (final, combined) | "AllNeighbours" >> beam.Flatten()
 
 
 def _columnar(batch) -> tuple:
     keys, vecs = batch
     v = np.asarray(vecs, dtype=np.float16)
-    return np.asarray(list(keys), dtype=str), v.reshape(len(v), 1, -1)
+    return np.asarray(keys, dtype=str), v.reshape(len(v), 1, -1)
 
 
 class VectorEdges(beam.PTransform):
-    """(keys, vectors) batches -> {"edges": Edge, "neighbours": Neighbour}: cosine >= threshold."""
+    """(keys, vectors) batches -> {"edges": Edge, "neighbours": Neighbour}: cosine >= threshold.
+    ``batched_edges`` / ``batched_neighbours``: columnar outputs (``CellSearch``)."""
 
-    def __init__(self, threshold: float, embedder: str, cluster_cfg, seed: int, batched_neighbours: bool = False):
+    def __init__(
+        self,
+        threshold: float,
+        embedder: str,
+        cluster_cfg,
+        seed: int,
+        batched_neighbours: bool = False,
+        batched_edges: bool = False,
+    ):
         super().__init__()
         self.threshold, self.embedder, self.cluster_cfg, self.seed = threshold, embedder, cluster_cfg, seed
-        self.batched_neighbours = batched_neighbours
+        self.batched = {"batched_neighbours": batched_neighbours, "batched_edges": batched_edges}
 
     def expand(self, batches):
-        search = CellSearch(
-            self.threshold, self.embedder, self.cluster_cfg, self.seed, batched_neighbours=self.batched_neighbours
-        )
+        search = CellSearch(self.threshold, self.embedder, self.cluster_cfg, self.seed, **self.batched)
         return batches | "Columnar" >> beam.Map(_columnar) | "CellSearch" >> search

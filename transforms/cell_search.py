@@ -24,6 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Idle OpenMP threads sleep instead of spinning (set before torch loads libgomp; a user's setting
+# wins). On a worker whose cores are shared, spinning threads waiting for a descheduled peer
+# burned 5x the CPU of the work itself in the in-cell products (2 cores, load 8).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
 BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
 BF16_EPS = 2.0**-6  # |bf16 product - fp32 product| bound for unit vectors (inputs and output rounded)
@@ -66,15 +71,17 @@ def key_priority(keys, seed: int) -> np.ndarray:
 
 
 def choose_cells(n: int, single_cell_below: int, requested: int = 0) -> int:
-    """Cells: one (exact) up to ``single_cell_below`` rows, else 0.75 sqrt(n), >= 50 rows a cell.
+    """Cells: one (exact) up to ``single_cell_below`` rows, else 1.2 sqrt(n), >= 50 rows a cell.
 
-    Cost: assigning rows is n k fp32 products, in-cell search about n^2/k (1 + second-cell share)
-    bf16 products at half the cost; their sum is smallest near k = 0.75 sqrt(n)."""
+    Cost: assigning rows is n k bf16 products (and a top-k pass), in-cell search w n^2 / k bf16
+    products (the full square of each cell, and a top-k pass; w ~ 1.2-1.5 from uneven cell
+    sizes and second cells); their sum is smallest near k = sqrt(w n). Measured on 1M x 512
+    LAION-layout rows (scripts/bench_cells.py): 1,200 cells 14% faster than 750, same recall."""
     if requested:
         return max(1, min(requested, n))
     if n <= single_cell_below:
         return 1
-    return int(max(1, min(n // 50, round(0.75 * np.sqrt(n)))))
+    return int(max(1, min(n // 50, round(1.2 * np.sqrt(n)))))
 
 
 def make_plan(
@@ -97,7 +104,7 @@ def make_plan(
     if k <= 1 or len(sample) < 2:
         return Plan(None, 1, margin, top_m >= 2)
     take = sample[: sample_size or 40 * k]
-    centroids = train_centroids(take, k, seed)
+    centroids = train_centroids(take, k, seed, bf16=bf16_native())
     groups = int(min(len(centroids), max(min_groups, -(-n // max(1, target_group_rows)))))
     return Plan(centroids.astype(np.float32), groups, margin, top_m >= 2)
 
@@ -119,11 +126,8 @@ def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
     with torch.inference_mode():
         for s in range(0, len(flat), batch):
             x = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch], dtype=np.float32))
-            if low:  # bf16 shortlist of per + 2 centroids, ranked again in fp32
-                short = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1).indices
-                exact = torch.bmm(c32[short], x[:, :, None])[:, :, 0]
-                best = torch.topk(exact, per, dim=1)
-                values, ids = best.values, torch.gather(short, 1, best.indices)
+            if low:
+                values, ids = _nearest_centroids(x, ct_low, c32, per, plan.margin)
             else:
                 values, ids = torch.topk(x @ ct, per, dim=1)
             ids = ids.numpy().astype(np.int32)
@@ -136,6 +140,25 @@ def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
     cells[:, 1:][cells[:, 1:] == cells[:, :-1]] = -1  # repeated cells of one row
     cells.sort(axis=1)
     return cells[:, ::-1].copy()  # the valid ids first (descending), -1 last
+
+
+def _nearest_centroids(x, ct_low, c32, per: int, margin: float):
+    """bf16 products -> (values, ids) of each row's ``per`` nearest centroids. A row whose first
+    two are within ``margin`` plus twice the bf16 error (its order, or its second-cell decision,
+    could differ in fp32: a few percent of rows) is ranked again in fp32 among its bf16 top
+    per + 2; the others' bf16 choice is fp32's."""
+    import torch
+
+    top = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1)
+    values, short = top.values.float(), top.indices
+    eps = BF16_EPS * float(torch.linalg.vector_norm(x, dim=1).max()) * float(torch.linalg.vector_norm(c32, dim=1).max())
+    rows = torch.nonzero(values[:, 0] - values[:, 1] <= (margin if per == 2 else 0.0) + 2 * eps)[:, 0]
+    values, ids = values[:, :per].clone(), short[:, :per].clone()
+    if len(rows):
+        exact = torch.bmm(c32[short[rows]], x[rows][:, :, None])[:, :, 0]
+        best = torch.topk(exact, per, dim=1)
+        values[rows], ids[rows] = best.values, torch.gather(short[rows], 1, best.indices)
+    return values, ids
 
 
 def groups_of(cells: np.ndarray, groups: int) -> np.ndarray:
@@ -184,74 +207,91 @@ def _block_sims(queries, db, s: int, e: int, m: int, h: int, nq: int, symmetric:
     return sims
 
 
+def _block_hits(sims, best, s: int, floor: float) -> np.ndarray:
+    """(row, col) cell indices of the block's similarities >= floor with col > row. Only rows
+    whose best similarity reaches the floor are scanned (most rows have no duplicate)."""
+    import torch
+
+    rows = torch.nonzero(best >= floor)[:, 0]
+    if not len(rows):
+        return np.empty((0, 2), np.int64)
+    hit = torch.nonzero(sims[rows] >= floor).numpy()
+    hit[:, 0] = rows.numpy()[hit[:, 0]] + s
+    return hit[hit[:, 1] > hit[:, 0]]
+
+
 def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float, bf16: bool | None = None):
     """Rows of one cell (m, H, d) -> (i, j, sim) local pairs i < j with sim >= threshold, and each
     row's nearest other row (nn index, -1 when alone; nn similarity). Ties -> the smaller index.
 
-    bf16 products (where native and the cell is big enough to gain) select candidates: pairs
-    within ``BF16_EPS`` of the threshold and each row's bf16 top ``NN_CANDIDATES``; all of them
-    are re-scored in fp32 (a block with many candidates by an fp32 product of the block, the
-    others pair by pair), so decisions and reported similarities are fp32's."""
+    After each block's matmul, one pass over it (the rows' top k); only rows whose best reaches
+    the threshold are scanned for pairs. bf16 products (where native and the cell is big enough
+    to gain) select candidates: pairs within ``BF16_EPS`` of the threshold, and the bf16 top
+    ``NN_CANDIDATES`` of rows whose first two are that close; all are re-scored in fp32 (a block
+    with many candidates by an fp32 product of the block, the others pair by pair), so decisions
+    and reported similarities are fp32's."""
     import torch
 
     m, h, d = vecs.shape
     q = [r for r in query_rows if r < h] or [0]
     x32 = np.ascontiguousarray(vecs, dtype=np.float32)
     low = (bf16_native() and m * h >= BF16_MIN_ROWS) if bf16 is None else bf16
+    k = min(NN_CANDIDATES if low else 1, m - 1)
+    if k == 0:
+        none = np.empty(0, np.int64)
+        return none, none, np.empty(0, np.float32), np.full(m, -1, np.int64), np.full(m, np.nan, np.float32)
     t32 = torch.from_numpy(x32)
     shape = (m, h, len(q), h == 1 and q == [0])
     full = (t32[:, q].reshape(m * len(q), d), t32.reshape(m * h, d))
     t = t32.to(torch.bfloat16) if low else t32
     fast = (t[:, q].reshape(m * len(q), d), t.reshape(m * h, d)) if low else full
     eps = BF16_EPS * float(np.max(np.einsum("mhd,mhd->mh", x32, x32))) if low else 0.0
-    block = int(max(1, min(1024, 2**25 // max(1, m * h * len(q)))))
-    k = min(NN_CANDIDATES if low else 1, m - 1)
-    pi, pj, ps, ri, rj, nn_cand, nn_top = [], [], [], [], [], [], []
+    floor = threshold - eps - (2.0**-8 if low else 0.0)  # and the floor's own rounding to bf16
+    block = int(max(1, min(2048, 2**25 // max(1, m * h * len(q)))))
+    loose, done, nn_cand, nn_top = [], [], [], []
     with torch.inference_mode():
         for s in range(0, m, block):
             e = min(m, s + block)
             sims = _block_sims(*fast, s, e, *shape)
-            if k > 0:
-                top = torch.topk(sims, k, dim=1) if k > 1 else sims.max(dim=1)
-                nn_cand.append(top.indices.reshape(e - s, k).numpy())
-                nn_top.append(top.values.reshape(e - s, k).float().numpy())
-            hit = torch.nonzero(sims >= threshold - eps).numpy()
-            hit = hit[hit[:, 1] > hit[:, 0] + s]
+            top = torch.topk(sims, k, dim=1) if k > 1 else sims.max(dim=1)
+            values = top.values.reshape(e - s, k)
+            nn_cand.append(top.indices.reshape(e - s, k).numpy())
+            nn_top.append(values.float().numpy())
+            hit = _block_hits(sims, values[:, 0], s, floor)
             if low and len(hit) * DENSE_RECHECK < (e - s) * m:
-                ri.append(hit[:, 0] + s), rj.append(hit[:, 1])  # few: re-scored pair by pair below
+                loose.append(hit)  # few: re-scored pair by pair below
                 continue
-            if low:
+            if low:  # many: the block again in fp32
                 sims = _block_sims(*full, s, e, *shape)
-                hit = hit[(sims[hit[:, 0], hit[:, 1]] >= threshold).numpy()]
-            pi.append(hit[:, 0] + s), pj.append(hit[:, 1]), ps.append(sims[hit[:, 0], hit[:, 1]].float().numpy())
-    cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.empty(0, t)  # noqa: E731
-    i, j, sim = cat(pi, np.int64), cat(pj, np.int64), cat(ps, np.float32)
-    if ri:
-        a, b = cat(ri, np.int64), cat(rj, np.int64)
-        rs = pair_sims(x32, a, b, tuple(q))
-        keep = rs >= threshold
-        i, j, sim = np.concatenate([i, a[keep]]), np.concatenate([j, b[keep]]), np.concatenate([sim, rs[keep]])
+            got = sims[hit[:, 0] - s, hit[:, 1]].numpy()
+            done.append((hit[got >= threshold], got[got >= threshold]))
+    if loose:
+        hit = np.concatenate(loose)
+        got = pair_sims(x32, hit[:, 0], hit[:, 1], tuple(q))
+        done.append((hit[got >= threshold], got[got >= threshold]))
+    i = np.concatenate([np.empty(0, np.int64)] + [p[:, 0] for p, _ in done]).astype(np.int64)
+    j = np.concatenate([np.empty(0, np.int64)] + [p[:, 1] for p, _ in done]).astype(np.int64)
+    sim = np.concatenate([np.empty(0, np.float32)] + [g for _, g in done]).astype(np.float32)
     order = np.lexsort((j, i))
-    i, j, sim = i[order], j[order], sim[order]
-    if k == 0:
-        return i, j, sim, np.full(m, -1, np.int64), np.full(m, np.nan, np.float32)
-    if low:
-        nn, nn_sim = _nearest(x32, np.concatenate(nn_cand), tuple(q))
-    else:
-        nn, nn_sim = np.concatenate(nn_cand)[:, 0].astype(np.int64), np.concatenate(nn_top)[:, 0]
-    return i, j, sim, nn, nn_sim
+    cand, top = np.concatenate(nn_cand).astype(np.int64), np.concatenate(nn_top)
+    nn, nn_sim = _nearest(x32, cand, top, tuple(q), 2 * eps) if low else (cand[:, 0], top[:, 0])
+    return i[order], j[order], sim[order], nn, nn_sim
 
 
-def _nearest(x32: np.ndarray, cand: np.ndarray, q: tuple[int, ...]):
-    """Candidates (m, k) -> the best in fp32 per row (ties: the smaller index)."""
+def _nearest(x32: np.ndarray, cand: np.ndarray, top: np.ndarray, q: tuple[int, ...], gap: float):
+    """bf16 top candidates (m, k) and their bf16 similarities -> each row's best in fp32 (ties:
+    the smaller index). A row whose first candidate leads the second by more than ``gap`` (twice
+    the bf16 error) keeps it; the others re-score all k."""
     m, k = cand.shape
-    if k == 0:
-        return np.full(m, -1, np.int64), np.full(m, np.nan, np.float32)
-    who = np.repeat(np.arange(m), k)
-    sims = pair_sims(x32, who, cand.ravel(), q).reshape(m, k)
-    top = sims.max(axis=1)
-    best = np.where(sims == top[:, None], cand, np.iinfo(np.int64).max).min(axis=1)
-    return best.astype(np.int64), top.astype(np.float32)
+    best = cand[:, 0].copy()
+    sim = pair_sims(x32, np.arange(m), best, q)
+    unsure = np.flatnonzero(top[:, 0] - top[:, 1] <= gap) if k > 1 else np.empty(0, np.int64)
+    if len(unsure):
+        sims = pair_sims(x32, np.repeat(unsure, k), cand[unsure].ravel(), q).reshape(len(unsure), k)
+        hi = sims.max(axis=1)
+        best[unsure] = np.where(sims == hi[:, None], cand[unsure], np.iinfo(np.int64).max).min(axis=1)
+        sim[unsure] = hi
+    return best, sim.astype(np.float32)
 
 
 def dedup_keys(keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
@@ -291,7 +331,7 @@ def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 def search_group(
     keys,
-    vecs,
+    payload,
     cells,
     group: int,
     groups: int,
@@ -299,40 +339,47 @@ def search_group(
     threshold: float,
     bf16=None,
     forest: bool = False,
+    vectorize=None,
     cell_fn=None,
 ) -> dict:
     """All cells of one shuffle group -> columnar results (numpy arrays of keys and similarities):
-    ``edges`` (a, b, sim) with a < b, each pair once over all cells (``forest``: only each cell's
-    breadth-first spanning forest, which keeps the components); ``nn`` (key, nn_key, sim) final for
-    rows in one cell; ``nn_partial`` the same for rows in several cells (to combine). ``cell_fn``:
-    the in-cell search (``search_cell``'s contract; packed binary codes: transforms.hamming_search)."""
+    ``edges`` (a, b, sim) with a < b, each pair once over all cells (``forest``: only a
+    breadth-first spanning forest of the group's pairs, which keeps the components); ``nn`` (key,
+    nn_key, sim) final for rows in one cell; ``nn_partial`` the same for rows in several cells (to
+    combine). ``payload`` rows are turned into (m, H, d) vectors by ``vectorize`` one cell at a
+    time (the stored float16 stays as it is; only a cell is float32 at once). ``cell_fn``: the
+    in-cell search (``search_cell``'s contract; packed binary codes: transforms.hamming_search)."""
     keys = np.asarray(keys)
-    rows = dedup_keys(keys, vecs)
+    rows = dedup_keys(keys, payload)
     keys, cells = keys[rows], cells[rows]
     row, col = np.nonzero((cells >= 0) & (cells % groups == group))
     flat = cells[row, col]
     order = np.lexsort((row, flat))  # by cell, members in key order
     row, flat = row[order], flat[order]
-    bounds = np.flatnonzero(np.diff(flat)) + 1
+    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]]) if len(flat) else np.empty(0, np.int64)
+    ends = np.r_[starts[1:], len(flat)]
     ea, eb, es, wa, wb, ws = [], [], [], [], [], []
-    starts = np.r_[0, bounds] if len(flat) else np.empty(0, np.int64)
-    for members, c in zip(np.split(row, bounds) if len(flat) else [], flat[starts].tolist(), strict=True):
-        if len(members) < 2:
+    for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+        if hi - lo < 2:
             continue
-        i, j, sim, nn, nn_sim = (cell_fn or search_cell)(vecs[rows[members]], query_rows, threshold, bf16)
+        members = row[lo:hi]
+        vecs = payload[rows[members]]
+        vecs = vectorize(vecs) if vectorize else vecs
+        i, j, sim, nn, nn_sim = (cell_fn or search_cell)(vecs, query_rows, threshold, bf16)
         gi, gj = members[i], members[j]
-        own = owner_cell(cells[gi], cells[gj]) == c  # a forest edge another cell owns is connected there
-        if forest:
-            own &= shallow_forest(len(members), i, j)
+        own = owner_cell(cells[gi], cells[gj]) == flat[lo]  # a pair in several cells: the smallest reports it
         ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])
         valid = nn >= 0
         wa.append(members[valid]), wb.append(members[nn[valid]]), ws.append(nn_sim[valid])
     cat = lambda xs, t: np.concatenate(xs) if xs else np.empty(0, t)  # noqa: E731
-    a, b, w, o = cat(ea, np.int64), cat(eb, np.int64), cat(wa, np.int64), cat(wb, np.int64)
+    a, b, s, w, o = cat(ea, np.int64), cat(eb, np.int64), cat(es, np.float32), cat(wa, np.int64), cat(wb, np.int64)
+    if forest:  # a spanning forest of the group's pairs: the same components
+        keep = shallow_forest(len(keys), a, b)
+        a, b, s = a[keep], b[keep], s[keep]
     ns = cat(ws, np.float32)
     several = (cells[w] >= 0).sum(axis=1) > 1
     return {
-        "edges": (keys[a], keys[b], cat(es, np.float32)),
+        "edges": (keys[a], keys[b], s),
         "nn": (keys[w[~several]], keys[o[~several]], ns[~several]),
         "nn_partial": (keys[w[several]], keys[o[several]], ns[several]),
     }

@@ -34,6 +34,18 @@ def bucket(value: str, n: int) -> str:
     return f"{zlib.crc32(value.encode('utf-8', 'surrogatepass')) % n:0{len(str(n - 1))}d}"
 
 
+def buckets(values, n: int):
+    """``bucket`` of many strings at once -> an int array (the same buckets, without the
+    per-call formatting)."""
+    import zlib
+
+    import numpy as np
+
+    n = max(1, int(n))
+    crc = np.fromiter((zlib.crc32(v.encode("utf-8", "surrogatepass")) for v in values), np.int64, len(values))
+    return crc % n
+
+
 def write_rows(path: str, rows: list[dict], schema) -> str:
     """Write rows (dicts) with the schema to ``path`` atomically; returns the path."""
     import pyarrow as pa
@@ -89,33 +101,88 @@ class WriteTable(beam.PTransform):
         )
 
 
-def _partition_lists(rows: list[dict], partition: Callable[[dict], str]) -> Iterator[tuple[str, list[dict]]]:
+def _partition_lists(rows, partition: Callable[[dict], str], table_partition=None) -> Iterator[tuple[str, object]]:
+    """A list of row dicts, or a pyarrow Table (``table_partition``: the table -> a partition
+    label per row), -> (partition, its rows as a list or a Table)."""
+    if table_partition is not None and not isinstance(rows, list):
+        import numpy as np
+        import pandas as pd
+
+        codes, labels = pd.factorize(np.asarray(table_partition(rows), dtype=object))
+        if len(labels) == 1:
+            yield str(labels[0]), rows
+            return
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(labels) + 1))
+        for i, label in enumerate(labels.tolist()):
+            yield str(label), rows.take(order[bounds[i] : bounds[i + 1]])
+        return
     parts: dict[str, list[dict]] = {}
     for r in rows:
         parts.setdefault(partition(r), []).append(r)
     yield from parts.items()
 
 
-def _concat(item: tuple[str, Iterable[list[dict]]]) -> tuple[str, list[dict]]:
-    partition, lists = item
-    return partition, [r for rows in lists for r in rows]
+def _concat(item: tuple[str, Iterable], schema=None) -> tuple[str, object]:
+    """A partition's lists of rows -> one list; with Tables among them -> one Table."""
+    partition, pieces = item
+    pieces = list(pieces)
+    if all(isinstance(p, list) for p in pieces):
+        return partition, [r for rows in pieces for r in rows]
+    import pyarrow as pa
+
+    tables = [p if not isinstance(p, list) else pa.Table.from_pylist(p, schema=schema) for p in pieces]
+    return partition, pa.concat_tables(tables)
+
+
+class _WriteBatchPart(_WritePart):
+    """A partition's rows (a list of dicts, or a pyarrow Table sorted by ``sort_columns``)."""
+
+    def __init__(self, table_dir: str, schema, sort_key, sort_columns):
+        super().__init__(table_dir, schema, sort_key)
+        self.sort_columns = sort_columns
+
+    def process(self, item):
+        partition, rows = item
+        if isinstance(rows, list):
+            yield from super().process(item)
+            return
+        table = rows.sort_by([(c, "ascending") for c in self.sort_columns]).cast(self.schema)
+        path = write_arrow(fsio.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet"), table)
+        beam.metrics.Metrics.counter("write", fsio.basename(self.table_dir)).inc(table.num_rows)
+        progress.advance("write", table.num_rows)
+        yield path
 
 
 class WriteBatches(beam.PTransform):
     """Lists of rows -> ``table_dir/part-<partition>.parquet`` files, as ``WriteTable`` writes
-    them, with one shuffled list per (batch, partition) instead of one element per row."""
+    them, with one shuffled list per (batch, partition) instead of one element per row.
 
-    def __init__(self, table_dir: str, schema, partition: Callable[[dict], str], sort_key: Callable[[dict], tuple]):
+    pyarrow Tables of the schema may come instead of lists when ``table_partition`` (a Table ->
+    one partition label per row) and ``sort_columns`` (the columns ``sort_key`` reads, in its
+    order) are given: they are split, shuffled and written as Tables, no dict per row."""
+
+    def __init__(
+        self,
+        table_dir: str,
+        schema,
+        partition: Callable[[dict], str],
+        sort_key: Callable[[dict], tuple],
+        table_partition: Callable | None = None,
+        sort_columns: tuple[str, ...] = (),
+    ):
         super().__init__()
         self.table_dir, self.schema, self.partition, self.sort_key = table_dir, schema, partition, sort_key
+        self.table_partition, self.sort_columns = table_partition, sort_columns
 
     def expand(self, batches):
         return (
             batches
-            | "ByPartition" >> beam.FlatMap(_partition_lists, partition=self.partition)
+            | "ByPartition"
+            >> beam.FlatMap(_partition_lists, partition=self.partition, table_partition=self.table_partition)
             | "GroupPartition" >> beam.GroupByKey()
-            | "Concat" >> beam.Map(_concat)
-            | "WritePart" >> beam.ParDo(_WritePart(self.table_dir, self.schema, self.sort_key))
+            | "Concat" >> beam.Map(_concat, schema=self.schema)
+            | "WritePart" >> beam.ParDo(_WriteBatchPart(self.table_dir, self.schema, self.sort_key, self.sort_columns))
         )
 
 

@@ -1,0 +1,137 @@
+"""The cell search's columnar outputs (EdgeBatch, Arrow neighbour tables), its bounded k-means
+sample, and the batched neighbours writer (float-vector search itself: tests/test_ann.py)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from transforms import cell_search
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+from make_laion_embeddings import generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small():
+    vectors, _ = generate(1500, 48, seed=5, topics=12)
+    keys = [f"k{i:05d}" for i in range(len(vectors))]
+    return keys, vectors
+
+
+def _run_vector_edges(keys, vectors, **batched):
+    """VectorEdges on the DirectRunner -> (edge elements, neighbour elements), collected."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipeline.config import ClusterConfig
+    from transforms.ann_edges import VectorEdges
+
+    got = COLLECTED.setdefault(str(sorted(batched.items())), {"edges": [], "neighbours": []})
+    cfg = ClusterConfig(n_cells=12, cell_groups=4, second_cell_margin=0.05)
+    batches = [(keys[s : s + 400], vectors[s : s + 400]) for s in range(0, len(keys), 400)]
+    with TestPipeline(runner="DirectRunner") as p:
+        out = p | beam.Create(batches) | VectorEdges(0.9, "clip", cfg, seed=0, **batched)
+        for name in got:
+            out[name] | f"Collect{name}" >> beam.Map(_collect, str(sorted(batched.items())), name)
+    return got
+
+
+COLLECTED: dict = {}  # the DirectRunner runs in this process: elements land here
+
+
+def _collect(element, run: str, name: str) -> None:
+    COLLECTED[run][name].append(element)
+
+
+def test_batched_outputs_equal_single_elements(small):
+    from schemas.elements import Edge, EdgeBatch, Neighbour
+
+    keys, vectors = small
+    plan = cell_search.search_in_memory(
+        np.array(keys), vectors[:, None, :], (0,), 0.9, requested_cells=12, min_groups=4, margin=0.05
+    )["plan"]
+    assert (cell_search.assign(vectors[:, None, :], plan)[:, 1] >= 0).sum() > 20  # rows in two cells combined
+    single = _run_vector_edges(keys, vectors)
+    batched = _run_vector_edges(keys, vectors, batched_edges=True, batched_neighbours=True)
+    assert single["edges"] and all(isinstance(e, Edge) for e in single["edges"])
+    assert all(isinstance(n, Neighbour) for n in single["neighbours"])
+    assert batched["edges"] and all(isinstance(b, EdgeBatch) and len(b) for b in batched["edges"])
+    assert all((b.key_a < b.key_b).all() and b.embedder == "clip" for b in batched["edges"])
+    from dataclasses import astuple
+
+    from_batches = sorted(astuple(e) for b in batched["edges"] for e in b.edges())
+    assert from_batches == sorted(astuple(e) for e in single["edges"])  # keys, similarity, embedder alike
+    tables = batched["neighbours"]
+    assert all(t.schema.names == ["key", "embedder", "nn_key", "nn_similarity"] for t in tables)
+    rows = sorted((r["key"], r["embedder"], r["nn_key"], r["nn_similarity"]) for t in tables for r in t.to_pylist())
+    want = sorted((n.key, n.embedder, n.nn_key, n.nn_similarity) for n in single["neighbours"])
+    assert rows == want and len({r[0] for r in rows}) == len(rows) == len(keys)
+
+
+def test_sample_rows_is_the_cap_smallest_whatever_the_order():
+    from transforms.ann_edges import SampleRows
+
+    rng = np.random.default_rng(0)
+    keys = np.array([f"row{i}" for i in range(5000)])
+    payload = rng.standard_normal((5000, 1, 4)).astype(np.float16)
+    prio = cell_search.key_priority(keys, 7)
+    want = payload[np.lexsort((keys, prio))[:300]]
+    fn = SampleRows(300, 7)
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(5000)
+        accs = []
+        for part in np.array_split(order, 4):  # four bundles, merged in another order
+            acc = fn.create_accumulator()
+            for rows in np.array_split(part, 9):
+                acc = fn.add_input(acc, (keys[rows], payload[rows]))
+            accs.append(acc)
+        n, sample = fn.extract_output(fn.merge_accumulators(accs[::-1]))
+        assert n == 5000 and sample.shape == (300, 1, 4) and (sample == want).all()
+    assert fn.extract_output(fn.create_accumulator()) == (0, None)
+
+
+def test_write_batches_tables_equal_rows(tmp_path):
+    import apache_beam as beam
+    import pyarrow.parquet as pq
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from schemas import arrow
+    from transforms.ann_edges import neighbour_table
+    from transforms.write import WriteBatches, bucket
+
+    rng = np.random.default_rng(2)
+    keys = np.array([f"key{i:04d}" for i in rng.permutation(600)])
+    other = np.roll(keys, 1)
+    sims = rng.uniform(0.2, 1.0, 600)
+    lists = [
+        [{"key": k, "embedder": "clip", "nn_key": o, "nn_similarity": float(s)} for k, o, s in zip(*c, strict=True)]
+        for c in zip(np.array_split(keys, 3), np.array_split(other, 3), np.array_split(sims, 3), strict=True)
+    ]
+    tables = [neighbour_table(keys[:250], other[:250], sims[:250], "clip"), lists[2][-200:]]
+    tables.insert(1, neighbour_table(keys[250:400], other[250:400], sims[250:400], "clip"))
+
+    def parts(t):
+        return [f"{e}-{bucket(k, 3)}" for e, k in zip(t["embedder"].to_pylist(), t["key"].to_pylist(), strict=True)]
+
+    for name, elements in (("rows", lists), ("tables", tables)):
+        with TestPipeline(runner="DirectRunner") as p:
+            _ = (
+                p
+                | f"Create{name}" >> beam.Create(elements)
+                | WriteBatches(
+                    str(tmp_path / name),
+                    arrow.TABLES["neighbours"],
+                    lambda r: f"{r['embedder']}-{bucket(r['key'], 3)}",
+                    lambda r: (r["key"],),
+                    table_partition=parts,
+                    sort_columns=("key",),
+                )
+            )
+    names = sorted(os.listdir(tmp_path / "rows"))
+    assert names == sorted(os.listdir(tmp_path / "tables")) and len(names) == 3
+    for name in names:
+        a, b = pq.read_table(tmp_path / "rows" / name), pq.read_table(tmp_path / "tables" / name)
+        assert a.equals(b) and a.schema.metadata == b.schema.metadata
+        assert a.column("key").to_pylist() == sorted(a.column("key").to_pylist())
