@@ -66,12 +66,6 @@ def build_annotation(key: str, grouped: dict, duplication: dict[str, str] | None
     return Annotation(key=key, **fields)
 
 
-def _replace(a: Annotation, **kw) -> Annotation:
-    from dataclasses import replace
-
-    return replace(a, **kw)
-
-
 ANNOTATION_FIELDS = tuple(Annotation.__dataclass_fields__)
 
 

@@ -40,14 +40,6 @@ from transforms.components import DEFAULT_ROUNDS, Components
 from transforms.key_batches import key_ids
 
 
-def exact_edges(group: tuple[str, Iterable[str]], embedder: str) -> Iterator[Edge]:
-    """All keys sharing one digest -> a star of edges to the smallest key."""
-    _, keys = group
-    ordered = sorted(set(keys))
-    for other in ordered[1:]:
-        yield Edge(ordered[0], other, 1.0, embedder)
-
-
 def _column_value(info: SampleInfo, column: str) -> float:
     try:
         value = json.loads(info.meta_json or "{}").get(column)
