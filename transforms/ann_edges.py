@@ -7,6 +7,11 @@
             --GroupByKey--> in-cell products --> edges, final neighbours,
             neighbour candidates of rows in two cells --CombinePerKey--> neighbours
 
+The assignment runs in ``ASSIGN_SPLITS`` parts and the cell groups travel in ``SHUFFLE_SPLITS``
+shuffles (group % splits): the same cells, groups and results, but on the in-process runner no
+stage's input buffer holds every vector (measured on 1M x 512 rows: peak RSS 9.0 -> see
+docs in ``CellSearch.expand``).
+
 Elements through the shuffle are arrays (keys, float16 vectors or packed codes, cell ids), never
 one element per row. ``VectorEdges`` (CLIP, LAION embeddings) and ``FindPhashCopies`` use it.
 """
@@ -19,95 +24,62 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.elements import Edge, EdgeBatch, Neighbour
+from transforms import cell_plan
 from transforms import cell_search as cs
+from transforms.cell_plan import SampleRows, _smallest  # noqa: F401  (their home before cell_plan)
 
 SAMPLE_CAP = 100_000  # rows kept for k-means training (the sample is one bounded element)
+ASSIGN_SPLITS = 4  # the batches are assigned in this many parts (stages on the in-process runner)
+SHUFFLE_SPLITS = 8  # cell groups travel in this many shuffles (group % this)
 TARGET_GROUP_ROWS = 200_000  # rows (with second cells) per shuffle group: groups = n / this
 PARTIAL_BUCKETS = 64  # key-hash buckets combining the neighbours of rows in several cells (batched)
 
 
-def _smallest(prio: np.ndarray, keys: np.ndarray, cap: int) -> np.ndarray:
-    """Indices of the ``cap`` rows of smallest (priority, key), in that order."""
-    if len(prio) > cap:  # only rows at or below the cap-th priority can be chosen
-        cand = np.flatnonzero(prio <= np.partition(prio, cap - 1)[cap - 1])
-    else:
-        cand = np.arange(len(prio))
-    order = cand[np.argsort(prio[cand], kind="stable")]
-    if (prio[order][1:] == prio[order][:-1]).any():  # equal priorities (a repeated key): by key too
-        order = cand[np.lexsort((keys[cand], prio[cand]))]
-    return order[:cap]
-
-
-class SampleRows(beam.CombineFn):
-    """Batches -> (row count, the ``cap`` rows of smallest key priority): order-independent.
-
-    The accumulator is (rows seen, chunks of (priority, key, payload), bound): once ``cap`` rows
-    are held, a row above the bound (the cap-th smallest priority held) can never be chosen and
-    is dropped on arrival, and chunks are merged only when they hold twice the cap: no copy of
-    the whole sample per input batch."""
-
-    def __init__(self, cap: int, seed: int):
-        self.cap, self.seed = cap, seed
-
-    def create_accumulator(self):
-        return 0, [], np.iinfo(np.uint64).max
-
-    def add_input(self, acc, batch):
-        keys, payload = batch
-        n, chunks, bound = acc
-        prio = cs.key_priority(keys, self.seed)
-        take = np.flatnonzero(prio <= bound)
-        if len(take) > self.cap:
-            take = take[_smallest(prio[take], np.asarray(keys)[take], self.cap)]
-        if len(take):
-            chunks = [*chunks, (prio[take], np.asarray(keys)[take], payload[take])]
-        return self._compact(n + len(keys), chunks, bound, 2 * self.cap)
-
-    def merge_accumulators(self, accs):
-        accs = list(accs)
-        chunks = [c for a in accs for c in a[1]]
-        return self._compact(sum(a[0] for a in accs), chunks, min(a[2] for a in accs), 2 * self.cap)
-
-    def _compact(self, n, chunks, bound, limit):
-        if sum(len(c[0]) for c in chunks) <= limit:
-            return n, chunks, bound
-        prio, keys = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-        take = _smallest(prio, keys, self.cap)
-        payload = np.concatenate([c[2] for c in chunks])[take]
-        return n, [(prio[take], keys[take], payload)], prio[take][-1] if len(take) == self.cap else bound
-
-    def extract_output(self, acc):
-        n, chunks, _ = acc
-        if not chunks:
-            return n, None
-        prio, keys = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-        return n, np.concatenate([c[2] for c in chunks])[_smallest(prio, keys, self.cap)]
-
-
 def _plan(stats, vectorize: Callable, query_rows: tuple, settings: dict) -> cs.Plan:
     n, payload = stats
-    if payload is None or n < 2 or cs.choose_cells(n, settings["single_cell_below"], settings["requested_cells"]) <= 1:
+    k = cs.choose_cells(n, settings["single_cell_below"], settings["requested_cells"]) if n >= 2 else 1
+    if payload is None or k <= 1:
         return cs.Plan(None, 1, settings["margin"], settings["top_m"] >= 2)  # one cell: no vectors needed
-    vecs = vectorize(payload)
+    h = vectorize(payload[:1]).shape[1]
+    q = [r for r in query_rows if r < h] or [0]
+    rows = max(2, -(-cell_plan.training_rows(k, settings["sample_size"]) // len(q)))
+    vecs = vectorize(payload[:rows])  # only the rows k-means trains on
+    return cs.make_plan(n, vecs[:, q].reshape(-1, vecs.shape[2]), **settings)
+
+
+def _queries(payload: np.ndarray, vectorize: Callable, query_rows: tuple) -> np.ndarray:
+    """(m, Q, d) query vectors of stored rows; float16 embeddings as they are (``assign`` casts
+    them to bf16 directly, the same values as through float32)."""
+    vecs = payload if vectorize is float_vectors else vectorize(payload)
     q = [r for r in query_rows if r < vecs.shape[1]] or [0]
-    sample = vecs[:, q].reshape(-1, vecs.shape[2])
-    return cs.make_plan(n, sample, **settings)
+    return vecs if q == list(range(vecs.shape[1])) else vecs[:, q]
 
 
-def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple) -> Iterator:
+def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple, splits: int) -> Iterator:
+    """A batch -> its rows of each cell group, tagged with the group's shuffle (group % splits)."""
     keys, payload = batch
     if not len(keys):
         return
     if plan.centroids is None:  # one cell: nothing to compare with
-        yield 0, (keys, payload, np.zeros((len(keys), 1), dtype=np.int32), plan.groups)
+        cells = np.zeros((len(keys), 1), dtype=np.int32)
+        yield beam.pvalue.TaggedOutput("0", (0, (keys, payload, cells, plan.groups)))
         return
-    vecs = vectorize(payload)
-    q = [r for r in query_rows if r < vecs.shape[1]] or [0]
-    cells = cs.assign(vecs[:, q], plan)
+    cells = cs.assign(_queries(payload, vectorize, query_rows), plan)
     in_group = cs.groups_of(cells, plan.groups)
-    for g in np.unique(in_group[in_group >= 0]):
+    for g in np.unique(in_group[in_group >= 0]).tolist():
         rows = np.flatnonzero((in_group == g).any(axis=1))
-        yield int(g), (keys[rows], payload[rows], cells[rows], plan.groups)
+        yield beam.pvalue.TaggedOutput(str(g % splits), (g, (keys[rows], payload[rows], cells[rows], plan.groups)))
+
+
+class _RoundRobin:
+    """Partition function: batches dealt in turn (any split gives the same cells)."""
+
+    def __init__(self):
+        self.turn = -1
+
+    def __call__(self, batch, n: int) -> int:
+        self.turn += 1
+        return self.turn % n
 
 
 def _search(
@@ -248,6 +220,7 @@ class CellSearch(beam.PTransform):
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
         c = cluster_cfg
         self.cap = c.sample_size or SAMPLE_CAP
+        self.assign_splits, self.shuffle_splits = ASSIGN_SPLITS, SHUFFLE_SPLITS
         self.settings = {
             "single_cell_below": getattr(c, "single_cell_below", 20_000),
             "requested_cells": c.n_cells,
@@ -262,22 +235,35 @@ class CellSearch(beam.PTransform):
     def expand(self, batches):
         sampler = SampleRows(self.cap, self.seed)
         stats = batches | "SampleForCells" >> beam.CombineGlobally(sampler).without_defaults()
-        plan = stats | "TrainCells" >> beam.Map(_plan, self.vectorize, self.query_rows, self.settings)
-        found = (
-            batches
-            | "AssignCells"
-            >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(plan, default_value=None), self.vectorize, self.query_rows)
-            | "ByCellGroup" >> beam.GroupByKey()
-            | "SearchCells"
-            >> beam.FlatMap(
-                _search,
-                vectorize=self.search_vectorize,
-                query_rows=self.query_rows,
-                threshold=self.threshold,
-                forest=self.forest,
-                cell_fn=self.cell_fn,
-            )
+        plan = beam.pvalue.AsSingleton(
+            stats | "TrainCells" >> beam.Map(_plan, self.vectorize, self.query_rows, self.settings), default_value=None
         )
+        # Split shuffles: same cells, groups and results whatever the splits. On the in-process
+        # runner a stage's whole input is one buffer (copied ~3 times on its way in) and a
+        # shuffle's too: the largest of these parts, not all of them, sets the peak memory.
+        parts = batches | "SplitBatches" >> beam.Partition(_RoundRobin(), self.assign_splits)
+        tags = [str(i) for i in range(self.shuffle_splits)]
+        assigned = [
+            part
+            | f"AssignCells{i}"
+            >> beam.FlatMap(_assign, plan, self.vectorize, self.query_rows, self.shuffle_splits).with_outputs(*tags)
+            for i, part in enumerate(parts)
+        ]
+        search = {
+            "vectorize": self.search_vectorize,
+            "query_rows": self.query_rows,
+            "threshold": self.threshold,
+            "forest": self.forest,
+            "cell_fn": self.cell_fn,
+        }
+        found = [
+            tuple(a[tag] for a in assigned)
+            | f"ToShuffle{tag}" >> beam.Flatten()
+            | f"ByCellGroup{tag}" >> beam.GroupByKey()
+            | f"SearchCells{tag}" >> beam.FlatMap(_search, **search)
+            for tag in tags
+        ]
+        found = tuple(found) | "Found" >> beam.Flatten()
         to_edges = _edge_batch if self.batched_edges else _edges
         edges = found | "Edges" >> beam.FlatMap(to_edges, self.embedder, self.similarity)
         return {"edges": edges, "neighbours": self._neighbours(found)}

@@ -5,165 +5,37 @@ hashes each of an image's H hashes as a +/-1/16 vector, so the inner product is 
 ``query_rows`` are the rows compared against every row of the other sample (a pair's similarity is
 the best over (query row of one, any row of the other), both ways).
 
-The plan: spherical k-means centroids trained on a bounded sample; each row goes to the cell of
-the centroid nearest to each of its query vectors, and to the second-nearest one too when that is
-within ``margin`` of the first. Rows are shuffled by cell group and compared inside each cell with
-dense products (bf16 where the CPU has native bf16, then an fp32 re-check of every pair near the
-threshold, so the decisions are fp32's). A pair that shares several cells is reported only by the
-smallest cell they share, so no global de-duplication is needed. At or below ``single_cell_below``
-rows there is one cell and the search is exact.
+The plan (``transforms.cell_plan``): spherical k-means centroids trained on a bounded sample; each
+row goes to the cell of the centroid nearest to each of its query vectors, and to the
+second-nearest one too when that is within ``margin`` of the first. Rows are shuffled by cell
+group and compared inside each cell with dense products (bf16 where the CPU has native bf16, then
+an fp32 re-check of every pair near the threshold, so the decisions are fp32's). A pair that
+shares several cells is reported only by the smallest cell they share, so no global
+de-duplication is needed. At or below ``single_cell_below`` rows there is one cell and the search
+is exact.
 
 Functions take and return numpy arrays; the Beam wiring is ``transforms.ann_edges.CellSearch``.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from dataclasses import dataclass
-
 import numpy as np
 
-# Idle OpenMP threads sleep instead of spinning (set before torch loads libgomp; a user's setting
-# wins). On a worker whose cores are shared, spinning threads waiting for a descheduled peer
-# burned 5x the CPU of the work itself in the in-cell products (2 cores, load 8).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from transforms.cell_plan import (  # noqa: F401  (the plan's names, as callers know them)
+    BF16_EPS,
+    Plan,
+    assign,
+    bf16_native,
+    choose_cells,
+    groups_of,
+    key_priority,
+    make_plan,
+    sample_rows,
+)
 
 NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
 BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
-BF16_EPS = 2.0**-6  # |bf16 product - fp32 product| bound for unit vectors (inputs and output rounded)
 DENSE_RECHECK = 50  # a block with more than 1/50 of its products near the threshold is re-done in fp32
-
-
-@functools.cache
-def bf16_native() -> bool:
-    """True where the CPU multiplies bf16 natively (avx512_bf16 or AMX); MEMSIEVE_BF16=0/1 overrides."""
-    forced = os.environ.get("MEMSIEVE_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What every worker needs to place rows: the only side input of the search."""
-
-    centroids: np.ndarray | None  # (k, d) float32, None = one cell
-    groups: int  # cells travel in this many shuffle keys
-    margin: float  # second cell when its centroid is within this (cosine) of the first
-    second: bool  # at most one second cell per query row (top_m >= 2)
-
-    @property
-    def cells(self) -> int:
-        return 1 if self.centroids is None else len(self.centroids)
-
-
-def key_priority(keys, seed: int) -> np.ndarray:
-    """A stable pseudo-random uint64 per key (sampling that does not depend on arrival order)."""
-    import pandas as pd
-
-    return pd.util.hash_array(np.asarray(keys, dtype=object), hash_key=f"memsieve{seed:08d}"[:16]).astype(np.uint64)
-
-
-def choose_cells(n: int, single_cell_below: int, requested: int = 0) -> int:
-    """Cells: one (exact) up to ``single_cell_below`` rows, else 1.2 sqrt(n), >= 50 rows a cell.
-
-    Cost: assigning rows is n k bf16 products (and a top-k pass), in-cell search w n^2 / k bf16
-    products (the full square of each cell, and a top-k pass; w ~ 1.2-1.5 from uneven cell
-    sizes and second cells); their sum is smallest near k = sqrt(w n). Measured on 1M x 512
-    LAION-layout rows (scripts/bench_cells.py): 1,200 cells 14% faster than 750, same recall."""
-    if requested:
-        return max(1, min(requested, n))
-    if n <= single_cell_below:
-        return 1
-    return int(max(1, min(n // 50, round(1.2 * np.sqrt(n)))))
-
-
-def make_plan(
-    n: int,
-    sample: np.ndarray,
-    *,
-    single_cell_below: int = 20_000,
-    requested_cells: int = 0,
-    sample_size: int = 0,
-    margin: float = 0.02,
-    top_m: int = 2,
-    target_group_rows: int = 200_000,
-    min_groups: int = 1,
-    seed: int = 0,
-) -> Plan:
-    """n rows and a query-vector sample (already in a fixed order) -> centroids and shuffle groups."""
-    from transforms.ann import train_centroids
-
-    k = choose_cells(n, single_cell_below, requested_cells)
-    if k <= 1 or len(sample) < 2:
-        return Plan(None, 1, margin, top_m >= 2)
-    take = sample[: sample_size or 40 * k]
-    centroids = train_centroids(take, k, seed, bf16=bf16_native())
-    groups = int(min(len(centroids), max(min_groups, -(-n // max(1, target_group_rows)))))
-    return Plan(centroids.astype(np.float32), groups, margin, top_m >= 2)
-
-
-def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
-    """(m, Q, d) query vectors -> (m, C) int32 cell ids per row, -1 padded, unique, ascending."""
-    import torch
-
-    m, nq = queries.shape[:2]
-    if plan.centroids is None:
-        return np.zeros((m, 1), dtype=np.int32)
-    ct = torch.from_numpy(plan.centroids).T.contiguous()
-    per = 2 if plan.second and len(plan.centroids) > 1 else 1
-    cells = np.full((m, nq * per), -1, dtype=np.int32)
-    flat = queries.reshape(m * nq, -1)
-    low = bf16_native() and len(plan.centroids) > per + 2
-    c32 = torch.from_numpy(plan.centroids)
-    ct_low = ct.to(torch.bfloat16) if low else ct
-    with torch.inference_mode():
-        for s in range(0, len(flat), batch):
-            x = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch], dtype=np.float32))
-            if low:
-                values, ids = _nearest_centroids(x, ct_low, c32, per, plan.margin)
-            else:
-                values, ids = torch.topk(x @ ct, per, dim=1)
-            ids = ids.numpy().astype(np.int32)
-            if per == 2:
-                near = (values[:, 0] - values[:, 1]).numpy() <= plan.margin
-                ids[~near, 1] = -1
-            rows = np.arange(s, s + len(x))
-            cells.reshape(m * nq, per)[rows] = ids
-    cells.sort(axis=1)
-    cells[:, 1:][cells[:, 1:] == cells[:, :-1]] = -1  # repeated cells of one row
-    cells.sort(axis=1)
-    return cells[:, ::-1].copy()  # the valid ids first (descending), -1 last
-
-
-def _nearest_centroids(x, ct_low, c32, per: int, margin: float):
-    """bf16 products -> (values, ids) of each row's ``per`` nearest centroids. A row whose first
-    two are within ``margin`` plus twice the bf16 error (its order, or its second-cell decision,
-    could differ in fp32: a few percent of rows) is ranked again in fp32 among its bf16 top
-    per + 2; the others' bf16 choice is fp32's."""
-    import torch
-
-    top = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1)
-    values, short = top.values.float(), top.indices
-    eps = BF16_EPS * float(torch.linalg.vector_norm(x, dim=1).max()) * float(torch.linalg.vector_norm(c32, dim=1).max())
-    rows = torch.nonzero(values[:, 0] - values[:, 1] <= (margin if per == 2 else 0.0) + 2 * eps)[:, 0]
-    values, ids = values[:, :per].clone(), short[:, :per].clone()
-    if len(rows):
-        exact = torch.bmm(c32[short[rows]], x[rows][:, :, None])[:, :, 0]
-        best = torch.topk(exact, per, dim=1)
-        values[rows], ids[rows] = best.values, torch.gather(short[rows], 1, best.indices)
-    return values, ids
-
-
-def groups_of(cells: np.ndarray, groups: int) -> np.ndarray:
-    """Shuffle group of each cell id (-1 stays -1)."""
-    return np.where(cells >= 0, cells % groups, -1)
 
 
 def owner_cell(cells_a: np.ndarray, cells_b: np.ndarray) -> np.ndarray:
@@ -392,13 +264,6 @@ def best_neighbours(who: np.ndarray, other: np.ndarray, sim: np.ndarray):
     first[1:] = who[order][1:] != who[order][:-1]
     sel = order[first]
     return who[sel], other[sel], sim[sel]
-
-
-def sample_rows(keys, n_cap: int, seed: int) -> np.ndarray:
-    """Row indices of the ``n_cap`` keys of smallest priority, in priority order."""
-    prio = key_priority(keys, seed)
-    take = np.argsort(prio, kind="stable")[:n_cap]
-    return take
 
 
 def search_in_memory(keys, vecs: np.ndarray, query_rows=(0,), threshold: float = 0.9, **plan_args) -> dict:

@@ -1,0 +1,279 @@
+"""The cell search's plan: a bounded, order-independent sample of rows, spherical k-means centroids
+trained on it, and the assignment of every row to its cell(s).
+
+``SampleRows`` (a CombineFn) keeps the rows of smallest key priority, whatever the arrival order;
+``make_plan`` trains the centroids on that sample (the plan is the search's only side input);
+``assign`` places rows: the cell of the centroid nearest to each query vector, and the
+second-nearest one too when it is within ``margin`` of the first. Products are bf16 where the CPU
+has native bf16, with an fp32 re-ranking of every row whose choice could differ, so the cells are
+fp32's. The search inside cells: ``transforms.cell_search``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+
+# Idle OpenMP threads sleep instead of spinning (set before torch loads libgomp; a user's setting
+# wins). On a worker whose cores are shared, spinning threads waiting for a descheduled peer
+# burned 5x the CPU of the work itself in the in-cell products (2 cores, load 8).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+BF16_EPS = 2.0**-6  # |bf16 product - fp32 product| bound for unit vectors (inputs and output rounded)
+KMEANS_BLOCK = 32768  # sample rows per k-means product (a row's products do not depend on it)
+SAMPLE_PER_CELL = 40  # k-means sample rows per cell, unless the settings give a sample size
+
+
+@functools.cache
+def bf16_native() -> bool:
+    """True where the CPU multiplies bf16 natively (avx512_bf16 or AMX); MEMSIEVE_BF16=0/1 overrides."""
+    forced = os.environ.get("MEMSIEVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every worker needs to place rows: the only side input of the search."""
+
+    centroids: np.ndarray | None  # (k, d) float32, None = one cell
+    groups: int  # cells travel in this many shuffle keys
+    margin: float  # second cell when its centroid is within this (cosine) of the first
+    second: bool  # at most one second cell per query row (top_m >= 2)
+
+    @property
+    def cells(self) -> int:
+        return 1 if self.centroids is None else len(self.centroids)
+
+
+def key_priority(keys, seed: int) -> np.ndarray:
+    """A stable pseudo-random uint64 per key (sampling that does not depend on arrival order)."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(keys, dtype=object), hash_key=f"memsieve{seed:08d}"[:16]).astype(np.uint64)
+
+
+def choose_cells(n: int, single_cell_below: int, requested: int = 0) -> int:
+    """Cells: one (exact) up to ``single_cell_below`` rows, else 1.2 sqrt(n), >= 50 rows a cell.
+
+    Cost: assigning rows is n k bf16 products (and a top-k pass), in-cell search w n^2 / k bf16
+    products (the full square of each cell, and a top-k pass; w ~ 1.2-1.5 from uneven cell
+    sizes and second cells); their sum is smallest near k = sqrt(w n). Measured on 1M x 512
+    LAION-layout rows (scripts/bench_cells.py): 1,200 cells 14% faster than 750, same recall."""
+    if requested:
+        return max(1, min(requested, n))
+    if n <= single_cell_below:
+        return 1
+    return int(max(1, min(n // 50, round(1.2 * np.sqrt(n)))))
+
+
+def training_rows(k: int, sample_size: int = 0) -> int:
+    """Query vectors of the sample that k-means trains on (the sample's first ones)."""
+    return sample_size or SAMPLE_PER_CELL * k
+
+
+def make_plan(
+    n: int,
+    sample: np.ndarray,
+    *,
+    single_cell_below: int = 20_000,
+    requested_cells: int = 0,
+    sample_size: int = 0,
+    margin: float = 0.02,
+    top_m: int = 2,
+    target_group_rows: int = 200_000,
+    min_groups: int = 1,
+    seed: int = 0,
+) -> Plan:
+    """n rows and a query-vector sample (already in a fixed order) -> centroids and shuffle groups."""
+    k = choose_cells(n, single_cell_below, requested_cells)
+    if k <= 1 or len(sample) < 2:
+        return Plan(None, 1, margin, top_m >= 2)
+    take = sample[: training_rows(k, sample_size)]
+    centroids = train_centroids(take, k, seed, bf16=bf16_native())
+    groups = int(min(len(centroids), max(min_groups, -(-n // max(1, target_group_rows)))))
+    return Plan(centroids.astype(np.float32), groups, margin, top_m >= 2)
+
+
+def train_centroids(sample: np.ndarray, k: int, seed: int, niter: int = 8, bf16: bool = False) -> np.ndarray:
+    """``transforms.ann.train_centroids``, bit for bit (tests/test_cell_plan.py), at less cost:
+    the sample is cast to bf16 once, not once an iteration; the products land in one buffer
+    reused by every block and iteration (a fresh 100 MB array a block cost more in page faults
+    than its argmax); each row's nearest centre is numpy's argmax of the float32 image of the
+    products (torch's argmax of bf16 on a CPU costs as much as the product). Both take the first
+    of equal maxima."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
+    x = torch.nn.functional.normalize(x, dim=1)
+    k = max(1, min(k, len(x)))
+    gen = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=gen)[:k]].clone()
+    starts = range(0, len(x), KMEANS_BLOCK)
+    blocks = [x[s : s + KMEANS_BLOCK] for s in starts]
+    low = [b.to(torch.bfloat16) for b in blocks] if bf16 else blocks
+    rows = min(len(x), KMEANS_BLOCK)
+    prod = torch.empty((rows, k), dtype=torch.bfloat16 if bf16 else torch.float32)
+    image = torch.empty((rows, k), dtype=torch.float32) if bf16 else prod
+    nearest = np.empty(len(x), dtype=np.int64)
+    with torch.inference_mode():
+        for _ in range(niter):
+            c = centres.T.to(torch.bfloat16) if bf16 else centres.T
+            for s, b in zip(starts, low, strict=True):
+                torch.mm(b, c, out=prod[: len(b)])
+                if bf16:
+                    image[: len(b)].copy_(prod[: len(b)])
+                nearest[s : s + len(b)] = image[: len(b)].numpy().argmax(axis=1)
+            assign = torch.from_numpy(nearest)
+            sums = torch.zeros_like(centres).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k)
+            filled = counts > 0
+            centres[filled] = torch.nn.functional.normalize(sums[filled], dim=1)
+    return centres.numpy()
+
+
+def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
+    """(m, Q, d) query vectors (float16 or float32) -> (m, C) int32 cell ids per row, -1 padded,
+    unique, ascending. float16 rows go to bf16 directly (the same values as through float32)."""
+    import torch
+
+    m, nq = queries.shape[:2]
+    if plan.centroids is None:
+        return np.zeros((m, 1), dtype=np.int32)
+    c32 = torch.from_numpy(plan.centroids)
+    ct = c32.T.contiguous()
+    per = 2 if plan.second and len(plan.centroids) > 1 else 1
+    cells = np.full((m, nq * per), -1, dtype=np.int32)
+    flat = queries.reshape(m * nq, -1)
+    if flat.dtype not in (np.float16, np.float32):
+        flat = flat.astype(np.float32)
+    low = bf16_native() and len(plan.centroids) > per + 2
+    ct_low = ct.to(torch.bfloat16) if low else ct
+    c_norm = float(torch.linalg.vector_norm(c32, dim=1).max())
+    with torch.inference_mode():
+        for s in range(0, len(flat), batch):
+            x = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch]))
+            if low:
+                values, ids = _nearest_centroids(x, ct_low, c32, c_norm, per, plan.margin)
+            else:
+                values, ids = torch.topk(x.float() @ ct, per, dim=1)
+            ids = ids.numpy().astype(np.int32)
+            if per == 2:
+                near = (values[:, 0] - values[:, 1]).numpy() <= plan.margin
+                ids[~near, 1] = -1
+            cells.reshape(m * nq, per)[s : s + len(x)] = ids
+    cells.sort(axis=1)
+    cells[:, 1:][cells[:, 1:] == cells[:, :-1]] = -1  # repeated cells of one row
+    cells.sort(axis=1)
+    return cells[:, ::-1].copy()  # the valid ids first (descending), -1 last
+
+
+def _nearest_centroids(x, ct_low, c32, c_norm: float, per: int, margin: float):
+    """bf16 products -> (values, ids) of each row's ``per`` nearest centroids. A row whose first
+    two are within ``margin`` plus twice the bf16 error (its order, or its second-cell decision,
+    could differ in fp32: a few percent of rows) is ranked again in fp32 among its bf16 top
+    per + 2; the others' bf16 choice is fp32's."""
+    import torch
+
+    top = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1)
+    values, short = top.values.float(), top.indices
+    eps = BF16_EPS * float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()) * c_norm
+    rows = torch.nonzero(values[:, 0] - values[:, 1] <= (margin if per == 2 else 0.0) + 2 * eps)[:, 0]
+    values, ids = values[:, :per].clone(), short[:, :per].clone()
+    if len(rows):
+        exact = torch.bmm(c32[short[rows]], x[rows].float()[:, :, None])[:, :, 0]
+        best = torch.topk(exact, per, dim=1)
+        values[rows], ids[rows] = best.values, torch.gather(short[rows], 1, best.indices)
+    return values, ids
+
+
+def groups_of(cells: np.ndarray, groups: int) -> np.ndarray:
+    """Shuffle group of each cell id (-1 stays -1)."""
+    return np.where(cells >= 0, cells % groups, -1)
+
+
+def sample_rows(keys, n_cap: int, seed: int) -> np.ndarray:
+    """Row indices of the ``n_cap`` keys of smallest priority, in priority order."""
+    prio = key_priority(keys, seed)
+    return np.argsort(prio, kind="stable")[:n_cap]
+
+
+def _smallest(prio: np.ndarray, keys: np.ndarray, cap: int) -> np.ndarray:
+    """Indices of the ``cap`` rows of smallest (priority, key), in that order."""
+    if len(prio) > cap:  # only rows at or below the cap-th priority can be chosen
+        cand = np.flatnonzero(prio <= np.partition(prio, cap - 1)[cap - 1])
+    else:
+        cand = np.arange(len(prio))
+    order = cand[np.argsort(prio[cand], kind="stable")]
+    if (prio[order][1:] == prio[order][:-1]).any():  # equal priorities (a repeated key): by key too
+        order = cand[np.lexsort((keys[cand], prio[cand]))]
+    return order[:cap]
+
+
+def _gather(chunks: list, take: np.ndarray) -> np.ndarray:
+    """Rows ``take`` (indices into the chunks laid end to end) of the chunks' payloads, without
+    concatenating every payload first."""
+    first = chunks[0][2]
+    out = np.empty((len(take), *first.shape[1:]), dtype=first.dtype)
+    starts = np.cumsum([0] + [len(c[2]) for c in chunks])
+    which = np.searchsorted(starts, take, side="right") - 1
+    for i in np.unique(which).tolist():
+        sel = np.flatnonzero(which == i)
+        out[sel] = chunks[i][2][take[sel] - starts[i]]
+    return out
+
+
+class SampleRows(beam.CombineFn):
+    """Batches -> (row count, the ``cap`` rows of smallest key priority): order-independent.
+
+    The accumulator is (rows seen, chunks of (priority, key, payload), bound): once ``cap`` rows
+    are held, a row above the bound (the cap-th smallest priority held) can never be chosen and
+    is dropped on arrival, and chunks are merged only when they hold twice the cap: no copy of
+    the whole sample per input batch."""
+
+    def __init__(self, cap: int, seed: int):
+        self.cap, self.seed = cap, seed
+
+    def create_accumulator(self):
+        return 0, [], np.iinfo(np.uint64).max
+
+    def add_input(self, acc, batch):
+        keys, payload = batch
+        n, chunks, bound = acc
+        prio = key_priority(keys, self.seed)
+        take = np.flatnonzero(prio <= bound)
+        if len(take) > self.cap:
+            take = take[_smallest(prio[take], np.asarray(keys)[take], self.cap)]
+        if len(take):
+            chunks = [*chunks, (prio[take], np.asarray(keys)[take], payload[take])]
+        return self._compact(n + len(keys), chunks, bound, 2 * self.cap)
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        chunks = [c for a in accs for c in a[1]]
+        return self._compact(sum(a[0] for a in accs), chunks, min(a[2] for a in accs), 2 * self.cap)
+
+    def _compact(self, n, chunks, bound, limit):
+        if sum(len(c[0]) for c in chunks) <= limit:
+            return n, chunks, bound
+        prio, keys = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+        take = _smallest(prio, keys, self.cap)
+        payload = _gather(chunks, take)
+        return n, [(prio[take], keys[take], payload)], prio[take][-1] if len(take) == self.cap else bound
+
+    def extract_output(self, acc):
+        n, chunks, _ = acc
+        if not chunks:
+            return n, None
+        prio, keys = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+        return n, _gather(chunks, _smallest(prio, keys, self.cap))
