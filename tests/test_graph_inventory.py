@@ -18,7 +18,7 @@ SEARCH = r"(FindPhashCopies/SearchCodes|(ClipEdges|VectorEdges_\w+)/CellSearch)"
 ALLOWED = {
     # the cell search (phash codes and CLIP vectors): a fixed-size sample, then the k-means plan
     SEARCH + r"/SampleForCells\b.*": "row count + <= 100k sampled rows",
-    SEARCH + r"/AssignCells\d+/FlatMap\(_assign\)": "plan: k centroids (~sqrt n); one per assignment split",
+    SEARCH + r"/AssignCells\d+/ParDo\(AssignCells\)": "plan: k centroids (~sqrt n); one per assignment split",
     # caption triggers: vocabulary-sized or count-sized
     r"MineTriggers/CountSamples\b.*": "one count",
     r"MineTriggers/Candidates": "keyword counts pruned at min_keyword_count: vocabulary",

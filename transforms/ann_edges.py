@@ -31,6 +31,7 @@ from transforms.cell_plan import SampleRows, _smallest  # noqa: F401  (their hom
 SAMPLE_CAP = 100_000  # rows kept for k-means training (the sample is one bounded element)
 ASSIGN_SPLITS = 4  # the batches are assigned in this many parts (stages on the in-process runner)
 SHUFFLE_SPLITS = 8  # cell groups travel in this many shuffles (group % this)
+FLUSH_ROWS = 65_536  # rows an assignment step holds before sending them on, one element per group
 TARGET_GROUP_ROWS = 200_000  # rows (with second cells) per shuffle group: groups = n / this
 PARTIAL_BUCKETS = 64  # key-hash buckets combining the neighbours of rows in several cells (batched)
 
@@ -55,20 +56,49 @@ def _queries(payload: np.ndarray, vectorize: Callable, query_rows: tuple) -> np.
     return vecs if q == list(range(vecs.shape[1])) else vecs[:, q]
 
 
-def _assign(batch, plan: cs.Plan, vectorize: Callable, query_rows: tuple, splits: int) -> Iterator:
-    """A batch -> its rows of each cell group, tagged with the group's shuffle (group % splits)."""
-    keys, payload = batch
-    if not len(keys):
-        return
-    if plan.centroids is None:  # one cell: nothing to compare with
-        cells = np.zeros((len(keys), 1), dtype=np.int32)
-        yield beam.pvalue.TaggedOutput("0", (0, (keys, payload, cells, plan.groups)))
-        return
-    cells = cs.assign(_queries(payload, vectorize, query_rows), plan)
-    in_group = cs.groups_of(cells, plan.groups)
-    for g in np.unique(in_group[in_group >= 0]).tolist():
-        rows = np.flatnonzero((in_group == g).any(axis=1))
-        yield beam.pvalue.TaggedOutput(str(g % splits), (g, (keys[rows], payload[rows], cells[rows], plan.groups)))
+class AssignCells(beam.DoFn):
+    """Batches -> (cell group, (keys, payload, cells, groups)) tagged with the group's shuffle
+    (group % splits). A batch's rows of one group are a few dozen (64 groups); they are held and
+    sent as one element per group once ``flush_rows`` rows are held (and at the bundle's end):
+    ~1,000 shuffle elements for 1M rows instead of ~16,000, each encoded, grouped and decoded."""
+
+    def __init__(self, vectorize: Callable, query_rows: tuple, splits: int, flush_rows: int = FLUSH_ROWS):
+        self.vectorize, self.query_rows, self.splits, self.flush_rows = vectorize, query_rows, splits, flush_rows
+
+    def start_bundle(self):
+        self.held, self.rows, self.groups = {}, 0, 1
+
+    def process(self, batch, plan: cs.Plan) -> Iterator:
+        keys, payload = batch
+        if not len(keys):
+            return
+        self.groups = plan.groups
+        if plan.centroids is None:  # one cell: nothing to compare with
+            self._hold(0, keys, payload, np.zeros((len(keys), 1), dtype=np.int32))
+        else:
+            cells = cs.assign(_queries(payload, self.vectorize, self.query_rows), plan)
+            in_group = cs.groups_of(cells, plan.groups)
+            for g in np.unique(in_group[in_group >= 0]).tolist():
+                rows = np.flatnonzero((in_group == g).any(axis=1))
+                self._hold(g, keys[rows], payload[rows], cells[rows])
+        if self.rows >= self.flush_rows:
+            yield from self._flush(lambda v: v)
+
+    def finish_bundle(self) -> Iterator:
+        from apache_beam.transforms.window import GlobalWindows
+
+        yield from self._flush(GlobalWindows.windowed_value)
+
+    def _hold(self, g: int, keys, payload, cells) -> None:
+        self.held.setdefault(g, []).append((keys, payload, cells))
+        self.rows += len(keys)
+
+    def _flush(self, wrap: Callable) -> Iterator:
+        held, self.held, self.rows = self.held, {}, 0
+        for g in sorted(held):
+            parts = held.pop(g)
+            value = tuple(np.concatenate([p[i] for p in parts]) for i in range(3)) + (self.groups,)
+            yield beam.pvalue.TaggedOutput(str(g % self.splits), wrap((g, value)))
 
 
 class _RoundRobin:
@@ -246,7 +276,7 @@ class CellSearch(beam.PTransform):
         assigned = [
             part
             | f"AssignCells{i}"
-            >> beam.FlatMap(_assign, plan, self.vectorize, self.query_rows, self.shuffle_splits).with_outputs(*tags)
+            >> beam.ParDo(AssignCells(self.vectorize, self.query_rows, self.shuffle_splits), plan).with_outputs(*tags)
             for i, part in enumerate(parts)
         ]
         search = {

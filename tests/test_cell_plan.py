@@ -1,0 +1,111 @@
+"""The cell search's plan (transforms/cell_plan.py): the cheaper k-means and assignment give the
+same bits as the reference ones, and the split shuffles of CellSearch the same results."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from transforms import ann, cell_plan
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+from make_laion_embeddings import generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    x, _ = generate(3000, 64, seed=11, topics=30)
+    return x.astype(np.float16)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_train_centroids_equals_the_reference_bit_for_bit(vectors, bf16, monkeypatch):
+    monkeypatch.setattr(cell_plan, "KMEANS_BLOCK", 700)  # several blocks, a short last one
+    x = vectors.astype(np.float32)
+    for k in (2, 45):
+        want = ann.train_centroids(x, k, seed=3, bf16=bf16)
+        got = cell_plan.train_centroids(x, k, seed=3, bf16=bf16)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_float16_rows_get_the_cells_of_their_float32_copy(vectors, native, monkeypatch):
+    monkeypatch.setenv("MEMSIEVE_BF16", native)
+    cell_plan.bf16_native.cache_clear()
+    try:
+        cent = cell_plan.train_centroids(vectors[:1500].astype(np.float32), 40, seed=0)
+        for second in (True, False):
+            plan = cell_plan.Plan(cent, 4, 0.05, second)
+            want = cell_plan.assign(vectors[:, None].astype(np.float32), plan, batch=1000)
+            got = cell_plan.assign(vectors[:, None], plan, batch=1000)
+            assert np.array_equal(got, want)
+            assert ((want[:, 1] >= 0).sum() > 50) if second else want.shape[1] == 1
+            assert (want[:, 0] >= 0).all() and (np.diff(want, axis=1) <= 0).all()
+    finally:
+        cell_plan.bf16_native.cache_clear()
+
+
+def test_sample_gather_takes_rows_across_chunks():
+    rng = np.random.default_rng(1)
+    chunks = [(None, None, rng.standard_normal((n, 1, 3)).astype(np.float16)) for n in (5, 1, 7)]
+    whole = np.concatenate([c[2] for c in chunks])
+    take = np.array([12, 0, 5, 6, 4, 5])
+    assert np.array_equal(cell_plan._gather(chunks, take), whole[take])
+
+
+def test_training_rows_is_what_make_plan_trains_on(vectors, monkeypatch):
+    """``_plan`` converts only the sample rows k-means uses: the same plan as from all of them."""
+    from transforms.ann_edges import _plan, float_vectors
+
+    settings = {
+        "single_cell_below": 100,
+        "requested_cells": 12,
+        "sample_size": 0,
+        "margin": 0.02,
+        "top_m": 2,
+        "target_group_rows": 1000,
+        "min_groups": 1,
+        "seed": 0,
+    }
+    payload = vectors[:, None]
+    seen = []
+    monkeypatch.setattr(cell_plan, "train_centroids", lambda s, *a, **k: seen.append(len(s)) or s[:12])
+    plan = _plan((3000, payload), float_vectors, (0,), settings)
+    assert seen == [cell_plan.training_rows(12)] and plan.cells == 12 and plan.groups == 3
+    full = cell_plan.make_plan(3000, payload[:, 0].astype(np.float32), **settings)
+    assert np.array_equal(plan.centroids, full.centroids)
+
+
+def test_assign_cells_holds_rows_and_sends_one_element_per_group(vectors):
+    """However often AssignCells flushes, each group gets exactly its rows, in arrival order."""
+    import apache_beam as beam
+
+    from transforms.ann_edges import AssignCells, float_vectors
+
+    keys = np.array([f"k{i:05d}" for i in range(len(vectors))])
+    cent = cell_plan.train_centroids(vectors[:1500].astype(np.float32), 30, seed=0)
+    plan = cell_plan.Plan(cent, 5, 0.05, True)
+    cells = cell_plan.assign(vectors[:, None], plan)
+    results = []
+    for flush in (10**9, 700):
+        fn = AssignCells(float_vectors, (0,), 3, flush_rows=flush)
+        fn.start_bundle()
+        out = [
+            o
+            for s in range(0, len(keys), 400)
+            for o in fn.process((keys[s : s + 400], vectors[s : s + 400, None]), plan)
+        ]
+        out += [beam.pvalue.TaggedOutput(o.tag, o.value.value) for o in fn.finish_bundle()]  # WindowedValues
+        assert all(o.tag == str(o.value[0] % 3) and o.value[1][3] == 5 for o in out)
+        assert len(out) == 5 if flush > len(keys) else len(out) > 5  # one element per group, or per flush
+        got = {}
+        for o in out:
+            got.setdefault(o.value[0], []).append(o.value[1][:3])
+        results.append({g: tuple(np.concatenate([p[i] for p in parts]) for i in range(3)) for g, parts in got.items()})
+    for g in range(5):
+        rows = np.flatnonzero((cell_plan.groups_of(cells, 5) == g).any(axis=1))
+        for found in results:
+            k, payload, c = found[g]
+            assert np.array_equal(k, keys[rows]) and np.array_equal(c, cells[rows])
+            assert np.array_equal(payload[:, 0], vectors[rows])
