@@ -263,6 +263,10 @@ class SampleRows(beam.CombineFn):
         chunks = [c for a in accs for c in a[1]]
         return self._compact(sum(a[0] for a in accs), chunks, min(a[2] for a in accs), 2 * self.cap)
 
+    def compact(self, acc):
+        """Before an accumulator is sent on: the ``cap`` rows that can still be chosen, not 2 x cap."""
+        return self._compact(*acc, self.cap)
+
     def _compact(self, n, chunks, bound, limit):
         if sum(len(c[0]) for c in chunks) <= limit:
             return n, chunks, bound
