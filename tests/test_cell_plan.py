@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from transforms import ann, cell_plan
+from transforms import ann, cell_plan, row_blobs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
 from make_laion_embeddings import generate  # noqa: E402
@@ -97,11 +97,12 @@ def test_assign_cells_holds_rows_and_sends_one_element_per_group(vectors):
             for o in fn.process((keys[s : s + 400], vectors[s : s + 400, None]), plan)
         ]
         out += [beam.pvalue.TaggedOutput(o.tag, o.value.value) for o in fn.finish_bundle()]  # WindowedValues
-        assert all(o.tag == str(o.value[0] % 3) and o.value[1][3] == 5 for o in out)
+        out = [(o.tag, o.value[0], row_blobs.unpack(o.value[1])) for o in out]  # packed bytes
+        assert all(tag == str(g % 3) and rows[3] == 5 for tag, g, rows in out)
         assert len(out) == 5 if flush > len(keys) else len(out) > 5  # one element per group, or per flush
         got = {}
-        for o in out:
-            got.setdefault(o.value[0], []).append(o.value[1][:3])
+        for _, g, rows in out:
+            got.setdefault(g, []).append(rows[:3])
         results.append({g: tuple(np.concatenate([p[i] for p in parts]) for i in range(3)) for g, parts in got.items()})
     for g in range(5):
         rows = np.flatnonzero((cell_plan.groups_of(cells, 5) == g).any(axis=1))

@@ -26,7 +26,7 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.elements import Edge, EdgeBatch, Neighbour
-from transforms import cell_plan
+from transforms import cell_plan, row_blobs
 from transforms import cell_search as cs
 from transforms.cell_plan import SampleRows, _smallest  # noqa: F401  (their home before cell_plan)
 
@@ -71,7 +71,7 @@ class AssignCells(beam.DoFn):
         self.held, self.rows, self.groups = {}, 0, 1
 
     def process(self, batch, plan: cs.Plan) -> Iterator:
-        keys, payload = batch
+        keys, payload = row_blobs.rows_of(batch)[:2]
         if not len(keys):
             return
         self.groups = plan.groups
@@ -99,7 +99,7 @@ class AssignCells(beam.DoFn):
         held, self.held, self.rows = self.held, {}, 0
         for g in sorted(held):
             parts = held.pop(g)
-            value = tuple(np.concatenate([p[i] for p in parts]) for i in range(3)) + (self.groups,)
+            value = row_blobs.pack(*(np.concatenate([p[i] for p in parts]) for i in range(3)), self.groups)
             yield beam.pvalue.TaggedOutput(str(g % self.splits), wrap((g, value)))
 
 
@@ -122,7 +122,7 @@ def _search(
 
     progress.begin("search")
     group, pieces = item
-    pieces = list(pieces)
+    pieces = [row_blobs.rows_of(p) for p in pieces]
     groups = pieces[0][3]
     keys = np.concatenate([p[0] for p in pieces])
     payload = np.concatenate([p[1] for p in pieces])
@@ -321,10 +321,11 @@ class CellSearch(beam.PTransform):
         return (final, combined) | "AllNeighbours" >> beam.Flatten()
 
 
-def _columnar(batch) -> tuple:
+def _columnar(batch) -> bytes:
+    """(keys, vectors) -> packed (keys, (n, 1, d) float16) rows (``transforms.row_blobs``)."""
     keys, vecs = batch
     v = np.asarray(vecs, dtype=np.float16)
-    return np.asarray(keys, dtype=str), v.reshape(len(v), 1, -1)
+    return row_blobs.pack(np.asarray(keys, dtype=str), v.reshape(len(v), 1, -1))
 
 
 class VectorEdges(beam.PTransform):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 
+from transforms.row_blobs import rows_of
+
 # Idle OpenMP threads sleep instead of spinning (set before torch loads libgomp; a user's setting
 # wins). On a worker whose cores are shared, spinning threads waiting for a descheduled peer
 # burned 5x the CPU of the work itself in the in-cell products (2 cores, load 8).
@@ -162,7 +164,7 @@ def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
     c_norm = float(torch.linalg.vector_norm(c32, dim=1).max())
     with torch.inference_mode():
         for s in range(0, len(flat), batch):
-            x = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch]))
+            x = _tensor(np.ascontiguousarray(flat[s : s + batch]))
             if low:
                 values, ids = _nearest_centroids(x, ct_low, c32, c_norm, per, plan.margin)
             else:
@@ -176,6 +178,17 @@ def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
     cells[:, 1:][cells[:, 1:] == cells[:, :-1]] = -1  # repeated cells of one row
     cells.sort(axis=1)
     return cells[:, ::-1].copy()  # the valid ids first (descending), -1 last
+
+
+def _tensor(x: np.ndarray):
+    """torch.from_numpy, also of the read-only views ``row_blobs.unpack`` gives (only read here)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
 
 
 def _nearest_centroids(x, ct_low, c32, c_norm: float, per: int, margin: float):
@@ -248,7 +261,7 @@ class SampleRows(beam.CombineFn):
         return 0, [], np.iinfo(np.uint64).max
 
     def add_input(self, acc, batch):
-        keys, payload = batch
+        keys, payload = rows_of(batch)[:2]
         n, chunks, bound = acc
         prio = key_priority(keys, self.seed)
         take = np.flatnonzero(prio <= bound)

@@ -1,0 +1,49 @@
+"""Arrays of rows as one ``bytes`` element: how the cell search's batches cross stages and shuffles.
+
+A batch (keys, payload[, cells, groups]) is packed into one bytes object: a small header, then
+the arrays' raw buffers. Beam encodes ``bytes`` as a length and the bytes (no pickling of numpy
+arrays: one copy in, one copy out), and ``unpack`` returns read-only numpy views into the bytes
+(no copy). On the in-process runner a shuffle's values are decoded, held, encoded and decoded
+again: each pickled array cost a copy more at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+MAGIC = b"MSRB1"
+_LEN = struct.Struct("<I")
+
+
+def pack(keys: np.ndarray, payload: np.ndarray, cells: np.ndarray | None = None, groups: int = 0) -> bytes:
+    """(keys, payload[, cells, groups]) -> bytes. ``keys``: a numpy string array (fixed width)."""
+    arrays = [np.ascontiguousarray(keys), np.ascontiguousarray(payload)]
+    if cells is not None:
+        arrays.append(np.ascontiguousarray(cells))
+    meta = [[a.dtype.str, list(a.shape)] for a in arrays]
+    head = json.dumps({"a": meta, "g": groups}).encode()
+    return b"".join([MAGIC, _LEN.pack(len(head)), head, *(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays)])
+
+
+def unpack(blob: bytes) -> tuple:
+    """bytes from ``pack`` -> (keys, payload) or (keys, payload, cells, groups), read-only views."""
+    if blob[: len(MAGIC)] != MAGIC:
+        raise ValueError("not a packed row batch")
+    start = len(MAGIC) + _LEN.size
+    (size,) = _LEN.unpack_from(blob, len(MAGIC))
+    head = json.loads(blob[start : start + size])
+    pos, out = start + size, []
+    for dtype, shape in head["a"]:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        out.append(np.frombuffer(blob, dtype=dt, count=count, offset=pos).reshape(shape))
+        pos += count * dt.itemsize
+    return tuple(out) if len(out) == 2 else (*out, head["g"])
+
+
+def rows_of(batch) -> tuple:
+    """A batch as the cell search receives it: packed bytes, or a (keys, payload, ...) tuple."""
+    return unpack(batch) if isinstance(batch, bytes) else tuple(batch)
