@@ -7,15 +7,17 @@
             --GroupByKey--> in-cell products --> edges, final neighbours,
             neighbour candidates of rows in two cells --CombinePerKey--> neighbours
 
-The assignment runs in ``ASSIGN_SPLITS`` parts and the cell groups travel in ``SHUFFLE_SPLITS``
-shuffles (group % splits): the same cells, groups and results. Beam's in-process runner hands a
+For float vectors the assignment runs in 4 parts and the cell groups travel in 8 shuffles
+(group % 8, ``SPLITS``): the same cells, groups and results. Beam's in-process runner hands a
 stage its whole input as one buffer, copied about three times on the way in, and re-encodes a
 shuffle's whole content at once; split, no buffer holds every vector (1M x 512 LAION-layout rows,
-dedup-only: peak RSS 9.0 -> 4.5 GB in these stages). Each multi-input Flatten before a shuffle
-costs that runner one more pass over its part (~0.4 CPU-s per 130 MB).
+dedup-only job: peak RSS 8.8 -> 4.4 GB). The price: each shuffle's multi-input Flatten is one
+more pass over its part on that runner.
 
-Elements through the shuffle are arrays (keys, float16 vectors or packed codes, cell ids), never
-one element per row. ``VectorEdges`` (CLIP, LAION embeddings) and ``FindPhashCopies`` use it.
+Elements through the shuffle are arrays packed into one bytes element each
+(``transforms.row_blobs``: keys, float16 vectors or packed codes, cell ids), one per cell group
+and assignment bundle, never one element per row. ``VectorEdges`` (CLIP, LAION embeddings) and
+``FindPhashCopies`` use it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ from transforms import cell_search as cs
 from transforms.cell_plan import SampleRows, _smallest  # noqa: F401  (their home before cell_plan)
 
 SAMPLE_CAP = 100_000  # rows kept for k-means training (the sample is one bounded element)
-ASSIGN_SPLITS = 4  # the batches are assigned in this many parts (stages on the in-process runner)
-SHUFFLE_SPLITS = 8  # cell groups travel in this many shuffles (group % this)
+SPLITS = (4, 8)  # float vectors: assigned in 4 parts, cell groups in 8 shuffles (group % 8)
 FLUSH_ROWS = 65_536  # rows an assignment step holds before sending them on, one element per group
 TARGET_GROUP_ROWS = 200_000  # rows (with second cells) per shuffle group: groups = n / this
 PARTIAL_BUCKETS = 64  # key-hash buckets combining the neighbours of rows in several cells (batched)
@@ -227,7 +228,9 @@ class CellSearch(beam.PTransform):
     threshold (the same clusters; a group of c copies costs c - 1 edges, not c(c-1)/2); else
     every pair once. ``cell_fn`` replaces the in-cell search
     (``cell_search.search_cell``'s contract) and ``search_vectorize`` what it is given, one cell at
-    a time (packed codes for ``transforms.hamming_search``)."""
+    a time (packed codes for ``transforms.hamming_search``). ``splits``: (assignment parts,
+    shuffles); (1, 1) by default (perceptual-hash codes: ~100 bytes a row, no buffer to split;
+    each split is a few stages more), ``SPLITS`` for float vectors."""
 
     def __init__(
         self,
@@ -243,6 +246,7 @@ class CellSearch(beam.PTransform):
         batched_edges: bool = False,
         cell_fn: Callable | None = None,
         search_vectorize: Callable | None = None,
+        splits: tuple[int, int] = (1, 1),
     ):
         super().__init__()
         self.forest = forest
@@ -252,7 +256,7 @@ class CellSearch(beam.PTransform):
         self.vectorize, self.query_rows, self.similarity = vectorize, tuple(query_rows), similarity
         c = cluster_cfg
         self.cap = c.sample_size or SAMPLE_CAP
-        self.assign_splits, self.shuffle_splits = ASSIGN_SPLITS, SHUFFLE_SPLITS
+        self.assign_splits, self.shuffle_splits = splits
         self.settings = {
             "single_cell_below": getattr(c, "single_cell_below", 20_000),
             "requested_cells": c.n_cells,
@@ -346,5 +350,5 @@ class VectorEdges(beam.PTransform):
         self.batched = {"batched_neighbours": batched_neighbours, "batched_edges": batched_edges}
 
     def expand(self, batches):
-        search = CellSearch(self.threshold, self.embedder, self.cluster_cfg, self.seed, **self.batched)
+        search = CellSearch(self.threshold, self.embedder, self.cluster_cfg, self.seed, splits=SPLITS, **self.batched)
         return batches | "Columnar" >> beam.Map(_columnar) | "CellSearch" >> search
