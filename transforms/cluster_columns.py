@@ -186,7 +186,7 @@ def members(item, n: int) -> Iterator[tuple[int, pa.Table]]:
     first = np.r_[True, keys[1:] != keys[:-1]]
     if not first.all():
         t, keys = t.filter(pa.array(first)), keys[first]
-    _collision(t.column("id").to_numpy(), keys, "FindDuplicates/MemberOf")
+    _code_collision(t.column("id").to_numpy(), np.arange(len(keys)), keys, "FindDuplicates/MemberOf")  # keys unique
     b = buckets_of(t.column("root").to_numpy(), n)
     order = np.argsort(b, kind="stable")
     cuts = np.flatnonzero(np.diff(b[order])) + 1
@@ -234,6 +234,8 @@ def _keeper_rank(t: pa.Table, key_code: np.ndarray, policy: str) -> np.ndarray:
         n_bytes = _floats(t, "image_bytes").astype(np.int64)
         per_pixel = np.divide(n_bytes, decoded, out=np.zeros(len(decoded)), where=decoded != 0)
         order = np.lexsort((key_code, -per_pixel, -decoded, -original))
+    elif policy == "earliest":
+        order = np.argsort(key_code, kind="stable")
     else:
         from schemas.elements import SampleInfo
         from transforms.dedup import keeper_sort_key
@@ -247,49 +249,141 @@ def _keeper_rank(t: pa.Table, key_code: np.ndarray, policy: str) -> np.ndarray:
     return out
 
 
-def assign_lists(item, policy: str) -> Iterator[list[ClusterAssignment]]:
-    """``assign_clusters`` -> one list per root bucket (what travels: ``assignment_rows``)."""
-    out = list(assign_clusters(item, policy))
-    if out:
+ASSIGNMENT_FIELDS = ("key", "cluster_id", "cluster_size", "is_representative", "embedder", "similarity", "shard")
+ASSIGNMENT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("cluster_id", pa.string()),
+        ("cluster_size", pa.int64()),
+        ("is_representative", pa.bool_()),
+        ("embedder", pa.string()),
+        ("similarity", pa.float64()),
+        ("shard", pa.string()),
+    ]
+)  # a ClusterAssignment per row, in its field order
+
+
+def assign_tables(item, policy: str) -> Iterator[pa.Table]:
+    """``assignment_table`` -> one table per root bucket (what travels)."""
+    table = assignment_table(item, policy)
+    if table is not None and table.num_rows:
         from pipeline import progress
 
-        progress.advance("dedup", len(out))
-        yield out
+        progress.advance("dedup", table.num_rows)
+        yield table
 
 
-def single_assignments(assignments: list[ClusterAssignment]) -> Iterator[ClusterAssignment]:
-    yield from assignments
+def assignment_elements(table: pa.Table) -> Iterator[ClusterAssignment]:
+    """An assignment table -> one ``ClusterAssignment`` per row (for consumers that key by sample)."""
+    yield from map(ClusterAssignment, *(table.column(c).to_pylist() for c in ASSIGNMENT_FIELDS))
 
 
-def assignment_rows(assignments: list[ClusterAssignment]) -> Iterator[tuple[str, list[tuple]]]:
-    """A list of assignments -> (shard, [assignment as a tuple]) per shard: tuples of plain
-    values travel without a pickle per object (``transforms.shard_stage`` reads them back)."""
-    by_shard: dict[str, list[tuple]] = {}
-    for a in assignments:
-        by_shard.setdefault(a.shard, []).append(
-            (a.key, a.cluster_id, a.cluster_size, a.is_representative, a.embedder, a.similarity, a.shard)
+def assignment_rows(table: pa.Table) -> Iterator[tuple[str, list[tuple]]]:
+    """An assignment table -> (shard, [assignment as a tuple]) per shard: tuples of plain values
+    travel without a pickle per object (``transforms.shard_stage`` reads them back)."""
+    for shard, part in _by_column(table, "shard"):
+        yield shard, list(zip(*(part.column(c).to_pylist() for c in ASSIGNMENT_FIELDS), strict=True))
+
+
+def _by_column(table: pa.Table, column: str) -> Iterator[tuple[str, pa.Table]]:
+    """A table -> (value, its rows) per distinct value of a string column, in value order."""
+    if not table.num_rows:
+        return
+    import pyarrow.compute as pc
+
+    values = table.column(column)
+    uniq = pc.unique(values)
+    if len(uniq) == 1:
+        yield uniq[0].as_py(), table
+        return
+    order = pc.sort_indices(values)
+    table, values = table.take(order), values.take(order)
+    for value in uniq.sort().to_pylist():
+        yield value, table.filter(pc.equal(values, value))
+
+
+def member_shards(table: pa.Table) -> Iterator[tuple[str, tuple[str, str]]]:
+    """An assignment table -> (cluster_id, (key, shard)) of members of clusters of two or more."""
+    t = table.filter(pa.array(table.column("cluster_size").to_numpy() > 1))
+    yield from zip(
+        t["cluster_id"].to_pylist(), zip(t["key"].to_pylist(), t["shard"].to_pylist(), strict=True), strict=True
+    )
+
+
+def representatives(table: pa.Table) -> Iterator[tuple[str, str]]:
+    """An assignment table -> (shard, key) of the keeper of each cluster of two or more."""
+    keeps = table.column("is_representative").to_numpy(zero_copy_only=False).astype(bool)
+    t = table.filter(pa.array(keeps & (table.column("cluster_size").to_numpy() > 1)))
+    yield from zip(t["shard"].to_pylist(), t["key"].to_pylist(), strict=True)
+
+
+def cluster_table(table: pa.Table) -> pa.Table:
+    """An assignment table -> the ``clusters`` table's rows: members of clusters of two or more,
+    an empty embedder read as "exact"."""
+    import pyarrow.compute as pc
+
+    t = table.filter(pc.greater(table.column("cluster_size"), 1))
+    emb = pc.if_else(pc.equal(t.column("embedder"), ""), "exact", t.column("embedder"))
+    names = ("key", "cluster_id", "embedder", "similarity", "cluster_size", "is_representative")
+    return pa.table([emb if c == "embedder" else t.column(c) for c in names], names=list(names))
+
+
+def _key_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys -> (sorted unique keys, each key's code into them): codes in Python's ``str`` order
+    (UTF-8 byte order is code point order), hashed and sorted in Arrow, not as Python objects."""
+    import pyarrow.compute as pc
+
+    try:
+        arr = pa.array(keys, pa.string())
+    except (pa.ArrowException, UnicodeEncodeError):  # lone surrogates: Python's comparisons
+        uniq, code = np.unique(keys, return_inverse=True)
+        return uniq, code.reshape(-1).astype(np.int64)
+    uniq = pc.unique(arr)
+    uniq = uniq.take(pc.array_sort_indices(uniq))
+    code = pc.index_in(arr, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
+    return uniq.to_numpy(zero_copy_only=False), code
+
+
+def _code_collision(ids: np.ndarray, codes: np.ndarray, uniq: np.ndarray, where: str) -> None:
+    """Raise ``KeyIdCollision`` if two different key codes share an id."""
+    if not len(ids):
+        return
+    order = np.lexsort((codes, ids))
+    i, c = ids[order], codes[order]
+    clash = np.flatnonzero((i[1:] == i[:-1]) & (c[1:] != c[:-1]))
+    if len(clash):
+        j = clash[0]
+        a, b = sorted((str(uniq[c[j]]), str(uniq[c[j + 1]])))
+        raise KeyIdCollision(
+            f"{where}: keys {a!r} and {b!r} share the 64-bit id {int(i[j])} "
+            "(transforms.key_batches.key_ids); rename one of them"
         )
-    yield from sorted(by_shard.items())
 
 
 def assign_clusters(item, policy: str) -> Iterator[ClusterAssignment]:
+    """``assignment_table`` as ``ClusterAssignment`` objects."""
+    table = assignment_table(item, policy)
+    if table is not None:
+        yield from assignment_elements(table)
+
+
+def assignment_table(item, policy: str) -> pa.Table | None:
     """(root bucket, {"member": feature tables with "root", "edge": Cols with root}) -> every
-    member's ``ClusterAssignment``: the keeper first by ``policy``, each member's strongest
-    embedder (exact > pixels > phash > clip, then the higher similarity) and its similarity to
-    the keeper (a direct edge's, else its strongest edge's); cluster id: the component's smallest key."""
+    member's assignment as a row (``ASSIGNMENT_SCHEMA``): the keeper first by ``policy``, each
+    member's strongest embedder (exact > pixels > phash > clip, then the higher similarity) and
+    its similarity to the keeper (a direct edge's, else its strongest edge's); cluster id: the
+    component's smallest key."""
     _, joined = item
     tables = [t for t in joined["member"] if t.num_rows]
     parts = [c for c in joined["edge"] if len(c[0])]
     if not tables or not parts:
-        return
+        return None
     t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     ia, ib, ka, kb, sim, emb, eroot = _concat(parts)
     m_keys = t.column("key").to_numpy(zero_copy_only=False)
     m_ids, m_root = t.column("id").to_numpy(), t.column("root").to_numpy()
-    all_keys = np.concatenate([ka, kb, m_keys])
-    _collision(np.concatenate([ia, ib, m_ids]), all_keys, "FindDuplicates/Assign")
-    uniq, code = np.unique(all_keys, return_inverse=True)  # codes in key order (Python's, by code point)
-    code = code.reshape(-1).astype(np.int64)
+    uniq, code = _key_codes(np.concatenate([ka, kb, m_keys]))  # codes in key order (Python's)
+    _code_collision(np.concatenate([ia, ib, m_ids]), code, uniq, "FindDuplicates/Assign")
     n_e = len(ka)
     ca, cb, cm = code[:n_e], code[n_e : 2 * n_e], code[2 * n_e :]
     roots = np.unique(eroot)
@@ -305,8 +399,8 @@ def assign_clusters(item, policy: str) -> Iterator[ClusterAssignment]:
     has_keeper[m_root_i[first]] = cm[first]
     size = np.bincount(m_root_i, minlength=len(roots))
     # each node's strongest link: smallest embedder rank, then highest similarity, then name
-    erank = np.array([EMBEDDER_RANK.get(e, 9) for e in emb.tolist()], np.int64)
     emb_names, emb_code = np.unique(emb.astype(str), return_inverse=True)
+    erank = np.array([EMBEDDER_RANK.get(e, 9) for e in emb_names.tolist()], np.int64)[emb_code.reshape(-1)]
     node = np.r_[ca, cb]
     d_rank, d_sim, d_emb = np.r_[erank, erank], np.r_[sim, sim], np.tile(emb_code.reshape(-1), 2)
     order = np.lexsort((d_emb, -d_sim, d_rank, node))
@@ -329,15 +423,13 @@ def assign_clusters(item, policy: str) -> Iterator[ClusterAssignment]:
         np.where(dhit, direct_sim[dpos] if len(direct_sim) else 1.0, np.where(bhit, d_sim[best][bpos], 1.0)),
     )
     embedder = np.where(bhit, emb_names[d_emb[best][bpos]], "")
-    shards = t.column("shard").to_pylist()
-    cluster_ids = uniq[cluster_code[m_root_i]].tolist()
-    for i, key in enumerate(m_keys.tolist()):
-        yield ClusterAssignment(
-            key,
-            cluster_ids[i],
-            int(size[m_root_i[i]]),
-            bool(is_keeper[i]),
-            str(embedder[i]),
-            float(similarity[i]),
-            shards[i],
-        )
+    columns = [
+        t.column("key").combine_chunks().cast(pa.string()),
+        pa.array(uniq[cluster_code[m_root_i]], pa.string()),
+        pa.array(size[m_root_i], pa.int64()),
+        pa.array(is_keeper, pa.bool_()),
+        pa.array(embedder.astype(object), pa.string()),
+        pa.array(similarity.astype(np.float64), pa.float64()),
+        t.column("shard").combine_chunks().cast(pa.string()),
+    ]
+    return pa.Table.from_arrays(columns, schema=ASSIGNMENT_SCHEMA)

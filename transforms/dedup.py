@@ -25,14 +25,14 @@ from schemas.elements import ClusterAssignment, Edge, EdgeBatch, SampleInfo
 from transforms.cluster_columns import (
     EMBEDDER_RANK,
     EdgeColumns,
-    assign_lists,
+    assign_tables,
+    assignment_elements,
     edge_batch,
     edges_to_clusters,
     feature_tables,
     id_columns,
     id_pairs,
     members,
-    single_assignments,
     single_edges,
     split_by,
 )
@@ -200,8 +200,10 @@ class _OnlyNewPairs(beam.PTransform):
 
 class FindDuplicates(beam.PTransform):
     """{"info_batches": SampleInfo tables, "edges": PCollection of ``Edge`` and/or ``EdgeBatch``
-    (optional)} -> {"assignments": ClusterAssignment, "assignment_lists": the same as lists (one
-    per cluster bucket: what ``pipeline.graph`` routes to shards), "edges": normalised EdgeBatch}.
+    (optional)} -> {"assignment_tables": the clustered keys' assignments as Arrow tables (one per
+    cluster bucket, ``cluster_columns.ASSIGNMENT_SCHEMA``: what ``pipeline.graph`` routes to
+    shards and writes), "edges": normalised EdgeBatch, and with ``per_key`` (the default)
+    "assignments": one ClusterAssignment per clustered key}.
 
     Exact-byte and exact-pixel edges are computed here (digests shuffled as arrays per hash
     bucket); other embedders pass their edges in, one at a time or as batches. The components run
@@ -219,6 +221,7 @@ class FindDuplicates(beam.PTransform):
         old_keys=None,
         rounds: int = DEFAULT_ROUNDS,
         buckets: int = 16,
+        per_key: bool = True,
     ):
         super().__init__()
         self.keeper = keeper
@@ -227,6 +230,7 @@ class FindDuplicates(beam.PTransform):
         self.old_keys = old_keys  # incremental mode: old-old pairs come from the old clusters
         self.rounds = rounds
         self.buckets = buckets
+        self.per_key = per_key  # also one ClusterAssignment element per clustered key
 
     def expand(self, inputs):
         batches = inputs["info_batches"]
@@ -271,10 +275,12 @@ class FindDuplicates(beam.PTransform):
             | "JoinEdgeRoots" >> beam.CoGroupByKey()
             | "EdgeOfCluster" >> beam.FlatMap(edges_to_clusters, n=n)
         )
-        lists = (
+        tables = (
             {"member": member_tables, "edge": cluster_edges}
             | "GroupClusters" >> beam.CoGroupByKey()
-            | "Assign" >> beam.FlatMap(assign_lists, policy=self.keeper)
+            | "Assign" >> beam.FlatMap(assign_tables, policy=self.keeper)
         )
-        assignments = lists | "Assignments" >> beam.FlatMap(single_assignments)
-        return {"assignments": assignments, "assignment_lists": lists, "edges": edges}
+        out = {"assignment_tables": tables, "edges": edges}
+        if self.per_key:
+            out["assignments"] = tables | "Assignments" >> beam.FlatMap(assignment_elements)
+        return out
