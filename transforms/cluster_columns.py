@@ -152,28 +152,15 @@ def feature_tables(table: pa.Table, n: int, with_meta: bool) -> Iterator[tuple[i
         yield int(b[part[0]]), features.take(pa.array(part))
 
 
-def _collision(ids: np.ndarray, keys: np.ndarray, where: str) -> None:
-    """Raise ``KeyIdCollision`` if two different keys share an id (``ids``/``keys`` aligned)."""
-    if not len(ids):
-        return
-    _, key_code = np.unique(keys, return_inverse=True)
-    pairs = np.unique(np.stack([ids, key_code.reshape(-1).astype(np.int64)], axis=1), axis=0)
-    same = np.flatnonzero(pairs[1:, 0] == pairs[:-1, 0])
-    if len(same):
-        i = same[0]
-        clash = sorted({str(k) for k, x in zip(keys.tolist(), ids.tolist(), strict=True) if x == pairs[i, 0]})
-        raise KeyIdCollision(
-            f"{where}: keys {clash[0]!r} and {clash[1]!r} share the 64-bit id {int(pairs[i, 0])} "
-            "(transforms.key_batches.key_ids); rename one of them"
-        )
-
-
 def members(item, n: int) -> Iterator[tuple[int, pa.Table]]:
     """(id bucket, {"root": [(ids, roots)], "features": tables}) -> (root bucket, the clustered
     keys' features with their "root" id); a key repeated across shards: its first shard's row."""
     _, joined = item
-    node, root = _labels(joined["root"])
-    tables = [t for t in joined["features"] if t.num_rows]
+    yield from _members(*_labels(joined["root"]), joined["features"], n)
+
+
+def _members(node: np.ndarray, root: np.ndarray, features, n: int) -> Iterator[tuple[int, pa.Table]]:
+    tables = [t for t in features if t.num_rows]
     if not len(node) or not tables:
         return
     t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -197,8 +184,11 @@ def members(item, n: int) -> Iterator[tuple[int, pa.Table]]:
 def edges_to_clusters(item, n: int) -> Iterator[tuple[int, Cols]]:
     """(bucket of id_a, {"root": [(ids, roots)], "edge": [Cols]}) -> (root bucket, Cols + root)."""
     _, joined = item
-    node, root = _labels(joined["root"])
-    parts = [c for c in joined["edge"] if len(c[0])]
+    yield from _edges(*_labels(joined["root"]), joined["edge"], n)
+
+
+def _edges(node: np.ndarray, root: np.ndarray, edges, n: int) -> Iterator[tuple[int, Cols]]:
+    parts = [c for c in edges if len(c[0])]
     if not parts:
         return
     cols = _concat(parts)
@@ -206,6 +196,27 @@ def edges_to_clusters(item, n: int) -> Iterator[tuple[int, Cols]]:
     if not hit.all():  # every node with an edge has a label
         raise RuntimeError("FindDuplicates: an edge's node has no component label")
     yield from split_by((*cols, root[pos]), 6, n)
+
+
+def labelled(item, n: int) -> Iterator[tuple[int, tuple[str, object]]]:
+    """(id bucket, {"root": [(ids, roots)], "features": tables, "edge": [Cols]}) -> (root bucket,
+    ("member", ``members``' table)) and (root bucket, ("edge", ``edges_to_clusters``' Cols)):
+    the labels meet the features and the edges in one join."""
+    _, joined = item
+    node, root = _labels(joined["root"])
+    for b, t in _members(node, root, joined["features"], n):
+        yield b, ("member", t)
+    for b, cols in _edges(node, root, joined["edge"], n):
+        yield b, ("edge", cols)
+
+
+def _by_tag(item) -> tuple[int, dict]:
+    """(root bucket, [(tag, value)]) -> (root bucket, {"member": [...], "edge": [...]})."""
+    bucket, values = item
+    joined: dict = {"member": [], "edge": []}
+    for tag, value in values:
+        joined[tag].append(value)
+    return bucket, joined
 
 
 EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
@@ -264,8 +275,8 @@ ASSIGNMENT_SCHEMA = pa.schema(
 
 
 def assign_tables(item, policy: str) -> Iterator[pa.Table]:
-    """``assignment_table`` -> one table per root bucket (what travels)."""
-    table = assignment_table(item, policy)
+    """(root bucket, [("member" | "edge", value)]) -> ``assignment_table``, one per root bucket."""
+    table = assignment_table(_by_tag(item), policy)
     if table is not None and table.num_rows:
         from pipeline import progress
 

@@ -28,11 +28,10 @@ from transforms.cluster_columns import (
     assign_tables,
     assignment_elements,
     edge_batch,
-    edges_to_clusters,
     feature_tables,
     id_columns,
     id_pairs,
-    members,
+    labelled,
     single_edges,
     split_by,
 )
@@ -262,22 +261,15 @@ class FindDuplicates(beam.PTransform):
             cols | "Pairs" >> beam.Map(id_pairs) | "Components" >> Components(self.rounds, n, ids=True)
         )  # (id mod n, (ids, root ids))
         with_meta = self.keeper.startswith("column:")
-        member_tables = (
+        tables = (
             {
                 "root": root_lists,
                 "features": batches | "FeatureBuckets" >> beam.FlatMap(feature_tables, n=n, with_meta=with_meta),
+                "edge": cols | "EdgeBuckets" >> beam.FlatMap(split_by, column=0, n=n),
             }
-            | "JoinComponents" >> beam.CoGroupByKey()
-            | "MemberOf" >> beam.FlatMap(members, n=n)
-        )
-        cluster_edges = (
-            {"edge": cols | "EdgeBuckets" >> beam.FlatMap(split_by, column=0, n=n), "root": root_lists}
-            | "JoinEdgeRoots" >> beam.CoGroupByKey()
-            | "EdgeOfCluster" >> beam.FlatMap(edges_to_clusters, n=n)
-        )
-        tables = (
-            {"member": member_tables, "edge": cluster_edges}
-            | "GroupClusters" >> beam.CoGroupByKey()
+            | "JoinLabels" >> beam.CoGroupByKey()
+            | "Labelled" >> beam.FlatMap(labelled, n=n)  # (root bucket, members or edges)
+            | "GroupClusters" >> beam.GroupByKey()
             | "Assign" >> beam.FlatMap(assign_tables, policy=self.keeper)
         )
         out = {"assignment_tables": tables, "edges": edges}
