@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.elements import ClusterAssignment, Edge, EdgeBatch
-from transforms.key_batches import buckets_of, key_ids
+from transforms.key_batches import buckets_of, key_ids, sorted_unique
 
 EDGE_BATCH = 50_000  # single Edge elements gathered into one batch per bundle (and embedder)
 RANK_FIELDS = ("key", "shard", "width", "height", "original_width", "original_height", "image_bytes")
@@ -397,7 +397,7 @@ def assignment_table(item, policy: str) -> pa.Table | None:
     _code_collision(np.concatenate([ia, ib, m_ids]), code, uniq, "FindDuplicates/Assign")
     n_e = len(ka)
     ca, cb, cm = code[:n_e], code[n_e : 2 * n_e], code[2 * n_e :]
-    roots = np.unique(eroot)
+    roots = sorted_unique(eroot)
     e_root = np.searchsorted(roots, eroot)
     m_root_i = np.searchsorted(roots, m_root)
     cluster_code = np.full(len(roots), len(uniq), np.int64)
