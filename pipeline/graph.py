@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import apache_beam as beam
 
 from schemas import arrow
-from transforms.cluster_columns import (
+from transforms.assignment_tables import (
     assignment_elements,
     assignment_rows,
     cluster_table,

@@ -6,10 +6,12 @@ a~b~c is one cluster (SemDeDup's greedy order lets such chains slip), and picks 
 configured policy with deterministic tie-breaks. Nothing is gathered and nothing is one element
 per sample: edges travel as arrays, components are large-star/small-star rounds over per-bucket
 arrays of 64-bit key ids (``transforms.components``); the roots come out per id bucket, joined
-there with the members' ranking features (Arrow columns of every info batch, filtered to the
-clustered ids) and with the edges; members and edges then travel per bucket of their root, where
-one ``CoGroupByKey`` brings each cluster together and the keepers are chosen, vectorised
-(``transforms.cluster_columns``). The cluster id is the component's smallest key.
+there in one ``CoGroupByKey`` with the members' ranking features (Arrow columns of every info
+batch, filtered to the clustered ids) and with the edges; members and edges then travel per
+bucket of their root, where one ``GroupByKey`` brings each cluster together and the keepers are
+chosen, vectorised (``transforms.cluster_columns``). The assignments leave as one Arrow table per
+root bucket (no element per clustered key unless ``per_key``). The cluster id is the
+component's smallest key.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.elements import ClusterAssignment, Edge, EdgeBatch, SampleInfo
+from transforms.assignment_tables import assignment_elements
 from transforms.cluster_columns import (
     EMBEDDER_RANK,
     EdgeColumns,
     assign_tables,
-    assignment_elements,
     edge_batch,
     feature_tables,
     id_columns,
