@@ -281,7 +281,7 @@ def _key_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.compute as pc
 
     try:
-        arr = pa.array(keys, pa.string())
+        arr = pa.array(keys, pa.large_string())
     except (pa.ArrowException, UnicodeEncodeError):  # lone surrogates: Python's comparisons
         uniq, code = np.unique(keys, return_inverse=True)
         return uniq, code.reshape(-1).astype(np.int64)
