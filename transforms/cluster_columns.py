@@ -206,13 +206,20 @@ def _edges(node: np.ndarray, root: np.ndarray, edges, n: int) -> Iterator[tuple[
 def labelled(item, n: int) -> Iterator[tuple[int, tuple[str, object]]]:
     """(id bucket, {"root": [(ids, roots)], "features": tables, "edge": [Cols]}) -> (root bucket,
     ("member", ``members``' table)) and (root bucket, ("edge", ``edges_to_clusters``' Cols)):
-    the labels meet the features and the edges in one join."""
+    the labels meet the features and the edges in one join. Ticks "dedup" for the samples alone."""
+    from pipeline import progress
+
     _, joined = item
     node, root = _labels(joined["root"])
-    for b, t in _members(node, root, joined["features"], n):
+    features = [t for t in joined["features"] if t.num_rows]
+    n_clustered = 0
+    for b, t in _members(node, root, features, n):
+        n_clustered += t.num_rows
         yield b, ("member", t)
     for b, cols in _edges(node, root, joined["edge"], n):
         yield b, ("edge", cols)
+    # a sample alone is done here; a clustered one when its cluster is assigned (``assign_tables``)
+    progress.advance("dedup", sum(t.num_rows for t in features) - n_clustered)
 
 
 def _by_tag(item) -> tuple[int, dict]:
