@@ -100,3 +100,25 @@ def test_tables_without_per_key_elements_hold_the_same_assignments():
         ]
         assert_that(rows, equal_to(expected), label="tables")
         assert_that(both["assignments"], equal_to(expected), label="elements")
+
+
+def test_dedup_progress_ticks_every_sample_once_in_find_duplicates():
+    """Samples alone tick "dedup" where the labels meet the features, clustered ones as their
+    cluster is assigned: together every info row, nothing left to the per-shard stage."""
+    from pipeline import progress
+
+    progress.reset()
+    progress.configure("off")
+    try:
+        table = _table()  # 4 info rows, all clustered (d: a cluster of one counted by its edge)
+        assert progress._state.counts.get("dedup") == table.num_rows == 4
+        infos = info_table([SampleInfo(k, "s0", "", "", "", "", 1, 1) for k in ("x", "y")])
+        features = [t for _, t in cluster_columns.feature_tables(infos, 1, False)]
+        empty = np.zeros(0, np.int64)
+        assert (
+            list(cluster_columns.labelled((0, {"root": [(empty, empty)], "features": features, "edge": []}), 1)) == []
+        )
+        assert progress._state.counts["dedup"] == 6
+    finally:
+        progress.reset()
+        progress.configure("lines")
