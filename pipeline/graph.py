@@ -20,7 +20,7 @@ from schemas import arrow
 from transforms.cluster_columns import assignment_rows
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.write import WriteBatches, WriteTable, bucket, buckets
+from transforms.write import WriteBatches, WriteTable, bucket, bucket_labels
 
 # input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
 READERS = {
@@ -45,19 +45,22 @@ def read_input(p: beam.Pipeline, cfg, fmt: str, inputs: list[str], out_dir: str)
     return reader(fmt).read(p, cfg, inputs, out_dir)
 
 
-def _cluster_rows(a) -> list[dict]:
-    if a.cluster_size < 2:
-        return []
-    return [
+def _cluster_rows(assignments: list):
+    """A list of ClusterAssignment -> the clusters/ rows of those in clusters of two or more (a table)."""
+    import pyarrow as pa
+
+    rows = [a for a in assignments if a.cluster_size >= 2]
+    return pa.table(
         {
-            "key": a.key,
-            "cluster_id": a.cluster_id,
-            "embedder": a.embedder or "exact",
-            "similarity": a.similarity,
-            "cluster_size": a.cluster_size,
-            "is_representative": a.is_representative,
-        }
-    ]
+            "key": pa.array([a.key for a in rows], pa.string()),
+            "cluster_id": pa.array([a.cluster_id for a in rows], pa.string()),
+            "embedder": pa.array([a.embedder or "exact" for a in rows], pa.string()),
+            "similarity": pa.array([a.similarity for a in rows], pa.float64()),
+            "cluster_size": pa.array([a.cluster_size for a in rows], pa.int64()),
+            "is_representative": pa.array([a.is_representative for a in rows], pa.bool_()),
+        },
+        schema=arrow.CLUSTERS,
+    )
 
 
 def _with_reference(p, cfg, dec: dict) -> dict:
@@ -269,18 +272,9 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
         add_probe(cfg, dec, keyed, assignments, out_dir, cache_dir)
     staged = keyed | "AnnotateShards" >> AnnotateShards(cfg.decide, out_dir, cfg.diversify.enabled)
     p.__dict__.setdefault("_memsieve_written", []).append(staged["written"])
-    clusters = dup["assignment_lists"] | "ClusterRows" >> beam.Map(
-        lambda lst: [r for a in lst for r in _cluster_rows(a)]
-    )
-    p.__dict__.setdefault("_memsieve_written", []).append(
-        clusters
-        | "Write_clusters"
-        >> WriteBatches(
-            os.path.join(out_dir, "clusters"),
-            arrow.TABLES["clusters"],
-            lambda r, n=n_parts: bucket(r["cluster_id"], n),
-            lambda r: (r["cluster_id"], r["key"]),
-        )
+    clusters = dup["assignment_lists"] | "ClusterRows" >> beam.Map(_cluster_rows)
+    _write_tables(
+        clusters, out_dir, "clusters", lambda t, n=n_parts: bucket_labels(t["cluster_id"], n), ("cluster_id", "key")
     )
     if dup["neighbours"]:
         nn = tuple(dup["neighbours"]) | "AllNeighbours" >> beam.Flatten()
@@ -303,15 +297,10 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
             "rows": staged["diversify"],
             "words": staged["words"],
             "captions": staged["cluster_captions"],
-        } | "DiversifyCaptions" >> DiversifyCaptions(cfg.diversify, cfg.run.seed)
-        _write(div, out_dir, "diversify", lambda r: r["shard"], lambda r: (r["key"],))
-    _write(
-        staged["blockable"] | "BlockRows" >> BlocklistRows(),
-        out_dir,
-        "blocklist",
-        lambda r: r["_shard"],
-        lambda r: (r["key"],),
-    )
+        } | "DiversifyCaptions" >> DiversifyCaptions(cfg.diversify, cfg.run.seed, dec.get("buckets", 1))
+        _write_tables(div, out_dir, "diversify", _shard_labels, ("key",))
+    blocked = staged["blockable"] | "BlockRows" >> BlocklistRows(dec.get("buckets", 1))
+    _write_tables(blocked, out_dir, "blocklist", _shard_labels, ("key",))
     _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     _join_sinks(p)
     return {"written": staged["written"], "assignments": assignments}
@@ -332,9 +321,28 @@ def _neighbour_parts(table, n: int):
     """The neighbours writer's partition of each row of a Table (as a row's partition)."""
     import numpy as np
 
-    width, keys = len(str(max(1, n) - 1)), table["key"].to_pylist()
-    labels = np.asarray(table["embedder"].to_pylist(), dtype=object) + "-"
-    return labels + np.char.zfill(buckets(keys, n).astype(str), width).astype(object)
+    embedder = table["embedder"].to_numpy(zero_copy_only=False).astype(object)
+    return embedder + np.array("-", dtype=object) + bucket_labels(table["key"], n)
+
+
+def _shard_labels(table):
+    return table["shard"].to_numpy(zero_copy_only=False).astype(object)
+
+
+def _write_tables(pcoll, out_dir: str, table: str, table_partition, sort_columns: tuple[str, ...]):
+    """Tables of a table's rows (more columns allowed) -> its parts, partitioned per row by
+    ``table_partition`` and sorted by ``sort_columns`` (``WriteBatches``)."""
+    label = table.replace("/", "_")
+    written = pcoll | f"Write_{label}" >> WriteBatches(
+        os.path.join(out_dir, table),
+        arrow.TABLES[table],
+        lambda r: "all",
+        lambda r: tuple(r[c] for c in sort_columns),
+        table_partition=table_partition,
+        sort_columns=sort_columns,
+    )
+    pcoll.pipeline.__dict__.setdefault("_memsieve_written", []).append(written)
+    return written
 
 
 def _write(pcoll, out_dir: str, table: str, partition, sort_key):

@@ -76,13 +76,13 @@ def test_keys_with_only_an_assignment_equal_build_annotation(tmp_path):
     """Clustered keys with nothing else (built from the info columns) and assignments arriving as
     tuple lists give the Annotations ``build_annotation`` gives, and the same written rows."""
     from schemas.arrow import infos_of
-    from transforms.annotate import build_annotation
-    from transforms.shard_stage import split_shard
+    from transforms.annotate import annotation_from_row, build_annotation
+    from transforms.shard_columns import annotation_table
 
     grouped = _grouped()
     tuples = [("k6", "k6", 2, True, "clip", 1.0, "s0"), ("k7", "k6", 2, False, "phash", 0.93, "s0")]
     grouped["assignment"] = [*grouped["assignment"], tuples]
-    rich, _ = split_shard(grouped)
+    rich = [annotation_from_row(r) for r in annotation_table(grouped).to_pylist()]
     by_key = {a.key: a for a in rich}
     infos = {i.key: i for t in grouped["info"] for i in infos_of(t)}
     for key, row in (("k6", tuples[0]), ("k7", tuples[1])):
