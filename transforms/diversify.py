@@ -19,6 +19,7 @@ alternative is never empty and never equal to the original; a strategy that cann
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -30,38 +31,59 @@ FALLBACK_VOCAB = ("photo", "image", "picture", "view", "scene", "detail")
 _TRIES = 5  # a random draw may reproduce the caption (RC of a 4-word caption): draw again
 
 
+_LOCAL = threading.local()
+
+
+def _generator() -> random.Random:
+    """This thread's generator, re-seeded for each draw (cheaper than a new one)."""
+    rng = getattr(_LOCAL, "rng", None)
+    if rng is None:
+        rng = _LOCAL.rng = random.Random(0)
+    return rng
+
+
 def _rng(seed: int, key: str, strategy: str) -> random.Random:
     return random.Random(f"{seed}:{key}:{strategy}")
 
 
+# The draws call ``Random._randbelow`` directly: ``rng.choice(seq)`` is ``seq[rng._randbelow(len(seq))]``
+# and ``rng.randint(0, n)`` is ``rng._randbelow(n + 1)`` (CPython's random.py), so the sequences
+# are the same as those calls', without their per-call argument checks.
+
+
 def random_token_addition(caption: str, vocab, rng: random.Random, n: int = RT_TOKENS) -> str:
-    words = caption.split()
+    words, below = caption.split(), rng._randbelow
     for _ in range(n):
-        words.insert(rng.randint(0, len(words)), rng.choice(vocab))
+        words.insert(below(len(words) + 1), vocab[below(len(vocab))])
     return " ".join(words)
 
 
 def caption_word_repetition(caption: str, rng: random.Random, n: int = CWR_WORDS) -> str:
-    words = caption.split()
+    words, below = caption.split(), rng._randbelow
     if not words:
         return ""
-    for w in [rng.choice(words) for _ in range(n)]:
-        words.insert(rng.randint(0, len(words)), w)
+    for w in [words[below(len(words))] for _ in range(n)]:
+        words.insert(below(len(words) + 1), w)
     return " ".join(words)
 
 
 def random_caption(vocab, rng: random.Random, n: int = RC_TOKENS) -> str:
-    return " ".join(rng.choice(vocab) for _ in range(n))
+    below = rng._randbelow
+    return " ".join(vocab[below(len(vocab))] for _ in range(n))
 
 
 def random_number_addition(caption: str, rng: random.Random) -> str:
-    words = caption.split()
-    words.insert(rng.randint(0, len(words)), str(rng.randint(0, MAX_NUMBER)))
+    words, below = caption.split(), rng._randbelow
+    words.insert(below(len(words) + 1), str(below(MAX_NUMBER + 1)))
     return " ".join(words)
 
 
+def _pool(caption: str, others: list[str]) -> list[str]:
+    return sorted({o.strip() for o in others if o and o.strip() and o.strip() != caption.strip()})
+
+
 def multiple_caption(caption: str, others: list[str], rng: random.Random) -> str:
-    pool = sorted({o.strip() for o in others if o and o.strip() and o.strip() != caption.strip()})
+    pool = _pool(caption, others)
     return rng.choice(pool) if pool else ""
 
 
@@ -80,14 +102,20 @@ def _draw(strategy: str, caption: str, others: list[str], vocab, rng: random.Ran
 
 
 def alternatives(key: str, caption: str, others: list[str], vocab, strategies, seed: int) -> list[tuple[str, str]]:
-    """-> [(strategy, alternative)], at most one per strategy, each non-empty and != caption."""
+    """-> [(strategy, alternative)], at most one per strategy, each non-empty and != caption.
+    A strategy that cannot draw one (MC without other captions, CWR without words) is skipped
+    without seeding its generator: it would give none."""
     vocab = list(vocab) or list(FALLBACK_VOCAB)
     out = []
+    rng = _generator()
+    stripped = caption.strip()
     for s in strategies:
-        rng = _rng(seed, key, s)
+        if (s == "MC" and not _pool(caption, others)) or (s == "CWR" and not caption.split()):
+            continue
+        rng.seed(f"{seed}:{key}:{s}")  # as ``_rng``: a generator seeded from (seed, key, strategy)
         for _ in range(_TRIES):
             alt = _draw(s, caption, others, vocab, rng).strip()
-            if alt and alt != caption.strip():
+            if alt and alt != stripped:
                 out.append((s, alt))
                 break
     return out
