@@ -206,8 +206,12 @@ def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None
     mined = {"info_batches": dec["info_batches"], "assignments": assignments} | "MineTriggers" >> MineTriggers(
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
-    keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.Map(lambda kv: (kv[0][1], (kv[0][0], kv[1])))
-    keyed["duplication"] = duplication_by_shard(mined["duplication"], assignments)
+    from transforms.shard_columns import BatchByShard
+
+    codes = mined["codes"] | "CodesByShard" >> beam.Map(lambda kv: (kv[0][1], (kv[0][0], kv[1])))
+    keyed["codes"] = codes | "BatchCodes" >> beam.ParDo(BatchByShard())  # one element per shard and bundle
+    duplication = duplication_by_shard(mined["duplication"], assignments)
+    keyed["duplication"] = duplication | "BatchDuplication" >> beam.ParDo(BatchByShard())
     _write(
         mined["keywords"],
         out_dir,

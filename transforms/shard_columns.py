@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +23,47 @@ from transforms.annotate import build_annotation
 from transforms.decide import DIVERSIFY, DROP, KEEP
 
 EMPTY = pa.array([], pa.string())
+
+
+class Batch(list):
+    """Values of one tag for one shard, gathered into one element (``BatchByShard``)."""
+
+
+def unbatched(grouped: dict) -> dict:
+    """A shard's joined records with every ``Batch`` spread back into its values."""
+    out = {}
+    for tag, values in grouped.items():
+        values = list(values)
+        if any(isinstance(v, Batch) for v in values):
+            values = [x for v in values for x in (v if isinstance(v, Batch) else [v])]
+        out[tag] = values
+    return out
+
+
+class BatchByShard(beam.DoFn):
+    """(shard, value) -> (shard, Batch of values): one element per shard and bundle (at most
+    ``size`` values), so the per-shard join shuffles batches, not one element per key."""
+
+    def __init__(self, size: int = 50_000):
+        self.size = size
+
+    def start_bundle(self):
+        self.held: dict[str, Batch] = {}
+
+    def process(self, kv):
+        shard, value = kv
+        batch = self.held.setdefault(shard, Batch())
+        batch.append(value)
+        if len(batch) >= self.size:
+            yield shard, self.held.pop(shard)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        held, self.held = self.held, {}
+        for shard, batch in sorted(held.items()):
+            yield WindowedValue((shard, batch), 0, [GlobalWindow()])
 
 
 def by_key(pairs: Iterable[tuple]) -> dict[str, list]:
@@ -170,6 +212,7 @@ def annotation_rows_table(rows: list[Annotation]) -> pa.Table:
 def annotation_table(grouped: dict) -> pa.Table:
     """Pure: one shard's joined records (``transforms.shard_stage.split_shard``'s ``grouped``)
     -> the annotations table of every key, sorted by key."""
+    grouped = unbatched(grouped)
     moved = set(grouped.get("moved", ()))
     failures = by_key((f.key, f) for f in (*grouped.get("failure", ()), *grouped.get("late_failure", ())))
     slow = set(failures) | moved

@@ -30,7 +30,14 @@ from schemas.elements import Annotation, ClusterAssignment
 from transforms import fsio
 from transforms.annotate import build_annotation
 from transforms.decide import DIVERSIFY, DROP, reason_family
-from transforms.shard_columns import annotation_table, assignment_tuples, by_key, decide_columns, manifest_table
+from transforms.shard_columns import (
+    annotation_table,
+    assignment_tuples,
+    by_key,
+    decide_columns,
+    manifest_table,
+    unbatched,
+)
 from transforms.write import safe_part_name, write_arrow
 
 EXTRA_TAGS = ("blockable", "diversify", "words", "cluster_captions")
@@ -44,6 +51,7 @@ def shard_annotations(grouped: dict) -> list[Annotation]:
     written to the failures table), "late_failure" (Failure, annotation only), "assignment"
     (ClusterAssignment, or lists of them as tuples), "codes" ((key, codes)), "score" (score
     rows), "duplication" ((key, (cluster_id, class))), "moved" (keys whose first shard is another)."""
+    grouped = unbatched(grouped)
     moved = set(grouped.get("moved", ()))
     infos: dict = {}
     for table in grouped.get("info", ()):
@@ -90,6 +98,7 @@ class AnnotateShardFn(beam.DoFn):
 
     def process(self, item) -> Iterator:
         shard, grouped = item
+        grouped = unbatched(grouped)
         annotations = annotation_table(grouped)
         n = annotations.num_rows
         status = annotations.column("status").to_numpy(zero_copy_only=False)
