@@ -94,3 +94,23 @@ def test_keys_with_only_an_assignment_equal_build_annotation(tmp_path):
     manifest = {r["key"]: r for r in read_table(str(tmp_path / "manifest")).to_pylist()}
     assert manifest["k7"] == manifest_row(by_key["k7"], *decide(by_key["k7"], cfg))
     assert manifest["k7"]["decision"] == "drop" and manifest["k6"]["is_representative"]
+
+
+def test_batched_sparse_records_give_the_same_tables(tmp_path):
+    """Trigger codes and duplication classes arriving as per-shard batches (``BatchByShard``)
+    annotate as the single elements do."""
+    from transforms.shard_columns import Batch, BatchByShard, annotation_table
+
+    grouped = _grouped()
+    grouped["codes"] = [*grouped["codes"], ("k6", ("word_trigger:dog",)), ("k3", ("template_caption",))]
+    batched = dict(grouped)
+    batched["codes"] = [Batch(grouped["codes"][:2]), grouped["codes"][2]]
+    batched["duplication"] = [Batch(grouped["duplication"])]
+    assert annotation_table(batched).equals(annotation_table(grouped))
+    codes = {r["key"]: r["trigger_codes"] for r in annotation_table(grouped).to_pylist()}
+    assert codes["k3"] == ["template_caption", "word_trigger:cat"] and codes["k6"] == ["word_trigger:dog"]
+    fn = BatchByShard(size=2)
+    fn.start_bundle()
+    full = [out for kv in [("s0", 1), ("s1", 2), ("s0", 3), ("s0", 4)] for out in fn.process(kv)]
+    rest = [w.value for w in fn.finish_bundle()]
+    assert full == [("s0", [1, 3])] and rest == [("s0", [4]), ("s1", [2])]
