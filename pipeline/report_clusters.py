@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections import Counter
 
 from transforms.decide import DECISIONS
 
@@ -159,7 +160,8 @@ def cluster_sizes(out_dir: str) -> dict[str, tuple[int, bool]]:
 
 
 def _listed_rows(out_dir: str, ids: list[str]) -> dict[str, list[dict]]:
-    """The manifest rows (``CLUSTER_COLUMNS``) of the listed clusters' ok members, by cluster."""
+    """The manifest rows (``CLUSTER_COLUMNS``) of the listed clusters' ok members, by cluster,
+    each cluster's rows in ``_ordered``'s order (sorted once, as columns)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -169,11 +171,18 @@ def _listed_rows(out_dir: str, ids: list[str]) -> dict[str, list[dict]]:
     if not ids:
         return groups
     wanted = pa.array(sorted(ids), pa.string())
+    parts = []
     for t in part_tables(out_dir, "manifest", [*CLUSTER_COLUMNS, "status", "cluster_size"]):
         t = _clustered(t)
-        t = t.filter(pc.is_in(t.column("cluster_id"), value_set=wanted)).select(CLUSTER_COLUMNS)
-        for r in t.to_pylist():
-            groups[r["cluster_id"]].append(r)
+        parts.append(t.filter(pc.is_in(t.column("cluster_id"), value_set=wanted)).select(CLUSTER_COLUMNS))
+    if not parts:
+        return groups
+    t = pa.concat_tables(parts)
+    t = t.append_column("_later", pc.invert(pc.fill_null(t.column("is_representative"), False)))
+    t = t.append_column("_dropped", pc.equal(t.column("decision"), "drop"))
+    order = [("_later", "ascending"), ("_dropped", "ascending"), ("key", "ascending")]
+    for r in t.sort_by(order).select(CLUSTER_COLUMNS).to_pylist():
+        groups[r["cluster_id"]].append(r)
     return groups
 
 
@@ -182,21 +191,18 @@ def clusters(out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int)
     from the manifest's cluster sizes (an aggregate) and the rows of the listed clusters only."""
     sizes = cluster_sizes(out_dir)
     ranked_ids = sorted(sizes, key=lambda cid: (-sizes[cid][0], cid))
-    groups = _listed_rows(out_dir, ranked_ids[:MAX_TABLE])
-    ranked = [(cid, groups[cid]) for cid in ranked_ids[:MAX_TABLE]]
-    shown = {cid: _ordered(rows)[:MAX_MEMBERS] for cid, rows in ranked[:max_clusters]}
-    listed = ranked
+    groups = _listed_rows(out_dir, ranked_ids[:MAX_TABLE])  # each cluster's rows already _ordered
+    listed = [(cid, groups[cid]) for cid in ranked_ids[:MAX_TABLE]]
+    shown = {cid: rows[:MAX_MEMBERS] for cid, rows in listed[:max_clusters]}
     wanted: dict[str, set[str]] = {}
     for rows in shown.values():
         for r in rows:
             wanted.setdefault(r["shard"], set()).add(r["key"])
     for _, rows in listed[:TABLE_THUMBS]:
-        for r in _ordered(rows)[:4]:
+        for r in rows[:4]:
             wanted.setdefault(r["shard"], set()).add(r["key"])
     thumbs = thumbnails(wanted, shard_paths, rdir)
-    sizes_px = _sizes(
-        out_dir, {k for keys in wanted.values() for k in keys} | {_ordered(r)[0]["key"] for _, r in listed}
-    )
+    sizes_px = _sizes(out_dir, {k for keys in wanted.values() for k in keys} | {rows[0]["key"] for _, rows in listed})
     galleries = [
         {
             "id": cid,
@@ -217,11 +223,13 @@ def clusters(out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int)
 
 
 def _decisions(rows: list[dict]) -> dict[str, int]:
-    return {d: n for d in DECISIONS if (n := sum(r["decision"] == d for r in rows))}
+    counts = Counter(r["decision"] for r in rows)
+    return {d: counts[d] for d in DECISIONS if counts[d]}
 
 
 def _table_row(cid: str, rows: list[dict], thumbs: dict, sizes: dict) -> dict:
-    ordered = _ordered(rows)
+    """One cluster of the table; ``rows`` in ``_ordered``'s order."""
+    ordered = rows
     kept = ordered[0]
     return {
         "id": cid,
