@@ -105,7 +105,7 @@ def alternatives(key: str, caption: str, others: list[str], vocab, strategies, s
     """-> [(strategy, alternative)], at most one per strategy, each non-empty and != caption.
     A strategy that cannot draw one (MC without other captions, CWR without words) is skipped
     without seeding its generator: it would give none."""
-    vocab = list(vocab) or list(FALLBACK_VOCAB)
+    vocab = (vocab if isinstance(vocab, list) else list(vocab)) or list(FALLBACK_VOCAB)  # read only: no copy
     out = []
     rng = _generator()
     stripped = caption.strip()
