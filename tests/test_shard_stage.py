@@ -1,7 +1,10 @@
 """The per-shard stage (transforms/shard_stage.py): the columnar path for plain keys writes the
 same rows as building every key's Annotation and deciding it one by one."""
 
+import dataclasses
+
 import apache_beam as beam
+import pyarrow as pa
 
 from pipeline.config import DecideConfig
 from schemas.arrow import info_table
@@ -107,6 +110,9 @@ def test_batched_sparse_records_give_the_same_tables(tmp_path):
     batched["codes"] = [Batch(grouped["codes"][:2]), grouped["codes"][2]]
     batched["duplication"] = [Batch(grouped["duplication"])]
     assert annotation_table(batched).equals(annotation_table(grouped))
+    as_table = dict(grouped)  # assignments as a table of ClusterAssignment's columns
+    as_table["assignment"] = [pa.Table.from_pylist([dataclasses.asdict(a) for a in grouped["assignment"]])]
+    assert annotation_table(as_table).equals(annotation_table(grouped))
     codes = {r["key"]: r["trigger_codes"] for r in annotation_table(grouped).to_pylist()}
     assert codes["k3"] == ["template_caption", "word_trigger:cat"] and codes["k6"] == ["word_trigger:dog"]
     fn = BatchByShard(size=2)

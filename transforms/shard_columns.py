@@ -88,9 +88,13 @@ def first_per_key(tables: list) -> pa.Table | None:
 
 
 def assignment_tuples(values: Iterable) -> Iterator[tuple]:
-    """``ClusterAssignment`` elements, or lists of them as tuples -> tuples (its fields' order)."""
+    """``ClusterAssignment`` elements, lists of them as tuples, or tables of their columns ->
+    tuples (its fields' order)."""
+    fields = tuple(ClusterAssignment.__dataclass_fields__)
     for v in values:
-        if isinstance(v, ClusterAssignment):
+        if isinstance(v, pa.Table):
+            yield from zip(*(v.column(c).to_pylist() for c in fields), strict=True)
+        elif isinstance(v, ClusterAssignment):
             yield (v.key, v.cluster_id, v.cluster_size, v.is_representative, v.embedder, v.similarity, v.shard)
         else:
             yield from v
