@@ -184,25 +184,41 @@ def _blocklist_columns(dropped):
     )
 
 
+def _dropped(table, duplicates: bool):
+    """Blockable rows (a table, or one manifest row dict) -> (the table, the blocklist columns
+    of its dropped rows whose category is (``duplicates``) or is not duplicate)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(table, dict):
+        table = pa.Table.from_pylist([table])
+    decision = table.column("decision").to_numpy(zero_copy_only=False)
+    dropped = _blocklist_columns(table.filter(pa.array(decision == DROP)))
+    is_dup = pc.equal(dropped.column("category"), "duplicate").to_numpy(zero_copy_only=False).astype(bool)
+    return table, dropped.filter(pa.array(is_dup if duplicates else ~is_dup))
+
+
+def _needing_no_join(table) -> Iterator:
+    """Blockable rows -> the blocklist table of the dropped rows that are not duplicates."""
+    _, done = _dropped(table, duplicates=False)
+    if done.num_rows:
+        yield done
+
+
 def _blockable_parts(table, n: int) -> Iterator[tuple[int, tuple[str, object]]]:
-    """A shard's blockable rows (a table; or one manifest row dict) -> ("done", blocklist rows
-    that need no join) under bucket -1, and per hash bucket of the cluster id ("dropped",
-    dropped duplicates) and ("kept", (cluster_id, key, url) of kept copies)."""
+    """A shard's blockable rows (a table; or one manifest row dict) -> per hash bucket of the
+    cluster id ("dropped", dropped duplicates' blocklist columns) and ("kept", (cluster_id, key,
+    url) of kept copies)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from transforms.write import split_table
 
-    if isinstance(table, dict):
-        table = pa.Table.from_pylist([table])
+    table, dup = _dropped(table, duplicates=True)
     decision = table.column("decision").to_numpy(zero_copy_only=False)
     rep = table.column("is_representative").to_numpy(zero_copy_only=False).astype(bool)
     size = pc.fill_null(table.column("cluster_size"), 1).to_numpy(zero_copy_only=False)
-    dropped = _blocklist_columns(table.filter(pa.array(decision == DROP)))
-    is_dup = pc.equal(dropped.column("category"), "duplicate").to_numpy(zero_copy_only=False).astype(bool)
-    if (~is_dup).any():
-        yield -1, ("done", dropped.filter(pa.array(~is_dup)))
-    for b, part in split_table(dropped.filter(pa.array(is_dup)), "cluster_id", n):
+    for b, part in split_table(dup, "cluster_id", n):
         yield b, ("dropped", part)
     kept = table.filter(pa.array(rep & (size > 1) & (decision != DROP)))
     kept = pa.table(
@@ -217,8 +233,8 @@ def _blockable_parts(table, n: int) -> Iterator[tuple[int, tuple[str, object]]]:
 
 
 def _join_kept(item) -> Iterator:
-    """(bucket, [("done" | "dropped" | "kept", table)]) -> blocklist tables (with shard): each
-    dropped duplicate with its cluster's kept copy (the smallest (key, url) when several)."""
+    """(bucket, [("dropped" | "kept", table)]) -> blocklist tables (with shard): each dropped
+    duplicate with its cluster's kept copy (the smallest (key, url) when several)."""
     import numpy as np
     import pyarrow as pa
 
@@ -226,7 +242,6 @@ def _join_kept(item) -> Iterator:
     by: dict[str, list] = {}
     for kind, table in parts:
         by.setdefault(kind, []).append(table)
-    yield from by.get("done", [])
     if "dropped" not in by:
         return
     dropped = pa.concat_tables(by["dropped"])
@@ -252,12 +267,14 @@ class BlocklistRows(beam.PTransform):
         self.buckets = max(1, buckets)
 
     def expand(self, rows):
-        return (
+        done = rows | "NotDuplicates" >> beam.FlatMap(_needing_no_join)  # no join: no shuffle
+        joined = (
             rows
             | "BlockableParts" >> beam.FlatMap(_blockable_parts, n=self.buckets)
             | "GroupKept" >> beam.GroupByKey()
             | "JoinKept" >> beam.FlatMap(_join_kept)
         )
+        return (done, joined) | "BlocklistTables" >> beam.Flatten()
 
 
 class DecideFn(beam.DoFn):
