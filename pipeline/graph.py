@@ -208,8 +208,8 @@ def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None
     )
     from transforms.shard_columns import BatchByShard
 
-    codes = mined["codes"] | "CodesByShard" >> beam.Map(lambda kv: (kv[0][1], (kv[0][0], kv[1])))
-    keyed["codes"] = codes | "BatchCodes" >> beam.ParDo(BatchByShard())  # one element per shard and bundle
+    by_shard = BatchByShard(route=lambda kv: (kv[0][1], (kv[0][0], kv[1])))  # ((key, shard), codes)
+    keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.ParDo(by_shard)  # one element per shard and bundle
     duplication = duplication_by_shard(mined["duplication"], assignments)
     keyed["duplication"] = duplication | "BatchDuplication" >> beam.ParDo(BatchByShard())
     _write(

@@ -42,16 +42,17 @@ def unbatched(grouped: dict) -> dict:
 
 class BatchByShard(beam.DoFn):
     """(shard, value) -> (shard, Batch of values): one element per shard and bundle (at most
-    ``size`` values), so the per-shard join shuffles batches, not one element per key."""
+    ``size`` values), so the per-shard join shuffles batches, not one element per key.
+    ``route``: an element -> (shard, value), for elements keyed otherwise."""
 
-    def __init__(self, size: int = 50_000):
-        self.size = size
+    def __init__(self, size: int = 50_000, route=None):
+        self.size, self.route = size, route
 
     def start_bundle(self):
         self.held: dict[str, Batch] = {}
 
     def process(self, kv):
-        shard, value = kv
+        shard, value = self.route(kv) if self.route is not None else kv
         batch = self.held.setdefault(shard, Batch())
         batch.append(value)
         if len(batch) >= self.size:
