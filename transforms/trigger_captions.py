@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from transforms.captions import band_key_rows
 from transforms.key_batches import grouped, split_buckets
+from transforms.near_captions import band_buckets, minhash_rows, near_captions
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
 NEAR = None  # a near mark among a caption's members
@@ -63,37 +63,36 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
     return near
 
 
-def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, list]]:
-    """A record batch -> (bucket, [(band key, caption, records)]): each distinct normalized
-    caption of the batch once per MinHash band, with its number of records."""
+def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
+    """A record batch -> (bucket, (captions, their records, their MinHash rows)): each distinct
+    normalized caption of the batch once per bucket that holds one of its band keys."""
+    import numpy as np
+
     counts = sorted(Counter(r["norm"] for r in batch).items())
-    keys, hashes = band_key_rows([norm for norm, _ in counts])
-    buckets = (hashes % max(1, n)).tolist()
-    per = len(keys) // max(1, len(counts))
-    out: dict[int, list] = {}
-    for i, (norm, count) in enumerate(counts):
-        for k in range(i * per, (i + 1) * per):
-            out.setdefault(buckets[k], []).append((keys[k], norm, count))
-    yield from sorted(out.items())
+    norms = [norm for norm, _ in counts]
+    records = np.array([c for _, c in counts], dtype=np.int64)
+    hv = minhash_rows(norms)
+    buckets = band_buckets(hv, n)
+    for b in np.unique(buckets).tolist():
+        rows = np.flatnonzero((buckets == b).any(axis=1))
+        yield b, ([norms[i] for i in rows.tolist()], records[rows], hv[rows])
 
 
 def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
-    """(bucket, lists of band entries) -> (caption bucket, [(caption, NEAR)]) for the captions
-    near another in some band of at most MAX_BAND records."""
-    _, lists = item
-    by_band: dict[bytes, dict[str, int]] = {}
-    for entries in lists:
-        for band, norm, count in entries:
-            counts = by_band.get(band)
-            if counts is None:
-                by_band[band] = {norm: count}
-            else:
-                counts[norm] = counts.get(norm, 0) + count
-    near: set[str] = set()  # the union over bands does not depend on their order
-    for counts in by_band.values():
-        if len(counts) >= 2 and sum(counts.values()) <= MAX_BAND:
-            near |= near_norms(counts, near)
-    yield from split_buckets(((norm, NEAR) for norm in sorted(near)), n)
+    """(bucket, band entries of batches) -> (caption bucket, [(caption, NEAR)]) for the captions
+    near another in some band of the bucket of at most MAX_BAND records
+    (``transforms.near_captions``)."""
+    import numpy as np
+
+    bucket, parts = item
+    parts = list(parts)
+    if not parts:
+        return
+    norms = [norm for part in parts for norm in part[0]]
+    counts = np.concatenate([part[1] for part in parts])
+    hv = np.concatenate([part[2] for part in parts])
+    near = near_captions(norms, counts, hv, bucket, n, MAX_BAND)
+    yield from split_buckets(((norm, NEAR) for norm in near), n)
 
 
 def _members(batch: list[dict], n: int) -> Iterator[tuple[int, list]]:

@@ -1,0 +1,219 @@
+"""Near-duplicate captions through MinHash LSH bands, vectorised over distinct word sets.
+
+The rule (``transforms.trigger_captions``): a caption is near when it shares a band key with
+another distinct caption whose word set has Jaccard >= 0.8 with its own, in a band of at most
+``MAX_BAND`` records. A caption's MinHash depends on its word set only, so every caption of one
+word set has the same band keys, and the rule is decided per word set:
+
+- a set carried by two or more distinct captions is near when one of its bands is eligible;
+- two different sets A, B (sizes a <= b) are near when 9 x |A & B| >= 4 x (a + b), i.e. their
+  symmetric difference d has 9 d <= a + b, and they share an eligible band. For a + b <= 17
+  that is d = 1: A inside B with b = a + 1 and a >= 4, found by joining each B less one word
+  with the sets (additive word hashes, every hit checked exactly). For a + b >= 18 both have
+  >= 8 words: those pairs are taken from the eligible band groups and intersected exactly.
+
+Everything is numpy over arrays of sets, words and band entries; no candidate pair of small
+sets is ever listed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NUM_PERM, BANDS, SEED = 64, 16, 1
+ROWS = NUM_PERM // BANDS
+_PRIME = np.uint64(0x100000001B3)
+
+
+def minhash_rows(norms: list[str]) -> np.ndarray:
+    """Normalized captions -> their MinHash values (len x NUM_PERM, datasketch's exactly: the
+    element-wise minimum of the words' one-word MinHashes; no word gives the empty MinHash)."""
+    from transforms.captions import _word_vector
+
+    vocab: dict[str, int] = {}
+    ids: list[int] = []
+    starts: list[int] = []
+    for text in norms:
+        starts.append(len(ids))
+        for w in set(text.split()) or ("",):
+            ids.append(vocab.setdefault(w, len(vocab)))
+    if not norms:
+        return np.zeros((0, NUM_PERM), dtype=np.uint32)
+    table = np.stack([_word_vector(w, NUM_PERM, SEED) for w in vocab])
+    return np.minimum.reduceat(table[np.asarray(ids)], np.asarray(starts), axis=0)
+
+
+def band_mix(hv: np.ndarray) -> np.ndarray:
+    """MinHash rows -> a stable 64-bit hash of each band key (rows x BANDS): the band number
+    and the band's values."""
+    if hv.dtype == np.uint32 and ROWS % 2 == 0:  # two values a word: half the multiplies
+        values = np.ascontiguousarray(hv).view(np.uint64).reshape(len(hv), BANDS, ROWS // 2)
+    else:
+        values = hv.astype(np.uint64).reshape(len(hv), BANDS, ROWS)
+    mix = np.broadcast_to(np.arange(1, BANDS + 1, dtype=np.uint64), values.shape[:2]).copy()
+    for j in range(values.shape[2]):
+        mix *= _PRIME
+        mix += values[:, :, j]  # wraps mod 2**64: deterministic
+        mix ^= mix >> np.uint64(29)
+    return mix
+
+
+def band_buckets(hv: np.ndarray, n: int) -> np.ndarray:
+    """MinHash rows -> the bucket of each of their band keys (rows x BANDS)."""
+    return ((band_mix(hv) >> np.uint64(1)) % np.uint64(max(1, n))).astype(np.int64)
+
+
+def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
+    sorted by the keys' hash, checked to hold one key per hash value (else by the keys)."""
+    order = np.argsort(mix)
+    m, k, v = mix[order], k_idx[order], vals[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = m[1:] != m[:-1]
+    differ = np.zeros(len(order), dtype=bool)
+    differ[1:] = (k[1:] != k[:-1]) | (v[1:] != v[:-1]).any(axis=1)
+    if (differ & ~new).any():  # two keys with one hash: sort by the keys themselves
+        order = np.lexsort(tuple(vals[:, j] for j in reversed(range(vals.shape[1]))) + (k_idx,))
+        k, v = k_idx[order], vals[order]
+        new[1:] = (k[1:] != k[:-1]) | (v[1:] != v[:-1]).any(axis=1)
+    return order, new
+
+
+def _word_sets(norms: list[str]):
+    """Distinct captions -> (set of each caption, CSR of the sets' sorted word ids: offsets,
+    ids; number of words)."""
+    set_of: dict[tuple, int] = {}
+    vocab: dict[str, int] = {}
+    cap_set = np.empty(len(norms), dtype=np.int64)
+    words: list[int] = []
+    sizes: list[int] = []
+    for i, text in enumerate(norms):
+        key = tuple(sorted(set(text.split())))
+        s = set_of.get(key)
+        if s is None:
+            s = set_of[key] = len(sizes)
+            sizes.append(len(key))
+            words.extend(sorted(vocab.setdefault(w, len(vocab)) for w in key))
+        cap_set[i] = s
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return cap_set, offsets, np.asarray(words, dtype=np.int64), len(vocab)
+
+
+def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.ndarray, v: int) -> np.ndarray:
+    """|A & B| for pairs of sets (CSR of sorted word ids): A's words looked up among B's."""
+    sizes = np.diff(offsets)
+    if not len(a) or not len(words):
+        return np.zeros(len(a), dtype=np.int64)
+    la = sizes[a]
+    owner = np.repeat(np.arange(len(a)), la)
+    pos = np.repeat(offsets[a] - np.cumsum(la) + la, la) + np.arange(int(la.sum()))
+    keys = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes) * v + words  # sorted
+    query = b[owner] * v + words[pos]
+    found = keys[np.minimum(np.searchsorted(keys, query), len(keys) - 1)] == query
+    return np.bincount(owner[found], minlength=len(a))
+
+
+def _equal_join(keys: np.ndarray, query: np.ndarray):
+    """-> (query index, key index) for every equal pair."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    lo, hi = np.searchsorted(sk, query, "left"), np.searchsorted(sk, query, "right")
+    count = hi - lo
+    qi = np.repeat(np.arange(len(query)), count)
+    first = np.repeat(lo - np.cumsum(count) + count, count)
+    return qi, order[first + np.arange(len(qi))]
+
+
+def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int):
+    """Pairs (A, B) of sets with A inside B, b = a + 1, 4 <= a <= 8 (d = 1, a + b <= 17)."""
+    sizes = np.diff(offsets)
+    h = np.random.default_rng(0x5EED).integers(0, 2**63, size=max(1, v), dtype=np.int64).view(np.uint64)
+    running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[words], dtype=np.uint64)])
+    sums = running[offsets[1:]] - running[offsets[:-1]]  # each set's word hashes summed, mod 2**64
+    small = np.flatnonzero((sizes >= 4) & (sizes <= 8))
+    big = np.flatnonzero((sizes >= 5) & (sizes <= 9))
+    if not len(small) or not len(big):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nb = sizes[big]
+    owner = np.repeat(big, nb)
+    pos = np.repeat(offsets[big] - np.cumsum(nb) + nb, nb) + np.arange(int(nb.sum()))
+    qi, ki = _equal_join(sums[small], sums[owner] - h[words[pos]])
+    a, b = small[ki], owner[qi]
+    keep = sizes[a] == sizes[b] - 1
+    a, b = a[keep], b[keep]
+    exact = _intersections(a, b, offsets, words, v) == sizes[a]  # the hash hit, checked
+    return a[exact], b[exact]
+
+
+def near_sets(set_count, set_caps, set_hv, offsets, words, v, bucket: int, n: int, max_band: int) -> np.ndarray:
+    """Per word set: near (see the module) by the bands of ``bucket`` of ``n``."""
+    s_n = len(set_count)
+    mix = band_mix(set_hv)
+    s_idx, k_idx = np.nonzero((mix >> np.uint64(1)) % np.uint64(max(1, n)) == np.uint64(bucket))
+    near = np.zeros(s_n, dtype=bool)
+    if not len(s_idx):
+        return near
+    vals = set_hv.reshape(s_n, BANDS, ROWS)[s_idx, k_idx]
+    order, new = _band_groups(mix[s_idx, k_idx], vals, k_idx)
+    s_idx, k_idx = s_idx[order], k_idx[order]
+    gid = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    eligible = (np.add.reduceat(set_count[s_idx], starts) <= max_band) & (np.add.reduceat(set_caps[s_idx], starts) >= 2)
+    ok = eligible[gid]
+    near[s_idx[ok]] = True
+    near &= set_caps >= 2  # one set's own captions: any eligible band
+    groups = np.full((s_n, BANDS), -1, dtype=np.int32)
+    groups[s_idx, k_idx] = np.where(ok, gid, -1)  # -1: no band here, or not eligible
+    a, b = _subset_pairs(offsets, words, v)
+    share = ((groups[a] == groups[b]) & (groups[a] >= 0)).any(axis=1)
+    near[a[share]] = near[b[share]] = True
+    a, b = _large_pairs(s_idx[ok], gid[ok], np.diff(offsets))
+    hit = 9 * _intersections(a, b, offsets, words, v) >= 4 * (np.diff(offsets)[a] + np.diff(offsets)[b])
+    near[a[hit]] = near[b[hit]] = True
+    return near
+
+
+def _large_pairs(members: np.ndarray, gid: np.ndarray, sizes: np.ndarray):
+    """Distinct pairs of sets of >= 8 words in one eligible band group (contiguous ``gid``)
+    whose sizes allow Jaccard >= 0.8 and sum to >= 18."""
+    keep = sizes[members] >= 8
+    members, gid = members[keep], gid[keep]
+    codes = []
+    for r in range(1, len(members)):
+        same = gid[r:] == gid[:-r]
+        if not same.any():  # groups are contiguous: no pair further apart either
+            break
+        x, y = members[:-r][same], members[r:][same]
+        lo, hi = np.minimum(x, y), np.maximum(x, y)
+        la, lb = np.minimum(sizes[x], sizes[y]), np.maximum(sizes[x], sizes[y])
+        ok = (lo != hi) & (5 * la >= 4 * lb) & (la + lb >= 18)
+        codes.append(lo[ok] * len(sizes) + hi[ok])
+    code = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    return code // max(1, len(sizes)), code % max(1, len(sizes))
+
+
+def near_captions(norms: list[str], counts: np.ndarray, hv: np.ndarray, bucket: int, n: int, max_band: int):
+    """Entries (caption, its records, its MinHash; a caption may repeat) of one bucket -> the
+    sorted near captions by that bucket's bands."""
+    index: dict[str, int] = {}
+    cap_of = np.fromiter((index.setdefault(t, len(index)) for t in norms), dtype=np.int64, count=len(norms))
+    if not index:
+        return []
+    distinct = list(index)
+    first = _firsts(cap_of)
+    cap_count = np.bincount(cap_of, weights=counts, minlength=len(distinct)).astype(np.int64)
+    cap_set, offsets, words, v = _word_sets(distinct)
+    s_n = len(offsets) - 1
+    set_first = _firsts(cap_set)
+    set_count = np.bincount(cap_set, weights=cap_count, minlength=s_n).astype(np.int64)
+    set_caps = np.bincount(cap_set, minlength=s_n)
+    near = near_sets(set_count, set_caps, hv[first[set_first]], offsets, words, v, bucket, n, max_band)
+    return sorted(distinct[i] for i in np.flatnonzero(near[cap_set]))
+
+
+def _firsts(ids: np.ndarray) -> np.ndarray:
+    """Ids numbered in order of first appearance -> the index of each id's first appearance."""
+    is_first = np.ones(len(ids), dtype=bool)
+    is_first[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+    return np.flatnonzero(is_first)
