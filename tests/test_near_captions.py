@@ -54,7 +54,7 @@ def _near_by_beam_functions(norms: list[str], n: int, batch: int) -> set[str]:
     for i in range(0, len(recs), batch):
         for b, part in band_entries(recs[i : i + batch], n):
             parts.setdefault(b, []).append(part)
-    return {norm for item in parts.items() for _, marks in near_in_bands(item, n) for norm, _ in marks}
+    return {norm for item in parts.items() for _, (_, marks) in near_in_bands(item, n) for norm in marks}
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from transforms.key_batches import grouped, split_buckets
+from transforms.key_batches import bucket_of
 from transforms.near_captions import band_buckets, minhash_rows, near_captions
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
-NEAR = None  # a near mark among a caption's members
+MEMBERS, NEAR = 0, 1  # the two kinds of element grouped by caption
 
 
 def group_codes(members: list, code: str, min_members: int = 2, min_clusters: int = 2) -> Iterator:
@@ -92,23 +92,67 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
     counts = np.concatenate([part[1] for part in parts])
     hv = np.concatenate([part[2] for part in parts])
     near = near_captions(norms, counts, hv, bucket, n, MAX_BAND)
-    yield from split_buckets(((norm, NEAR) for norm in near), n)
+    yield from _near_marks(near, n)
 
 
-def _members(batch: list[dict], n: int) -> Iterator[tuple[int, list]]:
-    return split_buckets(((r["norm"], ((r["key"], r["shard"]), r["cluster_id"])) for r in batch), n)
+def _members(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
+    """A record batch -> (caption bucket, (MEMBERS, captions, keys, shards, cluster ids)):
+    the records as columns, split by their caption's bucket."""
+    norms = [r["norm"] for r in batch]
+    buckets = [bucket_of(norm, n) for norm in norms] if n > 1 else [0] * len(norms)
+    rows: dict[int, list[int]] = {}
+    for i, b in enumerate(buckets):
+        rows.setdefault(b, []).append(i)
+    for b, idx in sorted(rows.items()):
+        columns = ([batch[i][c] for i in idx] for c in ("key", "shard", "cluster_id"))
+        yield b, (MEMBERS, [norms[i] for i in idx], *columns)
+
+
+def _near_marks(near: list[str], n: int) -> Iterator[tuple[int, tuple]]:
+    """Near captions -> (caption bucket, (NEAR, captions))."""
+    out: dict[int, list[str]] = {}
+    for norm in near:
+        out.setdefault(bucket_of(norm, n), []).append(norm)
+    for b, norms in sorted(out.items()):
+        yield b, (NEAR, norms)
+
+
+def _ids(values: list):
+    """Values -> (int64 ids, one per distinct value, in order of first appearance; how many)."""
+    import numpy as np
+
+    index: dict = {}
+    ids = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return ids, len(index), list(index)
 
 
 def caption_codes(item) -> Iterator:
-    """(bucket, lists of (caption, member or NEAR)) -> (member, (code,)) per caption: exact
-    duplicates across clusters, and near duplicates where the caption is marked near."""
-    _, lists = item
-    for _, values in sorted(grouped(lists).items()):
-        members = [v for v in values if v is not NEAR]
-        yield from group_codes(members, "duplicate_caption")
-        if len(members) < len(values):
-            for key, _ in members:
-                yield key, ("near_duplicate_caption",)
+    """(caption bucket, member columns and near marks) -> (member, (code,)): duplicate_caption
+    for the records of a caption on >= 2 records in >= 2 clusters, near_duplicate_caption for
+    the records of a caption marked near."""
+    import numpy as np
+
+    _, parts = item
+    near: set[str] = set()
+    norms, keys, shards, clusters = [], [], [], []
+    for part in parts:
+        if part[0] == NEAR:
+            near.update(part[1])
+        else:
+            for column, values in zip((norms, keys, shards, clusters), part[1:], strict=True):
+                column.extend(values)
+    if not norms:
+        return
+    caption, n_captions, distinct = _ids(norms)
+    cluster, n_clusters, _ = _ids(clusters)
+    records = np.bincount(caption, minlength=n_captions)
+    pairs = np.unique(caption * n_clusters + cluster)
+    spread = np.bincount(pairs // n_clusters, minlength=n_captions)
+    duplicate = ((records >= 2) & (spread >= 2))[caption]
+    marked = np.array([d in near for d in distinct], dtype=bool)[caption]
+    for code, hit in (("duplicate_caption", duplicate), ("near_duplicate_caption", marked)):
+        for i in np.flatnonzero(hit).tolist():
+            yield (keys[i], shards[i]), (code,)
 
 
 class CaptionCodes(beam.PTransform):
