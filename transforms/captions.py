@@ -59,9 +59,12 @@ def skeleton(caption: str, frequent: frozenset[str] | set[str], min_fixed: int =
 
 def skeleton_of_norm(normalized: str, frequent: frozenset[str] | set[str], min_fixed: int = 2) -> str | None:
     """``skeleton`` of an already normalized caption."""
+    words = normalized.split()
+    if isinstance(frequent, frozenset) and _fixed_words(frequent).issuperset(words):
+        return None  # every word fixed: no slot (the common case, checked without the loop)
     out: list[str] = []
     fixed = 0
-    for word in normalized.split():
+    for word in words:
         if word in frequent and not _NUMBER.match(word):
             out.append(word)
             fixed += 1
@@ -70,6 +73,12 @@ def skeleton_of_norm(normalized: str, frequent: frozenset[str] | set[str], min_f
     if fixed < min_fixed or SLOT not in out:
         return None
     return " ".join(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_words(frequent: frozenset[str]) -> frozenset[str]:
+    """The words ``skeleton`` keeps: frequent and not a number."""
+    return frozenset(w for w in frequent if not _NUMBER.match(w))
 
 
 def minhash_bands(caption: str, num_perm: int = 64, bands: int = 16, seed: int = 1) -> list[str]:

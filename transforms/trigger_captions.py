@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from transforms.key_batches import bucket_of
+from transforms.captions import skeleton_of_norm
+from transforms.key_batches import bucket_of, grouped
 from transforms.near_captions import band_buckets, minhash_rows, near_captions
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
@@ -175,3 +176,49 @@ class CaptionCodes(beam.PTransform):
             )
             members = (members, marks) | "WithNearMarks" >> beam.Flatten()
         return members | "GroupCaptions" >> beam.GroupByKey() | "Codes" >> beam.FlatMap(caption_codes)
+
+
+def caption_columns(batch: list[dict]) -> tuple[list, list, list]:
+    """A record batch -> its normalized captions, keys and shards (all template mining reads:
+    a small element for the stage that reads them again with the frequent words)."""
+    return [r["norm"] for r in batch], [r["key"] for r in batch], [r["shard"] for r in batch]
+
+
+def skeleton_buckets(columns: tuple, frequent, n: int) -> Iterator[tuple[int, list]]:
+    """Caption columns -> (skeleton bucket, [(skeleton, ((key, shard), caption))]) for the
+    captions that have a template skeleton."""
+    out: dict[int, list] = {}
+    for norm, key, shard in zip(*columns, strict=True):
+        sk = skeleton_of_norm(norm, frequent)
+        if sk is not None:
+            out.setdefault(bucket_of(sk, n), []).append((sk, ((key, shard), norm)))
+    yield from sorted(out.items())
+
+
+def template_codes(item, min_count: int, min_distinct: int) -> Iterator:
+    """(bucket, lists of (skeleton, (member, caption))) -> (member, ("template_caption",)) for
+    skeletons on >= min_count captions with >= min_distinct different texts."""
+    _, lists = item
+    for _, members in sorted(grouped(lists).items()):
+        if len(members) >= min_count and len({norm for _, norm in members}) >= min_distinct:
+            for key, _ in members:
+                yield key, ("template_caption",)
+
+
+class TemplateCodes(beam.PTransform):
+    """Record batches -> (member, ("template_caption",)): captions grouped by skeleton (rare
+    words and numbers as slots; ``frequent``: a side input of the frequent words) through ``n``
+    hash buckets of skeletons."""
+
+    def __init__(self, frequent, n: int, min_count: int, min_distinct: int):
+        super().__init__()
+        self.frequent, self.n, self.min_count, self.min_distinct = frequent, n, min_count, min_distinct
+
+    def expand(self, batches):
+        return (
+            batches
+            | "Columns" >> beam.Map(caption_columns)
+            | "Split" >> beam.FlatMap(skeleton_buckets, frequent=self.frequent, n=self.n)
+            | "Group" >> beam.GroupByKey()
+            | "PerGroup" >> beam.FlatMap(template_codes, min_count=self.min_count, min_distinct=self.min_distinct)
+        )
