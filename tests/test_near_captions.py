@@ -94,9 +94,20 @@ def test_band_groups_fall_back_to_the_keys_when_hashes_collide():
         assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == len(groups)
 
 
-def test_word_sets_and_a_set_of_several_captions():
-    cap_set, offsets, words, v = _word_sets(["b a", "a b b", "c", "", "a b"])
-    assert cap_set.tolist() == [0, 0, 1, 2, 0] and np.diff(offsets).tolist() == [2, 1, 0] and v == 3
+def test_word_sets_and_a_set_of_several_captions(monkeypatch):
+    import transforms.near_captions as nc
+
+    for norms in (["b a", "a b b", "c", "", "a b", "c d"], ["b  a", "a\tb b", " c", "", "a b", "c d "]):
+        cap_set, offsets, words, v = _word_sets(norms)  # Arrow, then Python (irregular spaces)
+        assert cap_set.tolist() == [0, 0, 1, 2, 0, 3] and np.diff(offsets).tolist() == [2, 1, 0, 2]
+        assert words[2] == words[3] and words[2] not in words[:2] and v >= 4
+        offsets_w, ids, vocab = nc.split_words(norms)
+        assert [sorted(vocab[i] for i in ids[a:b]) for a, b in zip(offsets_w[:-1], offsets_w[1:], strict=True)] == [
+            sorted(set(x.split())) for x in norms
+        ]
+    monkeypatch.setattr(nc, "_word_hashes", lambda v: np.zeros(max(1, v), dtype=np.uint64))  # every hash collides
+    again = _word_sets(["b a", "a b b", "c", "", "a b", "c d"])
+    assert again[0].tolist() == [0, 0, 1, 2, 0, 3] and np.diff(again[1]).tolist() == [2, 1, 0, 2]
     # two captions of one word set are near each other (Jaccard 1) in a band of few records
     norms = ["a b c d", "d c b a", "x"]
     got = near_captions(norms, np.array([1, 1, 1]), minhash_rows(norms), 0, 1, MAX_BAND)

@@ -25,22 +25,67 @@ ROWS = NUM_PERM // BANDS
 _PRIME = np.uint64(0x100000001B3)
 
 
+_OTHER_SPACE = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c != " ")  # no space >= U+3001
+
+
+def _single_spaced(norms: list[str]) -> bool:
+    """Whether every caption's ``split()`` is its ``split(" ")`` (less the empty caption's "")."""
+    text = "\x00".join(norms)
+    ends = ("  ", "\x00 ", " \x00")
+    return not (text[:1] == " " or text[-1:] == " " or any(e in text for e in ends + _OTHER_SPACE))
+
+
+def split_words(norms: list[str]):
+    """Captions -> (offsets, word ids, vocabulary): each caption's distinct words (``split()``)
+    as sorted ids, CSR. Captions spaced by single spaces are split by Arrow; others in Python."""
+    if not norms:
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), []
+    if not _single_spaced(norms):
+        return _split_words_py(norms)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = pc.split_pattern(pa.array(norms, type=pa.large_string()), pattern=" ")
+    pieces = lists.flatten()
+    encoded = pieces.dictionary_encode()
+    vocab = encoded.dictionary.to_pylist()
+    ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    owner = np.repeat(np.arange(len(norms), dtype=np.int64), np.diff(lists.offsets.to_numpy()))
+    keep = pc.not_equal(pc.utf8_length(pieces), 0).to_numpy(zero_copy_only=False)  # "": no word
+    unique = np.sort(owner[keep] * max(1, len(vocab)) + ids[keep])
+    if len(unique):
+        unique = unique[np.concatenate([[True], unique[1:] != unique[:-1]])]
+    owner, ids = unique // max(1, len(vocab)), unique % max(1, len(vocab))
+    offsets = np.zeros(len(norms) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner, minlength=len(norms)), out=offsets[1:])
+    return offsets, ids, vocab
+
+
+def _split_words_py(norms: list[str]):
+    vocab: dict[str, int] = {}
+    ids: list[int] = []
+    offsets = [0]
+    for text in norms:
+        ids.extend(sorted({vocab.setdefault(w, len(vocab)) for w in text.split()}))
+        offsets.append(len(ids))
+    return np.asarray(offsets, dtype=np.int64), np.asarray(ids, dtype=np.int64), list(vocab)
+
+
 def minhash_rows(norms: list[str]) -> np.ndarray:
     """Normalized captions -> their MinHash values (len x NUM_PERM, datasketch's exactly: the
     element-wise minimum of the words' one-word MinHashes; no word gives the empty MinHash)."""
     from transforms.captions import _word_vector
 
-    vocab: dict[str, int] = {}
-    ids: list[int] = []
-    starts: list[int] = []
-    for text in norms:
-        starts.append(len(ids))
-        for w in set(text.split()) or ("",):
-            ids.append(vocab.setdefault(w, len(vocab)))
-    if not norms:
-        return np.zeros((0, NUM_PERM), dtype=np.uint32)
+    offsets, ids, vocab = split_words(norms)
+    empty = _word_vector("", NUM_PERM, SEED)
+    if not len(ids):
+        return np.tile(empty, (len(norms), 1))
     table = np.stack([_word_vector(w, NUM_PERM, SEED) for w in vocab])
-    return np.minimum.reduceat(table[np.asarray(ids)], np.asarray(starts), axis=0)
+    sizes = np.diff(offsets)
+    some = np.flatnonzero(sizes)
+    out = np.tile(empty, (len(norms), 1))
+    out[some] = np.minimum.reduceat(table[ids], offsets[:-1][some], axis=0)
+    return out
 
 
 def band_mix(hv: np.ndarray) -> np.ndarray:
@@ -67,12 +112,12 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
     """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
     sorted by the keys' hash, checked to hold one key per hash value (else by the keys)."""
     order = np.argsort(mix)
-    m, k, v = mix[order], k_idx[order], vals[order]
+    m = mix[order]
     new = np.ones(len(order), dtype=bool)
     new[1:] = m[1:] != m[:-1]
-    differ = np.zeros(len(order), dtype=bool)
-    differ[1:] = (k[1:] != k[:-1]) | (v[1:] != v[:-1]).any(axis=1)
-    if (differ & ~new).any():  # two keys with one hash: sort by the keys themselves
+    same = np.flatnonzero(~new[1:])  # entries i, i + 1 (in order) with one hash
+    x, y = order[same], order[same + 1]
+    if (k_idx[x] != k_idx[y]).any() or (vals[x] != vals[y]).any():  # two keys, one hash: by the keys
         order = np.lexsort(tuple(vals[:, j] for j in reversed(range(vals.shape[1]))) + (k_idx,))
         k, v = k_idx[order], vals[order]
         new[1:] = (k[1:] != k[:-1]) | (v[1:] != v[:-1]).any(axis=1)
@@ -80,24 +125,54 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
 
 
 def _word_sets(norms: list[str]):
-    """Distinct captions -> (set of each caption, CSR of the sets' sorted word ids: offsets,
-    ids; number of words)."""
+    """Distinct captions -> (set of each caption, numbered in order of first appearance; CSR of
+    the sets' sorted word ids: offsets, ids; number of words)."""
+    offsets, ids, vocab = split_words(norms)
+    sizes = np.diff(offsets)
+    h = _word_hashes(len(vocab))
+    running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[ids], dtype=np.uint64)])
+    sums = running[offsets[1:]] - running[offsets[:-1]]  # each caption's word hashes summed, mod 2**64
+    key = sums ^ (sizes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))  # the size mixed in
+    order = np.argsort(key, kind="stable")
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = key[order][1:] != key[order][:-1]
+    first = order[new]  # stable: each key's first caption
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    cap_set, reps = rank[inverse], np.sort(first)
+    rep = reps[cap_set]  # each caption's first caption of its (hash, size)
+    owner = np.repeat(np.arange(len(norms)), sizes)
+    at = np.arange(len(ids)) - offsets[owner]
+    if not np.array_equal(ids, ids[offsets[rep][owner] + at]):  # two sets with one hash: by the words
+        return _word_sets_exact(offsets, ids, len(vocab))
+    set_offsets = np.zeros(len(reps) + 1, dtype=np.int64)
+    np.cumsum(sizes[reps], out=set_offsets[1:])
+    keep = np.repeat(np.isin(np.arange(len(norms)), reps), sizes)
+    return cap_set, set_offsets, ids[keep], len(vocab)
+
+
+def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
     set_of: dict[tuple, int] = {}
-    vocab: dict[str, int] = {}
-    cap_set = np.empty(len(norms), dtype=np.int64)
+    cap_set = np.empty(len(offsets) - 1, dtype=np.int64)
     words: list[int] = []
-    sizes: list[int] = []
-    for i, text in enumerate(norms):
-        key = tuple(sorted(set(text.split())))
+    set_offsets = [0]
+    for i in range(len(offsets) - 1):
+        key = tuple(ids[offsets[i] : offsets[i + 1]].tolist())
         s = set_of.get(key)
         if s is None:
-            s = set_of[key] = len(sizes)
-            sizes.append(len(key))
-            words.extend(sorted(vocab.setdefault(w, len(vocab)) for w in key))
+            s = set_of[key] = len(set_of)
+            words.extend(key)
+            set_offsets.append(len(words))
         cap_set[i] = s
-    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    return cap_set, offsets, np.asarray(words, dtype=np.int64), len(vocab)
+    return cap_set, np.asarray(set_offsets, dtype=np.int64), np.asarray(words, dtype=np.int64), v
+
+
+def _word_hashes(v: int) -> np.ndarray:
+    return np.random.default_rng(0x5EED).integers(0, 2**63, size=max(1, v), dtype=np.int64).view(np.uint64) * np.uint64(
+        2
+    ) + np.uint64(1)
 
 
 def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.ndarray, v: int) -> np.ndarray:
@@ -128,7 +203,7 @@ def _equal_join(keys: np.ndarray, query: np.ndarray):
 def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int):
     """Pairs (A, B) of sets with A inside B, b = a + 1, 4 <= a <= 8 (d = 1, a + b <= 17)."""
     sizes = np.diff(offsets)
-    h = np.random.default_rng(0x5EED).integers(0, 2**63, size=max(1, v), dtype=np.int64).view(np.uint64)
+    h = _word_hashes(v)
     running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[words], dtype=np.uint64)])
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each set's word hashes summed, mod 2**64
     small = np.flatnonzero((sizes >= 4) & (sizes <= 8))
