@@ -191,23 +191,27 @@ def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.
 
 def _equal_join(keys: np.ndarray, query: np.ndarray):
     """-> (query index, key index) for every equal pair."""
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys)
     sk = keys[order]
-    lo, hi = np.searchsorted(sk, query, "left"), np.searchsorted(sk, query, "right")
-    count = hi - lo
+    lo = np.searchsorted(sk, query, "left")
+    if len(sk) and (sk[1:] != sk[:-1]).all():  # distinct keys: one match at most
+        count = (sk[np.minimum(lo, len(sk) - 1)] == query).astype(np.int64)
+    else:
+        count = np.searchsorted(sk, query, "right") - lo
     qi = np.repeat(np.arange(len(query)), count)
     first = np.repeat(lo - np.cumsum(count) + count, count)
     return qi, order[first + np.arange(len(qi))]
 
 
-def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int):
-    """Pairs (A, B) of sets with A inside B, b = a + 1, 4 <= a <= 8 (d = 1, a + b <= 17)."""
+def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndarray):
+    """Pairs (A, B) of sets (both ``among``) with A inside B, b = a + 1, 4 <= a <= 8 (d = 1,
+    a + b <= 17)."""
     sizes = np.diff(offsets)
     h = _word_hashes(v)
     running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[words], dtype=np.uint64)])
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each set's word hashes summed, mod 2**64
-    small = np.flatnonzero((sizes >= 4) & (sizes <= 8))
-    big = np.flatnonzero((sizes >= 5) & (sizes <= 9))
+    small = np.flatnonzero((sizes >= 4) & (sizes <= 8) & among)
+    big = np.flatnonzero((sizes >= 5) & (sizes <= 9) & among)
     if not len(small) or not len(big):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     nb = sizes[big]
@@ -236,11 +240,12 @@ def near_sets(set_count, set_caps, set_hv, offsets, words, v, bucket: int, n: in
     starts = np.flatnonzero(new)
     eligible = (np.add.reduceat(set_count[s_idx], starts) <= max_band) & (np.add.reduceat(set_caps[s_idx], starts) >= 2)
     ok = eligible[gid]
-    near[s_idx[ok]] = True
-    near &= set_caps >= 2  # one set's own captions: any eligible band
+    some = np.zeros(s_n, dtype=bool)
+    some[s_idx[ok]] = True  # sets with an eligible band here: the only ones that can be near
+    near = some & (set_caps >= 2)  # one set's own captions: any eligible band
     groups = np.full((s_n, BANDS), -1, dtype=np.int32)
     groups[s_idx, k_idx] = np.where(ok, gid, -1)  # -1: no band here, or not eligible
-    a, b = _subset_pairs(offsets, words, v)
+    a, b = _subset_pairs(offsets, words, v, some)
     share = ((groups[a] == groups[b]) & (groups[a] >= 0)).any(axis=1)
     near[a[share]] = near[b[share]] = True
     a, b = _large_pairs(s_idx[ok], gid[ok], np.diff(offsets))
