@@ -2,12 +2,16 @@
 template captions (``transforms.triggers.MineTriggers`` wires them).
 
 Near duplicates go through MinHash LSH bands of *distinct* normalized captions: each record
-batch sends each of its distinct captions once per band, with how many of its records carry it;
-a band's group sums those counts (a band with more than ``MAX_BAND`` records is an
-exact-template flood and is skipped, as when every record was sent), compares its distinct
-captions (``near_norms``) and marks the near ones. A caption's bands depend on its text only,
-so a near caption is near for every record that carries it: the marks join the records by
-caption in the same group as the exact duplicates, and no per-record band entry is shipped.
+batch sends each of its distinct captions, with how many of its records carry it and its MinHash
+row, once to each bucket holding one of its band keys; a bucket's group sums the counts per band
+key (a band with more than ``MAX_BAND`` records is an exact-template flood and is skipped, as
+when every record was sent) and marks the captions near another in some band
+(``transforms.near_captions``: numpy over word sets; ``near_norms`` is the pairwise rule). A
+caption's bands depend on its text only, so a near caption is near for every record that
+carries it: the marks join the records (as columns) by caption bucket, next to the exact
+duplicates, and no per-record band entry is shipped. Template captions group the captions'
+skeletons (``TemplateCodes``) from caption columns, so the stage that reads the frequent words
+does not decode whole record batches again.
 """
 
 from __future__ import annotations
