@@ -112,3 +112,24 @@ def test_word_sets_and_a_set_of_several_captions(monkeypatch):
     norms = ["a b c d", "d c b a", "x"]
     got = near_captions(norms, np.array([1, 1, 1]), minhash_rows(norms), 0, 1, MAX_BAND)
     assert got == ["a b c d", "d c b a"]
+
+
+def test_large_pairs_in_chunks_are_every_pair_of_a_group():
+    from transforms.near_captions import _large_pairs
+
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(6, 14, 60)
+    gid = np.sort(rng.integers(0, 9, 150))
+    members = np.concatenate([rng.permutation(60)[: int((gid == g).sum())] for g in range(9)])
+    want = set()
+    for g in range(9):
+        group = members[gid == g]
+        for i, x in enumerate(group):
+            for y in group[i + 1 :]:
+                la, lb = sorted((int(sizes[x]), int(sizes[y])))
+                if la >= 8 and 5 * la >= 4 * lb and la + lb >= 18:
+                    want.add((min(x, y), max(x, y)))
+    for chunk in (5, 1 << 22):
+        chunks = list(_large_pairs(members, gid, sizes, chunk))
+        assert {(int(a), int(b)) for x, y in chunks for a, b in zip(x, y, strict=True)} == want
+        assert len(chunks) > 1 if chunk == 5 else len(chunks) == 1

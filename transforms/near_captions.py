@@ -248,29 +248,51 @@ def near_sets(set_count, set_caps, set_hv, offsets, words, v, bucket: int, n: in
     a, b = _subset_pairs(offsets, words, v, some)
     share = ((groups[a] == groups[b]) & (groups[a] >= 0)).any(axis=1)
     near[a[share]] = near[b[share]] = True
-    a, b = _large_pairs(s_idx[ok], gid[ok], np.diff(offsets))
-    hit = 9 * _intersections(a, b, offsets, words, v) >= 4 * (np.diff(offsets)[a] + np.diff(offsets)[b])
-    near[a[hit]] = near[b[hit]] = True
+    sizes = np.diff(offsets)
+    for a, b in _large_pairs(s_idx[ok], gid[ok], sizes):
+        open_ = ~(near[a] & near[b])  # a pair of near sets cannot add one
+        a, b = a[open_], b[open_]
+        hit = 9 * _intersections(a, b, offsets, words, v) >= 4 * (sizes[a] + sizes[b])
+        near[a[hit]] = near[b[hit]] = True
     return near
 
 
-def _large_pairs(members: np.ndarray, gid: np.ndarray, sizes: np.ndarray):
-    """Distinct pairs of sets of >= 8 words in one eligible band group (contiguous ``gid``)
-    whose sizes allow Jaccard >= 0.8 and sum to >= 18."""
+def _large_pairs(members: np.ndarray, gid: np.ndarray, sizes: np.ndarray, chunk: int = 1 << 22):
+    """Chunks of distinct pairs of sets of >= 8 words in one eligible band group (contiguous
+    ``gid``) whose sizes allow Jaccard >= 0.8 and sum to >= 18. Pair (i, i + r) of a group is
+    taken at step r from the entries with more than r followers in their group (a prefix once
+    sorted by followers), so the work is the number of pairs; chunks bound the memory."""
     keep = sizes[members] >= 8
     members, gid = members[keep], gid[keep]
-    codes = []
-    for r in range(1, len(members)):
-        same = gid[r:] == gid[:-r]
-        if not same.any():  # groups are contiguous: no pair further apart either
-            break
-        x, y = members[:-r][same], members[r:][same]
+    if len(members) < 2:
+        return
+    new = np.ones(len(gid), dtype=bool)
+    new[1:] = gid[1:] != gid[:-1]
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(gid))
+    group = np.cumsum(new) - 1
+    followers = ends[group] - np.arange(len(gid)) - 1
+    order = np.argsort(-followers, kind="stable")
+    most = -followers[order]
+    codes, held = [], 0
+    for r in range(1, int(followers.max()) + 1):
+        at = order[: np.searchsorted(most, -r, side="right")]  # entries with >= r followers
+        x, y = members[at], members[at + r]
         lo, hi = np.minimum(x, y), np.maximum(x, y)
         la, lb = np.minimum(sizes[x], sizes[y]), np.maximum(sizes[x], sizes[y])
-        ok = (lo != hi) & (5 * la >= 4 * lb) & (la + lb >= 18)
+        ok = (5 * la >= 4 * lb) & (la + lb >= 18)
         codes.append(lo[ok] * len(sizes) + hi[ok])
-    code = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
-    return code // max(1, len(sizes)), code % max(1, len(sizes))
+        held += int(ok.sum())
+        if held >= chunk:
+            yield _decoded(codes, len(sizes))
+            codes, held = [], 0
+    if held:
+        yield _decoded(codes, len(sizes))
+
+
+def _decoded(codes: list, n: int):
+    code = np.unique(np.concatenate(codes))
+    return code // n, code % n
 
 
 def near_captions(norms: list[str], counts: np.ndarray, hv: np.ndarray, bucket: int, n: int, max_band: int):
