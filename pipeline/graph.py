@@ -17,7 +17,13 @@ from collections.abc import Iterator
 import apache_beam as beam
 
 from schemas import arrow
-from transforms.cluster_columns import assignment_rows
+from transforms.assignment_tables import (
+    assignment_elements,
+    assignment_rows,
+    cluster_table,
+    member_shards,
+    representatives,
+)
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
 from transforms.write import WriteBatches, WriteTable, bucket, bucket_labels
@@ -43,24 +49,6 @@ def read_input(p: beam.Pipeline, cfg, fmt: str, inputs: list[str], out_dir: str)
     Sample (pixels), "vectors": {embedder: (keys, ndarray) batches}; "pixels": bool, "input": the
     run.json description}."""
     return reader(fmt).read(p, cfg, inputs, out_dir)
-
-
-def _cluster_rows(assignments: list):
-    """A list of ClusterAssignment -> the clusters/ rows of those in clusters of two or more (a table)."""
-    import pyarrow as pa
-
-    rows = [a for a in assignments if a.cluster_size >= 2]
-    return pa.table(
-        {
-            "key": pa.array([a.key for a in rows], pa.string()),
-            "cluster_id": pa.array([a.cluster_id for a in rows], pa.string()),
-            "embedder": pa.array([a.embedder or "exact" for a in rows], pa.string()),
-            "similarity": pa.array([a.similarity for a in rows], pa.float64()),
-            "cluster_size": pa.array([a.cluster_size for a in rows], pa.int64()),
-            "is_representative": pa.array([a.is_representative for a in rows], pa.bool_()),
-        },
-        schema=arrow.CLUSTERS,
-    )
 
 
 def _with_reference(p, cfg, dec: dict) -> dict:
@@ -170,6 +158,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
         cfg.dedup.exact_pixels and dec.get("pixels", True),
         old_keys=dec.get("old_keys"),
         buckets=dec.get("buckets", 16),
+        per_key=False,  # assignments travel as tables; build_graph derives elements where needed
     )
     out["neighbours"] = neighbours
     return out
@@ -184,14 +173,10 @@ def _class_to_members(item) -> Iterator[tuple[str, tuple[str, tuple[str, str]]]]
             yield shard, (key, (cluster_id, classes[0]))
 
 
-def duplication_by_shard(duplication, assignments):
+def duplication_by_shard(duplication, assignment_tables):
     """A duplicate cluster's caption-duplication class -> each member's shard, by a keyed join
     on the cluster id (one cluster's member keys in a group), not a side input."""
-    members = (
-        assignments
-        | "ClusterMembers" >> beam.Filter(lambda a: a.cluster_size > 1)
-        | "MemberShards" >> beam.Map(lambda a: (a.cluster_id, (a.key, a.shard)))
-    )
+    members = assignment_tables | "MemberShards" >> beam.FlatMap(member_shards)
     classes = duplication | "DuplicationClass" >> beam.Map(lambda kv: (kv[0], kv[1]["class"]))
     return (
         {"cls": classes, "member": members}
@@ -200,9 +185,10 @@ def duplication_by_shard(duplication, assignments):
     )
 
 
-def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None:
+def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     from transforms.triggers import MineTriggers
 
+    assignments = tables | "Assignments" >> beam.FlatMap(assignment_elements)
     mined = {"info_batches": dec["info_batches"], "assignments": assignments} | "MineTriggers" >> MineTriggers(
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
@@ -210,7 +196,7 @@ def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None
 
     by_shard = BatchByShard(route=lambda kv: (kv[0][1], (kv[0][0], kv[1])))  # ((key, shard), codes)
     keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.ParDo(by_shard)  # one element per shard and bundle
-    duplication = duplication_by_shard(mined["duplication"], assignments)
+    duplication = duplication_by_shard(mined["duplication"], tables)
     keyed["duplication"] = duplication | "BatchDuplication" >> beam.ParDo(BatchByShard())
     _write(
         mined["keywords"],
@@ -228,16 +214,12 @@ def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None
     )
 
 
-def add_probe(cfg, dec: dict, keyed: dict, assignments, out_dir: str, cache_dir: str | None) -> None:
+def add_probe(cfg, dec: dict, keyed: dict, tables, out_dir: str, cache_dir: str | None) -> None:
     from transforms.probe_stage import ProbeCaptions
     from transforms.shard_stage import InfosOfKeys
 
     if cfg.probe.budget == "cluster_representatives":
-        reps = (
-            assignments
-            | "Representatives" >> beam.Filter(lambda a: a.cluster_size > 1 and a.is_representative)
-            | "RepKeys" >> beam.Map(lambda a: (a.shard, a.key))
-        )
+        reps = tables | "Representatives" >> beam.FlatMap(representatives)
         to_probe = {"info": keyed["info"], "key": reps} | "RepInfos" >> InfosOfKeys()
     else:
         to_probe = dec["info_batches"]  # the probe groups them by shard
@@ -262,21 +244,21 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     if cfg.dedup.incremental_from:
         dec = _with_reference(p, cfg, dec)
     dup = add_dedup(cfg, dec, out_dir)
-    assignments = dup["assignments"]
+    tables = dup["assignment_tables"]
     keyed = {
         "info": dec["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
         "failure": dec["failures"] | "FailureByShard" >> beam.Map(lambda f: (f.shard, f)),
-        "assignment": dup["assignment_lists"] | "AssignmentByShard" >> beam.FlatMap(assignment_rows),
+        "assignment": tables | "AssignmentByShard" >> beam.FlatMap(assignment_rows),
     }
     if "moved" in dec:
         keyed["moved"] = dec["moved"]
     if cfg.triggers.enabled:
-        add_triggers(cfg, dec, keyed, assignments, out_dir)
+        add_triggers(cfg, dec, keyed, tables, out_dir)
     if cfg.probe.enabled:
-        add_probe(cfg, dec, keyed, assignments, out_dir, cache_dir)
+        add_probe(cfg, dec, keyed, tables, out_dir, cache_dir)
     staged = keyed | "AnnotateShards" >> AnnotateShards(cfg.decide, out_dir, cfg.diversify.enabled)
     p.__dict__.setdefault("_memsieve_written", []).append(staged["written"])
-    clusters = dup["assignment_lists"] | "ClusterRows" >> beam.Map(_cluster_rows)
+    clusters = tables | "ClusterRows" >> beam.Map(cluster_table)
     _write_tables(
         clusters, out_dir, "clusters", lambda t, n=n_parts: bucket_labels(t["cluster_id"], n), ("cluster_id", "key")
     )
@@ -307,7 +289,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     _write_tables(blocked, out_dir, "blocklist", _shard_labels, ("key",))
     _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     _join_sinks(p)
-    return {"written": staged["written"], "assignments": assignments}
+    return {"written": staged["written"], "assignment_tables": tables}
 
 
 def _neighbour_rows(n):

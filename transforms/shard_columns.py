@@ -215,7 +215,7 @@ def annotation_rows_table(rows: list[Annotation]) -> pa.Table:
 
 
 def annotation_table(grouped: dict) -> pa.Table:
-    """Pure: one shard's joined records (``transforms.shard_stage.split_shard``'s ``grouped``)
+    """Pure: one shard's joined records (``transforms.shard_stage.shard_annotations``' ``grouped``)
     -> the annotations table of every key, sorted by key."""
     grouped = unbatched(grouped)
     moved = set(grouped.get("moved", ()))

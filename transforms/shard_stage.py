@@ -102,9 +102,7 @@ class AnnotateShardFn(beam.DoFn):
         annotations = annotation_table(grouped)
         n = annotations.num_rows
         status = annotations.column("status").to_numpy(zero_copy_only=False)
-        alone = pc.equal(pc.fill_null(annotations.column("cluster_id"), ""), "").to_numpy(zero_copy_only=False)
-        # clustered keys tick "dedup" as FindDuplicates assigns them; a key alone is done here
-        progress.advance("dedup", int(((status == "ok") & alone).sum()))
+        # "dedup" ticks in FindDuplicates (cluster_columns.labelled, assign_tables): its own span
         decisions, reasons = decide_columns(annotations, self.cfg)
         self._count(decisions, reasons)
         progress.advance("decide", n)
