@@ -142,12 +142,13 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     failure cap, diagnostics instead (RunFailed)."""
     import apache_beam as beam
 
-    from pipeline import beam_speedups, outdir, runinfo
+    from pipeline import beam_speedups, heap, outdir, runinfo
     from pipeline.graph import build_graph, read_input
     from transforms import fsio
 
     started = time.time()
     beam_speedups.install()  # memoised DoFn signature inspection (Beam's fixed cost per stage)
+    heap.release_big_blocks()  # freed stage buffers leave the process (in-process runners)
     log.info("job %s: %s input, %d paths -> %s", cfg.name, fmt, len(inputs), out_dir)
     from transforms.outputs import runner_needs_split, split_by_filter
 
