@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +51,22 @@ def release_big_blocks(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int
     if ok:
         log.debug("malloc: blocks >= %d bytes mapped on their own, trim past %d", mmap_threshold, trim_threshold)
     return ok
+
+
+def start_trimmer(interval_s: float = 1.0) -> bool:
+    """A daemon thread that hands the heap's free pages back (``malloc_trim``) every
+    ``interval_s``: malloc keeps its own thresholds (no extra mappings), freed memory leaves the
+    process within a second. True when started."""
+    if os.environ.get("MEMSIEVE_MALLOC", "") == "default":
+        return False
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+
+    def loop():
+        while True:
+            libc.malloc_trim(0)
+            threading.Event().wait(interval_s)
+
+    threading.Thread(target=loop, name="memsieve-heap-trim", daemon=True).start()
+    return True

@@ -148,7 +148,10 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
 
     started = time.time()
     beam_speedups.install()  # memoised DoFn signature inspection (Beam's fixed cost per stage)
-    heap.release_big_blocks()  # freed stage buffers leave the process (in-process runners)
+    if os.environ.get("MEMSIEVE_MALLOC") == "trim":
+        heap.start_trimmer()
+    else:
+        heap.release_big_blocks()  # freed stage buffers leave the process (in-process runners)
     log.info("job %s: %s input, %d paths -> %s", cfg.name, fmt, len(inputs), out_dir)
     from transforms.outputs import runner_needs_split, split_by_filter
 
