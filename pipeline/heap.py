@@ -1,19 +1,21 @@
 """The driver's heap: big buffers go back to the OS when freed (glibc ``mallopt``).
 
 Beam's in-process runner holds every stage's output in its own buffers (pickled bytes, then
-decoded values for a GroupByKey) and frees them stage by stage. glibc's malloc serves a freed
-block of up to 32 MB (its dynamic mmap threshold rises to the largest block freed) from the heap,
-where it stays resident after it is freed: on the 1M x 512 LAION-layout dedup-only job the process
-kept ~1.3 GB after the reader and ~3 GB after the cell search that no buffer held, and peaked at
-8.3-8.7 GB. With blocks of ``MMAP_THRESHOLD`` bytes or more mapped on their own (returned whole
-when freed) and the heap trimmed only past ``TRIM_THRESHOLD`` of free top, the same run peaks at
-~5.7 GB with the same outputs (docs/engines.md, "Memory of the in-process runner").
+decoded values for a GroupByKey) and frees them stage by stage. glibc's malloc serves a block of
+up to 32 MB from its heap once a block that big has been freed (the dynamic mmap threshold rises
+to it), and a freed heap block stays resident: on the 1M x 512 LAION-layout dedup-only job the
+process held ~1.7 GB after the reader and ~3.7 GB after the cell search that no buffer held, and
+peaked at 8.3-8.7 GB. With blocks of ``MMAP_THRESHOLD`` bytes or more mapped on their own
+(unmapped when freed) the same run peaked at 5.4-5.7 GB with the same outputs, for ~20 s more
+system CPU (each new block's pages are faulted in afresh; +13% CPU at 200k rows); the trim
+threshold keeps the heap top from being returned and re-grown over and over
+(docs/engines.md, "The in-process runner").
 
-``MEMSIEVE_MALLOC=default`` leaves malloc as it is; an explicit ``GLIBC_TUNABLES`` malloc setting
-wins too. Elsewhere than glibc (macOS, musl) nothing changes.
+``MEMSIEVE_MALLOC=default`` leaves malloc as it is; ``MEMSIEVE_MALLOC=trim`` instead runs
+``malloc_trim`` once a second (cheaper, +4% CPU at 200k rows, but it cannot return pages shared
+with live small blocks); an explicit ``GLIBC_TUNABLES`` malloc setting wins. Elsewhere than glibc
+(macOS, musl) nothing changes.
 """
-
-from __future__ import annotations
 
 import ctypes
 import ctypes.util
@@ -23,7 +25,7 @@ import threading
 
 log = logging.getLogger(__name__)
 
-MMAP_THRESHOLD = 4 << 20  # bytes: a block this big or bigger is its own mapping
+MMAP_THRESHOLD = 1 << 20  # bytes: a block this big or bigger is its own mapping
 TRIM_THRESHOLD = 128 << 20  # bytes of free heap top kept before it is returned
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
