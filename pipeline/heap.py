@@ -6,16 +6,19 @@ up to 32 MB from its heap once a block that big has been freed (the dynamic mmap
 to it), and a freed heap block stays resident: on the 1M x 512 LAION-layout dedup-only job the
 process held ~1.7 GB after the reader and ~3.7 GB after the cell search that no buffer held, and
 peaked at 8.3-8.7 GB. With blocks of ``MMAP_THRESHOLD`` bytes or more mapped on their own
-(unmapped when freed) the same run peaked at 5.4-5.7 GB with the same outputs, for ~20 s more
-system CPU (each new block's pages are faulted in afresh; +13% CPU at 200k rows); the trim
-threshold keeps the heap top from being returned and re-grown over and over
+(unmapped when freed) and up to ``TRIM_THRESHOLD`` of free heap top kept (not returned and
+re-grown over and over), the same run peaked at 6.41 GB for 22.5 s of system CPU against 16.5 s,
+outputs identical. ``MEMSIEVE_MALLOC=tight`` returns the heap top once 128 KB of it are free:
+5.66 GB, but 37 s of system CPU (each new block's pages are faulted in afresh)
 (docs/engines.md, "The in-process runner").
 
 ``MEMSIEVE_MALLOC=default`` leaves malloc as it is; ``MEMSIEVE_MALLOC=trim`` instead runs
-``malloc_trim`` once a second (cheaper, +4% CPU at 200k rows, but it cannot return pages shared
-with live small blocks); an explicit ``GLIBC_TUNABLES`` malloc setting wins. Elsewhere than glibc
-(macOS, musl) nothing changes.
+``malloc_trim`` once a second (+4% CPU at 200k rows, but it cannot return pages shared with live
+small blocks; not measured at 1M); an explicit ``GLIBC_TUNABLES`` malloc setting wins. Elsewhere
+than glibc (macOS, musl) nothing changes.
 """
+
+from __future__ import annotations
 
 import ctypes
 import ctypes.util
@@ -41,8 +44,11 @@ def _libc():
 
 def release_big_blocks(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Set glibc's thresholds for this process; True when they were set."""
-    if os.environ.get("MEMSIEVE_MALLOC", "") == "default":
+    mode = os.environ.get("MEMSIEVE_MALLOC", "")
+    if mode == "default":
         return False
+    if mode == "tight":  # the heap top is returned as soon as 128 KB of it are free: less RSS, more CPU
+        trim_threshold = 128 << 10
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     libc = _libc()

@@ -24,6 +24,7 @@ def _probe(env: dict) -> str:
 @pytest.mark.skipif(heap._libc() is None, reason="not glibc")
 def test_set_on_glibc_and_left_alone_when_asked():
     assert _probe({"MEMSIEVE_MALLOC": "", "GLIBC_TUNABLES": ""}) == "True"
+    assert _probe({"MEMSIEVE_MALLOC": "tight", "GLIBC_TUNABLES": ""}) == "True"
     assert _probe({"MEMSIEVE_MALLOC": "default"}) == "False"
     assert _probe({"MEMSIEVE_MALLOC": "", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}) == "False"
 
