@@ -8,9 +8,9 @@ process held ~1.7 GB after the reader and ~3.7 GB after the cell search that no 
 peaked at 8.3-8.7 GB. With blocks of ``MMAP_THRESHOLD`` bytes or more mapped on their own
 (unmapped when freed) and up to ``TRIM_THRESHOLD`` of free heap top kept (not returned and
 re-grown over and over), the same run peaked at 6.41 GB for 22.5 s of system CPU against 16.5 s,
-outputs identical. ``MEMSIEVE_MALLOC=tight`` returns the heap top once 128 KB of it are free:
-5.66 GB, but 37 s of system CPU (each new block's pages are faulted in afresh)
-(docs/engines.md, "The in-process runner").
+outputs identical. ``MEMSIEVE_MALLOC=tight`` returns the heap top once 32 MB of it are free:
+5.44 GB, but 33 s of system CPU (the top is re-grown and its pages faulted in afresh over and
+over) (docs/engines.md, "The in-process runner").
 
 ``MEMSIEVE_MALLOC=default`` leaves malloc as it is; ``MEMSIEVE_MALLOC=trim`` instead runs
 ``malloc_trim`` once a second (+4% CPU at 200k rows, but it cannot return pages shared with live
@@ -47,8 +47,8 @@ def release_big_blocks(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int
     mode = os.environ.get("MEMSIEVE_MALLOC", "")
     if mode == "default":
         return False
-    if mode == "tight":  # the heap top is returned as soon as 128 KB of it are free: less RSS, more CPU
-        trim_threshold = 128 << 10
+    if mode == "tight":  # the heap top is returned once 32 MB of it are free: less RSS, more CPU
+        trim_threshold = 32 << 20
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     libc = _libc()
