@@ -63,4 +63,7 @@ print((rss() - base) >> 20)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         return int(out.stdout)
 
-    assert held("1") < 64 <= held("0")  # MB still resident after the frees
+    assert held("1") < 64  # MB still resident after the frees
+    # the control (glibc's own thresholds keep the holes resident); once in a full-suite run on a
+    # loaded machine it read 0 MB, so it gets three tries before the premise is called broken
+    assert max(held("0") for _ in range(3)) >= 64
