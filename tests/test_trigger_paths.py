@@ -138,45 +138,94 @@ def test_near_norms_with_known_and_integer_test_equal_every_pair():
         assert near_norms(list(reversed(norms)), known) | known == want | known
 
 
-def test_batch_counters_equal_per_record_events():
-    from transforms.triggers import (
-        _object_event_counts,
-        _object_events,
-        _pair_counts,
-        _term_counts,
-        _word_counts,
-    )
-
-    rng = random.Random(2)
+def _batch_records(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
     ex = KeywordExtractor()
     words = "red car old dog tree sky the street sign traffic light flag on a pole".split()
-    vocabulary = frozenset(["car", "tree", "sky", "traffic light", "flag", "sign"])
-    batch = []
-    for i in range(400):
+    out = []
+    for i in range(n):
         caption = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
         objects = sorted(set(rng.sample(["flag", "logo", "dog", "traffic light"], rng.randint(0, 2))))
         size = rng.choice([1, 1, 2, 12, 30])
-        batch.append(
+        out.append(
             {
                 "key": f"k{i}",
+                "shard": f"s{i % 2}",
+                "caption": caption,
                 "norm": normalize_caption(caption),
                 "terms": ex.terms_tuple(caption),
                 "objects": objects if i % 2 else [],
-                "cluster_id": f"c{size}",
+                "cluster_id": f"c{size}" if i % 3 else f"d{size}",
                 "cluster_size": size,
             }
         )
-    events = Counter()
-    for r in batch:
-        events.update(_object_events(r, vocabulary))
-    assert dict(_object_event_counts(batch, vocabulary)) == dict(events)
-    assert any(k[0] == "both" for k in events) and any(k[0] == "kw_mention" for k in events)
-    assert dict(_term_counts(batch)) == dict(Counter(w for r in batch for w in r["terms"]))
-    pairs = Counter(
-        (w, r["cluster_id"], r["cluster_size"]) for r in batch if r["cluster_size"] >= 10 for w in r["terms"]
+    return out
+
+
+def test_record_batch_columns_give_back_the_records():
+    import pickle
+
+    from transforms.trigger_records import RecordBatch
+
+    records = _batch_records(300, 7)
+    batch = RecordBatch.from_records(records)
+    assert list(batch) == records and len(batch) == 300
+    assert list(batch.vocab) == sorted(batch.vocab) and len(set(batch.vocab)) == len(batch.vocab)
+    again = pickle.loads(pickle.dumps(batch))
+    assert list(again) == records and again.objects == batch.objects
+    assert list(RecordBatch.from_records([])) == []
+
+
+def test_batch_counters_equal_per_record_events():
+    from transforms.trigger_counts import (
+        clustered_captions,
+        object_event_counts,
+        object_events,
+        pair_counts,
+        term_counts,
     )
-    assert dict(_pair_counts(batch, 10)) == dict(pairs) and pairs
-    assert dict(_word_counts(batch)) == dict(Counter(w for r in batch for w in set(r["norm"].split())))
+    from transforms.trigger_records import RecordBatch
+    from transforms.triggers import _word_counts
+
+    vocabulary = frozenset(["car", "tree", "sky", "traffic light", "flag", "sign", "pole street"])
+    for seed in (2, 3):
+        records = _batch_records(400, seed)
+        batch = RecordBatch.from_records(records)
+        events = Counter()
+        for r in records:
+            events.update(object_events(r, vocabulary))
+        assert dict(object_event_counts(batch, vocabulary)) == dict(events)
+        assert any(k[0] == "both" for k in events) and any(k[0] == "kw_mention" for k in events)
+        assert dict(object_event_counts(batch, frozenset())) == dict(
+            Counter(e for r in records for e in object_events(r, frozenset()))
+        )
+        assert dict(term_counts(batch)) == dict(Counter(w for r in records for w in r["terms"]))
+        pairs = Counter(
+            (w, r["cluster_id"], r["cluster_size"]) for r in records if r["cluster_size"] >= 10 for w in r["terms"]
+        )
+        assert dict(pair_counts(batch, 10)) == dict(pairs) and pairs
+        assert pair_counts(batch, 1000) == []
+        assert dict(_word_counts(batch)) == dict(Counter(w for r in records for w in set(r["norm"].split())))
+        assert clustered_captions(batch) == [(r["cluster_id"], r["caption"]) for r in records if r["cluster_size"] > 1]
+
+
+def test_batch_codes_equal_per_record_codes():
+    from transforms.trigger_counts import batch_codes, record_codes
+    from transforms.trigger_records import RecordBatch
+    from transforms.triggers import _by_keyword
+
+    records = _batch_records(500, 4)
+    batch = RecordBatch.from_records(records)
+    word_sig = [("car", "c12"), ("dog", "c30"), ("red", "d2"), ("absent", "c12"), ("tree", "nowhere")]
+    object_sig = [("dog", ("flag", "unintended")), ("street", ("traffic light", "implicit_intended"))]
+    object_sig += [("car", ("logo", "unintended")), ("red", ("dog", "unintended"))]
+    sig_set, by_kw = set(word_sig), _by_keyword(object_sig)
+    want = [kv for r in records for kv in record_codes(r, sig_set, by_kw)]
+    got = list(batch_codes(batch, _by_keyword(word_sig), by_kw))
+    assert got == want
+    kinds = {c.split(":")[0] for _, codes in want for c in codes}
+    assert kinds == {"word_trigger", "object_trigger", "implicit_object"}, kinds
+    assert list(batch_codes(batch, {}, {})) == []
 
 
 def test_info_rows_read_the_columns_as_sample_infos_do():

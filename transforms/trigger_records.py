@@ -1,12 +1,15 @@
-"""Trigger mining's inputs as batches: one list of caption records per shard (chunked), and the
-per-batch counting and bucketing that ``transforms.triggers.MineTriggers`` combines.
+"""Trigger mining's inputs as batches: one columnar ``RecordBatch`` of caption records per shard
+chunk, and the per-batch bucketing that ``transforms.triggers.MineTriggers`` combines.
 
 A record is what the miners need of one ok sample: key, shard, caption, normalized caption,
 keyword terms, metadata objects, and its duplicate cluster (its own key and size 1 when it has
-no assignment). Counting is a ``Counter`` per batch whose items are summed per term
-(``CombinePerKey``), so a term travels once per batch, not once per caption; captions are
-grouped (template skeletons here; exact text and MinHash bands in ``trigger_captions``)
-through hash buckets of lists.
+no assignment). A batch holds them as columns: lists of strings, the cluster sizes as an array,
+the keyword terms as ids into the batch's sorted term vocabulary (CSR: ``term_ids`` with row
+offsets ``term_off``) and the metadata objects only for rows that have any. Counting works on
+those arrays (``transforms.trigger_counts``); iterating a batch still gives one dict per record
+(the reference form, and what the caption stages read). Captions are grouped (template
+skeletons here; exact text and MinHash bands in ``trigger_captions``) through hash buckets of
+lists.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
 
 from pipeline import progress
 from transforms.key_batches import grouped, split_buckets
@@ -25,24 +29,103 @@ CHUNK = 4096  # records per element
 
 INFO_COLUMNS = ("key", "shard", "caption", "meta_json")
 NORM_CACHE = 100_000  # distinct captions whose normalized text is kept
+_NO_OBJECTS: list[str] = []
 
 
-def make_record(info, assignment, extractor, use_metadata: bool, norm: str | None = None) -> dict:
-    """A SampleInfo (or an object with its key, shard, caption, meta_json) -> a record."""
-    return {
-        "key": info.key,
-        "shard": info.shard,
-        "caption": info.caption,
-        "norm": normalize_caption(info.caption) if norm is None else norm,
-        "terms": extractor.terms_tuple(info.caption),
-        "objects": metadata_objects(info.meta_json) if use_metadata else [],
-        "cluster_id": assignment.cluster_id if assignment else info.key,
-        "cluster_size": assignment.cluster_size if assignment else 1,
-    }
+class RecordBatch:
+    """Records as columns (see the module doc). ``len`` and iteration (dicts) as a list of
+    records; ``record(i)`` builds one."""
+
+    __slots__ = ("key", "shard", "caption", "norm", "cluster_id", "cluster_size", "vocab", "term_ids", "term_off")
+    __slots__ += ("objects",)
+
+    def __init__(self, key, shard, caption, norm, cluster_id, cluster_size, terms, objects=None):
+        """Columns as lists; ``terms``: each row's sorted unique terms (tuples); ``objects``:
+        {row: sorted object names} for the rows with any."""
+        self.key, self.shard, self.caption, self.norm = key, shard, caption, norm
+        self.cluster_id = cluster_id
+        self.cluster_size = np.asarray(cluster_size, dtype=np.int64)
+        self.vocab, self.term_ids, self.term_off = term_columns(terms)
+        self.objects = objects or {}
+
+    def __getstate__(self):
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, state):
+        for s, v in zip(self.__slots__, state, strict=True):
+            setattr(self, s, v)
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def terms_of(self, i: int) -> tuple[str, ...]:
+        vocab = self.vocab
+        return tuple(vocab[t] for t in self.term_ids[self.term_off[i] : self.term_off[i + 1]].tolist())
+
+    def term_rows(self) -> np.ndarray:
+        """The row of each entry of ``term_ids``."""
+        return np.repeat(np.arange(len(self.key)), np.diff(self.term_off))
+
+    def record(self, i: int) -> dict:
+        return {
+            "key": self.key[i],
+            "shard": self.shard[i],
+            "caption": self.caption[i],
+            "norm": self.norm[i],
+            "terms": self.terms_of(i),
+            "objects": self.objects.get(i, _NO_OBJECTS),
+            "cluster_id": self.cluster_id[i],
+            "cluster_size": int(self.cluster_size[i]),
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        return map(self.record, range(len(self.key)))
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> RecordBatch:
+        """Record dicts (``terms`` sorted unique; absent shard, caption or objects: empty)."""
+        objects = {i: list(r["objects"]) for i, r in enumerate(records) if r.get("objects")}
+        return cls(
+            [r["key"] for r in records],
+            [r.get("shard", "") for r in records],
+            [r.get("caption", "") for r in records],
+            [r["norm"] for r in records],
+            [r["cluster_id"] for r in records],
+            [r["cluster_size"] for r in records],
+            [r["terms"] for r in records],
+            objects,
+        )
+
+
+def term_columns(terms: list[tuple[str, ...]]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """Rows' sorted unique terms -> (sorted vocabulary, term ids (int32), row offsets (int64));
+    each row's ids ascend, as its terms do."""
+    index: dict[str, int] = {}
+    ids = [index.setdefault(t, len(index)) for row in terms for t in row]
+    first_seen = list(index)
+    order = sorted(range(len(first_seen)), key=first_seen.__getitem__)
+    remap = np.empty(len(order), dtype=np.int32)
+    remap[order] = np.arange(len(order), dtype=np.int32)
+    off = np.zeros(len(terms) + 1, dtype=np.int64)
+    np.cumsum([len(row) for row in terms], out=off[1:])
+    return tuple(first_seen[i] for i in order), remap[np.asarray(ids, dtype=np.int64)], off
+
+
+def cluster_lookup(assignments: Iterable) -> dict[str, tuple[str, int]]:
+    """A shard's assignments (of its clustered keys) -> {key: (cluster id, cluster size)}: the
+    only reader of assignment elements (adapt it when their shape changes)."""
+    return {a.key: (a.cluster_id, a.cluster_size) for a in assignments}
+
+
+def cluster_columns(keys: list[str], lookup: dict) -> tuple[list[str], list[int]]:
+    """Rows' keys -> each row's cluster id and size; a key without an assignment is a cluster
+    of one (its own key)."""
+    got = [lookup.get(k) for k in keys]
+    return [g[0] if g else k for g, k in zip(got, keys, strict=True)], [g[1] if g else 1 for g in got]
 
 
 class _Row:
-    """The info columns records need, for ``make_record`` (no SampleInfo per row)."""
+    """The info columns records need (no SampleInfo per row)."""
 
     __slots__ = INFO_COLUMNS
 
@@ -56,7 +139,7 @@ def info_rows(table) -> Iterator[_Row]:
 
 
 class ShardRecordsFn(beam.DoFn):
-    """(shard, {"info": info tables, "a": ClusterAssignment}) -> lists of records (<= CHUNK)."""
+    """(shard, {"info": info tables, "a": ClusterAssignment}) -> RecordBatch (<= CHUNK rows)."""
 
     def __init__(self, bigrams: bool, use_metadata: bool):
         self.bigrams = bigrams
@@ -74,28 +157,46 @@ class ShardRecordsFn(beam.DoFn):
                 self.norms[caption] = norm
         return norm
 
-    def process(self, item) -> Iterator[list[dict]]:
+    def process(self, item) -> Iterator[RecordBatch]:
         _, joined = item
-        assigned = {a.key: a for a in joined["a"]}
+        assignments = cluster_lookup(joined["a"])
         seen: set[str] = set()
-        batch: list[dict] = []
+        rows: list[_Row] = []
         for table in joined["info"]:
             for info in info_rows(table):
                 if info.key in seen:  # a key repeated in one shard: its first record
                     continue
                 seen.add(info.key)
-                norm = self._norm(info.caption)
-                batch.append(make_record(info, assigned.get(info.key), self.extractor, self.use_metadata, norm))
-                if len(batch) >= CHUNK:
-                    progress.advance("triggers", len(batch))
-                    yield batch
-                    batch = []
-        if batch:
-            progress.advance("triggers", len(batch))
-            yield batch
+                rows.append(info)
+                if len(rows) >= CHUNK:
+                    yield self._batch(rows, assignments)
+                    rows = []
+        if rows:
+            yield self._batch(rows, assignments)
+
+    def _batch(self, rows: list[_Row], lookup: dict) -> RecordBatch:
+        keys = [r.key for r in rows]
+        captions = [r.caption for r in rows]
+        cluster_id, cluster_size = cluster_columns(keys, lookup)
+        terms = self.extractor.terms_tuple
+        objects = {}
+        if self.use_metadata:
+            objects = {i: o for i, r in enumerate(rows) if (o := metadata_objects(r.meta_json))}
+        batch = RecordBatch(
+            keys,
+            [r.shard for r in rows],
+            captions,
+            [self._norm(c) for c in captions],
+            cluster_id,
+            cluster_size,
+            [terms(c) for c in captions],
+            objects,
+        )
+        progress.advance("triggers", len(rows))
+        return batch
 
 
-def bucketed(batch: list[dict], pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:
+def bucketed(batch, pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:
     """A batch's records -> (bucket, [(group key, member)]) lists, for grouping by group key."""
     yield from split_buckets((p for r in batch for p in pairs(r)), n)
 
@@ -107,7 +208,7 @@ def per_group(item, group_fn: Callable) -> Iterator:
         yield from group_fn((group, members))
 
 
-def _bucketed_with(batch: list[dict], side, pairs: Callable, n: int) -> Iterator[tuple[int, list]]:
+def _bucketed_with(batch, side, pairs: Callable, n: int) -> Iterator[tuple[int, list]]:
     return bucketed(batch, lambda r: pairs(r, side), n)
 
 

@@ -20,12 +20,20 @@ from transforms.captions import cluster_duplication, skeleton_of_norm
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.trigger_captions import CaptionCodes, near_norms
-from transforms.trigger_records import CHUNK, GroupInBuckets, ShardRecordsFn
+from transforms.trigger_counts import (
+    batch_codes,
+    clustered_captions,
+    object_event_counts,
+    pair_counts,
+    term_counts,
+)
+from transforms.trigger_records import CHUNK, GroupInBuckets, RecordBatch, ShardRecordsFn
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
 class _SampleRecords(beam.DoFn):
-    """(key, {"i": [SampleInfo], "a": [ClusterAssignment]}) -> one record dict per ok sample."""
+    """(key, {"i": [SampleInfo], "a": [ClusterAssignment]}) -> one record dict per ok sample
+    (the per-sample path of ``SampleInfo`` elements; ``_chunks`` makes them batches)."""
 
     def __init__(self, bigrams: bool, use_metadata: bool):
         self.bigrams = bigrams
@@ -54,63 +62,6 @@ class _SampleRecords(beam.DoFn):
         }
 
 
-def _words(record: dict) -> set[str]:
-    return set(record["norm"].split()) | set(record["terms"])
-
-
-def _mentions(record: dict, obj: str, words: set[str] | None = None) -> bool:
-    words = _words(record) if words is None else words
-    return all(w in words for w in obj.split())
-
-
-def _object_events(record: dict, vocabulary: frozenset[str]) -> Iterator[tuple]:
-    """Counting events for keyword -> object statistics over captions not naming the object."""
-    present = set(record["objects"])
-    words = _words(record)
-    for obj, parts in _split_objects(vocabulary | present if present else vocabulary):
-        if all(w in words for w in parts):
-            yield ("mention", obj)
-            for w in record["terms"]:
-                yield ("kw_mention", w, obj)
-        elif obj in present:
-            yield ("object", obj)
-            for w in record["terms"]:
-                yield ("both", w, obj)
-
-
-def _object_event_counts(batch: list[dict], vocabulary: frozenset[str]):
-    """A batch's ``_object_events``, counted. A record without metadata objects only mentions
-    objects: those whose words it has, found through an index of the vocabulary's words."""
-    index = _object_index(vocabulary)
-    counts: Counter = Counter()
-    for r in batch:
-        if r["objects"]:
-            counts.update(_object_events(r, vocabulary))
-            continue
-        words = _words(r)
-        hits = {obj for w in words.intersection(index) for obj, parts in index[w] if all(p in words for p in parts)}
-        for obj in sorted(hits):
-            counts[("mention", obj)] += 1
-            counts.update([("kw_mention", w, obj) for w in r["terms"]])
-    return counts.items()
-
-
-@functools.lru_cache(maxsize=256)
-def _object_index(objects: frozenset[str]) -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
-    """word -> the objects (with their words) that contain it."""
-    index: dict[str, list] = {}
-    for obj, parts in _split_objects(objects):
-        for w in set(parts):
-            index.setdefault(w, []).append((obj, parts))
-    return {w: tuple(v) for w, v in index.items()}
-
-
-@functools.lru_cache(maxsize=256)
-def _split_objects(objects: frozenset[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Objects in sorted order with their words, once per object set."""
-    return tuple((obj, tuple(obj.split())) for obj in sorted(objects))
-
-
 def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[dict]:
     out = []
     for (_, w, obj), n_both in both:
@@ -128,18 +79,6 @@ def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[di
                 }
             )
     return sorted(out, key=lambda r: (r["keyword"], r["object"]))
-
-
-def _codes_for(record: dict, word_sig, object_sig) -> Iterator[tuple[str, tuple[str, ...]]]:
-    codes = [f"word_trigger:{w}" for w in record["terms"] if (w, record["cluster_id"]) in word_sig]
-    present = set(record["objects"])
-    for w in record["terms"]:
-        for o, relation in sorted(object_sig.get(w, ())):
-            if o in present and not _mentions(record, o):
-                # unintended associations are acted on; implicit intended ones are only recorded
-                codes.append(f"{'object_trigger' if relation == 'unintended' else 'implicit_object'}:{w}->{o}")
-    if codes:
-        yield (record["key"], record["shard"]), tuple(sorted(codes))
 
 
 def _near_dup_keys(item) -> Iterator:
@@ -172,18 +111,6 @@ def _template_keys(item, min_count: int, min_distinct: int) -> Iterator:
             yield key, ("template_caption",)
 
 
-def _term_counts(batch: list[dict]):
-    """A batch's (term, captions with it) counts."""
-    return Counter(chain.from_iterable(r["terms"] for r in batch)).items()
-
-
-def _pair_counts(batch: list[dict], m: int):
-    """A batch's ((term, cluster, cluster size), count) over records in clusters of >= m."""
-    return Counter(
-        (w, r["cluster_id"], r["cluster_size"]) for r in batch if r["cluster_size"] >= m for w in r["terms"]
-    ).items()
-
-
 def _word_counts(batch: list[dict]):
     """A batch's (word, captions with it) counts over normalized captions."""
     return Counter(chain.from_iterable(set(r["norm"].split()) for r in batch)).items()
@@ -194,21 +121,15 @@ def _skeleton_pairs(r: dict, frequent) -> list[tuple]:
     return [(sk, ((r["key"], r["shard"]), r["norm"]))] if sk else []
 
 
-def _batch_codes(batch: list[dict], ws, os_) -> Iterator:
-    word_sig, object_sig = set(ws), _by_keyword(os_)
-    for r in batch:
-        yield from _codes_for(r, word_sig, object_sig)
+def _batch_codes(batch, ws, os_) -> Iterator:
+    return batch_codes(batch, _by_keyword(ws), _by_keyword(os_))
 
 
-def _clustered_captions(batch: list[dict]) -> list[tuple[str, str]]:
-    return [(r["cluster_id"], r["caption"]) for r in batch if r["cluster_size"] > 1]
-
-
-def _chunks(item) -> Iterator[list[dict]]:
+def _chunks(item) -> Iterator[RecordBatch]:
     _, records = item
     records = sorted(records, key=lambda r: r["key"])
     for i in range(0, len(records), CHUNK):
-        yield records[i : i + CHUNK]
+        yield RecordBatch.from_records(records[i : i + CHUNK])
 
 
 class MineTriggers(beam.PTransform):
@@ -228,7 +149,7 @@ class MineTriggers(beam.PTransform):
         n_total = recs | "BatchSizes" >> beam.Map(len) | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = (
             recs
-            | "Terms" >> beam.FlatMap(_term_counts)
+            | "Terms" >> beam.FlatMap(term_counts)
             | "CountTerms" >> beam.CombinePerKey(sum)
             | "PruneTerms" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_keyword_count)
         )
@@ -242,7 +163,7 @@ class MineTriggers(beam.PTransform):
         codes = (trigger_codes, *self._caption_codes(recs)) | "AllCodes" >> beam.Flatten()
         duplication = (
             recs
-            | "CaptionByCluster" >> beam.FlatMap(_clustered_captions)
+            | "CaptionByCluster" >> beam.FlatMap(clustered_captions)
             | "GroupClusterCaptions" >> beam.GroupByKey()
             | "ClassifyCluster"
             >> beam.Map(
@@ -278,7 +199,7 @@ class MineTriggers(beam.PTransform):
         cfg = self.cfg
         pairs = (
             recs
-            | "Pairs" >> beam.FlatMap(_pair_counts, m=cfg.min_pair_count)
+            | "Pairs" >> beam.FlatMap(pair_counts, m=cfg.min_pair_count)
             | "CountPairs" >> beam.CombinePerKey(sum)
             | "PrunePairs" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_pair_count)
         )
@@ -317,7 +238,7 @@ class MineTriggers(beam.PTransform):
         vocabulary = frozenset(cfg.objects or DEFAULT_OBJECTS)
         events = (
             recs
-            | "ObjectEvents" >> beam.FlatMap(_object_event_counts, vocabulary=vocabulary)
+            | "ObjectEvents" >> beam.FlatMap(object_event_counts, vocabulary=vocabulary)
             | "CountEvents" >> beam.CombinePerKey(sum)
         )
         both = events | "BothEvents" >> beam.Filter(
