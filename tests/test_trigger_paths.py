@@ -288,3 +288,20 @@ def test_full_caches_give_the_same_terms(monkeypatch):
     for c in TRICKY * 2:
         assert capped.terms_tuple(c) == reference._terms_of(reference.lemmas_spacy(c)), c
     assert len(capped._pieces) == 5 and len(capped._terms) == 3
+
+
+def test_object_word_rows_equal_python_sets_with_odd_text():
+    from transforms.trigger_counts import _word_rows
+    from transforms.trigger_records import RecordBatch
+
+    norms = ["", "a flag", "flag", "flagpole x", "x flag y", "car\ud800 flag", "traffic", "café flag"]
+    records = [
+        {"key": str(i), "norm": n, "terms": ("car",) if i == 6 else (), "cluster_id": str(i), "cluster_size": 1}
+        for i, n in enumerate(norms)
+    ]
+    for batch in (RecordBatch.from_records(records), RecordBatch.from_records(records[:5] + records[6:])):
+        words = ["flag", "car", "café", "x"]
+        got = _word_rows(batch, words)
+        for w in words:
+            want = [w in set(r["norm"].split()) or w in r["terms"] for r in batch]
+            assert got[w].tolist() == want, w

@@ -105,30 +105,32 @@ def pair_counts(batch, m: int) -> list[tuple[tuple, int]]:
     ]
 
 
-def _word_rows(batch, words) -> dict[str, np.ndarray]:
-    """Each word -> the rows whose normalized caption has it as a word, or whose terms have it.
-    A normalized caption's only whitespace is single spaces (``normalize_caption``), so a word
-    of it is a match of " word " in " caption "."""
+def _word_rows(batch, words: list[str]) -> dict[str, np.ndarray]:
+    """Each word -> a mask of the rows whose normalized caption has it as a word, or whose
+    terms have it. A normalized caption's only whitespace is single spaces
+    (``normalize_caption``), so its words are its split at " " (Arrow, for the whole batch)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    n = len(batch)
+    masks = np.zeros((len(words), n), dtype=bool)
     try:
-        padded = pa.array([f" {n} " for n in batch.norm], type=pa.large_string())
-    except (pa.ArrowException, UnicodeEncodeError):  # a lone surrogate: Python's sets instead
-        padded = None
-        sets = [set(n.split()) for n in batch.norm]
+        lists = pc.split_pattern(pa.array(batch.norm, type=pa.large_string()), " ")
+        found = pc.fill_null(pc.index_in(pc.list_flatten(lists), value_set=pa.array(words)), -1).to_numpy()
+        rows = pc.list_parent_indices(lists).to_numpy()
+        hit = found >= 0
+        masks[found[hit], rows[hit]] = True
+    except (pa.ArrowException, UnicodeEncodeError):  # a lone surrogate: Python's split instead
+        at = {w: j for j, w in enumerate(words)}
+        for i, norm in enumerate(batch.norm):
+            for w in set(norm.split()).intersection(at):
+                masks[at[w], i] = True
     index = {t: i for i, t in enumerate(batch.vocab)}
     term_rows = batch.term_rows()
-    out = {}
-    for w in words:
-        if padded is None:
-            mask = np.array([w in s for s in sets], dtype=bool)
-        else:
-            mask = pc.match_substring(padded, f" {w} ").to_numpy(zero_copy_only=False).astype(bool)
+    for j, w in enumerate(words):
         if w in index:
-            mask[term_rows[batch.term_ids == index[w]]] = True
-        out[w] = mask
-    return out
+            masks[j, term_rows[batch.term_ids == index[w]]] = True
+    return dict(zip(words, masks, strict=True))
 
 
 def object_event_counts(batch, vocabulary: frozenset[str]) -> list[tuple[tuple, int]]:
