@@ -305,3 +305,12 @@ def test_object_word_rows_equal_python_sets_with_odd_text():
         for w in words:
             want = [w in set(r["norm"].split()) or w in r["terms"] for r in batch]
             assert got[w].tolist() == want, w
+
+
+def test_normalize_caption_equals_its_regex_reference():
+    from transforms.keywords import normalize_caption_reference
+
+    odd = ["\x1c\x1dx\x1e\x1fy\x85z\xa0w\u2028v\u3000u", "A_B__c\t\n\r\x0b\x0c", "ÀÉÎ ﬁ ① ｆｕｌｌ", "\ud800 x"]
+    odd += ["".join(chr(c) for c in range(0, 256)), "".join(chr(c) for c in range(0x2000, 0x2070))]
+    for c in TRICKY + odd + _real_captions(2000):
+        assert normalize_caption(c) == normalize_caption_reference(c), repr(c)

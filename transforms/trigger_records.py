@@ -78,8 +78,25 @@ class RecordBatch:
             "cluster_size": int(self.cluster_size[i]),
         }
 
+    def row_terms(self) -> list[tuple[str, ...]]:
+        """Each row's terms (tuples of strings)."""
+        vocab, ids, off = self.vocab, self.term_ids.tolist(), self.term_off.tolist()
+        return [tuple(vocab[t] for t in ids[a:b]) for a, b in zip(off, off[1:], strict=False)]
+
     def __iter__(self) -> Iterator[dict]:
-        return map(self.record, range(len(self.key)))
+        objects = self.objects
+        columns = (self.key, self.shard, self.caption, self.norm, self.row_terms(), self.cluster_id)
+        for i, (k, s, c, n, t, cid, size) in enumerate(zip(*columns, self.cluster_size.tolist(), strict=True)):
+            yield {
+                "key": k,
+                "shard": s,
+                "caption": c,
+                "norm": n,
+                "terms": t,
+                "objects": objects.get(i, _NO_OBJECTS),
+                "cluster_id": cid,
+                "cluster_size": size,
+            }
 
     @classmethod
     def from_records(cls, records: list[dict]) -> RecordBatch:
@@ -138,6 +155,23 @@ def info_rows(table) -> Iterator[_Row]:
     yield from map(_Row, *(table.column(c).to_pylist() for c in INFO_COLUMNS))
 
 
+def _first_rows(table, seen: set[str]) -> list[list]:
+    """An info table's INFO_COLUMNS as lists, less the rows whose key is in ``seen`` or earlier
+    in the table (a key repeated in one shard: its first record); adds the keys to ``seen``."""
+    columns = [table.column(c).to_pylist() for c in INFO_COLUMNS]
+    keys = columns[0]
+    fresh = set(keys)
+    if len(fresh) == len(keys) and seen.isdisjoint(fresh):
+        seen |= fresh
+        return columns
+    keep = []
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return [[c[i] for i in keep] for c in columns]
+
+
 class ShardRecordsFn(beam.DoFn):
     """(shard, {"info": info tables, "a": ClusterAssignment}) -> RecordBatch (<= CHUNK rows)."""
 
@@ -153,38 +187,34 @@ class ShardRecordsFn(beam.DoFn):
         norm = self.norms.get(caption)
         if norm is None:
             norm = normalize_caption(caption)
+            norm = caption if norm == caption else norm  # one string object: pickled once
             if len(self.norms) < NORM_CACHE:
                 self.norms[caption] = norm
         return norm
 
     def process(self, item) -> Iterator[RecordBatch]:
         _, joined = item
-        assignments = cluster_lookup(joined["a"])
+        lookup = cluster_lookup(joined["a"])
         seen: set[str] = set()
-        rows: list[_Row] = []
+        rows: list[list] = [[] for _ in INFO_COLUMNS]
         for table in joined["info"]:
-            for info in info_rows(table):
-                if info.key in seen:  # a key repeated in one shard: its first record
-                    continue
-                seen.add(info.key)
-                rows.append(info)
-                if len(rows) >= CHUNK:
-                    yield self._batch(rows, assignments)
-                    rows = []
-        if rows:
-            yield self._batch(rows, assignments)
+            for column, values in zip(rows, _first_rows(table, seen), strict=True):
+                column.extend(values)
+            while len(rows[0]) >= CHUNK:
+                yield self._batch(*(c[:CHUNK] for c in rows), lookup)
+                rows = [c[CHUNK:] for c in rows]
+        if rows[0]:
+            yield self._batch(*rows, lookup)
 
-    def _batch(self, rows: list[_Row], lookup: dict) -> RecordBatch:
-        keys = [r.key for r in rows]
-        captions = [r.caption for r in rows]
+    def _batch(self, keys: list, shards: list, captions: list, metas: list, lookup: dict) -> RecordBatch:
         cluster_id, cluster_size = cluster_columns(keys, lookup)
         terms = self.extractor.terms_tuple
         objects = {}
         if self.use_metadata:
-            objects = {i: o for i, r in enumerate(rows) if (o := metadata_objects(r.meta_json))}
+            objects = {i: o for i, m in enumerate(metas) if (o := metadata_objects(m))}
         batch = RecordBatch(
             keys,
-            [r.shard for r in rows],
+            _shared(shards),
             captions,
             [self._norm(c) for c in captions],
             cluster_id,
@@ -192,8 +222,14 @@ class ShardRecordsFn(beam.DoFn):
             [terms(c) for c in captions],
             objects,
         )
-        progress.advance("triggers", len(rows))
+        progress.advance("triggers", len(keys))
         return batch
+
+
+def _shared(values: list[str]) -> list[str]:
+    """Equal strings as one object each (pickled once)."""
+    seen: dict[str, str] = {}
+    return [seen.setdefault(v, v) for v in values]
 
 
 def bucketed(batch, pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:
