@@ -210,7 +210,7 @@ def test_batch_counters_equal_per_record_events():
 
 
 def test_batch_codes_equal_per_record_codes():
-    from transforms.trigger_counts import batch_codes, record_codes
+    from transforms.trigger_counts import batch_codes, code_rows, record_codes
     from transforms.trigger_records import RecordBatch
     from transforms.triggers import _by_keyword
 
@@ -223,6 +223,10 @@ def test_batch_codes_equal_per_record_codes():
     want = [kv for r in records for kv in record_codes(r, sig_set, by_kw)]
     got = list(batch_codes(batch, _by_keyword(word_sig), by_kw))
     assert got == want
+    (slim,) = code_rows(batch, 2)  # the rows in clusters of >= 2 (every sig cluster) or with objects
+    assert list(slim) == [r for r in records if r["cluster_size"] >= 2 or r["objects"]] and len(slim) < len(batch)
+    assert list(batch_codes(slim, _by_keyword(word_sig), by_kw)) == want
+    assert code_rows(batch, 1) == [batch] and code_rows(RecordBatch.from_records(records[:1]), 99) == []
     kinds = {c.split(":")[0] for _, codes in want for c in codes}
     assert kinds == {"word_trigger", "object_trigger", "implicit_object"}, kinds
     assert list(batch_codes(batch, {}, {})) == []

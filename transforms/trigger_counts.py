@@ -162,6 +162,16 @@ def object_event_counts(batch, vocabulary: frozenset[str]) -> list[tuple[tuple, 
     return list(counts.items())
 
 
+def code_rows(batch, m: int) -> list:
+    """The batch's rows that can carry a trigger code, as a batch (none: []): word triggers are
+    (keyword, cluster) pairs counted over clusters of >= m records, object triggers need
+    metadata objects."""
+    rows = set(np.flatnonzero(batch.cluster_size >= m).tolist()) | set(batch.objects)
+    if len(rows) == len(batch):
+        return [batch]
+    return [batch.take(sorted(rows))] if rows else []
+
+
 def batch_codes(batch, word_sig: dict[str, set], object_sig: dict[str, set]) -> Iterator:
     """((key, shard), sorted codes) per record with any: word triggers ((term, cluster) in
     ``word_sig``: term -> clusters) and, for rows with metadata objects, object triggers."""

@@ -98,6 +98,21 @@ class RecordBatch:
                 "cluster_size": size,
             }
 
+    def take(self, rows: list[int]) -> RecordBatch:
+        """The batch's rows ``rows`` (ascending) as a batch of their own."""
+        row_terms = self.row_terms()
+        objects = self.objects
+        return RecordBatch(
+            [self.key[i] for i in rows],
+            [self.shard[i] for i in rows],
+            [self.caption[i] for i in rows],
+            [self.norm[i] for i in rows],
+            [self.cluster_id[i] for i in rows],
+            self.cluster_size[np.asarray(rows, dtype=np.int64)],
+            [row_terms[i] for i in rows],
+            {j: objects[i] for j, i in enumerate(rows) if i in objects},
+        )
+
     @classmethod
     def from_records(cls, records: list[dict]) -> RecordBatch:
         """Record dicts (``terms`` sorted unique; absent shard, caption or objects: empty)."""

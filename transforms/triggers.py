@@ -23,6 +23,7 @@ from transforms.trigger_captions import CaptionCodes, near_norms
 from transforms.trigger_counts import (
     batch_codes,
     clustered_captions,
+    code_rows,
     object_event_counts,
     pair_counts,
     term_counts,
@@ -157,8 +158,11 @@ class MineTriggers(beam.PTransform):
         objects = self._object_triggers(recs, kw_counts, n_total)
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
-        trigger_codes = recs | "TriggerCodes" >> beam.FlatMap(
-            _batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig)
+        trigger_codes = (
+            recs
+            | "CodeRows" >> beam.FlatMap(code_rows, m=cfg.min_pair_count)
+            | "TriggerCodes"
+            >> beam.FlatMap(_batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
         )
         codes = (trigger_codes, *self._caption_codes(recs)) | "AllCodes" >> beam.Flatten()
         duplication = (
