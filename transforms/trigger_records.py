@@ -99,19 +99,21 @@ class RecordBatch:
             }
 
     def take(self, rows: list[int]) -> RecordBatch:
-        """The batch's rows ``rows`` (ascending) as a batch of their own."""
-        row_terms = self.row_terms()
-        objects = self.objects
-        return RecordBatch(
-            [self.key[i] for i in rows],
-            [self.shard[i] for i in rows],
-            [self.caption[i] for i in rows],
-            [self.norm[i] for i in rows],
-            [self.cluster_id[i] for i in rows],
-            self.cluster_size[np.asarray(rows, dtype=np.int64)],
-            [row_terms[i] for i in rows],
-            {j: objects[i] for j, i in enumerate(rows) if i in objects},
-        )
+        """The batch's rows ``rows`` (ascending) as a batch of their own (the same vocabulary)."""
+        picked = np.asarray(rows, dtype=np.int64)
+        keep = np.zeros(len(self.key), dtype=bool)
+        keep[picked] = True
+        out = object.__new__(RecordBatch)
+        for name in ("key", "shard", "caption", "norm", "cluster_id"):
+            column = getattr(self, name)
+            setattr(out, name, [column[i] for i in rows])
+        out.cluster_size = self.cluster_size[picked]
+        out.vocab = self.vocab
+        out.term_ids = self.term_ids[keep[self.term_rows()]]
+        out.term_off = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(np.diff(self.term_off)[picked], out=out.term_off[1:])
+        out.objects = {j: self.objects[i] for j, i in enumerate(rows) if i in self.objects}
+        return out
 
     @classmethod
     def from_records(cls, records: list[dict]) -> RecordBatch:
