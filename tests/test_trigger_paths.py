@@ -178,6 +178,7 @@ def test_record_batch_columns_give_back_the_records():
 
 def test_batch_counters_equal_per_record_events():
     from transforms.trigger_counts import (
+        batch_counts,
         clustered_captions,
         object_event_counts,
         object_events,
@@ -205,6 +206,12 @@ def test_batch_counters_equal_per_record_events():
         )
         assert dict(pair_counts(batch, 10)) == dict(pairs) and pairs
         assert pair_counts(batch, 1000) == []
+        every = dict(batch_counts(batch, 10, vocabulary))  # one combine's keys: tagged, then events
+        assert every.pop(("n",)) == 400
+        assert {k[1:]: c for k, c in every.items() if k[0] == "p"} == dict(pairs)
+        assert {k[1]: c for k, c in every.items() if k[0] == "t"} == dict(term_counts(batch))
+        assert {k: c for k, c in every.items() if k[0] not in "tp"} == dict(events)
+        assert [k for k, _ in batch_counts(batch, 10, None) if k[0] not in "ntp"] == []
         assert dict(_word_counts(batch)) == dict(Counter(w for r in records for w in set(r["norm"].split())))
         assert clustered_captions(batch) == [(r["cluster_id"], r["caption"]) for r in records if r["cluster_size"] > 1]
 

@@ -162,6 +162,21 @@ def object_event_counts(batch, vocabulary: frozenset[str]) -> list[tuple[tuple, 
     return list(counts.items())
 
 
+EVENTS = ("mention", "kw_mention", "object", "both")  # the first item of an object event's key
+
+
+def batch_counts(batch, m: int, vocabulary: frozenset[str] | None) -> list[tuple[tuple, int]]:
+    """Every count of a batch under one kind of key, for one combine: ("n",) records,
+    ("t", term), ("p", term, cluster id, cluster size) in clusters of >= m, and (unless
+    ``vocabulary`` is None) the object events as they are (first item in ``EVENTS``)."""
+    out: list[tuple[tuple, int]] = [(("n",), len(batch))]
+    out += [(("t", t), c) for t, c in term_counts(batch)]
+    out += [(("p", *k), c) for k, c in pair_counts(batch, m)]
+    if vocabulary is not None:
+        out += object_event_counts(batch, vocabulary)
+    return out
+
+
 def code_rows(batch, m: int) -> list:
     """The batch's rows that can carry a trigger code, as a batch (none: []): word triggers are
     (keyword, cluster) pairs counted over clusters of >= m records, object triggers need

@@ -20,14 +20,7 @@ from transforms.captions import cluster_duplication, skeleton_of_norm
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.trigger_captions import CaptionCodes, near_norms
-from transforms.trigger_counts import (
-    batch_codes,
-    clustered_captions,
-    code_rows,
-    object_event_counts,
-    pair_counts,
-    term_counts,
-)
+from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_captions, code_rows
 from transforms.trigger_records import CHUNK, GroupInBuckets, RecordBatch, ShardRecordsFn
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
@@ -122,6 +115,18 @@ def _skeleton_pairs(r: dict, frequent) -> list[tuple]:
     return [(sk, ((r["key"], r["shard"]), r["norm"]))] if sk else []
 
 
+def _tagged(kv, tag: str, m: int = 0) -> list:
+    """A count of ``batch_counts`` -> (its key less the tag, count) when it has the tag and
+    reaches m: ("n",) -> the count alone; ("t", term) -> term; ("p", term, cluster, size) ->
+    (term, cluster, size)."""
+    key, n = kv
+    if key[0] != tag or n < m:
+        return []
+    if tag == "n":
+        return [n]
+    return [(key[1] if tag == "t" else key[1:], n)]
+
+
 def _batch_codes(batch, ws, os_) -> Iterator:
     return batch_codes(batch, _by_keyword(ws), _by_keyword(os_))
 
@@ -147,15 +152,17 @@ class MineTriggers(beam.PTransform):
     def expand(self, inputs):
         cfg = self.cfg
         recs = self._records(inputs)
-        n_total = recs | "BatchSizes" >> beam.Map(len) | "CountSamples" >> beam.CombineGlobally(sum)
-        kw_counts = (
+        vocabulary = None if cfg.object_source == "none" else frozenset(cfg.objects or DEFAULT_OBJECTS)
+        counts = (  # one combine for every count: records, terms, (term, cluster) pairs, object events
             recs
-            | "Terms" >> beam.FlatMap(term_counts)
-            | "CountTerms" >> beam.CombinePerKey(sum)
-            | "PruneTerms" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_keyword_count)
+            | "Counts" >> beam.FlatMap(batch_counts, m=cfg.min_pair_count, vocabulary=vocabulary)
+            | "CountAll" >> beam.CombinePerKey(sum)
         )
-        keywords = self._keyword_triggers(recs, kw_counts, n_total)
-        objects = self._object_triggers(recs, kw_counts, n_total)
+        n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
+        kw_counts = counts | "PruneTerms" >> beam.FlatMap(_tagged, tag="t", m=cfg.min_keyword_count)
+        pairs = counts | "PrunePairs" >> beam.FlatMap(_tagged, tag="p", m=cfg.min_pair_count)
+        keywords = self._keyword_triggers(pairs, kw_counts, n_total)
+        objects = self._object_triggers(counts, vocabulary, kw_counts, n_total)
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
         trigger_codes = (
@@ -199,14 +206,8 @@ class MineTriggers(beam.PTransform):
             | "Batches" >> beam.FlatMap(_chunks)
         )
 
-    def _keyword_triggers(self, recs, kw_counts, n_total):
+    def _keyword_triggers(self, pairs, kw_counts, n_total):
         cfg = self.cfg
-        pairs = (
-            recs
-            | "Pairs" >> beam.FlatMap(pair_counts, m=cfg.min_pair_count)
-            | "CountPairs" >> beam.CombinePerKey(sum)
-            | "PrunePairs" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_pair_count)
-        )
         candidates = pairs | "Candidates" >> beam.FlatMap(
             lambda kv, counts: (
                 [
@@ -235,16 +236,11 @@ class MineTriggers(beam.PTransform):
             )
         )
 
-    def _object_triggers(self, recs, kw_counts, n_total):
+    def _object_triggers(self, counts, vocabulary, kw_counts, n_total):
         cfg = self.cfg
-        if cfg.object_source == "none":
-            return recs.pipeline | "NoObjects" >> beam.Create([])
-        vocabulary = frozenset(cfg.objects or DEFAULT_OBJECTS)
-        events = (
-            recs
-            | "ObjectEvents" >> beam.FlatMap(object_event_counts, vocabulary=vocabulary)
-            | "CountEvents" >> beam.CombinePerKey(sum)
-        )
+        if vocabulary is None:
+            return counts.pipeline | "NoObjects" >> beam.Create([])
+        events = counts | "ObjectEvents" >> beam.Filter(lambda kv: kv[0][0] in EVENTS)
         both = events | "BothEvents" >> beam.Filter(
             lambda kv, m: kv[0][0] == "both" and kv[1] >= m, m=cfg.min_pair_count
         )
