@@ -17,11 +17,12 @@ import apache_beam as beam
 
 from pipeline import progress
 from transforms.captions import cluster_duplication, skeleton_of_norm
+from transforms.key_batches import split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.trigger_captions import CaptionCodes, near_norms
 from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_captions, code_rows
-from transforms.trigger_records import CHUNK, GroupInBuckets, RecordBatch, ShardRecordsFn
+from transforms.trigger_records import CHUNK, GroupInBuckets, RecordBatch, ShardRecordsFn, per_group
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -173,12 +174,13 @@ class MineTriggers(beam.PTransform):
         )
         codes = (trigger_codes, *self._caption_codes(recs)) | "AllCodes" >> beam.Flatten()
         duplication = (
-            recs
-            | "CaptionByCluster" >> beam.FlatMap(clustered_captions)
+            recs  # (cluster id, caption) lists in hash buckets of cluster ids: no element per record
+            | "CaptionByCluster" >> beam.FlatMap(lambda b, n: split_buckets(clustered_captions(b), n), n=self.buckets)
             | "GroupClusterCaptions" >> beam.GroupByKey()
             | "ClassifyCluster"
-            >> beam.Map(
-                lambda kv, share: (kv[0], cluster_duplication(list(kv[1]), share)), share=cfg.full_duplication_share
+            >> beam.FlatMap(
+                per_group,
+                group_fn=lambda kv, share=cfg.full_duplication_share: [(kv[0], cluster_duplication(kv[1], share))],
             )
         )
         return {"keywords": keywords, "objects": objects, "codes": codes, "duplication": duplication}
