@@ -3,6 +3,7 @@ the whole caption, distinct-caption MinHash bands vs one band entry per record, 
 per-record events."""
 
 import glob
+import json
 import os
 import random
 from collections import Counter
@@ -325,3 +326,61 @@ def test_normalize_caption_equals_its_regex_reference():
     odd += ["".join(chr(c) for c in range(0, 256)), "".join(chr(c) for c in range(0x2000, 0x2070))]
     for c in TRICKY + odd + _real_captions(2000):
         assert normalize_caption(c) == normalize_caption_reference(c), repr(c)
+
+
+def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_path):
+    """MineTriggers end to end (planted word and object triggers): every record's trigger codes
+    equal ``record_codes`` with the mined significant sets, every cluster's caption class
+    equals ``cluster_duplication`` of its captions."""
+    import sys
+
+    from pipeline.config import TriggersConfig
+    from transforms.captions import cluster_duplication
+    from transforms.trigger_counts import record_codes
+    from transforms.triggers import MineTriggers, _by_keyword
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    from make_trigger_testset import planted_set
+
+    infos, assignments, _ = planted_set(1500, seed=2)
+    ex = KeywordExtractor()
+    by_key = {a.key: a for a in assignments}
+    records = []
+    for i in infos:
+        a = by_key.get(i.key)
+        records.append(
+            {
+                "key": i.key,
+                "shard": i.shard,
+                "terms": ex.terms_tuple(i.caption),
+                "norm": normalize_caption(i.caption),
+                "objects": sorted(json.loads(i.meta_json or "{}").get("objects", [])),
+                "cluster_id": a.cluster_id if a else i.key,
+            }
+        )
+    import pickle
+
+    def dump(value, name):
+        (tmp_path / name).write_bytes(pickle.dumps(value))
+
+    with TestPipeline(runner="DirectRunner") as p:
+        out = {
+            "infos": p | "I" >> beam.Create(infos),
+            "assignments": p | "A" >> beam.Create(assignments),
+        } | MineTriggers(TriggersConfig(near_duplicate_captions=False), buckets=3)
+        out["codes"] = out["codes"] | beam.Filter(lambda kv: any("trigger" in c or "implicit" in c for c in kv[1]))
+        for name in ("keywords", "objects", "duplication", "codes"):
+            _ = out[name] | f"Gather{name}" >> beam.combiners.ToList() | f"Dump{name}" >> beam.Map(dump, name)
+    got = {
+        name: pickle.loads((tmp_path / name).read_bytes()) for name in ("keywords", "objects", "duplication", "codes")
+    }
+    word_sig = {(r["keyword"], r["cluster_id"]) for r in got["keywords"]}
+    object_sig = _by_keyword([(r["keyword"], (r["object"], r["relation"])) for r in got["objects"]])
+    assert word_sig and object_sig
+    want = sorted(kv for r in records for kv in record_codes(r, word_sig, object_sig))
+    assert sorted(got["codes"]) == want and any("object_trigger" in c for _, cs in want for c in cs)
+    captions: dict = {}
+    for i in infos:
+        if i.key in by_key and by_key[i.key].cluster_size > 1:
+            captions.setdefault(by_key[i.key].cluster_id, []).append(i.caption)
+    assert dict(got["duplication"]) == {c: cluster_duplication(v) for c, v in captions.items()} and captions
