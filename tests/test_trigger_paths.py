@@ -171,6 +171,9 @@ def test_record_batch_columns_give_back_the_records():
     records = _batch_records(300, 7)
     batch = RecordBatch.from_records(records)
     assert list(batch) == records and len(batch) == 300
+    assert [batch[i] for i in range(300)] == records and batch[-1] == records[-1]
+    with pytest.raises(IndexError):
+        batch[300]
     assert list(batch.vocab) == sorted(batch.vocab) and len(set(batch.vocab)) == len(batch.vocab)
     again = pickle.loads(pickle.dumps(batch))
     assert list(again) == records and again.objects == batch.objects

@@ -33,8 +33,9 @@ _NO_OBJECTS: list[str] = []
 
 
 class RecordBatch:
-    """Records as columns (see the module doc). ``len`` and iteration (dicts) as a list of
-    records; ``record(i)`` builds one."""
+    """Records as columns (see the module doc). ``len``, indexing and iteration (dicts) as a
+    list of records; the columns (``key``, ``shard``, ``caption``, ``norm``, ``cluster_id``:
+    lists) are cheaper to read than the dicts."""
 
     __slots__ = ("key", "shard", "caption", "norm", "cluster_id", "cluster_size", "vocab", "term_ids", "term_off")
     __slots__ += ("objects",)
@@ -65,6 +66,12 @@ class RecordBatch:
     def term_rows(self) -> np.ndarray:
         """The row of each entry of ``term_ids``."""
         return np.repeat(np.arange(len(self.key)), np.diff(self.term_off))
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.key)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self.record(i % n)
 
     def record(self, i: int) -> dict:
         return {
