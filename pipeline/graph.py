@@ -200,7 +200,8 @@ def duplication_by_shard(duplication, assignments):
 def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None:
     from transforms.triggers import MineTriggers
 
-    mined = {"info_batches": dec["info_batches"], "assignments": assignments} | "MineTriggers" >> MineTriggers(
+    rows = keyed["assignment"]  # (shard, [assignment tuples]): the records' join needs no element per key
+    mined = {"info_batches": dec["info_batches"], "assignment_rows": rows} | "MineTriggers" >> MineTriggers(
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
     keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.Map(lambda kv: (kv[0][1], (kv[0][0], kv[1])))

@@ -387,3 +387,15 @@ def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_pat
         if i.key in by_key and by_key[i.key].cluster_size > 1:
             captions.setdefault(by_key[i.key].cluster_id, []).append(i.caption)
     assert dict(got["duplication"]) == {c: cluster_duplication(v) for c, v in captions.items()} and captions
+
+
+def test_cluster_lookup_reads_elements_and_assignment_rows_alike():
+    from schemas.elements import ClusterAssignment
+    from transforms.cluster_columns import assignment_rows
+    from transforms.trigger_records import cluster_columns, cluster_lookup
+
+    elements = [ClusterAssignment(f"k{i}", f"c{i % 3}", 4, i < 3, "clip", 0.95, f"s{i % 2}") for i in range(12)]
+    want = {a.key: (a.cluster_id, a.cluster_size) for a in elements}
+    lists = [rows for _, rows in assignment_rows(elements)]
+    assert cluster_lookup(elements) == want == cluster_lookup(lists) and len(lists) == 2
+    assert cluster_columns(["k1", "z"], want) == (["c1", "z"], [4, 1])  # no assignment: a cluster of one

@@ -154,8 +154,16 @@ def term_columns(terms: list[tuple[str, ...]]) -> tuple[tuple[str, ...], np.ndar
 
 def cluster_lookup(assignments: Iterable) -> dict[str, tuple[str, int]]:
     """A shard's assignments (of its clustered keys) -> {key: (cluster id, cluster size)}: the
-    only reader of assignment elements (adapt it when their shape changes)."""
-    return {a.key: (a.cluster_id, a.cluster_size) for a in assignments}
+    only reader of assignments (adapt it when their shape changes). Each item is a
+    ``ClusterAssignment`` or a list of assignment tuples (key, cluster id, cluster size, ...:
+    ``assignment_rows``' lists)."""
+    out: dict[str, tuple[str, int]] = {}
+    for a in assignments:
+        if isinstance(a, list):
+            out.update((t[0], (t[1], t[2])) for t in a)
+        else:
+            out[a.key] = (a.cluster_id, a.cluster_size)
+    return out
 
 
 def cluster_columns(keys: list[str], lookup: dict) -> tuple[list[str], list[int]]:
@@ -197,7 +205,8 @@ def _first_rows(table, seen: set[str]) -> list[list]:
 
 
 class ShardRecordsFn(beam.DoFn):
-    """(shard, {"info": info tables, "a": ClusterAssignment}) -> RecordBatch (<= CHUNK rows)."""
+    """(shard, {"info": info tables, "a": ClusterAssignment or lists of assignment tuples}) ->
+    RecordBatch (<= CHUNK rows)."""
 
     def __init__(self, bigrams: bool, use_metadata: bool):
         self.bigrams = bigrams

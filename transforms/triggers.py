@@ -141,7 +141,8 @@ def _chunks(item) -> Iterator[RecordBatch]:
 
 class MineTriggers(beam.PTransform):
     """{"info_batches": SampleInfo tables (or "infos": SampleInfo elements), "assignments":
-    ClusterAssignment (of clustered keys; a key without one is a cluster of one)} ->
+    ClusterAssignment (of clustered keys; a key without one is a cluster of one), or with info
+    tables "assignment_rows": (shard, [assignment tuples]) as ``assignment_rows`` gives} ->
     {"keywords", "objects", "codes": ((key, shard), tuple of codes), "duplication": (cluster_id,
     dict with "class")}. Records travel as batches (``transforms.trigger_records``)."""
 
@@ -191,9 +192,13 @@ class MineTriggers(beam.PTransform):
         if "info_batches" in inputs:
             from schemas import arrow
 
+            if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
+                by_shard = inputs["assignment_rows"]
+            else:
+                by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
             keyed = {
                 "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
-                "a": inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a)),
+                "a": by_shard,
             }
             joined = keyed | "JoinShard" >> beam.CoGroupByKey()
             return joined | "Records" >> beam.ParDo(ShardRecordsFn(self.cfg.bigrams, use_meta))
