@@ -17,7 +17,12 @@ from collections.abc import Iterator
 import apache_beam as beam
 
 from schemas import arrow
-from transforms.cluster_columns import assignment_rows
+from transforms.assignment_tables import (
+    assignment_rows,
+    cluster_table,
+    member_shards,
+    representatives,
+)
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
 from transforms.write import WriteBatches, WriteTable, bucket, buckets
@@ -43,21 +48,6 @@ def read_input(p: beam.Pipeline, cfg, fmt: str, inputs: list[str], out_dir: str)
     Sample (pixels), "vectors": {embedder: (keys, ndarray) batches}; "pixels": bool, "input": the
     run.json description}."""
     return reader(fmt).read(p, cfg, inputs, out_dir)
-
-
-def _cluster_rows(a) -> list[dict]:
-    if a.cluster_size < 2:
-        return []
-    return [
-        {
-            "key": a.key,
-            "cluster_id": a.cluster_id,
-            "embedder": a.embedder or "exact",
-            "similarity": a.similarity,
-            "cluster_size": a.cluster_size,
-            "is_representative": a.is_representative,
-        }
-    ]
 
 
 def _with_reference(p, cfg, dec: dict) -> dict:
@@ -167,6 +157,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
         cfg.dedup.exact_pixels and dec.get("pixels", True),
         old_keys=dec.get("old_keys"),
         buckets=dec.get("buckets", 16),
+        per_key=False,  # assignments travel as tables; build_graph derives elements where needed
     )
     out["neighbours"] = neighbours
     return out
@@ -181,14 +172,10 @@ def _class_to_members(item) -> Iterator[tuple[str, tuple[str, tuple[str, str]]]]
             yield shard, (key, (cluster_id, classes[0]))
 
 
-def duplication_by_shard(duplication, assignments):
+def duplication_by_shard(duplication, assignment_tables):
     """A duplicate cluster's caption-duplication class -> each member's shard, by a keyed join
     on the cluster id (one cluster's member keys in a group), not a side input."""
-    members = (
-        assignments
-        | "ClusterMembers" >> beam.Filter(lambda a: a.cluster_size > 1)
-        | "MemberShards" >> beam.Map(lambda a: (a.cluster_id, (a.key, a.shard)))
-    )
+    members = assignment_tables | "MemberShards" >> beam.FlatMap(member_shards)
     classes = duplication | "DuplicationClass" >> beam.Map(lambda kv: (kv[0], kv[1]["class"]))
     return (
         {"cls": classes, "member": members}
@@ -197,7 +184,7 @@ def duplication_by_shard(duplication, assignments):
     )
 
 
-def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None:
+def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     from transforms.triggers import MineTriggers
 
     rows = keyed["assignment"]  # (shard, [assignment tuples]): the records' join needs no element per key
@@ -205,7 +192,7 @@ def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
     keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.Map(lambda kv: (kv[0][1], (kv[0][0], kv[1])))
-    keyed["duplication"] = duplication_by_shard(mined["duplication"], assignments)
+    keyed["duplication"] = duplication_by_shard(mined["duplication"], tables)
     _write(
         mined["keywords"],
         out_dir,
@@ -222,16 +209,12 @@ def add_triggers(cfg, dec: dict, keyed: dict, assignments, out_dir: str) -> None
     )
 
 
-def add_probe(cfg, dec: dict, keyed: dict, assignments, out_dir: str, cache_dir: str | None) -> None:
+def add_probe(cfg, dec: dict, keyed: dict, tables, out_dir: str, cache_dir: str | None) -> None:
     from transforms.probe_stage import ProbeCaptions
     from transforms.shard_stage import InfosOfKeys
 
     if cfg.probe.budget == "cluster_representatives":
-        reps = (
-            assignments
-            | "Representatives" >> beam.Filter(lambda a: a.cluster_size > 1 and a.is_representative)
-            | "RepKeys" >> beam.Map(lambda a: (a.shard, a.key))
-        )
+        reps = tables | "Representatives" >> beam.FlatMap(representatives)
         to_probe = {"info": keyed["info"], "key": reps} | "RepInfos" >> InfosOfKeys()
     else:
         to_probe = dec["info_batches"]  # the probe groups them by shard
@@ -256,23 +239,21 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     if cfg.dedup.incremental_from:
         dec = _with_reference(p, cfg, dec)
     dup = add_dedup(cfg, dec, out_dir)
-    assignments = dup["assignments"]
+    tables = dup["assignment_tables"]
     keyed = {
         "info": dec["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
         "failure": dec["failures"] | "FailureByShard" >> beam.Map(lambda f: (f.shard, f)),
-        "assignment": dup["assignment_lists"] | "AssignmentByShard" >> beam.FlatMap(assignment_rows),
+        "assignment": tables | "AssignmentByShard" >> beam.FlatMap(assignment_rows),
     }
     if "moved" in dec:
         keyed["moved"] = dec["moved"]
     if cfg.triggers.enabled:
-        add_triggers(cfg, dec, keyed, assignments, out_dir)
+        add_triggers(cfg, dec, keyed, tables, out_dir)
     if cfg.probe.enabled:
-        add_probe(cfg, dec, keyed, assignments, out_dir, cache_dir)
+        add_probe(cfg, dec, keyed, tables, out_dir, cache_dir)
     staged = keyed | "AnnotateShards" >> AnnotateShards(cfg.decide, out_dir, cfg.diversify.enabled)
     p.__dict__.setdefault("_memsieve_written", []).append(staged["written"])
-    clusters = dup["assignment_lists"] | "ClusterRows" >> beam.Map(
-        lambda lst: [r for a in lst for r in _cluster_rows(a)]
-    )
+    clusters = tables | "ClusterRows" >> beam.Map(cluster_table)
     p.__dict__.setdefault("_memsieve_written", []).append(
         clusters
         | "Write_clusters"
@@ -281,6 +262,8 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
             arrow.TABLES["clusters"],
             lambda r, n=n_parts: bucket(r["cluster_id"], n),
             lambda r: (r["cluster_id"], r["key"]),
+            table_partition=lambda t, n=n_parts: _partition_labels(t["cluster_id"].to_pylist(), n),
+            sort_columns=("cluster_id", "key"),
         )
     )
     if dup["neighbours"]:
@@ -315,7 +298,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     )
     _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     _join_sinks(p)
-    return {"written": staged["written"], "assignments": assignments}
+    return {"written": staged["written"], "assignment_tables": tables}
 
 
 def _neighbour_rows(n):
@@ -333,9 +316,15 @@ def _neighbour_parts(table, n: int):
     """The neighbours writer's partition of each row of a Table (as a row's partition)."""
     import numpy as np
 
-    width, keys = len(str(max(1, n) - 1)), table["key"].to_pylist()
     labels = np.asarray(table["embedder"].to_pylist(), dtype=object) + "-"
-    return labels + np.char.zfill(buckets(keys, n).astype(str), width).astype(object)
+    return labels + _partition_labels(table["key"].to_pylist(), n)
+
+
+def _partition_labels(values: list[str], n: int):
+    """``bucket`` of each value, as an object array of the zero-padded labels."""
+    import numpy as np
+
+    return np.char.zfill(buckets(values, n).astype(str), len(str(max(1, n) - 1))).astype(object)
 
 
 def _write(pcoll, out_dir: str, table: str, partition, sort_key):

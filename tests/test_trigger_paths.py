@@ -390,12 +390,17 @@ def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_pat
 
 
 def test_cluster_lookup_reads_elements_and_assignment_rows_alike():
+    import dataclasses
+
+    import pyarrow as pa
+
     from schemas.elements import ClusterAssignment
-    from transforms.cluster_columns import assignment_rows
+    from transforms.assignment_tables import ASSIGNMENT_SCHEMA, assignment_rows
     from transforms.trigger_records import cluster_columns, cluster_lookup
 
     elements = [ClusterAssignment(f"k{i}", f"c{i % 3}", 4, i < 3, "clip", 0.95, f"s{i % 2}") for i in range(12)]
     want = {a.key: (a.cluster_id, a.cluster_size) for a in elements}
-    lists = [rows for _, rows in assignment_rows(elements)]
+    table = pa.Table.from_pylist([dataclasses.asdict(a) for a in elements], schema=ASSIGNMENT_SCHEMA)
+    lists = [rows for _, rows in assignment_rows(table)]
     assert cluster_lookup(elements) == want == cluster_lookup(lists) and len(lists) == 2
     assert cluster_columns(["k1", "z"], want) == (["c1", "z"], [4, 1])  # no assignment: a cluster of one

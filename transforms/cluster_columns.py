@@ -7,7 +7,11 @@ the smallest *ids*. Ids meet keys again in two places, and both check that no tw
 share an id (``KeyIdCollision`` names them): where the components' labels meet the members'
 ranking features (per id bucket), and where a cluster's members meet its edges (per root bucket),
 which is also where the cluster id becomes what it always was, the smallest key of the component
-(the smallest ``key_a`` of its edges, ``key_a < key_b``).
+(the smallest ``key_a`` of its edges, ``key_a < key_b``). Keys are ordered there as Arrow
+strings (hashed and sorted in C++, UTF-8 byte order = Python's code point order), and the
+assignments come out as an Arrow table per root bucket (``ASSIGNMENT_SCHEMA``), from which
+``pipeline.graph`` routes rows to shards, writes ``clusters/`` and, only where a consumer keys
+by sample (trigger mining), makes ``ClusterAssignment`` elements.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.elements import ClusterAssignment, Edge, EdgeBatch
-from transforms.key_batches import buckets_of, key_ids
+from transforms.assignment_tables import ASSIGNMENT_SCHEMA, assignment_elements
+from transforms.key_batches import buckets_of, key_ids, sorted_unique
 
 EDGE_BATCH = 50_000  # single Edge elements gathered into one batch per bundle (and embedder)
 RANK_FIELDS = ("key", "shard", "width", "height", "original_width", "original_height", "image_bytes")
@@ -152,28 +157,15 @@ def feature_tables(table: pa.Table, n: int, with_meta: bool) -> Iterator[tuple[i
         yield int(b[part[0]]), features.take(pa.array(part))
 
 
-def _collision(ids: np.ndarray, keys: np.ndarray, where: str) -> None:
-    """Raise ``KeyIdCollision`` if two different keys share an id (``ids``/``keys`` aligned)."""
-    if not len(ids):
-        return
-    _, key_code = np.unique(keys, return_inverse=True)
-    pairs = np.unique(np.stack([ids, key_code.reshape(-1).astype(np.int64)], axis=1), axis=0)
-    same = np.flatnonzero(pairs[1:, 0] == pairs[:-1, 0])
-    if len(same):
-        i = same[0]
-        clash = sorted({str(k) for k, x in zip(keys.tolist(), ids.tolist(), strict=True) if x == pairs[i, 0]})
-        raise KeyIdCollision(
-            f"{where}: keys {clash[0]!r} and {clash[1]!r} share the 64-bit id {int(pairs[i, 0])} "
-            "(transforms.key_batches.key_ids); rename one of them"
-        )
-
-
 def members(item, n: int) -> Iterator[tuple[int, pa.Table]]:
     """(id bucket, {"root": [(ids, roots)], "features": tables}) -> (root bucket, the clustered
     keys' features with their "root" id); a key repeated across shards: its first shard's row."""
     _, joined = item
-    node, root = _labels(joined["root"])
-    tables = [t for t in joined["features"] if t.num_rows]
+    yield from _members(*_labels(joined["root"]), joined["features"], n)
+
+
+def _members(node: np.ndarray, root: np.ndarray, features, n: int) -> Iterator[tuple[int, pa.Table]]:
+    tables = [t for t in features if t.num_rows]
     if not len(node) or not tables:
         return
     t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -186,7 +178,7 @@ def members(item, n: int) -> Iterator[tuple[int, pa.Table]]:
     first = np.r_[True, keys[1:] != keys[:-1]]
     if not first.all():
         t, keys = t.filter(pa.array(first)), keys[first]
-    _collision(t.column("id").to_numpy(), keys, "FindDuplicates/MemberOf")
+    _code_collision(t.column("id").to_numpy(), np.arange(len(keys)), keys, "FindDuplicates/MemberOf")  # keys unique
     b = buckets_of(t.column("root").to_numpy(), n)
     order = np.argsort(b, kind="stable")
     cuts = np.flatnonzero(np.diff(b[order])) + 1
@@ -197,8 +189,11 @@ def members(item, n: int) -> Iterator[tuple[int, pa.Table]]:
 def edges_to_clusters(item, n: int) -> Iterator[tuple[int, Cols]]:
     """(bucket of id_a, {"root": [(ids, roots)], "edge": [Cols]}) -> (root bucket, Cols + root)."""
     _, joined = item
-    node, root = _labels(joined["root"])
-    parts = [c for c in joined["edge"] if len(c[0])]
+    yield from _edges(*_labels(joined["root"]), joined["edge"], n)
+
+
+def _edges(node: np.ndarray, root: np.ndarray, edges, n: int) -> Iterator[tuple[int, Cols]]:
+    parts = [c for c in edges if len(c[0])]
     if not parts:
         return
     cols = _concat(parts)
@@ -206,6 +201,34 @@ def edges_to_clusters(item, n: int) -> Iterator[tuple[int, Cols]]:
     if not hit.all():  # every node with an edge has a label
         raise RuntimeError("FindDuplicates: an edge's node has no component label")
     yield from split_by((*cols, root[pos]), 6, n)
+
+
+def labelled(item, n: int) -> Iterator[tuple[int, tuple[str, object]]]:
+    """(id bucket, {"root": [(ids, roots)], "features": tables, "edge": [Cols]}) -> (root bucket,
+    ("member", ``members``' table)) and (root bucket, ("edge", ``edges_to_clusters``' Cols)):
+    the labels meet the features and the edges in one join. Ticks "dedup" for the samples alone."""
+    from pipeline import progress
+
+    _, joined = item
+    node, root = _labels(joined["root"])
+    features = [t for t in joined["features"] if t.num_rows]
+    n_clustered = 0
+    for b, t in _members(node, root, features, n):
+        n_clustered += t.num_rows
+        yield b, ("member", t)
+    for b, cols in _edges(node, root, joined["edge"], n):
+        yield b, ("edge", cols)
+    # a sample alone is done here; a clustered one when its cluster is assigned (``assign_tables``)
+    progress.advance("dedup", sum(t.num_rows for t in features) - n_clustered)
+
+
+def _by_tag(item) -> tuple[int, dict]:
+    """(root bucket, [(tag, value)]) -> (root bucket, {"member": [...], "edge": [...]})."""
+    bucket, values = item
+    joined: dict = {"member": [], "edge": []}
+    for tag, value in values:
+        joined[tag].append(value)
+    return bucket, joined
 
 
 EMBEDDER_RANK = {"exact": 0, "pixels": 1, "phash": 2, "clip": 3, "previous": 4}
@@ -234,6 +257,8 @@ def _keeper_rank(t: pa.Table, key_code: np.ndarray, policy: str) -> np.ndarray:
         n_bytes = _floats(t, "image_bytes").astype(np.int64)
         per_pixel = np.divide(n_bytes, decoded, out=np.zeros(len(decoded)), where=decoded != 0)
         order = np.lexsort((key_code, -per_pixel, -decoded, -original))
+    elif policy == "earliest":
+        order = np.argsort(key_code, kind="stable")
     else:
         from schemas.elements import SampleInfo
         from transforms.dedup import keeper_sort_key
@@ -247,52 +272,75 @@ def _keeper_rank(t: pa.Table, key_code: np.ndarray, policy: str) -> np.ndarray:
     return out
 
 
-def assign_lists(item, policy: str) -> Iterator[list[ClusterAssignment]]:
-    """``assign_clusters`` -> one list per root bucket (what travels: ``assignment_rows``)."""
-    out = list(assign_clusters(item, policy))
-    if out:
+def assign_tables(item, policy: str) -> Iterator[pa.Table]:
+    """(root bucket, [("member" | "edge", value)]) -> ``assignment_table``, one per root bucket."""
+    table = assignment_table(_by_tag(item), policy)
+    if table is not None and table.num_rows:
         from pipeline import progress
 
-        progress.advance("dedup", len(out))
-        yield out
+        progress.advance("dedup", table.num_rows)
+        yield table
 
 
-def single_assignments(assignments: list[ClusterAssignment]) -> Iterator[ClusterAssignment]:
-    yield from assignments
+def _key_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys -> (sorted unique keys, each key's code into them): codes in Python's ``str`` order
+    (UTF-8 byte order is code point order), hashed and sorted in Arrow, not as Python objects."""
+    import pyarrow.compute as pc
+
+    try:
+        arr = pa.array(keys, pa.large_string())
+    except (pa.ArrowException, UnicodeEncodeError):  # lone surrogates: Python's comparisons
+        uniq, code = np.unique(keys, return_inverse=True)
+        return uniq, code.reshape(-1).astype(np.int64)
+    uniq = pc.unique(arr)
+    uniq = uniq.take(pc.array_sort_indices(uniq))
+    code = pc.index_in(arr, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
+    return uniq.to_numpy(zero_copy_only=False), code
 
 
-def assignment_rows(assignments: list[ClusterAssignment]) -> Iterator[tuple[str, list[tuple]]]:
-    """A list of assignments -> (shard, [assignment as a tuple]) per shard: tuples of plain
-    values travel without a pickle per object (``transforms.shard_stage`` reads them back)."""
-    by_shard: dict[str, list[tuple]] = {}
-    for a in assignments:
-        by_shard.setdefault(a.shard, []).append(
-            (a.key, a.cluster_id, a.cluster_size, a.is_representative, a.embedder, a.similarity, a.shard)
+def _code_collision(ids: np.ndarray, codes: np.ndarray, uniq: np.ndarray, where: str) -> None:
+    """Raise ``KeyIdCollision`` if two different key codes share an id."""
+    if not len(ids):
+        return
+    order = np.lexsort((codes, ids))
+    i, c = ids[order], codes[order]
+    clash = np.flatnonzero((i[1:] == i[:-1]) & (c[1:] != c[:-1]))
+    if len(clash):
+        j = clash[0]
+        a, b = sorted((str(uniq[c[j]]), str(uniq[c[j + 1]])))
+        raise KeyIdCollision(
+            f"{where}: keys {a!r} and {b!r} share the 64-bit id {int(i[j])} "
+            "(transforms.key_batches.key_ids); rename one of them"
         )
-    yield from sorted(by_shard.items())
 
 
 def assign_clusters(item, policy: str) -> Iterator[ClusterAssignment]:
+    """``assignment_table`` as ``ClusterAssignment`` objects."""
+    table = assignment_table(item, policy)
+    if table is not None:
+        yield from assignment_elements(table)
+
+
+def assignment_table(item, policy: str) -> pa.Table | None:
     """(root bucket, {"member": feature tables with "root", "edge": Cols with root}) -> every
-    member's ``ClusterAssignment``: the keeper first by ``policy``, each member's strongest
-    embedder (exact > pixels > phash > clip, then the higher similarity) and its similarity to
-    the keeper (a direct edge's, else its strongest edge's); cluster id: the component's smallest key."""
+    member's assignment as a row (``ASSIGNMENT_SCHEMA``): the keeper first by ``policy``, each
+    member's strongest embedder (exact > pixels > phash > clip, then the higher similarity) and
+    its similarity to the keeper (a direct edge's, else its strongest edge's); cluster id: the
+    component's smallest key."""
     _, joined = item
     tables = [t for t in joined["member"] if t.num_rows]
     parts = [c for c in joined["edge"] if len(c[0])]
     if not tables or not parts:
-        return
+        return None
     t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     ia, ib, ka, kb, sim, emb, eroot = _concat(parts)
     m_keys = t.column("key").to_numpy(zero_copy_only=False)
     m_ids, m_root = t.column("id").to_numpy(), t.column("root").to_numpy()
-    all_keys = np.concatenate([ka, kb, m_keys])
-    _collision(np.concatenate([ia, ib, m_ids]), all_keys, "FindDuplicates/Assign")
-    uniq, code = np.unique(all_keys, return_inverse=True)  # codes in key order (Python's, by code point)
-    code = code.reshape(-1).astype(np.int64)
+    uniq, code = _key_codes(np.concatenate([ka, kb, m_keys]))  # codes in key order (Python's)
+    _code_collision(np.concatenate([ia, ib, m_ids]), code, uniq, "FindDuplicates/Assign")
     n_e = len(ka)
     ca, cb, cm = code[:n_e], code[n_e : 2 * n_e], code[2 * n_e :]
-    roots = np.unique(eroot)
+    roots = sorted_unique(eroot)
     e_root = np.searchsorted(roots, eroot)
     m_root_i = np.searchsorted(roots, m_root)
     cluster_code = np.full(len(roots), len(uniq), np.int64)
@@ -305,8 +353,8 @@ def assign_clusters(item, policy: str) -> Iterator[ClusterAssignment]:
     has_keeper[m_root_i[first]] = cm[first]
     size = np.bincount(m_root_i, minlength=len(roots))
     # each node's strongest link: smallest embedder rank, then highest similarity, then name
-    erank = np.array([EMBEDDER_RANK.get(e, 9) for e in emb.tolist()], np.int64)
     emb_names, emb_code = np.unique(emb.astype(str), return_inverse=True)
+    erank = np.array([EMBEDDER_RANK.get(e, 9) for e in emb_names.tolist()], np.int64)[emb_code.reshape(-1)]
     node = np.r_[ca, cb]
     d_rank, d_sim, d_emb = np.r_[erank, erank], np.r_[sim, sim], np.tile(emb_code.reshape(-1), 2)
     order = np.lexsort((d_emb, -d_sim, d_rank, node))
@@ -329,15 +377,13 @@ def assign_clusters(item, policy: str) -> Iterator[ClusterAssignment]:
         np.where(dhit, direct_sim[dpos] if len(direct_sim) else 1.0, np.where(bhit, d_sim[best][bpos], 1.0)),
     )
     embedder = np.where(bhit, emb_names[d_emb[best][bpos]], "")
-    shards = t.column("shard").to_pylist()
-    cluster_ids = uniq[cluster_code[m_root_i]].tolist()
-    for i, key in enumerate(m_keys.tolist()):
-        yield ClusterAssignment(
-            key,
-            cluster_ids[i],
-            int(size[m_root_i[i]]),
-            bool(is_keeper[i]),
-            str(embedder[i]),
-            float(similarity[i]),
-            shards[i],
-        )
+    columns = [
+        t.column("key").combine_chunks().cast(pa.string()),
+        pa.array(uniq[cluster_code[m_root_i]], pa.string()),
+        pa.array(size[m_root_i], pa.int64()),
+        pa.array(is_keeper, pa.bool_()),
+        pa.array(embedder.astype(object), pa.string()),
+        pa.array(similarity.astype(np.float64), pa.float64()),
+        t.column("shard").combine_chunks().cast(pa.string()),
+    ]
+    return pa.Table.from_arrays(columns, schema=ASSIGNMENT_SCHEMA)

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 import numpy as np
 
-from transforms.key_batches import BufferedBuckets, buckets_of
+from transforms.key_batches import BufferedBuckets, buckets_of, sorted_unique
 
 DEFAULT_ROUNDS = 8
 BATCH = 50_000  # directed edges per list out of the first batching step
@@ -84,7 +84,7 @@ def _factorize(lists: Iterable[Lists]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     uniq, inv = np.unique(nodes, return_inverse=True)
     inv = inv.reshape(-1).astype(np.int64)
     k = len(uniq)
-    pairs = np.unique(inv[:n_src] * k + inv[n_src:])
+    pairs = sorted_unique(inv[:n_src] * k + inv[n_src:])
     return uniq, pairs // k, pairs % k
 
 
@@ -103,7 +103,7 @@ def _split(uniq: np.ndarray, src: np.ndarray, dst: np.ndarray, n: int) -> Iterat
     """Directed edges (codes into ``uniq``) -> (bucket of the source, (sources, destinations))."""
     if not len(src):
         return
-    used = np.unique(src)
+    used = sorted_unique(src)
     bucket = np.full(len(uniq), -1, dtype=np.int64)
     bucket[used] = buckets_of(uniq[used], n)
     b = bucket[src]

@@ -6,10 +6,12 @@ a~b~c is one cluster (SemDeDup's greedy order lets such chains slip), and picks 
 configured policy with deterministic tie-breaks. Nothing is gathered and nothing is one element
 per sample: edges travel as arrays, components are large-star/small-star rounds over per-bucket
 arrays of 64-bit key ids (``transforms.components``); the roots come out per id bucket, joined
-there with the members' ranking features (Arrow columns of every info batch, filtered to the
-clustered ids) and with the edges; members and edges then travel per bucket of their root, where
-one ``CoGroupByKey`` brings each cluster together and the keepers are chosen, vectorised
-(``transforms.cluster_columns``). The cluster id is the component's smallest key.
+there in one ``CoGroupByKey`` with the members' ranking features (Arrow columns of every info
+batch, filtered to the clustered ids) and with the edges; members and edges then travel per
+bucket of their root, where one ``GroupByKey`` brings each cluster together and the keepers are
+chosen, vectorised (``transforms.cluster_columns``). The assignments leave as one Arrow table per
+root bucket (no element per clustered key unless ``per_key``). The cluster id is the
+component's smallest key.
 """
 
 from __future__ import annotations
@@ -22,17 +24,16 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.elements import ClusterAssignment, Edge, EdgeBatch, SampleInfo
+from transforms.assignment_tables import assignment_elements
 from transforms.cluster_columns import (
     EMBEDDER_RANK,
     EdgeColumns,
-    assign_lists,
+    assign_tables,
     edge_batch,
-    edges_to_clusters,
     feature_tables,
     id_columns,
     id_pairs,
-    members,
-    single_assignments,
+    labelled,
     single_edges,
     split_by,
 )
@@ -200,8 +201,10 @@ class _OnlyNewPairs(beam.PTransform):
 
 class FindDuplicates(beam.PTransform):
     """{"info_batches": SampleInfo tables, "edges": PCollection of ``Edge`` and/or ``EdgeBatch``
-    (optional)} -> {"assignments": ClusterAssignment, "assignment_lists": the same as lists (one
-    per cluster bucket: what ``pipeline.graph`` routes to shards), "edges": normalised EdgeBatch}.
+    (optional)} -> {"assignment_tables": the clustered keys' assignments as Arrow tables (one per
+    cluster bucket, ``cluster_columns.ASSIGNMENT_SCHEMA``: what ``pipeline.graph`` routes to
+    shards and writes), "edges": normalised EdgeBatch, and with ``per_key`` (the default)
+    "assignments": one ClusterAssignment per clustered key}.
 
     Exact-byte and exact-pixel edges are computed here (digests shuffled as arrays per hash
     bucket); other embedders pass their edges in, one at a time or as batches. The components run
@@ -219,6 +222,7 @@ class FindDuplicates(beam.PTransform):
         old_keys=None,
         rounds: int = DEFAULT_ROUNDS,
         buckets: int = 16,
+        per_key: bool = True,
     ):
         super().__init__()
         self.keeper = keeper
@@ -227,6 +231,7 @@ class FindDuplicates(beam.PTransform):
         self.old_keys = old_keys  # incremental mode: old-old pairs come from the old clusters
         self.rounds = rounds
         self.buckets = buckets
+        self.per_key = per_key  # also one ClusterAssignment element per clustered key
 
     def expand(self, inputs):
         batches = inputs["info_batches"]
@@ -258,23 +263,18 @@ class FindDuplicates(beam.PTransform):
             cols | "Pairs" >> beam.Map(id_pairs) | "Components" >> Components(self.rounds, n, ids=True)
         )  # (id mod n, (ids, root ids))
         with_meta = self.keeper.startswith("column:")
-        member_tables = (
+        tables = (
             {
                 "root": root_lists,
                 "features": batches | "FeatureBuckets" >> beam.FlatMap(feature_tables, n=n, with_meta=with_meta),
+                "edge": cols | "EdgeBuckets" >> beam.FlatMap(split_by, column=0, n=n),
             }
-            | "JoinComponents" >> beam.CoGroupByKey()
-            | "MemberOf" >> beam.FlatMap(members, n=n)
+            | "JoinLabels" >> beam.CoGroupByKey()
+            | "Labelled" >> beam.FlatMap(labelled, n=n)  # (root bucket, members or edges)
+            | "GroupClusters" >> beam.GroupByKey()
+            | "Assign" >> beam.FlatMap(assign_tables, policy=self.keeper)
         )
-        cluster_edges = (
-            {"edge": cols | "EdgeBuckets" >> beam.FlatMap(split_by, column=0, n=n), "root": root_lists}
-            | "JoinEdgeRoots" >> beam.CoGroupByKey()
-            | "EdgeOfCluster" >> beam.FlatMap(edges_to_clusters, n=n)
-        )
-        lists = (
-            {"member": member_tables, "edge": cluster_edges}
-            | "GroupClusters" >> beam.CoGroupByKey()
-            | "Assign" >> beam.FlatMap(assign_lists, policy=self.keeper)
-        )
-        assignments = lists | "Assignments" >> beam.FlatMap(single_assignments)
-        return {"assignments": assignments, "assignment_lists": lists, "edges": edges}
+        out = {"assignment_tables": tables, "edges": edges}
+        if self.per_key:
+            out["assignments"] = tables | "Assignments" >> beam.FlatMap(assignment_elements)
+        return out

@@ -69,6 +69,13 @@ def key_ids(keys) -> np.ndarray:
     return h.view(np.int64)
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` by sorting: numpy 2's hash-based ``np.unique`` (no inverse, no counts) takes
+    ~100x longer on 64-bit ids (1.7 s vs 12 ms for 723k random int64 here)."""
+    s = np.sort(values)
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
+
+
 def buckets_of(values: np.ndarray, n: int) -> np.ndarray:
     """Nodes -> their buckets: int64 ids by their unsigned value mod ``n`` (vectorised); keys by
     ``bucket_of`` (a Python loop, for the keyed-string paths)."""

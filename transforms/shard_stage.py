@@ -232,8 +232,7 @@ class AnnotateShardFn(beam.DoFn):
             extra = [build_annotation(i.key, {"info": [i]}) for i in arrow.infos_of(plain)]
             rich, plain = sorted(rich + extra, key=lambda a: a.key), None
         n_plain = plain.num_rows if plain is not None else 0
-        # clustered keys tick "dedup" as FindDuplicates assigns them; a key alone is done here
-        progress.advance("dedup", n_plain + sum(1 for a in rich if a.status == "ok" and not a.cluster_id))
+        # "dedup" ticks in FindDuplicates (cluster_columns.labelled, assign_tables): its own span
         rows = self._decide(rich, n_plain)
         manifest_constants = {
             "status": "ok",
