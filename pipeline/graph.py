@@ -25,7 +25,7 @@ from transforms.assignment_tables import (
 )
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.write import WriteBatches, WriteTable, bucket, buckets
+from transforms.write import WriteBatches, WriteTable, bucket, bucket_labels
 
 # input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
 READERS = {
@@ -191,8 +191,12 @@ def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     mined = {"info_batches": dec["info_batches"], "assignment_rows": rows} | "MineTriggers" >> MineTriggers(
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
-    keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.Map(lambda kv: (kv[0][1], (kv[0][0], kv[1])))
-    keyed["duplication"] = duplication_by_shard(mined["duplication"], tables)
+    from transforms.shard_columns import BatchByShard
+
+    by_shard = BatchByShard(route=lambda kv: (kv[0][1], (kv[0][0], kv[1])))  # ((key, shard), codes)
+    keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.ParDo(by_shard)  # one element per shard and bundle
+    duplication = duplication_by_shard(mined["duplication"], tables)
+    keyed["duplication"] = duplication | "BatchDuplication" >> beam.ParDo(BatchByShard())
     _write(
         mined["keywords"],
         out_dir,
@@ -254,17 +258,8 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     staged = keyed | "AnnotateShards" >> AnnotateShards(cfg.decide, out_dir, cfg.diversify.enabled)
     p.__dict__.setdefault("_memsieve_written", []).append(staged["written"])
     clusters = tables | "ClusterRows" >> beam.Map(cluster_table)
-    p.__dict__.setdefault("_memsieve_written", []).append(
-        clusters
-        | "Write_clusters"
-        >> WriteBatches(
-            os.path.join(out_dir, "clusters"),
-            arrow.TABLES["clusters"],
-            lambda r, n=n_parts: bucket(r["cluster_id"], n),
-            lambda r: (r["cluster_id"], r["key"]),
-            table_partition=lambda t, n=n_parts: _partition_labels(t["cluster_id"].to_pylist(), n),
-            sort_columns=("cluster_id", "key"),
-        )
+    _write_tables(
+        clusters, out_dir, "clusters", lambda t, n=n_parts: bucket_labels(t["cluster_id"], n), ("cluster_id", "key")
     )
     if dup["neighbours"]:
         nn = tuple(dup["neighbours"]) | "AllNeighbours" >> beam.Flatten()
@@ -287,15 +282,10 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
             "rows": staged["diversify"],
             "words": staged["words"],
             "captions": staged["cluster_captions"],
-        } | "DiversifyCaptions" >> DiversifyCaptions(cfg.diversify, cfg.run.seed)
-        _write(div, out_dir, "diversify", lambda r: r["shard"], lambda r: (r["key"],))
-    _write(
-        staged["blockable"] | "BlockRows" >> BlocklistRows(),
-        out_dir,
-        "blocklist",
-        lambda r: r["_shard"],
-        lambda r: (r["key"],),
-    )
+        } | "DiversifyCaptions" >> DiversifyCaptions(cfg.diversify, cfg.run.seed, dec.get("buckets", 1))
+        _write_tables(div, out_dir, "diversify", _shard_labels, ("key",))
+    blocked = staged["blockable"] | "BlockRows" >> BlocklistRows(dec.get("buckets", 1))
+    _write_tables(blocked, out_dir, "blocklist", _shard_labels, ("key",))
     _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     _join_sinks(p)
     return {"written": staged["written"], "assignment_tables": tables}
@@ -316,15 +306,28 @@ def _neighbour_parts(table, n: int):
     """The neighbours writer's partition of each row of a Table (as a row's partition)."""
     import numpy as np
 
-    labels = np.asarray(table["embedder"].to_pylist(), dtype=object) + "-"
-    return labels + _partition_labels(table["key"].to_pylist(), n)
+    embedder = table["embedder"].to_numpy(zero_copy_only=False).astype(object)
+    return embedder + np.array("-", dtype=object) + bucket_labels(table["key"], n)
 
 
-def _partition_labels(values: list[str], n: int):
-    """``bucket`` of each value, as an object array of the zero-padded labels."""
-    import numpy as np
+def _shard_labels(table):
+    return table["shard"].to_numpy(zero_copy_only=False).astype(object)
 
-    return np.char.zfill(buckets(values, n).astype(str), len(str(max(1, n) - 1))).astype(object)
+
+def _write_tables(pcoll, out_dir: str, table: str, table_partition, sort_columns: tuple[str, ...]):
+    """Tables of a table's rows (more columns allowed) -> its parts, partitioned per row by
+    ``table_partition`` and sorted by ``sort_columns`` (``WriteBatches``)."""
+    label = table.replace("/", "_")
+    written = pcoll | f"Write_{label}" >> WriteBatches(
+        os.path.join(out_dir, table),
+        arrow.TABLES[table],
+        lambda r: "all",
+        lambda r: tuple(r[c] for c in sort_columns),
+        table_partition=table_partition,
+        sort_columns=sort_columns,
+    )
+    pcoll.pipeline.__dict__.setdefault("_memsieve_written", []).append(written)
+    return written
 
 
 def _write(pcoll, out_dir: str, table: str, partition, sort_key):

@@ -16,25 +16,91 @@ from collections import Counter
 
 from pipeline.report_clusters import MAX_CLUSTERS, clusters, keeper_rule
 from transforms.decide import DECISIONS, reason_family
-from transforms.write import atomic_write_text, read_table
+from transforms.write import atomic_write_text
 
 THRESHOLD_COLOURS = ("#b3261e", "#6a3d9a")
 
 
-def _rows(out_dir: str, table: str) -> list[dict]:
-    t = read_table(os.path.join(out_dir, table))
-    return t.to_pylist() if t is not None else []
+def part_tables(out_dir: str, table: str, columns: list[str] | None = None):
+    """A table's parts, one pyarrow Table at a time (only ``columns``), in ``read_table``'s order."""
+    import pyarrow.parquet as pq
+
+    from transforms import fsio
+
+    folder = fsio.join(out_dir, table)
+    if not fsio.isdir(folder):
+        return
+    for name in fsio.listdir(folder):
+        if name.endswith(".parquet"):
+            with fsio.open_input(fsio.join(folder, name)) as f:
+                part = pq.ParquetFile(f)
+                cols = [c for c in columns if c in part.schema_arrow.names] if columns else None
+                yield part.read(columns=cols)
+
+
+def head_rows(out_dir: str, table: str, n: int) -> list[dict]:
+    """The first ``n`` rows of a table (``read_table(...)`` 's first rows, without reading the rest)."""
+    out: list[dict] = []
+    for t in part_tables(out_dir, table):
+        out.extend(t.slice(0, n - len(out)).to_pylist())
+        if len(out) >= n:
+            break
+    return out
+
+
+def histograms(chunks, bins: int = 40) -> dict:
+    """(group, values) numpy chunks -> {group: (counts, edges)}: ``np.histogram(values, bins)``
+    of each group's values, from a first pass for the range and a second for the counts."""
+    import numpy as np
+
+    chunks = list(chunks)
+    lo: dict = {}
+    hi: dict = {}
+    for g, v in chunks:
+        if len(v):
+            lo[g] = min(lo.get(g, np.inf), float(v.min()))
+            hi[g] = max(hi.get(g, -np.inf), float(v.max()))
+    out = {}
+    for g, v in chunks:
+        if g not in lo:
+            continue
+        counts, edges = np.histogram(v, bins=bins, range=(lo[g], hi[g]))
+        if g in out:
+            out[g] = (out[g][0] + counts, edges)
+        else:
+            out[g] = (counts, edges)
+    return out
+
+
+def _grouped_values(tables, group: str | None, value: str, where=None):
+    """Parts -> (group value, numpy values) chunks (``where``: a part -> a row mask)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for t in tables:
+        if where is not None:
+            t = t.filter(where(t))
+        t = t.filter(pc.is_valid(t.column(value)))
+        if not t.num_rows:
+            continue
+        if group is None:
+            yield None, t.column(value).to_numpy()
+            continue
+        for g in pc.unique(t.column(group)).to_pylist():
+            yield g, t.filter(pc.equal(t.column(group), pa.scalar(g, pa.string()))).column(value).to_numpy()
 
 
 def _histogram(path: str, values, xlabel: str, ylabel: str, lines: list[tuple[float, str]], colour: str) -> None:
-    """A histogram with vertical threshold lines, written as a PNG (Agg backend, no display)."""
+    """A histogram (``(counts, edges)``: ``np.histogram``'s) with vertical threshold lines,
+    written as a PNG (Agg backend, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.6, 3.2), dpi=100)
-    ax.hist(values, bins=40, color=colour)
+    counts, edges = values
+    ax.hist(edges[:-1], bins=edges, weights=counts, color=colour)
     for (x, label), c in zip(lines, THRESHOLD_COLOURS, strict=False):
         ax.axvline(x, color=c, linestyle="--", label=f"{label} = {x:.3g}")
     if lines:
@@ -61,12 +127,15 @@ def _embedder_thresholds(config: dict) -> dict[str, float]:
 
 
 def _figure_specs(out_dir: str, config: dict) -> list[dict]:
-    """What to draw: name, values, labels and threshold lines, per histogram."""
+    """What to draw: name, histogram (counts, edges), labels and threshold lines, per histogram.
+    Each table is read one part and one column at a time."""
+    import pyarrow.compute as pc
+
     specs = []
     thresholds = _embedder_thresholds(config)
-    by: dict[str, list[float]] = {}
-    for n in _rows(out_dir, "neighbours"):
-        by.setdefault(n["embedder"], []).append(n["nn_similarity"])
+    by = histograms(
+        _grouped_values(part_tables(out_dir, "neighbours", ["embedder", "nn_similarity"]), "embedder", "nn_similarity")
+    )
     for embedder, values in sorted(by.items()):
         lines = [(thresholds[embedder], "duplicate threshold")] if embedder in thresholds else []
         specs.append(
@@ -81,13 +150,20 @@ def _figure_specs(out_dir: str, config: dict) -> list[dict]:
             )
         )
     decide_cfg = config.get("decide", {})
-    members = [r["similarity"] for r in _rows(out_dir, "clusters") if not r.get("is_representative", False)]
+    members = histograms(
+        _grouped_values(
+            part_tables(out_dir, "clusters", ["similarity", "is_representative"]),
+            None,
+            "similarity",
+            lambda t: pc.invert(pc.fill_null(t.column("is_representative"), False)),
+        )
+    )
     if members:
         floor = decide_cfg.get("min_duplicate_similarity") or 0.0
         specs.append(
             dict(
                 name="similarity_to_representative.png",
-                values=members,
+                values=members[None],
                 lines=[(floor, "decide.min_duplicate_similarity")] if floor > 0 else [],
                 xlabel="cluster members: similarity to the kept representative",
                 ylabel="samples",
@@ -95,20 +171,22 @@ def _figure_specs(out_dir: str, config: dict) -> list[dict]:
                 colour="#8172b2",
             )
         )
-    scores = _rows(out_dir, "scores")
-    if scores:
+    scores = list(part_tables(out_dir, "scores", ["score", "threshold", "metric"]))
+    score_hist = histograms(_grouped_values(scores, None, "score"))
+    if any(t.num_rows for t in scores):
         lines = []
-        flag = next((s["threshold"] for s in scores if s.get("threshold") is not None), None)
+        flag = next((v for t in scores for v in t.column("threshold").drop_null().to_pylist()), None)
         if flag is not None:
             lines.append((flag, "probe flag threshold"))
         if decide_cfg.get("probe_threshold") is not None:
             lines.append((decide_cfg["probe_threshold"], "decide.probe_threshold"))
+        metric = next(t.column("metric")[0].as_py() for t in scores if t.num_rows)
         specs.append(
             dict(
                 name="probe_scores.png",
-                values=[s["score"] for s in scores],
+                values=score_hist.get(None, ([0], [0.0, 1.0])),
                 lines=lines,
-                xlabel=f"memorization probe score ({scores[0]['metric']})",
+                xlabel=f"memorization probe score ({metric})",
                 ylabel="captions",
                 alt="probe score histogram",
                 colour="#55a868",
@@ -128,7 +206,8 @@ def _figures(out_dir: str, rdir: str, config: dict, reuse: bool) -> list[dict]:
     figures, signatures = [], {}
     for spec in _figure_specs(out_dir, config):
         path = os.path.join(rdir, spec["name"])
-        drawn = {k: spec[k] for k in ("values", "lines", "xlabel", "ylabel", "colour")}
+        drawn = {k: spec[k] for k in ("lines", "xlabel", "ylabel", "colour")}
+        drawn["values"] = [list(map(float, spec["values"][0])), list(map(float, spec["values"][1]))]
         signatures[spec["name"]] = hashlib.sha256(json.dumps(drawn, sort_keys=True).encode()).hexdigest()
         if old.get(spec["name"]) != signatures[spec["name"]] or not os.path.isfile(path):
             _histogram(path, spec["values"], spec["xlabel"], spec["ylabel"], spec["lines"], spec["colour"])
@@ -137,14 +216,57 @@ def _figures(out_dir: str, rdir: str, config: dict, reuse: bool) -> list[dict]:
     return figures
 
 
-def _reason_table(manifest: list[dict]) -> list[dict]:
-    """Reason families by decision: [{"reason", "keep", "diversify", "drop", "total"}], largest first."""
+def _reason_counts(table) -> tuple[Counter, Counter]:
+    """A manifest part (decision, reasons) -> (Counter of (family, decision): samples with a
+    reason of that family, Counter of decision: samples without a reason)."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    reasons = table.column("reasons").combine_chunks()
+    decision = table.column("decision").to_numpy(zero_copy_only=False)
+    none = pc.fill_null(pc.list_value_length(reasons), 0).to_numpy(zero_copy_only=False) == 0
+    alone = Counter(dict(zip(*np.unique(decision[none].astype(str), return_counts=True), strict=True)))
+    flat = pc.list_flatten(reasons)
+    by: Counter = Counter()
+    if len(flat):
+        uniq = pc.unique(flat)
+        families = sorted({reason_family(r) for r in uniq.to_pylist()})
+        fam_of = pa.array([families.index(reason_family(r)) for r in uniq.to_pylist()], pa.int64())
+        fam = pc.take(fam_of, pc.index_in(flat, value_set=uniq)).to_numpy()
+        parent = pc.list_parent_indices(reasons).to_numpy().astype(np.int64)
+        first = ~pd.Series(parent * len(families) + fam).duplicated().to_numpy()
+        pairs = pd.DataFrame({"f": fam[first], "d": decision[parent[first]]}).value_counts()
+        by = Counter({(families[f], d): int(n) for (f, d), n in pairs.items()})
+    return by, alone
+
+
+def _reason_table(manifest) -> list[dict]:
+    """Reason families by decision: [{"reason", "keep", "diversify", "drop", "total"}], largest
+    first. ``manifest``: rows (dicts), or manifest parts (Tables with decision and reasons)."""
+    import pyarrow as pa
+
+    if isinstance(manifest, list):
+        manifest = (
+            [
+                pa.Table.from_pylist(
+                    manifest, schema=pa.schema([("decision", pa.string()), ("reasons", pa.list_(pa.string()))])
+                )
+            ]
+            if manifest
+            else []
+        )
+    counts: Counter = Counter()
+    no_reason: Counter = Counter()
+    for part in manifest:
+        by, alone = _reason_counts(part)
+        counts.update(by)
+        no_reason.update(alone)
     table: dict[str, Counter] = {}
-    for row in manifest:
-        for family in sorted({reason_family(r) for r in row["reasons"] or []}):
-            table.setdefault(family, Counter())[row["decision"]] += 1
+    for (family, decision), n in counts.items():
+        table.setdefault(family, Counter())[decision] += n
     rows = [dict(reason=f, total=sum(c.values()), **{d: c.get(d, 0) for d in DECISIONS}) for f, c in table.items()]
-    no_reason = Counter(row["decision"] for row in manifest if not row["reasons"])
     if no_reason:
         rows.append(
             dict(
@@ -156,15 +278,43 @@ def _reason_table(manifest: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["total"], r["reason"]))
 
 
-def _failure_table(failures: list[dict]) -> list[dict]:
+def _failure_table(failures) -> list[dict]:
+    """Failures (rows, or failures parts as Tables) -> counts by (stage, error_type), with the
+    first message of each as its example."""
+    if not isinstance(failures, list):
+        failures = _failure_groups(failures)
     by: dict[tuple[str, str], dict] = {}
     for f in failures:
         entry = by.setdefault(
             (f["stage"], f["error_type"]),
             {"stage": f["stage"], "error_type": f["error_type"], "n": 0, "example": (f["message"] or "")[:120]},
         )
-        entry["n"] += 1
+        entry["n"] += f.get("n", 1)
     return sorted(by.values(), key=lambda f: (-f["n"], f["stage"], f["error_type"]))
+
+
+def _failure_groups(parts) -> list[dict]:
+    """Failures parts -> one row per part and (stage, error_type): its count and first message."""
+    import pyarrow.compute as pc
+
+    out = []
+    first = pc.ScalarAggregateOptions(skip_nulls=False)
+    for t in parts:
+        if not t.num_rows:
+            continue
+        grouped = t.group_by(["stage", "error_type"], use_threads=False).aggregate(
+            [("message", "first", first), ("stage", "count")]
+        )
+        for r in grouped.to_pylist():
+            out.append(
+                {
+                    "stage": r["stage"],
+                    "error_type": r["error_type"],
+                    "message": r["message_first"],
+                    "n": r["stage_count"],
+                }
+            )
+    return out
 
 
 def _diversify_examples(out_dir: str, n: int = 10) -> list[dict]:
@@ -174,17 +324,16 @@ def _diversify_examples(out_dir: str, n: int = 10) -> list[dict]:
             "caption": r["caption"],
             "pairs": list(zip(r.get("alternative_strategies") or [], r["alternatives"], strict=False)),
         }
-        for r in _rows(out_dir, "diversify")[:n]
+        for r in head_rows(out_dir, "diversify", n)
     ]
 
 
 def _page_context(out_dir: str, info: dict, rdir: str, reuse: bool, max_clusters: int) -> dict:
     from pipeline.report_header import header, next_steps, output_links, trigger_rows
 
-    manifest = _rows(out_dir, "manifest")
     config = info.get("config", {})
-    found = clusters(manifest, out_dir, info.get("input", {}).get("shards", []), rdir, max_clusters)
-    keywords = trigger_rows(_rows(out_dir, "triggers/keywords")[:20], found["table"])
+    found = clusters(out_dir, info.get("input", {}).get("shards", []), rdir, max_clusters)
+    keywords = trigger_rows(head_rows(out_dir, "triggers/keywords", 20), found["table"])
     return dict(
         job=info.get("job", ""),
         summary=info["summary"],
@@ -195,7 +344,7 @@ def _page_context(out_dir: str, info: dict, rdir: str, reuse: bool, max_clusters
         redecided=info.get("redecided", []),
         settings=sorted(config.get("decide", {}).items()),
         diversify_cfg=config.get("diversify", {}),
-        reasons=_reason_table(manifest),
+        reasons=_reason_table(part_tables(out_dir, "manifest", ["decision", "reasons"])),
         figures=_figures(out_dir, rdir, config, reuse),
         clusters=found["galleries"],
         n_clusters=found["n_clusters"],
@@ -204,9 +353,9 @@ def _page_context(out_dir: str, info: dict, rdir: str, reuse: bool, max_clusters
         keeper=config.get("dedup", {}).get("keeper", "resolution"),
         keeper_rule=keeper_rule(config.get("dedup", {}).get("keeper", "resolution")),
         keywords=keywords,
-        objects=_rows(out_dir, "triggers/objects")[:20],
+        objects=head_rows(out_dir, "triggers/objects", 20),
         diversify=_diversify_examples(out_dir),
-        failures=_failure_table(_rows(out_dir, "failures")),
+        failures=_failure_table(part_tables(out_dir, "failures", ["stage", "error_type", "message"])),
         header=header(info),
         outputs=output_links(out_dir),
         next_steps=next_steps(out_dir, info),

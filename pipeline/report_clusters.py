@@ -78,24 +78,19 @@ def thumbnails(wanted: dict[str, set[str]], shard_paths: list[str], rdir: str) -
 
 def _sizes(out_dir: str, keys: set[str]) -> dict[str, tuple[int, int, int, int]]:
     """key -> (width, height, original_width, original_height) from the annotations table."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    from transforms import fsio
+    from pipeline.report import part_tables
 
-    folder = fsio.join(out_dir, "annotations")
     out: dict[str, tuple[int, int, int, int]] = {}
-    if not keys or not fsio.isdir(folder):
+    if not keys:
         return out
     wanted = ("key", "width", "height", "original_width", "original_height")
-    for name in sorted(fsio.listdir(folder)):
-        if not name.endswith(".parquet"):
-            continue
-        with fsio.open_input(fsio.join(folder, name)) as f:
-            part = pq.ParquetFile(f)
-            cols = [c for c in wanted if c in part.schema_arrow.names]
-            for r in part.read(columns=cols).to_pylist():
-                if r["key"] in keys:
-                    out[r["key"]] = tuple(int(r.get(c) or 0) for c in wanted[1:])
+    value_set = pa.array(sorted(keys), pa.string())
+    for t in part_tables(out_dir, "annotations", list(wanted)):
+        for r in t.filter(pc.is_in(t.column("key"), value_set=value_set)).to_pylist():
+            out[r["key"]] = tuple(int(r.get(c) or 0) for c in wanted[1:])
     return out
 
 
@@ -123,49 +118,122 @@ def _ordered(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (not r["is_representative"], r["decision"] == "drop", r["key"]))
 
 
-def clusters(manifest: list[dict], out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int) -> dict:
-    """-> {"galleries": [...], "table": [...], "n_clusters": int, "n_dropped_clusters": int}."""
-    groups: dict[str, list[dict]] = {}
-    for r in manifest:
-        if r["status"] == "ok" and (r["cluster_size"] or 1) > 1:
-            groups.setdefault(r["cluster_id"], []).append(r)
-    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    shown = {cid: _ordered(rows)[:MAX_MEMBERS] for cid, rows in ranked[:max_clusters]}
-    listed = ranked[:MAX_TABLE]
+CLUSTER_COLUMNS = [
+    "key",
+    "shard",
+    "caption",
+    "url",
+    "is_representative",
+    "decision",
+    "reasons",
+    "cluster_id",
+    "duplication",
+]
+
+
+def _clustered(t):
+    """A manifest part -> its rows of ok samples in duplicate clusters."""
+    import pyarrow.compute as pc
+
+    mask = pc.and_(pc.equal(t.column("status"), "ok"), pc.greater(pc.fill_null(t.column("cluster_size"), 1), 1))
+    return t.filter(pc.fill_null(mask, False))
+
+
+def cluster_sizes(out_dir: str) -> dict[str, tuple[int, bool]]:
+    """cluster id -> (ok members in the manifest, any of them dropped): an aggregate per part."""
+    import pyarrow.compute as pc
+
+    from pipeline.report import part_tables
+
+    out: dict[str, tuple[int, bool]] = {}
+    for t in part_tables(out_dir, "manifest", ["cluster_id", "status", "cluster_size", "decision"]):
+        t = _clustered(t)
+        t = t.append_column("dropped", pc.equal(t.column("decision"), "drop"))
+        agg = t.group_by("cluster_id").aggregate([("cluster_id", "count"), ("dropped", "any")])
+        for cid, n, dropped in zip(
+            *(agg.column(c).to_pylist() for c in ("cluster_id", "cluster_id_count", "dropped_any")), strict=True
+        ):
+            old_n, old_d = out.get(cid, (0, False))
+            out[cid] = (old_n + n, old_d or bool(dropped))
+    return out
+
+
+def _listed_rows(out_dir: str, ids: list[str]) -> dict[str, list[dict]]:
+    """The manifest rows (``CLUSTER_COLUMNS``) of the listed clusters' ok members, by cluster,
+    each cluster's rows in ``_ordered``'s order (sorted once, as columns)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.report import part_tables
+
+    groups: dict[str, list[dict]] = {cid: [] for cid in ids}
+    if not ids:
+        return groups
+    wanted = pa.array(sorted(ids), pa.string())
+    parts = []
+    for t in part_tables(out_dir, "manifest", [*CLUSTER_COLUMNS, "status", "cluster_size"]):
+        t = _clustered(t)
+        parts.append(t.filter(pc.is_in(t.column("cluster_id"), value_set=wanted)).select(CLUSTER_COLUMNS))
+    if not parts:
+        return groups
+    t = pa.concat_tables(parts)
+    t = t.append_column("_later", pc.invert(pc.fill_null(t.column("is_representative"), False)))
+    t = t.append_column("_dropped", pc.equal(t.column("decision"), "drop"))
+    order = [("_later", "ascending"), ("_dropped", "ascending"), ("key", "ascending")]
+    t = t.sort_by(order)
+    columns = [t.column(c).to_pylist() for c in CLUSTER_COLUMNS]  # faster than to_pylist's dicts
+    for values in zip(*columns, strict=True):
+        r = dict(zip(CLUSTER_COLUMNS, values, strict=True))
+        groups[r["cluster_id"]].append(r)
+    return groups
+
+
+def clusters(out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int) -> dict:
+    """-> {"galleries": [...], "table": [...], "n_clusters": int, "n_dropped_clusters": int},
+    from the manifest's cluster sizes (an aggregate) and the rows of the listed clusters only."""
+    sizes = cluster_sizes(out_dir)
+    ranked_ids = sorted(sizes, key=lambda cid: (-sizes[cid][0], cid))
+    groups = _listed_rows(out_dir, ranked_ids[:MAX_TABLE])  # each cluster's rows already _ordered
+    listed = [(cid, groups[cid]) for cid in ranked_ids[:MAX_TABLE]]
+    shown = {cid: rows[:MAX_MEMBERS] for cid, rows in listed[:max_clusters]}
     wanted: dict[str, set[str]] = {}
     for rows in shown.values():
         for r in rows:
             wanted.setdefault(r["shard"], set()).add(r["key"])
     for _, rows in listed[:TABLE_THUMBS]:
-        for r in _ordered(rows)[:4]:
+        for r in rows[:4]:
             wanted.setdefault(r["shard"], set()).add(r["key"])
     thumbs = thumbnails(wanted, shard_paths, rdir)
-    sizes = _sizes(out_dir, {k for keys in wanted.values() for k in keys} | {_ordered(r)[0]["key"] for _, r in listed})
+    sizes_px = _sizes(out_dir, {k for keys in wanted.values() for k in keys} | {rows[0]["key"] for _, rows in listed})
     galleries = [
         {
             "id": cid,
             "size": len(groups[cid]),
             "duplication": rows[0].get("duplication") or "",
             "decisions": _decisions(groups[cid]),
-            "members": [_member(r, thumbs, sizes) for r in rows],
+            "members": [_member(r, thumbs, sizes_px) for r in rows],
         }
         for cid, rows in shown.items()
     ]
-    table = [_table_row(cid, rows, thumbs, sizes) for cid, rows in listed]
+    table = [_table_row(cid, rows, thumbs, sizes_px) for cid, rows in listed]
     return {
         "galleries": galleries,
         "table": table,
-        "n_clusters": len(groups),
-        "n_dropped_clusters": sum(any(r["decision"] == "drop" for r in rows) for rows in groups.values()),
+        "n_clusters": len(sizes),
+        "n_dropped_clusters": sum(dropped for _, dropped in sizes.values()),
     }
 
 
 def _decisions(rows: list[dict]) -> dict[str, int]:
-    return {d: n for d in DECISIONS if (n := sum(r["decision"] == d for r in rows))}
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["decision"]] = counts.get(r["decision"], 0) + 1
+    return {d: counts[d] for d in DECISIONS if counts.get(d)}
 
 
 def _table_row(cid: str, rows: list[dict], thumbs: dict, sizes: dict) -> dict:
-    ordered = _ordered(rows)
+    """One cluster of the table; ``rows`` in ``_ordered``'s order."""
+    ordered = rows
     kept = ordered[0]
     return {
         "id": cid,

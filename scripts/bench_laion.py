@@ -109,7 +109,15 @@ def timed(cmd: list[str], log: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return {"wall": wall, "rss_gb": int(rss.group(1)) / 1024**2 if rss else float("nan"), "stdout": proc.stdout}
+    cpu = {k: re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr) for k in ("User", "System")}
+    cpu = {k: float(m.group(1)) if m else float("nan") for k, m in cpu.items()}
+    return {
+        "wall": wall,
+        "rss_gb": int(rss.group(1)) / 1024**2 if rss else float("nan"),
+        "user_s": cpu["User"],
+        "sys_s": cpu["System"],
+        "stdout": proc.stdout,
+    }
 
 
 def row_keys(data: str) -> list[str]:
@@ -226,7 +234,7 @@ def report(args, data: str, results: dict) -> None:
     print(f"LAION layout, {args.rows} x {args.dim}, cosine >= {args.threshold}; {os.cpu_count()} CPUs here")
     print(
         f"{'run':<10} {'wall s':>8} {'x SemDeDup':>10} {'target':>7} {'peak RSS GB':>12} {'pair P':>7} {'pair R':>7}"
-        f" {'subset P':>9} {'subset R':>9}"
+        f" {'subset P':>9} {'subset R':>9} {'user s':>7} {'sys s':>6}"
     )
     for name, res in results.items():
         labels = sd_labels if name == "semdedup" else run_labels(data + f"-{name}", keys)
@@ -236,7 +244,7 @@ def report(args, data: str, results: dict) -> None:
         target = f"{TARGETS[name]:.1f}x" if name in TARGETS else ""
         print(
             f"{name:<10} {res['wall']:8.1f} {ratio:10.2f} {target:>7} {res['rss_gb']:12.2f} {p:7.4f} {r:7.4f}"
-            f" {sp:9.4f} {sr:9.4f}"
+            f" {sp:9.4f} {sr:9.4f} {res['user_s']:7.1f} {res['sys_s']:6.1f}"
         )
     print(f"SemDeDup algorithm alone (vectors loaded -> pairs): {sd['algorithm']:.1f} s")
     for name in ("dedup", "full"):

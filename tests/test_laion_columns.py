@@ -307,6 +307,21 @@ def test_unit_float16_equals_the_division(scale):
     assert np.array_equal(unit_float16(v32, norms, rows), expected)
 
 
+def test_float16_norms_equal_numpys_bit_for_bit():
+    """The squares table gives np.linalg.norm's float32 norms, specials and subnormals included."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1000, 512)).astype(np.float32)
+    v = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    v[0, 5], v[1, 7], v[2] = np.inf, np.nan, 0
+    v[3] = np.float16(3e-7)  # subnormal in float16
+    v[4] = np.float16(60000)  # big: squares past float16, well within float32
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = np.linalg.norm(v.astype(np.float32), axis=1)
+    got = row_norms(v, chunk=300)
+    assert got.dtype == np.float32 and np.array_equal(got, expected, equal_nan=True)
+    assert np.isnan(got[1]) and np.isinf(got[0]) and got[2] == 0 and 0 < got[3] < 1e-5
+
+
 def test_read_laion_pipeline_reports_cross_file_repeats(tmp_path):
     from apache_beam.testing.util import assert_that, equal_to
 

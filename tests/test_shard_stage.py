@@ -1,7 +1,10 @@
 """The per-shard stage (transforms/shard_stage.py): the columnar path for plain keys writes the
 same rows as building every key's Annotation and deciding it one by one."""
 
+import dataclasses
+
 import apache_beam as beam
+import pyarrow as pa
 
 from pipeline.config import DecideConfig
 from schemas.arrow import info_table
@@ -76,13 +79,13 @@ def test_keys_with_only_an_assignment_equal_build_annotation(tmp_path):
     """Clustered keys with nothing else (built from the info columns) and assignments arriving as
     tuple lists give the Annotations ``build_annotation`` gives, and the same written rows."""
     from schemas.arrow import infos_of
-    from transforms.annotate import build_annotation
-    from transforms.shard_stage import split_shard
+    from transforms.annotate import annotation_from_row, build_annotation
+    from transforms.shard_columns import annotation_table
 
     grouped = _grouped()
     tuples = [("k6", "k6", 2, True, "clip", 1.0, "s0"), ("k7", "k6", 2, False, "phash", 0.93, "s0")]
     grouped["assignment"] = [*grouped["assignment"], tuples]
-    rich, _ = split_shard(grouped)
+    rich = [annotation_from_row(r) for r in annotation_table(grouped).to_pylist()]
     by_key = {a.key: a for a in rich}
     infos = {i.key: i for t in grouped["info"] for i in infos_of(t)}
     for key, row in (("k6", tuples[0]), ("k7", tuples[1])):
@@ -94,3 +97,26 @@ def test_keys_with_only_an_assignment_equal_build_annotation(tmp_path):
     manifest = {r["key"]: r for r in read_table(str(tmp_path / "manifest")).to_pylist()}
     assert manifest["k7"] == manifest_row(by_key["k7"], *decide(by_key["k7"], cfg))
     assert manifest["k7"]["decision"] == "drop" and manifest["k6"]["is_representative"]
+
+
+def test_batched_sparse_records_give_the_same_tables(tmp_path):
+    """Trigger codes and duplication classes arriving as per-shard batches (``BatchByShard``)
+    annotate as the single elements do."""
+    from transforms.shard_columns import Batch, BatchByShard, annotation_table
+
+    grouped = _grouped()
+    grouped["codes"] = [*grouped["codes"], ("k6", ("word_trigger:dog",)), ("k3", ("template_caption",))]
+    batched = dict(grouped)
+    batched["codes"] = [Batch(grouped["codes"][:2]), grouped["codes"][2]]
+    batched["duplication"] = [Batch(grouped["duplication"])]
+    assert annotation_table(batched).equals(annotation_table(grouped))
+    as_table = dict(grouped)  # assignments as a table of ClusterAssignment's columns
+    as_table["assignment"] = [pa.Table.from_pylist([dataclasses.asdict(a) for a in grouped["assignment"]])]
+    assert annotation_table(as_table).equals(annotation_table(grouped))
+    codes = {r["key"]: r["trigger_codes"] for r in annotation_table(grouped).to_pylist()}
+    assert codes["k3"] == ["template_caption", "word_trigger:cat"] and codes["k6"] == ["word_trigger:dog"]
+    fn = BatchByShard(size=2)
+    fn.start_bundle()
+    full = [out for kv in [("s0", 1), ("s1", 2), ("s0", 3), ("s0", 4)] for out in fn.process(kv)]
+    rest = [w.value for w in fn.finish_bundle()]
+    assert full == [("s0", [1, 3])] and rest == [("s0", [4]), ("s1", [2])]

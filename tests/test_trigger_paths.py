@@ -13,7 +13,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.captions import band_bytes, minhash_bands
+from transforms.captions import minhash_bands
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.trigger_captions import MAX_BAND, CaptionCodes, group_codes, near_norms
 
@@ -60,17 +60,6 @@ def test_piece_cached_terms_equal_spacy_on_the_whole_caption(bigrams):
             assert cached.terms_tuple(c) == want, c
             assert cached.terms(c) == list(want)
     assert cached._pieces and cached._terms
-
-
-def test_band_bytes_are_one_to_one_with_minhash_bands():
-    rng = random.Random(1)
-    vocab = [f"w{i}" for i in range(9)] + ["café", "a"]
-    captions = ["", "!!", "a"] + [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 6))) for _ in range(300)]
-    pairs = {}
-    for c in captions:
-        for s, b in zip(minhash_bands(c), band_bytes(normalize_caption(c)), strict=True):
-            assert pairs.setdefault(s, b) == b
-    assert len(set(pairs.values())) == len(pairs)  # no two string keys share a bytes key
 
 
 def _records(n: int, seed: int) -> list[dict]:
@@ -257,20 +246,6 @@ def test_info_rows_read_the_columns_as_sample_infos_do():
     assert got == [tuple(getattr(i, c) for c in INFO_COLUMNS) for i in arrow.infos_of(table)]
     partial = arrow.info_table([{"key": "a", "shard": "s", "caption": "x"}])  # absent columns: None either way
     assert [(r.key, r.meta_json) for r in info_rows(partial)] == [(i.key, i.meta_json) for i in arrow.infos_of(partial)]
-
-
-def test_band_key_rows_equal_band_bytes_per_caption():
-    from transforms.captions import band_key_rows
-
-    rng = random.Random(4)
-    vocab = [f"w{i}" for i in range(15)] + ["café"]
-    norms = ["", "a", "a a b"] + [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))) for _ in range(300)]
-    keys, hashes = band_key_rows(norms)
-    assert keys == [k for n in norms for k in band_bytes(n)]
-    again, hashes2 = band_key_rows(list(reversed(norms)))
-    by_key = dict(zip(keys, hashes.tolist(), strict=True))
-    assert dict(zip(again, hashes2.tolist(), strict=True)) == by_key  # a key's hash: its values only
-    assert len(set(by_key.values())) > len(by_key) // 2 and band_key_rows([])[0] == []
 
 
 def test_metadata_objects_skips_only_jsons_without_objects():

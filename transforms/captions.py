@@ -59,9 +59,12 @@ def skeleton(caption: str, frequent: frozenset[str] | set[str], min_fixed: int =
 
 def skeleton_of_norm(normalized: str, frequent: frozenset[str] | set[str], min_fixed: int = 2) -> str | None:
     """``skeleton`` of an already normalized caption."""
+    words = normalized.split()
+    if isinstance(frequent, frozenset) and _fixed_words(frequent).issuperset(words):
+        return None  # every word fixed: no slot (the common case, checked without the loop)
     out: list[str] = []
     fixed = 0
-    for word in normalized.split():
+    for word in words:
         if word in frequent and not _NUMBER.match(word):
             out.append(word)
             fixed += 1
@@ -70,6 +73,12 @@ def skeleton_of_norm(normalized: str, frequent: frozenset[str] | set[str], min_f
     if fixed < min_fixed or SLOT not in out:
         return None
     return " ".join(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_words(frequent: frozenset[str]) -> frozenset[str]:
+    """The words ``skeleton`` keeps: frequent and not a number."""
+    return frozenset(w for w in frequent if not _NUMBER.match(w))
 
 
 def minhash_bands(caption: str, num_perm: int = 64, bands: int = 16, seed: int = 1) -> list[str]:
@@ -85,44 +94,6 @@ def _band_keys(normalized: str, num_perm: int, bands: int, seed: int) -> tuple[s
     rows = num_perm // bands
     hv = _hashvalues(normalized, num_perm, seed).tolist()
     return tuple(f"{b}:" + ",".join(map(str, hv[b * rows : (b + 1) * rows])) for b in range(bands))
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def band_bytes(normalized: str, num_perm: int = 64, bands: int = 16, seed: int = 1) -> tuple[bytes, ...]:
-    """``minhash_bands`` of an already normalized caption as compact keys, one to one with them:
-    the band number and the raw bytes of the band's hash values."""
-    hv = _hashvalues(normalized, num_perm, seed)
-    width = (num_perm // bands) * hv.dtype.itemsize
-    raw = hv.tobytes()
-    return tuple(bytes((b,)) + raw[width * b : width * (b + 1)] for b in range(bands))
-
-
-def band_key_rows(normalized: list[str], num_perm: int = 64, bands: int = 16, seed: int = 1):
-    """``band_bytes`` of many normalized captions at once -> (flat list of the keys, ``bands``
-    per caption in order; int64 array of a stable hash of each key's values, for buckets).
-    One minimum-reduce over all the captions' word MinHashes instead of one per caption."""
-    import numpy as np
-
-    if not normalized:
-        return [], np.zeros(0, dtype=np.int64)
-    vectors, starts = [], []
-    for text in normalized:
-        starts.append(len(vectors))
-        words = set(text.split()) or {""}  # no word: the empty MinHash
-        vectors.extend(_word_vector(w, num_perm, seed) for w in words)
-    hv = np.minimum.reduceat(np.stack(vectors), np.asarray(starts), axis=0)
-    n, rows = len(normalized), num_perm // bands
-    width = rows * hv.dtype.itemsize
-    packed = np.empty((n, bands, 1 + width), dtype=np.uint8)
-    packed[:, :, 0] = np.arange(bands, dtype=np.uint8)
-    packed[:, :, 1:] = np.ascontiguousarray(hv).view(np.uint8).reshape(n, bands, width)
-    raw, step = packed.tobytes(), 1 + width
-    keys = [raw[i : i + step] for i in range(0, len(raw), step)]
-    values = hv.reshape(n * bands, rows).astype(np.uint64)
-    mix = np.arange(n * bands, dtype=np.uint64) % np.uint64(bands)
-    for j in range(rows):
-        mix = mix * np.uint64(0x100000001B3) + values[:, j]  # wraps mod 2**64: deterministic
-    return keys, (mix >> np.uint64(1)).astype(np.int64)
 
 
 _WORD_HASHES: dict = {}

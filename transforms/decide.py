@@ -141,27 +141,140 @@ def is_kept_copy(row: dict) -> bool:
     return bool(row["is_representative"]) and (row["cluster_size"] or 1) > 1 and row["decision"] != DROP
 
 
-def _with_kept(item) -> Iterator[dict]:
-    _, grouped = item
-    kept = next(iter(sorted(grouped["kept"])), None)
-    for row in grouped["dropped"]:
-        yield dict(blocklist_row(row, kept), _shard=row["shard"])
+def _categories(reasons):
+    """A list<string> column of drop reasons -> ``drop_category`` of each row, vectorised."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    head = pc.list_slice(reasons, 0, 1)
+    first = np.full(len(reasons), "", dtype=object)
+    first[pc.list_parent_indices(head).to_numpy()] = pc.list_flatten(head).to_numpy(zero_copy_only=False)
+    first = pa.array(first, pa.string())
+    out = np.full(len(reasons), "unreadable", dtype=object)
+    for prefix, category in (
+        ("failed:download:", "dead_link"),
+        ("memorized:", "memorized"),
+        ("duplicate:", "duplicate"),
+    ):
+        out[pc.starts_with(first, prefix).to_numpy(zero_copy_only=False).astype(bool)] = category
+    return pa.array(out, pa.string())
+
+
+def _blocklist_columns(dropped):
+    """Dropped manifest rows (a table) -> their blocklist columns (``blocklist_row``), with
+    ``cluster_id`` and ``shard``; kept_key and kept_url empty."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    reasons = dropped.column("reasons").combine_chunks()
+    none = pa.nulls(dropped.num_rows, pa.string())
+    return pa.table(
+        {
+            "url": dropped.column("url"),
+            "sha256": dropped.column("sha256"),
+            "key": dropped.column("key"),
+            "reason": pc.fill_null(pc.binary_join(reasons, ";"), ""),
+            "category": _categories(reasons),
+            "kept_key": none,
+            "kept_url": none,
+            "cluster_id": pc.fill_null(dropped.column("cluster_id"), dropped.column("key")),
+            "shard": dropped.column("shard"),
+        }
+    )
+
+
+def _dropped(table, duplicates: bool):
+    """Blockable rows (a table, or one manifest row dict) -> (the table, the blocklist columns
+    of its dropped rows whose category is (``duplicates``) or is not duplicate)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(table, dict):
+        table = pa.Table.from_pylist([table])
+    decision = table.column("decision").to_numpy(zero_copy_only=False)
+    dropped = _blocklist_columns(table.filter(pa.array(decision == DROP)))
+    is_dup = pc.equal(dropped.column("category"), "duplicate").to_numpy(zero_copy_only=False).astype(bool)
+    return table, dropped.filter(pa.array(is_dup if duplicates else ~is_dup))
+
+
+def _needing_no_join(table) -> Iterator:
+    """Blockable rows -> the blocklist table of the dropped rows that are not duplicates."""
+    _, done = _dropped(table, duplicates=False)
+    if done.num_rows:
+        yield done
+
+
+def _blockable_parts(table, n: int) -> Iterator[tuple[int, tuple[str, object]]]:
+    """A shard's blockable rows (a table; or one manifest row dict) -> per hash bucket of the
+    cluster id ("dropped", dropped duplicates' blocklist columns) and ("kept", (cluster_id, key,
+    url) of kept copies)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from transforms.write import split_table
+
+    table, dup = _dropped(table, duplicates=True)
+    decision = table.column("decision").to_numpy(zero_copy_only=False)
+    rep = table.column("is_representative").to_numpy(zero_copy_only=False).astype(bool)
+    size = pc.fill_null(table.column("cluster_size"), 1).to_numpy(zero_copy_only=False)
+    for b, part in split_table(dup, "cluster_id", n):
+        yield b, ("dropped", part)
+    kept = table.filter(pa.array(rep & (size > 1) & (decision != DROP)))
+    kept = pa.table(
+        {
+            "cluster_id": kept.column("cluster_id"),
+            "kept_key": kept.column("key"),
+            "kept_url": pc.fill_null(kept.column("url"), ""),
+        }
+    )
+    for b, part in split_table(kept, "cluster_id", n):
+        yield b, ("kept", part)
+
+
+def _join_kept(item) -> Iterator:
+    """(bucket, [("dropped" | "kept", table)]) -> blocklist tables (with shard): each dropped
+    duplicate with its cluster's kept copy (the smallest (key, url) when several)."""
+    import numpy as np
+    import pyarrow as pa
+
+    _, parts = item
+    by: dict[str, list] = {}
+    for kind, table in parts:
+        by.setdefault(kind, []).append(table)
+    if "dropped" not in by:
+        return
+    dropped = pa.concat_tables(by["dropped"])
+    if "kept" in by:
+        kept = pa.concat_tables(by["kept"]).sort_by(
+            [("cluster_id", "ascending"), ("kept_key", "ascending"), ("kept_url", "ascending")]
+        )
+        cid = kept.column("cluster_id").to_numpy(zero_copy_only=False)
+        first = np.flatnonzero(np.r_[True, cid[1:] != cid[:-1]]) if len(cid) else np.zeros(0, np.int64)
+        kept = kept.take(pa.array(first))
+        joined = dropped.drop_columns(["kept_key", "kept_url"]).join(kept, "cluster_id", join_type="left outer")
+        dropped = joined.select(dropped.column_names)
+    yield dropped
 
 
 class BlocklistRows(beam.PTransform):
-    """Manifest rows -> blocklist rows (with ``_shard``) of the dropped ones; a dropped
-    duplicate is joined to its cluster's kept member by cluster id (one shuffle of dropped and
-    representative rows only)."""
+    """Blockable manifest rows (per-shard tables of the dropped rows and kept copies, or row
+    dicts) -> blocklist tables (with ``shard``); a dropped duplicate is joined to its cluster's
+    kept member by cluster id (one shuffle of tables per hash bucket of the cluster id)."""
+
+    def __init__(self, buckets: int = 1):
+        super().__init__()
+        self.buckets = max(1, buckets)
 
     def expand(self, rows):
-        dropped = rows | "Dropped" >> beam.Filter(lambda r: r["decision"] == DROP)
-        kept = (
+        done = rows | "NotDuplicates" >> beam.FlatMap(_needing_no_join)  # no join: no shuffle
+        joined = (
             rows
-            | "Kept" >> beam.Filter(is_kept_copy)
-            | "KeptByCluster" >> beam.Map(lambda r: (r["cluster_id"], (r["key"], r["url"] or "")))
+            | "BlockableParts" >> beam.FlatMap(_blockable_parts, n=self.buckets)
+            | "GroupKept" >> beam.GroupByKey()
+            | "JoinKept" >> beam.FlatMap(_join_kept)
         )
-        by_cluster = dropped | "DroppedByCluster" >> beam.Map(lambda r: (r["cluster_id"] or r["key"], r))
-        return {"dropped": by_cluster, "kept": kept} | "JoinKept" >> beam.CoGroupByKey() | beam.FlatMap(_with_kept)
+        return (done, joined) | "BlocklistTables" >> beam.Flatten()
 
 
 class DecideFn(beam.DoFn):

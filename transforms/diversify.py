@@ -19,6 +19,7 @@ alternative is never empty and never equal to the original; a strategy that cann
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -30,38 +31,59 @@ FALLBACK_VOCAB = ("photo", "image", "picture", "view", "scene", "detail")
 _TRIES = 5  # a random draw may reproduce the caption (RC of a 4-word caption): draw again
 
 
+_LOCAL = threading.local()
+
+
+def _generator() -> random.Random:
+    """This thread's generator, re-seeded for each draw (cheaper than a new one)."""
+    rng = getattr(_LOCAL, "rng", None)
+    if rng is None:
+        rng = _LOCAL.rng = random.Random(0)
+    return rng
+
+
 def _rng(seed: int, key: str, strategy: str) -> random.Random:
     return random.Random(f"{seed}:{key}:{strategy}")
 
 
+# The draws call ``Random._randbelow`` directly: ``rng.choice(seq)`` is ``seq[rng._randbelow(len(seq))]``
+# and ``rng.randint(0, n)`` is ``rng._randbelow(n + 1)`` (CPython's random.py), so the sequences
+# are the same as those calls', without their per-call argument checks.
+
+
 def random_token_addition(caption: str, vocab, rng: random.Random, n: int = RT_TOKENS) -> str:
-    words = caption.split()
+    words, below = caption.split(), rng._randbelow
     for _ in range(n):
-        words.insert(rng.randint(0, len(words)), rng.choice(vocab))
+        words.insert(below(len(words) + 1), vocab[below(len(vocab))])
     return " ".join(words)
 
 
 def caption_word_repetition(caption: str, rng: random.Random, n: int = CWR_WORDS) -> str:
-    words = caption.split()
+    words, below = caption.split(), rng._randbelow
     if not words:
         return ""
-    for w in [rng.choice(words) for _ in range(n)]:
-        words.insert(rng.randint(0, len(words)), w)
+    for w in [words[below(len(words))] for _ in range(n)]:
+        words.insert(below(len(words) + 1), w)
     return " ".join(words)
 
 
 def random_caption(vocab, rng: random.Random, n: int = RC_TOKENS) -> str:
-    return " ".join(rng.choice(vocab) for _ in range(n))
+    below = rng._randbelow
+    return " ".join(vocab[below(len(vocab))] for _ in range(n))
 
 
 def random_number_addition(caption: str, rng: random.Random) -> str:
-    words = caption.split()
-    words.insert(rng.randint(0, len(words)), str(rng.randint(0, MAX_NUMBER)))
+    words, below = caption.split(), rng._randbelow
+    words.insert(below(len(words) + 1), str(below(MAX_NUMBER + 1)))
     return " ".join(words)
 
 
+def _pool(caption: str, others: list[str]) -> list[str]:
+    return sorted({o.strip() for o in others if o and o.strip() and o.strip() != caption.strip()})
+
+
 def multiple_caption(caption: str, others: list[str], rng: random.Random) -> str:
-    pool = sorted({o.strip() for o in others if o and o.strip() and o.strip() != caption.strip()})
+    pool = _pool(caption, others)
     return rng.choice(pool) if pool else ""
 
 
@@ -80,14 +102,20 @@ def _draw(strategy: str, caption: str, others: list[str], vocab, rng: random.Ran
 
 
 def alternatives(key: str, caption: str, others: list[str], vocab, strategies, seed: int) -> list[tuple[str, str]]:
-    """-> [(strategy, alternative)], at most one per strategy, each non-empty and != caption."""
-    vocab = list(vocab) or list(FALLBACK_VOCAB)
+    """-> [(strategy, alternative)], at most one per strategy, each non-empty and != caption.
+    A strategy that cannot draw one (MC without other captions, CWR without words) is skipped
+    without seeding its generator: it would give none."""
+    vocab = (vocab if isinstance(vocab, list) else list(vocab)) or list(FALLBACK_VOCAB)  # read only: no copy
     out = []
+    rng = _generator()
+    stripped = caption.strip()
     for s in strategies:
-        rng = _rng(seed, key, s)
+        if (s == "MC" and not _pool(caption, others)) or (s == "CWR" and not caption.split()):
+            continue
+        rng.seed(f"{seed}:{key}:{s}")  # as ``_rng``: a generator seeded from (seed, key, strategy)
         for _ in range(_TRIES):
             alt = _draw(s, caption, others, vocab, rng).strip()
-            if alt and alt != caption.strip():
+            if alt and alt != stripped:
                 out.append((s, alt))
                 break
     return out
@@ -127,6 +155,84 @@ def cluster_captions(captions, limit: int) -> list[str]:
     return sorted({c for c in captions if c})[:limit]
 
 
+def caption_word_counts(captions):
+    """``caption_words`` of every caption (an Arrow string array), counted: a (word, count)
+    table, a word counted once per caption. Captions of printable ASCII and ASCII spaces are
+    split by Arrow (the same words as ``str.split``); the others by ``caption_words``."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(captions, pa.ChunkedArray):
+        captions = captions.combine_chunks()
+    captions = captions.filter(pc.is_valid(captions))
+    simple = pc.match_substring_regex(captions, r"^[\x20-\x7e\t\n\r\x0b\x0c]*$")
+    words = pc.ascii_split_whitespace(captions.filter(simple))
+    flat, parent = pc.list_flatten(words), pc.list_parent_indices(words)
+    keep = pc.and_(pc.ascii_is_alpha(flat), pc.greater_equal(pc.binary_length(flat), 3))
+    flat, parent = pc.ascii_lower(flat.filter(keep)), parent.filter(keep)
+    encoded = pc.dictionary_encode(flat)
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    names = encoded.dictionary.to_pylist()
+    pair = parent.to_numpy(zero_copy_only=False).astype(np.int64) * max(1, len(names)) + codes
+    first = ~pd.Series(pair).duplicated().to_numpy()
+    counts = dict(zip(names, np.bincount(codes[first], minlength=len(names)).tolist(), strict=True))
+    for caption in captions.filter(pc.invert(simple)).to_pylist():
+        for w in caption_words(caption):
+            counts[w] = counts.get(w, 0) + 1
+    return pa.table({"word": pa.array(list(counts), pa.string()), "count": pa.array(list(counts.values()), pa.int64())})
+
+
+def _top_words(item, size: int) -> Iterator[tuple[str, int]]:
+    """(bucket, word-count tables) -> the bucket's ``size`` most common words (ties by word),
+    summed over the tables: the global top ``size`` is among the buckets' tops."""
+    import pyarrow as pa
+
+    _, tables = item
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return
+    summed = pa.concat_tables(tables).group_by("word").aggregate([("count", "sum")])
+    ranked = summed.sort_by([("count_sum", "descending"), ("word", "ascending")]).slice(0, size)
+    yield from zip(ranked.column("word").to_pylist(), ranked.column("count_sum").to_pylist(), strict=True)
+
+
+def _diversify_bucket(item, vocab: list[str], cfg, seed: int, limit: int) -> Iterator:
+    """(bucket, {"rows": tables of rows to diversify, "captions": (cluster_id, caption) tables})
+    -> one table of the bucket's diversify/ rows (with their shard)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    _, grouped = item
+    rows = [t for t in grouped["rows"] if t.num_rows]
+    if not rows:
+        return
+    rows = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
+    ids = pc.unique(rows.column("cluster_id").combine_chunks())
+    pools: dict[str, list[str]] = {}
+    for t in grouped["captions"]:
+        t = t.filter(pc.is_in(t.column("cluster_id"), value_set=ids))
+        for cid, caption in zip(t.column("cluster_id").to_pylist(), t.column("caption").to_pylist(), strict=True):
+            pools.setdefault(cid, []).append(caption)
+    pools = {cid: cluster_captions(caps, limit) for cid, caps in pools.items()}
+    out = []
+    for row in rows.to_pylist():
+        d = diversify_row(row, pools.get(row["cluster_id"], []), vocab, cfg, seed)
+        if d is not None:
+            out.append(d)
+    if out:
+        yield pa.Table.from_pylist(out, schema=_with_shard())
+
+
+def _with_shard():
+    import pyarrow as pa
+
+    from schemas import arrow
+
+    return arrow.DIVERSIFY.append(pa.field("shard", pa.string()))
+
+
 def _joined(item, vocab: list[str], cfg, seed: int) -> Iterator[dict]:
     _, grouped = item
     others = next(iter(grouped["captions"]), [])
@@ -137,42 +243,39 @@ def _joined(item, vocab: list[str], cfg, seed: int) -> Iterator[dict]:
 
 
 class DiversifyCaptions(beam.PTransform):
-    """{"rows": manifest rows, "annotations": Annotation} -> diversify/ rows; or, instead of
-    "annotations", "words" ((word, count) per shard) and "captions" ((cluster_id, caption) of
-    clustered samples) from the per-shard stage.
+    """{"rows": manifest rows, "annotations": Annotation} -> diversify/ rows (dicts); or, from
+    the per-shard stage (``transforms.shard_stage``), {"rows": tables of the rows to diversify
+    (key, shard, caption, cluster_id), "words": (word, count) tables, "captions": (cluster_id,
+    caption) tables of clustered samples} -> tables of diversify/ rows with their shard.
 
     MC needs the other captions of a sample's duplicate cluster: they are grouped per cluster
-    (bounded) and joined by cluster id; RT and RC draw from the run's common caption words.
+    (bounded) and joined by cluster id (tables: per hash bucket of the cluster id, ``buckets``);
+    RT and RC draw from the run's common caption words.
     """
 
-    def __init__(self, cfg, seed: int):
+    def __init__(self, cfg, seed: int, buckets: int = 1):
         super().__init__()
         self.cfg = cfg
         self.seed = seed
+        self.buckets = max(1, buckets)
 
     def expand(self, inputs):
+        if "annotations" not in inputs:
+            return self._tables(inputs)
         rows = inputs["rows"]
-        size, limit = self.cfg.vocabulary_size, self.cfg.max_cluster_captions
-        if "annotations" in inputs:
-            ok = inputs["annotations"] | "OkCaptions" >> beam.Filter(lambda a: a.status == "ok" and bool(a.caption))
-            word_counts = (
-                ok
-                | "VocabWords" >> beam.FlatMap(lambda a: caption_words(a.caption))
-                | "CountVocab" >> beam.combiners.Count.PerElement()
-            )
-            clustered = (
-                ok
-                | "InCluster" >> beam.Filter(lambda a: a.cluster_size > 1)
-                | "CaptionByCluster" >> beam.Map(lambda a: (a.cluster_id, a.caption))
-            )
-        else:  # per-shard word counts and clustered captions (transforms/shard_stage.py)
-            word_counts = inputs["words"] | "SumVocab" >> beam.CombinePerKey(sum)
-            clustered = inputs["captions"]
-        vocab = (
-            word_counts
-            | "TopCounts" >> beam.combiners.Top.Of(size, key=lambda kv: (-kv[1], kv[0]), reverse=True)
-            | "TopVocab" >> beam.Map(vocabulary_from_counts, size=size)
+        limit = self.cfg.max_cluster_captions
+        ok = inputs["annotations"] | "OkCaptions" >> beam.Filter(lambda a: a.status == "ok" and bool(a.caption))
+        word_counts = (
+            ok
+            | "VocabWords" >> beam.FlatMap(lambda a: caption_words(a.caption))
+            | "CountVocab" >> beam.combiners.Count.PerElement()
         )
+        clustered = (
+            ok
+            | "InCluster" >> beam.Filter(lambda a: a.cluster_size > 1)
+            | "CaptionByCluster" >> beam.Map(lambda a: (a.cluster_id, a.caption))
+        )
+        vocab = self._vocabulary(word_counts)
         captions = (
             clustered
             | "GroupCaptions" >> beam.GroupByKey()
@@ -187,4 +290,35 @@ class DiversifyCaptions(beam.PTransform):
             {"rows": keyed, "captions": captions}
             | "JoinCaptions" >> beam.CoGroupByKey()
             | "Diversify" >> beam.FlatMap(_joined, vocab=beam.pvalue.AsSingleton(vocab), cfg=self.cfg, seed=self.seed)
+        )
+
+    def _vocabulary(self, word_counts):
+        size = self.cfg.vocabulary_size
+        return (
+            word_counts
+            | "TopCounts" >> beam.combiners.Top.Of(size, key=lambda kv: (-kv[1], kv[0]), reverse=True)
+            | "TopVocab" >> beam.Map(vocabulary_from_counts, size=size)
+        )
+
+    def _tables(self, inputs):
+        from transforms.write import split_table
+
+        n, size = self.buckets, self.cfg.vocabulary_size
+        word_counts = (
+            inputs["words"]
+            | "WordBuckets" >> beam.FlatMap(split_table, "word", n)
+            | "GroupWords" >> beam.GroupByKey()
+            | "TopOfBucket" >> beam.FlatMap(_top_words, size=size)
+        )
+        vocab = self._vocabulary(word_counts)
+        joined = {
+            "rows": inputs["rows"] | "RowBuckets" >> beam.FlatMap(split_table, "cluster_id", n),
+            "captions": inputs["captions"] | "CaptionBuckets" >> beam.FlatMap(split_table, "cluster_id", n),
+        } | "JoinCaptions" >> beam.CoGroupByKey()
+        return joined | "Diversify" >> beam.FlatMap(
+            _diversify_bucket,
+            vocab=beam.pvalue.AsSingleton(vocab),
+            cfg=self.cfg,
+            seed=self.seed,
+            limit=self.cfg.max_cluster_captions,
         )

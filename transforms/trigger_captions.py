@@ -2,12 +2,16 @@
 template captions (``transforms.triggers.MineTriggers`` wires them).
 
 Near duplicates go through MinHash LSH bands of *distinct* normalized captions: each record
-batch sends each of its distinct captions once per band, with how many of its records carry it;
-a band's group sums those counts (a band with more than ``MAX_BAND`` records is an
-exact-template flood and is skipped, as when every record was sent), compares its distinct
-captions (``near_norms``) and marks the near ones. A caption's bands depend on its text only,
-so a near caption is near for every record that carries it: the marks join the records by
-caption in the same group as the exact duplicates, and no per-record band entry is shipped.
+batch sends each of its distinct captions, with how many of its records carry it and its MinHash
+row, once to each bucket holding one of its band keys; a bucket's group sums the counts per band
+key (a band with more than ``MAX_BAND`` records is an exact-template flood and is skipped, as
+when every record was sent) and marks the captions near another in some band
+(``transforms.near_captions``: numpy over word sets; ``near_norms`` is the pairwise rule). A
+caption's bands depend on its text only, so a near caption is near for every record that
+carries it: the marks join the records (as columns) by caption bucket, next to the exact
+duplicates, and no per-record band entry is shipped. Template captions group the captions'
+skeletons (``TemplateCodes``) from caption columns, so the stage that reads the frequent words
+does not decode whole record batches again.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from transforms.captions import band_key_rows
-from transforms.key_batches import grouped, split_buckets
+from transforms.captions import skeleton_of_norm
+from transforms.key_batches import bucket_of, grouped
+from transforms.near_captions import band_buckets, minhash_rows, near_captions
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
-NEAR = None  # a near mark among a caption's members
+MEMBERS, NEAR = 0, 1  # the two kinds of element grouped by caption
 
 
 def group_codes(members: list, code: str, min_members: int = 2, min_clusters: int = 2) -> Iterator:
@@ -63,53 +68,96 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
     return near
 
 
-def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, list]]:
-    """A record batch -> (bucket, [(band key, caption, records)]): each distinct normalized
-    caption of the batch once per MinHash band, with its number of records."""
+def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
+    """A record batch -> (bucket, (captions, their records, their MinHash rows)): each distinct
+    normalized caption of the batch once per bucket that holds one of its band keys."""
+    import numpy as np
+
     counts = sorted(Counter(r["norm"] for r in batch).items())
-    keys, hashes = band_key_rows([norm for norm, _ in counts])
-    buckets = (hashes % max(1, n)).tolist()
-    per = len(keys) // max(1, len(counts))
-    out: dict[int, list] = {}
-    for i, (norm, count) in enumerate(counts):
-        for k in range(i * per, (i + 1) * per):
-            out.setdefault(buckets[k], []).append((keys[k], norm, count))
-    yield from sorted(out.items())
+    norms = [norm for norm, _ in counts]
+    records = np.array([c for _, c in counts], dtype=np.int64)
+    hv = minhash_rows(norms)
+    buckets = band_buckets(hv, n)
+    for b in np.unique(buckets).tolist():
+        rows = np.flatnonzero((buckets == b).any(axis=1))
+        yield b, ([norms[i] for i in rows.tolist()], records[rows], hv[rows])
 
 
 def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
-    """(bucket, lists of band entries) -> (caption bucket, [(caption, NEAR)]) for the captions
-    near another in some band of at most MAX_BAND records."""
-    _, lists = item
-    by_band: dict[bytes, dict[str, int]] = {}
-    for entries in lists:
-        for band, norm, count in entries:
-            counts = by_band.get(band)
-            if counts is None:
-                by_band[band] = {norm: count}
-            else:
-                counts[norm] = counts.get(norm, 0) + count
-    near: set[str] = set()  # the union over bands does not depend on their order
-    for counts in by_band.values():
-        if len(counts) >= 2 and sum(counts.values()) <= MAX_BAND:
-            near |= near_norms(counts, near)
-    yield from split_buckets(((norm, NEAR) for norm in sorted(near)), n)
+    """(bucket, band entries of batches) -> (caption bucket, [(caption, NEAR)]) for the captions
+    near another in some band of the bucket of at most MAX_BAND records
+    (``transforms.near_captions``)."""
+    import numpy as np
+
+    bucket, parts = item
+    parts = list(parts)
+    if not parts:
+        return
+    norms = [norm for part in parts for norm in part[0]]
+    counts = np.concatenate([part[1] for part in parts])
+    hv = np.concatenate([part[2] for part in parts])
+    near = near_captions(norms, counts, hv, bucket, n, MAX_BAND)
+    yield from _near_marks(near, n)
 
 
-def _members(batch: list[dict], n: int) -> Iterator[tuple[int, list]]:
-    return split_buckets(((r["norm"], ((r["key"], r["shard"]), r["cluster_id"])) for r in batch), n)
+def _members(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
+    """A record batch -> (caption bucket, (MEMBERS, captions, keys, shards, cluster ids)):
+    the records as columns, split by their caption's bucket."""
+    norms = [r["norm"] for r in batch]
+    buckets = [bucket_of(norm, n) for norm in norms] if n > 1 else [0] * len(norms)
+    rows: dict[int, list[int]] = {}
+    for i, b in enumerate(buckets):
+        rows.setdefault(b, []).append(i)
+    for b, idx in sorted(rows.items()):
+        columns = ([batch[i][c] for i in idx] for c in ("key", "shard", "cluster_id"))
+        yield b, (MEMBERS, [norms[i] for i in idx], *columns)
+
+
+def _near_marks(near: list[str], n: int) -> Iterator[tuple[int, tuple]]:
+    """Near captions -> (caption bucket, (NEAR, captions))."""
+    out: dict[int, list[str]] = {}
+    for norm in near:
+        out.setdefault(bucket_of(norm, n), []).append(norm)
+    for b, norms in sorted(out.items()):
+        yield b, (NEAR, norms)
+
+
+def _ids(values: list):
+    """Values -> (int64 ids, one per distinct value, in order of first appearance; how many)."""
+    import numpy as np
+
+    index: dict = {}
+    ids = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return ids, len(index), list(index)
 
 
 def caption_codes(item) -> Iterator:
-    """(bucket, lists of (caption, member or NEAR)) -> (member, (code,)) per caption: exact
-    duplicates across clusters, and near duplicates where the caption is marked near."""
-    _, lists = item
-    for _, values in sorted(grouped(lists).items()):
-        members = [v for v in values if v is not NEAR]
-        yield from group_codes(members, "duplicate_caption")
-        if len(members) < len(values):
-            for key, _ in members:
-                yield key, ("near_duplicate_caption",)
+    """(caption bucket, member columns and near marks) -> (member, (code,)): duplicate_caption
+    for the records of a caption on >= 2 records in >= 2 clusters, near_duplicate_caption for
+    the records of a caption marked near."""
+    import numpy as np
+
+    _, parts = item
+    near: set[str] = set()
+    norms, keys, shards, clusters = [], [], [], []
+    for part in parts:
+        if part[0] == NEAR:
+            near.update(part[1])
+        else:
+            for column, values in zip((norms, keys, shards, clusters), part[1:], strict=True):
+                column.extend(values)
+    if not norms:
+        return
+    caption, n_captions, distinct = _ids(norms)
+    cluster, n_clusters, _ = _ids(clusters)
+    records = np.bincount(caption, minlength=n_captions)
+    pairs = np.unique(caption * n_clusters + cluster)
+    spread = np.bincount(pairs // n_clusters, minlength=n_captions)
+    duplicate = ((records >= 2) & (spread >= 2))[caption]
+    marked = np.array([d in near for d in distinct], dtype=bool)[caption]
+    for code, hit in (("duplicate_caption", duplicate), ("near_duplicate_caption", marked)):
+        for i in np.flatnonzero(hit).tolist():
+            yield (keys[i], shards[i]), (code,)
 
 
 class CaptionCodes(beam.PTransform):
@@ -132,3 +180,49 @@ class CaptionCodes(beam.PTransform):
             )
             members = (members, marks) | "WithNearMarks" >> beam.Flatten()
         return members | "GroupCaptions" >> beam.GroupByKey() | "Codes" >> beam.FlatMap(caption_codes)
+
+
+def caption_columns(batch: list[dict]) -> tuple[list, list, list]:
+    """A record batch -> its normalized captions, keys and shards (all template mining reads:
+    a small element for the stage that reads them again with the frequent words)."""
+    return [r["norm"] for r in batch], [r["key"] for r in batch], [r["shard"] for r in batch]
+
+
+def skeleton_buckets(columns: tuple, frequent, n: int) -> Iterator[tuple[int, list]]:
+    """Caption columns -> (skeleton bucket, [(skeleton, ((key, shard), caption))]) for the
+    captions that have a template skeleton."""
+    out: dict[int, list] = {}
+    for norm, key, shard in zip(*columns, strict=True):
+        sk = skeleton_of_norm(norm, frequent)
+        if sk is not None:
+            out.setdefault(bucket_of(sk, n), []).append((sk, ((key, shard), norm)))
+    yield from sorted(out.items())
+
+
+def template_codes(item, min_count: int, min_distinct: int) -> Iterator:
+    """(bucket, lists of (skeleton, (member, caption))) -> (member, ("template_caption",)) for
+    skeletons on >= min_count captions with >= min_distinct different texts."""
+    _, lists = item
+    for _, members in sorted(grouped(lists).items()):
+        if len(members) >= min_count and len({norm for _, norm in members}) >= min_distinct:
+            for key, _ in members:
+                yield key, ("template_caption",)
+
+
+class TemplateCodes(beam.PTransform):
+    """Record batches -> (member, ("template_caption",)): captions grouped by skeleton (rare
+    words and numbers as slots; ``frequent``: a side input of the frequent words) through ``n``
+    hash buckets of skeletons."""
+
+    def __init__(self, frequent, n: int, min_count: int, min_distinct: int):
+        super().__init__()
+        self.frequent, self.n, self.min_count, self.min_distinct = frequent, n, min_count, min_distinct
+
+    def expand(self, batches):
+        return (
+            batches
+            | "Columns" >> beam.Map(caption_columns)
+            | "Split" >> beam.FlatMap(skeleton_buckets, frequent=self.frequent, n=self.n)
+            | "Group" >> beam.GroupByKey()
+            | "PerGroup" >> beam.FlatMap(template_codes, min_count=self.min_count, min_distinct=self.min_distinct)
+        )

@@ -8,7 +8,6 @@ Per-sample trigger codes go back to the annotations by key.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Iterator
 from itertools import chain
@@ -16,13 +15,13 @@ from itertools import chain
 import apache_beam as beam
 
 from pipeline import progress
-from transforms.captions import cluster_duplication, skeleton_of_norm
+from transforms.captions import cluster_duplication
 from transforms.key_batches import split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
-from transforms.trigger_captions import CaptionCodes, near_norms
+from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
 from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_captions, code_rows
-from transforms.trigger_records import CHUNK, GroupInBuckets, RecordBatch, ShardRecordsFn, per_group
+from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, per_group
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -98,22 +97,9 @@ def _near_norms(norms: list[str]) -> set[str]:
     return near_norms(norms)
 
 
-def _template_keys(item, min_count: int, min_distinct: int) -> Iterator:
-    _, members = item
-    members = list(members)
-    if len(members) >= min_count and len({n for _, n in members}) >= min_distinct:
-        for key, _ in members:
-            yield key, ("template_caption",)
-
-
 def _word_counts(batch: list[dict]):
     """A batch's (word, captions with it) counts over normalized captions."""
     return Counter(chain.from_iterable(set(r["norm"].split()) for r in batch)).items()
-
-
-def _skeleton_pairs(r: dict, frequent) -> list[tuple]:
-    sk = skeleton_of_norm(r["norm"], frequent)
-    return [(sk, ((r["key"], r["shard"]), r["norm"]))] if sk else []
 
 
 def _tagged(kv, tag: str, m: int = 0) -> list:
@@ -284,10 +270,8 @@ class MineTriggers(beam.PTransform):
             | "Frequent" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.template_min_df)
             | "FrequentWords" >> beam.Keys()
         )
-        templates = functools.partial(
-            _template_keys, min_count=cfg.template_min_count, min_distinct=cfg.template_min_distinct
-        )
-        out.append(recs | "Skeletons" >> GroupInBuckets(_skeleton_pairs, templates, n, side=_as_set(frequent)))
+        templates = TemplateCodes(_as_set(frequent), n, cfg.template_min_count, cfg.template_min_distinct)
+        out.append(recs | "Skeletons" >> templates)
         return out
 
 

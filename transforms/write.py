@@ -34,16 +34,77 @@ def bucket(value: str, n: int) -> str:
     return f"{zlib.crc32(value.encode('utf-8', 'surrogatepass')) % n:0{len(str(n - 1))}d}"
 
 
+_CRC_TABLE = None
+
+
+def _crc_table():
+    import numpy as np
+
+    global _CRC_TABLE
+    if _CRC_TABLE is None:
+        c = np.arange(256, dtype=np.uint32)
+        for _ in range(8):
+            c = np.where(c & 1, np.uint32(0xEDB88320) ^ (c >> np.uint32(1)), c >> np.uint32(1)).astype(np.uint32)
+        _CRC_TABLE = c
+    return _CRC_TABLE
+
+
+def crc32s(values):
+    """``zlib.crc32`` of each string's UTF-8 bytes (a list, numpy or Arrow string array),
+    vectorised over the strings: one table step per byte position -> a uint32 array."""
+    import numpy as np
+
+    from transforms.key_batches import _utf8
+
+    offsets, data = _utf8(values)
+    n = len(offsets) - 1
+    crc = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
+    if n:
+        lengths = np.diff(offsets)
+        order = np.argsort(-lengths, kind="stable")  # longest first: the rows still going are a prefix
+        starts, sorted_len, c = offsets[:-1][order], lengths[order], crc[order]
+        table = _crc_table()
+        for j in range(int(sorted_len[0])):
+            live = int(np.searchsorted(-sorted_len, -j, side="left"))  # rows with length > j
+            byte = data[starts[:live] + j].astype(np.uint32)
+            c[:live] = table[(c[:live] ^ byte) & np.uint32(0xFF)] ^ (c[:live] >> np.uint32(8))
+        crc[order] = c
+    return crc ^ np.uint32(0xFFFFFFFF)
+
+
 def buckets(values, n: int):
     """``bucket`` of many strings at once -> an int array (the same buckets, without the
     per-call formatting)."""
-    import zlib
-
     import numpy as np
 
     n = max(1, int(n))
-    crc = np.fromiter((zlib.crc32(v.encode("utf-8", "surrogatepass")) for v in values), np.int64, len(values))
-    return crc % n
+    return (crc32s(values) % np.uint32(n)).astype(np.int64)
+
+
+def bucket_labels(values, n: int):
+    """``bucket`` of many strings at once -> an object array of the labels."""
+    import numpy as np
+
+    n = max(1, int(n))
+    names = np.array([f"{i:0{len(str(n - 1))}d}" for i in range(n)], dtype=object)
+    return names[buckets(values, n)]
+
+
+def split_table(table, column: str, n: int) -> Iterator[tuple[int, object]]:
+    """A pyarrow Table -> (hash bucket of ``column``'s value, that bucket's rows) per bucket:
+    keyed work on tables (the bucket is the key of a shuffle)."""
+    import numpy as np
+
+    if not table.num_rows:
+        return
+    if n <= 1:
+        yield 0, table
+        return
+    b = buckets(table.column(column), n)
+    order = np.argsort(b, kind="stable")
+    cuts = np.flatnonzero(np.diff(b[order])) + 1
+    for part in np.split(order, cuts):
+        yield int(b[part[0]]), table.take(part)
 
 
 def write_rows(path: str, rows: list[dict], schema) -> str:
@@ -147,7 +208,8 @@ class _WriteBatchPart(_WritePart):
         if isinstance(rows, list):
             yield from super().process(item)
             return
-        table = rows.sort_by([(c, "ascending") for c in self.sort_columns]).cast(self.schema)
+        table = rows.sort_by([(c, "ascending") for c in self.sort_columns]).select(self.schema.names)
+        table = table.cast(self.schema)
         path = write_arrow(fsio.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet"), table)
         beam.metrics.Metrics.counter("write", fsio.basename(self.table_dir)).inc(table.num_rows)
         progress.advance("write", table.num_rows)

@@ -1,0 +1,135 @@
+"""Vectorised near-duplicate captions (``transforms.near_captions``) equal the band-by-band
+reference: every pair of distinct captions in each MinHash band of at most MAX_BAND records."""
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from transforms.captions import minhash_bands
+from transforms.near_captions import _band_groups, _word_sets, band_mix, minhash_rows, near_captions
+from transforms.trigger_captions import MAX_BAND, band_entries, near_in_bands, near_norms
+
+
+def _reference(norms: list[str]) -> set[str]:
+    counts = Counter(norms)
+    by_band: dict[str, dict[str, int]] = {}
+    for norm, c in counts.items():
+        for band in minhash_bands(norm):
+            by_band.setdefault(band, {})[norm] = c
+    near: set[str] = set()
+    for members in by_band.values():
+        if len(members) >= 2 and sum(members.values()) <= MAX_BAND:
+            near |= near_norms(members)
+    return near
+
+
+def _captions(seed: int, n: int, vocab: int, lo: int, hi: int) -> list[str]:
+    """Word lists over a small vocabulary (many band collisions), variants by one or two edits,
+    reordered duplicates of one word set, repeats, an empty caption and a flood."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab)]
+    bases = [rng.sample(words, rng.randint(lo, hi)) for _ in range(max(4, n // 8))]
+    out = []
+    for _ in range(n):
+        cap = list(rng.choice(bases))
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            op = rng.random()
+            if op < 0.4:
+                cap.append(rng.choice(words))
+            elif op < 0.7 and len(cap) > 1:
+                cap.pop(rng.randrange(len(cap)))
+            else:
+                cap[rng.randrange(len(cap))] = rng.choice(words)
+        if rng.random() < 0.2:
+            rng.shuffle(cap)
+        out.append(" ".join(cap))
+    return out + [""] + ["flood w1 w2 w3 w4 w5"] * (MAX_BAND + 3) + ["flood w1 w2 w3 w4 w5 w6"]
+
+
+def _near_by_beam_functions(norms: list[str], n: int, batch: int) -> set[str]:
+    recs = [{"norm": x} for x in norms]
+    parts: dict[int, list] = {}
+    for i in range(0, len(recs), batch):
+        for b, part in band_entries(recs[i : i + batch], n):
+            parts.setdefault(b, []).append(part)
+    return {norm for item in parts.items() for _, (_, marks) in near_in_bands(item, n) for norm in marks}
+
+
+@pytest.mark.parametrize(
+    "seed,vocab,lo,hi,n",
+    [(0, 12, 3, 8, 1), (1, 30, 6, 14, 3), (2, 40, 8, 20, 2), (3, 16, 1, 5, 4)],
+)
+def test_near_captions_equal_the_band_reference(seed, vocab, lo, hi, n):
+    norms = _captions(seed, 700, vocab, lo, hi)
+    want = _reference(norms)
+    assert len(want) > 20 and (hi < 9 or any(len(set(x.split())) >= 10 for x in want))  # large sets near too
+    assert _near_by_beam_functions(norms, n, 97) == want
+    rng = random.Random(seed)
+    shuffled = norms[:]
+    rng.shuffle(shuffled)
+    assert _near_by_beam_functions(shuffled, n, 251) == want
+
+
+def test_minhash_rows_are_datasketch_values():
+    from transforms.captions import _hashvalues
+
+    norms = ["", "a", "b a a", "a b", "x y z " * 3]
+    hv = minhash_rows(norms)
+    for row, norm in zip(hv, norms, strict=True):
+        assert np.array_equal(row, _hashvalues(norm, 64, 1))
+    assert minhash_rows([]).shape == (0, 64)
+
+
+def test_band_groups_fall_back_to_the_keys_when_hashes_collide():
+    hv = minhash_rows(["a b c", "a b d", "a b c", "q r s"])
+    s_idx, k_idx = np.nonzero(np.ones((4, 16), dtype=bool))
+    vals = hv.reshape(4, 16, 4)[s_idx, k_idx]
+    for mix in (band_mix(hv)[s_idx, k_idx], np.zeros(len(s_idx), dtype=np.uint64)):  # real, all colliding
+        order, new = _band_groups(mix, vals, k_idx)
+        keys = [(int(k), tuple(v)) for k, v in zip(k_idx[order], vals[order].tolist(), strict=True)]
+        starts = np.flatnonzero(new).tolist() + [len(keys)]
+        groups = [keys[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+        assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == len(groups)
+
+
+def test_word_sets_and_a_set_of_several_captions(monkeypatch):
+    import transforms.near_captions as nc
+
+    for norms in (["b a", "a b b", "c", "", "a b", "c d"], ["b  a", "a\tb b", " c", "", "a b", "c d "]):
+        cap_set, offsets, words, v = _word_sets(norms)  # Arrow, then Python (irregular spaces)
+        assert cap_set.tolist() == [0, 0, 1, 2, 0, 3] and np.diff(offsets).tolist() == [2, 1, 0, 2]
+        assert words[2] == words[3] and words[2] not in words[:2] and v >= 4
+        offsets_w, ids, vocab = nc.split_words(norms)
+        assert [sorted(vocab[i] for i in ids[a:b]) for a, b in zip(offsets_w[:-1], offsets_w[1:], strict=True)] == [
+            sorted(set(x.split())) for x in norms
+        ]
+    monkeypatch.setattr(nc, "_word_hashes", lambda v: np.zeros(max(1, v), dtype=np.uint64))  # every hash collides
+    again = _word_sets(["b a", "a b b", "c", "", "a b", "c d"])
+    assert again[0].tolist() == [0, 0, 1, 2, 0, 3] and np.diff(again[1]).tolist() == [2, 1, 0, 2]
+    # two captions of one word set are near each other (Jaccard 1) in a band of few records
+    norms = ["a b c d", "d c b a", "x"]
+    got = near_captions(norms, np.array([1, 1, 1]), minhash_rows(norms), 0, 1, MAX_BAND)
+    assert got == ["a b c d", "d c b a"]
+
+
+def test_large_pairs_in_chunks_are_every_pair_of_a_group():
+    from transforms.near_captions import _large_pairs
+
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(6, 14, 60)
+    gid = np.sort(rng.integers(0, 9, 150))
+    members = np.concatenate([rng.permutation(60)[: int((gid == g).sum())] for g in range(9)])
+    want = set()
+    for g in range(9):
+        group = members[gid == g]
+        for i, x in enumerate(group):
+            for y in group[i + 1 :]:
+                la, lb = sorted((int(sizes[x]), int(sizes[y])))
+                if la >= 8 and 5 * la >= 4 * lb and la + lb >= 18:
+                    want.add((min(x, y), max(x, y)))
+    for chunk in (5, 1 << 22):
+        chunks = list(_large_pairs(members, gid, sizes, chunk))
+        assert {(int(a), int(b)) for x, y in chunks for a, b in zip(x, y, strict=True)} == want
+        assert len(chunks) > 1 if chunk == 5 else len(chunks) == 1

@@ -1,0 +1,321 @@
+"""Near-duplicate captions through MinHash LSH bands, vectorised over distinct word sets.
+
+The rule (``transforms.trigger_captions``): a caption is near when it shares a band key with
+another distinct caption whose word set has Jaccard >= 0.8 with its own, in a band of at most
+``MAX_BAND`` records. A caption's MinHash depends on its word set only, so every caption of one
+word set has the same band keys, and the rule is decided per word set:
+
+- a set carried by two or more distinct captions is near when one of its bands is eligible;
+- two different sets A, B (sizes a <= b) are near when 9 x |A & B| >= 4 x (a + b), i.e. their
+  symmetric difference d has 9 d <= a + b, and they share an eligible band. For a + b <= 17
+  that is d = 1: A inside B with b = a + 1 and a >= 4, found by joining each B less one word
+  with the sets (additive word hashes, every hit checked exactly). For a + b >= 18 both have
+  >= 8 words: those pairs are taken from the eligible band groups and intersected exactly.
+
+Everything is numpy over arrays of sets, words and band entries; no candidate pair of small
+sets is ever listed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NUM_PERM, BANDS, SEED = 64, 16, 1
+ROWS = NUM_PERM // BANDS
+_PRIME = np.uint64(0x100000001B3)
+
+
+_OTHER_SPACE = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c != " ")  # no space >= U+3001
+
+
+def _single_spaced(norms: list[str]) -> bool:
+    """Whether every caption's ``split()`` is its ``split(" ")`` (less the empty caption's "")."""
+    text = "\x00".join(norms)
+    ends = ("  ", "\x00 ", " \x00")
+    return not (text[:1] == " " or text[-1:] == " " or any(e in text for e in ends + _OTHER_SPACE))
+
+
+def split_words(norms: list[str]):
+    """Captions -> (offsets, word ids, vocabulary): each caption's distinct words (``split()``)
+    as sorted ids, CSR. Captions spaced by single spaces are split by Arrow; others in Python."""
+    if not norms:
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), []
+    if not _single_spaced(norms):
+        return _split_words_py(norms)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = pc.split_pattern(pa.array(norms, type=pa.large_string()), pattern=" ")
+    pieces = lists.flatten()
+    encoded = pieces.dictionary_encode()
+    vocab = encoded.dictionary.to_pylist()
+    ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    owner = np.repeat(np.arange(len(norms), dtype=np.int64), np.diff(lists.offsets.to_numpy()))
+    keep = pc.not_equal(pc.utf8_length(pieces), 0).to_numpy(zero_copy_only=False)  # "": no word
+    unique = np.sort(owner[keep] * max(1, len(vocab)) + ids[keep])
+    if len(unique):
+        unique = unique[np.concatenate([[True], unique[1:] != unique[:-1]])]
+    owner, ids = unique // max(1, len(vocab)), unique % max(1, len(vocab))
+    offsets = np.zeros(len(norms) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner, minlength=len(norms)), out=offsets[1:])
+    return offsets, ids, vocab
+
+
+def _split_words_py(norms: list[str]):
+    vocab: dict[str, int] = {}
+    ids: list[int] = []
+    offsets = [0]
+    for text in norms:
+        ids.extend(sorted({vocab.setdefault(w, len(vocab)) for w in text.split()}))
+        offsets.append(len(ids))
+    return np.asarray(offsets, dtype=np.int64), np.asarray(ids, dtype=np.int64), list(vocab)
+
+
+def minhash_rows(norms: list[str]) -> np.ndarray:
+    """Normalized captions -> their MinHash values (len x NUM_PERM, datasketch's exactly: the
+    element-wise minimum of the words' one-word MinHashes; no word gives the empty MinHash)."""
+    from transforms.captions import _word_vector
+
+    offsets, ids, vocab = split_words(norms)
+    empty = _word_vector("", NUM_PERM, SEED)
+    if not len(ids):
+        return np.tile(empty, (len(norms), 1))
+    table = np.stack([_word_vector(w, NUM_PERM, SEED) for w in vocab])
+    sizes = np.diff(offsets)
+    some = np.flatnonzero(sizes)
+    out = np.tile(empty, (len(norms), 1))
+    out[some] = np.minimum.reduceat(table[ids], offsets[:-1][some], axis=0)
+    return out
+
+
+def band_mix(hv: np.ndarray) -> np.ndarray:
+    """MinHash rows -> a stable 64-bit hash of each band key (rows x BANDS): the band number
+    and the band's values."""
+    if hv.dtype == np.uint32 and ROWS % 2 == 0:  # two values a word: half the multiplies
+        values = np.ascontiguousarray(hv).view(np.uint64).reshape(len(hv), BANDS, ROWS // 2)
+    else:
+        values = hv.astype(np.uint64).reshape(len(hv), BANDS, ROWS)
+    mix = np.broadcast_to(np.arange(1, BANDS + 1, dtype=np.uint64), values.shape[:2]).copy()
+    for j in range(values.shape[2]):
+        mix *= _PRIME
+        mix += values[:, :, j]  # wraps mod 2**64: deterministic
+        mix ^= mix >> np.uint64(29)
+    return mix
+
+
+def band_buckets(hv: np.ndarray, n: int) -> np.ndarray:
+    """MinHash rows -> the bucket of each of their band keys (rows x BANDS)."""
+    return ((band_mix(hv) >> np.uint64(1)) % np.uint64(max(1, n))).astype(np.int64)
+
+
+def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
+    sorted by the keys' hash, checked to hold one key per hash value (else by the keys)."""
+    order = np.argsort(mix)
+    m = mix[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = m[1:] != m[:-1]
+    same = np.flatnonzero(~new[1:])  # entries i, i + 1 (in order) with one hash
+    x, y = order[same], order[same + 1]
+    if (k_idx[x] != k_idx[y]).any() or (vals[x] != vals[y]).any():  # two keys, one hash: by the keys
+        order = np.lexsort(tuple(vals[:, j] for j in reversed(range(vals.shape[1]))) + (k_idx,))
+        k, v = k_idx[order], vals[order]
+        new[1:] = (k[1:] != k[:-1]) | (v[1:] != v[:-1]).any(axis=1)
+    return order, new
+
+
+def _word_sets(norms: list[str]):
+    """Distinct captions -> (set of each caption, numbered in order of first appearance; CSR of
+    the sets' sorted word ids: offsets, ids; number of words)."""
+    offsets, ids, vocab = split_words(norms)
+    sizes = np.diff(offsets)
+    h = _word_hashes(len(vocab))
+    running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[ids], dtype=np.uint64)])
+    sums = running[offsets[1:]] - running[offsets[:-1]]  # each caption's word hashes summed, mod 2**64
+    key = sums ^ (sizes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))  # the size mixed in
+    order = np.argsort(key, kind="stable")
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = key[order][1:] != key[order][:-1]
+    first = order[new]  # stable: each key's first caption
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    cap_set, reps = rank[inverse], np.sort(first)
+    rep = reps[cap_set]  # each caption's first caption of its (hash, size)
+    owner = np.repeat(np.arange(len(norms)), sizes)
+    at = np.arange(len(ids)) - offsets[owner]
+    if not np.array_equal(ids, ids[offsets[rep][owner] + at]):  # two sets with one hash: by the words
+        return _word_sets_exact(offsets, ids, len(vocab))
+    set_offsets = np.zeros(len(reps) + 1, dtype=np.int64)
+    np.cumsum(sizes[reps], out=set_offsets[1:])
+    keep = np.repeat(np.isin(np.arange(len(norms)), reps), sizes)
+    return cap_set, set_offsets, ids[keep], len(vocab)
+
+
+def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
+    set_of: dict[tuple, int] = {}
+    cap_set = np.empty(len(offsets) - 1, dtype=np.int64)
+    words: list[int] = []
+    set_offsets = [0]
+    for i in range(len(offsets) - 1):
+        key = tuple(ids[offsets[i] : offsets[i + 1]].tolist())
+        s = set_of.get(key)
+        if s is None:
+            s = set_of[key] = len(set_of)
+            words.extend(key)
+            set_offsets.append(len(words))
+        cap_set[i] = s
+    return cap_set, np.asarray(set_offsets, dtype=np.int64), np.asarray(words, dtype=np.int64), v
+
+
+def _word_hashes(v: int) -> np.ndarray:
+    return np.random.default_rng(0x5EED).integers(0, 2**63, size=max(1, v), dtype=np.int64).view(np.uint64) * np.uint64(
+        2
+    ) + np.uint64(1)
+
+
+def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.ndarray, v: int) -> np.ndarray:
+    """|A & B| for pairs of sets (CSR of sorted word ids): A's words looked up among B's."""
+    sizes = np.diff(offsets)
+    if not len(a) or not len(words):
+        return np.zeros(len(a), dtype=np.int64)
+    la = sizes[a]
+    owner = np.repeat(np.arange(len(a)), la)
+    pos = np.repeat(offsets[a] - np.cumsum(la) + la, la) + np.arange(int(la.sum()))
+    keys = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes) * v + words  # sorted
+    query = b[owner] * v + words[pos]
+    found = keys[np.minimum(np.searchsorted(keys, query), len(keys) - 1)] == query
+    return np.bincount(owner[found], minlength=len(a))
+
+
+def _equal_join(keys: np.ndarray, query: np.ndarray):
+    """-> (query index, key index) for every equal pair."""
+    order = np.argsort(keys)
+    sk = keys[order]
+    lo = np.searchsorted(sk, query, "left")
+    if len(sk) and (sk[1:] != sk[:-1]).all():  # distinct keys: one match at most
+        count = (sk[np.minimum(lo, len(sk) - 1)] == query).astype(np.int64)
+    else:
+        count = np.searchsorted(sk, query, "right") - lo
+    qi = np.repeat(np.arange(len(query)), count)
+    first = np.repeat(lo - np.cumsum(count) + count, count)
+    return qi, order[first + np.arange(len(qi))]
+
+
+def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndarray):
+    """Pairs (A, B) of sets (both ``among``) with A inside B, b = a + 1, 4 <= a <= 8 (d = 1,
+    a + b <= 17)."""
+    sizes = np.diff(offsets)
+    h = _word_hashes(v)
+    running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[words], dtype=np.uint64)])
+    sums = running[offsets[1:]] - running[offsets[:-1]]  # each set's word hashes summed, mod 2**64
+    small = np.flatnonzero((sizes >= 4) & (sizes <= 8) & among)
+    big = np.flatnonzero((sizes >= 5) & (sizes <= 9) & among)
+    if not len(small) or not len(big):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nb = sizes[big]
+    owner = np.repeat(big, nb)
+    pos = np.repeat(offsets[big] - np.cumsum(nb) + nb, nb) + np.arange(int(nb.sum()))
+    qi, ki = _equal_join(sums[small], sums[owner] - h[words[pos]])
+    a, b = small[ki], owner[qi]
+    keep = sizes[a] == sizes[b] - 1
+    a, b = a[keep], b[keep]
+    exact = _intersections(a, b, offsets, words, v) == sizes[a]  # the hash hit, checked
+    return a[exact], b[exact]
+
+
+def near_sets(set_count, set_caps, set_hv, offsets, words, v, bucket: int, n: int, max_band: int) -> np.ndarray:
+    """Per word set: near (see the module) by the bands of ``bucket`` of ``n``."""
+    s_n = len(set_count)
+    mix = band_mix(set_hv)
+    s_idx, k_idx = np.nonzero((mix >> np.uint64(1)) % np.uint64(max(1, n)) == np.uint64(bucket))
+    near = np.zeros(s_n, dtype=bool)
+    if not len(s_idx):
+        return near
+    vals = set_hv.reshape(s_n, BANDS, ROWS)[s_idx, k_idx]
+    order, new = _band_groups(mix[s_idx, k_idx], vals, k_idx)
+    s_idx, k_idx = s_idx[order], k_idx[order]
+    gid = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    eligible = (np.add.reduceat(set_count[s_idx], starts) <= max_band) & (np.add.reduceat(set_caps[s_idx], starts) >= 2)
+    ok = eligible[gid]
+    some = np.zeros(s_n, dtype=bool)
+    some[s_idx[ok]] = True  # sets with an eligible band here: the only ones that can be near
+    near = some & (set_caps >= 2)  # one set's own captions: any eligible band
+    groups = np.full((s_n, BANDS), -1, dtype=np.int32)
+    groups[s_idx, k_idx] = np.where(ok, gid, -1)  # -1: no band here, or not eligible
+    a, b = _subset_pairs(offsets, words, v, some)
+    share = ((groups[a] == groups[b]) & (groups[a] >= 0)).any(axis=1)
+    near[a[share]] = near[b[share]] = True
+    sizes = np.diff(offsets)
+    for a, b in _large_pairs(s_idx[ok], gid[ok], sizes):
+        open_ = ~(near[a] & near[b])  # a pair of near sets cannot add one
+        a, b = a[open_], b[open_]
+        hit = 9 * _intersections(a, b, offsets, words, v) >= 4 * (sizes[a] + sizes[b])
+        near[a[hit]] = near[b[hit]] = True
+    return near
+
+
+def _large_pairs(members: np.ndarray, gid: np.ndarray, sizes: np.ndarray, chunk: int = 1 << 22):
+    """Chunks of distinct pairs of sets of >= 8 words in one eligible band group (contiguous
+    ``gid``) whose sizes allow Jaccard >= 0.8 and sum to >= 18. Pair (i, i + r) of a group is
+    taken at step r from the entries with more than r followers in their group (a prefix once
+    sorted by followers), so the work is the number of pairs; chunks bound the memory."""
+    keep = sizes[members] >= 8
+    members, gid = members[keep], gid[keep]
+    if len(members) < 2:
+        return
+    new = np.ones(len(gid), dtype=bool)
+    new[1:] = gid[1:] != gid[:-1]
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(gid))
+    group = np.cumsum(new) - 1
+    followers = ends[group] - np.arange(len(gid)) - 1
+    order = np.argsort(-followers, kind="stable")
+    most = -followers[order]
+    codes, held = [], 0
+    for r in range(1, int(followers.max()) + 1):
+        at = order[: np.searchsorted(most, -r, side="right")]  # entries with >= r followers
+        x, y = members[at], members[at + r]
+        lo, hi = np.minimum(x, y), np.maximum(x, y)
+        la, lb = np.minimum(sizes[x], sizes[y]), np.maximum(sizes[x], sizes[y])
+        ok = (5 * la >= 4 * lb) & (la + lb >= 18)
+        codes.append(lo[ok] * len(sizes) + hi[ok])
+        held += int(ok.sum())
+        if held >= chunk:
+            yield _decoded(codes, len(sizes))
+            codes, held = [], 0
+    if held:
+        yield _decoded(codes, len(sizes))
+
+
+def _decoded(codes: list, n: int):
+    code = np.unique(np.concatenate(codes))
+    return code // n, code % n
+
+
+def near_captions(norms: list[str], counts: np.ndarray, hv: np.ndarray, bucket: int, n: int, max_band: int):
+    """Entries (caption, its records, its MinHash; a caption may repeat) of one bucket -> the
+    sorted near captions by that bucket's bands."""
+    index: dict[str, int] = {}
+    cap_of = np.fromiter((index.setdefault(t, len(index)) for t in norms), dtype=np.int64, count=len(norms))
+    if not index:
+        return []
+    distinct = list(index)
+    first = _firsts(cap_of)
+    cap_count = np.bincount(cap_of, weights=counts, minlength=len(distinct)).astype(np.int64)
+    cap_set, offsets, words, v = _word_sets(distinct)
+    s_n = len(offsets) - 1
+    set_first = _firsts(cap_set)
+    set_count = np.bincount(cap_set, weights=cap_count, minlength=s_n).astype(np.int64)
+    set_caps = np.bincount(cap_set, minlength=s_n)
+    near = near_sets(set_count, set_caps, hv[first[set_first]], offsets, words, v, bucket, n, max_band)
+    return sorted(distinct[i] for i in np.flatnonzero(near[cap_set]))
+
+
+def _firsts(ids: np.ndarray) -> np.ndarray:
+    """Ids numbered in order of first appearance -> the index of each id's first appearance."""
+    is_first = np.ones(len(ids), dtype=bool)
+    is_first[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+    return np.flatnonzero(is_first)

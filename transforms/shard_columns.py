@@ -1,0 +1,353 @@
+"""The per-shard stage's columns: a shard's annotations, decisions and manifest as Arrow tables.
+
+``annotation_table`` builds the ``annotations`` table of one shard from its joined records
+(``transforms.shard_stage``) without an object per key: keys with a failure or a ``moved``
+marker (rare) go through ``build_annotation``; every other key is its info row with the sparse
+records (assignment, trigger codes, probe score, duplication class) joined by key index.
+``decide_columns`` is ``transforms.decide.decide`` over whole columns (the same decisions and
+reason codes, in the same order), and ``manifest_table`` is ``manifest_row`` for every row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas import arrow
+from schemas.elements import Annotation, ClusterAssignment
+from transforms.annotate import build_annotation
+from transforms.decide import DIVERSIFY, DROP, KEEP
+
+EMPTY = pa.array([], pa.string())
+
+
+class Batch(list):
+    """Values of one tag for one shard, gathered into one element (``BatchByShard``)."""
+
+
+def unbatched(grouped: dict) -> dict:
+    """A shard's joined records with every ``Batch`` spread back into its values."""
+    out = {}
+    for tag, values in grouped.items():
+        values = list(values)
+        if any(isinstance(v, Batch) for v in values):
+            values = [x for v in values for x in (v if isinstance(v, Batch) else [v])]
+        out[tag] = values
+    return out
+
+
+class BatchByShard(beam.DoFn):
+    """(shard, value) -> (shard, Batch of values): one element per shard and bundle (at most
+    ``size`` values), so the per-shard join shuffles batches, not one element per key.
+    ``route``: an element -> (shard, value), for elements keyed otherwise."""
+
+    def __init__(self, size: int = 50_000, route=None):
+        self.size, self.route = size, route
+
+    def start_bundle(self):
+        self.held: dict[str, Batch] = {}
+
+    def process(self, kv):
+        shard, value = self.route(kv) if self.route is not None else kv
+        batch = self.held.setdefault(shard, Batch())
+        batch.append(value)
+        if len(batch) >= self.size:
+            yield shard, self.held.pop(shard)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        held, self.held = self.held, {}
+        for shard, batch in sorted(held.items()):
+            yield WindowedValue((shard, batch), 0, [GlobalWindow()])
+
+
+def by_key(pairs: Iterable[tuple]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for key, value in pairs:
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def first_per_key(tables: list) -> pa.Table | None:
+    """A shard's info tables -> one table, a key repeated in the shard keeping its first record."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if pc.count_distinct(table.column("key")).as_py() == table.num_rows:
+        return table
+    keys = table.column("key").to_pylist()
+    seen: set[str] = set()
+    first = [i for i, k in enumerate(keys) if not (k in seen or seen.add(k))]
+    return table.take(first)
+
+
+def assignment_tuples(values: Iterable) -> Iterator[tuple]:
+    """``ClusterAssignment`` elements, lists of them as tuples, or tables of their columns ->
+    tuples (its fields' order)."""
+    fields = tuple(ClusterAssignment.__dataclass_fields__)
+    for v in values:
+        if isinstance(v, pa.Table):
+            yield from zip(*(v.column(c).to_pylist() for c in fields), strict=True)
+        elif isinstance(v, ClusterAssignment):
+            yield (v.key, v.cluster_id, v.cluster_size, v.is_representative, v.embedder, v.similarity, v.shard)
+        else:
+            yield from v
+
+
+def is_in(keys, wanted) -> np.ndarray:
+    if not len(wanted):
+        return np.zeros(len(keys), bool)
+    values = pa.array(sorted(wanted), pa.string())
+    return pc.fill_null(pc.is_in(keys, value_set=values), False).to_numpy(zero_copy_only=False)
+
+
+def _lookup(keys, index_keys: list[str]) -> np.ndarray:
+    """Position of each key in ``index_keys`` (-1: absent)."""
+    if not index_keys:
+        return np.full(len(keys), -1, np.int64)
+    pos = pc.index_in(keys, value_set=pa.array(index_keys, pa.string()))
+    return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _string_list_column(lists: list, pos: np.ndarray) -> pa.Array:
+    """Row i -> ``lists[pos[i]]`` (an empty list where pos is -1), as list<string>."""
+    sizes = np.array([len(v) for v in lists] + [0], np.int64)
+    flat = pa.array([c for v in lists for c in v], pa.string())
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    pos = np.where(pos < 0, len(lists), pos)
+    counts = sizes[pos]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    take = np.repeat(starts[pos], counts) + (np.arange(counts.sum()) - np.repeat(offsets[:-1], counts))
+    return pa.ListArray.from_arrays(pa.array(offsets), flat.take(pa.array(take, pa.int64())))
+
+
+def _fast_table(rows: pa.Table, grouped: dict) -> pa.Table:
+    """Info rows of keys without a failure or ``moved`` marker -> their annotations columns."""
+    n, keys = rows.num_rows, rows.column("key")
+    first: dict[str, tuple] = {}
+    for t in assignment_tuples(grouped.get("assignment", ())):
+        first.setdefault(t[0], t)
+    a_keys = list(first)
+    a_pos = _lookup(keys, a_keys)
+    has = a_pos >= 0
+    cols = list(zip(*first.values(), strict=True)) if first else [()] * 7
+    pick = np.where(has, a_pos, 0)
+
+    def assigned(i: int, default, dtype) -> np.ndarray:
+        values = np.asarray(cols[i], dtype=dtype) if first else np.empty(0, dtype)
+        out = np.full(n, default, dtype=dtype)
+        out[has] = values[pick[has]]
+        return out
+
+    cluster_id = assigned(1, "", object)
+    size = assigned(2, 1, np.int64)
+    duplication = np.full(n, "", dtype=object)
+    pairs = {(k, cid): cls for k, (cid, cls) in grouped.get("duplication", ())}
+    if pairs:
+        key_list = keys.to_pylist()
+        for i in np.flatnonzero(has & (size > 1)).tolist():
+            duplication[i] = pairs.get((key_list[i], cluster_id[i]), "")
+    codes: dict[str, set] = {}
+    for key, values in grouped.get("codes", ()):
+        codes.setdefault(key, set()).update(values)
+    c_keys = list(codes)
+    trigger_codes = _string_list_column([sorted(codes[k]) for k in c_keys], _lookup(keys, c_keys))
+    scores: dict[str, dict] = {}
+    for r in grouped.get("score", ()):
+        scores.setdefault(r["key"], r)
+    s_keys = list(scores)
+    s_pos = _lookup(keys, s_keys)
+    s_has = s_pos >= 0
+    probe_score = pa.array(
+        [float(scores[s_keys[p]]["score"]) if p >= 0 else None for p in s_pos.tolist()] if s_keys else [None] * n,
+        pa.float64(),
+    )
+    flagged = np.zeros(n, bool)
+    for i in np.flatnonzero(s_has).tolist():
+        flagged[i] = bool(scores[s_keys[s_pos[i]]].get("flagged"))
+    zero = {"width", "height", "original_width", "original_height"}
+    columns = {
+        "status": _constant("ok", n),
+        "failure_stage": _constant("", n),
+        "failure_type": _constant("", n),
+        "cluster_id": pa.array(cluster_id, pa.string()),
+        "cluster_size": pa.array(size, pa.int64()),
+        "is_representative": pa.array(assigned(3, True, bool)),
+        "cluster_embedder": pa.array(assigned(4, "", object), pa.string()),
+        "cluster_similarity": pa.array(assigned(5, 1.0, np.float64)),
+        "duplication": pa.array(duplication, pa.string()),
+        "trigger_codes": trigger_codes,
+        "probe_score": probe_score,
+        "probe_flagged": pa.array(flagged),
+    }
+    out = []
+    for f in arrow.ANNOTATIONS:
+        if f.name in columns:
+            out.append(columns[f.name])
+        elif f.name in zero:
+            out.append(pc.fill_null(rows.column(f.name), 0).cast(f.type))
+        else:
+            out.append(rows.column(f.name).cast(f.type))
+    return pa.Table.from_arrays(out, schema=arrow.ANNOTATIONS)
+
+
+def _constant(value: str, n: int) -> pa.Array:
+    return pa.repeat(pa.scalar(value, pa.string()), n)
+
+
+def annotation_rows_table(rows: list[Annotation]) -> pa.Table:
+    """Annotations -> the annotations table, column by column."""
+    schema = arrow.ANNOTATIONS
+    columns = []
+    for field in schema:
+        values = [getattr(a, field.name) for a in rows]
+        if field.name == "trigger_codes":
+            values = [list(v) for v in values]
+        columns.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def annotation_table(grouped: dict) -> pa.Table:
+    """Pure: one shard's joined records (``transforms.shard_stage.shard_annotations``' ``grouped``)
+    -> the annotations table of every key, sorted by key."""
+    grouped = unbatched(grouped)
+    moved = set(grouped.get("moved", ()))
+    failures = by_key((f.key, f) for f in (*grouped.get("failure", ()), *grouped.get("late_failure", ())))
+    slow = set(failures) | moved
+    table = first_per_key(list(grouped.get("info", ())))
+    parts, infos = [], {}
+    if table is not None:
+        is_slow = is_in(table.column("key"), slow)
+        parts.append(_fast_table(table.filter(pa.array(~is_slow)), grouped))
+        infos = {i.key: i for i in arrow.infos_of(table.filter(pa.array(is_slow)))}
+    rare = sorted((infos.keys() | failures.keys()) - moved)
+    if rare:
+        wanted = set(rare)
+        sparse = {
+            "assignment": by_key(
+                (t[0], ClusterAssignment(*t))
+                for t in assignment_tuples(grouped.get("assignment", ()))
+                if t[0] in wanted
+            ),
+            "codes": by_key(kv for kv in grouped.get("codes", ()) if kv[0] in wanted),
+            "score": by_key((r["key"], r) for r in grouped.get("score", ()) if r["key"] in wanted),
+            "duplication": by_key(kv for kv in grouped.get("duplication", ()) if kv[0] in wanted),
+        }
+        built = []
+        for key in rare:
+            joined = {name: values.get(key, ()) for name, values in sparse.items()}
+            joined["info"] = [infos[key]] if key in infos else []
+            joined["failure"] = failures.get(key, [])
+            a = build_annotation(key, joined)
+            if a is not None:
+                built.append(a)
+        parts.append(annotation_rows_table(built))
+    if not parts:
+        return arrow.ANNOTATIONS.empty_table()
+    out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    return out.sort_by("key") if len(parts) > 1 or not _sorted(out.column("key")) else out
+
+
+def _sorted(keys) -> bool:
+    values = keys.to_numpy(zero_copy_only=False)
+    return bool(len(values) < 2 or (values[1:] > values[:-1]).all())
+
+
+def _np(col, fill=None) -> np.ndarray:
+    if fill is not None:
+        col = pc.fill_null(col, fill)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def decide_columns(t: pa.Table, cfg) -> tuple[np.ndarray, pa.ListArray]:
+    """``decide`` for every row of an annotations table -> (decisions, reason code lists)."""
+    n = t.num_rows
+    failed = _np(t.column("status"), "") != "ok"
+    size = _np(t.column("cluster_size"), 1)
+    rep = _np(t.column("is_representative"), True).astype(bool)
+    if cfg.probe_threshold is None:
+        flagged = _np(t.column("probe_flagged"), False).astype(bool)
+    else:
+        flagged = _np(pc.greater_equal(t.column("probe_score"), cfg.probe_threshold), False).astype(bool)
+    ok = ~failed
+    dup = ok & (size > 1) & ~rep & bool(cfg.drop_duplicates)
+    dup &= _np(t.column("cluster_similarity"), 1.0) >= cfg.min_duplicate_similarity
+    probe_drop = ok & flagged & bool(cfg.drop_flagged_probe)
+    dropped = dup | probe_drop
+    notes = ok & ~dropped
+    full = notes & (_np(t.column("duplication"), "") == "full") & (size >= max(2, cfg.min_full_duplication_size))
+    full &= bool(cfg.diversify_full_duplication)
+    rows = np.arange(n)
+    pieces = []  # (rows, slot, position, values): a row's reasons in (slot, position) order
+    if failed.any():
+        f = rows[failed]
+        text = pc.binary_join_element_wise(
+            "failed", pc.fill_null(t.column("failure_stage"), ""), pc.fill_null(t.column("failure_type"), ""), ":"
+        )
+        pieces.append((f, 0, f, pc.take(text, pa.array(f))))
+    if dup.any():
+        d = rows[dup]
+        emb = pc.take(t.column("cluster_embedder"), pa.array(d))
+        emb = pc.if_else(pc.equal(pc.fill_null(emb, ""), ""), "exact", emb)
+        pieces.append((d, 1, d, pc.binary_join_element_wise("duplicate", emb, ":")))
+    for mask, slot, code in ((probe_drop, 2, "memorized:probe"), (full, 3, "full_duplication")):
+        if mask.any():
+            pieces.append((rows[mask], slot, rows[mask], pa.array([code] * int(mask.sum()), pa.string())))
+    if cfg.diversify_triggers:
+        codes = t.column("trigger_codes").combine_chunks()
+        flat = pc.list_flatten(codes)
+        if len(flat):
+            parent = pc.list_parent_indices(codes).to_numpy()
+            uniq = pc.unique(flat)
+            kinds = set(cfg.trigger_kinds)
+            wanted = pa.array([c.split(":")[0] in kinds for c in uniq.to_pylist()])
+            keep = _np(pc.take(wanted, pc.index_in(flat, value_set=uniq))).astype(bool) & notes[parent]
+            sel = np.flatnonzero(keep)
+            if len(sel):
+                values = pc.binary_join_element_wise("trigger", pc.take(flat, pa.array(sel)), ":")
+                pieces.append((parent[sel], 4, sel, values))
+    flag_note = notes & flagged
+    if flag_note.any():
+        pieces.append((rows[flag_note], 5, rows[flag_note], pa.array(["memorized:probe"] * int(flag_note.sum()))))
+    has_notes = np.zeros(n, bool)
+    for r, slot, _, _ in pieces:
+        if slot >= 3:
+            has_notes[r] = True
+    decisions = np.full(n, KEEP, dtype=object)
+    decisions[has_notes] = DIVERSIFY
+    decisions[dropped] = DROP
+    decisions[failed] = DROP if cfg.drop_failed else KEEP
+    return decisions, _reason_lists(n, pieces)
+
+
+def _reason_lists(n: int, pieces: list) -> pa.ListArray:
+    if not pieces:
+        return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), EMPTY)
+    row = np.concatenate([p[0] for p in pieces])
+    slot = np.concatenate([np.full(len(p[0]), p[1]) for p in pieces])
+    pos = np.concatenate([p[2] for p in pieces])
+    values = pa.concat_arrays([p[3].combine_chunks() if isinstance(p[3], pa.ChunkedArray) else p[3] for p in pieces])
+    order = np.lexsort((pos, slot, row))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=n))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values.take(pa.array(order)))
+
+
+def manifest_table(t: pa.Table, decisions: np.ndarray, reasons: pa.ListArray) -> pa.Table:
+    """``manifest_row`` for every row of an annotations table, as a table."""
+    cid = pc.fill_null(t.column("cluster_id"), "")
+    columns = {
+        "decision": pa.array(decisions, pa.string()),
+        "reasons": reasons,
+        "cluster_id": pc.if_else(pc.equal(cid, ""), t.column("key"), cid),
+    }
+    return pa.Table.from_arrays(
+        [columns[f.name] if f.name in columns else t.column(f.name).cast(f.type) for f in arrow.MANIFEST],
+        schema=arrow.MANIFEST,
+    )
