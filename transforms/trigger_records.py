@@ -138,6 +138,14 @@ class RecordBatch:
         )
 
 
+def column(batch, name: str) -> list:
+    """One column of a record batch: a ``RecordBatch``'s own list, or the values of a list of
+    record dicts."""
+    if isinstance(batch, RecordBatch):
+        return getattr(batch, name)
+    return [r[name] for r in batch]
+
+
 def term_columns(terms: list[tuple[str, ...]]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
     """Rows' sorted unique terms -> (sorted vocabulary, term ids (int32), row offsets (int64));
     each row's ids ascend, as its terms do."""

@@ -21,7 +21,7 @@ from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
 from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_captions, code_rows
-from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, per_group
+from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column, per_group
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -99,7 +99,7 @@ def _near_norms(norms: list[str]) -> set[str]:
 
 def _word_counts(batch: list[dict]):
     """A batch's (word, captions with it) counts over normalized captions."""
-    return Counter(chain.from_iterable(set(r["norm"].split()) for r in batch)).items()
+    return Counter(chain.from_iterable(set(norm.split()) for norm in column(batch, "norm"))).items()
 
 
 def _tagged(kv, tag: str, m: int = 0) -> list:
