@@ -29,9 +29,9 @@ from collections import Counter
 from pipeline.config import ConfigError, apply_override, parse_config
 from schemas import arrow
 from transforms.annotate import annotation_from_row
-from transforms.decide import DIVERSIFY, DROP, blocklist_row, decide, is_kept_copy, manifest_row, reason_family
+from transforms.decide import DIVERSIFY, DROP, _blocklist_columns, decide, reason_family
 from transforms.diversify import caption_words, cluster_captions, diversify_row, vocabulary_from_counts
-from transforms.write import safe_part_name, write_rows
+from transforms.write import safe_part_name, write_arrow, write_rows
 
 log = logging.getLogger(__name__)
 TABLES = ("manifest", "diversify", "blocklist")
@@ -60,26 +60,38 @@ def _parts(run_dir: str) -> list[str]:
 
 def _kept_copies(parts: list[str], cfg) -> dict[str, tuple[str, str]]:
     """cluster id -> (key, url) of the member it keeps (one entry per duplicate cluster)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
+    from transforms.shard_columns import decide_columns
 
     kept = {}
     for path in parts:
-        for r in pq.read_table(path).to_pylist():
-            if not r["is_representative"] or (r["cluster_size"] or 1) < 2 or r["status"] != "ok":
-                continue
-            a = annotation_from_row(r)
-            row = manifest_row(a, decide(a, cfg.decide)[0], [])
-            pair = (row["key"], row["url"] or "")
-            if is_kept_copy(row) and pair < kept.get(row["cluster_id"], (chr(0x10FFFF),)):
-                kept[row["cluster_id"]] = pair
+        t = pq.read_table(path)
+        rep = pc.fill_null(t.column("is_representative"), False)
+        clustered = pc.greater(pc.fill_null(t.column("cluster_size"), 1), 1)
+        t = t.filter(pc.and_(pc.and_(rep, clustered), pc.equal(pc.fill_null(t.column("status"), ""), "ok")))
+        if not t.num_rows:
+            continue
+        decisions, _ = decide_columns(t, cfg.decide)
+        t = t.filter(decisions != DROP)  # is_kept_copy: a representative that is not dropped
+        cid = pc.fill_null(t.column("cluster_id"), "")
+        cid = pc.if_else(pc.equal(cid, ""), t.column("key"), cid)
+        urls = pc.fill_null(t.column("url"), "").to_pylist()
+        for c, key, url in zip(cid.to_pylist(), t.column("key").to_pylist(), urls, strict=True):
+            pair = (key, url)
+            if pair < kept.get(c, (chr(0x10FFFF),)):
+                kept[c] = pair
     return kept
 
 
 def _cluster_context(parts: list[str], cfg) -> tuple[dict[str, list[str]], list[str]]:
     """First pass: captions per duplicate cluster (bounded) and the run's vocabulary, as the
-    pipeline's DiversifyCaptions computes them."""
+    pipeline's DiversifyCaptions computes them (only diversification uses them)."""
     import pyarrow.parquet as pq
 
+    if not cfg.diversify.enabled:
+        return {}, []
     captions: dict[str, list[str]] = {}
     words: Counter = Counter()
     for path in parts:
@@ -112,33 +124,59 @@ def _swap_in(run_dir: str, table: str, staged: str) -> None:
         shutil.rmtree(old)
 
 
+def _count(counts: dict, decisions, reasons) -> None:
+    import numpy as np
+    import pyarrow.compute as pc
+
+    names, n = np.unique(decisions.astype(str), return_counts=True)
+    counts["decide"].update(dict(zip(names.tolist(), n.tolist(), strict=True)))
+    for r in pc.value_counts(pc.list_flatten(reasons)).to_pylist():
+        counts["decide_reason"][reason_family(r["values"])] += r["counts"]
+
+
+def _blocked(manifest, dropped, kept: dict):
+    """The dropped manifest rows -> their blocklist table (``blocklist_row`` with the kept copy)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cols = _blocklist_columns(manifest.filter(pa.array(dropped)))
+    names = list(kept)
+    at = pc.index_in(cols.column("cluster_id"), value_set=pa.array(names, pa.string()))
+    at = pc.if_else(pc.equal(cols.column("category"), "duplicate"), at, pa.scalar(None, pa.int32()))
+    kept_key = pc.take(pa.array([kept[c][0] for c in names], pa.string()), at)
+    kept_url = pc.take(pa.array([kept[c][1] for c in names], pa.string()), at)
+    cols = cols.set_column(cols.schema.get_field_index("kept_key"), "kept_key", kept_key)
+    cols = cols.set_column(cols.schema.get_field_index("kept_url"), "kept_url", kept_url)
+    return pa.Table.from_arrays([cols.column(f.name) for f in arrow.BLOCKLIST], schema=arrow.BLOCKLIST)
+
+
 def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
-    """One annotations part -> the same-named manifest, diversify and blocklist parts."""
+    """One annotations part -> the same-named manifest, diversify and blocklist parts (columnar:
+    ``decide_columns`` and ``manifest_table``, as the pipeline's shard stage)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from transforms.shard_columns import decide_columns, manifest_table
+
     pools, vocab, kept = context
-    rows = []
-    for r in pq.read_table(path).to_pylist():
-        a = annotation_from_row(r)
-        decision, reasons = decide(a, cfg.decide)
-        rows.append(manifest_row(a, decision, reasons))
-        counts["decide"][decision] += 1
-        counts["decide_reason"].update(reason_family(x) for x in reasons)
-    if not rows:
+    t = pq.read_table(path)
+    if not t.num_rows:
         return
-    name = f"part-{safe_part_name(rows[0]['shard'])}.parquet"
-    write_rows(os.path.join(staged["manifest"], name), rows, arrow.MANIFEST)
+    decisions, reasons = decide_columns(t, cfg.decide)
+    _count(counts, decisions, reasons)
+    manifest = manifest_table(t, decisions, reasons)
+    name = f"part-{safe_part_name(manifest.column('shard')[0].as_py())}.parquet"
+    write_arrow(os.path.join(staged["manifest"], name), manifest)
     div = []
-    if cfg.diversify.enabled:
-        for r in rows:
-            if r["decision"] == DIVERSIFY:
-                d = diversify_row(r, pools.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)
-                div.extend([d] if d is not None else [])
+    if cfg.diversify.enabled and (decisions == DIVERSIFY).any():
+        for r in manifest.filter(pa.array(decisions == DIVERSIFY)).to_pylist():
+            d = diversify_row(r, pools.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)
+            div.extend([d] if d is not None else [])
     if div:
         write_rows(os.path.join(staged["diversify"], name), div, arrow.DIVERSIFY)
-    blocked = [blocklist_row(r, kept.get(r["cluster_id"])) for r in rows if r["decision"] == DROP]
-    if blocked:
-        write_rows(os.path.join(staged["blocklist"], name), blocked, arrow.BLOCKLIST)
+    dropped = decisions == DROP
+    if dropped.any():
+        write_arrow(os.path.join(staged["blocklist"], name), _blocked(manifest, dropped, kept))
 
 
 def _stage_decisions(run_dir: str, cfg) -> tuple[dict, dict]:
