@@ -18,7 +18,6 @@ import apache_beam as beam
 
 from schemas import arrow
 from transforms.assignment_tables import (
-    assignment_elements,
     assignment_rows,
     cluster_table,
     member_shards,
@@ -188,8 +187,8 @@ def duplication_by_shard(duplication, assignment_tables):
 def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     from transforms.triggers import MineTriggers
 
-    assignments = tables | "Assignments" >> beam.FlatMap(assignment_elements)
-    mined = {"info_batches": dec["info_batches"], "assignments": assignments} | "MineTriggers" >> MineTriggers(
+    rows = keyed["assignment"]  # (shard, [assignment tuples]): the records' join needs no element per key
+    mined = {"info_batches": dec["info_batches"], "assignment_rows": rows} | "MineTriggers" >> MineTriggers(
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
     from transforms.shard_columns import BatchByShard

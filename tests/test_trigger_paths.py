@@ -3,6 +3,7 @@ the whole caption, distinct-caption MinHash bands vs one band entry per record, 
 per-record events."""
 
 import glob
+import json
 import os
 import random
 from collections import Counter
@@ -127,45 +128,108 @@ def test_near_norms_with_known_and_integer_test_equal_every_pair():
         assert near_norms(list(reversed(norms)), known) | known == want | known
 
 
-def test_batch_counters_equal_per_record_events():
-    from transforms.triggers import (
-        _object_event_counts,
-        _object_events,
-        _pair_counts,
-        _term_counts,
-        _word_counts,
-    )
-
-    rng = random.Random(2)
+def _batch_records(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
     ex = KeywordExtractor()
     words = "red car old dog tree sky the street sign traffic light flag on a pole".split()
-    vocabulary = frozenset(["car", "tree", "sky", "traffic light", "flag", "sign"])
-    batch = []
-    for i in range(400):
+    out = []
+    for i in range(n):
         caption = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
         objects = sorted(set(rng.sample(["flag", "logo", "dog", "traffic light"], rng.randint(0, 2))))
         size = rng.choice([1, 1, 2, 12, 30])
-        batch.append(
+        out.append(
             {
                 "key": f"k{i}",
+                "shard": f"s{i % 2}",
+                "caption": caption,
                 "norm": normalize_caption(caption),
                 "terms": ex.terms_tuple(caption),
                 "objects": objects if i % 2 else [],
-                "cluster_id": f"c{size}",
+                "cluster_id": f"c{size}" if i % 3 else f"d{size}",
                 "cluster_size": size,
             }
         )
-    events = Counter()
-    for r in batch:
-        events.update(_object_events(r, vocabulary))
-    assert dict(_object_event_counts(batch, vocabulary)) == dict(events)
-    assert any(k[0] == "both" for k in events) and any(k[0] == "kw_mention" for k in events)
-    assert dict(_term_counts(batch)) == dict(Counter(w for r in batch for w in r["terms"]))
-    pairs = Counter(
-        (w, r["cluster_id"], r["cluster_size"]) for r in batch if r["cluster_size"] >= 10 for w in r["terms"]
+    return out
+
+
+def test_record_batch_columns_give_back_the_records():
+    import pickle
+
+    from transforms.trigger_records import RecordBatch
+
+    records = _batch_records(300, 7)
+    batch = RecordBatch.from_records(records)
+    assert list(batch) == records and len(batch) == 300
+    assert [batch[i] for i in range(300)] == records and batch[-1] == records[-1]
+    with pytest.raises(IndexError):
+        batch[300]
+    assert list(batch.vocab) == sorted(batch.vocab) and len(set(batch.vocab)) == len(batch.vocab)
+    again = pickle.loads(pickle.dumps(batch))
+    assert list(again) == records and again.objects == batch.objects
+    assert list(RecordBatch.from_records([])) == []
+
+
+def test_batch_counters_equal_per_record_events():
+    from transforms.trigger_counts import (
+        batch_counts,
+        clustered_captions,
+        object_event_counts,
+        object_events,
+        pair_counts,
+        term_counts,
     )
-    assert dict(_pair_counts(batch, 10)) == dict(pairs) and pairs
-    assert dict(_word_counts(batch)) == dict(Counter(w for r in batch for w in set(r["norm"].split())))
+    from transforms.trigger_records import RecordBatch
+    from transforms.triggers import _word_counts
+
+    vocabulary = frozenset(["car", "tree", "sky", "traffic light", "flag", "sign", "pole street"])
+    for seed in (2, 3):
+        records = _batch_records(400, seed)
+        batch = RecordBatch.from_records(records)
+        events = Counter()
+        for r in records:
+            events.update(object_events(r, vocabulary))
+        assert dict(object_event_counts(batch, vocabulary)) == dict(events)
+        assert any(k[0] == "both" for k in events) and any(k[0] == "kw_mention" for k in events)
+        assert dict(object_event_counts(batch, frozenset())) == dict(
+            Counter(e for r in records for e in object_events(r, frozenset()))
+        )
+        assert dict(term_counts(batch)) == dict(Counter(w for r in records for w in r["terms"]))
+        pairs = Counter(
+            (w, r["cluster_id"], r["cluster_size"]) for r in records if r["cluster_size"] >= 10 for w in r["terms"]
+        )
+        assert dict(pair_counts(batch, 10)) == dict(pairs) and pairs
+        assert pair_counts(batch, 1000) == []
+        every = dict(batch_counts(batch, 10, vocabulary))  # one combine's keys: tagged, then events
+        assert every.pop(("n",)) == 400
+        assert {k[1:]: c for k, c in every.items() if k[0] == "p"} == dict(pairs)
+        assert {k[1]: c for k, c in every.items() if k[0] == "t"} == dict(term_counts(batch))
+        assert {k: c for k, c in every.items() if k[0] not in "tp"} == dict(events)
+        assert [k for k, _ in batch_counts(batch, 10, None) if k[0] not in "ntp"] == []
+        assert dict(_word_counts(batch)) == dict(Counter(w for r in records for w in set(r["norm"].split())))
+        assert clustered_captions(batch) == [(r["cluster_id"], r["caption"]) for r in records if r["cluster_size"] > 1]
+
+
+def test_batch_codes_equal_per_record_codes():
+    from transforms.trigger_counts import batch_codes, code_rows, record_codes
+    from transforms.trigger_records import RecordBatch
+    from transforms.triggers import _by_keyword
+
+    records = _batch_records(500, 4)
+    batch = RecordBatch.from_records(records)
+    word_sig = [("car", "c12"), ("dog", "c30"), ("red", "d2"), ("absent", "c12"), ("tree", "nowhere")]
+    object_sig = [("dog", ("flag", "unintended")), ("street", ("traffic light", "implicit_intended"))]
+    object_sig += [("car", ("logo", "unintended")), ("red", ("dog", "unintended"))]
+    sig_set, by_kw = set(word_sig), _by_keyword(object_sig)
+    want = [kv for r in records for kv in record_codes(r, sig_set, by_kw)]
+    got = list(batch_codes(batch, _by_keyword(word_sig), by_kw))
+    assert got == want
+    (slim,) = code_rows(batch, 2)  # the rows in clusters of >= 2 (every sig cluster) or with objects
+    assert list(slim) == [r for r in records if r["cluster_size"] >= 2 or r["objects"]] and len(slim) < len(batch)
+    assert list(batch_codes(slim, _by_keyword(word_sig), by_kw)) == want
+    assert code_rows(batch, 1) == [batch] and code_rows(RecordBatch.from_records(records[:1]), 99) == []
+    kinds = {c.split(":")[0] for _, codes in want for c in codes}
+    assert kinds == {"word_trigger", "object_trigger", "implicit_object"}, kinds
+    assert list(batch_codes(batch, {}, {})) == []
 
 
 def test_info_rows_read_the_columns_as_sample_infos_do():
@@ -214,3 +278,104 @@ def test_full_caches_give_the_same_terms(monkeypatch):
     for c in TRICKY * 2:
         assert capped.terms_tuple(c) == reference._terms_of(reference.lemmas_spacy(c)), c
     assert len(capped._pieces) == 5 and len(capped._terms) == 3
+
+
+def test_object_word_rows_equal_python_sets_with_odd_text():
+    from transforms.trigger_counts import _word_rows
+    from transforms.trigger_records import RecordBatch
+
+    norms = ["", "a flag", "flag", "flagpole x", "x flag y", "car\ud800 flag", "traffic", "café flag"]
+    records = [
+        {"key": str(i), "norm": n, "terms": ("car",) if i == 6 else (), "cluster_id": str(i), "cluster_size": 1}
+        for i, n in enumerate(norms)
+    ]
+    for batch in (RecordBatch.from_records(records), RecordBatch.from_records(records[:5] + records[6:])):
+        words = ["flag", "car", "café", "x"]
+        got = _word_rows(batch, words)
+        for w in words:
+            want = [w in set(r["norm"].split()) or w in r["terms"] for r in batch]
+            assert got[w].tolist() == want, w
+
+
+def test_normalize_caption_equals_its_regex_reference():
+    from transforms.keywords import normalize_caption_reference
+
+    odd = ["\x1c\x1dx\x1e\x1fy\x85z\xa0w\u2028v\u3000u", "A_B__c\t\n\r\x0b\x0c", "ÀÉÎ ﬁ ① ｆｕｌｌ", "\ud800 x"]
+    odd += ["".join(chr(c) for c in range(0, 256)), "".join(chr(c) for c in range(0x2000, 0x2070))]
+    for c in TRICKY + odd + _real_captions(2000):
+        assert normalize_caption(c) == normalize_caption_reference(c), repr(c)
+
+
+def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_path):
+    """MineTriggers end to end (planted word and object triggers): every record's trigger codes
+    equal ``record_codes`` with the mined significant sets, every cluster's caption class
+    equals ``cluster_duplication`` of its captions."""
+    import sys
+
+    from pipeline.config import TriggersConfig
+    from transforms.captions import cluster_duplication
+    from transforms.trigger_counts import record_codes
+    from transforms.triggers import MineTriggers, _by_keyword
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    from make_trigger_testset import planted_set
+
+    infos, assignments, _ = planted_set(1500, seed=2)
+    ex = KeywordExtractor()
+    by_key = {a.key: a for a in assignments}
+    records = []
+    for i in infos:
+        a = by_key.get(i.key)
+        records.append(
+            {
+                "key": i.key,
+                "shard": i.shard,
+                "terms": ex.terms_tuple(i.caption),
+                "norm": normalize_caption(i.caption),
+                "objects": sorted(json.loads(i.meta_json or "{}").get("objects", [])),
+                "cluster_id": a.cluster_id if a else i.key,
+            }
+        )
+    import pickle
+
+    def dump(value, name):
+        (tmp_path / name).write_bytes(pickle.dumps(value))
+
+    with TestPipeline(runner="DirectRunner") as p:
+        out = {
+            "infos": p | "I" >> beam.Create(infos),
+            "assignments": p | "A" >> beam.Create(assignments),
+        } | MineTriggers(TriggersConfig(near_duplicate_captions=False), buckets=3)
+        out["codes"] = out["codes"] | beam.Filter(lambda kv: any("trigger" in c or "implicit" in c for c in kv[1]))
+        for name in ("keywords", "objects", "duplication", "codes"):
+            _ = out[name] | f"Gather{name}" >> beam.combiners.ToList() | f"Dump{name}" >> beam.Map(dump, name)
+    got = {
+        name: pickle.loads((tmp_path / name).read_bytes()) for name in ("keywords", "objects", "duplication", "codes")
+    }
+    word_sig = {(r["keyword"], r["cluster_id"]) for r in got["keywords"]}
+    object_sig = _by_keyword([(r["keyword"], (r["object"], r["relation"])) for r in got["objects"]])
+    assert word_sig and object_sig
+    want = sorted(kv for r in records for kv in record_codes(r, word_sig, object_sig))
+    assert sorted(got["codes"]) == want and any("object_trigger" in c for _, cs in want for c in cs)
+    captions: dict = {}
+    for i in infos:
+        if i.key in by_key and by_key[i.key].cluster_size > 1:
+            captions.setdefault(by_key[i.key].cluster_id, []).append(i.caption)
+    assert dict(got["duplication"]) == {c: cluster_duplication(v) for c, v in captions.items()} and captions
+
+
+def test_cluster_lookup_reads_elements_and_assignment_rows_alike():
+    import dataclasses
+
+    import pyarrow as pa
+
+    from schemas.elements import ClusterAssignment
+    from transforms.assignment_tables import ASSIGNMENT_SCHEMA, assignment_rows
+    from transforms.trigger_records import cluster_columns, cluster_lookup
+
+    elements = [ClusterAssignment(f"k{i}", f"c{i % 3}", 4, i < 3, "clip", 0.95, f"s{i % 2}") for i in range(12)]
+    want = {a.key: (a.cluster_id, a.cluster_size) for a in elements}
+    table = pa.Table.from_pylist([dataclasses.asdict(a) for a in elements], schema=ASSIGNMENT_SCHEMA)
+    lists = [rows for _, rows in assignment_rows(table)]
+    assert cluster_lookup(elements) == want == cluster_lookup(lists) and len(lists) == 2
+    assert cluster_columns(["k1", "z"], want) == (["c1", "z"], [4, 1])  # no assignment: a cluster of one

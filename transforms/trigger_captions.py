@@ -24,6 +24,7 @@ import apache_beam as beam
 from transforms.captions import skeleton_of_norm
 from transforms.key_batches import bucket_of, grouped
 from transforms.near_captions import band_buckets, minhash_rows, near_captions
+from transforms.trigger_records import column
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
 MEMBERS, NEAR = 0, 1  # the two kinds of element grouped by caption
@@ -73,7 +74,7 @@ def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
     normalized caption of the batch once per bucket that holds one of its band keys."""
     import numpy as np
 
-    counts = sorted(Counter(r["norm"] for r in batch).items())
+    counts = sorted(Counter(column(batch, "norm")).items())
     norms = [norm for norm, _ in counts]
     records = np.array([c for _, c in counts], dtype=np.int64)
     hv = minhash_rows(norms)
@@ -103,13 +104,13 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
 def _members(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
     """A record batch -> (caption bucket, (MEMBERS, captions, keys, shards, cluster ids)):
     the records as columns, split by their caption's bucket."""
-    norms = [r["norm"] for r in batch]
+    norms = column(batch, "norm")
     buckets = [bucket_of(norm, n) for norm in norms] if n > 1 else [0] * len(norms)
     rows: dict[int, list[int]] = {}
     for i, b in enumerate(buckets):
         rows.setdefault(b, []).append(i)
     for b, idx in sorted(rows.items()):
-        columns = ([batch[i][c] for i in idx] for c in ("key", "shard", "cluster_id"))
+        columns = ([col[i] for i in idx] for col in (column(batch, c) for c in ("key", "shard", "cluster_id")))
         yield b, (MEMBERS, [norms[i] for i in idx], *columns)
 
 
@@ -185,7 +186,7 @@ class CaptionCodes(beam.PTransform):
 def caption_columns(batch: list[dict]) -> tuple[list, list, list]:
     """A record batch -> its normalized captions, keys and shards (all template mining reads:
     a small element for the stage that reads them again with the frequent words)."""
-    return [r["norm"] for r in batch], [r["key"] for r in batch], [r["shard"] for r in batch]
+    return column(batch, "norm"), column(batch, "key"), column(batch, "shard")
 
 
 def skeleton_buckets(columns: tuple, frequent, n: int) -> Iterator[tuple[int, list]]:

@@ -1,12 +1,15 @@
-"""Trigger mining's inputs as batches: one list of caption records per shard (chunked), and the
-per-batch counting and bucketing that ``transforms.triggers.MineTriggers`` combines.
+"""Trigger mining's inputs as batches: one columnar ``RecordBatch`` of caption records per shard
+chunk, and the per-batch bucketing that ``transforms.triggers.MineTriggers`` combines.
 
 A record is what the miners need of one ok sample: key, shard, caption, normalized caption,
 keyword terms, metadata objects, and its duplicate cluster (its own key and size 1 when it has
-no assignment). Counting is a ``Counter`` per batch whose items are summed per term
-(``CombinePerKey``), so a term travels once per batch, not once per caption; captions are
-grouped (template skeletons here; exact text and MinHash bands in ``trigger_captions``)
-through hash buckets of lists.
+no assignment). A batch holds them as columns: lists of strings, the cluster sizes as an array,
+the keyword terms as ids into the batch's sorted term vocabulary (CSR: ``term_ids`` with row
+offsets ``term_off``) and the metadata objects only for rows that have any. Counting works on
+those arrays (``transforms.trigger_counts``); iterating a batch still gives one dict per record
+(the reference form, and what the caption stages read). Captions are grouped (template
+skeletons here; exact text and MinHash bands in ``trigger_captions``) through hash buckets of
+lists.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
 
 from pipeline import progress
 from transforms.key_batches import grouped, split_buckets
@@ -25,24 +29,160 @@ CHUNK = 4096  # records per element
 
 INFO_COLUMNS = ("key", "shard", "caption", "meta_json")
 NORM_CACHE = 100_000  # distinct captions whose normalized text is kept
+_NO_OBJECTS: list[str] = []
 
 
-def make_record(info, assignment, extractor, use_metadata: bool, norm: str | None = None) -> dict:
-    """A SampleInfo (or an object with its key, shard, caption, meta_json) -> a record."""
-    return {
-        "key": info.key,
-        "shard": info.shard,
-        "caption": info.caption,
-        "norm": normalize_caption(info.caption) if norm is None else norm,
-        "terms": extractor.terms_tuple(info.caption),
-        "objects": metadata_objects(info.meta_json) if use_metadata else [],
-        "cluster_id": assignment.cluster_id if assignment else info.key,
-        "cluster_size": assignment.cluster_size if assignment else 1,
-    }
+class RecordBatch:
+    """Records as columns (see the module doc). ``len``, indexing and iteration (dicts) as a
+    list of records; the columns (``key``, ``shard``, ``caption``, ``norm``, ``cluster_id``:
+    lists) are cheaper to read than the dicts."""
+
+    __slots__ = ("key", "shard", "caption", "norm", "cluster_id", "cluster_size", "vocab", "term_ids", "term_off")
+    __slots__ += ("objects",)
+
+    def __init__(self, key, shard, caption, norm, cluster_id, cluster_size, terms, objects=None):
+        """Columns as lists; ``terms``: each row's sorted unique terms (tuples); ``objects``:
+        {row: sorted object names} for the rows with any."""
+        self.key, self.shard, self.caption, self.norm = key, shard, caption, norm
+        self.cluster_id = cluster_id
+        self.cluster_size = np.asarray(cluster_size, dtype=np.int64)
+        self.vocab, self.term_ids, self.term_off = term_columns(terms)
+        self.objects = objects or {}
+
+    def __getstate__(self):
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, state):
+        for s, v in zip(self.__slots__, state, strict=True):
+            setattr(self, s, v)
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def terms_of(self, i: int) -> tuple[str, ...]:
+        vocab = self.vocab
+        return tuple(vocab[t] for t in self.term_ids[self.term_off[i] : self.term_off[i + 1]].tolist())
+
+    def term_rows(self) -> np.ndarray:
+        """The row of each entry of ``term_ids``."""
+        return np.repeat(np.arange(len(self.key)), np.diff(self.term_off))
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.key)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self.record(i % n)
+
+    def record(self, i: int) -> dict:
+        return {
+            "key": self.key[i],
+            "shard": self.shard[i],
+            "caption": self.caption[i],
+            "norm": self.norm[i],
+            "terms": self.terms_of(i),
+            "objects": self.objects.get(i, _NO_OBJECTS),
+            "cluster_id": self.cluster_id[i],
+            "cluster_size": int(self.cluster_size[i]),
+        }
+
+    def row_terms(self) -> list[tuple[str, ...]]:
+        """Each row's terms (tuples of strings)."""
+        vocab, ids, off = self.vocab, self.term_ids.tolist(), self.term_off.tolist()
+        return [tuple(vocab[t] for t in ids[a:b]) for a, b in zip(off, off[1:], strict=False)]
+
+    def __iter__(self) -> Iterator[dict]:
+        objects = self.objects
+        columns = (self.key, self.shard, self.caption, self.norm, self.row_terms(), self.cluster_id)
+        for i, (k, s, c, n, t, cid, size) in enumerate(zip(*columns, self.cluster_size.tolist(), strict=True)):
+            yield {
+                "key": k,
+                "shard": s,
+                "caption": c,
+                "norm": n,
+                "terms": t,
+                "objects": objects.get(i, _NO_OBJECTS),
+                "cluster_id": cid,
+                "cluster_size": size,
+            }
+
+    def take(self, rows: list[int]) -> RecordBatch:
+        """The batch's rows ``rows`` (ascending) as a batch of their own (the same vocabulary)."""
+        picked = np.asarray(rows, dtype=np.int64)
+        keep = np.zeros(len(self.key), dtype=bool)
+        keep[picked] = True
+        out = object.__new__(RecordBatch)
+        for name in ("key", "shard", "caption", "norm", "cluster_id"):
+            column = getattr(self, name)
+            setattr(out, name, [column[i] for i in rows])
+        out.cluster_size = self.cluster_size[picked]
+        out.vocab = self.vocab
+        out.term_ids = self.term_ids[keep[self.term_rows()]]
+        out.term_off = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(np.diff(self.term_off)[picked], out=out.term_off[1:])
+        out.objects = {j: self.objects[i] for j, i in enumerate(rows) if i in self.objects}
+        return out
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> RecordBatch:
+        """Record dicts (``terms`` sorted unique; absent shard, caption or objects: empty)."""
+        objects = {i: list(r["objects"]) for i, r in enumerate(records) if r.get("objects")}
+        return cls(
+            [r["key"] for r in records],
+            [r.get("shard", "") for r in records],
+            [r.get("caption", "") for r in records],
+            [r["norm"] for r in records],
+            [r["cluster_id"] for r in records],
+            [r["cluster_size"] for r in records],
+            [r["terms"] for r in records],
+            objects,
+        )
+
+
+def column(batch, name: str) -> list:
+    """One column of a record batch: a ``RecordBatch``'s own list, or the values of a list of
+    record dicts."""
+    if isinstance(batch, RecordBatch):
+        return getattr(batch, name)
+    return [r[name] for r in batch]
+
+
+def term_columns(terms: list[tuple[str, ...]]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """Rows' sorted unique terms -> (sorted vocabulary, term ids (int32), row offsets (int64));
+    each row's ids ascend, as its terms do."""
+    index: dict[str, int] = {}
+    ids = [index.setdefault(t, len(index)) for row in terms for t in row]
+    first_seen = list(index)
+    order = sorted(range(len(first_seen)), key=first_seen.__getitem__)
+    remap = np.empty(len(order), dtype=np.int32)
+    remap[order] = np.arange(len(order), dtype=np.int32)
+    off = np.zeros(len(terms) + 1, dtype=np.int64)
+    np.cumsum([len(row) for row in terms], out=off[1:])
+    return tuple(first_seen[i] for i in order), remap[np.asarray(ids, dtype=np.int64)], off
+
+
+def cluster_lookup(assignments: Iterable) -> dict[str, tuple[str, int]]:
+    """A shard's assignments (of its clustered keys) -> {key: (cluster id, cluster size)}: the
+    only reader of assignments (adapt it when their shape changes). Each item is a
+    ``ClusterAssignment`` or a list of assignment tuples (key, cluster id, cluster size, ...:
+    ``assignment_rows``' lists)."""
+    out: dict[str, tuple[str, int]] = {}
+    for a in assignments:
+        if isinstance(a, list):
+            out.update((t[0], (t[1], t[2])) for t in a)
+        else:
+            out[a.key] = (a.cluster_id, a.cluster_size)
+    return out
+
+
+def cluster_columns(keys: list[str], lookup: dict) -> tuple[list[str], list[int]]:
+    """Rows' keys -> each row's cluster id and size; a key without an assignment is a cluster
+    of one (its own key)."""
+    got = [lookup.get(k) for k in keys]
+    return [g[0] if g else k for g, k in zip(got, keys, strict=True)], [g[1] if g else 1 for g in got]
 
 
 class _Row:
-    """The info columns records need, for ``make_record`` (no SampleInfo per row)."""
+    """The info columns records need (no SampleInfo per row)."""
 
     __slots__ = INFO_COLUMNS
 
@@ -55,8 +195,26 @@ def info_rows(table) -> Iterator[_Row]:
     yield from map(_Row, *(table.column(c).to_pylist() for c in INFO_COLUMNS))
 
 
+def _first_rows(table, seen: set[str]) -> list[list]:
+    """An info table's INFO_COLUMNS as lists, less the rows whose key is in ``seen`` or earlier
+    in the table (a key repeated in one shard: its first record); adds the keys to ``seen``."""
+    columns = [table.column(c).to_pylist() for c in INFO_COLUMNS]
+    keys = columns[0]
+    fresh = set(keys)
+    if len(fresh) == len(keys) and seen.isdisjoint(fresh):
+        seen |= fresh
+        return columns
+    keep = []
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return [[c[i] for i in keep] for c in columns]
+
+
 class ShardRecordsFn(beam.DoFn):
-    """(shard, {"info": info tables, "a": ClusterAssignment}) -> lists of records (<= CHUNK)."""
+    """(shard, {"info": info tables, "a": ClusterAssignment or lists of assignment tuples}) ->
+    RecordBatch (<= CHUNK rows)."""
 
     def __init__(self, bigrams: bool, use_metadata: bool):
         self.bigrams = bigrams
@@ -70,32 +228,52 @@ class ShardRecordsFn(beam.DoFn):
         norm = self.norms.get(caption)
         if norm is None:
             norm = normalize_caption(caption)
+            norm = caption if norm == caption else norm  # one string object: pickled once
             if len(self.norms) < NORM_CACHE:
                 self.norms[caption] = norm
         return norm
 
-    def process(self, item) -> Iterator[list[dict]]:
+    def process(self, item) -> Iterator[RecordBatch]:
         _, joined = item
-        assigned = {a.key: a for a in joined["a"]}
+        lookup = cluster_lookup(joined["a"])
         seen: set[str] = set()
-        batch: list[dict] = []
+        rows: list[list] = [[] for _ in INFO_COLUMNS]
         for table in joined["info"]:
-            for info in info_rows(table):
-                if info.key in seen:  # a key repeated in one shard: its first record
-                    continue
-                seen.add(info.key)
-                norm = self._norm(info.caption)
-                batch.append(make_record(info, assigned.get(info.key), self.extractor, self.use_metadata, norm))
-                if len(batch) >= CHUNK:
-                    progress.advance("triggers", len(batch))
-                    yield batch
-                    batch = []
-        if batch:
-            progress.advance("triggers", len(batch))
-            yield batch
+            for column, values in zip(rows, _first_rows(table, seen), strict=True):
+                column.extend(values)
+            while len(rows[0]) >= CHUNK:
+                yield self._batch(*(c[:CHUNK] for c in rows), lookup)
+                rows = [c[CHUNK:] for c in rows]
+        if rows[0]:
+            yield self._batch(*rows, lookup)
+
+    def _batch(self, keys: list, shards: list, captions: list, metas: list, lookup: dict) -> RecordBatch:
+        cluster_id, cluster_size = cluster_columns(keys, lookup)
+        terms = self.extractor.terms_tuple
+        objects = {}
+        if self.use_metadata:
+            objects = {i: o for i, m in enumerate(metas) if (o := metadata_objects(m))}
+        batch = RecordBatch(
+            keys,
+            _shared(shards),
+            captions,
+            [self._norm(c) for c in captions],
+            cluster_id,
+            cluster_size,
+            [terms(c) for c in captions],
+            objects,
+        )
+        progress.advance("triggers", len(keys))
+        return batch
 
 
-def bucketed(batch: list[dict], pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:
+def _shared(values: list[str]) -> list[str]:
+    """Equal strings as one object each (pickled once)."""
+    seen: dict[str, str] = {}
+    return [seen.setdefault(v, v) for v in values]
+
+
+def bucketed(batch, pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:
     """A batch's records -> (bucket, [(group key, member)]) lists, for grouping by group key."""
     yield from split_buckets((p for r in batch for p in pairs(r)), n)
 
@@ -107,7 +285,7 @@ def per_group(item, group_fn: Callable) -> Iterator:
         yield from group_fn((group, members))
 
 
-def _bucketed_with(batch: list[dict], side, pairs: Callable, n: int) -> Iterator[tuple[int, list]]:
+def _bucketed_with(batch, side, pairs: Callable, n: int) -> Iterator[tuple[int, list]]:
     return bucketed(batch, lambda r: pairs(r, side), n)
 
 

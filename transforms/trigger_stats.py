@@ -31,6 +31,16 @@ def hypergeom_pvalue(n_both: int, n_total: int, n_group: int, n_draws: int) -> f
     return float(hypergeom.sf(n_both - 1, n_total, n_group, n_draws))
 
 
+def hypergeom_pvalues(n_both, n_total, n_group, n_draws) -> list[float]:
+    """``hypergeom_pvalue`` over arrays (one scipy call; the same floats as one call each)."""
+    if not len(n_both):
+        return []
+    from scipy.stats import hypergeom
+
+    k = np.asarray(n_both, dtype=np.int64)
+    return np.atleast_1d(hypergeom.sf(k - 1, n_total, n_group, n_draws)).astype(float).tolist()
+
+
 def bh_qvalues(pvalues: list[float] | np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values), monotone, in the input order."""
     p = np.asarray(pvalues, dtype=np.float64)
@@ -52,8 +62,13 @@ def keyword_cluster_rows(candidates: list[dict], n_total: int, cfg) -> list[dict
     and q <= cfg.max_q_value are returned, ranked by NPMI.
     """
     rows = []
-    for c in candidates:
-        p = hypergeom_pvalue(c["n_both"], n_total, c["n_cluster"], c["n_keyword"])
+    pvalues = hypergeom_pvalues(
+        [c["n_both"] for c in candidates],
+        n_total,
+        [c["n_cluster"] for c in candidates],
+        [c["n_keyword"] for c in candidates],
+    )
+    for c, p in zip(candidates, pvalues, strict=True):
         rows.append(
             dict(
                 c,
@@ -80,8 +95,8 @@ def keyword_object_rows(candidates: list[dict], cfg, related) -> list[dict]:
     """candidates: keyword, object, n_total (captions not naming the object), n_keyword,
     n_object, n_both. Returns significant rows with lift and relation."""
     rows = []
-    for c in candidates:
-        p = hypergeom_pvalue(c["n_both"], c["n_total"], c["n_object"], c["n_keyword"])
+    pvalues = hypergeom_pvalues(*([c[f] for c in candidates] for f in ("n_both", "n_total", "n_object", "n_keyword")))
+    for c, p in zip(candidates, pvalues, strict=True):
         base = c["n_object"] / c["n_total"] if c["n_total"] else 0.0
         lift = (c["n_both"] / c["n_keyword"]) / base if base > 0 and c["n_keyword"] else 0.0
         rows.append(dict(c, p_value=p, lift=lift))

@@ -8,7 +8,6 @@ Per-sample trigger codes go back to the annotations by key.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Iterator
 from itertools import chain
@@ -17,15 +16,18 @@ import apache_beam as beam
 
 from pipeline import progress
 from transforms.captions import cluster_duplication
+from transforms.key_batches import split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
-from transforms.trigger_records import CHUNK, ShardRecordsFn
+from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_captions, code_rows
+from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column, per_group
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
 class _SampleRecords(beam.DoFn):
-    """(key, {"i": [SampleInfo], "a": [ClusterAssignment]}) -> one record dict per ok sample."""
+    """(key, {"i": [SampleInfo], "a": [ClusterAssignment]}) -> one record dict per ok sample
+    (the per-sample path of ``SampleInfo`` elements; ``_chunks`` makes them batches)."""
 
     def __init__(self, bigrams: bool, use_metadata: bool):
         self.bigrams = bigrams
@@ -54,63 +56,6 @@ class _SampleRecords(beam.DoFn):
         }
 
 
-def _words(record: dict) -> set[str]:
-    return set(record["norm"].split()) | set(record["terms"])
-
-
-def _mentions(record: dict, obj: str, words: set[str] | None = None) -> bool:
-    words = _words(record) if words is None else words
-    return all(w in words for w in obj.split())
-
-
-def _object_events(record: dict, vocabulary: frozenset[str]) -> Iterator[tuple]:
-    """Counting events for keyword -> object statistics over captions not naming the object."""
-    present = set(record["objects"])
-    words = _words(record)
-    for obj, parts in _split_objects(vocabulary | present if present else vocabulary):
-        if all(w in words for w in parts):
-            yield ("mention", obj)
-            for w in record["terms"]:
-                yield ("kw_mention", w, obj)
-        elif obj in present:
-            yield ("object", obj)
-            for w in record["terms"]:
-                yield ("both", w, obj)
-
-
-def _object_event_counts(batch: list[dict], vocabulary: frozenset[str]):
-    """A batch's ``_object_events``, counted. A record without metadata objects only mentions
-    objects: those whose words it has, found through an index of the vocabulary's words."""
-    index = _object_index(vocabulary)
-    counts: Counter = Counter()
-    for r in batch:
-        if r["objects"]:
-            counts.update(_object_events(r, vocabulary))
-            continue
-        words = _words(r)
-        hits = {obj for w in words.intersection(index) for obj, parts in index[w] if all(p in words for p in parts)}
-        for obj in sorted(hits):
-            counts[("mention", obj)] += 1
-            counts.update([("kw_mention", w, obj) for w in r["terms"]])
-    return counts.items()
-
-
-@functools.lru_cache(maxsize=256)
-def _object_index(objects: frozenset[str]) -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
-    """word -> the objects (with their words) that contain it."""
-    index: dict[str, list] = {}
-    for obj, parts in _split_objects(objects):
-        for w in set(parts):
-            index.setdefault(w, []).append((obj, parts))
-    return {w: tuple(v) for w, v in index.items()}
-
-
-@functools.lru_cache(maxsize=256)
-def _split_objects(objects: frozenset[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Objects in sorted order with their words, once per object set."""
-    return tuple((obj, tuple(obj.split())) for obj in sorted(objects))
-
-
 def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[dict]:
     out = []
     for (_, w, obj), n_both in both:
@@ -128,18 +73,6 @@ def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[di
                 }
             )
     return sorted(out, key=lambda r: (r["keyword"], r["object"]))
-
-
-def _codes_for(record: dict, word_sig, object_sig) -> Iterator[tuple[str, tuple[str, ...]]]:
-    codes = [f"word_trigger:{w}" for w in record["terms"] if (w, record["cluster_id"]) in word_sig]
-    present = set(record["objects"])
-    for w in record["terms"]:
-        for o, relation in sorted(object_sig.get(w, ())):
-            if o in present and not _mentions(record, o):
-                # unintended associations are acted on; implicit intended ones are only recorded
-                codes.append(f"{'object_trigger' if relation == 'unintended' else 'implicit_object'}:{w}->{o}")
-    if codes:
-        yield (record["key"], record["shard"]), tuple(sorted(codes))
 
 
 def _near_dup_keys(item) -> Iterator:
@@ -164,43 +97,38 @@ def _near_norms(norms: list[str]) -> set[str]:
     return near_norms(norms)
 
 
-def _term_counts(batch: list[dict]):
-    """A batch's (term, captions with it) counts."""
-    return Counter(chain.from_iterable(r["terms"] for r in batch)).items()
-
-
-def _pair_counts(batch: list[dict], m: int):
-    """A batch's ((term, cluster, cluster size), count) over records in clusters of >= m."""
-    return Counter(
-        (w, r["cluster_id"], r["cluster_size"]) for r in batch if r["cluster_size"] >= m for w in r["terms"]
-    ).items()
-
-
 def _word_counts(batch: list[dict]):
     """A batch's (word, captions with it) counts over normalized captions."""
-    return Counter(chain.from_iterable(set(r["norm"].split()) for r in batch)).items()
+    return Counter(chain.from_iterable(set(norm.split()) for norm in column(batch, "norm"))).items()
 
 
-def _batch_codes(batch: list[dict], ws, os_) -> Iterator:
-    word_sig, object_sig = set(ws), _by_keyword(os_)
-    for r in batch:
-        yield from _codes_for(r, word_sig, object_sig)
+def _tagged(kv, tag: str, m: int = 0) -> list:
+    """A count of ``batch_counts`` -> (its key less the tag, count) when it has the tag and
+    reaches m: ("n",) -> the count alone; ("t", term) -> term; ("p", term, cluster, size) ->
+    (term, cluster, size)."""
+    key, n = kv
+    if key[0] != tag or n < m:
+        return []
+    if tag == "n":
+        return [n]
+    return [(key[1] if tag == "t" else key[1:], n)]
 
 
-def _clustered_captions(batch: list[dict]) -> list[tuple[str, str]]:
-    return [(r["cluster_id"], r["caption"]) for r in batch if r["cluster_size"] > 1]
+def _batch_codes(batch, ws, os_) -> Iterator:
+    return batch_codes(batch, _by_keyword(ws), _by_keyword(os_))
 
 
-def _chunks(item) -> Iterator[list[dict]]:
+def _chunks(item) -> Iterator[RecordBatch]:
     _, records = item
     records = sorted(records, key=lambda r: r["key"])
     for i in range(0, len(records), CHUNK):
-        yield records[i : i + CHUNK]
+        yield RecordBatch.from_records(records[i : i + CHUNK])
 
 
 class MineTriggers(beam.PTransform):
     """{"info_batches": SampleInfo tables (or "infos": SampleInfo elements), "assignments":
-    ClusterAssignment (of clustered keys; a key without one is a cluster of one)} ->
+    ClusterAssignment (of clustered keys; a key without one is a cluster of one), or with info
+    tables "assignment_rows": (shard, [assignment tuples]) as ``assignment_rows`` gives} ->
     {"keywords", "objects", "codes": ((key, shard), tuple of codes), "duplication": (cluster_id,
     dict with "class")}. Records travel as batches (``transforms.trigger_records``)."""
 
@@ -212,28 +140,34 @@ class MineTriggers(beam.PTransform):
     def expand(self, inputs):
         cfg = self.cfg
         recs = self._records(inputs)
-        n_total = recs | "BatchSizes" >> beam.Map(len) | "CountSamples" >> beam.CombineGlobally(sum)
-        kw_counts = (
+        vocabulary = None if cfg.object_source == "none" else frozenset(cfg.objects or DEFAULT_OBJECTS)
+        counts = (  # one combine for every count: records, terms, (term, cluster) pairs, object events
             recs
-            | "Terms" >> beam.FlatMap(_term_counts)
-            | "CountTerms" >> beam.CombinePerKey(sum)
-            | "PruneTerms" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_keyword_count)
+            | "Counts" >> beam.FlatMap(batch_counts, m=cfg.min_pair_count, vocabulary=vocabulary)
+            | "CountAll" >> beam.CombinePerKey(sum)
         )
-        keywords = self._keyword_triggers(recs, kw_counts, n_total)
-        objects = self._object_triggers(recs, kw_counts, n_total)
+        n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
+        kw_counts = counts | "PruneTerms" >> beam.FlatMap(_tagged, tag="t", m=cfg.min_keyword_count)
+        pairs = counts | "PrunePairs" >> beam.FlatMap(_tagged, tag="p", m=cfg.min_pair_count)
+        keywords = self._keyword_triggers(pairs, kw_counts, n_total)
+        objects = self._object_triggers(counts, vocabulary, kw_counts, n_total)
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
-        trigger_codes = recs | "TriggerCodes" >> beam.FlatMap(
-            _batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig)
+        trigger_codes = (
+            recs
+            | "CodeRows" >> beam.FlatMap(code_rows, m=cfg.min_pair_count)
+            | "TriggerCodes"
+            >> beam.FlatMap(_batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
         )
         codes = (trigger_codes, *self._caption_codes(recs)) | "AllCodes" >> beam.Flatten()
         duplication = (
-            recs
-            | "CaptionByCluster" >> beam.FlatMap(_clustered_captions)
+            recs  # (cluster id, caption) lists in hash buckets of cluster ids: no element per record
+            | "CaptionByCluster" >> beam.FlatMap(lambda b, n: split_buckets(clustered_captions(b), n), n=self.buckets)
             | "GroupClusterCaptions" >> beam.GroupByKey()
             | "ClassifyCluster"
-            >> beam.Map(
-                lambda kv, share: (kv[0], cluster_duplication(list(kv[1]), share)), share=cfg.full_duplication_share
+            >> beam.FlatMap(
+                per_group,
+                group_fn=lambda kv, share=cfg.full_duplication_share: [(kv[0], cluster_duplication(kv[1], share))],
             )
         )
         return {"keywords": keywords, "objects": objects, "codes": codes, "duplication": duplication}
@@ -244,9 +178,13 @@ class MineTriggers(beam.PTransform):
         if "info_batches" in inputs:
             from schemas import arrow
 
+            if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
+                by_shard = inputs["assignment_rows"]
+            else:
+                by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
             keyed = {
                 "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
-                "a": inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a)),
+                "a": by_shard,
             }
             joined = keyed | "JoinShard" >> beam.CoGroupByKey()
             return joined | "Records" >> beam.ParDo(ShardRecordsFn(self.cfg.bigrams, use_meta))
@@ -261,14 +199,8 @@ class MineTriggers(beam.PTransform):
             | "Batches" >> beam.FlatMap(_chunks)
         )
 
-    def _keyword_triggers(self, recs, kw_counts, n_total):
+    def _keyword_triggers(self, pairs, kw_counts, n_total):
         cfg = self.cfg
-        pairs = (
-            recs
-            | "Pairs" >> beam.FlatMap(_pair_counts, m=cfg.min_pair_count)
-            | "CountPairs" >> beam.CombinePerKey(sum)
-            | "PrunePairs" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.min_pair_count)
-        )
         candidates = pairs | "Candidates" >> beam.FlatMap(
             lambda kv, counts: (
                 [
@@ -297,16 +229,11 @@ class MineTriggers(beam.PTransform):
             )
         )
 
-    def _object_triggers(self, recs, kw_counts, n_total):
+    def _object_triggers(self, counts, vocabulary, kw_counts, n_total):
         cfg = self.cfg
-        if cfg.object_source == "none":
-            return recs.pipeline | "NoObjects" >> beam.Create([])
-        vocabulary = frozenset(cfg.objects or DEFAULT_OBJECTS)
-        events = (
-            recs
-            | "ObjectEvents" >> beam.FlatMap(_object_event_counts, vocabulary=vocabulary)
-            | "CountEvents" >> beam.CombinePerKey(sum)
-        )
+        if vocabulary is None:
+            return counts.pipeline | "NoObjects" >> beam.Create([])
+        events = counts | "ObjectEvents" >> beam.Filter(lambda kv: kv[0][0] in EVENTS)
         both = events | "BothEvents" >> beam.Filter(
             lambda kv, m: kv[0][0] == "both" and kv[1] >= m, m=cfg.min_pair_count
         )

@@ -1,0 +1,215 @@
+"""Trigger mining's per-batch counts and codes on ``RecordBatch`` columns, with the per-record
+references they equal (``tests/test_trigger_paths.py`` checks them against each other).
+
+Terms are ids into the batch's vocabulary, so a batch's term counts are one ``bincount`` and
+its (term, cluster) pair counts one ``unique`` over term id x local cluster index. Object events
+(keyword -> object statistics) need, per object of the vocabulary, the records whose words (the
+normalized caption's words and the terms) contain all of the object's words: a boolean mask per
+object word (a whole-word match in the padded normalized captions, in Arrow, or rows holding
+the term), then term counts over the masked rows. Rows with metadata objects (few, or none in
+LAION's metadata) go through the per-record reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+
+# --- per-record references -------------------------------------------------------------------
+
+
+def _words(record: dict) -> set[str]:
+    return set(record["norm"].split()) | set(record["terms"])
+
+
+def _mentions(record: dict, obj: str, words: set[str] | None = None) -> bool:
+    words = _words(record) if words is None else words
+    return all(w in words for w in obj.split())
+
+
+@functools.lru_cache(maxsize=256)
+def _split_objects(objects: frozenset[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Objects in sorted order with their words, once per object set."""
+    return tuple((obj, tuple(obj.split())) for obj in sorted(objects))
+
+
+def object_events(record: dict, vocabulary: frozenset[str]) -> Iterator[tuple]:
+    """Counting events for keyword -> object statistics over captions not naming the object."""
+    present = set(record["objects"])
+    words = _words(record)
+    for obj, parts in _split_objects(vocabulary | present if present else vocabulary):
+        if all(w in words for w in parts):
+            yield ("mention", obj)
+            for w in record["terms"]:
+                yield ("kw_mention", w, obj)
+        elif obj in present:
+            yield ("object", obj)
+            for w in record["terms"]:
+                yield ("both", w, obj)
+
+
+def object_codes(record: dict, object_sig: dict) -> list[str]:
+    """A record's object trigger codes: a significant (keyword, object) pair whose object the
+    record's metadata has and its caption does not name."""
+    codes = []
+    present = set(record["objects"])
+    for w in record["terms"]:
+        for o, relation in sorted(object_sig.get(w, ())):
+            if o in present and not _mentions(record, o):
+                # unintended associations are acted on; implicit intended ones are only recorded
+                codes.append(f"{'object_trigger' if relation == 'unintended' else 'implicit_object'}:{w}->{o}")
+    return codes
+
+
+def record_codes(record: dict, word_sig, object_sig) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """((key, shard), sorted codes) of one record, when it has any (the reference of ``batch_codes``)."""
+    codes = [f"word_trigger:{w}" for w in record["terms"] if (w, record["cluster_id"]) in word_sig]
+    codes += object_codes(record, object_sig)
+    if codes:
+        yield (record["key"], record["shard"]), tuple(sorted(codes))
+
+
+# --- per batch, on columns -------------------------------------------------------------------
+
+
+def term_counts(batch) -> list[tuple[str, int]]:
+    """(term, records with it) over the batch (a record's terms are unique)."""
+    counts = np.bincount(batch.term_ids, minlength=len(batch.vocab)).tolist()
+    return [(t, c) for t, c in zip(batch.vocab, counts, strict=True) if c]
+
+
+def pair_counts(batch, m: int) -> list[tuple[tuple, int]]:
+    """((term, cluster id, cluster size), records) over the records in clusters of >= m."""
+    sizes = batch.cluster_size
+    rows = np.flatnonzero(sizes >= m)
+    if not len(rows):
+        return []
+    index: dict[tuple[str, int], int] = {}
+    cid = batch.cluster_id
+    local = np.full(len(batch), -1, dtype=np.int64)
+    local[rows] = [
+        index.setdefault((cid[r], s), len(index)) for r, s in zip(rows.tolist(), sizes[rows].tolist(), strict=True)
+    ]
+    entry_local = local[batch.term_rows()]
+    keep = entry_local >= 0
+    codes = batch.term_ids[keep].astype(np.int64) * len(index) + entry_local[keep]
+    uniq, counts = np.unique(codes, return_counts=True)
+    clusters = list(index)
+    vocab = batch.vocab
+    return [
+        ((vocab[u // len(index)], *clusters[u % len(index)]), c)
+        for u, c in zip(uniq.tolist(), counts.tolist(), strict=True)
+    ]
+
+
+def _word_rows(batch, words: list[str]) -> dict[str, np.ndarray]:
+    """Each word -> a mask of the rows whose normalized caption has it as a word, or whose
+    terms have it. A normalized caption's only whitespace is single spaces
+    (``normalize_caption``), so its words are its split at " " (Arrow, for the whole batch)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(batch)
+    masks = np.zeros((len(words), n), dtype=bool)
+    try:
+        lists = pc.split_pattern(pa.array(batch.norm, type=pa.large_string()), " ")
+        found = pc.fill_null(pc.index_in(pc.list_flatten(lists), value_set=pa.array(words)), -1).to_numpy()
+        rows = pc.list_parent_indices(lists).to_numpy()
+        hit = found >= 0
+        masks[found[hit], rows[hit]] = True
+    except (pa.ArrowException, UnicodeEncodeError):  # a lone surrogate: Python's split instead
+        at = {w: j for j, w in enumerate(words)}
+        for i, norm in enumerate(batch.norm):
+            for w in set(norm.split()).intersection(at):
+                masks[at[w], i] = True
+    index = {t: i for i, t in enumerate(batch.vocab)}
+    term_rows = batch.term_rows()
+    for j, w in enumerate(words):
+        if w in index:
+            masks[j, term_rows[batch.term_ids == index[w]]] = True
+    return dict(zip(words, masks, strict=True))
+
+
+def object_event_counts(batch, vocabulary: frozenset[str]) -> list[tuple[tuple, int]]:
+    """The batch's ``object_events``, counted: rows with metadata objects one by one, the others
+    (which only mention objects) through a mask per object."""
+    counts: Counter = Counter()
+    for i in sorted(batch.objects):
+        counts.update(object_events(batch.record(i), vocabulary))
+    objects = _split_objects(vocabulary)
+    n = len(batch)
+    if not objects or not n:
+        return list(counts.items())
+    plain = np.ones(n, dtype=bool)
+    plain[list(batch.objects)] = False
+    has = _word_rows(batch, sorted({p for _, parts in objects for p in parts}))
+    term_rows = batch.term_rows()
+    for obj, parts in objects:
+        mask = plain.copy()
+        for p in parts:
+            mask &= has[p]
+        k = int(mask.sum())
+        if not k:
+            continue
+        counts[("mention", obj)] += k
+        per_term = np.bincount(batch.term_ids[mask[term_rows]], minlength=len(batch.vocab)).tolist()
+        for t, c in zip(batch.vocab, per_term, strict=True):
+            if c:
+                counts[("kw_mention", t, obj)] += c
+    return list(counts.items())
+
+
+EVENTS = ("mention", "kw_mention", "object", "both")  # the first item of an object event's key
+
+
+def batch_counts(batch, m: int, vocabulary: frozenset[str] | None) -> list[tuple[tuple, int]]:
+    """Every count of a batch under one kind of key, for one combine: ("n",) records,
+    ("t", term), ("p", term, cluster id, cluster size) in clusters of >= m, and (unless
+    ``vocabulary`` is None) the object events as they are (first item in ``EVENTS``)."""
+    out: list[tuple[tuple, int]] = [(("n",), len(batch))]
+    out += [(("t", t), c) for t, c in term_counts(batch)]
+    out += [(("p", *k), c) for k, c in pair_counts(batch, m)]
+    if vocabulary is not None:
+        out += object_event_counts(batch, vocabulary)
+    return out
+
+
+def code_rows(batch, m: int) -> list:
+    """The batch's rows that can carry a trigger code, as a batch (none: []): word triggers are
+    (keyword, cluster) pairs counted over clusters of >= m records, object triggers need
+    metadata objects."""
+    rows = set(np.flatnonzero(batch.cluster_size >= m).tolist()) | set(batch.objects)
+    if len(rows) == len(batch):
+        return [batch]
+    return [batch.take(sorted(rows))] if rows else []
+
+
+def batch_codes(batch, word_sig: dict[str, set], object_sig: dict[str, set]) -> Iterator:
+    """((key, shard), sorted codes) per record with any: word triggers ((term, cluster) in
+    ``word_sig``: term -> clusters) and, for rows with metadata objects, object triggers."""
+    codes: dict[int, list[str]] = {}
+    index = {t: i for i, t in enumerate(batch.vocab)}
+    sig_ids = [index[w] for w in word_sig if w in index]
+    if sig_ids:
+        hit = np.isin(batch.term_ids, sig_ids)
+        cid = batch.cluster_id
+        for r, t in zip(batch.term_rows()[hit].tolist(), batch.term_ids[hit].tolist(), strict=True):
+            w = batch.vocab[t]
+            if cid[r] in word_sig[w]:
+                codes.setdefault(r, []).append(f"word_trigger:{w}")
+    if object_sig:
+        for i in batch.objects:
+            found = object_codes(batch.record(i), object_sig)
+            if found:
+                codes.setdefault(i, []).extend(found)
+    for r in sorted(codes):
+        yield (batch.key[r], batch.shard[r]), tuple(sorted(codes[r]))
+
+
+def clustered_captions(batch) -> list[tuple[str, str]]:
+    """(cluster id, caption) of the records in clusters of more than one."""
+    cid, caption = batch.cluster_id, batch.caption
+    return [(cid[i], caption[i]) for i in np.flatnonzero(batch.cluster_size > 1).tolist()]
