@@ -55,12 +55,6 @@ def list_input(path: str) -> tuple[str, list[str], dict]:
     return "webdataset", shards, {"sidecars_seen": sidecars, "files": skipped}
 
 
-def resolve_input(path: str) -> tuple[str, list[str]]:
-    """-> (format, paths): ``list_input`` without the skipped files."""
-    fmt, paths, _ = list_input(path)
-    return fmt, paths
-
-
 def _absolute_model_paths(cfg: JobConfig) -> JobConfig:
     """Local model and caption files named relative to the job's working folder -> absolute."""
     probe = cfg.probe

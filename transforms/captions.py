@@ -18,10 +18,6 @@ _NUMBER = re.compile(r"^\d[\d.,:/-]*$")
 SLOT = "*"
 
 
-def token_set(caption: str) -> frozenset[str]:
-    return frozenset(normalize_caption(caption).split())
-
-
 def jaccard(a: frozenset, b: frozenset) -> float:
     if not a and not b:
         return 1.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from functools import lru_cache
 
 _SPACE = re.compile(r"\s+")
 _NON_WORD = re.compile(r"[^\w\s]")
@@ -127,8 +126,3 @@ def normalize_caption_reference(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower()
     text = _NON_WORD.sub(" ", text)
     return _SPACE.sub(" ", text).strip()
-
-
-@lru_cache(maxsize=1)
-def default_extractor() -> KeywordExtractor:
-    return KeywordExtractor()
