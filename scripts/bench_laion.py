@@ -71,6 +71,13 @@ faster policy for both on this shared machine. Last, on a quiet machine (07:36, 
 ``--skip-full``): SemDeDup 26.2 s (20.3 s algorithm, 2.10 GB), dedup-only 60.6 s (**2.31x**),
 peak RSS 8.41 GB, P/R 1.000; spans: reader 4 s, plan + assignment + shuffle 16 s, search 11 s,
 FindDuplicates 14 s, per-shard stage 9 s (overlapping), 57 s user + 10 s system CPU.
+
+Next session, quiet machine (load ~1), ``--rows 1000000 --check-subset 10000``: at its start
+(f042d77, 08:10) SemDeDup 27.8 s, dedup-only 59.6 s (2.14x, 8.40 GiB), full 302.5 s (10.88x,
+9.80 GiB); at its end (every branch merged: split cell shuffle, raw-bytes vector batches, columnar
+FindDuplicates / per-shard stage / triggers / caption near-duplicates, malloc thresholds), 10:15:
+SemDeDup 28.1 s (21.9 s algorithm, 2.11 GiB), dedup-only **54.7 s (1.95x), 4.02 GiB** (RSS target
+met, time missed), full **128.5 s (4.57x), 6.33 GiB** (both missed), P/R 1.000 for all three.
 """
 
 from __future__ import annotations

@@ -59,11 +59,11 @@ print((rss() - base) >> 20)
     import os
 
     def held(flag: str) -> int:
-        env = dict(os.environ, SET=flag, MEMSIEVE_MALLOC="", GLIBC_TUNABLES="")
+        # glibc's MALLOC_*_ variables fix its thresholds (dask's nanny puts MALLOC_TRIM_THRESHOLD_ in
+        # the launching process's environment, so after the Dask tests the suite's children inherit it)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env.update(SET=flag, MEMSIEVE_MALLOC="", GLIBC_TUNABLES="")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         return int(out.stdout)
 
-    assert held("1") < 64  # MB still resident after the frees
-    # the control (glibc's own thresholds keep the holes resident); once in a full-suite run on a
-    # loaded machine it read 0 MB, so it gets three tries before the premise is called broken
-    assert max(held("0") for _ in range(3)) >= 64
+    assert held("1") < 64 <= held("0")  # MB still resident after the frees
