@@ -81,3 +81,11 @@ def start_trimmer(interval_s: float = 1.0) -> bool:
 
     threading.Thread(target=loop, name="memsieve-heap-trim", daemon=True).start()
     return True
+
+
+def configure() -> bool:
+    """The run's malloc setting, as ``MEMSIEVE_MALLOC`` asks: ``trim`` starts the trimmer thread,
+    anything else but ``default`` sets the thresholds. True when something was set."""
+    if os.environ.get("MEMSIEVE_MALLOC", "") == "trim":
+        return start_trimmer()
+    return release_big_blocks()

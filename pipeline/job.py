@@ -142,10 +142,7 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
 
     started = time.time()
     beam_speedups.install()  # memoised DoFn signature inspection (Beam's fixed cost per stage)
-    if os.environ.get("MEMSIEVE_MALLOC") == "trim":
-        heap.start_trimmer()
-    else:
-        heap.release_big_blocks()  # freed stage buffers leave the process (in-process runners)
+    heap.configure()  # freed stage buffers leave the process (in-process runners)
     log.info("job %s: %s input, %d paths -> %s", cfg.name, fmt, len(inputs), out_dir)
     from transforms.outputs import runner_needs_split, split_by_filter
 
@@ -197,8 +194,9 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     return info
 
 
-def _value_counts(table_dir: str, column: str) -> dict:
-    """{value: rows} of one column of a table folder, read alone (not the whole table)."""
+def _value_counts(table_dir: str, *columns: str) -> list[dict]:
+    """{value: rows} of each of ``columns`` of a table folder, one read of those columns per part
+    (not the whole table)."""
     from collections import Counter
 
     import pyarrow.compute as pc
@@ -206,21 +204,21 @@ def _value_counts(table_dir: str, column: str) -> dict:
 
     from transforms import fsio
 
-    out: Counter = Counter()
+    out = [Counter() for _ in columns]
     for part in sorted(p for p in fsio.listdir(table_dir) if p.endswith(".parquet")):
         with fsio.open_input(fsio.join(table_dir, part)) as f:
-            col = pq.read_table(f, columns=[column]).column(column)
-        for item in pc.value_counts(col).to_pylist():
-            out[item["values"]] += item["counts"]
-    return dict(out)
+            table = pq.read_table(f, columns=list(columns))
+        for counts, column in zip(out, columns, strict=True):
+            for item in pc.value_counts(table.column(column)).to_pylist():
+                counts[item["values"]] += item["counts"]
+    return [dict(c) for c in out]
 
 
 def _summary(out_dir: str, counts: dict) -> dict:
     from transforms import fsio
 
-    decisions = _value_counts(fsio.join(out_dir, "manifest"), "decision")
-    status = _value_counts(fsio.join(out_dir, "manifest"), "status")
-    types = _value_counts(fsio.join(out_dir, "failures"), "error_type")
+    decisions, status = _value_counts(fsio.join(out_dir, "manifest"), "decision", "status")
+    (types,) = _value_counts(fsio.join(out_dir, "failures"), "error_type")
     return {
         "keys": counts.get("manifest", 0),
         "ok": status.get("ok", 0),
