@@ -73,13 +73,14 @@ def _with_reference(p, cfg, dec: dict) -> dict:
 
 def add_clip(cfg, dec: dict, out_dir: str) -> dict:
     """CLIP image embeddings (persisted per shard) -> semantic-duplicate edges at clip.threshold."""
+    from transforms import spill
     from transforms.ann_edges import VectorEdges
     from transforms.embed_clip import EmbedClip
 
     emb_dir = cfg.dedup.embeddings_dir or os.path.join(out_dir, "embeddings")
     emb = dec["samples"] | "EmbedClip" >> EmbedClip(cfg.dedup.clip, cfg.read.max_image_pixels, embeddings_dir=emb_dir)
     found = emb["embeddings"] | "ClipEdges" >> VectorEdges(
-        cfg.dedup.clip.threshold, "clip", cfg.dedup.cluster, cfg.run.seed
+        cfg.dedup.clip.threshold, "clip", cfg.dedup.cluster, cfg.run.seed, spill=spill.folder_of(out_dir, "clip")
     )
     embed_failures = emb["failures"] | "OnlyModelFailures" >> beam.Filter(
         lambda f: f.error_type not in DECODE_ERROR_TYPES
@@ -112,7 +113,9 @@ DECODE_ERROR_TYPES = (
 
 def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
     """Wire the duplicate finders that the config and the reader's layout allow; returns
-    FindDuplicates' outputs plus the embedders' nearest-neighbour PCollections."""
+    FindDuplicates' outputs plus the embedders' nearest-neighbour PCollections. Vectors are
+    spilled to files under ``out_dir`` (``transforms.spill``; none without an ``out_dir``)."""
+    from transforms import spill
     from transforms.ann_edges import VectorEdges
 
     edges = []
@@ -143,6 +146,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
             cfg.run.seed,
             batched_neighbours=True,
             batched_edges=True,
+            spill=spill.folder_of(out_dir, f"vectors-{embedder}"),
         )
         edges.append(found["edges"])  # EdgeBatch columns, one per search group
         neighbours.append(found["neighbours"])

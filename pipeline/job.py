@@ -152,10 +152,14 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     read = read_input(pipeline, cfg, fmt, inputs, out_dir)
     build_graph(pipeline, cfg, read, out_dir)
     from pipeline import progress
+    from transforms import spill
 
-    with progress.live(read["input"]["n_shards"]):
-        result = pipeline.run()
-        result.wait_until_finish()
+    try:
+        with progress.live(read["input"]["n_shards"]):
+            result = pipeline.run()
+            result.wait_until_finish()
+    finally:
+        fsio.remove(spill.folder_of(out_dir))  # vectors the search stages read (transforms/spill.py)
     pipeline_s = time.time() - started
     outdir.fault_point("tables")
     post = time.time()

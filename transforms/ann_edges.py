@@ -23,18 +23,20 @@ and assignment bundle, never one element per row. ``VectorEdges`` (CLIP, LAION e
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import apache_beam as beam
 import numpy as np
 
 from schemas.elements import Edge, EdgeBatch, Neighbour
-from transforms import cell_plan, row_blobs
+from transforms import cell_plan, row_blobs, spill
 from transforms import cell_search as cs
 from transforms.cell_plan import SampleRows, _smallest  # noqa: F401  (their home before cell_plan)
 
 SAMPLE_CAP = 100_000  # rows kept for k-means training (the sample is one bounded element)
 SPLITS = (2, 4)  # float vectors: assigned in 2 parts, cell groups in 4 shuffles (group % 4)
+SPILLED_SPLITS = tuple(int(x) for x in os.environ.get("MEMSIEVE_SPILLED_SPLITS", "2,4").split(","))  # TEMP measure
 FLUSH_ROWS = 65_536  # rows an assignment step holds before sending them on, one element per group
 TARGET_GROUP_ROWS = 200_000  # rows (with second cells) per shuffle group: groups = n / this
 PARTIAL_BUCKETS = 64  # key-hash buckets combining the neighbours of rows in several cells (batched)
@@ -66,8 +68,11 @@ class AssignCells(beam.DoFn):
     sent as one element per group once ``flush_rows`` rows are held (and at the bundle's end):
     ~1,000 shuffle elements for 1M rows instead of ~16,000, each encoded, grouped and decoded."""
 
-    def __init__(self, vectorize: Callable, query_rows: tuple, splits: int, flush_rows: int = FLUSH_ROWS):
+    def __init__(
+        self, vectorize: Callable, query_rows: tuple, splits: int, flush_rows: int = FLUSH_ROWS, spill: str = ""
+    ):
         self.vectorize, self.query_rows, self.splits, self.flush_rows = vectorize, query_rows, splits, flush_rows
+        self.spill = spill  # a folder: each group's rows go to a file there, a SpillRef travels
 
     def start_bundle(self):
         self.held, self.rows, self.groups = {}, 0, 1
@@ -101,7 +106,10 @@ class AssignCells(beam.DoFn):
         held, self.held, self.rows = self.held, {}, 0
         for g in sorted(held):
             parts = held.pop(g)
-            value = row_blobs.pack(*(np.concatenate([p[i] for p in parts]) for i in range(3)), self.groups)
+            arrays = [np.concatenate([p[i] for p in parts]) for i in range(3)]
+            value = (
+                spill.write(self.spill, *arrays, self.groups) if self.spill else row_blobs.pack(*arrays, self.groups)
+            )
             yield beam.pvalue.TaggedOutput(str(g % self.splits), wrap((g, value)))
 
 
@@ -248,9 +256,10 @@ class CellSearch(beam.PTransform):
         cell_fn: Callable | None = None,
         search_vectorize: Callable | None = None,
         splits: tuple[int, int] = (1, 1),
+        spill: str = "",
     ):
         super().__init__()
-        self.forest = forest
+        self.forest, self.spill = forest, spill
         self.cell_fn, self.search_vectorize = cell_fn, search_vectorize or vectorize
         self.batched_neighbours, self.batched_edges = batched_neighbours, batched_edges
         self.threshold, self.embedder, self.seed = threshold, embedder, seed
@@ -283,7 +292,9 @@ class CellSearch(beam.PTransform):
         assigned = [
             part
             | f"AssignCells{i}"
-            >> beam.ParDo(AssignCells(self.vectorize, self.query_rows, self.shuffle_splits), plan).with_outputs(*tags)
+            >> beam.ParDo(
+                AssignCells(self.vectorize, self.query_rows, self.shuffle_splits, spill=self.spill), plan
+            ).with_outputs(*tags)
             for i, part in enumerate(parts)
         ]
         search = {
@@ -326,16 +337,20 @@ class CellSearch(beam.PTransform):
         return (final, combined) | "AllNeighbours" >> beam.Flatten()
 
 
-def _columnar(batch) -> bytes:
-    """(keys, vectors) -> packed (keys, (n, 1, d) float16) rows (``transforms.row_blobs``)."""
+def _columnar(batch, folder: str = ""):
+    """(keys, vectors) -> packed (keys, (n, 1, d) float16) rows (``transforms.row_blobs``), or,
+    given a spill folder, a ``SpillRef`` to a file of them (``transforms.spill``)."""
     keys, vecs = batch
     v = np.asarray(vecs, dtype=np.float16)
-    return row_blobs.pack(np.asarray(keys, dtype=str), v.reshape(len(v), 1, -1))
+    k, v = np.asarray(keys, dtype=str), v.reshape(len(v), 1, -1)
+    return spill.write(folder, k, v) if folder else row_blobs.pack(k, v)
 
 
 class VectorEdges(beam.PTransform):
     """(keys, vectors) batches -> {"edges": Edge, "neighbours": Neighbour}: cosine >= threshold.
-    ``batched_edges`` / ``batched_neighbours``: columnar outputs (``CellSearch``)."""
+    ``batched_edges`` / ``batched_neighbours``: columnar outputs (``CellSearch``). ``spill``: a
+    folder where the vectors are written once per stage (``transforms.spill``): only references
+    to them travel through the runner."""
 
     def __init__(
         self,
@@ -345,11 +360,23 @@ class VectorEdges(beam.PTransform):
         seed: int,
         batched_neighbours: bool = False,
         batched_edges: bool = False,
+        spill: str = "",
+        splits: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.threshold, self.embedder, self.cluster_cfg, self.seed = threshold, embedder, cluster_cfg, seed
         self.batched = {"batched_neighbours": batched_neighbours, "batched_edges": batched_edges}
+        self.spill = spill
+        self.splits = splits or (SPILLED_SPLITS if spill else SPLITS)
 
     def expand(self, batches):
-        search = CellSearch(self.threshold, self.embedder, self.cluster_cfg, self.seed, splits=SPLITS, **self.batched)
-        return batches | "Columnar" >> beam.Map(_columnar) | "CellSearch" >> search
+        search = CellSearch(
+            self.threshold,
+            self.embedder,
+            self.cluster_cfg,
+            self.seed,
+            splits=self.splits,
+            spill=self.spill,
+            **self.batched,
+        )
+        return batches | "Columnar" >> beam.Map(_columnar, self.spill) | "CellSearch" >> search

@@ -20,17 +20,23 @@ _LEN = struct.Struct("<I")
 
 def pack(keys: np.ndarray, payload: np.ndarray, cells: np.ndarray | None = None, groups: int = 0) -> bytes:
     """(keys, payload[, cells, groups]) -> bytes. ``keys``: a numpy string array (fixed width)."""
+    return b"".join(pieces(keys, payload, cells, groups))
+
+
+def pieces(keys: np.ndarray, payload: np.ndarray, cells: np.ndarray | None = None, groups: int = 0) -> list:
+    """``pack``'s bytes as buffers (header, then each array's memory), for writing without a join."""
     arrays = [np.ascontiguousarray(keys), np.ascontiguousarray(payload)]
     if cells is not None:
         arrays.append(np.ascontiguousarray(cells))
     meta = [[a.dtype.str, list(a.shape)] for a in arrays]
     head = json.dumps({"a": meta, "g": groups}).encode()
-    return b"".join([MAGIC, _LEN.pack(len(head)), head, *(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays)])
+    return [MAGIC, _LEN.pack(len(head)), head, *(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays)]
 
 
 def unpack(blob: bytes) -> tuple:
-    """bytes from ``pack`` -> (keys, payload) or (keys, payload, cells, groups), read-only views."""
-    if blob[: len(MAGIC)] != MAGIC:
+    """bytes from ``pack`` -> (keys, payload) or (keys, payload, cells, groups), views (read-only
+    of bytes, writable of a bytearray)."""
+    if bytes(blob[: len(MAGIC)]) != MAGIC:
         raise ValueError("not a packed row batch")
     start = len(MAGIC) + _LEN.size
     (size,) = _LEN.unpack_from(blob, len(MAGIC))
@@ -45,5 +51,12 @@ def unpack(blob: bytes) -> tuple:
 
 
 def rows_of(batch) -> tuple:
-    """A batch as the cell search receives it: packed bytes, or a (keys, payload, ...) tuple."""
-    return unpack(batch) if isinstance(batch, bytes) else tuple(batch)
+    """A batch as the cell search receives it: packed bytes, a (keys, payload, ...) tuple, or a
+    ``transforms.spill.SpillRef`` to packed bytes in a file (read here)."""
+    if isinstance(batch, bytes | bytearray):
+        return unpack(batch)
+    if isinstance(batch, tuple | list):
+        return tuple(batch)
+    from transforms import spill
+
+    return unpack(spill.read(batch))
