@@ -23,7 +23,6 @@ and assignment bundle, never one element per row. ``VectorEdges`` (CLIP, LAION e
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import apache_beam as beam
