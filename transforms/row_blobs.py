@@ -4,7 +4,8 @@ A batch (keys, payload[, cells, groups]) is packed into one bytes object: a smal
 the arrays' raw buffers. Beam encodes ``bytes`` as a length and the bytes (no pickling of numpy
 arrays: one copy in, one copy out), and ``unpack`` returns read-only numpy views into the bytes
 (no copy). On the in-process runner a shuffle's values are decoded, held, encoded and decoded
-again: each pickled array cost a copy more at every step.
+again: each pickled array cost a copy more at every step. ``rows_of`` also takes a
+``transforms.spill.SpillRef`` (the same bytes in a file; only the reference travels).
 """
 
 from __future__ import annotations
