@@ -64,23 +64,13 @@ def write(folder: str, keys: np.ndarray, payload: np.ndarray, cells: np.ndarray 
     return SpillRef(path, len(keys), nbytes)
 
 
-def read(ref: SpillRef) -> bytearray:
-    """The packed bytes of a reference (a writable buffer: ``row_blobs.unpack`` views into it)."""
-    buf = bytearray(ref.nbytes)
+def read(ref: SpillRef) -> bytes:
+    """The packed bytes of a reference (one read: no zero-filled buffer first)."""
     with fsio.open_input(ref.path) as f:
-        view, done = memoryview(buf), 0
-        while done < ref.nbytes:
-            got = f.readinto(view[done:]) if hasattr(f, "readinto") else _read_into(f, view[done:])
-            if not got:
-                raise EOFError(f"{ref.path}: {done} of {ref.nbytes} bytes")
-            done += got
-    return buf
-
-
-def _read_into(f, view: memoryview) -> int:
-    chunk = f.read(len(view))
-    view[: len(chunk)] = chunk
-    return len(chunk)
+        data = f.read()
+    if len(data) != ref.nbytes:
+        raise EOFError(f"{ref.path}: {len(data)} bytes, {ref.nbytes} written")
+    return data
 
 
 def spill_batch(batch, folder: str) -> SpillRef:
