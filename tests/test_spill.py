@@ -94,3 +94,44 @@ def test_s3_round_trip(s3_env):  # noqa: F811
 
     fsio.remove(spill.folder_of("s3://memsieve-spill/run/_staging/x"))
     assert not fsio.exists(ref.path)
+
+
+def _laion_job(tmp_path, out):
+    import sys
+
+    from pipeline.config import load_job
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    from make_laion_embeddings import generate
+    from make_laion_embeddings import write as write_laion
+
+    write_laion(str(tmp_path / "emb"), *generate(1200, 32, seed=5, topics=30), files=2)
+    sets = ["output.report=false", "triggers.enabled=false", "diversify.enabled=false", "probe.enabled=false"]
+    return load_job(os.path.join(root, "jobs", "laion_embeddings.yaml"), sets, str(tmp_path / "emb"), str(out))
+
+
+def test_job_spills_and_removes_the_folder_even_when_it_fails(tmp_path, monkeypatch):
+    """A LAION-layout job writes its vectors under <staging>/_spill (the reader's batches and the
+    cell groups) and leaves none behind: neither after a commit nor after a failed search."""
+    from pipeline.job import run_job
+    from transforms import ann_edges, cell_search
+
+    written = []
+    real_write = spill.write
+    monkeypatch.setattr(spill, "write", lambda folder, *a: written.append(folder) or real_write(folder, *a))
+    cfg = _laion_job(tmp_path, tmp_path / "out")
+    run_job(cfg)
+    assert {os.path.basename(f) for f in written} == {"vectors-clip"} and len(written) >= 2
+    assert all("/_staging/" in f and f.endswith("/_spill/vectors-clip") for f in written)
+    assert not (tmp_path / "out" / "_staging").exists()
+
+    def broken(*a, **k):
+        raise RuntimeError("search failed")
+
+    monkeypatch.setattr(ann_edges.cs, "search_group", broken)
+    assert ann_edges.cs is cell_search
+    with pytest.raises(Exception, match="search failed"):
+        run_job(cfg)
+    stages = list((tmp_path / "out" / "_staging").iterdir())  # kept until the next run on OUT
+    assert len(stages) == 1 and not (stages[0] / "_spill").exists()
