@@ -129,6 +129,24 @@ class _RoundRobin:
         return self.turn % n
 
 
+def _group_rows(pieces: list) -> tuple:
+    """A group's pieces -> (keys, payload, cells, groups), each array one concatenation. Spilled
+    pieces are read one at a time into the payload array (their sizes are in the references):
+    the group's vectors are held once, not twice."""
+    if not all(isinstance(p, spill.SpillRef) for p in pieces):
+        rows = [row_blobs.rows_of(p) for p in pieces]
+        return (*(np.concatenate([r[i] for r in rows]) for i in range(3)), rows[0][3])
+    keys, cells, payload, pos = [], [], None, 0
+    for ref in pieces:
+        k, v, c, groups = row_blobs.rows_of(ref)
+        if payload is None:
+            payload = np.empty((sum(p.rows for p in pieces), *v.shape[1:]), dtype=v.dtype)
+        payload[pos : pos + len(v)] = v
+        pos += len(v)
+        keys.append(k), cells.append(c)
+    return np.concatenate(keys), payload, np.concatenate(cells), groups
+
+
 def _search(
     item, vectorize: Callable, query_rows: tuple, threshold: float, forest: bool, cell_fn=None
 ) -> Iterator[dict]:
@@ -137,12 +155,7 @@ def _search(
 
     progress.begin("search")
     group, pieces = item
-    pieces = [row_blobs.rows_of(p) for p in pieces]
-    groups = pieces[0][3]
-    keys = np.concatenate([p[0] for p in pieces])
-    payload = np.concatenate([p[1] for p in pieces])
-    cells = np.concatenate([p[2] for p in pieces])
-    del pieces
+    keys, payload, cells, groups = _group_rows(list(pieces))
     h = vectorize(payload[:1]).shape[1]
     q = tuple(r for r in query_rows if r < h) or (0,)
     found = cs.search_group(
