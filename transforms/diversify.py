@@ -216,13 +216,11 @@ def _diversify_bucket(item, vocab: list[str], cfg, seed: int, limit: int) -> Ite
         for cid, caption in zip(t.column("cluster_id").to_pylist(), t.column("caption").to_pylist(), strict=True):
             pools.setdefault(cid, []).append(caption)
     pools = {cid: cluster_captions(caps, limit) for cid, caps in pools.items()}
-    out = []
-    for row in rows.to_pylist():
-        d = diversify_row(row, pools.get(row["cluster_id"], []), vocab, cfg, seed)
-        if d is not None:
-            out.append(d)
-    if out:
-        yield pa.Table.from_pylist(out, schema=_with_shard())
+    from transforms.diversify_columns import diversify_table
+
+    table = diversify_table(rows, pools, vocab, cfg, seed)
+    if table is not None:
+        yield table
 
 
 def _with_shard():

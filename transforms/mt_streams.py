@@ -1,0 +1,179 @@
+"""The first outputs of many ``random.Random(str)`` generators at once, in numpy.
+
+``random.Random(s)`` for a ``str`` (CPython 3.9+, seed version 2) turns ``s`` into the integer of
+``s.encode() + sha512(s.encode()).digest()`` (big-endian), splits it into 32-bit words from the
+least significant end and seeds MT19937 with ``init_by_array`` of those words (``_randommodule.c``,
+the reference ``mt19937ar.c``). Its ``getrandbits(k)`` for ``k <= 32`` is the next tempered output
+shifted right by ``32 - k``; ``_randbelow(n)`` draws ``getrandbits(n.bit_length())`` until the
+value is below ``n``. ``streams`` runs ``init_by_array`` for a batch of seeds in lock step (one
+numpy operation per step over the batch, so each seed costs a fraction of CPython's scalar loop) and
+gives each generator's first ``K`` outputs; ``Draws`` replays ``_randbelow`` on them, and says
+which generators ran out (the caller redraws those with ``random.Random`` itself).
+
+Nothing here is random: the same seeds give the same numbers as ``random.Random`` does, which
+``tests/test_diversify_columns.py`` checks against CPython's own generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+
+N, M = 624, 397
+MAX_OUTPUTS = N - M  # outputs computable from the seeded state before its second half is twisted
+_BATCH = 32768  # generators seeded together (a few vectors of this length stay in cache)
+
+
+def _init_genrand() -> np.ndarray:
+    mt = np.empty(N, dtype=np.uint64)
+    mt[0] = 19650218
+    for i in range(1, N):
+        prev = int(mt[i - 1])
+        mt[i] = (1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF
+    return mt.astype(np.uint32)
+
+
+_INIT = _init_genrand()
+
+
+def seed_keys(seeds: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Seed strings -> (their positions, (key length, n) uint32 keys) per key length: the words
+    ``random.Random(seed)`` gives ``init_by_array``, the integer of the seed's bytes and their
+    SHA-512 digest cut into 32-bit words from its least significant end."""
+    encoded = [s.encode() for s in seeds]
+    sized: dict[int, list[int]] = {}
+    for i, b in enumerate(encoded):
+        sized.setdefault(len(b) if b[:1] not in (b"", b"\0") else -1, []).append(i)
+    for size, rows in sized.items():
+        if size < 0:  # leading zero bytes shorten the integer: one at a time
+            for i in rows:
+                yield np.array([i]), _key_of(encoded[i])[:, None]
+            continue
+        seeded = [encoded[i] for i in rows]
+        digests = b"".join([hashlib.sha512(b).digest() for b in seeded])
+        padded = np.zeros((len(rows), -(-(size + 64) // 4) * 4), dtype=np.uint8)  # reversed: seed, digest
+        padded[:, :64] = np.frombuffer(digests, dtype=np.uint8).reshape(len(rows), 64)[:, ::-1]
+        padded[:, 64 : size + 64] = np.frombuffer(b"".join(seeded), dtype=np.uint8).reshape(len(rows), size)[:, ::-1]
+        yield np.array(rows), np.ascontiguousarray(padded.view("<u4").T)
+
+
+def _key_of(b: bytes) -> np.ndarray:
+    b = (b + hashlib.sha512(b).digest()).lstrip(b"\0")[::-1]  # little-endian bytes of the integer
+    return np.frombuffer(b + b"\0" * (-len(b) % 4) if b else b"\0\0\0\0", dtype="<u4")
+
+
+def streams(seeds: list[str], k: int) -> np.ndarray:
+    """(k, len(seeds)) uint32: the first ``k`` (<= 227) 32-bit outputs of ``random.Random(seed)``
+    for each seed (one column per seed)."""
+    if not 0 < k <= MAX_OUTPUTS:
+        raise ValueError(f"k must be in 1..{MAX_OUTPUTS}")
+    out = np.empty((k, len(seeds)), dtype=np.uint32)
+    for rows, key in seed_keys(seeds):
+        for start in range(0, len(rows), _BATCH):
+            out[:, rows[start : start + _BATCH]] = _outputs(_seeded(key[:, start : start + _BATCH], k), k)
+    return out
+
+
+class _Steps:
+    """init_by_array's two recurrences over a batch of generators, in place on uint32 vectors."""
+
+    def __init__(self, key: np.ndarray):
+        self.keyed = key + np.arange(len(key), dtype=np.uint32)[:, None]  # init_key[j] + j
+        self.t = np.empty(key.shape[1], dtype=np.uint32)
+
+    def mix(self, prev: np.ndarray, factor: np.uint32) -> np.ndarray:
+        t = self.t
+        np.right_shift(prev, np.uint32(30), out=t)
+        np.bitwise_xor(t, prev, out=t)
+        np.multiply(t, factor, out=t)
+        return t
+
+    def first(self, prev, old, j: int, out: np.ndarray) -> np.ndarray:
+        """mt[i] = (mt[i] ^ ((mt[i-1] ^ (mt[i-1] >> 30)) * 1664525)) + init_key[j] + j"""
+        t = self.mix(prev, _F1)
+        np.bitwise_xor(t, old, out=t)
+        return np.add(t, self.keyed[j], out=out)
+
+    def second(self, prev, old, i: int, out: np.ndarray) -> np.ndarray:
+        """mt[i] = (mt[i] ^ ((mt[i-1] ^ (mt[i-1] >> 30)) * 1566083941)) - i"""
+        t = self.mix(prev, _F2)
+        np.bitwise_xor(t, old, out=t)
+        return np.subtract(t, np.uint32(i), out=out)
+
+
+_F1, _F2 = np.uint32(1664525), np.uint32(1566083941)
+
+
+def _seeded(key: np.ndarray, k: int) -> np.ndarray:
+    """init_by_array over a (key length, batch) uint32 key -> the seeded (624, batch) state's
+    rows that the first ``k`` outputs read (0..k and 397..397+k-1; the others are left zero).
+
+    The first loop's values are not stored: the second loop recomputes them as it goes, so only a
+    few vectors are live (a stored state is memory-bound). Keys longer than the state take the
+    stored way (``_seeded_long``)."""
+    length, batch = key.shape
+    if length >= N - 1:
+        return _seeded_long(key)
+    steps = _Steps(key)
+    a, b = np.full(batch, _INIT[0], dtype=np.uint32), np.empty(batch, dtype=np.uint32)
+    first1 = None
+    for i in range(1, N):  # the first loop's first pass: i = 1..623, j = 0..622 (mod length)
+        a, b = steps.first(a, _INIT[i], (i - 1) % length, b), a
+        if i == 1:
+            first1 = a.copy()
+    # its 624th step wraps to i = 1 with mt[0] = mt[623]
+    a1 = steps.first(a, first1, (N - 1) % length, np.empty(batch, dtype=np.uint32))
+    mt = np.zeros((N, batch), dtype=np.uint32)
+    r, r2 = first1.copy(), np.empty(batch, dtype=np.uint32)
+    prev, cur = a1.copy(), np.empty(batch, dtype=np.uint32)
+    for i in range(2, N):  # the second loop, i = 2..623, replaying the first loop's mt[i]
+        r, r2 = steps.first(r, _INIT[i], (i - 1) % length, r2), r
+        cur = steps.second(prev, r, i, cur)
+        if i <= k or M <= i < M + k:
+            mt[i] = cur
+        prev, cur = cur, prev
+    mt[1] = steps.second(prev, a1, 1, np.empty(batch, dtype=np.uint32))  # wraps to i = 1, mt[0] = mt[623]
+    mt[0] = 0x80000000
+    return mt
+
+
+def _seeded_long(key: np.ndarray) -> np.ndarray:
+    """init_by_array, the whole (624, batch) state stored (any key length)."""
+    length, batch = key.shape
+    steps = _Steps(key)
+    mt = np.empty((N, batch), dtype=np.uint32)
+    mt[:] = _INIT[:, None]
+    i, j = 1, 0
+    for _ in range(max(N, length)):
+        steps.first(mt[i - 1], mt[i], j, mt[i])
+        i, j = i + 1, j + 1
+        if i >= N:
+            mt[0] = mt[N - 1]
+            i = 1
+        if j >= length:
+            j = 0
+    for _ in range(N - 1):
+        steps.second(mt[i - 1], mt[i], i, mt[i])
+        i += 1
+        if i >= N:
+            mt[0] = mt[N - 1]
+            i = 1
+    mt[0] = 0x80000000
+    return mt
+
+
+def _outputs(mt: np.ndarray, k: int) -> np.ndarray:
+    """The seeded (624, batch) state -> its first ``k`` tempered outputs, (k, batch): output ``i``
+    (< 227) twists mt[i], mt[i + 1] and mt[i + 397], none of them twisted before it."""
+    y = (mt[:k] & np.uint32(0x80000000)) | (mt[1 : k + 1] & np.uint32(0x7FFFFFFF))
+    odd = y & np.uint32(1)
+    y >>= np.uint32(1)
+    y ^= mt[M : M + k]
+    y ^= odd * np.uint32(0x9908B0DF)
+    y ^= y >> np.uint32(11)
+    y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+    y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+    y ^= y >> np.uint32(18)
+    return y
