@@ -13,6 +13,9 @@ from transforms.diversify import _with_shard, cluster_captions, diversify_row
 from transforms.mt_streams import MAX_OUTPUTS, streams
 
 SEEDS = [
+    "\x00k:MC",  # a leading zero byte (one key word fewer), as long as the next one
+    "1:k:M",
+    "\0abc",
     "0:00010000001:RT",
     "0:00010000001:CWR",
     "-3:k:MC",

@@ -16,8 +16,8 @@ Nothing here is random: the same seeds give the same numbers as ``random.Random`
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
+from hashlib import sha512 as _sha512
 
 import numpy as np
 
@@ -43,24 +43,32 @@ def seed_keys(seeds: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     ``random.Random(seed)`` gives ``init_by_array``, the integer of the seed's bytes and their
     SHA-512 digest cut into 32-bit words from its least significant end."""
     encoded = [s.encode() for s in seeds]
-    sized: dict[int, list[int]] = {}
-    for i, b in enumerate(encoded):
-        sized.setdefault(len(b) if b[:1] not in (b"", b"\0") else -1, []).append(i)
-    for size, rows in sized.items():
-        if size < 0:  # leading zero bytes shorten the integer: one at a time
-            for i in rows:
-                yield np.array([i]), _key_of(encoded[i])[:, None]
-            continue
-        seeded = [encoded[i] for i in rows]
-        digests = b"".join([hashlib.sha512(b).digest() for b in seeded])
+    if not encoded:
+        return
+    lowest = min(encoded)
+    plain = np.ones(len(encoded), dtype=bool)
+    if not lowest or lowest[0] == 0:  # leading zero bytes shorten the integer: those key by key
+        odd = [i for i, b in enumerate(encoded) if not b or b[0] == 0]
+        plain[odd] = False
+        keys = [_key_of(encoded[i]) for i in odd]
+        lengths = np.array([len(k) for k in keys])
+        for length in np.unique(lengths).tolist():
+            at = np.flatnonzero(lengths == length)
+            yield np.array(odd)[at], np.stack([keys[i] for i in at.tolist()], axis=1)
+    sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    sizes[~plain] = -1
+    for size in np.unique(sizes[plain]).tolist():
+        rows = np.flatnonzero(sizes == size)
+        seeded = encoded if len(rows) == len(encoded) else [encoded[i] for i in rows.tolist()]
+        digests = b"".join([_sha512(b).digest() for b in seeded])
         padded = np.zeros((len(rows), -(-(size + 64) // 4) * 4), dtype=np.uint8)  # reversed: seed, digest
         padded[:, :64] = np.frombuffer(digests, dtype=np.uint8).reshape(len(rows), 64)[:, ::-1]
         padded[:, 64 : size + 64] = np.frombuffer(b"".join(seeded), dtype=np.uint8).reshape(len(rows), size)[:, ::-1]
-        yield np.array(rows), np.ascontiguousarray(padded.view("<u4").T)
+        yield rows, np.ascontiguousarray(padded.view("<u4").T)
 
 
 def _key_of(b: bytes) -> np.ndarray:
-    b = (b + hashlib.sha512(b).digest()).lstrip(b"\0")[::-1]  # little-endian bytes of the integer
+    b = (b + _sha512(b).digest()).lstrip(b"\0")[::-1]  # little-endian bytes of the integer
     return np.frombuffer(b + b"\0" * (-len(b) % 4) if b else b"\0\0\0\0", dtype="<u4")
 
 
