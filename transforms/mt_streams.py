@@ -84,65 +84,54 @@ def streams(seeds: list[str], k: int) -> np.ndarray:
     return out
 
 
-class _Steps:
-    """init_by_array's two recurrences over a batch of generators, in place on uint32 vectors."""
-
-    def __init__(self, key: np.ndarray):
-        self.keyed = key + np.arange(len(key), dtype=np.uint32)[:, None]  # init_key[j] + j
-        self.t = np.empty(key.shape[1], dtype=np.uint32)
-
-    def mix(self, prev: np.ndarray, factor: np.uint32) -> np.ndarray:
-        t = self.t
-        np.right_shift(prev, np.uint32(30), out=t)
-        np.bitwise_xor(t, prev, out=t)
-        np.multiply(t, factor, out=t)
-        return t
-
-    def first(self, prev, old, j: int, out: np.ndarray) -> np.ndarray:
-        """mt[i] = (mt[i] ^ ((mt[i-1] ^ (mt[i-1] >> 30)) * 1664525)) + init_key[j] + j"""
-        t = self.mix(prev, _F1)
-        np.bitwise_xor(t, old, out=t)
-        return np.add(t, self.keyed[j], out=out)
-
-    def second(self, prev, old, i: int, out: np.ndarray) -> np.ndarray:
-        """mt[i] = (mt[i] ^ ((mt[i-1] ^ (mt[i-1] >> 30)) * 1566083941)) - i"""
-        t = self.mix(prev, _F2)
-        np.bitwise_xor(t, old, out=t)
-        return np.subtract(t, np.uint32(i), out=out)
+_F1, _F2 = np.uint32(1664525), np.uint32(1566083941)  # init_by_array's two multipliers
+_FACTORS = np.array([[_F1], [_F2]], dtype=np.uint32)
+_INITS = [np.uint32(v) for v in _INIT]
+_INDEX = [np.uint32(i) for i in range(N)]
+_30 = np.uint32(30)
 
 
-_F1, _F2 = np.uint32(1664525), np.uint32(1566083941)
+def _mix(prev: np.ndarray, factor, out: np.ndarray) -> np.ndarray:
+    """out = (prev ^ (prev >> 30)) * factor (mod 2**32), in place."""
+    np.right_shift(prev, _30, out=out)
+    np.bitwise_xor(out, prev, out=out)
+    return np.multiply(out, factor, out=out)
 
 
 def _seeded(key: np.ndarray, k: int) -> np.ndarray:
     """init_by_array over a (key length, batch) uint32 key -> the seeded (624, batch) state's
     rows that the first ``k`` outputs read (0..k and 397..397+k-1; the others are left zero).
 
-    The first loop's values are not stored: the second loop recomputes them as it goes, so only a
-    few vectors are live (a stored state is memory-bound). Keys longer than the state take the
-    stored way (``_seeded_long``)."""
+    init_by_array's first loop sets mt[i] = (mt[i] ^ mix(mt[i-1], 1664525)) + key[j] + j, from
+    init_genrand's state, i = 1..623 then 1 again; its second sets mt[i] = (mt[i] ^ mix(mt[i-1],
+    1566083941)) - i, i = 2..623 then 1. The first loop's values are not stored: the second loop
+    recomputes each as it goes (both in one stacked (2, batch) operation), so only a few vectors
+    are live (a stored state is memory-bound). Keys as long as the state take ``_seeded_long``."""
     length, batch = key.shape
     if length >= N - 1:
         return _seeded_long(key)
-    steps = _Steps(key)
-    a, b = np.full(batch, _INIT[0], dtype=np.uint32), np.empty(batch, dtype=np.uint32)
-    first1 = None
-    for i in range(1, N):  # the first loop's first pass: i = 1..623, j = 0..622 (mod length)
-        a, b = steps.first(a, _INIT[i], (i - 1) % length, b), a
+    keyed = list(key + np.arange(length, dtype=np.uint32)[:, None])  # init_key[j] + j
+    t = np.empty(batch, dtype=np.uint32)
+    a = np.full(batch, _INIT[0], dtype=np.uint32)
+    for i in range(1, N):  # the first loop's first pass, j = i - 1 (mod length)
+        np.bitwise_xor(_mix(a, _F1, t), _INITS[i], out=t)
+        np.add(t, keyed[(i - 1) % length], out=a)
         if i == 1:
             first1 = a.copy()
-    # its 624th step wraps to i = 1 with mt[0] = mt[623]
-    a1 = steps.first(a, first1, (N - 1) % length, np.empty(batch, dtype=np.uint32))
+    # its 624th step wraps to i = 1, with mt[0] = mt[623]
+    a1 = np.add(np.bitwise_xor(_mix(a, _F1, t), first1, out=t), keyed[(N - 1) % length])
     mt = np.zeros((N, batch), dtype=np.uint32)
-    r, r2 = first1.copy(), np.empty(batch, dtype=np.uint32)
-    prev, cur = a1.copy(), np.empty(batch, dtype=np.uint32)
-    for i in range(2, N):  # the second loop, i = 2..623, replaying the first loop's mt[i]
-        r, r2 = steps.first(r, _INIT[i], (i - 1) % length, r2), r
-        cur = steps.second(prev, r, i, cur)
+    state, mixed = np.stack([first1, a1]), np.empty((2, batch), dtype=np.uint32)
+    (first, second), (mixed1, mixed2) = state, mixed
+    for i in range(2, N):  # the second loop (second), replaying the first loop's mt[i] (first)
+        _mix(state, _FACTORS, mixed)
+        np.bitwise_xor(mixed1, _INITS[i], out=first)
+        np.add(first, keyed[(i - 1) % length], out=first)
+        np.bitwise_xor(mixed2, first, out=second)
+        np.subtract(second, _INDEX[i], out=second)
         if i <= k or M <= i < M + k:
-            mt[i] = cur
-        prev, cur = cur, prev
-    mt[1] = steps.second(prev, a1, 1, np.empty(batch, dtype=np.uint32))  # wraps to i = 1, mt[0] = mt[623]
+            mt[i] = second
+    mt[1] = np.subtract(np.bitwise_xor(_mix(second, _F2, t), a1, out=t), _INDEX[1])  # wraps: mt[0] = mt[623]
     mt[0] = 0x80000000
     return mt
 
@@ -150,12 +139,13 @@ def _seeded(key: np.ndarray, k: int) -> np.ndarray:
 def _seeded_long(key: np.ndarray) -> np.ndarray:
     """init_by_array, the whole (624, batch) state stored (any key length)."""
     length, batch = key.shape
-    steps = _Steps(key)
+    keyed = key + np.arange(length, dtype=np.uint32)[:, None]
+    t = np.empty(batch, dtype=np.uint32)
     mt = np.empty((N, batch), dtype=np.uint32)
     mt[:] = _INIT[:, None]
     i, j = 1, 0
     for _ in range(max(N, length)):
-        steps.first(mt[i - 1], mt[i], j, mt[i])
+        np.add(np.bitwise_xor(_mix(mt[i - 1], _F1, t), mt[i], out=t), keyed[j], out=mt[i])
         i, j = i + 1, j + 1
         if i >= N:
             mt[0] = mt[N - 1]
@@ -163,7 +153,7 @@ def _seeded_long(key: np.ndarray) -> np.ndarray:
         if j >= length:
             j = 0
     for _ in range(N - 1):
-        steps.second(mt[i - 1], mt[i], i, mt[i])
+        np.subtract(np.bitwise_xor(_mix(mt[i - 1], _F2, t), mt[i], out=t), _INDEX[i], out=mt[i])
         i += 1
         if i >= N:
             mt[0] = mt[N - 1]
