@@ -100,7 +100,7 @@ def _mix(prev: np.ndarray, factor, out: np.ndarray) -> np.ndarray:
 
 def _seeded(key: np.ndarray, k: int) -> np.ndarray:
     """init_by_array over a (key length, batch) uint32 key -> the seeded (624, batch) state's
-    rows that the first ``k`` outputs read (0..k and 397..397+k-1; the others are left zero).
+    rows that the first ``k`` outputs read (``_Rows``).
 
     init_by_array's first loop sets mt[i] = (mt[i] ^ mix(mt[i-1], 1664525)) + key[j] + j, from
     init_genrand's state, i = 1..623 then 1 again; its second sets mt[i] = (mt[i] ^ mix(mt[i-1],
@@ -120,7 +120,7 @@ def _seeded(key: np.ndarray, k: int) -> np.ndarray:
             first1 = a.copy()
     # its 624th step wraps to i = 1, with mt[0] = mt[623]
     a1 = np.add(np.bitwise_xor(_mix(a, _F1, t), first1, out=t), keyed[(N - 1) % length])
-    mt = np.zeros((N, batch), dtype=np.uint32)
+    mt = _Rows(k, batch)
     state, mixed = np.stack([first1, a1]), np.empty((2, batch), dtype=np.uint32)
     (first, second), (mixed1, mixed2) = state, mixed
     for i in range(2, N):  # the second loop (second), replaying the first loop's mt[i] (first)
@@ -162,7 +162,27 @@ def _seeded_long(key: np.ndarray) -> np.ndarray:
     return mt
 
 
-def _outputs(mt: np.ndarray, k: int) -> np.ndarray:
+class _Rows:
+    """The rows of a seeded state that its first ``k`` outputs read: 0..k and 397..397+k-1."""
+
+    def __init__(self, k: int, batch: int):
+        self.k = k
+        self.head = np.empty((k + 1, batch), dtype=np.uint32)
+        self.tail = np.empty((k, batch), dtype=np.uint32)
+
+    def __setitem__(self, i: int, value) -> None:
+        if i <= self.k:
+            self.head[i] = value
+        else:
+            self.tail[i - M] = value
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if rows.start is not None and rows.start >= M:
+            return self.tail[rows.start - M : rows.stop - M]
+        return self.head[rows]
+
+
+def _outputs(mt, k: int) -> np.ndarray:
     """The seeded (624, batch) state -> its first ``k`` tempered outputs, (k, batch): output ``i``
     (< 227) twists mt[i], mt[i + 1] and mt[i + 397], none of them twisted before it."""
     y = (mt[:k] & np.uint32(0x80000000)) | (mt[1 : k + 1] & np.uint32(0x7FFFFFFF))
