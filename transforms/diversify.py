@@ -200,7 +200,8 @@ def _top_words(item, size: int) -> Iterator[tuple[str, int]]:
 
 def _diversify_bucket(item, vocab: list[str], cfg, seed: int, limit: int) -> Iterator:
     """(bucket, {"rows": tables of rows to diversify, "captions": (cluster_id, caption) tables})
-    -> one table of the bucket's diversify/ rows (with their shard)."""
+    -> one table of the bucket's diversify/ rows (with their shard): ``diversify_row`` of each
+    row, computed for the whole table at once (``transforms.diversify_columns``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
