@@ -171,3 +171,47 @@ def test_nothing_to_diversify():
     rows = [{"key": "k", "shard": "s", "caption": " ", "cluster_id": None}]
     assert dc.diversify_table(_table(rows), {}, VOCAB, cfg, 0) is None
     assert dc.diversify_table(_table(rows).slice(0, 0), {}, VOCAB, cfg, 0) is None
+
+
+def test_beam_tables_path_equals_per_row():
+    """DiversifyCaptions on per-shard tables (as the pipeline's per-shard stage gives them), in
+    buckets: the run's vocabulary and each row's alternatives as the per-row code gives them."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.diversify import DiversifyCaptions, caption_word_counts, vocabulary_from_counts
+
+    rng = random.Random(4)
+    words = [f"w{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(300)]
+    captions = [" ".join(rng.choices(words[: rng.randint(3, 300)], k=rng.randint(0, 9))) for _ in range(400)]
+    rows = [dict(r, caption=rng.choice(captions)) for r in _rows(400, rng)]
+    shards = [[r for r in rows if r["shard"] == s] for s in ("s0", "s1", "s2")]
+    cfg = DiversifyConfig(vocabulary_size=40)
+    counted = pa.concat_tables([caption_word_counts(pa.array([r["caption"] for r in s], pa.string())) for s in shards])
+    totals = counted.group_by("word").aggregate([("count", "sum")])
+    vocab = vocabulary_from_counts(list(zip(*totals.to_pydict().values(), strict=True)), cfg.vocabulary_size)
+    assert 10 < len(vocab) <= 40
+    clustered = [r for r in rows if r["cluster_id"] not in (None, "lonely") and r["caption"]]
+    pools = {}
+    for r in clustered:
+        pools.setdefault(r["cluster_id"], []).append(r["caption"])
+    pools = {c: cluster_captions(caps, cfg.max_cluster_captions) for c, caps in pools.items()}
+    expected = _expected([r for r in rows if r["cluster_id"]], pools, vocab, cfg, 9)
+
+    def flat(t):
+        return [(r["key"], r["shard"], tuple(r["alternatives"]), r["strategy"]) for r in t.to_pylist()]
+
+    with TestPipeline(runner="DirectRunner") as p:
+        inputs = {
+            "rows": p | "Rows" >> beam.Create([_table([r for r in s if r["cluster_id"]]) for s in shards]),
+            "words": p
+            | "Words" >> beam.Create([caption_word_counts(pa.array([r["caption"] for r in s])) for s in shards]),
+            "captions": p
+            | "Captions"
+            >> beam.Create(
+                [pa.Table.from_pylist([{"cluster_id": r["cluster_id"], "caption": r["caption"]} for r in clustered])]
+            ),
+        }
+        got = inputs | DiversifyCaptions(cfg, seed=9, buckets=3)
+        assert_that(got | beam.FlatMap(flat), equal_to(flat(expected)))
