@@ -215,3 +215,24 @@ def test_beam_tables_path_equals_per_row():
         }
         got = inputs | DiversifyCaptions(cfg, seed=9, buckets=3)
         assert_that(got | beam.FlatMap(flat), equal_to(flat(expected)))
+
+
+@pytest.mark.parametrize("limit", [1, 3, 20])
+def test_cluster_pools_are_cluster_captions(limit):
+    rng = random.Random(limit)
+    tables, pools = [], {}
+    for _ in range(3):
+        part = [
+            {"cluster_id": rng.choice(["a", "b", "c", "é", None]), "caption": rng.choice(CAPTIONS + ["b", "ä"])}
+            for _ in range(60)
+        ]
+        tables.append(
+            pa.Table.from_pylist(part, schema=pa.schema([("cluster_id", pa.string()), ("caption", pa.string())]))
+        )
+        for r in part:
+            if r["cluster_id"] != "c":
+                pools.setdefault(r["cluster_id"], []).append(r["caption"])
+    want = {cid: cluster_captions(caps, limit) for cid, caps in pools.items()}
+    got = dc.cluster_pools(tables + [tables[0].slice(0, 0)], pa.array(["a", "b", "é", None, "zz"]), limit)
+    assert got == {cid: caps for cid, caps in want.items() if caps}
+    assert dc.cluster_pools(tables, pa.array(["zz"], pa.string()), limit) == {}

@@ -224,15 +224,11 @@ def _diversify_bucket(item, vocab: list[str], cfg, seed: int, limit: int) -> Ite
     if not rows:
         return
     rows = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
-    ids = pc.unique(rows.column("cluster_id").combine_chunks())
-    pools: dict[str, list[str]] = {}
-    for t in grouped["captions"]:
-        t = t.filter(pc.is_in(t.column("cluster_id"), value_set=ids))
-        for cid, caption in zip(t.column("cluster_id").to_pylist(), t.column("caption").to_pylist(), strict=True):
-            pools.setdefault(cid, []).append(caption)
-    pools = {cid: cluster_captions(caps, limit) for cid, caps in pools.items()}
-    from transforms.diversify_columns import diversify_table
+    from transforms.diversify_columns import cluster_pools, diversify_table
 
+    pools = {}
+    if "MC" in cfg.strategies:  # only MC reads the clusters' captions
+        pools = cluster_pools(grouped["captions"], pc.unique(rows.column("cluster_id").combine_chunks()), limit)
     table = diversify_table(rows, pools, vocab, cfg, seed)
     if table is not None:
         yield table

@@ -105,6 +105,42 @@ def inserted(flat, starts: np.ndarray, lengths: np.ndarray, tokens: list, extra=
     return pc.binary_join(lists, " ")
 
 
+def cluster_pools(tables, ids, limit: int) -> dict:
+    """(cluster_id, caption) tables -> {cluster id in ``ids``: ``cluster_captions`` of its
+    captions (sorted, unique, non-empty, the first ``limit``)}; clusters without a caption are
+    left out (as an empty pool). Arrow sorts and cuts; Python only slices the kept captions."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from transforms.diversify import cluster_captions
+
+    parts = [t.select(["cluster_id", "caption"]) for t in tables if t.num_rows]
+    parts = [t.filter(pc.is_in(t.column("cluster_id"), value_set=ids)) for t in parts]
+    if not any(t.num_rows for t in parts):
+        return {}
+    table = pa.concat_tables(parts)
+    pools = {}
+    unnamed = pc.is_null(table.column("cluster_id"))
+    if pc.any(unnamed).as_py():  # a null cluster id: its own pool, as the per-row code gives it
+        pools[None] = cluster_captions(table.filter(unnamed).column("caption").to_pylist(), limit)
+        table = table.filter(pc.invert(unnamed))
+    caption = table.column("caption")
+    table = table.filter(pc.and_(pc.is_valid(caption), pc.not_equal(caption, "")))
+    if not table.num_rows:
+        return {k: v for k, v in pools.items() if v}
+    pairs = table.group_by(["cluster_id", "caption"]).aggregate([])
+    pairs = pairs.sort_by([("cluster_id", "ascending"), ("caption", "ascending")])
+    cids = pairs.column("cluster_id").combine_chunks()
+    starts = np.flatnonzero(np.r_[True, pc.not_equal(cids[1:], cids[:-1]).to_numpy(zero_copy_only=False)])
+    ends = np.r_[starts[1:], len(cids)]
+    names, captions = cids.take(pa.array(starts)).to_pylist(), pairs.column("caption").to_pylist()
+    pools.update(
+        (name, captions[s : min(e, s + limit)])
+        for name, s, e in zip(names, starts.tolist(), ends.tolist(), strict=True)
+    )
+    return {k: v for k, v in pools.items() if v}
+
+
 def mc_pools(pools: dict) -> dict:
     """cluster id -> (its captions stripped, non-empty, sorted, unique; their positions): a row's
     MC pool is this less its own stripped caption (``transforms.diversify._pool``)."""
