@@ -60,11 +60,21 @@ def seed_keys(seeds: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for size in np.unique(sizes[plain]).tolist():
         rows = np.flatnonzero(sizes == size)
         seeded = encoded if len(rows) == len(encoded) else [encoded[i] for i in rows.tolist()]
-        digests = b"".join([_sha512(b).digest() for b in seeded])
+        digests = b"".join(_digests(seeded))
         padded = np.zeros((len(rows), -(-(size + 64) // 4) * 4), dtype=np.uint8)  # reversed: seed, digest
         padded[:, :64] = np.frombuffer(digests, dtype=np.uint8).reshape(len(rows), 64)[:, ::-1]
         padded[:, 64 : size + 64] = np.frombuffer(b"".join(seeded), dtype=np.uint8).reshape(len(rows), size)[:, ::-1]
         yield rows, np.ascontiguousarray(padded.view("<u4").T)
+
+
+def _digests(seeds: list[bytes]) -> list[bytes]:
+    """SHA-512 of each (copies of one empty OpenSSL context: cheaper than a new one each)."""
+    empty, out = _sha512(), []
+    for b in seeds:
+        h = empty.copy()
+        h.update(b)
+        out.append(h.digest())
+    return out
 
 
 def _key_of(b: bytes) -> np.ndarray:
