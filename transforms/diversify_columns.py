@@ -3,8 +3,9 @@
 
 Each (row, strategy) generator is ``random.Random(f"{seed}:{key}:{strategy}")``. Their first
 outputs are computed for all rows together (``transforms.mt_streams``), every draw of a strategy
-(``_randbelow``) is replayed over all rows with numpy (``Draws``), and only the string assembly
-(a word list with tokens inserted, joined) runs per row. A row whose generator ran out of
+(``_randbelow``) is replayed over all rows with numpy (``Draws``), and the alternatives are
+assembled by Arrow (each caption's word list with the drawn tokens inserted, joined: ``inserted``;
+MC's pick per row from its cluster's pool). A row whose generator ran out of
 precomputed outputs, or whose first draw was not usable (an RC draw equal to the caption: the
 per-row code draws again), is made by ``alternatives`` itself, so every row is what
 ``diversify_row`` gives.
@@ -25,7 +26,7 @@ _MAX_N = 1 << 31  # _randbelow(n) reads one output while n.bit_length() <= 32
 
 
 class Draws:
-    """``_randbelow`` replayed on each generator's precomputed outputs (one row per generator)."""
+    """``_randbelow`` replayed on each generator's precomputed outputs (one column per generator)."""
 
     def __init__(self, outputs: np.ndarray):
         self.outputs = outputs  # (outputs, generators)
