@@ -28,8 +28,7 @@ from collections import Counter
 
 from pipeline.config import ConfigError, apply_override, parse_config
 from schemas import arrow
-from transforms.annotate import annotation_from_row
-from transforms.decide import DIVERSIFY, DROP, _blocklist_columns, decide, reason_family
+from transforms.decide import DIVERSIFY, DROP, _blocklist_columns, reason_family
 from transforms.diversify import caption_words, cluster_captions, diversify_row, vocabulary_from_counts
 from transforms.write import safe_part_name, write_arrow, write_rows
 
@@ -263,28 +262,73 @@ def _rewrite_filtered(run_dir: str, run: dict, cfg) -> None:
     run["outputs"]["filtered_samples"] = write_filtered_shards(run_dir, shards, cfg.diversify)
 
 
-def dry_run(run_dir: str, overrides: list[str]) -> dict:
-    """What ``redecide`` would change, counted; nothing is written."""
+def _families_per_row(reasons) -> Counter:
+    """Rows carrying each reason family (a row counts once per family, null lists as none)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(reasons, pa.ChunkedArray):
+        reasons = reasons.combine_chunks()
+    flat = pc.list_flatten(reasons)
+    parent = pc.list_parent_indices(reasons).to_numpy()
+    valid = pc.is_valid(flat).to_numpy(zero_copy_only=False)
+    flat, parent = flat.filter(pa.array(valid)), parent[valid]
+    if not len(flat):
+        return Counter()
+    uniq = pc.unique(flat)
+    names, family = np.unique(np.array([reason_family(c) for c in uniq.to_pylist()], dtype=object), return_inverse=True)
+    code = family[pc.index_in(flat, value_set=uniq).to_numpy()]
+    rows_families = np.unique(parent.astype(np.int64) * len(names) + code)
+    counts = np.bincount(rows_families % len(names), minlength=len(names))
+    return Counter({f: int(c) for f, c in zip(names.tolist(), counts.tolist(), strict=True) if c})
+
+
+def _value_counts(values) -> Counter:
+    import pyarrow.compute as pc
+
+    return Counter({r["values"]: r["counts"] for r in pc.value_counts(values).to_pylist()})
+
+
+def _dry_part(path: str, old_path: str, cfg, tally: dict) -> None:
+    """One annotations part against its manifest part (matched by key) -> the counts in ``tally``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from transforms.shard_columns import decide_columns
+
+    t = pq.read_table(path)
+    decisions, reasons = decide_columns(t, cfg.decide)
+    after = pa.array(decisions, pa.string())
+    if os.path.isfile(old_path):
+        old = pq.read_table(old_path, columns=["key", "decision", "reasons"])
+        at = pc.index_in(t.column("key"), value_set=old.column("key").combine_chunks())
+        prev = pc.fill_null(pc.take(old.column("decision"), at), "(none)")
+        old_reasons = pc.take(old.column("reasons"), at)
+    else:
+        prev = pa.repeat(pa.scalar("(none)"), t.num_rows)
+        old_reasons = pa.nulls(t.num_rows, pa.list_(pa.string()))
+    tally["before"].update(_value_counts(prev))
+    tally["after"].update(_value_counts(after))
+    tally["reasons_before"].update(_families_per_row(old_reasons))
+    tally["reasons_after"].update(_families_per_row(reasons))
+    moved = pc.not_equal(prev, after)
+    tally["transitions"].update(
+        _value_counts(pc.binary_join_element_wise(prev.filter(moved), after.filter(moved), "->"))
+    )
+
+
+def dry_run(run_dir: str, overrides: list[str]) -> dict:
+    """What ``redecide`` would change, counted (columnar, one annotations part at a time);
+    nothing is written."""
     _, cfg = _load_run(run_dir, overrides)
     manifest_dir = os.path.join(run_dir, "manifest")
-    before, after = Counter(), Counter()
-    transitions, reasons_before, reasons_after = Counter(), Counter(), Counter()
+    tally = {name: Counter() for name in ("before", "after", "transitions", "reasons_before", "reasons_after")}
     for path in _parts(run_dir):
-        old_path = os.path.join(manifest_dir, os.path.basename(path))
-        old = {}
-        if os.path.isfile(old_path):
-            old = {r["key"]: r for r in pq.read_table(old_path, columns=["key", "decision", "reasons"]).to_pylist()}
-        for r in pq.read_table(path).to_pylist():
-            decision, reasons = decide(annotation_from_row(r), cfg.decide)
-            prev = old.get(r["key"], {"decision": "(none)", "reasons": []})
-            before[prev["decision"]] += 1
-            after[decision] += 1
-            reasons_before.update({reason_family(x) for x in prev["reasons"] or []})
-            reasons_after.update({reason_family(x) for x in reasons})
-            if prev["decision"] != decision:
-                transitions[f"{prev['decision']}->{decision}"] += 1
+        _dry_part(path, os.path.join(manifest_dir, os.path.basename(path)), cfg, tally)
+    before, after, transitions = tally["before"], tally["after"], tally["transitions"]
+    reasons_before, reasons_after = tally["reasons_before"], tally["reasons_after"]
     families = sorted(set(reasons_before) | set(reasons_after))
     return {
         "run_dir": run_dir,
