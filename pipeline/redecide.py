@@ -12,8 +12,12 @@ and a re-decide that finds only that file resumes from it.
 
 ``output=NEW`` writes the new decision set to a new folder and leaves the run untouched: NEW gets
 hard links (copies across file systems) of the run's unchanged tables and report thumbnails, so
-it is a complete run folder that can itself be re-decided. ``dry_run`` counts what would change
-(by decision and reason) and writes nothing.
+it is a complete run folder that can itself be re-decided. ``pipeline.redecide_dry`` counts what
+would change (by decision and reason) and writes nothing.
+
+Annotation parts are read twice: a first pass of the columns the policy and the context need
+(kept copies, the vocabulary, the captions of clusters with a row to diversify), then the whole
+part to write its manifest, blocklist and diversify parts.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from collections import Counter
 from pipeline.config import ConfigError, apply_override, parse_config
 from schemas import arrow
 from transforms.decide import DIVERSIFY, DROP, _blocklist_columns, reason_family
-from transforms.diversify import caption_words, cluster_captions, diversify_row, vocabulary_from_counts
+from transforms.diversify import diversify_row, vocabulary_from_counts
 from transforms.write import safe_part_name, write_arrow, write_rows
 
 log = logging.getLogger(__name__)
 TABLES = ("manifest", "diversify", "blocklist")
+TO_DIVERSIFY = ("key", "shard", "caption", "cluster_id")  # what ``diversify_row`` reads
 PENDING = "run.json.redecide"
 
 
@@ -57,52 +62,107 @@ def _parts(run_dir: str) -> list[str]:
     return sorted(os.path.join(folder, p) for p in os.listdir(folder) if p.endswith(".parquet"))
 
 
-def _kept_copies(parts: list[str], cfg) -> dict[str, tuple[str, str]]:
-    """cluster id -> (key, url) of the member it keeps (one entry per duplicate cluster)."""
+# the annotations columns ``decide_columns`` reads: the first pass reads these (and key, url, caption)
+DECIDE_INPUTS = (
+    "status",
+    "failure_stage",
+    "failure_type",
+    "cluster_id",
+    "cluster_size",
+    "is_representative",
+    "cluster_embedder",
+    "cluster_similarity",
+    "duplication",
+    "trigger_codes",
+    "probe_score",
+    "probe_flagged",
+)
+
+
+def _context(parts: list[str], cfg) -> tuple[dict[str, list[str]], list[str], object]:
+    """First pass (one read per part, of the columns it needs), columnar: the diversification
+    context as the pipeline's DiversifyCaptions computes it (captions per duplicate cluster of a
+    row to diversify, bounded, and the run's vocabulary) and the kept copies (``_kept_table``)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from transforms.diversify import caption_word_counts
     from transforms.shard_columns import decide_columns
 
-    kept = {}
+    diversify = cfg.diversify.enabled
+    columns = ["key", "url", *DECIDE_INPUTS] + (["caption"] if diversify else [])
+    reps, words, captions, wanted = [], [], [], []
     for path in parts:
-        t = pq.read_table(path)
-        rep = pc.fill_null(t.column("is_representative"), False)
-        clustered = pc.greater(pc.fill_null(t.column("cluster_size"), 1), 1)
-        t = t.filter(pc.and_(pc.and_(rep, clustered), pc.equal(pc.fill_null(t.column("status"), ""), "ok")))
-        if not t.num_rows:
-            continue
+        t = pq.read_table(path, columns=columns)
         decisions, _ = decide_columns(t, cfg.decide)
-        t = t.filter(decisions != DROP)  # is_kept_copy: a representative that is not dropped
+        ok = pc.equal(pc.fill_null(t.column("status"), ""), "ok").to_numpy(zero_copy_only=False)
+        clustered = ok & (pc.fill_null(t.column("cluster_size"), 1).to_numpy(zero_copy_only=False) > 1)
+        rep = pc.fill_null(t.column("is_representative"), False).to_numpy(zero_copy_only=False).astype(bool)
         cid = pc.fill_null(t.column("cluster_id"), "")
-        cid = pc.if_else(pc.equal(cid, ""), t.column("key"), cid)
-        urls = pc.fill_null(t.column("url"), "").to_pylist()
-        for c, key, url in zip(cid.to_pylist(), t.column("key").to_pylist(), urls, strict=True):
-            pair = (key, url)
-            if pair < kept.get(c, (chr(0x10FFFF),)):
-                kept[c] = pair
-    return kept
+        cid = pc.if_else(pc.equal(cid, ""), t.column("key"), cid)  # the manifest's cluster_id
+        kept = clustered & rep & (decisions != DROP)  # is_kept_copy: a representative not dropped
+        reps.append(pa.table({"cluster_id": cid, "key": t.column("key"), "url": pc.fill_null(t.column("url"), "")}))
+        reps[-1] = reps[-1].filter(pa.array(kept))
+        if not diversify:
+            continue
+        words.append(caption_word_counts(t.column("caption").filter(pa.array(ok))))
+        has_caption = pc.fill_null(pc.not_equal(t.column("caption"), ""), False).to_numpy(zero_copy_only=False)
+        captions.append(t.select(["cluster_id", "caption"]).filter(pa.array(clustered & has_caption)))
+        wanted.append(pc.unique(cid.filter(pa.array(decisions == DIVERSIFY))))
+    kept = _kept_table(reps)
+    if not diversify:
+        return {}, [], kept
+    return _pools(captions, wanted, cfg.diversify.max_cluster_captions), _vocabulary(words, cfg), kept
 
 
-def _cluster_context(parts: list[str], cfg) -> tuple[dict[str, list[str]], list[str]]:
-    """First pass: captions per duplicate cluster (bounded) and the run's vocabulary, as the
-    pipeline's DiversifyCaptions computes them (only diversification uses them)."""
-    import pyarrow.parquet as pq
+def _kept_table(reps: list):
+    """Kept-copy candidates (cluster_id, key, url) -> one row per cluster, its least (key, url)."""
+    import numpy as np
+    import pyarrow as pa
 
-    if not cfg.diversify.enabled:
-        return {}, []
-    captions: dict[str, list[str]] = {}
-    words: Counter = Counter()
-    for path in parts:
-        for r in pq.read_table(path, columns=["status", "caption", "cluster_id", "cluster_size"]).to_pylist():
-            if r["status"] != "ok" or not r["caption"]:
-                continue
-            words.update(caption_words(r["caption"]))
-            if (r["cluster_size"] or 1) > 1:
-                captions.setdefault(r["cluster_id"], []).append(r["caption"])
-    limit = cfg.diversify.max_cluster_captions
-    pools = {c: cluster_captions(v, limit) for c, v in captions.items()}
-    return pools, vocabulary_from_counts(list(words.items()), cfg.diversify.vocabulary_size)
+    if not reps:
+        return pa.table({c: pa.array([], pa.string()) for c in ("cluster_id", "key", "url")})
+    t = pa.concat_tables(reps).sort_by([("cluster_id", "ascending"), ("key", "ascending"), ("url", "ascending")])
+    cid = t.column("cluster_id").to_numpy(zero_copy_only=False)
+    first = np.ones(len(cid), bool)
+    first[1:] = cid[1:] != cid[:-1]
+    return t.filter(pa.array(first)).combine_chunks()
+
+
+def _vocabulary(words: list, cfg) -> list[str]:
+    """Per-part (word, count) tables -> the run's vocabulary (``vocabulary_from_counts``)."""
+    import pyarrow as pa
+
+    if not words:
+        return vocabulary_from_counts([], cfg.diversify.vocabulary_size)
+    summed = pa.concat_tables(words).group_by("word").aggregate([("count", "sum")])
+    counts = zip(summed.column("word").to_pylist(), summed.column("count_sum").to_pylist(), strict=True)
+    return vocabulary_from_counts(list(counts), cfg.diversify.vocabulary_size)
+
+
+def _pools(captions: list, wanted: list, limit: int) -> dict[str, list[str]]:
+    """(cluster_id, caption) tables of clustered rows -> ``cluster_captions`` of each cluster
+    that has a row to diversify (sorted distinct captions, the first ``limit``)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not captions:
+        return {}
+    ids = pc.unique(pa.chunked_array(wanted, pa.string()).combine_chunks())
+    t = pa.concat_tables(captions)
+    t = t.filter(pc.is_in(t.column("cluster_id"), value_set=ids))
+    t = t.group_by(["cluster_id", "caption"]).aggregate([])  # distinct pairs
+    t = t.sort_by([("cluster_id", "ascending"), ("caption", "ascending")])
+    cid = t.column("cluster_id").to_numpy(zero_copy_only=False)
+    start = np.flatnonzero(np.r_[True, cid[1:] != cid[:-1]]) if len(cid) else np.zeros(0, int)
+    rank = np.arange(len(cid)) - np.repeat(start, np.diff(np.r_[start, len(cid)]))
+    t = t.filter(pa.array(rank < limit))
+    pools: dict[str, list[str]] = {}
+    for c, caption in zip(t.column("cluster_id").to_pylist(), t.column("caption").to_pylist(), strict=True):
+        pools.setdefault(c, []).append(caption)
+    return pools
 
 
 def _clear_staging(run_dir: str) -> None:
@@ -133,19 +193,18 @@ def _count(counts: dict, decisions, reasons) -> None:
         counts["decide_reason"][reason_family(r["values"])] += r["counts"]
 
 
-def _blocked(manifest, dropped, kept: dict):
-    """The dropped manifest rows -> their blocklist table (``blocklist_row`` with the kept copy)."""
+def _blocked(manifest, dropped, kept):
+    """The dropped manifest rows -> their blocklist table (``blocklist_row`` with the kept copy;
+    ``kept``: the kept copies' table, one row per cluster)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     cols = _blocklist_columns(manifest.filter(pa.array(dropped)))
-    names = list(kept)
-    at = pc.index_in(cols.column("cluster_id"), value_set=pa.array(names, pa.string()))
+    at = pc.index_in(cols.column("cluster_id"), value_set=kept.column("cluster_id"))
     at = pc.if_else(pc.equal(cols.column("category"), "duplicate"), at, pa.scalar(None, pa.int32()))
-    kept_key = pc.take(pa.array([kept[c][0] for c in names], pa.string()), at)
-    kept_url = pc.take(pa.array([kept[c][1] for c in names], pa.string()), at)
-    cols = cols.set_column(cols.schema.get_field_index("kept_key"), "kept_key", kept_key)
-    cols = cols.set_column(cols.schema.get_field_index("kept_url"), "kept_url", kept_url)
+    for name in ("kept_key", "kept_url"):
+        column = pc.take(kept.column(name.removeprefix("kept_")), at)
+        cols = cols.set_column(cols.schema.get_field_index(name), name, column)
     return pa.Table.from_arrays([cols.column(f.name) for f in arrow.BLOCKLIST], schema=arrow.BLOCKLIST)
 
 
@@ -168,7 +227,7 @@ def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
     write_arrow(os.path.join(staged["manifest"], name), manifest)
     div = []
     if cfg.diversify.enabled and (decisions == DIVERSIFY).any():
-        for r in manifest.filter(pa.array(decisions == DIVERSIFY)).to_pylist():
+        for r in manifest.select(TO_DIVERSIFY).filter(pa.array(decisions == DIVERSIFY)).to_pylist():
             d = diversify_row(r, pools.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)
             div.extend([d] if d is not None else [])
     if div:
@@ -180,7 +239,7 @@ def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
 
 def _stage_decisions(run_dir: str, cfg) -> tuple[dict, dict]:
     parts = _parts(run_dir)
-    context = (*_cluster_context(parts, cfg), _kept_copies(parts, cfg))
+    context = _context(parts, cfg)
     staged = {t: os.path.join(run_dir, f"{t}.tmp-{os.getpid()}") for t in TABLES}
     for folder in staged.values():
         os.makedirs(folder, exist_ok=True)
@@ -260,100 +319,3 @@ def _rewrite_filtered(run_dir: str, run: dict, cfg) -> None:
     from transforms.filtered_shards import write_filtered_shards
 
     run["outputs"]["filtered_samples"] = write_filtered_shards(run_dir, shards, cfg.diversify)
-
-
-def _families_per_row(reasons) -> Counter:
-    """Rows carrying each reason family (a row counts once per family, null lists as none)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if isinstance(reasons, pa.ChunkedArray):
-        reasons = reasons.combine_chunks()
-    flat = pc.list_flatten(reasons)
-    parent = pc.list_parent_indices(reasons).to_numpy()
-    valid = pc.is_valid(flat).to_numpy(zero_copy_only=False)
-    flat, parent = flat.filter(pa.array(valid)), parent[valid]
-    if not len(flat):
-        return Counter()
-    uniq = pc.unique(flat)
-    names, family = np.unique(np.array([reason_family(c) for c in uniq.to_pylist()], dtype=object), return_inverse=True)
-    code = family[pc.index_in(flat, value_set=uniq).to_numpy()]
-    rows_families = np.unique(parent.astype(np.int64) * len(names) + code)
-    counts = np.bincount(rows_families % len(names), minlength=len(names))
-    return Counter({f: int(c) for f, c in zip(names.tolist(), counts.tolist(), strict=True) if c})
-
-
-def _value_counts(values) -> Counter:
-    import pyarrow.compute as pc
-
-    return Counter({r["values"]: r["counts"] for r in pc.value_counts(values).to_pylist()})
-
-
-def _dry_part(path: str, old_path: str, cfg, tally: dict) -> None:
-    """One annotations part against its manifest part (matched by key) -> the counts in ``tally``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from transforms.shard_columns import decide_columns
-
-    t = pq.read_table(path)
-    decisions, reasons = decide_columns(t, cfg.decide)
-    after = pa.array(decisions, pa.string())
-    if os.path.isfile(old_path):
-        old = pq.read_table(old_path, columns=["key", "decision", "reasons"])
-        at = pc.index_in(t.column("key"), value_set=old.column("key").combine_chunks())
-        prev = pc.fill_null(pc.take(old.column("decision"), at), "(none)")
-        old_reasons = pc.take(old.column("reasons"), at)
-    else:
-        prev = pa.repeat(pa.scalar("(none)"), t.num_rows)
-        old_reasons = pa.nulls(t.num_rows, pa.list_(pa.string()))
-    tally["before"].update(_value_counts(prev))
-    tally["after"].update(_value_counts(after))
-    tally["reasons_before"].update(_families_per_row(old_reasons))
-    tally["reasons_after"].update(_families_per_row(reasons))
-    moved = pc.not_equal(prev, after)
-    tally["transitions"].update(
-        _value_counts(pc.binary_join_element_wise(prev.filter(moved), after.filter(moved), "->"))
-    )
-
-
-def dry_run(run_dir: str, overrides: list[str]) -> dict:
-    """What ``redecide`` would change, counted (columnar, one annotations part at a time);
-    nothing is written."""
-    _, cfg = _load_run(run_dir, overrides)
-    manifest_dir = os.path.join(run_dir, "manifest")
-    tally = {name: Counter() for name in ("before", "after", "transitions", "reasons_before", "reasons_after")}
-    for path in _parts(run_dir):
-        _dry_part(path, os.path.join(manifest_dir, os.path.basename(path)), cfg, tally)
-    before, after, transitions = tally["before"], tally["after"], tally["transitions"]
-    reasons_before, reasons_after = tally["reasons_before"], tally["reasons_after"]
-    families = sorted(set(reasons_before) | set(reasons_after))
-    return {
-        "run_dir": run_dir,
-        "overrides": list(overrides),
-        "changed": sum(transitions.values()),
-        "decisions_before": dict(sorted(before.items())),
-        "decisions_after": dict(sorted(after.items())),
-        "transitions": dict(sorted(transitions.items())),
-        "reasons": {f: {"before": reasons_before.get(f, 0), "after": reasons_after.get(f, 0)} for f in families},
-    }
-
-
-def format_changes(changes: dict) -> str:
-    """The dry run's counts as a few aligned lines for a person."""
-    lines = [
-        f"dry run of {changes['run_dir']} with {' '.join(changes['overrides']) or 'no overrides'}: "
-        f"{changes['changed']} decisions would change (nothing written)"
-    ]
-    names = sorted(set(changes["decisions_before"]) | set(changes["decisions_after"]))
-    lines.append(f"  {'decision':<28} {'before':>8} {'after':>8}")
-    for d in names:
-        lines.append(f"  {d:<28} {changes['decisions_before'].get(d, 0):>8} {changes['decisions_after'].get(d, 0):>8}")
-    for t, n in changes["transitions"].items():
-        lines.append(f"  {t:<28} {n:>8}")
-    lines.append(f"  {'reason':<28} {'before':>8} {'after':>8}")
-    for f, c in changes["reasons"].items():
-        lines.append(f"  {f:<28} {c['before']:>8} {c['after']:>8}")
-    return "\n".join(lines)

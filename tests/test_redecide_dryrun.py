@@ -8,7 +8,8 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.redecide import _load_run, _parts, dry_run, format_changes
+from pipeline.redecide import _load_run, _parts
+from pipeline.redecide_dry import dry_run, format_changes
 from transforms.annotate import annotation_from_row
 from transforms.decide import decide, reason_family
 
