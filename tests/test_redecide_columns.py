@@ -51,3 +51,24 @@ def test_columnar_redecide_equals_the_row_by_row_definition(demo_run, tmp_path, 
     got = sorted(table.to_pylist() if table is not None else [], key=lambda b: b["key"])
     assert got == want and (want or "drop_duplicates=false" in " ".join(overrides))
     assert overrides or any(b["kept_key"] for b in got)  # the demo run's duplicates name their kept copy
+
+
+def test_each_annotations_part_is_read_twice_at_most(demo_run, tmp_path, monkeypatch):
+    """A first pass of the policy's and the context's columns (no image sizes, no digests), then
+    the whole part for its manifest part: no third read, no whole-table first pass."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    reads: dict[str, list] = {}
+    real = pq.read_table
+
+    def counting(source, *args, columns=None, **kwargs):
+        if f"{os.sep}annotations{os.sep}" in str(source):
+            reads.setdefault(str(source), []).append(columns)
+        return real(source, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", counting)
+    redecide(str(demo_run), ["decide.drop_duplicates=false"], output=str(tmp_path / "new"))
+    assert reads and all(len(r) == 2 for r in reads.values()), reads
+    assert all(r[0] is not None and "sha256" not in r[0] and r[1] is None for r in reads.values())
