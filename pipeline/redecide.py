@@ -34,7 +34,7 @@ from pipeline.config import ConfigError, apply_override, parse_config
 from schemas import arrow
 from transforms.decide import DIVERSIFY, DROP, _blocklist_columns, reason_family
 from transforms.diversify import diversify_row, vocabulary_from_counts
-from transforms.write import safe_part_name, write_arrow, write_rows
+from transforms.write import safe_part_name, write_arrow
 
 log = logging.getLogger(__name__)
 TABLES = ("manifest", "diversify", "blocklist")
@@ -208,7 +208,52 @@ def _blocked(manifest, dropped, kept):
     return pa.Table.from_arrays([cols.column(f.name) for f in arrow.BLOCKLIST], schema=arrow.BLOCKLIST)
 
 
-def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
+def _reusable_diversify(source: str, cfg) -> str | None:
+    """``source``'s diversify/ folder when its rows can be reused: a diversify row is a function of
+    the sample's key, caption and cluster captions, the run's vocabulary (all from annotations,
+    which a re-decide never changes), ``diversify.*`` and ``run.seed``, not of the decision. So
+    the rows of keys diversified before and now are those of the folder when ``source``'s
+    ``run.json`` (a finished decision set) was made with the same diversify settings and seed."""
+    path = os.path.join(source, "run.json")
+    folder = os.path.join(source, "diversify")
+    if not cfg.diversify.enabled or not os.path.isfile(path) or not os.path.isdir(folder):
+        return None
+    with open(path, encoding="utf-8") as f:
+        before = parse_config(json.load(f)["config"])
+    same = before.diversify == cfg.diversify and before.run.seed == cfg.run.seed
+    return folder if same else None
+
+
+def _diversified(todo, cfg, context, old_part: str | None):
+    """The rows to diversify (``TO_DIVERSIFY`` columns, manifest order) -> their diversify/ table:
+    rows of ``old_part`` (``_reusable_diversify``) where it has the key, ``diversify_row`` for the
+    others, in ``todo``'s order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pools, vocab, _ = context
+    found = np.zeros(todo.num_rows, bool)
+    reused = arrow.DIVERSIFY.empty_table()
+    if old_part and os.path.isfile(old_part):
+        old = pq.read_table(old_part)
+        at = pc.fill_null(pc.index_in(todo.column("key"), value_set=old.column("key")), -1).to_numpy()
+        found = at >= 0
+        rows = old.take(pa.array(at[found], pa.int64()))
+        reused = pa.Table.from_arrays([rows.column(f.name) for f in arrow.DIVERSIFY], schema=arrow.DIVERSIFY)
+    made, order = [], [np.flatnonzero(found)]
+    rest = np.flatnonzero(~found)
+    for i, r in zip(rest.tolist(), todo.take(pa.array(rest, pa.int64())).to_pylist(), strict=True):
+        d = diversify_row(r, pools.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)
+        if d is not None:
+            made.append(d)
+            order.append(np.array([i]))
+    table = pa.concat_tables([reused, pa.Table.from_pylist(made, schema=arrow.DIVERSIFY)])
+    return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable"), pa.int64()))
+
+
+def _decide_part(path: str, cfg, context, staged: dict, counts: dict, old_diversify: str | None) -> None:
     """One annotations part -> the same-named manifest, diversify and blocklist parts (columnar:
     ``decide_columns`` and ``manifest_table``, as the pipeline's shard stage)."""
     import pyarrow as pa
@@ -216,7 +261,6 @@ def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
 
     from transforms.shard_columns import decide_columns, manifest_table
 
-    pools, vocab, kept = context
     t = pq.read_table(path)
     if not t.num_rows:
         return
@@ -225,27 +269,29 @@ def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
     manifest = manifest_table(t, decisions, reasons)
     name = f"part-{safe_part_name(manifest.column('shard')[0].as_py())}.parquet"
     write_arrow(os.path.join(staged["manifest"], name), manifest)
-    div = []
     if cfg.diversify.enabled and (decisions == DIVERSIFY).any():
-        for r in manifest.select(TO_DIVERSIFY).filter(pa.array(decisions == DIVERSIFY)).to_pylist():
-            d = diversify_row(r, pools.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)
-            div.extend([d] if d is not None else [])
-    if div:
-        write_rows(os.path.join(staged["diversify"], name), div, arrow.DIVERSIFY)
+        todo = manifest.select(TO_DIVERSIFY).filter(pa.array(decisions == DIVERSIFY))
+        old_part = os.path.join(old_diversify, name) if old_diversify else None
+        div = _diversified(todo, cfg, context, old_part)
+        if div.num_rows:
+            write_arrow(os.path.join(staged["diversify"], name), div)
     dropped = decisions == DROP
     if dropped.any():
-        write_arrow(os.path.join(staged["blocklist"], name), _blocked(manifest, dropped, kept))
+        write_arrow(os.path.join(staged["blocklist"], name), _blocked(manifest, dropped, context[2]))
 
 
-def _stage_decisions(run_dir: str, cfg) -> tuple[dict, dict]:
+def _stage_decisions(run_dir: str, cfg, source: str) -> tuple[dict, dict]:
+    """The new tables, staged beside the old ones; ``source``: the run whose decision set is
+    replaced (``run_dir`` itself, or the run an ``--output`` re-decide reads)."""
     parts = _parts(run_dir)
     context = _context(parts, cfg)
+    old_diversify = _reusable_diversify(source, cfg)
     staged = {t: os.path.join(run_dir, f"{t}.tmp-{os.getpid()}") for t in TABLES}
     for folder in staged.values():
         os.makedirs(folder, exist_ok=True)
     counts = {"decide": Counter(), "decide_reason": Counter()}
     for path in parts:
-        _decide_part(path, cfg, context, staged, counts)
+        _decide_part(path, cfg, context, staged, counts, old_diversify)
     return staged, counts
 
 
@@ -269,6 +315,7 @@ def _redecide(run_dir: str, overrides: list[str], output: str | None = None) -> 
 
     started = time.time()
     run, cfg = _load_run(run_dir, overrides)
+    source = run_dir
     if output and os.path.abspath(output) != os.path.abspath(run_dir):
         from pipeline.decide_output import prepare_output
 
@@ -277,7 +324,7 @@ def _redecide(run_dir: str, overrides: list[str], output: str | None = None) -> 
         run_dir = output
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": os.path.abspath(output)})})
     _clear_staging(run_dir)
-    staged, counts = _stage_decisions(run_dir, cfg)
+    staged, counts = _stage_decisions(run_dir, cfg, source)
     if os.path.isfile(os.path.join(run_dir, "run.json")):
         os.replace(os.path.join(run_dir, "run.json"), os.path.join(run_dir, PENDING))
     for table, folder in staged.items():

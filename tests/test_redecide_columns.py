@@ -72,3 +72,48 @@ def test_each_annotations_part_is_read_twice_at_most(demo_run, tmp_path, monkeyp
     redecide(str(demo_run), ["decide.drop_duplicates=false"], output=str(tmp_path / "new"))
     assert reads and all(len(r) == 2 for r in reads.values()), reads
     assert all(r[0] is not None and "sha256" not in r[0] and r[1] is None for r in reads.values())
+
+
+def _bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["decide.drop_duplicates=false", "decide.diversify_full_duplication=true"],
+        ["decide.drop_duplicates=false", "diversify.n_alternatives=2"],  # new settings: nothing reused
+    ],
+)
+def test_reused_diversify_rows_equal_the_drawn_ones(demo_run, tmp_path, monkeypatch, overrides):
+    """Rows of keys diversified before and now come from the run's diversify/ table when its
+    settings and seed are the same: the same bytes as drawing every row again (a copy of the run
+    without diversify/), and only the other rows are drawn."""
+    import shutil
+
+    from pipeline import redecide as module
+
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_run, bare, ignore=shutil.ignore_patterns("cache", "diversify"))
+    redecide(str(bare), overrides, output=str(tmp_path / "drawn"))
+    drawn = []
+    real = module.diversify_row
+    monkeypatch.setattr(module, "diversify_row", lambda r, *a: drawn.append(r["key"]) or real(r, *a))
+    redecide(str(demo_run), overrides, output=str(tmp_path / "reused"))
+    assert _bytes(tmp_path / "reused" / "diversify") == _bytes(tmp_path / "drawn" / "diversify")
+    manifest = read_table(str(tmp_path / "reused" / "manifest"))
+    now = {
+        k
+        for k, d in zip(manifest.column("key").to_pylist(), manifest.column("decision").to_pylist(), strict=True)
+        if d == "diversify"
+    }
+    before = set(read_table(str(demo_run / "diversify")).column("key").to_pylist())
+    if "diversify.n_alternatives=2" in overrides:
+        assert set(drawn) == now
+        assert (
+            max(len(a) for a in read_table(str(tmp_path / "reused" / "diversify")).column("alternatives").to_pylist())
+            == 2
+        )
+    else:
+        assert set(drawn) == now - before and (now & before)
