@@ -17,7 +17,9 @@ would change (by decision and reason) and writes nothing.
 
 Annotation parts are read twice: a first pass of the columns the policy and the context need
 (kept copies, the vocabulary, the captions of clusters with a row to diversify), then the whole
-part to write its manifest, blocklist and diversify parts.
+part to write its manifest, blocklist and diversify parts. Diversify rows of keys diversified
+before and now are taken from the run's diversify/ table when ``diversify.*`` and ``run.seed``
+are unchanged (``_reusable_diversify``); only the others are drawn.
 """
 
 from __future__ import annotations
