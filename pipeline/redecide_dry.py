@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from pipeline.redecide import _load_run, _parts
+from pipeline.redecide import DECIDE_INPUTS, _load_run, _parts
 from transforms.decide import reason_family
 
 
@@ -47,7 +47,7 @@ def _dry_part(path: str, old_path: str, cfg, tally: dict) -> None:
 
     from transforms.shard_columns import decide_columns
 
-    t = pq.read_table(path)
+    t = pq.read_table(path, columns=["key", *DECIDE_INPUTS])
     decisions, reasons = decide_columns(t, cfg.decide)
     after = pa.array(decisions, pa.string())
     if os.path.isfile(old_path):
