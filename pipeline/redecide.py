@@ -35,12 +35,12 @@ from collections import Counter
 from pipeline.config import ConfigError, apply_override, parse_config
 from schemas import arrow
 from transforms.decide import DIVERSIFY, DROP, _blocklist_columns, reason_family
-from transforms.diversify import diversify_row, vocabulary_from_counts
+from transforms.diversify import vocabulary_from_counts
 from transforms.write import safe_part_name, write_arrow
 
 log = logging.getLogger(__name__)
 TABLES = ("manifest", "diversify", "blocklist")
-TO_DIVERSIFY = ("key", "shard", "caption", "cluster_id")  # what ``diversify_row`` reads
+TO_DIVERSIFY = ("key", "shard", "caption", "cluster_id")  # what ``diversify_table`` reads
 PENDING = "run.json.redecide"
 
 
@@ -228,12 +228,14 @@ def _reusable_diversify(source: str, cfg) -> str | None:
 
 def _diversified(todo, cfg, context, old_part: str | None):
     """The rows to diversify (``TO_DIVERSIFY`` columns, manifest order) -> their diversify/ table:
-    rows of ``old_part`` (``_reusable_diversify``) where it has the key, ``diversify_row`` for the
-    others, in ``todo``'s order."""
+    rows of ``old_part`` (``_reusable_diversify``) where it has the key, ``diversify_table`` (the
+    pipeline's columnar ``diversify_row``) for the others, in ``todo``'s order."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
+    from transforms import diversify_columns
 
     pools, vocab, _ = context
     found = np.zeros(todo.num_rows, bool)
@@ -244,15 +246,14 @@ def _diversified(todo, cfg, context, old_part: str | None):
         found = at >= 0
         rows = old.take(pa.array(at[found], pa.int64()))
         reused = pa.Table.from_arrays([rows.column(f.name) for f in arrow.DIVERSIFY], schema=arrow.DIVERSIFY)
-    made, order = [], [np.flatnonzero(found)]
-    rest = np.flatnonzero(~found)
-    for i, r in zip(rest.tolist(), todo.take(pa.array(rest, pa.int64())).to_pylist(), strict=True):
-        d = diversify_row(r, pools.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)
-        if d is not None:
-            made.append(d)
-            order.append(np.array([i]))
-    table = pa.concat_tables([reused, pa.Table.from_pylist(made, schema=arrow.DIVERSIFY)])
-    return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable"), pa.int64()))
+    parts = [reused]
+    rest = todo.filter(pa.array(~found))
+    made = diversify_columns.diversify_table(rest, pools, vocab, cfg.diversify, cfg.run.seed) if rest.num_rows else None
+    if made is not None:  # the pipeline's columnar diversify_row (with the shard column)
+        parts.append(pa.Table.from_arrays([made.column(f.name) for f in arrow.DIVERSIFY], schema=arrow.DIVERSIFY))
+    table = pa.concat_tables(parts)
+    at = pc.index_in(table.column("key"), value_set=todo.column("key")).to_numpy()
+    return table.take(pa.array(np.argsort(at, kind="stable"), pa.int64()))
 
 
 def _decide_part(path: str, cfg, context, staged: dict, counts: dict, old_diversify: str | None) -> None:

@@ -92,14 +92,18 @@ def test_reused_diversify_rows_equal_the_drawn_ones(demo_run, tmp_path, monkeypa
     without diversify/), and only the other rows are drawn."""
     import shutil
 
-    from pipeline import redecide as module
+    from transforms import diversify_columns
 
     bare = tmp_path / "bare"
     shutil.copytree(demo_run, bare, ignore=shutil.ignore_patterns("cache", "diversify"))
     redecide(str(bare), overrides, output=str(tmp_path / "drawn"))
     drawn = []
-    real = module.diversify_row
-    monkeypatch.setattr(module, "diversify_row", lambda r, *a: drawn.append(r["key"]) or real(r, *a))
+    real = diversify_columns.diversify_table
+    monkeypatch.setattr(
+        diversify_columns,
+        "diversify_table",
+        lambda rows, *a: drawn.extend(rows.column("key").to_pylist()) or real(rows, *a),
+    )
     redecide(str(demo_run), overrides, output=str(tmp_path / "reused"))
     assert _bytes(tmp_path / "reused" / "diversify") == _bytes(tmp_path / "drawn" / "diversify")
     manifest = read_table(str(tmp_path / "reused" / "manifest"))
