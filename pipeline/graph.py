@@ -19,6 +19,7 @@ import apache_beam as beam
 from schemas import arrow
 from transforms.assignment_tables import (
     assignment_rows,
+    assignment_shards,
     cluster_table,
     member_shards,
     representatives,
@@ -187,7 +188,7 @@ def duplication_by_shard(duplication, assignment_tables):
 def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     from transforms.triggers import MineTriggers
 
-    rows = keyed["assignment"]  # (shard, [assignment tuples]): the records' join needs no element per key
+    rows = tables | "AssignmentRows" >> beam.FlatMap(assignment_rows)  # (shard, [tuples]): no element per key
     mined = {"info_batches": dec["info_batches"], "assignment_rows": rows} | "MineTriggers" >> MineTriggers(
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
@@ -247,7 +248,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     keyed = {
         "info": dec["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
         "failure": dec["failures"] | "FailureByShard" >> beam.Map(lambda f: (f.shard, f)),
-        "assignment": tables | "AssignmentByShard" >> beam.FlatMap(assignment_rows),
+        "assignment": tables | "AssignmentByShard" >> beam.FlatMap(assignment_shards),  # (shard, table)
     }
     if "moved" in dec:
         keyed["moved"] = dec["moved"]

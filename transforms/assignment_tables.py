@@ -38,6 +38,12 @@ def assignment_rows(table: pa.Table) -> Iterator[tuple[str, list[tuple]]]:
         yield shard, list(zip(*(part.column(c).to_pylist() for c in ASSIGNMENT_FIELDS), strict=True))
 
 
+def assignment_shards(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """An assignment table -> (shard, its rows as a table) per shard: the per-shard stage reads
+    them as columns (no tuple per row, a few buffers to pickle)."""
+    yield from _by_column(table, "shard")
+
+
 def _by_column(table: pa.Table, column: str) -> Iterator[tuple[str, pa.Table]]:
     """A table -> (value, its rows) per distinct value of a string column, in value order."""
     if not table.num_rows:
