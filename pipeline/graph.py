@@ -236,6 +236,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     Annotate, Decide and the per-sample writers run once per shard (``AnnotateShards``) on the
     shard's info batches joined with what is sparse and routed to the shard: failures, the
     assignments of clustered keys, trigger codes, probe scores, duplication classes."""
+    from transforms.shard_columns import info_for_annotations
     from transforms.shard_stage import AnnotateShards
 
     n_parts = max(1, read["input"]["n_shards"])  # clusters/ and neighbours/ parts, as many as input shards
@@ -256,6 +257,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
         add_triggers(cfg, dec, keyed, tables, out_dir)
     if cfg.probe.enabled:
         add_probe(cfg, dec, keyed, tables, out_dir, cache_dir)
+    keyed["info"] = keyed["info"] | "AnnotateInfo" >> beam.Map(lambda kv: (kv[0], info_for_annotations(kv[1])))
     staged = keyed | "AnnotateShards" >> AnnotateShards(cfg.decide, out_dir, cfg.diversify.enabled)
     p.__dict__.setdefault("_memsieve_written", []).append(staged["written"])
     clusters = tables | "ClusterRows" >> beam.Map(cluster_table)

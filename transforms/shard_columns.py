@@ -67,6 +67,24 @@ class BatchByShard(beam.DoFn):
             yield WindowedValue((shard, batch), 0, [GlobalWindow()])
 
 
+# the info columns the per-shard stage reads (``info_for_annotations``): the rest stay out of its join
+ANNOTATE_INFO = ("key", "shard", "url", "caption", "sha256", "width", "height", "original_width", "original_height")
+
+
+def info_for_annotations(table: pa.Table) -> pa.Table:
+    """An info batch -> only ``ANNOTATE_INFO`` (fewer bytes through the per-shard join)."""
+    return table.select([c for c in ANNOTATE_INFO if c in table.column_names])
+
+
+def sample_infos(table: pa.Table) -> list:
+    """An info batch, all of ``SampleInfo``'s columns or only ``ANNOTATE_INFO`` -> SampleInfo
+    objects in row order (a column that is not there takes its empty value)."""
+    from schemas.elements import SampleInfo
+
+    empty = {"pixel_sha256": ""}
+    return [SampleInfo(**{**empty, **r}) for r in table.to_pylist()]
+
+
 def by_key(pairs: Iterable[tuple]) -> dict[str, list]:
     out: dict[str, list] = {}
     for key, value in pairs:
@@ -284,7 +302,7 @@ def annotation_table(grouped: dict) -> pa.Table:
     if table is not None:
         is_slow = is_in(table.column("key"), slow)
         parts.append(_fast_table(table.filter(pa.array(~is_slow)), grouped))
-        infos = {i.key: i for i in arrow.infos_of(table.filter(pa.array(is_slow)))}
+        infos = {i.key: i for i in sample_infos(table.filter(pa.array(is_slow)))}
     rare = sorted((infos.keys() | failures.keys()) - moved)
     if rare:
         wanted = set(rare)
