@@ -26,7 +26,7 @@ from transforms.assignment_tables import (
 )
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.write import WriteBatches, WriteTable, bucket, bucket_labels
+from transforms.write import WriteBatches, WriteTable, bucket, bucket_labels, buckets
 
 # input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
 READERS = {
@@ -308,7 +308,13 @@ def _neighbour_rows(n):
 def _neighbour_parts(table, n: int):
     """The neighbours writer's partition of each row of a Table (as a row's partition)."""
     import numpy as np
+    import pyarrow.compute as pc
 
+    embedders = pc.unique(table["embedder"]).to_pylist()
+    if len(embedders) == 1:  # a search group's table: one embedder, no string built per row
+        n = max(1, int(n))
+        names = np.array([f"{embedders[0]}-{i:0{len(str(n - 1))}d}" for i in range(n)], dtype=object)
+        return names[buckets(table["key"], n)]
     embedder = table["embedder"].to_numpy(zero_copy_only=False).astype(object)
     return embedder + np.array("-", dtype=object) + bucket_labels(table["key"], n)
 
