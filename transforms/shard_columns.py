@@ -29,9 +29,15 @@ class Batch(list):
     """Values of one tag for one shard, gathered into one element (``BatchByShard``)."""
 
 
+class Unbatched(dict):
+    """A shard's joined records as ``unbatched`` returns them (spread once)."""
+
+
 def unbatched(grouped: dict) -> dict:
     """A shard's joined records with every ``Batch`` spread back into its values."""
-    out = {}
+    if isinstance(grouped, Unbatched):
+        return grouped
+    out = Unbatched()
     for tag, values in grouped.items():
         values = list(values)
         if any(isinstance(v, Batch) for v in values):
