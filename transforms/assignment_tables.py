@@ -56,9 +56,19 @@ def _by_column(table: pa.Table, column: str) -> Iterator[tuple[str, pa.Table]]:
         yield uniq[0].as_py(), table
         return
     order = pc.sort_indices(values)
-    table, values = table.take(order), values.take(order)
-    for value in uniq.sort().to_pylist():
-        yield value, table.filter(pc.equal(values, value))
+    if values.null_count:
+        table, values = table.take(order), values.take(order)
+        for value in uniq.sort().to_pylist():
+            yield value, table.filter(pc.equal(values, value))
+        return
+    import numpy as np
+
+    order = order.to_numpy()
+    ordered = values.take(pa.array(order)).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):  # one copy of each value's rows
+        yield ordered[start], table.take(pa.array(order[start:end]))
 
 
 def member_shards(table: pa.Table) -> Iterator[tuple[str, tuple[str, str]]]:
