@@ -14,7 +14,9 @@ job itself is unchanged) and prints, heaviest first:
 - per PCollection crossing the data plane (a stage's input): bytes, elements, bytes per element
   and the coder that encodes it.
 
-Element counts come from ``DataInputOperation.index`` (what the worker decoded); bytes are the
+memsieve's own runner patches (``pipeline.beam_speedups``, as ``MEMSIEVE_BEAM_SPEEDUPS`` chooses)
+are installed first, the probes on top of them: compare ``MEMSIEVE_BEAM_SPEEDUPS=inspect`` (Beam's
+own data plane) with the default. Element counts come from ``DataInputOperation.index`` (what the worker decoded); bytes are the
 encoded chunks the runner hands the worker. The probes' own cost is a few ``len()`` calls and
 clock reads per chunk, not per element.
 """
@@ -180,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cli", nargs=argparse.REMAINDER, help="-- then memsieve's own arguments")
     args = parser.parse_args(argv)
     cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
+    from pipeline import beam_speedups, cli
+
+    beam_speedups.install()  # memsieve's own patches first (as MEMSIEVE_BEAM_SPEEDUPS says), the probes on top
     install()
-    from pipeline import cli
 
     t0 = time.perf_counter()
     rc = cli.main(cli_args)

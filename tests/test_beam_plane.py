@@ -1,4 +1,4 @@
-"""pipeline.beam_plane: the in-process runner with its data plane passing payloads by token and
+"""pipeline.beam_speedups, its runner patches: the in-process runner with its data plane passing payloads by token and
 size sampling off gives the same elements in the same order as Beam's own, on every path a
 memsieve graph takes (GroupByKey, CoGroupByKey, side inputs, Flatten, combiners, state, merging
 windows, elements above the 10 MB flush size), parks nothing past a run, and stays off when
@@ -15,7 +15,7 @@ from apache_beam.runners.worker import bundle_processor, data_plane
 from apache_beam.transforms import window
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from pipeline import beam_plane, beam_speedups
+from pipeline import beam_speedups
 
 SEEN: dict[str, list] = {}
 COUNT = ReadModifyWriteStateSpec("count", VarIntCoder())
@@ -102,14 +102,14 @@ def _graph(p):
 
 def _run(names) -> dict[str, list]:
     SEEN.clear()
-    beam_plane.install(names)
+    beam_speedups.install_runner(names)
     try:
         with beam.Pipeline(options=PipelineOptions(["--direct_num_workers=1"])) as p:
             _graph(p)
-        assert beam_plane.pending() == 0  # every parked payload was taken back
+        assert beam_speedups.pending() == 0  # every parked payload was taken back
         return dict(SEEN)
     finally:
-        beam_plane.uninstall()
+        beam_speedups.uninstall_runner()
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +119,17 @@ def beams_own():
 
 def test_same_elements_in_the_same_order(beams_own):
     counted = {"n": 0}
-    token = beam_plane.token
+    token = beam_speedups.token
 
     def counting_token(payload):
         counted["n"] += 1
         return token(payload)
 
-    beam_plane.token = counting_token
+    beam_speedups.token = counting_token
     try:
         patched = _run(["plane", "sizes"])
     finally:
-        beam_plane.token = token
+        beam_speedups.token = token
     assert counted["n"] > 20  # the patch carried the payloads
     assert (
         set(patched)
@@ -148,13 +148,13 @@ def test_each_patch_alone(beams_own):
 
 def test_resolve_and_token():
     payload = b"x" * 100
-    t = beam_plane.token(payload)
+    t = beam_speedups.token(payload)
     assert len(t) == 40 and t != payload
-    assert beam_plane.resolve(b"not a token") == b"not a token"
-    assert beam_plane.resolve(t) is payload
+    assert beam_speedups.resolve(b"not a token") == b"not a token"
+    assert beam_speedups.resolve(t) is payload
     with pytest.raises(RuntimeError, match="read twice"):
-        beam_plane.resolve(t)
-    assert beam_plane.pending() == 0
+        beam_speedups.resolve(t)
+    assert beam_speedups.pending() == 0
 
 
 def test_uninstall_restores_beam():
@@ -164,10 +164,10 @@ def test_uninstall_restores_beam():
         data_plane.InMemoryDataChannel.output_stream,
         bundle_processor.BundleProcessor.__init__,
     )
-    beam_plane.install(["plane", "sizes"])
-    beam_plane.install(["plane", "sizes"])  # idempotent: one wrapper, not two
+    beam_speedups.install_runner(["plane", "sizes"])
+    beam_speedups.install_runner(["plane", "sizes"])  # idempotent: one wrapper, not two
     assert execution.ListBuffer.append.__wrapped__ is before[1]
-    beam_plane.uninstall()
+    beam_speedups.uninstall_runner()
     after = (
         bundle_processor.DataInputOperation.process_encoded,
         execution.ListBuffer.append,
@@ -184,13 +184,13 @@ class BadOutput(beam.DoFn):
 
 def test_type_checked_outputs_keep_sampling():
     """--performance_runtime_type_check checks sampled outputs: still caught with the patch."""
-    beam_plane.install(["sizes"])
+    beam_speedups.install_runner(["sizes"])
     try:
         with pytest.raises(Exception, match="Type"):
             with beam.Pipeline(options=PipelineOptions(["--performance_runtime_type_check"])) as p:
                 _ = p | beam.Create(range(5)) | beam.ParDo(BadOutput()).with_output_types(int) | beam.Map(lambda x: x)
     finally:
-        beam_plane.uninstall()
+        beam_speedups.uninstall_runner()
 
 
 def test_switch(monkeypatch):
