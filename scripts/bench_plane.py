@@ -16,9 +16,9 @@ job itself is unchanged) and prints, heaviest first:
 
 memsieve's own runner patches (``pipeline.beam_speedups``, as ``MEMSIEVE_BEAM_SPEEDUPS`` chooses)
 are installed first, the probes on top of them: compare ``MEMSIEVE_BEAM_SPEEDUPS=inspect`` (Beam's
-own data plane) with the default. Element counts come from ``DataInputOperation.index`` (what the worker decoded); bytes are the
-encoded chunks the runner hands the worker. The probes' own cost is a few ``len()`` calls and
-clock reads per chunk, not per element.
+own data plane) with the default. Element counts come from ``DataInputOperation.index`` (what
+the worker decoded); bytes are the encoded chunks the runner hands the worker. The probes' own
+cost is a few ``len()`` calls and clock reads per chunk, not per element.
 """
 
 from __future__ import annotations
