@@ -1,5 +1,6 @@
 """Beam's in-process costs, cut for a run: DoFn signature inspection memoised (``inspect``), the
-in-process runner's data-plane copies (``plane``) and element size sampling (``sizes``) removed.
+in-process runner's data-plane copies (``plane``), grouping peak (``group``) and element size
+sampling (``sizes``) cut.
 
 Beam asks ``core.get_function_args_defaults`` for the arguments of every method of every DoFn
 (``userstate.get_dofn_specs`` walks ``dir(dofn)``) each time it builds, translates, validates
@@ -11,46 +12,18 @@ with its function); anything else (a ``functools.partial``, a callable object, a
 inspected as before. ``install()`` is idempotent and changes no result: the cached value is what
 Beam's own function returns, copied so that no caller can alter the cache.
 
-Beam's in-process runner (FnApiRunner), its per-byte cost cut too. memsieve's elements are
-batches (a shard's Arrow columns, a cell's vectors, a bucket's lists): few, large elements. Beam
-2.77's in-process runner costs in proportion to their bytes in two places that change none of
-them:
-
-- **the data plane** (``plane``): between the runner and its in-process worker every byte of a
-  stage's input and output is copied 5-8 times (written into a buffering stream, read out of
-  it, copied into a protobuf ``Elements.Data`` message, and copied out again each time its
-  ``data`` field is read: once to test it is non-empty, once to use it), each copy a fresh
-  allocation, so at ~1 GB/s rather than memcpy's speed. With the patch a message carries a
-  40-byte token instead (a per-process random prefix and a counter) and the payload waits in a
-  table until the one reader that consumes it (``resolve``: the worker's
-  ``DataInputOperation.process_encoded``, the runner's ``ListBuffer``/``GroupingBuffer.append``)
-  takes it back. Tokens are made only where such a reader is certain: the runner's input to a
-  bundle over an ``InMemoryDataChannel`` (one message per buffered chunk, each of whole
-  elements, in order, so the worker decodes the same elements in the same order), and worker
-  output while this thread runs ``BundleManager.process_bundle`` but not
-  ``GroupingBuffer.partition`` (whose merging-window path reads worker output itself). Timers,
-  gRPC channels and every other path stay Beam's own.
-- **size sampling** (``sizes``): every output of every transform counts its elements and, for
-  the first ten and then ~10/N of them, *encodes* the element to estimate its size for the
-  ``sampled_byte_size`` system metric (``OperationCounters.do_sample``). For a batch element
-  that is a full pickle of it, once per edge of the graph, fused edges included, for a metric
-  memsieve never reads (it reads user counters only). The patch turns the estimate off on each
-  output counter that has no runtime type constraint (``--runtime_type_check`` and
-  ``--performance_runtime_type_check`` check the sampled elements: those counters keep
-  sampling). Element counts stay.
+The in-process runner's per-byte costs: ``pipeline/beam_speedups_runner.py``.
 
 ``MEMSIEVE_BEAM_SPEEDUPS`` chooses what ``install()`` installs: ``all`` (the default), ``off``,
-or a comma list of ``inspect`` (the caches), ``plane`` and ``sizes``. Each is idempotent and
+or a comma list of ``inspect`` (the caches), ``group``, ``plane`` and ``sizes``. Each is idempotent and
 undone by ``uninstall()``.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import os
-import threading
 import types
 import weakref
 
@@ -116,6 +89,8 @@ def cached_dofn_specs(dofn):
 
 def enabled() -> list[str]:
     """The speedups ``MEMSIEVE_BEAM_SPEEDUPS`` asks for (unknown names are logged and skipped)."""
+    from pipeline.beam_speedups_runner import PATCHES
+
     known = ["inspect", *PATCHES]
     raw = os.environ.get("MEMSIEVE_BEAM_SPEEDUPS", "all").strip().lower()
     if raw in ("", "all", "on", "1"):
@@ -132,6 +107,8 @@ def enabled() -> list[str]:
 def install() -> None:
     """Route Beam's argument and state-spec inspection through the caches (once per process),
     and install the runner patches ``enabled()`` names."""
+    from pipeline.beam_speedups_runner import install_runner
+
     names = enabled()
     install_runner(names)
     if "inspect" in names:
@@ -153,6 +130,8 @@ def uninstall() -> None:
     """Beam's own inspection and runner again (tests)."""
     from apache_beam.transforms import core, userstate
 
+    from pipeline.beam_speedups_runner import uninstall_runner
+
     uninstall_runner()
 
     if _ORIGINAL is not None:
@@ -160,170 +139,3 @@ def uninstall() -> None:
         userstate.get_dofn_specs = _ORIGINAL_SPECS
     for cache in (*_CACHES, _SPECS):
         cache.clear()
-
-
-# --- the in-process runner's per-byte costs ---
-
-_SAVED: dict[tuple[object, str], object] = {}
-_INSTALLED: set[str] = set()
-_MAGIC = b"\xffmemsieve-plane\x00" + os.urandom(16)  # 32 bytes, then an 8-byte counter
-_TOKEN_LEN = len(_MAGIC) + 8
-_PAYLOADS: dict[bytes, bytes] = {}  # token -> payload, until its reader takes it
-_COUNTER = itertools.count()
-_SCOPE = threading.local()  # .on: this thread is in BundleManager.process_bundle (tokens are read)
-
-
-def token(payload: bytes) -> bytes:
-    """Park ``payload``; -> the 40-byte token that ``resolve`` turns back into it (once)."""
-    key = _MAGIC + next(_COUNTER).to_bytes(8, "little")
-    _PAYLOADS[key] = payload
-    return key
-
-
-def resolve(data):
-    """A token's payload (taken out of the table), or ``data`` itself when it is no token."""
-    if type(data) is bytes and len(data) == _TOKEN_LEN and data.startswith(_MAGIC):
-        try:
-            return _PAYLOADS.pop(data)
-        except KeyError:
-            raise RuntimeError("beam_speedups: a data-plane payload was read twice or lost") from None
-    return data
-
-
-def pending() -> int:
-    """Payloads parked and not yet read (0 between bundles)."""
-    return len(_PAYLOADS)
-
-
-def _patch(owner, name: str, new) -> None:
-    if (owner, name) not in _SAVED:
-        _SAVED[owner, name] = owner.__dict__[name]
-    setattr(owner, name, new)
-
-
-def _original(owner, name: str):
-    return _SAVED.get((owner, name), owner.__dict__[name])
-
-
-def _scoped(owner, name: str, on: bool) -> None:
-    """Wrap ``owner.name`` so that this thread's token scope is ``on`` while it runs."""
-    orig = _original(owner, name)
-
-    def wrapper(self, *args, **kwargs):
-        prev = getattr(_SCOPE, "on", False)
-        _SCOPE.on = on
-        try:
-            return orig(self, *args, **kwargs)
-        finally:
-            _SCOPE.on = prev
-
-    wrapper.__wrapped__ = orig
-    _patch(owner, name, wrapper)
-
-
-def _resolving(owner, name: str) -> None:
-    """Wrap ``owner.name(self, data)`` so that it receives a token's payload."""
-    orig = _original(owner, name)
-
-    def wrapper(self, data):
-        return orig(self, resolve(data))
-
-    wrapper.__wrapped__ = orig
-    _patch(owner, name, wrapper)
-
-
-def install_plane() -> None:
-    from apache_beam.portability.api import beam_fn_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import execution, fn_runner
-    from apache_beam.runners.worker import bundle_processor, data_plane
-
-    data_message = beam_fn_api_pb2.Elements.Data
-    channel = data_plane.InMemoryDataChannel
-    create_stream = data_plane.ClosableOutputStream.create
-    send = _original(fn_runner.BundleManager, "_send_input_to_worker")
-    output_stream = _original(channel, "output_stream")
-
-    def send_input(self, process_bundle_id, read_transform_id, byte_streams):
-        conn = self._worker_handler.data_conn
-        if type(conn) is not channel:
-            return send(self, process_bundle_id, read_transform_id, byte_streams)
-        inputs = conn.inverse()._inputs
-        for chunk in byte_streams or ():
-            if len(chunk):  # Beam's one message holds them all; an empty one is skipped by its reader
-                payload = chunk if type(chunk) is bytes else bytes(chunk)
-                inputs.append(
-                    data_message(instruction_id=process_bundle_id, transform_id=read_transform_id, data=token(payload))
-                )
-        return None
-
-    def tokenized_stream(self, instruction_id, transform_id):
-        if not getattr(_SCOPE, "on", False):
-            return output_stream(self, instruction_id, transform_id)
-        inputs = self._inverse._inputs
-
-        def add_to_inverse_output(data):
-            if getattr(_SCOPE, "on", False) and data:
-                data = token(data)
-            inputs.append(data_message(instruction_id=instruction_id, transform_id=transform_id, data=data))
-
-        return create_stream(add_to_inverse_output, add_to_inverse_output, self._data_buffer_time_limit_ms)
-
-    send_input.__wrapped__, tokenized_stream.__wrapped__ = send, output_stream
-    _scoped(fn_runner.BundleManager, "process_bundle", True)
-    _scoped(execution.GroupingBuffer, "partition", False)
-    _patch(fn_runner.BundleManager, "_send_input_to_worker", send_input)
-    _patch(channel, "output_stream", tokenized_stream)
-    for owner, name in (
-        (bundle_processor.DataInputOperation, "process_encoded"),
-        (execution.ListBuffer, "append"),
-        (execution.GroupingBuffer, "append"),
-    ):
-        _resolving(owner, name)
-
-
-def unsample(ops) -> int:
-    """Turn off the size estimate of every output counter of ``ops`` (a BundleProcessor's
-    operations) that type-checks nothing; -> how many were turned off."""
-    n = 0
-    for op in ops:
-        for receiver in getattr(op, "receivers", None) or ():
-            counter = getattr(receiver, "opcounter", None)
-            if counter is None or counter.output_type_constraints or counter.coder_impl is None:
-                continue
-            counter.coder_impl = None  # OperationCounters._should_sample: no coder, no sample
-            n += 1
-    return n
-
-
-def install_sizes() -> None:
-    from apache_beam.runners.worker import bundle_processor
-
-    cls = bundle_processor.BundleProcessor
-    init = _original(cls, "__init__")
-
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        unsample(self.ops.values())
-
-    __init__.__wrapped__ = init
-    _patch(cls, "__init__", __init__)
-
-
-PATCHES = {"plane": install_plane, "sizes": install_sizes}
-
-
-def install_runner(names) -> None:
-    """Install the named runner patches not installed yet."""
-    for name in names:
-        if name in PATCHES and name not in _INSTALLED:
-            PATCHES[name]()
-            _INSTALLED.add(name)
-
-
-def uninstall_runner() -> None:
-    """Beam's own runner methods again (tests); parked payloads are dropped."""
-    for (owner, name), value in _SAVED.items():
-        setattr(owner, name, value)
-    _SAVED.clear()
-    _INSTALLED.clear()
-    _PAYLOADS.clear()

@@ -1,4 +1,4 @@
-"""pipeline.beam_speedups, its runner patches: the in-process runner with its data plane passing payloads by token and
+"""pipeline.beam_speedups_runner: the in-process runner with its data plane passing payloads by token and
 size sampling off gives the same elements in the same order as Beam's own, on every path a
 memsieve graph takes (GroupByKey, CoGroupByKey, side inputs, Flatten, combiners, state, merging
 windows, elements above the 10 MB flush size), parks nothing past a run, and stays off when
@@ -8,14 +8,15 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pytest
-from apache_beam.coders import VarIntCoder
+from apache_beam.coders import VarIntCoder, coders
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import execution
 from apache_beam.runners.worker import bundle_processor, data_plane
-from apache_beam.transforms import window
+from apache_beam.transforms import core, window
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline import beam_speedups
+from pipeline import beam_speedups, beam_speedups_runner
 
 SEEN: dict[str, list] = {}
 COUNT = ReadModifyWriteStateSpec("count", VarIntCoder())
@@ -102,14 +103,14 @@ def _graph(p):
 
 def _run(names) -> dict[str, list]:
     SEEN.clear()
-    beam_speedups.install_runner(names)
+    beam_speedups_runner.install_runner(names)
     try:
         with beam.Pipeline(options=PipelineOptions(["--direct_num_workers=1"])) as p:
             _graph(p)
-        assert beam_speedups.pending() == 0  # every parked payload was taken back
+        assert beam_speedups_runner.pending() == 0  # every parked payload was taken back
         return dict(SEEN)
     finally:
-        beam_speedups.uninstall_runner()
+        beam_speedups_runner.uninstall_runner()
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +120,17 @@ def beams_own():
 
 def test_same_elements_in_the_same_order(beams_own):
     counted = {"n": 0}
-    token = beam_speedups.token
+    token = beam_speedups_runner.token
 
     def counting_token(payload):
         counted["n"] += 1
         return token(payload)
 
-    beam_speedups.token = counting_token
+    beam_speedups_runner.token = counting_token
     try:
-        patched = _run(["plane", "sizes"])
+        patched = _run(["group", "plane", "sizes"])
     finally:
-        beam_speedups.token = token
+        beam_speedups_runner.token = token
     assert counted["n"] > 20  # the patch carried the payloads
     assert (
         set(patched)
@@ -142,19 +143,56 @@ def test_same_elements_in_the_same_order(beams_own):
 
 
 def test_each_patch_alone(beams_own):
-    for names in (["plane"], ["sizes"]):
+    for names in (["group"], ["plane"], ["sizes"], ["plane", "group"]):
         assert _run(names) == beams_own
+
+
+def _grouping_buffer(windowing):
+    lp = coders.LengthPrefixCoder(coders.BytesCoder())
+    pre = coders.WindowedValueCoder(coders.TupleCoder([lp, lp]), windowing.windowfn.get_window_coder())
+    post = coders.WindowedValueCoder(
+        coders.TupleCoder([lp, coders.IterableCoder(lp)]), windowing.windowfn.get_window_coder()
+    )
+    buf = execution.GroupingBuffer(pre, post, windowing)
+    rng = np.random.default_rng(0)
+    impl = pre.get_impl()
+    for _ in range(3):
+        elements = [
+            WindowedValue(
+                (b"k%d" % rng.integers(40), rng.bytes(int(rng.integers(0, 3000)))),
+                int(rng.integers(0, 100)),
+                [window.IntervalWindow(0, 50)],
+            )
+            for _ in range(400)
+        ]
+        buf.append(b"".join(impl.encode_nested(e) for e in elements))
+    return buf, post.get_impl()
+
+
+@pytest.mark.parametrize("windowing", [core.Windowing(window.GlobalWindows()), core.Windowing(window.FixedWindows(50))])
+def test_partition_same_groups_same_parts(monkeypatch, windowing):
+    monkeypatch.setattr(beam_speedups_runner, "_CHUNK", 5000)  # many chunks
+    for n in (1, 3):
+        theirs, decoder = _grouping_buffer(windowing)
+        ours, _ = _grouping_buffer(windowing)
+        expected = theirs.partition(n)
+        got = beam_speedups_runner._partition(ours, n)
+        assert len(got) == len(expected) == n
+        assert sum(len(part) for part in got) > n  # cut into chunks
+        for mine, beams in zip(got, expected, strict=True):
+            assert list(decoder.decode_all(b"".join(mine))) == list(decoder.decode_all(b"".join(beams)))
+        assert not ours._table and beam_speedups_runner._partition(ours, n) is got  # released, then cached
 
 
 def test_resolve_and_token():
     payload = b"x" * 100
-    t = beam_speedups.token(payload)
+    t = beam_speedups_runner.token(payload)
     assert len(t) == 40 and t != payload
-    assert beam_speedups.resolve(b"not a token") == b"not a token"
-    assert beam_speedups.resolve(t) is payload
+    assert beam_speedups_runner.resolve(b"not a token") == b"not a token"
+    assert beam_speedups_runner.resolve(t) is payload
     with pytest.raises(RuntimeError, match="read twice"):
-        beam_speedups.resolve(t)
-    assert beam_speedups.pending() == 0
+        beam_speedups_runner.resolve(t)
+    assert beam_speedups_runner.pending() == 0
 
 
 def test_uninstall_restores_beam():
@@ -164,10 +202,10 @@ def test_uninstall_restores_beam():
         data_plane.InMemoryDataChannel.output_stream,
         bundle_processor.BundleProcessor.__init__,
     )
-    beam_speedups.install_runner(["plane", "sizes"])
-    beam_speedups.install_runner(["plane", "sizes"])  # idempotent: one wrapper, not two
+    beam_speedups_runner.install_runner(["plane", "sizes"])
+    beam_speedups_runner.install_runner(["plane", "sizes"])  # idempotent: one wrapper, not two
     assert execution.ListBuffer.append.__wrapped__ is before[1]
-    beam_speedups.uninstall_runner()
+    beam_speedups_runner.uninstall_runner()
     after = (
         bundle_processor.DataInputOperation.process_encoded,
         execution.ListBuffer.append,
@@ -184,13 +222,13 @@ class BadOutput(beam.DoFn):
 
 def test_type_checked_outputs_keep_sampling():
     """--performance_runtime_type_check checks sampled outputs: still caught with the patch."""
-    beam_speedups.install_runner(["sizes"])
+    beam_speedups_runner.install_runner(["sizes"])
     try:
         with pytest.raises(Exception, match="Type"):
             with beam.Pipeline(options=PipelineOptions(["--performance_runtime_type_check"])) as p:
                 _ = p | beam.Create(range(5)) | beam.ParDo(BadOutput()).with_output_types(int) | beam.Map(lambda x: x)
     finally:
-        beam_speedups.uninstall_runner()
+        beam_speedups_runner.uninstall_runner()
 
 
 def test_switch(monkeypatch):
@@ -199,7 +237,7 @@ def test_switch(monkeypatch):
     monkeypatch.setenv("MEMSIEVE_BEAM_SPEEDUPS", "sizes, inspect,bogus")
     assert beam_speedups.enabled() == ["inspect", "sizes"]
     monkeypatch.delenv("MEMSIEVE_BEAM_SPEEDUPS")
-    assert beam_speedups.enabled() == ["inspect", "plane", "sizes"]
+    assert beam_speedups.enabled() == ["inspect", "group", "plane", "sizes"]
     monkeypatch.setenv("MEMSIEVE_BEAM_SPEEDUPS", "off")
     original = execution.ListBuffer.append
     beam_speedups.install()
