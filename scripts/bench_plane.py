@@ -82,13 +82,34 @@ def _read_pcolls(bcm) -> dict[str, tuple[str, str]]:
     return out
 
 
+_SAVED: dict[tuple[object, str], object] = {}
+
+
+def _wrap(owner, name: str, make) -> None:
+    """``owner.name = make(current owner.name)``, the current one kept for ``uninstall``."""
+    current = owner.__dict__[name]
+    _SAVED.setdefault((owner, name), current)
+    setattr(owner, name, make(current))
+
+
+def uninstall() -> None:
+    """The runner's methods as they were before ``install``; the counters are cleared."""
+    for (owner, name), value in _SAVED.items():
+        setattr(owner, name, value)
+    _SAVED.clear()
+    for table in (STAGES, PCOLLS, CODERS):
+        table.clear()
+
+
 def install() -> None:
-    """Wrap the runner's methods with counters (idempotent within a process: call once)."""
+    """Wrap the runner's methods with counters (once; ``uninstall`` takes them off)."""
     from apache_beam.runners.portability.fn_api_runner import execution, fn_runner
     from apache_beam.runners.worker import bundle_processor
 
+    if _SAVED:
+        return
     bm = fn_runner.BundleManager
-    orig_process, orig_send = bm.process_bundle, bm._send_input_to_worker
+    orig_process, orig_send = bm.__dict__["process_bundle"], bm.__dict__["_send_input_to_worker"]
 
     def process_bundle(self, inputs, *args, **kwargs):
         stage = self.bundle_context_manager.stage.name
@@ -104,24 +125,23 @@ def install() -> None:
             _CURRENT.update(previous)
 
     def send(self, process_bundle_id, read_transform_id, byte_streams):
-        t0 = time.perf_counter()
-        chunks = list(byte_streams or [])
+        chunks = list(byte_streams or [])  # a GroupingBuffer partitions here (timed as group_s)
         t1 = time.perf_counter()
         n = sum(len(c) for c in chunks)
         name, coder = _CURRENT["pcolls"].get(read_transform_id, (read_transform_id, "?"))
         STAGES[_CURRENT["stage"]]["in_bytes"] += n
-        STAGES[_CURRENT["stage"]]["group_s"] += t1 - t0  # a GroupingBuffer partitions when iterated
         PCOLLS[name]["bytes"] += n
         PCOLLS[name]["chunks"] += len(chunks)
         CODERS[name] = coder
         orig_send(self, process_bundle_id, read_transform_id, chunks)
         STAGES[_CURRENT["stage"]]["send_s"] += time.perf_counter() - t1
 
-    bm.process_bundle, bm._send_input_to_worker = process_bundle, send
+    _wrap(bm, "process_bundle", lambda _: process_bundle)
+    _wrap(bm, "_send_input_to_worker", lambda _: send)
     for cls in (execution.ListBuffer, execution.GroupingBuffer):
         _timed(cls, "append", "collect_s")
     _timed(execution.GroupingBuffer, "partition", "group_s")
-    orig_encoded = bundle_processor.DataInputOperation.process_encoded
+    orig_encoded = bundle_processor.DataInputOperation.__dict__["process_encoded"]
 
     def process_encoded(self, encoded):
         before = self.index
@@ -132,20 +152,21 @@ def install() -> None:
             PCOLLS[name]["elements"] += self.index - before
             STAGES[_CURRENT["stage"]]["in_elements"] += self.index - before
 
-    bundle_processor.DataInputOperation.process_encoded = process_encoded
+    _wrap(bundle_processor.DataInputOperation, "process_encoded", lambda _: process_encoded)
 
 
 def _timed(cls, method: str, key: str) -> None:
-    orig = getattr(cls, method)
+    def make(orig):
+        def wrapper(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                STAGES[_CURRENT["stage"]][key] += time.perf_counter() - t0
 
-    def wrapper(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return orig(self, *args, **kwargs)
-        finally:
-            STAGES[_CURRENT["stage"]][key] += time.perf_counter() - t0
+        return wrapper
 
-    setattr(cls, method, wrapper)
+    _wrap(cls, method, make)
 
 
 def report(top: int) -> str:
