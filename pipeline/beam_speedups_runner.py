@@ -31,13 +31,15 @@ of them:
   ``--performance_runtime_type_check`` check the sampled elements: those counters keep
   sampling). Element counts stay.
 
-``install_runner(names)`` installs the named patches (idempotent); ``uninstall_runner()``
-restores Beam's own methods. ``pipeline.beam_speedups.install()`` calls it for a run.
+``install_runner(names)`` installs the named patches (idempotent; on Beam 2.77 only, whose
+internals they replace); ``uninstall_runner()`` restores Beam's own methods.
+``pipeline.beam_speedups.install()`` calls it for a run.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 
@@ -251,8 +253,20 @@ def install_group() -> None:
 PATCHES = {"group": install_group, "plane": install_plane, "sizes": install_sizes}
 
 
+BEAM_VERSION = "2.77."  # the internals these patches replace are this release's
+
+
 def install_runner(names) -> None:
-    """Install the named runner patches not installed yet."""
+    """Install the named runner patches not installed yet (none on another Beam release)."""
+    import apache_beam
+
+    if names and not apache_beam.__version__.startswith(BEAM_VERSION):
+        logging.getLogger(__name__).warning(
+            "beam_speedups: Beam %s, not %sx: the runner patches are not installed",
+            apache_beam.__version__,
+            BEAM_VERSION,
+        )
+        return
     for name in names:
         if name in PATCHES and name not in _INSTALLED:
             PATCHES[name]()

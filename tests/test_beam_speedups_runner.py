@@ -245,3 +245,15 @@ def test_switch(monkeypatch):
         assert execution.ListBuffer.append is original
     finally:
         beam_speedups.uninstall()
+
+
+def test_other_beam_release_gets_no_patch(monkeypatch):
+    import apache_beam
+
+    original = execution.ListBuffer.append
+    monkeypatch.setattr(apache_beam, "__version__", "2.78.0")
+    beam_speedups_runner.install_runner(["group", "plane", "sizes"])
+    try:
+        assert execution.ListBuffer.append is original and not beam_speedups_runner._SAVED
+    finally:
+        beam_speedups_runner.uninstall_runner()
