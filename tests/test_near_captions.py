@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from transforms.captions import minhash_bands
-from transforms.near_captions import _band_groups, _word_sets, band_mix, minhash_rows, near_captions
+from transforms.near_captions import _band_groups, _word_sets, band_mix, bucket_entries, minhash_rows, near_captions
 from transforms.trigger_captions import MAX_BAND, band_entries, near_in_bands, near_norms
 
 
@@ -110,7 +110,8 @@ def test_word_sets_and_a_set_of_several_captions(monkeypatch):
     assert again[0].tolist() == [0, 0, 1, 2, 0, 3] and np.diff(again[1]).tolist() == [2, 1, 0, 2]
     # two captions of one word set are near each other (Jaccard 1) in a band of few records
     norms = ["a b c d", "d c b a", "x"]
-    got = near_captions(norms, np.array([1, 1, 1]), minhash_rows(norms), 0, 1, MAX_BAND)
+    ((_, rows, at, bands, values),) = bucket_entries(minhash_rows(norms), 1)
+    got = near_captions([norms[i] for i in rows], np.array([1, 1, 1]), at, bands, values, MAX_BAND)
     assert got == ["a b c d", "d c b a"]
 
 

@@ -18,6 +18,8 @@ sets is ever listed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 NUM_PERM, BANDS, SEED = 64, 16, 1
@@ -26,26 +28,27 @@ _PRIME = np.uint64(0x100000001B3)
 
 
 _OTHER_SPACE = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c != " ")  # no space >= U+3001
+_IRREGULAR = "^ | $|  |[" + "".join(f"\\x{{{ord(c):x}}}" for c in _OTHER_SPACE) + "]"  # RE2
 
 
-def _single_spaced(norms: list[str]) -> bool:
-    """Whether every caption's ``split()`` is its ``split(" ")`` (less the empty caption's "")."""
-    text = "\x00".join(norms)
-    ends = ("  ", "\x00 ", " \x00")
-    return not (text[:1] == " " or text[-1:] == " " or any(e in text for e in ends + _OTHER_SPACE))
-
-
-def split_words(norms: list[str]):
-    """Captions -> (offsets, word ids, vocabulary): each caption's distinct words (``split()``)
-    as sorted ids, CSR. Captions spaced by single spaces are split by Arrow; others in Python."""
-    if not norms:
-        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), []
-    if not _single_spaced(norms):
-        return _split_words_py(norms)
+def split_words(norms):
+    """Captions (a list or an Arrow string array) -> (offsets, word ids, vocabulary): each
+    caption's distinct words (``split()``) as sorted ids, CSR. Captions spaced by single spaces
+    are split by Arrow; others in Python."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    lists = pc.split_pattern(pa.array(norms, type=pa.large_string()), pattern=" ")
+    if not len(norms):
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), []
+    texts = norms
+    if isinstance(texts, list):
+        try:
+            texts = pa.array(norms, type=pa.large_string())
+        except (pa.ArrowException, UnicodeError):  # e.g. a lone surrogate
+            return _split_words_py(norms)
+    if pc.any(pc.match_substring_regex(texts, _IRREGULAR)).as_py():
+        return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
+    lists = pc.split_pattern(texts, pattern=" ")
     pieces = lists.flatten()
     encoded = pieces.dictionary_encode()
     vocab = encoded.dictionary.to_pylist()
@@ -91,21 +94,41 @@ def minhash_rows(norms: list[str]) -> np.ndarray:
 def band_mix(hv: np.ndarray) -> np.ndarray:
     """MinHash rows -> a stable 64-bit hash of each band key (rows x BANDS): the band number
     and the band's values."""
-    if hv.dtype == np.uint32 and ROWS % 2 == 0:  # two values a word: half the multiplies
-        values = np.ascontiguousarray(hv).view(np.uint64).reshape(len(hv), BANDS, ROWS // 2)
+    return entry_mix(np.arange(BANDS), hv.reshape(len(hv), BANDS, ROWS))
+
+
+def entry_mix(bands: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Band numbers (broadcast against ``values``' leading axes) and band values (..., ROWS)
+    -> ``band_mix`` of each."""
+    if values.dtype == np.uint32 and ROWS % 2 == 0:  # two values a word: half the multiplies
+        values = np.ascontiguousarray(values).view(np.uint64)
     else:
-        values = hv.astype(np.uint64).reshape(len(hv), BANDS, ROWS)
-    mix = np.broadcast_to(np.arange(1, BANDS + 1, dtype=np.uint64), values.shape[:2]).copy()
-    for j in range(values.shape[2]):
+        values = values.astype(np.uint64)
+    mix = np.broadcast_to(np.asarray(bands).astype(np.uint64) + np.uint64(1), values.shape[:-1]).copy()
+    for j in range(values.shape[-1]):
         mix *= _PRIME
-        mix += values[:, :, j]  # wraps mod 2**64: deterministic
+        mix += values[..., j]  # wraps mod 2**64: deterministic
         mix ^= mix >> np.uint64(29)
     return mix
 
 
-def band_buckets(hv: np.ndarray, n: int) -> np.ndarray:
-    """MinHash rows -> the bucket of each of their band keys (rows x BANDS)."""
-    return ((band_mix(hv) >> np.uint64(1)) % np.uint64(max(1, n))).astype(np.int64)
+def bucket_entries(hv: np.ndarray, n: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """MinHash rows -> per bucket of band keys (of ``n``): (bucket, the rows with a band key
+    there, the keys' rows among those (int32), their bands (uint8), their values (keys x ROWS))."""
+    mix = band_mix(hv)
+    buckets = ((mix >> np.uint64(1)) % np.uint64(max(1, n))).astype(np.int64).ravel()
+    order = np.argsort(buckets, kind="stable")  # by bucket, then row, then band
+    bounds = np.searchsorted(buckets[order], np.arange(max(1, n) + 1))
+    values = hv.reshape(len(hv), BANDS, ROWS)
+    for b in range(max(1, n)):
+        at = order[bounds[b] : bounds[b + 1]]
+        if not len(at):
+            continue
+        row, band = at // BANDS, at % BANDS
+        here = np.zeros(len(hv), dtype=bool)
+        here[row] = True
+        local = np.cumsum(here, dtype=np.int64) - 1
+        yield b, np.flatnonzero(here), local[row].astype(np.int32), band.astype(np.uint8), values[row, band]
 
 
 def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,13 +138,24 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
     m = mix[order]
     new = np.ones(len(order), dtype=bool)
     new[1:] = m[1:] != m[:-1]
-    same = np.flatnonzero(~new[1:])  # entries i, i + 1 (in order) with one hash
-    x, y = order[same], order[same + 1]
-    if (k_idx[x] != k_idx[y]).any() or (vals[x] != vals[y]).any():  # two keys, one hash: by the keys
+    if len(order) and not _one_key_a_hash(order, new, vals, k_idx):  # two keys, one hash: by the keys
         order = np.lexsort(tuple(vals[:, j] for j in reversed(range(vals.shape[1]))) + (k_idx,))
         k, v = k_idx[order], vals[order]
         new[1:] = (k[1:] != k[:-1]) | (v[1:] != v[:-1]).any(axis=1)
     return order, new
+
+
+def _one_key_a_hash(order: np.ndarray, new: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> bool:
+    """Whether the entries of each run of one hash (``order``, ``new``) hold one key: neighbours
+    in a run compared (the values as 64-bit words where they pack)."""
+    if vals.dtype == np.uint32 and vals.shape[1] % 2 == 0:
+        vals = np.ascontiguousarray(vals).view(np.uint64)
+    apart = new[1:]
+    for col in (k_idx, *(np.ascontiguousarray(vals[:, j]) for j in range(vals.shape[1]))):
+        c = col[order]  # one column at a time: a 1-D gather
+        if not ((c[1:] == c[:-1]) | apart).all():
+            return False
+    return True
 
 
 def _word_sets(norms: list[str]):
@@ -225,31 +259,17 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     return a[exact], b[exact]
 
 
-def near_sets(set_count, set_caps, set_hv, offsets, words, v, bucket: int, n: int, max_band: int) -> np.ndarray:
-    """Per word set: near (see the module) by the bands of ``bucket`` of ``n``."""
-    s_n = len(set_count)
-    mix = band_mix(set_hv)
-    s_idx, k_idx = np.nonzero((mix >> np.uint64(1)) % np.uint64(max(1, n)) == np.uint64(bucket))
-    near = np.zeros(s_n, dtype=bool)
-    if not len(s_idx):
-        return near
-    vals = set_hv.reshape(s_n, BANDS, ROWS)[s_idx, k_idx]
-    order, new = _band_groups(mix[s_idx, k_idx], vals, k_idx)
-    s_idx, k_idx = s_idx[order], k_idx[order]
-    gid = np.cumsum(new) - 1
-    starts = np.flatnonzero(new)
-    eligible = (np.add.reduceat(set_count[s_idx], starts) <= max_band) & (np.add.reduceat(set_caps[s_idx], starts) >= 2)
-    ok = eligible[gid]
-    some = np.zeros(s_n, dtype=bool)
-    some[s_idx[ok]] = True  # sets with an eligible band here: the only ones that can be near
-    near = some & (set_caps >= 2)  # one set's own captions: any eligible band
-    groups = np.full((s_n, BANDS), -1, dtype=np.int32)
-    groups[s_idx, k_idx] = np.where(ok, gid, -1)  # -1: no band here, or not eligible
-    a, b = _subset_pairs(offsets, words, v, some)
+def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
+    """Per word set (each with an eligible band here): near (see the module). ``s_idx``,
+    ``k_idx``, ``gid``: the sets' eligible band entries (set, band, group), grouped by ``gid``."""
+    near = set_caps >= 2  # one set's own captions: any eligible band
+    groups = np.full((len(set_caps), BANDS), -1, dtype=np.int64)
+    groups[s_idx, k_idx] = gid  # -1: no eligible band here
+    a, b = _subset_pairs(offsets, words, v, np.ones(len(set_caps), dtype=bool))
     share = ((groups[a] == groups[b]) & (groups[a] >= 0)).any(axis=1)
     near[a[share]] = near[b[share]] = True
     sizes = np.diff(offsets)
-    for a, b in _large_pairs(s_idx[ok], gid[ok], sizes):
+    for a, b in _large_pairs(s_idx, gid, sizes):
         open_ = ~(near[a] & near[b])  # a pair of near sets cannot add one
         a, b = a[open_], b[open_]
         hit = 9 * _intersections(a, b, offsets, words, v) >= 4 * (sizes[a] + sizes[b])
@@ -290,28 +310,82 @@ def _large_pairs(members: np.ndarray, gid: np.ndarray, sizes: np.ndarray, chunk:
         yield _decoded(codes, len(sizes))
 
 
+def _marked(ids: np.ndarray, n: int) -> np.ndarray:
+    """The distinct ids (< n), sorted (``np.unique`` without its sort)."""
+    mark = np.zeros(n, dtype=bool)
+    mark[ids] = True
+    return np.flatnonzero(mark)
+
+
 def _decoded(codes: list, n: int):
-    code = np.unique(np.concatenate(codes))
+    code = np.sort(np.concatenate(codes))
+    code = code[np.append(True, code[1:] != code[:-1])] if len(code) else code
     return code // n, code % n
 
 
-def near_captions(norms: list[str], counts: np.ndarray, hv: np.ndarray, bucket: int, n: int, max_band: int):
-    """Entries (caption, its records, its MinHash; a caption may repeat) of one bucket -> the
-    sorted near captions by that bucket's bands."""
-    index: dict[str, int] = {}
-    cap_of = np.fromiter((index.setdefault(t, len(index)) for t in norms), dtype=np.int64, count=len(norms))
-    if not index:
+def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray, values: np.ndarray, max_band: int):
+    """One bucket's captions (a caption may repeat), their records, and its band keys (their
+    caption's row in ``norms``, band number, band values) -> the sorted near captions by them.
+    Only captions with a band key of >= 2 captions and <= ``max_band`` records are split into
+    words."""
+    cap_of, distinct = _caption_ids(norms)
+    if not len(distinct):
         return []
-    distinct = list(index)
-    first = _firsts(cap_of)
     cap_count = np.bincount(cap_of, weights=counts, minlength=len(distinct)).astype(np.int64)
-    cap_set, offsets, words, v = _word_sets(distinct)
-    s_n = len(offsets) - 1
-    set_first = _firsts(cap_set)
-    set_count = np.bincount(cap_set, weights=cap_count, minlength=s_n).astype(np.int64)
-    set_caps = np.bincount(cap_set, minlength=s_n)
-    near = near_sets(set_count, set_caps, hv[first[set_first]], offsets, words, v, bucket, n, max_band)
-    return sorted(distinct[i] for i in np.flatnonzero(near[cap_set]))
+    once = np.zeros(len(cap_of), dtype=bool)
+    once[_firsts(cap_of)] = True
+    keep = once[rows]  # each caption's keys once
+    cap, band, vals = cap_of[rows[keep]], bands[keep], values[keep]
+    order, new = _band_groups(entry_mix(band, vals), vals, band)
+    cap, band = cap[order], band[order]
+    starts = np.flatnonzero(new)
+    gid = np.cumsum(new) - 1
+    size = np.diff(np.append(starts, len(cap)))
+    eligible = (np.add.reduceat(cap_count[cap], starts) <= max_band) & (size >= 2) if len(cap) else new[:0]
+    ok = eligible[gid]
+    cand = _marked(cap[ok], len(distinct))
+    if not len(cand):
+        return []
+    local = np.full(len(distinct), -1, dtype=np.int64)
+    local[cand] = np.arange(len(cand))
+    texts = _take(distinct, cand)
+    cap_set, offsets, words, v = _word_sets(texts)
+    rep = np.zeros(len(cand), dtype=bool)
+    rep[_firsts(cap_set)] = True  # a set's keys: those of its first caption
+    c = local[cap[ok]]
+    on = rep[c]
+    near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[ok][on], gid[ok][on], offsets, words, v)
+    return _sorted_texts(texts, np.flatnonzero(near[cap_set]))
+
+
+def _caption_ids(norms):
+    """Captions -> (int64 id of each, numbered in order of first appearance; the distinct
+    captions: an Arrow array, or a list where Arrow does not take the text)."""
+    import pyarrow as pa
+
+    try:
+        encoded = pa.array(norms, type=pa.large_string()).dictionary_encode()
+    except (pa.ArrowException, UnicodeError):  # e.g. a lone surrogate
+        index: dict[str, int] = {}
+        ids = np.fromiter((index.setdefault(t, len(index)) for t in norms), dtype=np.int64, count=len(norms))
+        return ids, list(index)
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary
+
+
+def _take(texts, idx: np.ndarray):
+    if isinstance(texts, list):
+        return [texts[i] for i in idx.tolist()]
+    return texts.take(idx)
+
+
+def _sorted_texts(texts, idx: np.ndarray) -> list[str]:
+    """The texts at ``idx``, sorted (code point order; Arrow sorts UTF-8 bytes, the same)."""
+    if isinstance(texts, list):
+        return sorted(texts[i] for i in idx.tolist())
+    import pyarrow.compute as pc
+
+    picked = texts.take(idx)
+    return picked.take(pc.sort_indices(picked)).to_pylist()
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:

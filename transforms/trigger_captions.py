@@ -23,7 +23,7 @@ import apache_beam as beam
 
 from transforms.captions import skeleton_of_norm
 from transforms.key_batches import bucket_of, grouped
-from transforms.near_captions import band_buckets, minhash_rows, near_captions
+from transforms.near_captions import bucket_entries, minhash_rows, near_captions
 from transforms.trigger_records import column
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
@@ -70,18 +70,16 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
 
 
 def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
-    """A record batch -> (bucket, (captions, their records, their MinHash rows)): each distinct
-    normalized caption of the batch once per bucket that holds one of its band keys."""
+    """A record batch -> (bucket, (captions, their records, keys' caption rows, keys' bands,
+    keys' values)): each distinct normalized caption of the batch once per bucket that holds
+    one of its band keys, with its band keys there (not its whole MinHash)."""
     import numpy as np
 
     counts = sorted(Counter(column(batch, "norm")).items())
     norms = [norm for norm, _ in counts]
     records = np.array([c for _, c in counts], dtype=np.int64)
-    hv = minhash_rows(norms)
-    buckets = band_buckets(hv, n)
-    for b in np.unique(buckets).tolist():
-        rows = np.flatnonzero((buckets == b).any(axis=1))
-        yield b, ([norms[i] for i in rows.tolist()], records[rows], hv[rows])
+    for b, rows, at, bands, values in bucket_entries(minhash_rows(norms), n):
+        yield b, ([norms[i] for i in rows.tolist()], records[rows], at, bands, values)
 
 
 def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
@@ -90,14 +88,15 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
     (``transforms.near_captions``)."""
     import numpy as np
 
-    bucket, parts = item
+    _, parts = item
     parts = list(parts)
     if not parts:
         return
     norms = [norm for part in parts for norm in part[0]]
-    counts = np.concatenate([part[1] for part in parts])
-    hv = np.concatenate([part[2] for part in parts])
-    near = near_captions(norms, counts, hv, bucket, n, MAX_BAND)
+    start = np.cumsum([0] + [len(part[0]) for part in parts[:-1]])
+    rows = np.concatenate([part[2].astype(np.int64) + s for part, s in zip(parts, start.tolist(), strict=True)])
+    counts, bands, values = (np.concatenate([part[j] for part in parts]) for j in (1, 3, 4))
+    near = near_captions(norms, counts, rows, bands, values, MAX_BAND)
     yield from _near_marks(near, n)
 
 
