@@ -35,17 +35,13 @@ def split_words(norms):
     """Captions (a list or an Arrow string array) -> (offsets, word ids, vocabulary): each
     caption's distinct words (``split()``) as sorted ids, CSR. Captions spaced by single spaces
     are split by Arrow; others in Python."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     if not len(norms):
         return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), []
-    texts = norms
+    texts = as_texts(norms)
     if isinstance(texts, list):
-        try:
-            texts = pa.array(norms, type=pa.large_string())
-        except (pa.ArrowException, UnicodeError):  # e.g. a lone surrogate
-            return _split_words_py(norms)
+        return _split_words_py(texts)
     if pc.any(pc.match_substring_regex(texts, _IRREGULAR)).as_py():
         return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
     lists = pc.split_pattern(texts, pattern=" ")
@@ -74,7 +70,7 @@ def _split_words_py(norms: list[str]):
     return np.asarray(offsets, dtype=np.int64), np.asarray(ids, dtype=np.int64), list(vocab)
 
 
-def minhash_rows(norms: list[str]) -> np.ndarray:
+def minhash_rows(norms) -> np.ndarray:
     """Normalized captions -> their MinHash values (len x NUM_PERM, datasketch's exactly: the
     element-wise minimum of the words' one-word MinHashes; no word gives the empty MinHash)."""
     from transforms.captions import _word_vector
@@ -85,9 +81,16 @@ def minhash_rows(norms: list[str]) -> np.ndarray:
         return np.tile(empty, (len(norms), 1))
     table = np.stack([_word_vector(w, NUM_PERM, SEED) for w in vocab])
     sizes = np.diff(offsets)
-    some = np.flatnonzero(sizes)
+    order = np.argsort(-sizes, kind="stable")  # by size, largest first
+    down = -sizes[order]
+    some = int(np.searchsorted(down, 0))  # captions with a word
+    start = offsets[:-1][order[:some]]
+    acc = table[ids[start]]
+    for j in range(1, int(-down[0]) if some else 0):  # the j-th word of the captions that have one
+        c = int(np.searchsorted(down, -j))
+        np.minimum(acc[:c], table[ids[start[:c] + j]], out=acc[:c])
     out = np.tile(empty, (len(norms), 1))
-    out[some] = np.minimum.reduceat(table[ids], offsets[:-1][some], axis=0)
+    out[order[:some]] = acc
     return out
 
 
@@ -223,8 +226,26 @@ def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.
     return np.bincount(owner[found], minlength=len(a))
 
 
+def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Whether set A's sorted words are set B's less B's j-th (pairs with b = a + 1)."""
+    la = np.diff(offsets)[a]
+    owner = np.repeat(np.arange(len(a)), la)
+    t = np.arange(int(la.sum())) - np.repeat(np.cumsum(la) - la, la)  # position in A
+    wa = words[offsets[a][owner] + t]
+    wb = words[offsets[b][owner] + t + (t >= j[owner])]
+    return np.bincount(owner[wa != wb], minlength=len(a)) == 0
+
+
 def _equal_join(keys: np.ndarray, query: np.ndarray):
-    """-> (query index, key index) for every equal pair."""
+    """-> (query index, key index) for every equal pair: by a hash table where the keys are
+    distinct, else by sorting them."""
+    import pandas as pd
+
+    index = pd.Index(keys)
+    if index.is_unique:
+        ki = index.get_indexer(query)
+        qi = np.flatnonzero(ki >= 0)
+        return qi, ki[qi]
     order = np.argsort(keys)
     sk = keys[order]
     lo = np.searchsorted(sk, query, "left")
@@ -252,10 +273,10 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     owner = np.repeat(big, nb)
     pos = np.repeat(offsets[big] - np.cumsum(nb) + nb, nb) + np.arange(int(nb.sum()))
     qi, ki = _equal_join(sums[small], sums[owner] - h[words[pos]])
-    a, b = small[ki], owner[qi]
+    a, b, j = small[ki], owner[qi], pos[qi] - offsets[owner[qi]]
     keep = sizes[a] == sizes[b] - 1
-    a, b = a[keep], b[keep]
-    exact = _intersections(a, b, offsets, words, v) == sizes[a]  # the hash hit, checked
+    a, b, j = a[keep], b[keep], j[keep]
+    exact = _less_one(a, b, j, offsets, words)  # the hash hit, checked
     return a[exact], b[exact]
 
 
@@ -348,7 +369,7 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
         return []
     local = np.full(len(distinct), -1, dtype=np.int64)
     local[cand] = np.arange(len(cand))
-    texts = _take(distinct, cand)
+    texts = take_texts(distinct, cand)
     cap_set, offsets, words, v = _word_sets(texts)
     rep = np.zeros(len(cand), dtype=bool)
     rep[_firsts(cap_set)] = True  # a set's keys: those of its first caption
@@ -358,21 +379,42 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     return _sorted_texts(texts, np.flatnonzero(near[cap_set]))
 
 
-def _caption_ids(norms):
-    """Captions -> (int64 id of each, numbered in order of first appearance; the distinct
-    captions: an Arrow array, or a list where Arrow does not take the text)."""
+def as_texts(norms):
+    """Captions -> an Arrow large_string array of them, or the list where Arrow does not take
+    the text (e.g. a lone surrogate)."""
     import pyarrow as pa
 
+    if not isinstance(norms, list):
+        return norms
     try:
-        encoded = pa.array(norms, type=pa.large_string()).dictionary_encode()
-    except (pa.ArrowException, UnicodeError):  # e.g. a lone surrogate
+        return pa.array(norms, type=pa.large_string())
+    except (pa.ArrowException, UnicodeError):
+        return norms
+
+
+def joined_texts(parts: list):
+    """Caption arrays and lists (``as_texts``) -> one, in order."""
+    import pyarrow as pa
+
+    if all(isinstance(p, pa.Array) for p in parts):
+        return pa.concat_arrays([p.cast(pa.large_string()) for p in parts]) if parts else []
+    return [t for p in parts for t in (p if isinstance(p, list) else p.to_pylist())]
+
+
+def _caption_ids(norms):
+    """Captions -> (int64 id of each, numbered in order of first appearance; the distinct
+    captions, as ``as_texts``)."""
+    texts = as_texts(norms)
+    if isinstance(texts, list):
         index: dict[str, int] = {}
-        ids = np.fromiter((index.setdefault(t, len(index)) for t in norms), dtype=np.int64, count=len(norms))
+        ids = np.fromiter((index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts))
         return ids, list(index)
+    encoded = texts.dictionary_encode()
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary
 
 
-def _take(texts, idx: np.ndarray):
+def take_texts(texts, idx: np.ndarray):
+    """The texts (``as_texts``) at idx."""
     if isinstance(texts, list):
         return [texts[i] for i in idx.tolist()]
     return texts.take(idx)

@@ -23,7 +23,7 @@ import apache_beam as beam
 
 from transforms.captions import skeleton_of_norm
 from transforms.key_batches import bucket_of, grouped
-from transforms.near_captions import bucket_entries, minhash_rows, near_captions
+from transforms.near_captions import as_texts, bucket_entries, joined_texts, minhash_rows, near_captions, take_texts
 from transforms.trigger_records import column
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
@@ -76,10 +76,10 @@ def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
     import numpy as np
 
     counts = sorted(Counter(column(batch, "norm")).items())
-    norms = [norm for norm, _ in counts]
+    texts = as_texts([norm for norm, _ in counts])
     records = np.array([c for _, c in counts], dtype=np.int64)
-    for b, rows, at, bands, values in bucket_entries(minhash_rows(norms), n):
-        yield b, ([norms[i] for i in rows.tolist()], records[rows], at, bands, values)
+    for b, rows, at, bands, values in bucket_entries(minhash_rows(texts), n):
+        yield b, (take_texts(texts, rows), records[rows], at, bands, values)
 
 
 def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
@@ -92,7 +92,7 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
     parts = list(parts)
     if not parts:
         return
-    norms = [norm for part in parts for norm in part[0]]
+    norms = joined_texts([part[0] for part in parts])
     start = np.cumsum([0] + [len(part[0]) for part in parts[:-1]])
     rows = np.concatenate([part[2].astype(np.int64) + s for part, s in zip(parts, start.tolist(), strict=True)])
     counts, bands, values = (np.concatenate([part[j] for part in parts]) for j in (1, 3, 4))
