@@ -134,3 +134,52 @@ def test_large_pairs_in_chunks_are_every_pair_of_a_group():
         chunks = list(_large_pairs(members, gid, sizes, chunk))
         assert {(int(a), int(b)) for x, y in chunks for a, b in zip(x, y, strict=True)} == want
         assert len(chunks) > 1 if chunk == 5 else len(chunks) == 1
+
+
+def test_subset_pairs_by_hash_join_or_sort_equal_every_pair(monkeypatch):
+    import transforms.near_captions as nc
+
+    rng = random.Random(7)
+    norms = [" ".join(rng.sample([f"w{i}" for i in range(9)], rng.randint(3, 9))) for _ in range(300)]
+    cap_set, offsets, words, v = _word_sets(list(dict.fromkeys(norms)))
+    sets = [frozenset(words[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    want = {
+        (i, j)
+        for i, a in enumerate(sets)
+        for j, b in enumerate(sets)
+        if 4 <= len(a) <= 8 and a < b and len(b) == len(a) + 1
+    }
+    assert len(want) > 50
+    among = np.ones(len(sets), dtype=bool)
+    got = nc._subset_pairs(offsets, words, v, among)  # distinct sums: the hash table
+    assert set(zip(got[0].tolist(), got[1].tolist(), strict=True)) == want
+    monkeypatch.setattr(nc, "_word_hashes", lambda v: np.ones(max(1, v), dtype=np.uint64))  # sums: sizes only
+    got = nc._subset_pairs(offsets, words, v, among)  # repeated keys: the sorted join, every hit checked
+    assert set(zip(got[0].tolist(), got[1].tolist(), strict=True)) == want
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_near_captions_of_irregular_text_and_of_lists_equal_the_reference(n, monkeypatch):
+    import transforms.near_captions as nc
+    import transforms.trigger_captions as tc
+
+    norms = _captions(5, 400, 14, 3, 8)
+    odd = [x.replace(" ", "  ", 1) if i % 50 == 7 else x for i, x in enumerate(norms)]  # split in Python
+    want = _reference(odd)
+    assert any(x != " ".join(x.split()) for x in want)
+    assert _near_by_beam_functions(odd, n, 61) == want
+    monkeypatch.setattr(nc, "as_texts", lambda norms: norms)  # Python lists all the way
+    monkeypatch.setattr(tc, "as_texts", lambda norms: norms)
+    assert _near_by_beam_functions(odd, n, 61) == want
+
+
+def test_bucket_entries_are_each_rows_band_keys_in_their_bucket():
+    hv = minhash_rows(_captions(2, 120, 20, 3, 8))
+    mix = band_mix(hv)
+    seen = set()
+    for b, rows, at, bands, values in bucket_entries(hv, 5):
+        for r, k, vals in zip(rows[at].tolist(), bands.tolist(), values, strict=True):
+            assert int(mix[r, k] >> np.uint64(1)) % 5 == b
+            assert vals.tolist() == hv[r, 4 * k : 4 * k + 4].tolist()
+            seen.add((r, k))
+    assert seen == {(r, k) for r in range(len(hv)) for k in range(16)}
