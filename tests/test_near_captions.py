@@ -86,7 +86,10 @@ def test_band_groups_fall_back_to_the_keys_when_hashes_collide():
     hv = minhash_rows(["a b c", "a b d", "a b c", "q r s"])
     s_idx, k_idx = np.nonzero(np.ones((4, 16), dtype=bool))
     vals = hv.reshape(4, 16, 4)[s_idx, k_idx]
-    for mix in (band_mix(hv)[s_idx, k_idx], np.zeros(len(s_idx), dtype=np.uint64)):  # real, all colliding
+    real = band_mix(hv)[s_idx, k_idx]
+    some = real.copy()
+    some[s_idx == 3] = real[(s_idx == 1)]  # the keys of one caption collide with another's
+    for mix in (real, some, np.zeros(len(s_idx), dtype=np.uint64)):  # real, some and all colliding
         order, new = _band_groups(mix, vals, k_idx)
         keys = [(int(k), tuple(v)) for k, v in zip(k_idx[order], vals[order].tolist(), strict=True)]
         starts = np.flatnonzero(new).tolist() + [len(keys)]

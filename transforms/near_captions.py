@@ -136,29 +136,41 @@ def bucket_entries(hv: np.ndarray, n: int) -> Iterator[tuple[int, np.ndarray, np
 
 def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
-    sorted by the keys' hash, checked to hold one key per hash value (else by the keys)."""
-    order = np.argsort(mix)
-    m = mix[order]
+    sorted by the keys' hash (its high bits, the entry's index in the low bits: one sort of
+    numbers instead of an argsort), then each run of one hash prefix checked to hold one key;
+    a run that holds several is sorted by the keys."""
+    bits = max(1, (len(mix) - 1).bit_length())
+    low = np.uint64((1 << bits) - 1)
+    packed = np.sort((mix & ~low) | np.arange(len(mix), dtype=np.uint64))
+    order = (packed & low).astype(np.int64)
     new = np.ones(len(order), dtype=bool)
-    new[1:] = m[1:] != m[:-1]
-    if len(order) and not _one_key_a_hash(order, new, vals, k_idx):  # two keys, one hash: by the keys
-        order = np.lexsort(tuple(vals[:, j] for j in reversed(range(vals.shape[1]))) + (k_idx,))
-        k, v = k_idx[order], vals[order]
-        new[1:] = (k[1:] != k[:-1]) | (v[1:] != v[:-1]).any(axis=1)
+    new[1:] = (packed[1:] ^ packed[:-1]) > low  # another hash prefix
+    cols = (k_idx, *_columns(vals))
+    differ = np.zeros(max(0, len(order) - 1), dtype=bool)
+    for col in cols:
+        c = col[order]  # one column at a time: a 1-D gather
+        differ |= c[1:] != c[:-1]
+    differ &= ~new[1:]  # two keys in one run
+    if differ.any():
+        run = np.cumsum(new) - 1
+        bad = np.zeros(int(run[-1]) + 1, dtype=bool)
+        bad[run[1:][differ]] = True
+        at = np.flatnonzero(bad[run])  # the positions of those runs (each run contiguous)
+        sub = order[at]
+        sub = sub[np.lexsort(tuple(col[sub] for col in reversed(cols)) + (run[at],))]
+        order[at] = sub
+        change = run[at[1:]] != run[at[:-1]]
+        for col in cols:
+            change |= col[sub[1:]] != col[sub[:-1]]
+        new[at[1:]] = change
     return order, new
 
 
-def _one_key_a_hash(order: np.ndarray, new: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> bool:
-    """Whether the entries of each run of one hash (``order``, ``new``) hold one key: neighbours
-    in a run compared (the values as 64-bit words where they pack)."""
+def _columns(vals: np.ndarray) -> list[np.ndarray]:
+    """Band values (keys x ROWS) as contiguous columns (pairs of uint32 as one uint64)."""
     if vals.dtype == np.uint32 and vals.shape[1] % 2 == 0:
         vals = np.ascontiguousarray(vals).view(np.uint64)
-    apart = new[1:]
-    for col in (k_idx, *(np.ascontiguousarray(vals[:, j]) for j in range(vals.shape[1]))):
-        c = col[order]  # one column at a time: a 1-D gather
-        if not ((c[1:] == c[:-1]) | apart).all():
-            return False
-    return True
+    return [np.ascontiguousarray(vals[:, j]) for j in range(vals.shape[1])]
 
 
 def _word_sets(norms: list[str]):
