@@ -163,7 +163,7 @@ def test_subset_pairs_by_hash_join_or_sort_equal_every_pair(monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_near_captions_of_irregular_text_and_of_lists_equal_the_reference(n, monkeypatch):
-    import transforms.near_captions as nc
+    import transforms.caption_texts as ct
     import transforms.trigger_captions as tc
 
     norms = _captions(5, 400, 14, 3, 8)
@@ -171,7 +171,7 @@ def test_near_captions_of_irregular_text_and_of_lists_equal_the_reference(n, mon
     want = _reference(odd)
     assert any(x != " ".join(x.split()) for x in want)
     assert _near_by_beam_functions(odd, n, 61) == want
-    monkeypatch.setattr(nc, "as_texts", lambda norms: norms)  # Python lists all the way
+    monkeypatch.setattr(ct, "as_texts", lambda norms: norms)  # Python lists all the way
     monkeypatch.setattr(tc, "as_texts", lambda norms: norms)
     assert _near_by_beam_functions(odd, n, 61) == want
 

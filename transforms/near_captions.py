@@ -2,15 +2,20 @@
 
 The rule (``transforms.trigger_captions``): a caption is near when it shares a band key with
 another distinct caption whose word set has Jaccard >= 0.8 with its own, in a band of at most
-``MAX_BAND`` records. A caption's MinHash depends on its word set only, so every caption of one
-word set has the same band keys, and the rule is decided per word set:
+``MAX_BAND`` records. A bucket receives, per record batch, its distinct captions and their band
+keys in the bucket (``bucket_entries``: band number and values, not the whole MinHash). The keys
+are grouped (one sort of hash prefixes, checked against the keys); only captions with an
+eligible key (>= 2 captions, <= ``MAX_BAND`` records) are split into words. A caption's MinHash
+depends on its word set only, so every caption of one word set has the same band keys, and the
+rule is decided per word set:
 
 - a set carried by two or more distinct captions is near when one of its bands is eligible;
 - two different sets A, B (sizes a <= b) are near when 9 x |A & B| >= 4 x (a + b), i.e. their
   symmetric difference d has 9 d <= a + b, and they share an eligible band. For a + b <= 17
   that is d = 1: A inside B with b = a + 1 and a >= 4, found by joining each B less one word
-  with the sets (additive word hashes, every hit checked exactly). For a + b >= 18 both have
-  >= 8 words: those pairs are taken from the eligible band groups and intersected exactly.
+  with the sets (additive word hashes in a hash table, every hit checked word by word). For
+  a + b >= 18 both have >= 8 words: those pairs are taken from the eligible band groups and
+  intersected exactly.
 
 Everything is numpy over arrays of sets, words and band entries; no candidate pair of small
 sets is ever listed.
@@ -22,52 +27,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from transforms.caption_texts import caption_ids, sorted_texts, split_words, take_texts
+
 NUM_PERM, BANDS, SEED = 64, 16, 1
 ROWS = NUM_PERM // BANDS
 _PRIME = np.uint64(0x100000001B3)
-
-
-_OTHER_SPACE = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c != " ")  # no space >= U+3001
-_IRREGULAR = "^ | $|  |[" + "".join(f"\\x{{{ord(c):x}}}" for c in _OTHER_SPACE) + "]"  # RE2
-
-
-def split_words(norms):
-    """Captions (a list or an Arrow string array) -> (offsets, word ids, vocabulary): each
-    caption's distinct words (``split()``) as sorted ids, CSR. Captions spaced by single spaces
-    are split by Arrow; others in Python."""
-    import pyarrow.compute as pc
-
-    if not len(norms):
-        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), []
-    texts = as_texts(norms)
-    if isinstance(texts, list):
-        return _split_words_py(texts)
-    if pc.any(pc.match_substring_regex(texts, _IRREGULAR)).as_py():
-        return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
-    lists = pc.split_pattern(texts, pattern=" ")
-    pieces = lists.flatten()
-    encoded = pieces.dictionary_encode()
-    vocab = encoded.dictionary.to_pylist()
-    ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    owner = np.repeat(np.arange(len(norms), dtype=np.int64), np.diff(lists.offsets.to_numpy()))
-    keep = pc.not_equal(pc.utf8_length(pieces), 0).to_numpy(zero_copy_only=False)  # "": no word
-    unique = np.sort(owner[keep] * max(1, len(vocab)) + ids[keep])
-    if len(unique):
-        unique = unique[np.concatenate([[True], unique[1:] != unique[:-1]])]
-    owner, ids = unique // max(1, len(vocab)), unique % max(1, len(vocab))
-    offsets = np.zeros(len(norms) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owner, minlength=len(norms)), out=offsets[1:])
-    return offsets, ids, vocab
-
-
-def _split_words_py(norms: list[str]):
-    vocab: dict[str, int] = {}
-    ids: list[int] = []
-    offsets = [0]
-    for text in norms:
-        ids.extend(sorted({vocab.setdefault(w, len(vocab)) for w in text.split()}))
-        offsets.append(len(ids))
-    return np.asarray(offsets, dtype=np.int64), np.asarray(ids, dtype=np.int64), list(vocab)
 
 
 def minhash_rows(norms) -> np.ndarray:
@@ -361,7 +325,7 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     caption's row in ``norms``, band number, band values) -> the sorted near captions by them.
     Only captions with a band key of >= 2 captions and <= ``max_band`` records are split into
     words."""
-    cap_of, distinct = _caption_ids(norms)
+    cap_of, distinct = caption_ids(norms)
     if not len(distinct):
         return []
     cap_count = np.bincount(cap_of, weights=counts, minlength=len(distinct)).astype(np.int64)
@@ -388,58 +352,7 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     c = local[cap[ok]]
     on = rep[c]
     near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[ok][on], gid[ok][on], offsets, words, v)
-    return _sorted_texts(texts, np.flatnonzero(near[cap_set]))
-
-
-def as_texts(norms):
-    """Captions -> an Arrow large_string array of them, or the list where Arrow does not take
-    the text (e.g. a lone surrogate)."""
-    import pyarrow as pa
-
-    if not isinstance(norms, list):
-        return norms
-    try:
-        return pa.array(norms, type=pa.large_string())
-    except (pa.ArrowException, UnicodeError):
-        return norms
-
-
-def joined_texts(parts: list):
-    """Caption arrays and lists (``as_texts``) -> one, in order."""
-    import pyarrow as pa
-
-    if all(isinstance(p, pa.Array) for p in parts):
-        return pa.concat_arrays([p.cast(pa.large_string()) for p in parts]) if parts else []
-    return [t for p in parts for t in (p if isinstance(p, list) else p.to_pylist())]
-
-
-def _caption_ids(norms):
-    """Captions -> (int64 id of each, numbered in order of first appearance; the distinct
-    captions, as ``as_texts``)."""
-    texts = as_texts(norms)
-    if isinstance(texts, list):
-        index: dict[str, int] = {}
-        ids = np.fromiter((index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts))
-        return ids, list(index)
-    encoded = texts.dictionary_encode()
-    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary
-
-
-def take_texts(texts, idx: np.ndarray):
-    """The texts (``as_texts``) at idx."""
-    if isinstance(texts, list):
-        return [texts[i] for i in idx.tolist()]
-    return texts.take(idx)
-
-
-def _sorted_texts(texts, idx: np.ndarray) -> list[str]:
-    """The texts at ``idx``, sorted (code point order; Arrow sorts UTF-8 bytes, the same)."""
-    if isinstance(texts, list):
-        return sorted(texts[i] for i in idx.tolist())
-    import pyarrow.compute as pc
-
-    picked = texts.take(idx)
-    return picked.take(pc.sort_indices(picked)).to_pylist()
+    return sorted_texts(texts, np.flatnonzero(near[cap_set]))
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@
 template captions (``transforms.triggers.MineTriggers`` wires them).
 
 Near duplicates go through MinHash LSH bands of *distinct* normalized captions: each record
-batch sends each of its distinct captions, with how many of its records carry it and its MinHash
-row, once to each bucket holding one of its band keys; a bucket's group sums the counts per band
+batch sends each of its distinct captions (an Arrow array), with how many of its records carry it and its band
+keys there, once to each bucket holding one of its band keys; a bucket's group sums the counts per band
 key (a band with more than ``MAX_BAND`` records is an exact-template flood and is skipped, as
 when every record was sent) and marks the captions near another in some band
 (``transforms.near_captions``: numpy over word sets; ``near_norms`` is the pairwise rule). A
@@ -21,9 +21,10 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
+from transforms.caption_texts import as_texts, joined_texts, take_texts
 from transforms.captions import skeleton_of_norm
 from transforms.key_batches import bucket_of, grouped
-from transforms.near_captions import as_texts, bucket_entries, joined_texts, minhash_rows, near_captions, take_texts
+from transforms.near_captions import bucket_entries, minhash_rows, near_captions
 from transforms.trigger_records import column
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
