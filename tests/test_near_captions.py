@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from transforms.captions import minhash_bands
-from transforms.near_captions import _band_groups, _word_sets, band_mix, minhash_rows, near_captions
+from transforms.near_captions import _band_groups, _word_sets, band_mix, bucket_entries, minhash_rows, near_captions
 from transforms.trigger_captions import MAX_BAND, band_entries, near_in_bands, near_norms
 
 
@@ -86,7 +86,10 @@ def test_band_groups_fall_back_to_the_keys_when_hashes_collide():
     hv = minhash_rows(["a b c", "a b d", "a b c", "q r s"])
     s_idx, k_idx = np.nonzero(np.ones((4, 16), dtype=bool))
     vals = hv.reshape(4, 16, 4)[s_idx, k_idx]
-    for mix in (band_mix(hv)[s_idx, k_idx], np.zeros(len(s_idx), dtype=np.uint64)):  # real, all colliding
+    real = band_mix(hv)[s_idx, k_idx]
+    some = real.copy()
+    some[s_idx == 3] = real[(s_idx == 1)]  # the keys of one caption collide with another's
+    for mix in (real, some, np.zeros(len(s_idx), dtype=np.uint64)):  # real, some and all colliding
         order, new = _band_groups(mix, vals, k_idx)
         keys = [(int(k), tuple(v)) for k, v in zip(k_idx[order], vals[order].tolist(), strict=True)]
         starts = np.flatnonzero(new).tolist() + [len(keys)]
@@ -110,7 +113,8 @@ def test_word_sets_and_a_set_of_several_captions(monkeypatch):
     assert again[0].tolist() == [0, 0, 1, 2, 0, 3] and np.diff(again[1]).tolist() == [2, 1, 0, 2]
     # two captions of one word set are near each other (Jaccard 1) in a band of few records
     norms = ["a b c d", "d c b a", "x"]
-    got = near_captions(norms, np.array([1, 1, 1]), minhash_rows(norms), 0, 1, MAX_BAND)
+    ((_, rows, at, bands, values),) = bucket_entries(minhash_rows(norms), 1)
+    got = near_captions([norms[i] for i in rows], np.array([1, 1, 1]), at, bands, values, MAX_BAND)
     assert got == ["a b c d", "d c b a"]
 
 
@@ -133,3 +137,52 @@ def test_large_pairs_in_chunks_are_every_pair_of_a_group():
         chunks = list(_large_pairs(members, gid, sizes, chunk))
         assert {(int(a), int(b)) for x, y in chunks for a, b in zip(x, y, strict=True)} == want
         assert len(chunks) > 1 if chunk == 5 else len(chunks) == 1
+
+
+def test_subset_pairs_by_hash_join_or_sort_equal_every_pair(monkeypatch):
+    import transforms.near_captions as nc
+
+    rng = random.Random(7)
+    norms = [" ".join(rng.sample([f"w{i}" for i in range(9)], rng.randint(3, 9))) for _ in range(300)]
+    cap_set, offsets, words, v = _word_sets(list(dict.fromkeys(norms)))
+    sets = [frozenset(words[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    want = {
+        (i, j)
+        for i, a in enumerate(sets)
+        for j, b in enumerate(sets)
+        if 4 <= len(a) <= 8 and a < b and len(b) == len(a) + 1
+    }
+    assert len(want) > 50
+    among = np.ones(len(sets), dtype=bool)
+    got = nc._subset_pairs(offsets, words, v, among)  # distinct sums: the hash table
+    assert set(zip(got[0].tolist(), got[1].tolist(), strict=True)) == want
+    monkeypatch.setattr(nc, "_word_hashes", lambda v: np.ones(max(1, v), dtype=np.uint64))  # sums: sizes only
+    got = nc._subset_pairs(offsets, words, v, among)  # repeated keys: the sorted join, every hit checked
+    assert set(zip(got[0].tolist(), got[1].tolist(), strict=True)) == want
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_near_captions_of_irregular_text_and_of_lists_equal_the_reference(n, monkeypatch):
+    import transforms.caption_texts as ct
+    import transforms.trigger_captions as tc
+
+    norms = _captions(5, 400, 14, 3, 8)
+    odd = [x.replace(" ", "  ", 1) if i % 50 == 7 else x for i, x in enumerate(norms)]  # split in Python
+    want = _reference(odd)
+    assert any(x != " ".join(x.split()) for x in want)
+    assert _near_by_beam_functions(odd, n, 61) == want
+    monkeypatch.setattr(ct, "as_texts", lambda norms: norms)  # Python lists all the way
+    monkeypatch.setattr(tc, "as_texts", lambda norms: norms)
+    assert _near_by_beam_functions(odd, n, 61) == want
+
+
+def test_bucket_entries_are_each_rows_band_keys_in_their_bucket():
+    hv = minhash_rows(_captions(2, 120, 20, 3, 8))
+    mix = band_mix(hv)
+    seen = set()
+    for b, rows, at, bands, values in bucket_entries(hv, 5):
+        for r, k, vals in zip(rows[at].tolist(), bands.tolist(), values, strict=True):
+            assert int(mix[r, k] >> np.uint64(1)) % 5 == b
+            assert vals.tolist() == hv[r, 4 * k : 4 * k + 4].tolist()
+            seen.add((r, k))
+    assert seen == {(r, k) for r in range(len(hv)) for k in range(16)}

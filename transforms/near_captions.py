@@ -2,15 +2,20 @@
 
 The rule (``transforms.trigger_captions``): a caption is near when it shares a band key with
 another distinct caption whose word set has Jaccard >= 0.8 with its own, in a band of at most
-``MAX_BAND`` records. A caption's MinHash depends on its word set only, so every caption of one
-word set has the same band keys, and the rule is decided per word set:
+``MAX_BAND`` records. A bucket receives, per record batch, its distinct captions and their band
+keys in the bucket (``bucket_entries``: band number and values, not the whole MinHash). The keys
+are grouped (one sort of hash prefixes, checked against the keys); only captions with an
+eligible key (>= 2 captions, <= ``MAX_BAND`` records) are split into words. A caption's MinHash
+depends on its word set only, so every caption of one word set has the same band keys, and the
+rule is decided per word set:
 
 - a set carried by two or more distinct captions is near when one of its bands is eligible;
 - two different sets A, B (sizes a <= b) are near when 9 x |A & B| >= 4 x (a + b), i.e. their
   symmetric difference d has 9 d <= a + b, and they share an eligible band. For a + b <= 17
   that is d = 1: A inside B with b = a + 1 and a >= 4, found by joining each B less one word
-  with the sets (additive word hashes, every hit checked exactly). For a + b >= 18 both have
-  >= 8 words: those pairs are taken from the eligible band groups and intersected exactly.
+  with the sets (additive word hashes in a hash table, every hit checked word by word). For
+  a + b >= 18 both have >= 8 words: those pairs are taken from the eligible band groups and
+  intersected exactly.
 
 Everything is numpy over arrays of sets, words and band entries; no candidate pair of small
 sets is ever listed.
@@ -18,60 +23,18 @@ sets is ever listed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+
+from transforms.caption_texts import caption_ids, sorted_texts, split_words, take_texts
 
 NUM_PERM, BANDS, SEED = 64, 16, 1
 ROWS = NUM_PERM // BANDS
 _PRIME = np.uint64(0x100000001B3)
 
 
-_OTHER_SPACE = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c != " ")  # no space >= U+3001
-
-
-def _single_spaced(norms: list[str]) -> bool:
-    """Whether every caption's ``split()`` is its ``split(" ")`` (less the empty caption's "")."""
-    text = "\x00".join(norms)
-    ends = ("  ", "\x00 ", " \x00")
-    return not (text[:1] == " " or text[-1:] == " " or any(e in text for e in ends + _OTHER_SPACE))
-
-
-def split_words(norms: list[str]):
-    """Captions -> (offsets, word ids, vocabulary): each caption's distinct words (``split()``)
-    as sorted ids, CSR. Captions spaced by single spaces are split by Arrow; others in Python."""
-    if not norms:
-        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), []
-    if not _single_spaced(norms):
-        return _split_words_py(norms)
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    lists = pc.split_pattern(pa.array(norms, type=pa.large_string()), pattern=" ")
-    pieces = lists.flatten()
-    encoded = pieces.dictionary_encode()
-    vocab = encoded.dictionary.to_pylist()
-    ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    owner = np.repeat(np.arange(len(norms), dtype=np.int64), np.diff(lists.offsets.to_numpy()))
-    keep = pc.not_equal(pc.utf8_length(pieces), 0).to_numpy(zero_copy_only=False)  # "": no word
-    unique = np.sort(owner[keep] * max(1, len(vocab)) + ids[keep])
-    if len(unique):
-        unique = unique[np.concatenate([[True], unique[1:] != unique[:-1]])]
-    owner, ids = unique // max(1, len(vocab)), unique % max(1, len(vocab))
-    offsets = np.zeros(len(norms) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owner, minlength=len(norms)), out=offsets[1:])
-    return offsets, ids, vocab
-
-
-def _split_words_py(norms: list[str]):
-    vocab: dict[str, int] = {}
-    ids: list[int] = []
-    offsets = [0]
-    for text in norms:
-        ids.extend(sorted({vocab.setdefault(w, len(vocab)) for w in text.split()}))
-        offsets.append(len(ids))
-    return np.asarray(offsets, dtype=np.int64), np.asarray(ids, dtype=np.int64), list(vocab)
-
-
-def minhash_rows(norms: list[str]) -> np.ndarray:
+def minhash_rows(norms) -> np.ndarray:
     """Normalized captions -> their MinHash values (len x NUM_PERM, datasketch's exactly: the
     element-wise minimum of the words' one-word MinHashes; no word gives the empty MinHash)."""
     from transforms.captions import _word_vector
@@ -82,46 +45,96 @@ def minhash_rows(norms: list[str]) -> np.ndarray:
         return np.tile(empty, (len(norms), 1))
     table = np.stack([_word_vector(w, NUM_PERM, SEED) for w in vocab])
     sizes = np.diff(offsets)
-    some = np.flatnonzero(sizes)
+    order = np.argsort(-sizes, kind="stable")  # by size, largest first
+    down = -sizes[order]
+    some = int(np.searchsorted(down, 0))  # captions with a word
+    start = offsets[:-1][order[:some]]
+    acc = table[ids[start]]
+    for j in range(1, int(-down[0]) if some else 0):  # the j-th word of the captions that have one
+        c = int(np.searchsorted(down, -j))
+        np.minimum(acc[:c], table[ids[start[:c] + j]], out=acc[:c])
     out = np.tile(empty, (len(norms), 1))
-    out[some] = np.minimum.reduceat(table[ids], offsets[:-1][some], axis=0)
+    out[order[:some]] = acc
     return out
 
 
 def band_mix(hv: np.ndarray) -> np.ndarray:
     """MinHash rows -> a stable 64-bit hash of each band key (rows x BANDS): the band number
     and the band's values."""
-    if hv.dtype == np.uint32 and ROWS % 2 == 0:  # two values a word: half the multiplies
-        values = np.ascontiguousarray(hv).view(np.uint64).reshape(len(hv), BANDS, ROWS // 2)
+    return entry_mix(np.arange(BANDS), hv.reshape(len(hv), BANDS, ROWS))
+
+
+def entry_mix(bands: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Band numbers (broadcast against ``values``' leading axes) and band values (..., ROWS)
+    -> ``band_mix`` of each."""
+    if values.dtype == np.uint32 and ROWS % 2 == 0:  # two values a word: half the multiplies
+        values = np.ascontiguousarray(values).view(np.uint64)
     else:
-        values = hv.astype(np.uint64).reshape(len(hv), BANDS, ROWS)
-    mix = np.broadcast_to(np.arange(1, BANDS + 1, dtype=np.uint64), values.shape[:2]).copy()
-    for j in range(values.shape[2]):
+        values = values.astype(np.uint64)
+    mix = np.broadcast_to(np.asarray(bands).astype(np.uint64) + np.uint64(1), values.shape[:-1]).copy()
+    for j in range(values.shape[-1]):
         mix *= _PRIME
-        mix += values[:, :, j]  # wraps mod 2**64: deterministic
+        mix += values[..., j]  # wraps mod 2**64: deterministic
         mix ^= mix >> np.uint64(29)
     return mix
 
 
-def band_buckets(hv: np.ndarray, n: int) -> np.ndarray:
-    """MinHash rows -> the bucket of each of their band keys (rows x BANDS)."""
-    return ((band_mix(hv) >> np.uint64(1)) % np.uint64(max(1, n))).astype(np.int64)
+def bucket_entries(hv: np.ndarray, n: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """MinHash rows -> per bucket of band keys (of ``n``): (bucket, the rows with a band key
+    there, the keys' rows among those (int32), their bands (uint8), their values (keys x ROWS))."""
+    mix = band_mix(hv)
+    buckets = ((mix >> np.uint64(1)) % np.uint64(max(1, n))).astype(np.int64).ravel()
+    order = np.argsort(buckets, kind="stable")  # by bucket, then row, then band
+    bounds = np.searchsorted(buckets[order], np.arange(max(1, n) + 1))
+    values = hv.reshape(len(hv), BANDS, ROWS)
+    for b in range(max(1, n)):
+        at = order[bounds[b] : bounds[b + 1]]
+        if not len(at):
+            continue
+        row, band = at // BANDS, at % BANDS
+        here = np.zeros(len(hv), dtype=bool)
+        here[row] = True
+        local = np.cumsum(here, dtype=np.int64) - 1
+        yield b, np.flatnonzero(here), local[row].astype(np.int32), band.astype(np.uint8), values[row, band]
 
 
 def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
-    sorted by the keys' hash, checked to hold one key per hash value (else by the keys)."""
-    order = np.argsort(mix)
-    m = mix[order]
+    sorted by the keys' hash (its high bits, the entry's index in the low bits: one sort of
+    numbers instead of an argsort), then each run of one hash prefix checked to hold one key;
+    a run that holds several is sorted by the keys."""
+    bits = max(1, (len(mix) - 1).bit_length())
+    low = np.uint64((1 << bits) - 1)
+    packed = np.sort((mix & ~low) | np.arange(len(mix), dtype=np.uint64))
+    order = (packed & low).astype(np.int64)
     new = np.ones(len(order), dtype=bool)
-    new[1:] = m[1:] != m[:-1]
-    same = np.flatnonzero(~new[1:])  # entries i, i + 1 (in order) with one hash
-    x, y = order[same], order[same + 1]
-    if (k_idx[x] != k_idx[y]).any() or (vals[x] != vals[y]).any():  # two keys, one hash: by the keys
-        order = np.lexsort(tuple(vals[:, j] for j in reversed(range(vals.shape[1]))) + (k_idx,))
-        k, v = k_idx[order], vals[order]
-        new[1:] = (k[1:] != k[:-1]) | (v[1:] != v[:-1]).any(axis=1)
+    new[1:] = (packed[1:] ^ packed[:-1]) > low  # another hash prefix
+    cols = (k_idx, *_columns(vals))
+    differ = np.zeros(max(0, len(order) - 1), dtype=bool)
+    for col in cols:
+        c = col[order]  # one column at a time: a 1-D gather
+        differ |= c[1:] != c[:-1]
+    differ &= ~new[1:]  # two keys in one run
+    if differ.any():
+        run = np.cumsum(new) - 1
+        bad = np.zeros(int(run[-1]) + 1, dtype=bool)
+        bad[run[1:][differ]] = True
+        at = np.flatnonzero(bad[run])  # the positions of those runs (each run contiguous)
+        sub = order[at]
+        sub = sub[np.lexsort(tuple(col[sub] for col in reversed(cols)) + (run[at],))]
+        order[at] = sub
+        change = run[at[1:]] != run[at[:-1]]
+        for col in cols:
+            change |= col[sub[1:]] != col[sub[:-1]]
+        new[at[1:]] = change
     return order, new
+
+
+def _columns(vals: np.ndarray) -> list[np.ndarray]:
+    """Band values (keys x ROWS) as contiguous columns (pairs of uint32 as one uint64)."""
+    if vals.dtype == np.uint32 and vals.shape[1] % 2 == 0:
+        vals = np.ascontiguousarray(vals).view(np.uint64)
+    return [np.ascontiguousarray(vals[:, j]) for j in range(vals.shape[1])]
 
 
 def _word_sets(norms: list[str]):
@@ -189,8 +202,26 @@ def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.
     return np.bincount(owner[found], minlength=len(a))
 
 
+def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Whether set A's sorted words are set B's less B's j-th (pairs with b = a + 1)."""
+    la = np.diff(offsets)[a]
+    owner = np.repeat(np.arange(len(a)), la)
+    t = np.arange(int(la.sum())) - np.repeat(np.cumsum(la) - la, la)  # position in A
+    wa = words[offsets[a][owner] + t]
+    wb = words[offsets[b][owner] + t + (t >= j[owner])]
+    return np.bincount(owner[wa != wb], minlength=len(a)) == 0
+
+
 def _equal_join(keys: np.ndarray, query: np.ndarray):
-    """-> (query index, key index) for every equal pair."""
+    """-> (query index, key index) for every equal pair: by a hash table where the keys are
+    distinct, else by sorting them."""
+    import pandas as pd
+
+    index = pd.Index(keys)
+    if index.is_unique:
+        ki = index.get_indexer(query)
+        qi = np.flatnonzero(ki >= 0)
+        return qi, ki[qi]
     order = np.argsort(keys)
     sk = keys[order]
     lo = np.searchsorted(sk, query, "left")
@@ -218,38 +249,24 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     owner = np.repeat(big, nb)
     pos = np.repeat(offsets[big] - np.cumsum(nb) + nb, nb) + np.arange(int(nb.sum()))
     qi, ki = _equal_join(sums[small], sums[owner] - h[words[pos]])
-    a, b = small[ki], owner[qi]
+    a, b, j = small[ki], owner[qi], pos[qi] - offsets[owner[qi]]
     keep = sizes[a] == sizes[b] - 1
-    a, b = a[keep], b[keep]
-    exact = _intersections(a, b, offsets, words, v) == sizes[a]  # the hash hit, checked
+    a, b, j = a[keep], b[keep], j[keep]
+    exact = _less_one(a, b, j, offsets, words)  # the hash hit, checked
     return a[exact], b[exact]
 
 
-def near_sets(set_count, set_caps, set_hv, offsets, words, v, bucket: int, n: int, max_band: int) -> np.ndarray:
-    """Per word set: near (see the module) by the bands of ``bucket`` of ``n``."""
-    s_n = len(set_count)
-    mix = band_mix(set_hv)
-    s_idx, k_idx = np.nonzero((mix >> np.uint64(1)) % np.uint64(max(1, n)) == np.uint64(bucket))
-    near = np.zeros(s_n, dtype=bool)
-    if not len(s_idx):
-        return near
-    vals = set_hv.reshape(s_n, BANDS, ROWS)[s_idx, k_idx]
-    order, new = _band_groups(mix[s_idx, k_idx], vals, k_idx)
-    s_idx, k_idx = s_idx[order], k_idx[order]
-    gid = np.cumsum(new) - 1
-    starts = np.flatnonzero(new)
-    eligible = (np.add.reduceat(set_count[s_idx], starts) <= max_band) & (np.add.reduceat(set_caps[s_idx], starts) >= 2)
-    ok = eligible[gid]
-    some = np.zeros(s_n, dtype=bool)
-    some[s_idx[ok]] = True  # sets with an eligible band here: the only ones that can be near
-    near = some & (set_caps >= 2)  # one set's own captions: any eligible band
-    groups = np.full((s_n, BANDS), -1, dtype=np.int32)
-    groups[s_idx, k_idx] = np.where(ok, gid, -1)  # -1: no band here, or not eligible
-    a, b = _subset_pairs(offsets, words, v, some)
+def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
+    """Per word set (each with an eligible band here): near (see the module). ``s_idx``,
+    ``k_idx``, ``gid``: the sets' eligible band entries (set, band, group), grouped by ``gid``."""
+    near = set_caps >= 2  # one set's own captions: any eligible band
+    groups = np.full((len(set_caps), BANDS), -1, dtype=np.int64)
+    groups[s_idx, k_idx] = gid  # -1: no eligible band here
+    a, b = _subset_pairs(offsets, words, v, np.ones(len(set_caps), dtype=bool))
     share = ((groups[a] == groups[b]) & (groups[a] >= 0)).any(axis=1)
     near[a[share]] = near[b[share]] = True
     sizes = np.diff(offsets)
-    for a, b in _large_pairs(s_idx[ok], gid[ok], sizes):
+    for a, b in _large_pairs(s_idx, gid, sizes):
         open_ = ~(near[a] & near[b])  # a pair of near sets cannot add one
         a, b = a[open_], b[open_]
         hit = 9 * _intersections(a, b, offsets, words, v) >= 4 * (sizes[a] + sizes[b])
@@ -290,28 +307,52 @@ def _large_pairs(members: np.ndarray, gid: np.ndarray, sizes: np.ndarray, chunk:
         yield _decoded(codes, len(sizes))
 
 
+def _marked(ids: np.ndarray, n: int) -> np.ndarray:
+    """The distinct ids (< n), sorted (``np.unique`` without its sort)."""
+    mark = np.zeros(n, dtype=bool)
+    mark[ids] = True
+    return np.flatnonzero(mark)
+
+
 def _decoded(codes: list, n: int):
-    code = np.unique(np.concatenate(codes))
+    code = np.sort(np.concatenate(codes))
+    code = code[np.append(True, code[1:] != code[:-1])] if len(code) else code
     return code // n, code % n
 
 
-def near_captions(norms: list[str], counts: np.ndarray, hv: np.ndarray, bucket: int, n: int, max_band: int):
-    """Entries (caption, its records, its MinHash; a caption may repeat) of one bucket -> the
-    sorted near captions by that bucket's bands."""
-    index: dict[str, int] = {}
-    cap_of = np.fromiter((index.setdefault(t, len(index)) for t in norms), dtype=np.int64, count=len(norms))
-    if not index:
+def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray, values: np.ndarray, max_band: int):
+    """One bucket's captions (a caption may repeat), their records, and its band keys (their
+    caption's row in ``norms``, band number, band values) -> the sorted near captions by them.
+    Only captions with a band key of >= 2 captions and <= ``max_band`` records are split into
+    words."""
+    cap_of, distinct = caption_ids(norms)
+    if not len(distinct):
         return []
-    distinct = list(index)
-    first = _firsts(cap_of)
     cap_count = np.bincount(cap_of, weights=counts, minlength=len(distinct)).astype(np.int64)
-    cap_set, offsets, words, v = _word_sets(distinct)
-    s_n = len(offsets) - 1
-    set_first = _firsts(cap_set)
-    set_count = np.bincount(cap_set, weights=cap_count, minlength=s_n).astype(np.int64)
-    set_caps = np.bincount(cap_set, minlength=s_n)
-    near = near_sets(set_count, set_caps, hv[first[set_first]], offsets, words, v, bucket, n, max_band)
-    return sorted(distinct[i] for i in np.flatnonzero(near[cap_set]))
+    once = np.zeros(len(cap_of), dtype=bool)
+    once[_firsts(cap_of)] = True
+    keep = once[rows]  # each caption's keys once
+    cap, band, vals = cap_of[rows[keep]], bands[keep], values[keep]
+    order, new = _band_groups(entry_mix(band, vals), vals, band)
+    cap, band = cap[order], band[order]
+    starts = np.flatnonzero(new)
+    gid = np.cumsum(new) - 1
+    size = np.diff(np.append(starts, len(cap)))
+    eligible = (np.add.reduceat(cap_count[cap], starts) <= max_band) & (size >= 2) if len(cap) else new[:0]
+    ok = eligible[gid]
+    cand = _marked(cap[ok], len(distinct))
+    if not len(cand):
+        return []
+    local = np.full(len(distinct), -1, dtype=np.int64)
+    local[cand] = np.arange(len(cand))
+    texts = take_texts(distinct, cand)
+    cap_set, offsets, words, v = _word_sets(texts)
+    rep = np.zeros(len(cand), dtype=bool)
+    rep[_firsts(cap_set)] = True  # a set's keys: those of its first caption
+    c = local[cap[ok]]
+    on = rep[c]
+    near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[ok][on], gid[ok][on], offsets, words, v)
+    return sorted_texts(texts, np.flatnonzero(near[cap_set]))
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@
 template captions (``transforms.triggers.MineTriggers`` wires them).
 
 Near duplicates go through MinHash LSH bands of *distinct* normalized captions: each record
-batch sends each of its distinct captions, with how many of its records carry it and its MinHash
-row, once to each bucket holding one of its band keys; a bucket's group sums the counts per band
+batch sends each of its distinct captions (an Arrow array), with how many of its records carry it and its band
+keys there, once to each bucket holding one of its band keys; a bucket's group sums the counts per band
 key (a band with more than ``MAX_BAND`` records is an exact-template flood and is skipped, as
 when every record was sent) and marks the captions near another in some band
 (``transforms.near_captions``: numpy over word sets; ``near_norms`` is the pairwise rule). A
@@ -21,9 +21,10 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
+from transforms.caption_texts import as_texts, joined_texts, take_texts
 from transforms.captions import skeleton_of_norm
 from transforms.key_batches import bucket_of, grouped
-from transforms.near_captions import band_buckets, minhash_rows, near_captions
+from transforms.near_captions import bucket_entries, minhash_rows, near_captions
 from transforms.trigger_records import column
 
 MAX_BAND = 200  # records in one band beyond which the band is not compared
@@ -70,18 +71,16 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
 
 
 def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
-    """A record batch -> (bucket, (captions, their records, their MinHash rows)): each distinct
-    normalized caption of the batch once per bucket that holds one of its band keys."""
+    """A record batch -> (bucket, (captions, their records, keys' caption rows, keys' bands,
+    keys' values)): each distinct normalized caption of the batch once per bucket that holds
+    one of its band keys, with its band keys there (not its whole MinHash)."""
     import numpy as np
 
     counts = sorted(Counter(column(batch, "norm")).items())
-    norms = [norm for norm, _ in counts]
+    texts = as_texts([norm for norm, _ in counts])
     records = np.array([c for _, c in counts], dtype=np.int64)
-    hv = minhash_rows(norms)
-    buckets = band_buckets(hv, n)
-    for b in np.unique(buckets).tolist():
-        rows = np.flatnonzero((buckets == b).any(axis=1))
-        yield b, ([norms[i] for i in rows.tolist()], records[rows], hv[rows])
+    for b, rows, at, bands, values in bucket_entries(minhash_rows(texts), n):
+        yield b, (take_texts(texts, rows), records[rows], at, bands, values)
 
 
 def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
@@ -90,14 +89,15 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
     (``transforms.near_captions``)."""
     import numpy as np
 
-    bucket, parts = item
+    _, parts = item
     parts = list(parts)
     if not parts:
         return
-    norms = [norm for part in parts for norm in part[0]]
-    counts = np.concatenate([part[1] for part in parts])
-    hv = np.concatenate([part[2] for part in parts])
-    near = near_captions(norms, counts, hv, bucket, n, MAX_BAND)
+    norms = joined_texts([part[0] for part in parts])
+    start = np.cumsum([0] + [len(part[0]) for part in parts[:-1]])
+    rows = np.concatenate([part[2].astype(np.int64) + s for part, s in zip(parts, start.tolist(), strict=True)])
+    counts, bands, values = (np.concatenate([part[j] for part in parts]) for j in (1, 3, 4))
+    near = near_captions(norms, counts, rows, bands, values, MAX_BAND)
     yield from _near_marks(near, n)
 
 
@@ -116,6 +116,10 @@ def _members(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
 
 def _near_marks(near: list[str], n: int) -> Iterator[tuple[int, tuple]]:
     """Near captions -> (caption bucket, (NEAR, captions))."""
+    if n <= 1:
+        if near:
+            yield 0, (NEAR, near)
+        return
     out: dict[int, list[str]] = {}
     for norm in near:
         out.setdefault(bucket_of(norm, n), []).append(norm)
@@ -152,7 +156,8 @@ def caption_codes(item) -> Iterator:
     caption, n_captions, distinct = _ids(norms)
     cluster, n_clusters, _ = _ids(clusters)
     records = np.bincount(caption, minlength=n_captions)
-    pairs = np.unique(caption * n_clusters + cluster)
+    pairs = np.sort(caption * n_clusters + cluster)  # np.unique, without its slower path
+    pairs = pairs[np.append(True, pairs[1:] != pairs[:-1])] if len(pairs) else pairs
     spread = np.bincount(pairs // n_clusters, minlength=n_captions)
     duplicate = ((records >= 2) & (spread >= 2))[caption]
     marked = np.array([d in near for d in distinct], dtype=bool)[caption]

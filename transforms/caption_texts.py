@@ -1,0 +1,100 @@
+"""Captions as texts for the near-duplicate stage (``transforms.near_captions``): Arrow string
+arrays where Arrow takes the text (a Python list where it does not), their ids, and their words
+(``split()``) as sorted ids."""
+
+from __future__ import annotations
+
+import numpy as np
+
+_OTHER_SPACE = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c != " ")  # no space >= U+3001
+_IRREGULAR = "^ | $|  |[" + "".join(f"\\x{{{ord(c):x}}}" for c in _OTHER_SPACE) + "]"  # RE2
+
+
+def split_words(norms):
+    """Captions (a list or an Arrow string array) -> (offsets, word ids, vocabulary): each
+    caption's distinct words (``split()``) as sorted ids, CSR. Captions spaced by single spaces
+    are split by Arrow; others in Python."""
+    import pyarrow.compute as pc
+
+    if not len(norms):
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), []
+    texts = as_texts(norms)
+    if isinstance(texts, list):
+        return _split_words_py(texts)
+    if pc.any(pc.match_substring_regex(texts, _IRREGULAR)).as_py():
+        return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
+    lists = pc.split_pattern(texts, pattern=" ")
+    pieces = lists.flatten()
+    encoded = pieces.dictionary_encode()
+    vocab = encoded.dictionary.to_pylist()
+    ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    owner = np.repeat(np.arange(len(norms), dtype=np.int64), np.diff(lists.offsets.to_numpy()))
+    keep = pc.not_equal(pc.utf8_length(pieces), 0).to_numpy(zero_copy_only=False)  # "": no word
+    unique = np.sort(owner[keep] * max(1, len(vocab)) + ids[keep])
+    if len(unique):
+        unique = unique[np.concatenate([[True], unique[1:] != unique[:-1]])]
+    owner, ids = unique // max(1, len(vocab)), unique % max(1, len(vocab))
+    offsets = np.zeros(len(norms) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner, minlength=len(norms)), out=offsets[1:])
+    return offsets, ids, vocab
+
+
+def _split_words_py(norms: list[str]):
+    vocab: dict[str, int] = {}
+    ids: list[int] = []
+    offsets = [0]
+    for text in norms:
+        ids.extend(sorted({vocab.setdefault(w, len(vocab)) for w in text.split()}))
+        offsets.append(len(ids))
+    return np.asarray(offsets, dtype=np.int64), np.asarray(ids, dtype=np.int64), list(vocab)
+
+
+def as_texts(norms):
+    """Captions -> an Arrow large_string array of them, or the list where Arrow does not take
+    the text (e.g. a lone surrogate)."""
+    import pyarrow as pa
+
+    if not isinstance(norms, list):
+        return norms
+    try:
+        return pa.array(norms, type=pa.large_string())
+    except (pa.ArrowException, UnicodeError):
+        return norms
+
+
+def joined_texts(parts: list):
+    """Caption arrays and lists (``as_texts``) -> one, in order."""
+    import pyarrow as pa
+
+    if all(isinstance(p, pa.Array) for p in parts):
+        return pa.concat_arrays([p.cast(pa.large_string()) for p in parts]) if parts else []
+    return [t for p in parts for t in (p if isinstance(p, list) else p.to_pylist())]
+
+
+def caption_ids(norms):
+    """Captions -> (int64 id of each, numbered in order of first appearance; the distinct
+    captions, as ``as_texts``)."""
+    texts = as_texts(norms)
+    if isinstance(texts, list):
+        index: dict[str, int] = {}
+        ids = np.fromiter((index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts))
+        return ids, list(index)
+    encoded = texts.dictionary_encode()
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary
+
+
+def take_texts(texts, idx: np.ndarray):
+    """The texts (``as_texts``) at idx."""
+    if isinstance(texts, list):
+        return [texts[i] for i in idx.tolist()]
+    return texts.take(idx)
+
+
+def sorted_texts(texts, idx: np.ndarray) -> list[str]:
+    """The texts at ``idx``, sorted (code point order; Arrow sorts UTF-8 bytes, the same)."""
+    if isinstance(texts, list):
+        return sorted(texts[i] for i in idx.tolist())
+    import pyarrow.compute as pc
+
+    picked = texts.take(idx)
+    return picked.take(pc.sort_indices(picked)).to_pylist()
