@@ -193,8 +193,7 @@ def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     )
     from transforms.shard_columns import BatchByShard
 
-    by_shard = BatchByShard(route=lambda kv: (kv[0][1], (kv[0][0], kv[1])))  # ((key, shard), codes)
-    keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.ParDo(by_shard)  # one element per shard and bundle
+    keyed["codes"] = mined["codes"]  # (shard, Batch of (key, codes)): no element per coded key
     duplication = duplication_by_shard(mined["duplication"], tables)
     keyed["duplication"] = duplication | "BatchDuplication" >> beam.ParDo(BatchByShard())
     _write(

@@ -177,6 +177,7 @@ def test_batch_counters_equal_per_record_events():
         object_events,
         pair_counts,
         term_counts,
+        word_counts,
     )
     from transforms.trigger_records import RecordBatch
     from transforms.triggers import _word_counts
@@ -205,7 +206,17 @@ def test_batch_counters_equal_per_record_events():
         assert {k[1]: c for k, c in every.items() if k[0] == "t"} == dict(term_counts(batch))
         assert {k: c for k, c in every.items() if k[0] not in "tp"} == dict(events)
         assert [k for k, _ in batch_counts(batch, 10, None) if k[0] not in "ntp"] == []
-        assert dict(_word_counts(batch)) == dict(Counter(w for r in records for w in set(r["norm"].split())))
+        words = dict(Counter(w for r in records for w in set(r["norm"].split())))
+        assert dict(_word_counts(batch)) == words == dict(word_counts(batch))
+        tagged = dict(batch_counts(batch, 10, vocabulary, words=True))
+        assert {k[1]: c for k, c in tagged.items() if k[0] == "w"} == words
+        assert {k: c for k, c in tagged.items() if k[0] != "w"} == dict(batch_counts(batch, 10, vocabulary))
+        odd = [dict(r, norm="\ud800 " + r["norm"]) for r in records]  # Arrow refuses it: Python's split
+        assert dict(word_counts(RecordBatch.from_records(odd))) == dict(words, **{"\ud800": 400})
+        small = Counter(
+            (w, r["cluster_id"], r["cluster_size"]) for r in records if r["cluster_size"] >= 2 for w in r["terms"]
+        )
+        assert dict(pair_counts(batch, 2)) == dict(small)
         assert clustered_captions(batch) == [(r["cluster_id"], r["caption"]) for r in records if r["cluster_size"] > 1]
 
 
@@ -346,7 +357,11 @@ def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_pat
             "infos": p | "I" >> beam.Create(infos),
             "assignments": p | "A" >> beam.Create(assignments),
         } | MineTriggers(TriggersConfig(near_duplicate_captions=False), buckets=3)
-        out["codes"] = out["codes"] | beam.Filter(lambda kv: any("trigger" in c or "implicit" in c for c in kv[1]))
+        out["codes"] = (
+            out["codes"]
+            | beam.FlatMap(lambda kv: [((key, kv[0]), codes) for key, codes in kv[1]])
+            | beam.Filter(lambda kv: any("trigger" in c or "implicit" in c for c in kv[1]))
+        )
         for name in ("keywords", "objects", "duplication", "codes"):
             _ = out[name] | f"Gather{name}" >> beam.combiners.ToList() | f"Dump{name}" >> beam.Map(dump, name)
     got = {

@@ -98,24 +98,67 @@ def _near_norms(norms: list[str]) -> set[str]:
 
 
 def _word_counts(batch: list[dict]):
-    """A batch's (word, captions with it) counts over normalized captions."""
+    """A batch's (word, captions with it) counts over normalized captions (the reference of
+    ``trigger_counts.word_counts``)."""
     return Counter(chain.from_iterable(set(norm.split()) for norm in column(batch, "norm"))).items()
+
+
+class CountBatches(beam.DoFn):
+    """Record batches -> their ``batch_counts`` (words included) summed over the bundle: one
+    (key, count) element per key and bundle (flushed every ``FLUSH`` keys), not per key and
+    batch, so the combine after it sees a few elements per key."""
+
+    FLUSH = 200_000
+
+    def __init__(self, m: int, vocabulary):
+        self.m, self.vocabulary = m, vocabulary
+
+    def start_bundle(self):
+        self.counts: dict[tuple, int] = {}
+
+    def process(self, batch) -> Iterator[tuple]:
+        counts = self.counts
+        for key, n in batch_counts(batch, self.m, self.vocabulary, words=True):
+            counts[key] = counts.get(key, 0) + n
+        if len(counts) >= self.FLUSH:
+            self.counts = {}
+            yield from counts.items()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        counts, self.counts = self.counts, {}
+        for kv in counts.items():
+            yield WindowedValue(kv, 0, [GlobalWindow()])
 
 
 def _tagged(kv, tag: str, m: int = 0) -> list:
     """A count of ``batch_counts`` -> (its key less the tag, count) when it has the tag and
-    reaches m: ("n",) -> the count alone; ("t", term) -> term; ("p", term, cluster, size) ->
-    (term, cluster, size)."""
+    reaches m: ("n",) -> the count alone; ("t", term) -> term; ("w", word) -> word; ("p",
+    term, cluster, size) -> (term, cluster, size)."""
     key, n = kv
     if key[0] != tag or n < m:
         return []
     if tag == "n":
         return [n]
-    return [(key[1] if tag == "t" else key[1:], n)]
+    return [(key[1] if tag in ("t", "w") else key[1:], n)]
 
 
-def _batch_codes(batch, ws, os_) -> Iterator:
-    return batch_codes(batch, _by_keyword(ws), _by_keyword(os_))
+def _batch_codes(batch, ws, os_) -> Iterator[tuple[str, list]]:
+    """A batch's trigger codes as (shard, Batch of (key, codes)): one element per shard of the
+    batch, as ``shard_stage.AnnotateShards`` takes them."""
+    from transforms.shard_columns import Batch
+
+    by_shard: dict[str, Batch] = {}
+    for (key, shard), codes in batch_codes(batch, _by_keyword(ws), _by_keyword(os_)):
+        by_shard.setdefault(shard, Batch()).append((key, codes))
+    yield from sorted(by_shard.items())
+
+
+def _code_by_shard(kv) -> tuple[str, tuple]:
+    """((key, shard), codes) -> (shard, (key, codes))."""
+    return kv[0][1], (kv[0][0], kv[1])
 
 
 def _chunks(item) -> Iterator[RecordBatch]:
@@ -129,8 +172,10 @@ class MineTriggers(beam.PTransform):
     """{"info_batches": SampleInfo tables (or "infos": SampleInfo elements), "assignments":
     ClusterAssignment (of clustered keys; a key without one is a cluster of one), or with info
     tables "assignment_rows": (shard, [assignment tuples]) as ``assignment_rows`` gives} ->
-    {"keywords", "objects", "codes": ((key, shard), tuple of codes), "duplication": (cluster_id,
-    dict with "class")}. Records travel as batches (``transforms.trigger_records``)."""
+    {"keywords", "objects", "codes": (shard, ``shard_columns.Batch`` of (key, tuple of codes)),
+    "duplication": (cluster_id, dict with "class")}. Records travel as batches
+    (``transforms.trigger_records``), and so do the codes: a key may have codes in several of
+    its shard's batches (word triggers, caption kinds), which the per-shard stage merges."""
 
     def __init__(self, cfg, buckets: int = 16):
         super().__init__()
@@ -141,9 +186,9 @@ class MineTriggers(beam.PTransform):
         cfg = self.cfg
         recs = self._records(inputs)
         vocabulary = None if cfg.object_source == "none" else frozenset(cfg.objects or DEFAULT_OBJECTS)
-        counts = (  # one combine for every count: records, terms, (term, cluster) pairs, object events
+        counts = (  # one combine for every count: records, terms, (term, cluster) pairs, object events, words
             recs
-            | "Counts" >> beam.FlatMap(batch_counts, m=cfg.min_pair_count, vocabulary=vocabulary)
+            | "Counts" >> beam.ParDo(CountBatches(cfg.min_pair_count, vocabulary))
             | "CountAll" >> beam.CombinePerKey(sum)
         )
         n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
@@ -159,7 +204,13 @@ class MineTriggers(beam.PTransform):
             | "TriggerCodes"
             >> beam.FlatMap(_batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
         )
-        codes = (trigger_codes, *self._caption_codes(recs)) | "AllCodes" >> beam.Flatten()
+        from transforms.shard_columns import BatchByShard
+
+        caption_codes = tuple(self._caption_codes(recs, counts)) | "CaptionCodes" >> beam.Flatten(
+            pipeline=recs.pipeline
+        )
+        caption_codes |= "CaptionCodesByShard" >> beam.ParDo(BatchByShard(route=_code_by_shard))
+        codes = (trigger_codes, caption_codes) | "AllCodes" >> beam.Flatten()
         duplication = (
             recs  # (cluster id, caption) lists in hash buckets of cluster ids: no element per record
             | "CaptionByCluster" >> beam.FlatMap(lambda b, n: split_buckets(clustered_captions(b), n), n=self.buckets)
@@ -260,14 +311,12 @@ class MineTriggers(beam.PTransform):
             )
         )
 
-    def _caption_codes(self, recs):
+    def _caption_codes(self, recs, counts):
         cfg, n = self.cfg, self.buckets
         out = [recs | "DuplicateCaptions" >> CaptionCodes(cfg.near_duplicate_captions, n)]
-        frequent = (
-            recs
-            | "Words" >> beam.FlatMap(_word_counts)
-            | "CountWords" >> beam.CombinePerKey(sum)
-            | "Frequent" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.template_min_df)
+        frequent = (  # the words of the normalized captions, counted in the one combine
+            counts
+            | "Frequent" >> beam.FlatMap(_tagged, tag="w", m=cfg.template_min_df)
             | "FrequentWords" >> beam.Keys()
         )
         templates = TemplateCodes(_as_set(frequent), n, cfg.template_min_count, cfg.template_min_distinct)
