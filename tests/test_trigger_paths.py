@@ -362,11 +362,10 @@ def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_pat
             | beam.FlatMap(lambda kv: [((key, kv[0]), codes) for key, codes in kv[1]])
             | beam.Filter(lambda kv: any("trigger" in c or "implicit" in c for c in kv[1]))
         )
-        for name in ("keywords", "objects", "duplication", "codes"):
+        names = ("keywords", "objects", "duplication", "codes", "duplication_rows")
+        for name in names:
             _ = out[name] | f"Gather{name}" >> beam.combiners.ToList() | f"Dump{name}" >> beam.Map(dump, name)
-    got = {
-        name: pickle.loads((tmp_path / name).read_bytes()) for name in ("keywords", "objects", "duplication", "codes")
-    }
+    got = {name: pickle.loads((tmp_path / name).read_bytes()) for name in names}
     word_sig = {(r["keyword"], r["cluster_id"]) for r in got["keywords"]}
     object_sig = _by_keyword([(r["keyword"], (r["object"], r["relation"])) for r in got["objects"]])
     assert word_sig and object_sig
@@ -377,6 +376,13 @@ def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_pat
         if i.key in by_key and by_key[i.key].cluster_size > 1:
             captions.setdefault(by_key[i.key].cluster_id, []).append(i.caption)
     assert dict(got["duplication"]) == {c: cluster_duplication(v) for c, v in captions.items()} and captions
+    rows = sorted((shard, kv) for shard, batch in got["duplication_rows"] for kv in batch)
+    classes = {c: d["class"] for c, d in got["duplication"]}
+    shard_of = {i.key: i.shard for i in infos}
+    want_rows = [
+        (shard_of[a.key], (a.key, (a.cluster_id, classes[a.cluster_id]))) for a in assignments if a.cluster_size > 1
+    ]
+    assert rows == sorted(want_rows) and rows
 
 
 def test_cluster_lookup_reads_elements_and_assignment_rows_alike():

@@ -260,3 +260,9 @@ def clustered_captions(batch) -> list[tuple[str, str]]:
     """(cluster id, caption) of the records in clusters of more than one."""
     cid, caption = batch.cluster_id, batch.caption
     return [(cid[i], caption[i]) for i in np.flatnonzero(batch.cluster_size > 1).tolist()]
+
+
+def clustered_members(batch) -> list[tuple[str, tuple[str, str, str]]]:
+    """(cluster id, (caption, key, shard)) of the records in clusters of more than one."""
+    cid, caption, key, shard = batch.cluster_id, batch.caption, batch.key, batch.shard
+    return [(cid[i], (caption[i], key[i], shard[i])) for i in np.flatnonzero(batch.cluster_size > 1).tolist()]

@@ -16,12 +16,12 @@ import apache_beam as beam
 
 from pipeline import progress
 from transforms.captions import cluster_duplication
-from transforms.key_batches import split_buckets
+from transforms.key_batches import grouped, split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
-from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_captions, code_rows
-from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column, per_group
+from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_members, code_rows
+from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -161,6 +161,24 @@ def _code_by_shard(kv) -> tuple[str, tuple]:
     return kv[0][1], (kv[0][0], kv[1])
 
 
+def classified(item, share: float) -> Iterator:
+    """(bucket, lists of (cluster id, (caption, key, shard))) -> (cluster id, its
+    ``cluster_duplication``) per cluster and, tagged "rows", (shard, Batch of (key, (cluster id,
+    class))) per shard of the bucket's members: the classes reach the members' shards without a
+    join on the cluster id."""
+    from transforms.shard_columns import Batch
+
+    _, lists = item
+    rows: dict[str, Batch] = {}
+    for cluster, members in sorted(grouped(lists).items()):
+        found = cluster_duplication([m[0] for m in members], share)
+        yield cluster, found
+        for _, key, shard in members:
+            rows.setdefault(shard, Batch()).append((key, (cluster, found["class"])))
+    for shard, batch in sorted(rows.items()):
+        yield beam.pvalue.TaggedOutput("rows", (shard, batch))
+
+
 def _chunks(item) -> Iterator[RecordBatch]:
     _, records = item
     records = sorted(records, key=lambda r: r["key"])
@@ -173,7 +191,8 @@ class MineTriggers(beam.PTransform):
     ClusterAssignment (of clustered keys; a key without one is a cluster of one), or with info
     tables "assignment_rows": (shard, [assignment tuples]) as ``assignment_rows`` gives} ->
     {"keywords", "objects", "codes": (shard, ``shard_columns.Batch`` of (key, tuple of codes)),
-    "duplication": (cluster_id, dict with "class")}. Records travel as batches
+    "duplication": (cluster_id, dict with "class"), "duplication_rows": (shard, Batch of (key,
+    (cluster_id, class))) for the members of clusters of more than one}. Records travel as batches
     (``transforms.trigger_records``), and so do the codes: a key may have codes in several of
     its shard's batches (word triggers, caption kinds), which the per-shard stage merges."""
 
@@ -212,16 +231,19 @@ class MineTriggers(beam.PTransform):
         caption_codes |= "CaptionCodesByShard" >> beam.ParDo(BatchByShard(route=_code_by_shard))
         codes = (trigger_codes, caption_codes) | "AllCodes" >> beam.Flatten()
         duplication = (
-            recs  # (cluster id, caption) lists in hash buckets of cluster ids: no element per record
-            | "CaptionByCluster" >> beam.FlatMap(lambda b, n: split_buckets(clustered_captions(b), n), n=self.buckets)
+            recs  # (cluster id, (caption, key, shard)) lists in hash buckets of cluster ids: no element per record
+            | "CaptionByCluster" >> beam.FlatMap(lambda b, n: split_buckets(clustered_members(b), n), n=self.buckets)
             | "GroupClusterCaptions" >> beam.GroupByKey()
             | "ClassifyCluster"
-            >> beam.FlatMap(
-                per_group,
-                group_fn=lambda kv, share=cfg.full_duplication_share: [(kv[0], cluster_duplication(kv[1], share))],
-            )
+            >> beam.FlatMap(classified, share=cfg.full_duplication_share).with_outputs("rows", main="classes")
         )
-        return {"keywords": keywords, "objects": objects, "codes": codes, "duplication": duplication}
+        return {
+            "keywords": keywords,
+            "objects": objects,
+            "codes": codes,
+            "duplication": duplication.classes,
+            "duplication_rows": duplication.rows,
+        }
 
     def _records(self, inputs):
         """-> batches (lists) of records, per shard."""
