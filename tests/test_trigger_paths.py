@@ -172,7 +172,9 @@ def test_record_batch_columns_give_back_the_records():
 def test_batch_counters_equal_per_record_events():
     from transforms.trigger_counts import (
         batch_counts,
+        cluster_pair_counts,
         clustered_captions,
+        clustered_members,
         object_event_counts,
         object_events,
         pair_counts,
@@ -217,6 +219,13 @@ def test_batch_counters_equal_per_record_events():
             (w, r["cluster_id"], r["cluster_size"]) for r in records if r["cluster_size"] >= 2 for w in r["terms"]
         )
         assert dict(pair_counts(batch, 2)) == dict(small)
+        ones = Counter((w, r["cluster_id"], 1) for r in records if r["cluster_size"] == 1 for w in r["terms"])
+        assert dict(pair_counts(batch, 1, below=2)) == dict(ones) and pair_counts(batch, 2, below=2) == []
+        members: dict = {}
+        for cluster, member in clustered_members(batch, 10):
+            members.setdefault(cluster, []).append(member)
+        whole = {k: c for cluster, ms in members.items() for k, c in cluster_pair_counts(cluster, ms, 10)}
+        assert whole == {k: c for k, c in pairs.items() if c >= 10} and whole
         assert clustered_captions(batch) == [(r["cluster_id"], r["caption"]) for r in records if r["cluster_size"] > 1]
 
 
@@ -467,3 +476,18 @@ def test_shard_records_equal_the_per_record_fields():
         for i in infos[:-1]
     ]
     assert got == want and any(r["objects"] for r in got)
+
+
+def test_codes_by_shard_batches_records_and_passes_batches():
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from transforms.shard_columns import Batch
+    from transforms.triggers import CodesByShard
+
+    fn = CodesByShard()
+    fn.start_bundle()
+    ready = Batch([("k9", ("near_duplicate_caption",))])
+    out = [kv for x in [(("k1", "s0"), ("a",)), ("s1", ready), (("k2", "s1"), ("b",))] for kv in fn.process(x)]
+    out += [w.value if isinstance(w, WindowedValue) else w for w in fn.finish_bundle()]
+    assert out == [("s1", ready), ("s0", [("k1", ("a",))]), ("s1", [("k2", ("b",))])]
+    assert all(isinstance(b, Batch) for _, b in out)

@@ -81,12 +81,13 @@ def term_counts(batch) -> list[tuple[str, int]]:
     return [(t, c) for t, c in zip(batch.vocab, counts, strict=True) if c]
 
 
-def pair_counts(batch, m: int) -> list[tuple[tuple, int]]:
-    """((term, cluster id, cluster size), records) over the records in clusters of >= m."""
+def pair_counts(batch, m: int, below: int | None = None) -> list[tuple[tuple, int]]:
+    """((term, cluster id, cluster size), records) over the records in clusters of >= m (and
+    < ``below``, when given)."""
     import pyarrow as pa
 
     sizes = batch.cluster_size
-    rows = np.flatnonzero(sizes >= m)
+    rows = np.flatnonzero((sizes >= m) & (sizes < below) if below is not None else sizes >= m)
     if not len(rows):
         return []
     cid = batch.cluster_id
@@ -208,14 +209,17 @@ def object_event_counts(batch, vocabulary: frozenset[str], split=None) -> list[t
 EVENTS = ("mention", "kw_mention", "object", "both")  # the first item of an object event's key
 
 
-def batch_counts(batch, m: int, vocabulary: frozenset[str] | None, words: bool = False) -> list[tuple[tuple, int]]:
+def batch_counts(
+    batch, m: int, vocabulary: frozenset[str] | None, words: bool = False, pairs_below: int | None = None
+) -> list[tuple[tuple, int]]:
     """Every count of a batch under one kind of key, for one combine: ("n",) records,
-    ("t", term), ("p", term, cluster id, cluster size) in clusters of >= m, (unless
+    ("t", term), ("p", term, cluster id, cluster size) in clusters of >= m (and < ``pairs_below``
+    when given: the larger ones are counted per cluster, ``cluster_pair_counts``), (unless
     ``vocabulary`` is None) the object events as they are (first item in ``EVENTS``) and (when
     ``words``) ("w", word) for the words of the normalized captions (``word_counts``)."""
     out: list[tuple[tuple, int]] = [(("n",), len(batch))]
     out += [(("t", t), c) for t, c in term_counts(batch)]
-    out += [(("p", *k), c) for k, c in pair_counts(batch, m)]
+    out += [(("p", *k), c) for k, c in pair_counts(batch, m, pairs_below)]
     split = norm_words(batch) if words or (vocabulary and len(batch)) else None
     if vocabulary is not None:
         out += object_event_counts(batch, vocabulary, split)
@@ -262,7 +266,26 @@ def clustered_captions(batch) -> list[tuple[str, str]]:
     return [(cid[i], caption[i]) for i in np.flatnonzero(batch.cluster_size > 1).tolist()]
 
 
-def clustered_members(batch) -> list[tuple[str, tuple[str, str, str]]]:
-    """(cluster id, (caption, key, shard)) of the records in clusters of more than one."""
+def clustered_members(batch, m: int) -> list[tuple[str, tuple]]:
+    """(cluster id, (caption, key, shard, cluster size, terms)) of the records in clusters of
+    more than one; terms only for clusters of >= m records (``cluster_pair_counts``), else ()."""
+    rows = np.flatnonzero(batch.cluster_size > 1).tolist()
+    if not rows:
+        return []
     cid, caption, key, shard = batch.cluster_id, batch.caption, batch.key, batch.shard
-    return [(cid[i], (caption[i], key[i], shard[i])) for i in np.flatnonzero(batch.cluster_size > 1).tolist()]
+    sizes = batch.cluster_size.tolist()
+    terms = batch.row_terms() if int(batch.cluster_size.max()) >= m else None
+    return [(cid[i], (caption[i], key[i], shard[i], sizes[i], terms[i] if sizes[i] >= m else ())) for i in rows]
+
+
+def cluster_pair_counts(cluster: str, members: list[tuple], m: int) -> Iterator[tuple[tuple, int]]:
+    """One cluster's ``clustered_members`` -> ((term, cluster id, cluster size), records) for the
+    pairs on >= m of its records: every record of the cluster is here, so these are the
+    pairs' whole counts (``pair_counts`` summed over every batch, pruned at m)."""
+    counts: Counter = Counter()
+    for member in members:
+        if member[3] >= m:
+            counts.update((t, member[3]) for t in member[4])
+    for (term, size), n in sorted(counts.items()):
+        if n >= m:
+            yield (term, cluster, size), n

@@ -19,8 +19,16 @@ from transforms.captions import cluster_duplication
 from transforms.key_batches import grouped, split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
+from transforms.shard_columns import Batch, BatchByShard
 from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
-from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_members, code_rows
+from transforms.trigger_counts import (
+    EVENTS,
+    batch_codes,
+    batch_counts,
+    cluster_pair_counts,
+    clustered_members,
+    code_rows,
+)
 from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
@@ -104,9 +112,10 @@ def _word_counts(batch: list[dict]):
 
 
 class CountBatches(beam.DoFn):
-    """Record batches -> their ``batch_counts`` (words included) summed over the bundle: one
-    (key, count) element per key and bundle (flushed every ``FLUSH`` keys), not per key and
-    batch, so the combine after it sees a few elements per key."""
+    """Record batches -> their ``batch_counts`` (words included; (term, cluster) pairs only of
+    clusters of one: the others are counted per cluster, ``classified``) summed over the
+    bundle: one (key, count) element per key and bundle (flushed every ``FLUSH`` keys), not per
+    key and batch, so the combine after it sees a few elements per key."""
 
     FLUSH = 200_000
 
@@ -118,7 +127,7 @@ class CountBatches(beam.DoFn):
 
     def process(self, batch) -> Iterator[tuple]:
         counts = self.counts
-        for key, n in batch_counts(batch, self.m, self.vocabulary, words=True):
+        for key, n in batch_counts(batch, self.m, self.vocabulary, words=True, pairs_below=2):
             counts[key] = counts.get(key, 0) + n
         if len(counts) >= self.FLUSH:
             self.counts = {}
@@ -148,8 +157,6 @@ def _tagged(kv, tag: str, m: int = 0) -> list:
 def _batch_codes(batch, ws, os_) -> Iterator[tuple[str, list]]:
     """A batch's trigger codes as (shard, Batch of (key, codes)): one element per shard of the
     batch, as ``shard_stage.AnnotateShards`` takes them."""
-    from transforms.shard_columns import Batch
-
     by_shard: dict[str, Batch] = {}
     for (key, shard), codes in batch_codes(batch, _by_keyword(ws), _by_keyword(os_)):
         by_shard.setdefault(shard, Batch()).append((key, codes))
@@ -161,19 +168,33 @@ def _code_by_shard(kv) -> tuple[str, tuple]:
     return kv[0][1], (kv[0][0], kv[1])
 
 
-def classified(item, share: float) -> Iterator:
-    """(bucket, lists of (cluster id, (caption, key, shard))) -> (cluster id, its
-    ``cluster_duplication``) per cluster and, tagged "rows", (shard, Batch of (key, (cluster id,
-    class))) per shard of the bucket's members: the classes reach the members' shards without a
-    join on the cluster id."""
-    from transforms.shard_columns import Batch
+class CodesByShard(BatchByShard):
+    """((key, shard), codes) per record -> (shard, Batch of (key, codes)) per shard and bundle;
+    elements already (shard, Batch) pass as they are (a caption stage that batches its codes)."""
 
+    def __init__(self):
+        super().__init__(route=_code_by_shard)
+
+    def process(self, kv):
+        if isinstance(kv[1], Batch):
+            yield kv
+        else:
+            yield from super().process(kv)
+
+
+def classified(item, share: float, m: int) -> Iterator:
+    """(bucket, lists of ``clustered_members``) -> (cluster id, its ``cluster_duplication``) per
+    cluster; tagged "rows", (shard, Batch of (key, (cluster id, class))) per shard of the
+    bucket's members (the classes reach the members' shards without a join on the cluster id);
+    tagged "pairs", the (term, cluster) pairs on >= m records (``cluster_pair_counts``)."""
     _, lists = item
     rows: dict[str, Batch] = {}
     for cluster, members in sorted(grouped(lists).items()):
-        found = cluster_duplication([m[0] for m in members], share)
+        found = cluster_duplication([r[0] for r in members], share)
         yield cluster, found
-        for _, key, shard in members:
+        for kv in cluster_pair_counts(cluster, members, m):
+            yield beam.pvalue.TaggedOutput("pairs", kv)
+        for _, key, shard, _, _ in members:
             rows.setdefault(shard, Batch()).append((key, (cluster, found["class"])))
     for shard, batch in sorted(rows.items()):
         yield beam.pvalue.TaggedOutput("rows", (shard, batch))
@@ -202,48 +223,50 @@ class MineTriggers(beam.PTransform):
         self.buckets = buckets
 
     def expand(self, inputs):
-        cfg = self.cfg
+        cfg, m = self.cfg, self.cfg.min_pair_count
         recs = self._records(inputs)
         vocabulary = None if cfg.object_source == "none" else frozenset(cfg.objects or DEFAULT_OBJECTS)
-        counts = (  # one combine for every count: records, terms, (term, cluster) pairs, object events, words
-            recs
-            | "Counts" >> beam.ParDo(CountBatches(cfg.min_pair_count, vocabulary))
-            | "CountAll" >> beam.CombinePerKey(sum)
+        counts = (  # one combine for every count: records, terms, object events, words, small-cluster pairs
+            recs | "Counts" >> beam.ParDo(CountBatches(m, vocabulary)) | "CountAll" >> beam.CombinePerKey(sum)
         )
         n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = counts | "PruneTerms" >> beam.FlatMap(_tagged, tag="t", m=cfg.min_keyword_count)
-        pairs = counts | "PrunePairs" >> beam.FlatMap(_tagged, tag="p", m=cfg.min_pair_count)
+        duplication = (
+            recs  # clustered_members lists in hash buckets of cluster ids: no element per record
+            | "CaptionByCluster"
+            >> beam.FlatMap(lambda b, n, m: split_buckets(clustered_members(b, m), n), n=self.buckets, m=m)
+            | "GroupClusterCaptions" >> beam.GroupByKey()
+            | "ClassifyCluster"
+            >> beam.FlatMap(classified, share=cfg.full_duplication_share, m=m).with_outputs(
+                "rows", "pairs", main="classes"
+            )
+        )
+        small_pairs = counts | "PrunePairs" >> beam.FlatMap(_tagged, tag="p", m=m)  # clusters of one (m = 1)
+        pairs = (duplication.pairs, small_pairs) | "AllPairs" >> beam.Flatten()
         keywords = self._keyword_triggers(pairs, kw_counts, n_total)
         objects = self._object_triggers(counts, vocabulary, kw_counts, n_total)
+        return {
+            "keywords": keywords,
+            "objects": objects,
+            "codes": self._codes(recs, counts, keywords, objects),
+            "duplication": duplication.classes,
+            "duplication_rows": duplication.rows,
+        }
+
+    def _codes(self, recs, counts, keywords, objects):
+        """-> (shard, Batch of (key, codes)): trigger codes per batch, caption codes batched."""
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
         trigger_codes = (
             recs
-            | "CodeRows" >> beam.FlatMap(code_rows, m=cfg.min_pair_count)
+            | "CodeRows" >> beam.FlatMap(code_rows, m=self.cfg.min_pair_count)
             | "TriggerCodes"
             >> beam.FlatMap(_batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
         )
-        from transforms.shard_columns import BatchByShard
-
-        caption_codes = tuple(self._caption_codes(recs, counts)) | "CaptionCodes" >> beam.Flatten(
-            pipeline=recs.pipeline
-        )
-        caption_codes |= "CaptionCodesByShard" >> beam.ParDo(BatchByShard(route=_code_by_shard))
-        codes = (trigger_codes, caption_codes) | "AllCodes" >> beam.Flatten()
-        duplication = (
-            recs  # (cluster id, (caption, key, shard)) lists in hash buckets of cluster ids: no element per record
-            | "CaptionByCluster" >> beam.FlatMap(lambda b, n: split_buckets(clustered_members(b), n), n=self.buckets)
-            | "GroupClusterCaptions" >> beam.GroupByKey()
-            | "ClassifyCluster"
-            >> beam.FlatMap(classified, share=cfg.full_duplication_share).with_outputs("rows", main="classes")
-        )
-        return {
-            "keywords": keywords,
-            "objects": objects,
-            "codes": codes,
-            "duplication": duplication.classes,
-            "duplication_rows": duplication.rows,
-        }
+        caption_codes = tuple(self._caption_codes(recs, counts))
+        caption_codes |= "CaptionCodes" >> beam.Flatten(pipeline=recs.pipeline)
+        caption_codes |= "CaptionCodesByShard" >> beam.ParDo(CodesByShard())
+        return (trigger_codes, caption_codes) | "AllCodes" >> beam.Flatten()
 
     def _records(self, inputs):
         """-> batches (lists) of records, per shard."""
