@@ -427,8 +427,9 @@ def test_batch_terms_equal_the_per_caption_term_columns(bigrams):
     captions = TRICKY + ODD + _real_captions(1500)
     random.Random(1).shuffle(captions)
     fast, ref = KeywordExtractor(bigrams), KeywordExtractor(bigrams)
-    for lo in range(0, len(captions), 700):
-        part = captions[lo : lo + 700]
+    plain = [c for c in captions if c.isascii() and not any("\x1c" <= ch <= "\x1f" for ch in c)]
+    assert len(plain) < len(captions)  # Arrow's ASCII split for a batch of plain captions, else its Unicode one
+    for part in [plain[:500]] + [captions[lo : lo + 700] for lo in range(0, len(captions), 700)]:
         got = fast.batch_terms(pa.chunked_array([pa.array(part[:9]), pa.array(part[9:], pa.string())]))
         want = term_columns([ref.terms_tuple(c) for c in part])
         assert got[0] == want[0]

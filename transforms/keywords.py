@@ -84,24 +84,21 @@ class KeywordExtractor:
 
     def batch_terms(self, captions, texts: list[str] | None = None):
         """``trigger_records.term_columns([self.terms_tuple(c) for c in captions])`` for an Arrow
-        string array: (sorted vocabulary, term ids (int32), row offsets (int64)). Captions that
-        ``str.split`` and Arrow's ASCII whitespace split alike (ASCII without \\x1c-\\x1f) are
-        split in Arrow and each distinct piece is looked up once (``_piece_entries``); the
-        others (and every caption when bigrams are on) go through ``terms_tuple``. ``texts``:
-        the captions as a list, when the caller has it."""
+        string array: (sorted vocabulary, term ids (int32), row offsets (int64)). Arrow's
+        whitespace split gives the pieces ``str.split`` gives (its Unicode split agrees with
+        Python's on every code point; the ASCII one, faster, where the text is ASCII without
+        \\x1c-\\x1f), plus empty pieces at leading and trailing whitespace, which have no lemmas;
+        each distinct piece is looked up once (``_piece_entries``). With bigrams (adjacent
+        lemmas across pieces) every caption goes through ``terms_tuple``. ``texts``: the
+        captions as a list, when the caller has it."""
         import numpy as np
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         if self._nlp is None:
             self._load()
         captions = captions.combine_chunks() if isinstance(captions, pa.ChunkedArray) else captions
         n = len(captions)
-        fast = np.zeros(n, dtype=bool)
-        if not self.bigrams:
-            split_alike = pc.invert(pc.match_substring_regex(captions, "[\\x1c-\\x1f]"))
-            fast = pc.fill_null(pc.and_(pc.string_is_ascii(captions), split_alike), False)
-            fast = fast.to_numpy(zero_copy_only=False)
+        fast = np.full(n, not self.bigrams and captions.null_count == 0)
         index: dict[str, int] = {}
         rows, terms = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         if fast.any():
@@ -130,7 +127,10 @@ class KeywordExtractor:
         import numpy as np
         import pyarrow.compute as pc
 
-        lists = pc.ascii_split_whitespace(captions)
+        plain = pc.all(pc.string_is_ascii(captions)).as_py() is not False
+        if plain and pc.any(pc.match_substring_regex(captions, "[\\x1c-\\x1f]")).as_py():
+            plain = False
+        lists = (pc.ascii_split_whitespace if plain else pc.utf8_split_whitespace)(captions)
         encoded = pc.list_flatten(lists).dictionary_encode()
         kept = [[index.setdefault(t, len(index)) for t in self._piece(p)] for p in encoded.dictionary.to_pylist()]
         lens = np.array([len(k) for k in kept], dtype=np.int64)
