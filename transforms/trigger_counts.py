@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Iterator
+from itertools import chain
 
 import numpy as np
 
@@ -274,18 +275,29 @@ def clustered_members(batch, m: int) -> list[tuple[str, tuple]]:
         return []
     cid, caption, key, shard = batch.cluster_id, batch.caption, batch.key, batch.shard
     sizes = batch.cluster_size.tolist()
-    terms = batch.row_terms() if int(batch.cluster_size.max()) >= m else None
-    return [(cid[i], (caption[i], key[i], shard[i], sizes[i], terms[i] if sizes[i] >= m else ())) for i in rows]
+    terms = _terms_of_rows(batch, batch.cluster_size >= max(m, 2))
+    return [(cid[i], (caption[i], key[i], shard[i], sizes[i], terms.get(i, ()))) for i in rows]
+
+
+def _terms_of_rows(batch, mask: np.ndarray) -> dict[int, tuple[str, ...]]:
+    """{row: its terms} for the rows of ``mask`` (one gather of the term strings)."""
+    rows = np.flatnonzero(mask)
+    if not len(rows):
+        return {}
+    strings = np.array(batch.vocab, dtype=object)[batch.term_ids[mask[batch.term_rows()]]].tolist()
+    ends = np.cumsum(np.diff(batch.term_off)[rows]).tolist()
+    return {r: tuple(strings[a:b]) for r, a, b in zip(rows.tolist(), [0, *ends], ends, strict=False)}
 
 
 def cluster_pair_counts(cluster: str, members: list[tuple], m: int) -> Iterator[tuple[tuple, int]]:
     """One cluster's ``clustered_members`` -> ((term, cluster id, cluster size), records) for the
     pairs on >= m of its records: every record of the cluster is here, so these are the
     pairs' whole counts (``pair_counts`` summed over every batch, pruned at m)."""
-    counts: Counter = Counter()
+    by_size: dict[int, list] = {}  # one size per cluster, unless assignments disagree
     for member in members:
         if member[3] >= m:
-            counts.update((t, member[3]) for t in member[4])
-    for (term, size), n in sorted(counts.items()):
-        if n >= m:
-            yield (term, cluster, size), n
+            by_size.setdefault(member[3], []).append(member[4])
+    for size, terms in sorted(by_size.items()):
+        for term, n in sorted(Counter(chain.from_iterable(terms)).items()):
+            if n >= m:
+                yield (term, cluster, size), n
