@@ -30,6 +30,7 @@ ALLOWED = {
     r"MineTriggers/FrequentSet\b.*": "frequent template words: vocabulary",
     r"MineTriggers/Skeletons(/Split)?": "frequent template words: vocabulary",
     r"DiversifyCaptions/Diversify": "top-N vocabulary",
+    r"DiversifyCaptions/TopTables\b.*": "one top-words table per word bucket: buckets x vocabulary_size rows",
     r"EmbedClip/NotPersisted": "one entry per shard",
     r"EmbedClip/Save": "one name per shard (identity + content digest)",
     r"CountWritten\b.*": "the final writer join: one count of written files",

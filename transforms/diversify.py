@@ -184,9 +184,10 @@ def caption_word_counts(captions):
     return pa.table({"word": pa.array(list(counts), pa.string()), "count": pa.array(list(counts.values()), pa.int64())})
 
 
-def _top_words(item, size: int) -> Iterator[tuple[str, int]]:
-    """(bucket, word-count tables) -> the bucket's ``size`` most common words (ties by word),
-    summed over the tables: the global top ``size`` is among the buckets' tops."""
+def _top_words(item, size: int) -> Iterator:
+    """(bucket, word-count tables) -> one (word, count) table of the bucket's ``size`` most common
+    words (ties by word), summed over the tables: the global top ``size`` is among the buckets'
+    tops (a bucket holds all of its words' counts)."""
     import pyarrow as pa
 
     _, tables = item
@@ -195,12 +196,26 @@ def _top_words(item, size: int) -> Iterator[tuple[str, int]]:
         return
     summed = pa.concat_tables(tables).group_by("word").aggregate([("count", "sum")])
     ranked = summed.sort_by([("count_sum", "descending"), ("word", "ascending")]).slice(0, size)
-    yield from zip(ranked.column("word").to_pylist(), ranked.column("count_sum").to_pylist(), strict=True)
+    yield pa.table({"word": ranked.column("word"), "count": ranked.column("count_sum")})
+
+
+def vocabulary_from_tables(tables: list, size: int) -> list[str]:
+    """The buckets' top-word tables (``_top_words``) -> ``vocabulary_from_counts`` of the global
+    top ``size`` (as ``Top.Of`` over (word, count) pairs ranked by (-count, word) gives it)."""
+    import pyarrow as pa
+
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return vocabulary_from_counts([], size)
+    ranked = pa.concat_tables(tables).sort_by([("count", "descending"), ("word", "ascending")]).slice(0, size)
+    counts = zip(ranked.column("word").to_pylist(), ranked.column("count").to_pylist(), strict=True)
+    return vocabulary_from_counts(list(counts), size)
 
 
 def _diversify_bucket(item, vocab: list[str], cfg, seed: int, limit: int) -> Iterator:
     """(bucket, {"rows": tables of rows to diversify, "captions": (cluster_id, caption) tables})
-    -> one table of the bucket's diversify/ rows (with their shard)."""
+    -> one table of the bucket's diversify/ rows (with their shard): ``diversify_row`` of each
+    row, computed for the whole table at once (``transforms.diversify_columns``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -209,20 +224,14 @@ def _diversify_bucket(item, vocab: list[str], cfg, seed: int, limit: int) -> Ite
     if not rows:
         return
     rows = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
-    ids = pc.unique(rows.column("cluster_id").combine_chunks())
-    pools: dict[str, list[str]] = {}
-    for t in grouped["captions"]:
-        t = t.filter(pc.is_in(t.column("cluster_id"), value_set=ids))
-        for cid, caption in zip(t.column("cluster_id").to_pylist(), t.column("caption").to_pylist(), strict=True):
-            pools.setdefault(cid, []).append(caption)
-    pools = {cid: cluster_captions(caps, limit) for cid, caps in pools.items()}
-    out = []
-    for row in rows.to_pylist():
-        d = diversify_row(row, pools.get(row["cluster_id"], []), vocab, cfg, seed)
-        if d is not None:
-            out.append(d)
-    if out:
-        yield pa.Table.from_pylist(out, schema=_with_shard())
+    from transforms.diversify_columns import cluster_pools, diversify_table
+
+    pools = {}
+    if "MC" in cfg.strategies:  # only MC reads the clusters' captions
+        pools = cluster_pools(grouped["captions"], pc.unique(rows.column("cluster_id").combine_chunks()), limit)
+    table = diversify_table(rows, pools, vocab, cfg, seed)
+    if table is not None:
+        yield table
 
 
 def _with_shard():
@@ -304,13 +313,14 @@ class DiversifyCaptions(beam.PTransform):
         from transforms.write import split_table
 
         n, size = self.buckets, self.cfg.vocabulary_size
-        word_counts = (
+        vocab = (  # one table of top words per bucket crosses, not a (word, count) element per word
             inputs["words"]
             | "WordBuckets" >> beam.FlatMap(split_table, "word", n)
             | "GroupWords" >> beam.GroupByKey()
             | "TopOfBucket" >> beam.FlatMap(_top_words, size=size)
+            | "TopTables" >> beam.combiners.ToList()
+            | "TopVocab" >> beam.Map(vocabulary_from_tables, size=size)
         )
-        vocab = self._vocabulary(word_counts)
         joined = {
             "rows": inputs["rows"] | "RowBuckets" >> beam.FlatMap(split_table, "cluster_id", n),
             "captions": inputs["captions"] | "CaptionBuckets" >> beam.FlatMap(split_table, "cluster_id", n),
