@@ -492,3 +492,32 @@ def test_codes_by_shard_batches_records_and_passes_batches():
     out += [w.value if isinstance(w, WindowedValue) else w for w in fn.finish_bundle()]
     assert out == [("s1", ready), ("s0", [("k1", ("a",))]), ("s1", [("k2", ("b",))])]
     assert all(isinstance(b, Batch) for _, b in out)
+
+
+def test_count_batches_sums_a_bundle_and_flushes():
+    """CountBatches' elements, summed per key, are the batches' counts (small-cluster pairs
+    only), whether or not it flushes inside the bundle."""
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from transforms.trigger_counts import batch_counts
+    from transforms.trigger_records import RecordBatch
+    from transforms.triggers import CountBatches
+
+    vocabulary = frozenset(["car", "flag", "traffic light"])
+    batches = [RecordBatch.from_records(_batch_records(300, seed)) for seed in (5, 6)]
+    want: Counter = Counter()
+    for b in batches:
+        for k, c in batch_counts(b, 1, vocabulary, words=True):
+            if k[0] != "p" or k[3] < 2:
+                want[k] += c
+    assert any(k[0] == "w" for k in want) and any(k[0] == "p" for k in want)
+    for flush in (CountBatches.FLUSH, 50):
+        fn = CountBatches(1, vocabulary)
+        fn.FLUSH = flush
+        fn.start_bundle()
+        out = [kv for b in batches for kv in fn.process(b)]
+        out += [w.value if isinstance(w, WindowedValue) else w for w in fn.finish_bundle()]
+        got: Counter = Counter()
+        for k, c in out:
+            got[k] += c
+        assert got == want and (len(out) > len(want)) == (flush == 50)
