@@ -1,4 +1,6 @@
-"""Beam's fixed cost per run, cut in-process: its DoFn signature inspection, memoised.
+"""Beam's in-process costs, cut for a run: DoFn signature inspection memoised (``inspect``), the
+in-process runner's data-plane copies (``plane``), grouping peak (``group``) and element size
+sampling (``sizes``) cut.
 
 Beam asks ``core.get_function_args_defaults`` for the arguments of every method of every DoFn
 (``userstate.get_dofn_specs`` walks ``dir(dofn)``) each time it builds, translates, validates
@@ -9,13 +11,23 @@ the key is the function and whether it was bound. Functions are held weakly (a c
 with its function); anything else (a ``functools.partial``, a callable object, a builtin) is
 inspected as before. ``install()`` is idempotent and changes no result: the cached value is what
 Beam's own function returns, copied so that no caller can alter the cache.
+
+The in-process runner's per-byte costs: ``pipeline/beam_speedups_runner.py``.
+
+``MEMSIEVE_BEAM_SPEEDUPS`` chooses what ``install()`` installs: ``all`` (the default), ``off``,
+or a comma list of ``inspect`` (the caches), ``group``, ``plane`` and ``sizes``. Each is idempotent and
+undone by ``uninstall()``.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import types
 import weakref
+
+log = logging.getLogger(__name__)
 
 _ORIGINAL = None
 _ORIGINAL_SPECS = None
@@ -75,8 +87,35 @@ def cached_dofn_specs(dofn):
     return set(hit[0]), set(hit[1])
 
 
+def enabled() -> list[str]:
+    """The speedups ``MEMSIEVE_BEAM_SPEEDUPS`` asks for (unknown names are logged and skipped)."""
+    from pipeline.beam_speedups_runner import PATCHES
+
+    known = ["inspect", *PATCHES]
+    raw = os.environ.get("MEMSIEVE_BEAM_SPEEDUPS", "all").strip().lower()
+    if raw in ("", "all", "on", "1"):
+        return known
+    if raw in ("off", "none", "0"):
+        return []
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    for name in names:
+        if name not in known:
+            log.warning("MEMSIEVE_BEAM_SPEEDUPS: unknown speedup %r (known: %s)", name, ", ".join(known))
+    return [n for n in known if n in names]
+
+
 def install() -> None:
-    """Route Beam's argument and state-spec inspection through the caches (once per process)."""
+    """Route Beam's argument and state-spec inspection through the caches (once per process),
+    and install the runner patches ``enabled()`` names."""
+    from pipeline.beam_speedups_runner import install_runner
+
+    names = enabled()
+    install_runner(names)
+    if "inspect" in names:
+        _install_inspect()
+
+
+def _install_inspect() -> None:
     global _ORIGINAL, _ORIGINAL_SPECS
     from apache_beam.transforms import core, userstate
 
@@ -88,8 +127,12 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Beam's own inspection again (tests)."""
+    """Beam's own inspection and runner again (tests)."""
     from apache_beam.transforms import core, userstate
+
+    from pipeline.beam_speedups_runner import uninstall_runner
+
+    uninstall_runner()
 
     if _ORIGINAL is not None:
         core.get_function_args_defaults = _ORIGINAL

@@ -148,7 +148,7 @@ def cmd_decide(args) -> int:
     check_decide_overrides(args.set)
     started = time.time()
     if args.dry_run:
-        from pipeline.redecide import dry_run, format_changes
+        from pipeline.redecide_dry import dry_run, format_changes
 
         changes = dry_run(args.run_dir, args.set)
         print(format_changes(changes))

@@ -18,12 +18,13 @@ import apache_beam as beam
 from schemas import arrow
 from transforms.assignment_tables import (
     assignment_rows,
+    assignment_shards,
     cluster_table,
     representatives,
 )
 from transforms.decide import BlocklistRows, DiversifyCaptions
 from transforms.dedup import FindDuplicates
-from transforms.write import WriteBatches, WriteTable, bucket, bucket_labels
+from transforms.write import WriteBatches, WriteTable, bucket, bucket_labels, buckets
 
 # input format -> reader module: check(cfg) and read(p, cfg, inputs, out_dir) -> dict
 READERS = {
@@ -164,7 +165,7 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
 def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     from transforms.triggers import MineTriggers
 
-    rows = keyed["assignment"]  # (shard, [assignment tuples]): the records' join needs no element per key
+    rows = tables | "AssignmentRows" >> beam.FlatMap(assignment_rows)  # (shard, [tuples]): no element per key
     mined = {"info_batches": dec["info_batches"], "assignment_rows": rows} | "MineTriggers" >> MineTriggers(
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
@@ -208,6 +209,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     Annotate, Decide and the per-sample writers run once per shard (``AnnotateShards``) on the
     shard's info batches joined with what is sparse and routed to the shard: failures, the
     assignments of clustered keys, trigger codes, probe scores, duplication classes."""
+    from transforms.shard_columns import info_for_annotations
     from transforms.shard_stage import AnnotateShards
 
     n_parts = max(1, read["input"]["n_shards"])  # clusters/ and neighbours/ parts, as many as input shards
@@ -220,7 +222,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
     keyed = {
         "info": dec["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
         "failure": dec["failures"] | "FailureByShard" >> beam.Map(lambda f: (f.shard, f)),
-        "assignment": tables | "AssignmentByShard" >> beam.FlatMap(assignment_rows),
+        "assignment": tables | "AssignmentByShard" >> beam.FlatMap(assignment_shards),  # (shard, table)
     }
     if "moved" in dec:
         keyed["moved"] = dec["moved"]
@@ -228,6 +230,7 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
         add_triggers(cfg, dec, keyed, tables, out_dir)
     if cfg.probe.enabled:
         add_probe(cfg, dec, keyed, tables, out_dir, cache_dir)
+    keyed["info"] = keyed["info"] | "AnnotateInfo" >> beam.Map(lambda kv: (kv[0], info_for_annotations(kv[1])))
     staged = keyed | "AnnotateShards" >> AnnotateShards(cfg.decide, out_dir, cfg.diversify.enabled)
     p.__dict__.setdefault("_memsieve_written", []).append(staged["written"])
     clusters = tables | "ClusterRows" >> beam.Map(cluster_table)
@@ -278,7 +281,13 @@ def _neighbour_rows(n):
 def _neighbour_parts(table, n: int):
     """The neighbours writer's partition of each row of a Table (as a row's partition)."""
     import numpy as np
+    import pyarrow.compute as pc
 
+    embedders = pc.unique(table["embedder"]).to_pylist()
+    if len(embedders) == 1:  # a search group's table: one embedder, no string built per row
+        n = max(1, int(n))
+        names = np.array([f"{embedders[0]}-{i:0{len(str(n - 1))}d}" for i in range(n)], dtype=object)
+        return names[buckets(table["key"], n)]
     embedder = table["embedder"].to_numpy(zero_copy_only=False).astype(object)
     return embedder + np.array("-", dtype=object) + bucket_labels(table["key"], n)
 

@@ -12,8 +12,14 @@ and a re-decide that finds only that file resumes from it.
 
 ``output=NEW`` writes the new decision set to a new folder and leaves the run untouched: NEW gets
 hard links (copies across file systems) of the run's unchanged tables and report thumbnails, so
-it is a complete run folder that can itself be re-decided. ``dry_run`` counts what would change
-(by decision and reason) and writes nothing.
+it is a complete run folder that can itself be re-decided. ``pipeline.redecide_dry`` counts what
+would change (by decision and reason) and writes nothing.
+
+Annotation parts are read twice: a first pass of the columns the policy and the context need
+(kept copies, the vocabulary, the captions of clusters with a row to diversify), then the whole
+part to write its manifest, blocklist and diversify parts. Diversify rows of keys diversified
+before and now are taken from the run's diversify/ table when ``diversify.*`` and ``run.seed``
+are unchanged (``_reusable_diversify``); only the others are drawn.
 """
 
 from __future__ import annotations
@@ -28,13 +34,13 @@ from collections import Counter
 
 from pipeline.config import ConfigError, apply_override, parse_config
 from schemas import arrow
-from transforms.annotate import annotation_from_row
-from transforms.decide import DIVERSIFY, DROP, _blocklist_columns, decide, reason_family
-from transforms.diversify import caption_words, cluster_captions, diversify_row, vocabulary_from_counts
-from transforms.write import safe_part_name, write_arrow, write_rows
+from transforms.decide import DIVERSIFY, DROP, _blocklist_columns, reason_family
+from transforms.diversify import vocabulary_from_counts
+from transforms.write import safe_part_name, write_arrow
 
 log = logging.getLogger(__name__)
 TABLES = ("manifest", "diversify", "blocklist")
+TO_DIVERSIFY = ("key", "shard", "caption", "cluster_id")  # what ``diversify_table`` reads
 PENDING = "run.json.redecide"
 
 
@@ -58,52 +64,107 @@ def _parts(run_dir: str) -> list[str]:
     return sorted(os.path.join(folder, p) for p in os.listdir(folder) if p.endswith(".parquet"))
 
 
-def _kept_copies(parts: list[str], cfg) -> dict[str, tuple[str, str]]:
-    """cluster id -> (key, url) of the member it keeps (one entry per duplicate cluster)."""
+# the annotations columns ``decide_columns`` reads: the first pass reads these (and key, url, caption)
+DECIDE_INPUTS = (
+    "status",
+    "failure_stage",
+    "failure_type",
+    "cluster_id",
+    "cluster_size",
+    "is_representative",
+    "cluster_embedder",
+    "cluster_similarity",
+    "duplication",
+    "trigger_codes",
+    "probe_score",
+    "probe_flagged",
+)
+
+
+def _context(parts: list[str], cfg) -> tuple[dict[str, list[str]], list[str], object]:
+    """First pass (one read per part, of the columns it needs), columnar: the diversification
+    context as the pipeline's DiversifyCaptions computes it (captions per duplicate cluster of a
+    row to diversify, bounded, and the run's vocabulary) and the kept copies (``_kept_table``)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from transforms.diversify import caption_word_counts
     from transforms.shard_columns import decide_columns
 
-    kept = {}
+    diversify = cfg.diversify.enabled
+    columns = ["key", "url", *DECIDE_INPUTS] + (["caption"] if diversify else [])
+    reps, words, captions, wanted = [], [], [], []
     for path in parts:
-        t = pq.read_table(path)
-        rep = pc.fill_null(t.column("is_representative"), False)
-        clustered = pc.greater(pc.fill_null(t.column("cluster_size"), 1), 1)
-        t = t.filter(pc.and_(pc.and_(rep, clustered), pc.equal(pc.fill_null(t.column("status"), ""), "ok")))
-        if not t.num_rows:
-            continue
+        t = pq.read_table(path, columns=columns)
         decisions, _ = decide_columns(t, cfg.decide)
-        t = t.filter(decisions != DROP)  # is_kept_copy: a representative that is not dropped
+        ok = pc.equal(pc.fill_null(t.column("status"), ""), "ok").to_numpy(zero_copy_only=False)
+        clustered = ok & (pc.fill_null(t.column("cluster_size"), 1).to_numpy(zero_copy_only=False) > 1)
+        rep = pc.fill_null(t.column("is_representative"), False).to_numpy(zero_copy_only=False).astype(bool)
         cid = pc.fill_null(t.column("cluster_id"), "")
-        cid = pc.if_else(pc.equal(cid, ""), t.column("key"), cid)
-        urls = pc.fill_null(t.column("url"), "").to_pylist()
-        for c, key, url in zip(cid.to_pylist(), t.column("key").to_pylist(), urls, strict=True):
-            pair = (key, url)
-            if pair < kept.get(c, (chr(0x10FFFF),)):
-                kept[c] = pair
-    return kept
+        cid = pc.if_else(pc.equal(cid, ""), t.column("key"), cid)  # the manifest's cluster_id
+        kept = clustered & rep & (decisions != DROP)  # is_kept_copy: a representative not dropped
+        reps.append(pa.table({"cluster_id": cid, "key": t.column("key"), "url": pc.fill_null(t.column("url"), "")}))
+        reps[-1] = reps[-1].filter(pa.array(kept))
+        if not diversify:
+            continue
+        words.append(caption_word_counts(t.column("caption").filter(pa.array(ok))))
+        has_caption = pc.fill_null(pc.not_equal(t.column("caption"), ""), False).to_numpy(zero_copy_only=False)
+        captions.append(t.select(["cluster_id", "caption"]).filter(pa.array(clustered & has_caption)))
+        wanted.append(pc.unique(cid.filter(pa.array(decisions == DIVERSIFY))))
+    kept = _kept_table(reps)
+    if not diversify:
+        return {}, [], kept
+    return _pools(captions, wanted, cfg.diversify.max_cluster_captions), _vocabulary(words, cfg), kept
 
 
-def _cluster_context(parts: list[str], cfg) -> tuple[dict[str, list[str]], list[str]]:
-    """First pass: captions per duplicate cluster (bounded) and the run's vocabulary, as the
-    pipeline's DiversifyCaptions computes them (only diversification uses them)."""
-    import pyarrow.parquet as pq
+def _kept_table(reps: list):
+    """Kept-copy candidates (cluster_id, key, url) -> one row per cluster, its least (key, url)."""
+    import numpy as np
+    import pyarrow as pa
 
-    if not cfg.diversify.enabled:
-        return {}, []
-    captions: dict[str, list[str]] = {}
-    words: Counter = Counter()
-    for path in parts:
-        for r in pq.read_table(path, columns=["status", "caption", "cluster_id", "cluster_size"]).to_pylist():
-            if r["status"] != "ok" or not r["caption"]:
-                continue
-            words.update(caption_words(r["caption"]))
-            if (r["cluster_size"] or 1) > 1:
-                captions.setdefault(r["cluster_id"], []).append(r["caption"])
-    limit = cfg.diversify.max_cluster_captions
-    pools = {c: cluster_captions(v, limit) for c, v in captions.items()}
-    return pools, vocabulary_from_counts(list(words.items()), cfg.diversify.vocabulary_size)
+    if not reps:
+        return pa.table({c: pa.array([], pa.string()) for c in ("cluster_id", "key", "url")})
+    t = pa.concat_tables(reps).sort_by([("cluster_id", "ascending"), ("key", "ascending"), ("url", "ascending")])
+    cid = t.column("cluster_id").to_numpy(zero_copy_only=False)
+    first = np.ones(len(cid), bool)
+    first[1:] = cid[1:] != cid[:-1]
+    return t.filter(pa.array(first)).combine_chunks()
+
+
+def _vocabulary(words: list, cfg) -> list[str]:
+    """Per-part (word, count) tables -> the run's vocabulary (``vocabulary_from_counts``)."""
+    import pyarrow as pa
+
+    if not words:
+        return vocabulary_from_counts([], cfg.diversify.vocabulary_size)
+    summed = pa.concat_tables(words).group_by("word").aggregate([("count", "sum")])
+    counts = zip(summed.column("word").to_pylist(), summed.column("count_sum").to_pylist(), strict=True)
+    return vocabulary_from_counts(list(counts), cfg.diversify.vocabulary_size)
+
+
+def _pools(captions: list, wanted: list, limit: int) -> dict[str, list[str]]:
+    """(cluster_id, caption) tables of clustered rows -> ``cluster_captions`` of each cluster
+    that has a row to diversify (sorted distinct captions, the first ``limit``)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not captions:
+        return {}
+    ids = pc.unique(pa.chunked_array(wanted, pa.string()).combine_chunks())
+    t = pa.concat_tables(captions)
+    t = t.filter(pc.is_in(t.column("cluster_id"), value_set=ids))
+    t = t.group_by(["cluster_id", "caption"]).aggregate([])  # distinct pairs
+    t = t.sort_by([("cluster_id", "ascending"), ("caption", "ascending")])
+    cid = t.column("cluster_id").to_numpy(zero_copy_only=False)
+    start = np.flatnonzero(np.r_[True, cid[1:] != cid[:-1]]) if len(cid) else np.zeros(0, int)
+    rank = np.arange(len(cid)) - np.repeat(start, np.diff(np.r_[start, len(cid)]))
+    t = t.filter(pa.array(rank < limit))
+    pools: dict[str, list[str]] = {}
+    for c, caption in zip(t.column("cluster_id").to_pylist(), t.column("caption").to_pylist(), strict=True):
+        pools.setdefault(c, []).append(caption)
+    return pools
 
 
 def _clear_staging(run_dir: str) -> None:
@@ -134,23 +195,68 @@ def _count(counts: dict, decisions, reasons) -> None:
         counts["decide_reason"][reason_family(r["values"])] += r["counts"]
 
 
-def _blocked(manifest, dropped, kept: dict):
-    """The dropped manifest rows -> their blocklist table (``blocklist_row`` with the kept copy)."""
+def _blocked(manifest, dropped, kept):
+    """The dropped manifest rows -> their blocklist table (``blocklist_row`` with the kept copy;
+    ``kept``: the kept copies' table, one row per cluster)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     cols = _blocklist_columns(manifest.filter(pa.array(dropped)))
-    names = list(kept)
-    at = pc.index_in(cols.column("cluster_id"), value_set=pa.array(names, pa.string()))
+    at = pc.index_in(cols.column("cluster_id"), value_set=kept.column("cluster_id"))
     at = pc.if_else(pc.equal(cols.column("category"), "duplicate"), at, pa.scalar(None, pa.int32()))
-    kept_key = pc.take(pa.array([kept[c][0] for c in names], pa.string()), at)
-    kept_url = pc.take(pa.array([kept[c][1] for c in names], pa.string()), at)
-    cols = cols.set_column(cols.schema.get_field_index("kept_key"), "kept_key", kept_key)
-    cols = cols.set_column(cols.schema.get_field_index("kept_url"), "kept_url", kept_url)
+    for name in ("kept_key", "kept_url"):
+        column = pc.take(kept.column(name.removeprefix("kept_")), at)
+        cols = cols.set_column(cols.schema.get_field_index(name), name, column)
     return pa.Table.from_arrays([cols.column(f.name) for f in arrow.BLOCKLIST], schema=arrow.BLOCKLIST)
 
 
-def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
+def _reusable_diversify(source: str, cfg) -> str | None:
+    """``source``'s diversify/ folder when its rows can be reused: a diversify row is a function of
+    the sample's key, caption and cluster captions, the run's vocabulary (all from annotations,
+    which a re-decide never changes), ``diversify.*`` and ``run.seed``, not of the decision. So
+    the rows of keys diversified before and now are those of the folder when ``source``'s
+    ``run.json`` (a finished decision set) was made with the same diversify settings and seed."""
+    path = os.path.join(source, "run.json")
+    folder = os.path.join(source, "diversify")
+    if not cfg.diversify.enabled or not os.path.isfile(path) or not os.path.isdir(folder):
+        return None
+    with open(path, encoding="utf-8") as f:
+        before = parse_config(json.load(f)["config"])
+    same = before.diversify == cfg.diversify and before.run.seed == cfg.run.seed
+    return folder if same else None
+
+
+def _diversified(todo, cfg, context, old_part: str | None):
+    """The rows to diversify (``TO_DIVERSIFY`` columns, manifest order) -> their diversify/ table:
+    rows of ``old_part`` (``_reusable_diversify``) where it has the key, ``diversify_table`` (the
+    pipeline's columnar ``diversify_row``) for the others, in ``todo``'s order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from transforms import diversify_columns
+
+    pools, vocab, _ = context
+    found = np.zeros(todo.num_rows, bool)
+    reused = arrow.DIVERSIFY.empty_table()
+    if old_part and os.path.isfile(old_part):
+        old = pq.read_table(old_part)
+        at = pc.fill_null(pc.index_in(todo.column("key"), value_set=old.column("key")), -1).to_numpy()
+        found = at >= 0
+        rows = old.take(pa.array(at[found], pa.int64()))
+        reused = pa.Table.from_arrays([rows.column(f.name) for f in arrow.DIVERSIFY], schema=arrow.DIVERSIFY)
+    parts = [reused]
+    rest = todo.filter(pa.array(~found))
+    made = diversify_columns.diversify_table(rest, pools, vocab, cfg.diversify, cfg.run.seed) if rest.num_rows else None
+    if made is not None:  # the pipeline's columnar diversify_row (with the shard column)
+        parts.append(pa.Table.from_arrays([made.column(f.name) for f in arrow.DIVERSIFY], schema=arrow.DIVERSIFY))
+    table = pa.concat_tables(parts)
+    at = pc.index_in(table.column("key"), value_set=todo.column("key")).to_numpy()
+    return table.take(pa.array(np.argsort(at, kind="stable"), pa.int64()))
+
+
+def _decide_part(path: str, cfg, context, staged: dict, counts: dict, old_diversify: str | None) -> None:
     """One annotations part -> the same-named manifest, diversify and blocklist parts (columnar:
     ``decide_columns`` and ``manifest_table``, as the pipeline's shard stage)."""
     import pyarrow as pa
@@ -158,7 +264,6 @@ def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
 
     from transforms.shard_columns import decide_columns, manifest_table
 
-    pools, vocab, kept = context
     t = pq.read_table(path)
     if not t.num_rows:
         return
@@ -167,27 +272,29 @@ def _decide_part(path: str, cfg, context, staged: dict, counts: dict) -> None:
     manifest = manifest_table(t, decisions, reasons)
     name = f"part-{safe_part_name(manifest.column('shard')[0].as_py())}.parquet"
     write_arrow(os.path.join(staged["manifest"], name), manifest)
-    div = []
     if cfg.diversify.enabled and (decisions == DIVERSIFY).any():
-        for r in manifest.filter(pa.array(decisions == DIVERSIFY)).to_pylist():
-            d = diversify_row(r, pools.get(r["cluster_id"], []), vocab, cfg.diversify, cfg.run.seed)
-            div.extend([d] if d is not None else [])
-    if div:
-        write_rows(os.path.join(staged["diversify"], name), div, arrow.DIVERSIFY)
+        todo = manifest.select(TO_DIVERSIFY).filter(pa.array(decisions == DIVERSIFY))
+        old_part = os.path.join(old_diversify, name) if old_diversify else None
+        div = _diversified(todo, cfg, context, old_part)
+        if div.num_rows:
+            write_arrow(os.path.join(staged["diversify"], name), div)
     dropped = decisions == DROP
     if dropped.any():
-        write_arrow(os.path.join(staged["blocklist"], name), _blocked(manifest, dropped, kept))
+        write_arrow(os.path.join(staged["blocklist"], name), _blocked(manifest, dropped, context[2]))
 
 
-def _stage_decisions(run_dir: str, cfg) -> tuple[dict, dict]:
+def _stage_decisions(run_dir: str, cfg, source: str) -> tuple[dict, dict]:
+    """The new tables, staged beside the old ones; ``source``: the run whose decision set is
+    replaced (``run_dir`` itself, or the run an ``--output`` re-decide reads)."""
     parts = _parts(run_dir)
-    context = (*_cluster_context(parts, cfg), _kept_copies(parts, cfg))
+    context = _context(parts, cfg)
+    old_diversify = _reusable_diversify(source, cfg)
     staged = {t: os.path.join(run_dir, f"{t}.tmp-{os.getpid()}") for t in TABLES}
     for folder in staged.values():
         os.makedirs(folder, exist_ok=True)
     counts = {"decide": Counter(), "decide_reason": Counter()}
     for path in parts:
-        _decide_part(path, cfg, context, staged, counts)
+        _decide_part(path, cfg, context, staged, counts, old_diversify)
     return staged, counts
 
 
@@ -211,6 +318,7 @@ def _redecide(run_dir: str, overrides: list[str], output: str | None = None) -> 
 
     started = time.time()
     run, cfg = _load_run(run_dir, overrides)
+    source = run_dir
     if output and os.path.abspath(output) != os.path.abspath(run_dir):
         from pipeline.decide_output import prepare_output
 
@@ -219,7 +327,7 @@ def _redecide(run_dir: str, overrides: list[str], output: str | None = None) -> 
         run_dir = output
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": os.path.abspath(output)})})
     _clear_staging(run_dir)
-    staged, counts = _stage_decisions(run_dir, cfg)
+    staged, counts = _stage_decisions(run_dir, cfg, source)
     if os.path.isfile(os.path.join(run_dir, "run.json")):
         os.replace(os.path.join(run_dir, "run.json"), os.path.join(run_dir, PENDING))
     for table, folder in staged.items():
@@ -261,55 +369,3 @@ def _rewrite_filtered(run_dir: str, run: dict, cfg) -> None:
     from transforms.filtered_shards import write_filtered_shards
 
     run["outputs"]["filtered_samples"] = write_filtered_shards(run_dir, shards, cfg.diversify)
-
-
-def dry_run(run_dir: str, overrides: list[str]) -> dict:
-    """What ``redecide`` would change, counted; nothing is written."""
-    import pyarrow.parquet as pq
-
-    _, cfg = _load_run(run_dir, overrides)
-    manifest_dir = os.path.join(run_dir, "manifest")
-    before, after = Counter(), Counter()
-    transitions, reasons_before, reasons_after = Counter(), Counter(), Counter()
-    for path in _parts(run_dir):
-        old_path = os.path.join(manifest_dir, os.path.basename(path))
-        old = {}
-        if os.path.isfile(old_path):
-            old = {r["key"]: r for r in pq.read_table(old_path, columns=["key", "decision", "reasons"]).to_pylist()}
-        for r in pq.read_table(path).to_pylist():
-            decision, reasons = decide(annotation_from_row(r), cfg.decide)
-            prev = old.get(r["key"], {"decision": "(none)", "reasons": []})
-            before[prev["decision"]] += 1
-            after[decision] += 1
-            reasons_before.update({reason_family(x) for x in prev["reasons"] or []})
-            reasons_after.update({reason_family(x) for x in reasons})
-            if prev["decision"] != decision:
-                transitions[f"{prev['decision']}->{decision}"] += 1
-    families = sorted(set(reasons_before) | set(reasons_after))
-    return {
-        "run_dir": run_dir,
-        "overrides": list(overrides),
-        "changed": sum(transitions.values()),
-        "decisions_before": dict(sorted(before.items())),
-        "decisions_after": dict(sorted(after.items())),
-        "transitions": dict(sorted(transitions.items())),
-        "reasons": {f: {"before": reasons_before.get(f, 0), "after": reasons_after.get(f, 0)} for f in families},
-    }
-
-
-def format_changes(changes: dict) -> str:
-    """The dry run's counts as a few aligned lines for a person."""
-    lines = [
-        f"dry run of {changes['run_dir']} with {' '.join(changes['overrides']) or 'no overrides'}: "
-        f"{changes['changed']} decisions would change (nothing written)"
-    ]
-    names = sorted(set(changes["decisions_before"]) | set(changes["decisions_after"]))
-    lines.append(f"  {'decision':<28} {'before':>8} {'after':>8}")
-    for d in names:
-        lines.append(f"  {d:<28} {changes['decisions_before'].get(d, 0):>8} {changes['decisions_after'].get(d, 0):>8}")
-    for t, n in changes["transitions"].items():
-        lines.append(f"  {t:<28} {n:>8}")
-    lines.append(f"  {'reason':<28} {'before':>8} {'after':>8}")
-    for f, c in changes["reasons"].items():
-        lines.append(f"  {f:<28} {c['before']:>8} {c['after']:>8}")
-    return "\n".join(lines)

@@ -8,7 +8,9 @@ and object triggers, caption-diversification examples, failures by type.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
 import hashlib
 import json
 import os
@@ -237,8 +239,11 @@ def _reason_counts(table) -> tuple[Counter, Counter]:
         fam = pc.take(fam_of, pc.index_in(flat, value_set=uniq)).to_numpy()
         parent = pc.list_parent_indices(reasons).to_numpy().astype(np.int64)
         first = ~pd.Series(parent * len(families) + fam).duplicated().to_numpy()
-        pairs = pd.DataFrame({"f": fam[first], "d": decision[parent[first]]}).value_counts()
-        by = Counter({(families[f], d): int(n) for (f, d), n in pairs.items()})
+        d_code, d_names = pd.factorize(decision[parent[first]])  # a few decisions: count int pairs
+        pairs = np.bincount(fam[first] * len(d_names) + d_code, minlength=len(families) * len(d_names))
+        by = Counter(
+            {(families[i // len(d_names)], d_names[i % len(d_names)]): int(n) for i, n in enumerate(pairs) if n}
+        )
     return by, alone
 
 
@@ -372,6 +377,19 @@ def script_json(value) -> str:
     return Markup(text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection inside (the report allocates a bounded number of objects; the
+    process that ran the pipeline may hold millions, which every full collection would walk)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def write_report(
     out_dir: str, info: dict, reuse_figures: bool = False, max_clusters: int = MAX_CLUSTERS, report_dir: str = ""
 ) -> str:
@@ -387,7 +405,8 @@ def write_report(
         autoescape=select_autoescape(["html"]),
     )
     env.filters["script_json"] = script_json
-    html = env.get_template("report.html").render(**_page_context(out_dir, info, rdir, reuse_figures, max_clusters))
+    with _gc_paused():  # bounded allocations; a collection here would walk the whole job's heap
+        html = env.get_template("report.html").render(**_page_context(out_dir, info, rdir, reuse_figures, max_clusters))
     path = os.path.join(rdir, "index.html")
     atomic_write_text(path, html)
     return path

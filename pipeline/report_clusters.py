@@ -158,15 +158,21 @@ def cluster_sizes(out_dir: str) -> dict[str, tuple[int, bool]]:
     return out
 
 
-def _listed_rows(out_dir: str, ids: list[str]) -> dict[str, list[dict]]:
-    """The manifest rows (``CLUSTER_COLUMNS``) of the listed clusters' ok members, by cluster,
-    each cluster's rows in ``_ordered``'s order (sorted once, as columns)."""
+KEYS_LISTED = 50  # member keys of a cluster in the table's search text
+
+
+def _listed_rows(out_dir: str, ids: list[str], shown: set[str]) -> dict[str, dict]:
+    """The listed clusters' ok members in the manifest (rows in ``_ordered``'s order, sorted once
+    as columns) -> {cluster id: {"rows": the first rows as dicts (``CLUSTER_COLUMNS``; 4, or
+    ``MAX_MEMBERS`` for the ``shown`` clusters), "size": members, "decisions": {decision: members},
+    "keys": the first ``KEYS_LISTED`` members' keys, space-separated}}."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from pipeline.report import part_tables
 
-    groups: dict[str, list[dict]] = {cid: [] for cid in ids}
+    groups = {cid: {"rows": [], "size": 0, "decisions": {}, "keys": ""} for cid in ids}
     if not ids:
         return groups
     wanted = pa.array(sorted(ids), pa.string())
@@ -174,17 +180,42 @@ def _listed_rows(out_dir: str, ids: list[str]) -> dict[str, list[dict]]:
     for t in part_tables(out_dir, "manifest", [*CLUSTER_COLUMNS, "status", "cluster_size"]):
         t = _clustered(t)
         parts.append(t.filter(pc.is_in(t.column("cluster_id"), value_set=wanted)).select(CLUSTER_COLUMNS))
-    if not parts:
+    if not parts or not sum(p.num_rows for p in parts):
         return groups
     t = pa.concat_tables(parts)
     t = t.append_column("_later", pc.invert(pc.fill_null(t.column("is_representative"), False)))
     t = t.append_column("_dropped", pc.equal(t.column("decision"), "drop"))
-    order = [("_later", "ascending"), ("_dropped", "ascending"), ("key", "ascending")]
-    t = t.sort_by(order)
-    columns = [t.column(c).to_pylist() for c in CLUSTER_COLUMNS]  # faster than to_pylist's dicts
+    order = [("cluster_id", "ascending"), ("_later", "ascending"), ("_dropped", "ascending"), ("key", "ascending")]
+    t = t.sort_by(order).select(CLUSTER_COLUMNS)
+    cids = t.column("cluster_id").to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(cids[1:] != cids[:-1]) + 1])
+    ends = np.append(starts[1:], len(cids))
+    rank = np.arange(len(cids)) - np.repeat(starts, ends - starts)
+    for cid, n in zip(cids[starts].tolist(), (ends - starts).tolist(), strict=True):
+        groups[cid]["size"] = n
+    counts = t.group_by(["cluster_id", "decision"], use_threads=False).aggregate([("key", "count")])
+    for cid, d, n in zip(*(counts.column(c).to_pylist() for c in ("cluster_id", "decision", "key_count")), strict=True):
+        groups[cid]["decisions"][d] = n
+    for g in groups.values():
+        g["decisions"] = {d: g["decisions"][d] for d in DECISIONS if g["decisions"].get(d)}
+    listed = t.filter(pa.array(rank < KEYS_LISTED))
+    keys = listed.column("key").to_pylist()
+    listed_cids = listed.column("cluster_id").to_pylist()
+    at = 0
+    for cid, n in zip(cids[starts].tolist(), np.minimum(ends - starts, KEYS_LISTED).tolist(), strict=True):
+        groups[cid]["keys"] = " ".join(keys[at : at + n])
+        at += n
+    assert at == len(listed_cids)
+    head = rank < 4
+    if shown:
+        head |= (rank < MAX_MEMBERS) & pc.is_in(
+            t.column("cluster_id"), value_set=pa.array(sorted(shown), pa.string())
+        ).to_numpy(zero_copy_only=False)
+    small = t.filter(pa.array(head))
+    columns = [small.column(c).to_pylist() for c in CLUSTER_COLUMNS]  # faster than to_pylist's dicts
     for values in zip(*columns, strict=True):
         r = dict(zip(CLUSTER_COLUMNS, values, strict=True))
-        groups[r["cluster_id"]].append(r)
+        groups[r["cluster_id"]]["rows"].append(r)
     return groups
 
 
@@ -193,8 +224,8 @@ def clusters(out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int)
     from the manifest's cluster sizes (an aggregate) and the rows of the listed clusters only."""
     sizes = cluster_sizes(out_dir)
     ranked_ids = sorted(sizes, key=lambda cid: (-sizes[cid][0], cid))
-    groups = _listed_rows(out_dir, ranked_ids[:MAX_TABLE])  # each cluster's rows already _ordered
-    listed = [(cid, groups[cid]) for cid in ranked_ids[:MAX_TABLE]]
+    groups = _listed_rows(out_dir, ranked_ids[:MAX_TABLE], set(ranked_ids[:max_clusters]))
+    listed = [(cid, groups[cid]["rows"]) for cid in ranked_ids[:MAX_TABLE]]
     shown = {cid: rows[:MAX_MEMBERS] for cid, rows in listed[:max_clusters]}
     wanted: dict[str, set[str]] = {}
     for rows in shown.values():
@@ -208,14 +239,14 @@ def clusters(out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int)
     galleries = [
         {
             "id": cid,
-            "size": len(groups[cid]),
+            "size": groups[cid]["size"],
             "duplication": rows[0].get("duplication") or "",
-            "decisions": _decisions(groups[cid]),
+            "decisions": groups[cid]["decisions"],
             "members": [_member(r, thumbs, sizes_px) for r in rows],
         }
         for cid, rows in shown.items()
     ]
-    table = [_table_row(cid, rows, thumbs, sizes_px) for cid, rows in listed]
+    table = [_table_row(cid, groups[cid], thumbs, sizes_px) for cid, _ in listed]
     return {
         "galleries": galleries,
         "table": table,
@@ -224,25 +255,18 @@ def clusters(out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int)
     }
 
 
-def _decisions(rows: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["decision"]] = counts.get(r["decision"], 0) + 1
-    return {d: counts[d] for d in DECISIONS if counts.get(d)}
-
-
-def _table_row(cid: str, rows: list[dict], thumbs: dict, sizes: dict) -> dict:
-    """One cluster of the table; ``rows`` in ``_ordered``'s order."""
-    ordered = rows
+def _table_row(cid: str, group: dict, thumbs: dict, sizes: dict) -> dict:
+    """One cluster of the table (``_listed_rows``' group: its first rows in ``_ordered``'s order)."""
+    ordered = group["rows"]
     kept = ordered[0]
     return {
         "id": cid,
-        "size": len(rows),
-        "decisions": ", ".join(f"{n} {d}" for d, n in _decisions(rows).items()),
+        "size": group["size"],
+        "decisions": ", ".join(f"{n} {d}" for d, n in group["decisions"].items()),
         "kept": kept["key"] if kept["decision"] != "drop" else "",
         "kept_size": size_text(sizes.get(kept["key"])),
         "caption": (kept["caption"] or "")[:200],
-        "keys": " ".join(r["key"] for r in ordered[:50]),
+        "keys": group["keys"],
         "thumbs": [
             {"src": thumbs[r["key"]], "key": r["key"], "decision": r["decision"]}
             for r in ordered[:4]

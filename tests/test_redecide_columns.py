@@ -51,3 +51,73 @@ def test_columnar_redecide_equals_the_row_by_row_definition(demo_run, tmp_path, 
     got = sorted(table.to_pylist() if table is not None else [], key=lambda b: b["key"])
     assert got == want and (want or "drop_duplicates=false" in " ".join(overrides))
     assert overrides or any(b["kept_key"] for b in got)  # the demo run's duplicates name their kept copy
+
+
+def test_each_annotations_part_is_read_twice_at_most(demo_run, tmp_path, monkeypatch):
+    """A first pass of the policy's and the context's columns (no image sizes, no digests), then
+    the whole part for its manifest part: no third read, no whole-table first pass."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    reads: dict[str, list] = {}
+    real = pq.read_table
+
+    def counting(source, *args, columns=None, **kwargs):
+        if f"{os.sep}annotations{os.sep}" in str(source):
+            reads.setdefault(str(source), []).append(columns)
+        return real(source, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", counting)
+    redecide(str(demo_run), ["decide.drop_duplicates=false"], output=str(tmp_path / "new"))
+    assert reads and all(len(r) == 2 for r in reads.values()), reads
+    assert all(r[0] is not None and "sha256" not in r[0] and r[1] is None for r in reads.values())
+
+
+def _bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["decide.drop_duplicates=false", "decide.diversify_full_duplication=true"],
+        ["decide.drop_duplicates=false", "diversify.n_alternatives=2"],  # new settings: nothing reused
+    ],
+)
+def test_reused_diversify_rows_equal_the_drawn_ones(demo_run, tmp_path, monkeypatch, overrides):
+    """Rows of keys diversified before and now come from the run's diversify/ table when its
+    settings and seed are the same: the same bytes as drawing every row again (a copy of the run
+    without diversify/), and only the other rows are drawn."""
+    import shutil
+
+    from transforms import diversify_columns
+
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_run, bare, ignore=shutil.ignore_patterns("cache", "diversify"))
+    redecide(str(bare), overrides, output=str(tmp_path / "drawn"))
+    drawn = []
+    real = diversify_columns.diversify_table
+    monkeypatch.setattr(
+        diversify_columns,
+        "diversify_table",
+        lambda rows, *a: drawn.extend(rows.column("key").to_pylist()) or real(rows, *a),
+    )
+    redecide(str(demo_run), overrides, output=str(tmp_path / "reused"))
+    assert _bytes(tmp_path / "reused" / "diversify") == _bytes(tmp_path / "drawn" / "diversify")
+    manifest = read_table(str(tmp_path / "reused" / "manifest"))
+    now = {
+        k
+        for k, d in zip(manifest.column("key").to_pylist(), manifest.column("decision").to_pylist(), strict=True)
+        if d == "diversify"
+    }
+    before = set(read_table(str(demo_run / "diversify")).column("key").to_pylist())
+    if "diversify.n_alternatives=2" in overrides:
+        assert set(drawn) == now
+        assert (
+            max(len(a) for a in read_table(str(tmp_path / "reused" / "diversify")).column("alternatives").to_pylist())
+            == 2
+        )
+    else:
+        assert set(drawn) == now - before and (now & before)

@@ -120,3 +120,34 @@ def test_batched_sparse_records_give_the_same_tables(tmp_path):
     full = [out for kv in [("s0", 1), ("s1", 2), ("s0", 3), ("s0", 4)] for out in fn.process(kv)]
     rest = [w.value for w in fn.finish_bundle()]
     assert full == [("s0", [1, 3])] and rest == [("s0", [4]), ("s1", [2])]
+
+
+def test_columnar_join_equals_the_row_path_on_repeats_and_strays(tmp_path):
+    """Codes repeated across records (a union, sorted), a code for a key of no row, duplication
+    classes of another cluster id or repeated (the last wins), assignments as per-shard tables
+    and info batches holding only the stage's columns: the same table as the row path."""
+    from transforms.assignment_tables import assignment_shards
+    from transforms.shard_columns import annotation_table, info_for_annotations
+
+    grouped = _grouped()
+    grouped["codes"] = [
+        ("k3", ("word_trigger:dog", "duplicate_caption")),
+        ("k3", ("duplicate_caption", "word_trigger:cat")),
+        ("k7", ("template_caption",)),
+        ("nowhere", ("word_trigger:x",)),
+    ]
+    grouped["duplication"] = [("k1", ("k1", "partial")), ("k2", ("k9", "full")), ("k1", ("k1", "full"))]
+    expected = {a.key: a for a in shard_annotations(grouped)}
+    assert expected["k3"].trigger_codes == ("duplicate_caption", "word_trigger:cat", "word_trigger:dog")
+    assert expected["k1"].duplication == "full" and expected["k2"].duplication == ""
+    table = pa.Table.from_pylist([dataclasses.asdict(a) for a in grouped["assignment"]])
+    columnar = dict(grouped)
+    columnar["assignment"] = [t for _, t in assignment_shards(table)]
+    columnar["info"] = [info_for_annotations(t) for t in grouped["info"]]
+    assert "meta_json" not in columnar["info"][0].column_names
+    got = annotation_table(columnar)
+    assert got.equals(annotation_table(grouped))
+    rows = {r["key"]: r for r in got.to_pylist()}
+    assert set(rows) == set(expected)
+    for key, a in expected.items():
+        assert rows[key] == annotation_row(a) | {"trigger_codes": list(a.trigger_codes)}, key

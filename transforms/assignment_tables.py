@@ -38,6 +38,12 @@ def assignment_rows(table: pa.Table) -> Iterator[tuple[str, list[tuple]]]:
         yield shard, list(zip(*(part.column(c).to_pylist() for c in ASSIGNMENT_FIELDS), strict=True))
 
 
+def assignment_shards(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """An assignment table -> (shard, its rows as a table) per shard: the per-shard stage reads
+    them as columns (no tuple per row, a few buffers to pickle)."""
+    yield from _by_column(table, "shard")
+
+
 def _by_column(table: pa.Table, column: str) -> Iterator[tuple[str, pa.Table]]:
     """A table -> (value, its rows) per distinct value of a string column, in value order."""
     if not table.num_rows:
@@ -50,9 +56,19 @@ def _by_column(table: pa.Table, column: str) -> Iterator[tuple[str, pa.Table]]:
         yield uniq[0].as_py(), table
         return
     order = pc.sort_indices(values)
-    table, values = table.take(order), values.take(order)
-    for value in uniq.sort().to_pylist():
-        yield value, table.filter(pc.equal(values, value))
+    if values.null_count:
+        table, values = table.take(order), values.take(order)
+        for value in uniq.sort().to_pylist():
+            yield value, table.filter(pc.equal(values, value))
+        return
+    import numpy as np
+
+    order = order.to_numpy()
+    ordered = values.take(pa.array(order)).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):  # one copy of each value's rows
+        yield ordered[start], table.take(pa.array(order[start:end]))
 
 
 def member_shards(table: pa.Table) -> Iterator[tuple[str, tuple[str, str]]]:

@@ -29,9 +29,15 @@ class Batch(list):
     """Values of one tag for one shard, gathered into one element (``BatchByShard``)."""
 
 
+class Unbatched(dict):
+    """A shard's joined records as ``unbatched`` returns them (spread once)."""
+
+
 def unbatched(grouped: dict) -> dict:
     """A shard's joined records with every ``Batch`` spread back into its values."""
-    out = {}
+    if isinstance(grouped, Unbatched):
+        return grouped
+    out = Unbatched()
     for tag, values in grouped.items():
         values = list(values)
         if any(isinstance(v, Batch) for v in values):
@@ -65,6 +71,24 @@ class BatchByShard(beam.DoFn):
         held, self.held = self.held, {}
         for shard, batch in sorted(held.items()):
             yield WindowedValue((shard, batch), 0, [GlobalWindow()])
+
+
+# the info columns the per-shard stage reads (``info_for_annotations``): the rest stay out of its join
+ANNOTATE_INFO = ("key", "shard", "url", "caption", "sha256", "width", "height", "original_width", "original_height")
+
+
+def info_for_annotations(table: pa.Table) -> pa.Table:
+    """An info batch -> only ``ANNOTATE_INFO`` (fewer bytes through the per-shard join)."""
+    return table.select([c for c in ANNOTATE_INFO if c in table.column_names])
+
+
+def sample_infos(table: pa.Table) -> list:
+    """An info batch, all of ``SampleInfo``'s columns or only ``ANNOTATE_INFO`` -> SampleInfo
+    objects in row order (a column that is not there takes its empty value)."""
+    from schemas.elements import SampleInfo
+
+    empty = {"pixel_sha256": ""}
+    return [SampleInfo(**{**empty, **r}) for r in table.to_pylist()]
 
 
 def by_key(pairs: Iterable[tuple]) -> dict[str, list]:
@@ -108,57 +132,115 @@ def is_in(keys, wanted) -> np.ndarray:
     return pc.fill_null(pc.is_in(keys, value_set=values), False).to_numpy(zero_copy_only=False)
 
 
-def _lookup(keys, index_keys: list[str]) -> np.ndarray:
-    """Position of each key in ``index_keys`` (-1: absent)."""
-    if not index_keys:
+def _lookup(keys, index_keys) -> np.ndarray:
+    """Position of each key in ``index_keys`` (distinct strings, a list or an Arrow array; -1: absent)."""
+    if not len(index_keys):
         return np.full(len(keys), -1, np.int64)
-    pos = pc.index_in(keys, value_set=pa.array(index_keys, pa.string()))
+    if not isinstance(index_keys, pa.Array):
+        index_keys = pa.array(index_keys, pa.string())
+    pos = pc.index_in(keys, value_set=index_keys)
     return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _string_list_column(lists: list, pos: np.ndarray) -> pa.Array:
-    """Row i -> ``lists[pos[i]]`` (an empty list where pos is -1), as list<string>."""
-    sizes = np.array([len(v) for v in lists] + [0], np.int64)
-    flat = pa.array([c for v in lists for c in v], pa.string())
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    pos = np.where(pos < 0, len(lists), pos)
-    counts = sizes[pos]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    take = np.repeat(starts[pos], counts) + (np.arange(counts.sum()) - np.repeat(offsets[:-1], counts))
-    return pa.ListArray.from_arrays(pa.array(offsets), flat.take(pa.array(take, pa.int64())))
+def assignment_table(values: Iterable) -> pa.Table:
+    """``ClusterAssignment`` elements, lists of them as tuples, or tables of their columns -> one
+    table of ``ASSIGNMENT_SCHEMA`` (the first row of each key kept), in arrival order."""
+    from transforms.assignment_tables import ASSIGNMENT_FIELDS, ASSIGNMENT_SCHEMA
+
+    parts, held = [], []
+
+    def flush():
+        if held:
+            cols = list(zip(*held, strict=True))
+            parts.append(
+                pa.Table.from_arrays(
+                    [pa.array(c, f.type) for c, f in zip(cols, ASSIGNMENT_SCHEMA, strict=True)],
+                    schema=ASSIGNMENT_SCHEMA,
+                )
+            )
+            held.clear()
+
+    for v in values:
+        if isinstance(v, pa.Table):
+            flush()
+            parts.append(v.select(list(ASSIGNMENT_FIELDS)).cast(ASSIGNMENT_SCHEMA))
+        else:
+            held.extend(assignment_tuples([v]))
+    flush()
+    if not parts:
+        return ASSIGNMENT_SCHEMA.empty_table()
+    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    return table.filter(pa.array(_first_rows(table.column("key"))))
+
+
+def _first_rows(keys) -> np.ndarray:
+    """A string column -> a mask of each value's first row."""
+    import pandas as pd
+
+    if pc.count_distinct(keys).as_py() == len(keys):
+        return np.ones(len(keys), bool)
+    return ~pd.Series(keys.to_numpy(zero_copy_only=False)).duplicated(keep="first").to_numpy()
+
+
+def _taken(column, pos: np.ndarray, default) -> pa.Array:
+    """Row i -> ``column[pos[i]]``, ``default`` where pos is -1."""
+    has = pos >= 0
+    if not has.any():
+        return pa.repeat(pa.scalar(default, column.type), len(pos))
+    taken = pc.take(column, pa.array(np.where(has, pos, 0)))
+    if isinstance(taken, pa.ChunkedArray):
+        taken = taken.combine_chunks()
+    return pc.if_else(pa.array(has), taken, pa.scalar(default, column.type))
+
+
+def _duplication(keys: pa.Array, cluster_id: pa.Array, clustered: np.ndarray, pairs: list) -> pa.Array:
+    """Each row's duplication class: of (its key, its cluster id) in ``pairs`` ((key, (cluster id,
+    class)), the last pair winning), for ``clustered`` rows; "" elsewhere."""
+    import pandas as pd
+
+    out = np.full(len(keys), "", dtype=object)
+    sel = np.flatnonzero(clustered)
+    if pairs and len(sel):
+        right = pd.DataFrame(
+            {"k": [k for k, _ in pairs], "c": [v[0] for _, v in pairs], "cls": [v[1] for _, v in pairs]}
+        ).drop_duplicates(["k", "c"], keep="last")
+        left = pd.DataFrame(
+            {
+                "k": keys.take(pa.array(sel)).to_numpy(zero_copy_only=False),
+                "c": cluster_id.take(pa.array(sel)).to_numpy(zero_copy_only=False),
+            }
+        )
+        got = left.merge(right, on=["k", "c"], how="left", sort=False)["cls"]
+        out[sel] = got.where(got.notna(), "").to_numpy(dtype=object)
+    return pa.array(out, pa.string())
+
+
+def _codes_column(keys: pa.Array, pairs: list) -> pa.Array:
+    """Row i -> the sorted union of the codes of its key in ``pairs`` ((key, codes)), as list<string>."""
+    n = len(keys)
+    code_keys = [k for k, values in pairs for _ in values]
+    if not code_keys:
+        return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), EMPTY)
+    codes = pa.array([c for _, values in pairs for c in values], pa.string())
+    row = _lookup(pa.array(code_keys, pa.string()), keys)
+    t = pa.table({"row": row, "code": codes}).filter(pa.array(row >= 0))
+    t = t.group_by(["row", "code"], use_threads=False).aggregate([])
+    t = t.sort_by([("row", "ascending"), ("code", "ascending")])
+    rows = t.column("row").to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), t.column("code").combine_chunks())
 
 
 def _fast_table(rows: pa.Table, grouped: dict) -> pa.Table:
     """Info rows of keys without a failure or ``moved`` marker -> their annotations columns."""
-    n, keys = rows.num_rows, rows.column("key")
-    first: dict[str, tuple] = {}
-    for t in assignment_tuples(grouped.get("assignment", ())):
-        first.setdefault(t[0], t)
-    a_keys = list(first)
-    a_pos = _lookup(keys, a_keys)
-    has = a_pos >= 0
-    cols = list(zip(*first.values(), strict=True)) if first else [()] * 7
-    pick = np.where(has, a_pos, 0)
-
-    def assigned(i: int, default, dtype) -> np.ndarray:
-        values = np.asarray(cols[i], dtype=dtype) if first else np.empty(0, dtype)
-        out = np.full(n, default, dtype=dtype)
-        out[has] = values[pick[has]]
-        return out
-
-    cluster_id = assigned(1, "", object)
-    size = assigned(2, 1, np.int64)
-    duplication = np.full(n, "", dtype=object)
-    pairs = {(k, cid): cls for k, (cid, cls) in grouped.get("duplication", ())}
-    if pairs:
-        key_list = keys.to_pylist()
-        for i in np.flatnonzero(has & (size > 1)).tolist():
-            duplication[i] = pairs.get((key_list[i], cluster_id[i]), "")
-    codes: dict[str, set] = {}
-    for key, values in grouped.get("codes", ()):
-        codes.setdefault(key, set()).update(values)
-    c_keys = list(codes)
-    trigger_codes = _string_list_column([sorted(codes[k]) for k in c_keys], _lookup(keys, c_keys))
+    n, keys = rows.num_rows, rows.column("key").combine_chunks()
+    assigned = assignment_table(grouped.get("assignment", ()))
+    a_pos = _lookup(keys, assigned.column("key").combine_chunks())
+    size_col = _taken(assigned.column("cluster_size"), a_pos, 1)
+    cluster_id = _taken(assigned.column("cluster_id"), a_pos, "")
+    clustered = (a_pos >= 0) & (size_col.to_numpy(zero_copy_only=False) > 1)
+    duplication = _duplication(keys, cluster_id, clustered, list(grouped.get("duplication", ())))
+    trigger_codes = _codes_column(keys, list(grouped.get("codes", ())))
     scores: dict[str, dict] = {}
     for r in grouped.get("score", ()):
         scores.setdefault(r["key"], r)
@@ -177,12 +259,12 @@ def _fast_table(rows: pa.Table, grouped: dict) -> pa.Table:
         "status": _constant("ok", n),
         "failure_stage": _constant("", n),
         "failure_type": _constant("", n),
-        "cluster_id": pa.array(cluster_id, pa.string()),
-        "cluster_size": pa.array(size, pa.int64()),
-        "is_representative": pa.array(assigned(3, True, bool)),
-        "cluster_embedder": pa.array(assigned(4, "", object), pa.string()),
-        "cluster_similarity": pa.array(assigned(5, 1.0, np.float64)),
-        "duplication": pa.array(duplication, pa.string()),
+        "cluster_id": cluster_id,
+        "cluster_size": size_col,
+        "is_representative": _taken(assigned.column("is_representative"), a_pos, True),
+        "cluster_embedder": _taken(assigned.column("embedder"), a_pos, ""),
+        "cluster_similarity": _taken(assigned.column("similarity"), a_pos, 1.0),
+        "duplication": duplication,
         "trigger_codes": trigger_codes,
         "probe_score": probe_score,
         "probe_flagged": pa.array(flagged),
@@ -226,16 +308,14 @@ def annotation_table(grouped: dict) -> pa.Table:
     if table is not None:
         is_slow = is_in(table.column("key"), slow)
         parts.append(_fast_table(table.filter(pa.array(~is_slow)), grouped))
-        infos = {i.key: i for i in arrow.infos_of(table.filter(pa.array(is_slow)))}
+        infos = {i.key: i for i in sample_infos(table.filter(pa.array(is_slow)))}
     rare = sorted((infos.keys() | failures.keys()) - moved)
     if rare:
         wanted = set(rare)
+        assigned = assignment_table(grouped.get("assignment", ()))
+        assigned = assigned.filter(pa.array(is_in(assigned.column("key"), wanted)))
         sparse = {
-            "assignment": by_key(
-                (t[0], ClusterAssignment(*t))
-                for t in assignment_tuples(grouped.get("assignment", ()))
-                if t[0] in wanted
-            ),
+            "assignment": by_key((t[0], ClusterAssignment(*t)) for t in assignment_tuples([assigned])),
             "codes": by_key(kv for kv in grouped.get("codes", ()) if kv[0] in wanted),
             "score": by_key((r["key"], r) for r in grouped.get("score", ()) if r["key"] in wanted),
             "duplication": by_key(kv for kv in grouped.get("duplication", ()) if kv[0] in wanted),

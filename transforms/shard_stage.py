@@ -36,6 +36,7 @@ from transforms.shard_columns import (
     by_key,
     decide_columns,
     manifest_table,
+    sample_infos,
     unbatched,
 )
 from transforms.write import safe_part_name, write_arrow
@@ -55,7 +56,7 @@ def shard_annotations(grouped: dict) -> list[Annotation]:
     moved = set(grouped.get("moved", ()))
     infos: dict = {}
     for table in grouped.get("info", ()):
-        for i in arrow.infos_of(table):
+        for i in sample_infos(table):
             infos.setdefault(i.key, i)
     sparse = {
         "assignment": by_key((t[0], ClusterAssignment(*t)) for t in assignment_tuples(grouped.get("assignment", ()))),

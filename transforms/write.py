@@ -115,11 +115,13 @@ def write_rows(path: str, rows: list[dict], schema) -> str:
 
 
 def write_arrow(path: str, table) -> str:
-    """Write a pyarrow Table to ``path`` atomically (as ``write_rows``); returns the path."""
+    """Write a pyarrow Table to ``path`` atomically (as ``write_rows``); returns the path.
+    One chunk per column first: Parquet's page and dictionary-fallback boundaries follow the
+    chunks, so the bytes depend only on the rows (``memsieve decide`` rewrites them exactly)."""
     import pyarrow.parquet as pq
 
     with fsio.atomic_writer(path) as f:
-        pq.write_table(table, f, compression="zstd", write_statistics=True)
+        pq.write_table(table.combine_chunks(), f, compression="zstd", write_statistics=True)
     return path
 
 
