@@ -52,6 +52,11 @@ def s3_env():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    import s3fs
+
+    # fsspec caches filesystem instances by their arguments, not by the endpoint the environment
+    # names: an instance from another module's server (stopped since) would be handed back
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield dict(env, port=str(port))
     finally:
@@ -60,6 +65,7 @@ def s3_env():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
         proc.terminate()
         proc.wait(timeout=10)
 
