@@ -38,7 +38,7 @@ from transforms.cell_plan import (  # noqa: F401  (the plan's names, as callers 
 
 NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
 BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
-SEARCH_THREADS = int(os.environ.get("MEMSIEVE_SEARCH_THREADS", "2"))  # cells searched at once (1: in turn)
+SEARCH_THREADS = int(os.environ.get("MEMSIEVE_SEARCH_THREADS", min(2, os.cpu_count() or 1)))  # cells at once
 DENSE_RECHECK = 50  # a block with more than 1/50 of its products near the threshold is re-done in fp32
 
 
