@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator
 
 import apache_beam as beam
 
@@ -21,7 +20,6 @@ from transforms.assignment_tables import (
     assignment_rows,
     assignment_shards,
     cluster_table,
-    member_shards,
     representatives,
 )
 from transforms.decide import BlocklistRows, DiversifyCaptions
@@ -168,27 +166,6 @@ def add_dedup(cfg, dec: dict, out_dir: str = "") -> dict:
     return out
 
 
-def _class_to_members(item) -> Iterator[tuple[str, tuple[str, tuple[str, str]]]]:
-    """(cluster_id, {"cls": [class], "member": [(key, shard)]}) -> (shard, (key, (cluster_id, class)))."""
-    cluster_id, grouped = item
-    classes = list(grouped["cls"])
-    if classes:
-        for key, shard in grouped["member"]:
-            yield shard, (key, (cluster_id, classes[0]))
-
-
-def duplication_by_shard(duplication, assignment_tables):
-    """A duplicate cluster's caption-duplication class -> each member's shard, by a keyed join
-    on the cluster id (one cluster's member keys in a group), not a side input."""
-    members = assignment_tables | "MemberShards" >> beam.FlatMap(member_shards)
-    classes = duplication | "DuplicationClass" >> beam.Map(lambda kv: (kv[0], kv[1]["class"]))
-    return (
-        {"cls": classes, "member": members}
-        | "JoinDuplication" >> beam.CoGroupByKey()
-        | "DuplicationByShard" >> beam.FlatMap(_class_to_members)
-    )
-
-
 def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     from transforms.triggers import MineTriggers
 
@@ -196,12 +173,8 @@ def add_triggers(cfg, dec: dict, keyed: dict, tables, out_dir: str) -> None:
     mined = {"info_batches": dec["info_batches"], "assignment_rows": rows} | "MineTriggers" >> MineTriggers(
         cfg.triggers, buckets=dec.get("buckets", 16)
     )
-    from transforms.shard_columns import BatchByShard
-
-    by_shard = BatchByShard(route=lambda kv: (kv[0][1], (kv[0][0], kv[1])))  # ((key, shard), codes)
-    keyed["codes"] = mined["codes"] | "CodesByShard" >> beam.ParDo(by_shard)  # one element per shard and bundle
-    duplication = duplication_by_shard(mined["duplication"], tables)
-    keyed["duplication"] = duplication | "BatchDuplication" >> beam.ParDo(BatchByShard())
+    keyed["codes"] = mined["codes"]  # (shard, Batch of (key, codes)): no element per coded key
+    keyed["duplication"] = mined["duplication_rows"]  # (shard, Batch of (key, (cluster id, class)))
     _write(
         mined["keywords"],
         out_dir,

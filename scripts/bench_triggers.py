@@ -54,7 +54,7 @@ def main() -> None:
     from transforms import triggers as tr
 
     if args.no_captions:
-        tr.MineTriggers._caption_codes = lambda self, recs: []
+        tr.MineTriggers._caption_codes = lambda self, recs, counts: []
     cfg = load_job("jobs/laion_embeddings.yaml", input_path=args.input, output_dir=args.out)
     os.makedirs(args.out, exist_ok=True)
     assignments = _assignments(args.run)
@@ -77,7 +77,7 @@ def main() -> None:
             out = {
                 "keywords": sorted(json.dumps(r, sort_keys=True) for r in d["keywords"]),
                 "objects": sorted(json.dumps(r, sort_keys=True) for r in d["objects"]),
-                "codes": sorted(json.dumps([list(k), list(c)]) for k, c in d["codes"]),
+                "codes": sorted(json.dumps([[k, shard], list(c)]) for shard, b in d["codes"] for k, c in b),
             }
             with open(os.path.join(args.out, "mined.json"), "w") as f:
                 json.dump(out, f)

@@ -172,11 +172,14 @@ def test_record_batch_columns_give_back_the_records():
 def test_batch_counters_equal_per_record_events():
     from transforms.trigger_counts import (
         batch_counts,
+        cluster_pair_counts,
         clustered_captions,
+        clustered_members,
         object_event_counts,
         object_events,
         pair_counts,
         term_counts,
+        word_counts,
     )
     from transforms.trigger_records import RecordBatch
     from transforms.triggers import _word_counts
@@ -205,7 +208,24 @@ def test_batch_counters_equal_per_record_events():
         assert {k[1]: c for k, c in every.items() if k[0] == "t"} == dict(term_counts(batch))
         assert {k: c for k, c in every.items() if k[0] not in "tp"} == dict(events)
         assert [k for k, _ in batch_counts(batch, 10, None) if k[0] not in "ntp"] == []
-        assert dict(_word_counts(batch)) == dict(Counter(w for r in records for w in set(r["norm"].split())))
+        words = dict(Counter(w for r in records for w in set(r["norm"].split())))
+        assert dict(_word_counts(batch)) == words == dict(word_counts(batch))
+        tagged = dict(batch_counts(batch, 10, vocabulary, words=True))
+        assert {k[1]: c for k, c in tagged.items() if k[0] == "w"} == words
+        assert {k: c for k, c in tagged.items() if k[0] != "w"} == dict(batch_counts(batch, 10, vocabulary))
+        odd = [dict(r, norm="\ud800 " + r["norm"]) for r in records]  # Arrow refuses it: Python's split
+        assert dict(word_counts(RecordBatch.from_records(odd))) == dict(words, **{"\ud800": 400})
+        small = Counter(
+            (w, r["cluster_id"], r["cluster_size"]) for r in records if r["cluster_size"] >= 2 for w in r["terms"]
+        )
+        assert dict(pair_counts(batch, 2)) == dict(small)
+        ones = Counter((w, r["cluster_id"], 1) for r in records if r["cluster_size"] == 1 for w in r["terms"])
+        assert dict(pair_counts(batch, 1, below=2)) == dict(ones) and pair_counts(batch, 2, below=2) == []
+        members: dict = {}
+        for cluster, member in clustered_members(batch, 10):
+            members.setdefault(cluster, []).append(member)
+        whole = {k: c for cluster, ms in members.items() for k, c in cluster_pair_counts(cluster, ms, 10)}
+        assert whole == {k: c for k, c in pairs.items() if c >= 10} and whole
         assert clustered_captions(batch) == [(r["cluster_id"], r["caption"]) for r in records if r["cluster_size"] > 1]
 
 
@@ -346,12 +366,15 @@ def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_pat
             "infos": p | "I" >> beam.Create(infos),
             "assignments": p | "A" >> beam.Create(assignments),
         } | MineTriggers(TriggersConfig(near_duplicate_captions=False), buckets=3)
-        out["codes"] = out["codes"] | beam.Filter(lambda kv: any("trigger" in c or "implicit" in c for c in kv[1]))
-        for name in ("keywords", "objects", "duplication", "codes"):
+        out["codes"] = (
+            out["codes"]
+            | beam.FlatMap(lambda kv: [((key, kv[0]), codes) for key, codes in kv[1]])
+            | beam.Filter(lambda kv: any("trigger" in c or "implicit" in c for c in kv[1]))
+        )
+        names = ("keywords", "objects", "duplication", "codes", "duplication_rows")
+        for name in names:
             _ = out[name] | f"Gather{name}" >> beam.combiners.ToList() | f"Dump{name}" >> beam.Map(dump, name)
-    got = {
-        name: pickle.loads((tmp_path / name).read_bytes()) for name in ("keywords", "objects", "duplication", "codes")
-    }
+    got = {name: pickle.loads((tmp_path / name).read_bytes()) for name in names}
     word_sig = {(r["keyword"], r["cluster_id"]) for r in got["keywords"]}
     object_sig = _by_keyword([(r["keyword"], (r["object"], r["relation"])) for r in got["objects"]])
     assert word_sig and object_sig
@@ -362,6 +385,13 @@ def test_mined_codes_and_cluster_classes_equal_the_per_record_references(tmp_pat
         if i.key in by_key and by_key[i.key].cluster_size > 1:
             captions.setdefault(by_key[i.key].cluster_id, []).append(i.caption)
     assert dict(got["duplication"]) == {c: cluster_duplication(v) for c, v in captions.items()} and captions
+    rows = sorted((shard, kv) for shard, batch in got["duplication_rows"] for kv in batch)
+    classes = {c: d["class"] for c, d in got["duplication"]}
+    shard_of = {i.key: i.shard for i in infos}
+    want_rows = [
+        (shard_of[a.key], (a.key, (a.cluster_id, classes[a.cluster_id]))) for a in assignments if a.cluster_size > 1
+    ]
+    assert rows == sorted(want_rows) and rows
 
 
 def test_cluster_lookup_reads_elements_and_assignment_rows_alike():

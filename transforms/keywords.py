@@ -67,12 +67,81 @@ class KeywordExtractor:
         out: list[str] = []
         for piece in text.split():
             kept = pieces.get(piece)
-            if kept is None:
-                kept = tuple(lem for t in self._nlp.tokenizer(piece) if (lem := self._lemma(t)) is not None)
-                if len(pieces) < PIECE_CACHE:
-                    pieces[piece] = kept
-            out.extend(kept)
+            out.extend(self._piece(piece) if kept is None else kept)
         return out
+
+    def _piece(self, piece: str) -> tuple[str, ...]:
+        """The kept lemmas of one whitespace-free piece (spaCy's tokenizer, then cached); an
+        empty piece (Arrow's split at leading or trailing whitespace) has none."""
+        kept = self._pieces.get(piece)
+        if kept is None and not piece:
+            return ()
+        if kept is None:
+            kept = tuple(lem for t in self._nlp.tokenizer(piece) if (lem := self._lemma(t)) is not None)
+            if len(self._pieces) < PIECE_CACHE:
+                self._pieces[piece] = kept
+        return kept
+
+    def batch_terms(self, captions, texts: list[str] | None = None):
+        """``trigger_records.term_columns([self.terms_tuple(c) for c in captions])`` for an Arrow
+        string array: (sorted vocabulary, term ids (int32), row offsets (int64)). Arrow's
+        whitespace split gives the pieces ``str.split`` gives (its Unicode split agrees with
+        Python's on every code point; the ASCII one, faster, where the text is ASCII without
+        \\x1c-\\x1f), plus empty pieces at leading and trailing whitespace, which have no lemmas;
+        each distinct piece is looked up once (``_piece_entries``). With bigrams (adjacent
+        lemmas across pieces) every caption goes through ``terms_tuple``. ``texts``: the
+        captions as a list, when the caller has it."""
+        import numpy as np
+        import pyarrow as pa
+
+        if self._nlp is None:
+            self._load()
+        captions = captions.combine_chunks() if isinstance(captions, pa.ChunkedArray) else captions
+        n = len(captions)
+        fast = np.full(n, not self.bigrams and captions.null_count == 0)
+        index: dict[str, int] = {}
+        rows, terms = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        if fast.any():
+            got_rows, got_terms = self._piece_entries(captions.filter(pa.array(fast)), index)
+            rows.append(np.flatnonzero(fast)[got_rows])
+            terms.append(got_terms)
+        slow = np.flatnonzero(~fast)
+        if len(slow):
+            texts = captions.take(pa.array(slow)).to_pylist() if texts is None else [texts[i] for i in slow.tolist()]
+            got = [self.terms_tuple(t) for t in texts]
+            rows.append(np.repeat(slow, [len(g) for g in got]))
+            terms.append(np.array([index.setdefault(t, len(index)) for g in got for t in g], dtype=np.int64))
+        vocab = sorted(index)
+        rank = np.empty(len(vocab), dtype=np.int64)
+        rank[[index[t] for t in vocab]] = np.arange(len(vocab))
+        width = max(len(vocab), 1)
+        codes = np.sort(np.concatenate(rows) * width + rank[np.concatenate(terms)])
+        codes = codes[np.concatenate(([True], codes[1:] != codes[:-1]))] if len(codes) else codes
+        off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(codes // width, minlength=n), out=off[1:])
+        return tuple(vocab), (codes % width).astype(np.int32), off
+
+    def _piece_entries(self, captions, index: dict[str, int]):
+        """Captions split in Arrow -> (row, term id) of every kept lemma of every piece: each
+        distinct piece's lemmas (``_piece``) get ids in ``index`` once."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        plain = pc.all(pc.string_is_ascii(captions)).as_py() is not False
+        if plain and pc.any(pc.match_substring_regex(captions, "[\\x1c-\\x1f]")).as_py():
+            plain = False
+        lists = (pc.ascii_split_whitespace if plain else pc.utf8_split_whitespace)(captions)
+        encoded = pc.list_flatten(lists).dictionary_encode()
+        kept = [[index.setdefault(t, len(index)) for t in self._piece(p)] for p in encoded.dictionary.to_pylist()]
+        lens = np.array([len(k) for k in kept], dtype=np.int64)
+        starts = np.zeros(len(kept), dtype=np.int64)
+        np.cumsum(lens[:-1], out=starts[1:])
+        flat = np.array([t for k in kept for t in k], dtype=np.int64)
+        piece = encoded.indices.to_numpy()
+        per = lens[piece]
+        first = np.repeat(starts[piece] - np.cumsum(per) + per, per)
+        rows = np.repeat(pc.list_parent_indices(lists).to_numpy(), per)
+        return rows, flat[first + np.arange(len(first))]
 
     def lemmas_spacy(self, text: str) -> list[str]:
         """Kept lemmas of the whole caption through spaCy's tokenizer (the reference path)."""

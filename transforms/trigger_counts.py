@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Iterator
+from itertools import chain
 
 import numpy as np
 
@@ -81,47 +82,91 @@ def term_counts(batch) -> list[tuple[str, int]]:
     return [(t, c) for t, c in zip(batch.vocab, counts, strict=True) if c]
 
 
-def pair_counts(batch, m: int) -> list[tuple[tuple, int]]:
-    """((term, cluster id, cluster size), records) over the records in clusters of >= m."""
+def pair_counts(batch, m: int, below: int | None = None) -> list[tuple[tuple, int]]:
+    """((term, cluster id, cluster size), records) over the records in clusters of >= m (and
+    < ``below``, when given)."""
+    import pyarrow as pa
+
     sizes = batch.cluster_size
-    rows = np.flatnonzero(sizes >= m)
+    rows = np.flatnonzero((sizes >= m) & (sizes < below) if below is not None else sizes >= m)
     if not len(rows):
         return []
-    index: dict[tuple[str, int], int] = {}
     cid = batch.cluster_id
-    local = np.full(len(batch), -1, dtype=np.int64)
-    local[rows] = [
-        index.setdefault((cid[r], s), len(index)) for r, s in zip(rows.tolist(), sizes[rows].tolist(), strict=True)
-    ]
-    entry_local = local[batch.term_rows()]
+    encoded = pa.array([cid[r] for r in rows.tolist()], pa.string()).dictionary_encode()
+    names = encoded.dictionary.to_pylist()
+    width = int(sizes.max()) + 1
+    clusters, local = sorted_unique(encoded.indices.to_numpy().astype(np.int64) * width + sizes[rows], inverse=True)
+    row_local = np.full(len(batch), -1, dtype=np.int64)
+    row_local[rows] = local
+    entry_local = row_local[batch.term_rows()]
     keep = entry_local >= 0
-    codes = batch.term_ids[keep].astype(np.int64) * len(index) + entry_local[keep]
-    uniq, counts = np.unique(codes, return_counts=True)
-    clusters = list(index)
+    n = len(clusters)
+    uniq, counts = sorted_unique(batch.term_ids[keep].astype(np.int64) * n + entry_local[keep], counts=True)
     vocab = batch.vocab
-    return [
-        ((vocab[u // len(index)], *clusters[u % len(index)]), c)
-        for u, c in zip(uniq.tolist(), counts.tolist(), strict=True)
-    ]
+    pairs = [(names[c // width], c % width) for c in clusters.tolist()]
+    return [((vocab[u // n], *pairs[u % n]), c) for u, c in zip(uniq.tolist(), counts.tolist(), strict=True)]
 
 
-def _word_rows(batch, words: list[str]) -> dict[str, np.ndarray]:
-    """Each word -> a mask of the rows whose normalized caption has it as a word, or whose
-    terms have it. A normalized caption's only whitespace is single spaces
-    (``normalize_caption``), so its words are its split at " " (Arrow, for the whole batch)."""
+def sorted_unique(values: np.ndarray, counts: bool = False, inverse: bool = False):
+    """``np.unique`` of an int array by a sort (numpy's hashing ``unique`` is slower here):
+    the sorted distinct values, and their counts or each value's index among them."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    uniq = ordered[first]
+    if counts:
+        return uniq, np.diff(np.append(np.flatnonzero(first), len(ordered)))
+    if inverse:
+        where = np.empty(len(values), dtype=np.int64)
+        where[order] = np.cumsum(first) - 1
+        return uniq, where
+    return uniq
+
+
+def norm_words(batch):
+    """Each (row, word) of the batch's normalized captions once, split in Arrow: (the words,
+    rows, word ids), or None when Arrow cannot take the text (a lone surrogate). A normalized
+    caption's only whitespace is single spaces (``normalize_caption``), so its words are its
+    split at " " (an empty caption gives the word "", which no caller counts)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    n = len(batch)
-    masks = np.zeros((len(words), n), dtype=bool)
     try:
         lists = pc.split_pattern(pa.array(batch.norm, type=pa.large_string()), " ")
-        found = pc.fill_null(pc.index_in(pc.list_flatten(lists), value_set=pa.array(words)), -1).to_numpy()
-        rows = pc.list_parent_indices(lists).to_numpy()
+    except (pa.ArrowException, UnicodeEncodeError):
+        return None
+    encoded = pc.list_flatten(lists).dictionary_encode()
+    words = encoded.dictionary.to_pylist()
+    width = max(len(words), 1)
+    rows = pc.list_parent_indices(lists).to_numpy().astype(np.int64)
+    pairs = sorted_unique(rows * width + encoded.indices.to_numpy().astype(np.int64))
+    return words, pairs // width, pairs % width
+
+
+def word_counts(batch, split=None) -> list[tuple[str, int]]:
+    """(word, normalized captions with it) over the batch (``norm_words``, or Python's split)."""
+    split = norm_words(batch) if split is None else split
+    if split is None:
+        return list(Counter(w for norm in batch.norm for w in set(norm.split())).items())
+    words, _, ids = split
+    counts = np.bincount(ids, minlength=len(words))
+    nonzero = np.flatnonzero(counts).tolist()
+    return [(words[i], c) for i, c in zip(nonzero, counts[nonzero].tolist(), strict=True) if words[i]]
+
+
+def _word_rows(batch, words: list[str], split=None) -> dict[str, np.ndarray]:
+    """Each word -> a mask of the rows whose normalized caption has it as a word (``norm_words``,
+    or Python's split when Arrow cannot take the text), or whose terms have it."""
+    n = len(batch)
+    masks = np.zeros((len(words), n), dtype=bool)
+    split = norm_words(batch) if split is None else split
+    at = {w: j for j, w in enumerate(words)}
+    if split is not None:
+        found = np.array([at.get(w, -1) for w in split[0]], dtype=np.int64)[split[2]]
         hit = found >= 0
-        masks[found[hit], rows[hit]] = True
-    except (pa.ArrowException, UnicodeEncodeError):  # a lone surrogate: Python's split instead
-        at = {w: j for j, w in enumerate(words)}
+        masks[found[hit], split[1][hit]] = True
+    else:
         for i, norm in enumerate(batch.norm):
             for w in set(norm.split()).intersection(at):
                 masks[at[w], i] = True
@@ -133,7 +178,7 @@ def _word_rows(batch, words: list[str]) -> dict[str, np.ndarray]:
     return dict(zip(words, masks, strict=True))
 
 
-def object_event_counts(batch, vocabulary: frozenset[str]) -> list[tuple[tuple, int]]:
+def object_event_counts(batch, vocabulary: frozenset[str], split=None) -> list[tuple[tuple, int]]:
     """The batch's ``object_events``, counted: rows with metadata objects one by one, the others
     (which only mention objects) through a mask per object."""
     counts: Counter = Counter()
@@ -145,7 +190,7 @@ def object_event_counts(batch, vocabulary: frozenset[str]) -> list[tuple[tuple, 
         return list(counts.items())
     plain = np.ones(n, dtype=bool)
     plain[list(batch.objects)] = False
-    has = _word_rows(batch, sorted({p for _, parts in objects for p in parts}))
+    has = _word_rows(batch, sorted({p for _, parts in objects for p in parts}), split)
     term_rows = batch.term_rows()
     for obj, parts in objects:
         mask = plain.copy()
@@ -155,25 +200,32 @@ def object_event_counts(batch, vocabulary: frozenset[str]) -> list[tuple[tuple, 
         if not k:
             continue
         counts[("mention", obj)] += k
-        per_term = np.bincount(batch.term_ids[mask[term_rows]], minlength=len(batch.vocab)).tolist()
-        for t, c in zip(batch.vocab, per_term, strict=True):
-            if c:
-                counts[("kw_mention", t, obj)] += c
+        per_term = np.bincount(batch.term_ids[mask[term_rows]], minlength=len(batch.vocab))
+        nonzero = np.flatnonzero(per_term).tolist()
+        for t, c in zip(nonzero, per_term[nonzero].tolist(), strict=True):
+            counts[("kw_mention", batch.vocab[t], obj)] += c
     return list(counts.items())
 
 
 EVENTS = ("mention", "kw_mention", "object", "both")  # the first item of an object event's key
 
 
-def batch_counts(batch, m: int, vocabulary: frozenset[str] | None) -> list[tuple[tuple, int]]:
+def batch_counts(
+    batch, m: int, vocabulary: frozenset[str] | None, words: bool = False, pairs_below: int | None = None
+) -> list[tuple[tuple, int]]:
     """Every count of a batch under one kind of key, for one combine: ("n",) records,
-    ("t", term), ("p", term, cluster id, cluster size) in clusters of >= m, and (unless
-    ``vocabulary`` is None) the object events as they are (first item in ``EVENTS``)."""
+    ("t", term), ("p", term, cluster id, cluster size) in clusters of >= m (and < ``pairs_below``
+    when given: the larger ones are counted per cluster, ``cluster_pair_counts``), (unless
+    ``vocabulary`` is None) the object events as they are (first item in ``EVENTS``) and (when
+    ``words``) ("w", word) for the words of the normalized captions (``word_counts``)."""
     out: list[tuple[tuple, int]] = [(("n",), len(batch))]
     out += [(("t", t), c) for t, c in term_counts(batch)]
-    out += [(("p", *k), c) for k, c in pair_counts(batch, m)]
+    out += [(("p", *k), c) for k, c in pair_counts(batch, m, pairs_below)]
+    split = norm_words(batch) if words or (vocabulary and len(batch)) else None
     if vocabulary is not None:
-        out += object_event_counts(batch, vocabulary)
+        out += object_event_counts(batch, vocabulary, split)
+    if words:
+        out += [(("w", w), c) for w, c in word_counts(batch, split)]
     return out
 
 
@@ -213,3 +265,39 @@ def clustered_captions(batch) -> list[tuple[str, str]]:
     """(cluster id, caption) of the records in clusters of more than one."""
     cid, caption = batch.cluster_id, batch.caption
     return [(cid[i], caption[i]) for i in np.flatnonzero(batch.cluster_size > 1).tolist()]
+
+
+def clustered_members(batch, m: int) -> list[tuple[str, tuple]]:
+    """(cluster id, (caption, key, shard, cluster size, terms)) of the records in clusters of
+    more than one; terms only for clusters of >= m records (``cluster_pair_counts``), else ()."""
+    rows = np.flatnonzero(batch.cluster_size > 1).tolist()
+    if not rows:
+        return []
+    cid, caption, key, shard = batch.cluster_id, batch.caption, batch.key, batch.shard
+    sizes = batch.cluster_size.tolist()
+    terms = _terms_of_rows(batch, batch.cluster_size >= max(m, 2))
+    return [(cid[i], (caption[i], key[i], shard[i], sizes[i], terms.get(i, ()))) for i in rows]
+
+
+def _terms_of_rows(batch, mask: np.ndarray) -> dict[int, tuple[str, ...]]:
+    """{row: its terms} for the rows of ``mask`` (one gather of the term strings)."""
+    rows = np.flatnonzero(mask)
+    if not len(rows):
+        return {}
+    strings = np.array(batch.vocab, dtype=object)[batch.term_ids[mask[batch.term_rows()]]].tolist()
+    ends = np.cumsum(np.diff(batch.term_off)[rows]).tolist()
+    return {r: tuple(strings[a:b]) for r, a, b in zip(rows.tolist(), [0, *ends], ends, strict=False)}
+
+
+def cluster_pair_counts(cluster: str, members: list[tuple], m: int) -> Iterator[tuple[tuple, int]]:
+    """One cluster's ``clustered_members`` -> ((term, cluster id, cluster size), records) for the
+    pairs on >= m of its records: every record of the cluster is here, so these are the
+    pairs' whole counts (``pair_counts`` summed over every batch, pruned at m)."""
+    by_size: dict[int, list] = {}  # one size per cluster, unless assignments disagree
+    for member in members:
+        if member[3] >= m:
+            by_size.setdefault(member[3], []).append(member[4])
+    for size, terms in sorted(by_size.items()):
+        for term, n in sorted(Counter(chain.from_iterable(terms)).items()):
+            if n >= m:
+                yield (term, cluster, size), n

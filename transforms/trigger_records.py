@@ -41,12 +41,14 @@ class RecordBatch:
     __slots__ += ("objects",)
 
     def __init__(self, key, shard, caption, norm, cluster_id, cluster_size, terms, objects=None):
-        """Columns as lists; ``terms``: each row's sorted unique terms (tuples); ``objects``:
+        """Columns as lists; ``terms``: each row's sorted unique terms (tuples), or already as
+        ``term_columns`` gives them (a (vocabulary, ids, offsets) triple of arrays); ``objects``:
         {row: sorted object names} for the rows with any."""
         self.key, self.shard, self.caption, self.norm = key, shard, caption, norm
         self.cluster_id = cluster_id
         self.cluster_size = np.asarray(cluster_size, dtype=np.int64)
-        self.vocab, self.term_ids, self.term_off = term_columns(terms)
+        is_csr = isinstance(terms, tuple) and len(terms) == 3 and isinstance(terms[1], np.ndarray)
+        self.vocab, self.term_ids, self.term_off = terms if is_csr else term_columns(terms)
         self.objects = objects or {}
 
     def __getstate__(self):
@@ -181,6 +183,21 @@ def cluster_columns(keys: list[str], lookup: dict) -> tuple[list[str], list[int]
     return [g[0] if g else k for g, k in zip(got, keys, strict=True)], [g[1] if g else 1 for g in got]
 
 
+def cluster_positions(keys, lookup: dict) -> tuple[np.ndarray, list, np.ndarray]:
+    """An Arrow key column and ``cluster_lookup``'s dict -> (each key's index into the lookup's
+    entries, -1 when it has none; the entries' cluster ids; their sizes): ``cluster_columns``
+    in Arrow for a whole shard."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not lookup:
+        return np.full(len(keys), -1, dtype=np.int64), [], np.zeros(0, np.int64)
+    pos = pc.index_in(keys, value_set=pa.array(list(lookup), pa.string()))
+    values = list(lookup.values())
+    sizes = np.fromiter((v[1] for v in values), dtype=np.int64, count=len(values))
+    return pc.fill_null(pos, -1).to_numpy().astype(np.int64), [v[0] for v in values], sizes
+
+
 class _Row:
     """The info columns records need (no SampleInfo per row)."""
 
@@ -195,26 +212,28 @@ def info_rows(table) -> Iterator[_Row]:
     yield from map(_Row, *(table.column(c).to_pylist() for c in INFO_COLUMNS))
 
 
-def _first_rows(table, seen: set[str]) -> list[list]:
-    """An info table's INFO_COLUMNS as lists, less the rows whose key is in ``seen`` or earlier
-    in the table (a key repeated in one shard: its first record); adds the keys to ``seen``."""
-    columns = [table.column(c).to_pylist() for c in INFO_COLUMNS]
-    keys = columns[0]
-    fresh = set(keys)
-    if len(fresh) == len(keys) and seen.isdisjoint(fresh):
-        seen |= fresh
-        return columns
-    keep = []
-    for i, key in enumerate(keys):
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return [[c[i] for i in keep] for c in columns]
+def first_table(tables: list):
+    """A shard's info tables -> one table of their INFO_COLUMNS, less the rows whose key is
+    earlier in it (a key repeated in one shard: its first record); None when there are none."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts = [t.select(list(INFO_COLUMNS)) for t in tables if t.num_rows]
+    if not parts:
+        return None
+    schema = pa.schema([(c, pa.string()) for c in INFO_COLUMNS])
+    table = pa.concat_tables([t.cast(schema) if t.schema != schema else t for t in parts])
+    keys = table.column("key")
+    if pc.count_distinct(keys).as_py() == table.num_rows:
+        return table
+    seen: set[str] = set()
+    keep = [k not in seen and not seen.add(k) for k in keys.to_pylist()]
+    return table.filter(pa.array(keep))
 
 
 class ShardRecordsFn(beam.DoFn):
     """(shard, {"info": info tables, "a": ClusterAssignment or lists of assignment tuples}) ->
-    RecordBatch (<= CHUNK rows)."""
+    RecordBatch (<= CHUNK rows), built column by column (``_batch``)."""
 
     def __init__(self, bigrams: bool, use_metadata: bool):
         self.bigrams = bigrams
@@ -228,43 +247,93 @@ class ShardRecordsFn(beam.DoFn):
         norm = self.norms.get(caption)
         if norm is None:
             norm = normalize_caption(caption)
-            norm = caption if norm == caption else norm  # one string object: pickled once
             if len(self.norms) < NORM_CACHE:
                 self.norms[caption] = norm
         return norm
 
     def process(self, item) -> Iterator[RecordBatch]:
         _, joined = item
-        lookup = cluster_lookup(joined["a"])
-        seen: set[str] = set()
-        rows: list[list] = [[] for _ in INFO_COLUMNS]
-        for table in joined["info"]:
-            for column, values in zip(rows, _first_rows(table, seen), strict=True):
-                column.extend(values)
-            while len(rows[0]) >= CHUNK:
-                yield self._batch(*(c[:CHUNK] for c in rows), lookup)
-                rows = [c[CHUNK:] for c in rows]
-        if rows[0]:
-            yield self._batch(*rows, lookup)
+        table = first_table(list(joined["info"]))
+        if table is None:
+            return
+        pos, cids, sizes = cluster_positions(table.column("key"), cluster_lookup(joined["a"]))
+        for start in range(0, table.num_rows, CHUNK):
+            at = pos[start : start + CHUNK]
+            yield self._batch(table.slice(start, CHUNK), at, cids, sizes)
 
-    def _batch(self, keys: list, shards: list, captions: list, metas: list, lookup: dict) -> RecordBatch:
-        cluster_id, cluster_size = cluster_columns(keys, lookup)
-        terms = self.extractor.terms_tuple
+    def _batch(self, table, pos: np.ndarray, cids: list, sizes: np.ndarray) -> RecordBatch:
+        """A chunk of the shard's rows; ``pos``: each row's index into the shard's assignments'
+        cluster ids ``cids`` and sizes (-1: none, a cluster of one)."""
+        keys = table.column("key").to_pylist()
+        captions = table.column("caption").combine_chunks()
+        texts = captions.to_pylist()
+        cluster_id = list(keys)
+        for i in np.flatnonzero(pos >= 0).tolist():
+            cluster_id[i] = cids[pos[i]]
+        cluster_size = np.where(pos >= 0, sizes[np.maximum(pos, 0)], 1) if len(sizes) else np.ones(len(keys), np.int64)
         objects = {}
         if self.use_metadata:
-            objects = {i: o for i, m in enumerate(metas) if (o := metadata_objects(m))}
+            metas = table.column("meta_json")
+            maybe = np.flatnonzero(may_name_objects(metas)).tolist()
+            named = metas.take(maybe).to_pylist() if maybe else []
+            objects = {i: o for i, m in zip(maybe, named, strict=True) if (o := metadata_objects(m))}
         batch = RecordBatch(
             keys,
-            _shared(shards),
-            captions,
-            [self._norm(c) for c in captions],
+            shard_column(table.column("shard")),
+            texts,
+            self._norms(captions, texts),
             cluster_id,
             cluster_size,
-            [terms(c) for c in captions],
+            self.extractor.batch_terms(captions, texts),
             objects,
         )
         progress.advance("triggers", len(keys))
         return batch
+
+    def _norms(self, captions, texts: list[str]) -> list[str]:
+        """``normalize_caption`` of each caption: ASCII ones in Arrow (the words are the runs of
+        [0-9a-z_] of the lower-cased text; a lower-cased caption that is already such words
+        joined by single spaces is its own normal form), the others one by one (cached). A
+        caption that is its own normalized form stays the same string object (pickled once)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        def mask(values) -> np.ndarray:
+            return pc.fill_null(values, False).to_numpy(zero_copy_only=False)
+
+        ascii_ = mask(pc.string_is_ascii(captions))
+        lowered = pc.ascii_lower(captions)
+        clean = ascii_ & mask(pc.match_substring_regex(lowered, "^[0-9a-z_]+(?: [0-9a-z_]+)*$"))
+        out = lowered.to_pylist()
+        for i in np.flatnonzero(clean & mask(pc.equal(lowered, captions))).tolist():
+            out[i] = texts[i]
+        dirty = np.flatnonzero(ascii_ & ~clean)
+        if len(dirty):
+            words = pc.replace_substring_regex(lowered.take(pa.array(dirty)), "[^0-9a-z_]+", " ")
+            for i, norm in zip(dirty.tolist(), pc.utf8_trim(words, " ").to_pylist(), strict=True):
+                out[i] = texts[i] if norm == texts[i] else norm
+        for i in np.flatnonzero(~ascii_).tolist():
+            norm = self._norm(texts[i])
+            out[i] = texts[i] if norm == texts[i] else norm
+        return out
+
+
+def may_name_objects(metas) -> np.ndarray:
+    """Which rows' metadata json ``metadata_objects`` parses (the others have no objects)."""
+    import pyarrow.compute as pc
+
+    hit = pc.or_(pc.match_substring(metas, "objects"), pc.match_substring(metas, "\\u"))
+    return pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
+
+
+def shard_column(shards) -> list[str]:
+    """A shard column as a list whose equal strings are one object (pickled once)."""
+    import pyarrow.compute as pc
+
+    distinct = pc.unique(shards)
+    if len(distinct) == 1:
+        return [distinct[0].as_py()] * len(shards)
+    return _shared(shards.to_pylist())
 
 
 def _shared(values: list[str]) -> list[str]:

@@ -16,12 +16,20 @@ import apache_beam as beam
 
 from pipeline import progress
 from transforms.captions import cluster_duplication
-from transforms.key_batches import split_buckets
+from transforms.key_batches import grouped, split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
+from transforms.shard_columns import Batch, BatchByShard
 from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
-from transforms.trigger_counts import EVENTS, batch_codes, batch_counts, clustered_captions, code_rows
-from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column, per_group
+from transforms.trigger_counts import (
+    EVENTS,
+    batch_codes,
+    batch_counts,
+    cluster_pair_counts,
+    clustered_members,
+    code_rows,
+)
+from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -98,24 +106,98 @@ def _near_norms(norms: list[str]) -> set[str]:
 
 
 def _word_counts(batch: list[dict]):
-    """A batch's (word, captions with it) counts over normalized captions."""
+    """A batch's (word, captions with it) counts over normalized captions (the reference of
+    ``trigger_counts.word_counts``)."""
     return Counter(chain.from_iterable(set(norm.split()) for norm in column(batch, "norm"))).items()
+
+
+class CountBatches(beam.DoFn):
+    """Record batches -> their ``batch_counts`` (words included; (term, cluster) pairs only of
+    clusters of one: the others are counted per cluster, ``classified``) summed over the
+    bundle: one (key, count) element per key and bundle (flushed every ``FLUSH`` keys), not per
+    key and batch, so the combine after it sees a few elements per key."""
+
+    FLUSH = 200_000
+
+    def __init__(self, m: int, vocabulary):
+        self.m, self.vocabulary = m, vocabulary
+
+    def start_bundle(self):
+        self.counts: dict[tuple, int] = {}
+
+    def process(self, batch) -> Iterator[tuple]:
+        counts = self.counts
+        for key, n in batch_counts(batch, self.m, self.vocabulary, words=True, pairs_below=2):
+            counts[key] = counts.get(key, 0) + n
+        if len(counts) >= self.FLUSH:
+            self.counts = {}
+            yield from counts.items()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        counts, self.counts = self.counts, {}
+        for kv in counts.items():
+            yield WindowedValue(kv, 0, [GlobalWindow()])
 
 
 def _tagged(kv, tag: str, m: int = 0) -> list:
     """A count of ``batch_counts`` -> (its key less the tag, count) when it has the tag and
-    reaches m: ("n",) -> the count alone; ("t", term) -> term; ("p", term, cluster, size) ->
-    (term, cluster, size)."""
+    reaches m: ("n",) -> the count alone; ("t", term) -> term; ("w", word) -> word; ("p",
+    term, cluster, size) -> (term, cluster, size)."""
     key, n = kv
     if key[0] != tag or n < m:
         return []
     if tag == "n":
         return [n]
-    return [(key[1] if tag == "t" else key[1:], n)]
+    return [(key[1] if tag in ("t", "w") else key[1:], n)]
 
 
-def _batch_codes(batch, ws, os_) -> Iterator:
-    return batch_codes(batch, _by_keyword(ws), _by_keyword(os_))
+def _batch_codes(batch, ws, os_) -> Iterator[tuple[str, list]]:
+    """A batch's trigger codes as (shard, Batch of (key, codes)): one element per shard of the
+    batch, as ``shard_stage.AnnotateShards`` takes them."""
+    by_shard: dict[str, Batch] = {}
+    for (key, shard), codes in batch_codes(batch, _by_keyword(ws), _by_keyword(os_)):
+        by_shard.setdefault(shard, Batch()).append((key, codes))
+    yield from sorted(by_shard.items())
+
+
+def _code_by_shard(kv) -> tuple[str, tuple]:
+    """((key, shard), codes) -> (shard, (key, codes))."""
+    return kv[0][1], (kv[0][0], kv[1])
+
+
+class CodesByShard(BatchByShard):
+    """((key, shard), codes) per record -> (shard, Batch of (key, codes)) per shard and bundle;
+    elements already (shard, Batch) pass as they are (a caption stage that batches its codes)."""
+
+    def __init__(self):
+        super().__init__(route=_code_by_shard)
+
+    def process(self, kv):
+        if isinstance(kv[1], Batch):
+            yield kv
+        else:
+            yield from super().process(kv)
+
+
+def classified(item, share: float, m: int) -> Iterator:
+    """(bucket, lists of ``clustered_members``) -> (cluster id, its ``cluster_duplication``) per
+    cluster; tagged "rows", (shard, Batch of (key, (cluster id, class))) per shard of the
+    bucket's members (the classes reach the members' shards without a join on the cluster id);
+    tagged "pairs", the (term, cluster) pairs on >= m records (``cluster_pair_counts``)."""
+    _, lists = item
+    rows: dict[str, Batch] = {}
+    for cluster, members in sorted(grouped(lists).items()):
+        found = cluster_duplication([r[0] for r in members], share)
+        yield cluster, found
+        for kv in cluster_pair_counts(cluster, members, m):
+            yield beam.pvalue.TaggedOutput("pairs", kv)
+        for _, key, shard, _, _ in members:
+            rows.setdefault(shard, Batch()).append((key, (cluster, found["class"])))
+    for shard, batch in sorted(rows.items()):
+        yield beam.pvalue.TaggedOutput("rows", (shard, batch))
 
 
 def _chunks(item) -> Iterator[RecordBatch]:
@@ -129,8 +211,11 @@ class MineTriggers(beam.PTransform):
     """{"info_batches": SampleInfo tables (or "infos": SampleInfo elements), "assignments":
     ClusterAssignment (of clustered keys; a key without one is a cluster of one), or with info
     tables "assignment_rows": (shard, [assignment tuples]) as ``assignment_rows`` gives} ->
-    {"keywords", "objects", "codes": ((key, shard), tuple of codes), "duplication": (cluster_id,
-    dict with "class")}. Records travel as batches (``transforms.trigger_records``)."""
+    {"keywords", "objects", "codes": (shard, ``shard_columns.Batch`` of (key, tuple of codes)),
+    "duplication": (cluster_id, dict with "class"), "duplication_rows": (shard, Batch of (key,
+    (cluster_id, class))) for the members of clusters of more than one}. Records travel as batches
+    (``transforms.trigger_records``), and so do the codes: a key may have codes in several of
+    its shard's batches (word triggers, caption kinds), which the per-shard stage merges."""
 
     def __init__(self, cfg, buckets: int = 16):
         super().__init__()
@@ -138,39 +223,50 @@ class MineTriggers(beam.PTransform):
         self.buckets = buckets
 
     def expand(self, inputs):
-        cfg = self.cfg
+        cfg, m = self.cfg, self.cfg.min_pair_count
         recs = self._records(inputs)
         vocabulary = None if cfg.object_source == "none" else frozenset(cfg.objects or DEFAULT_OBJECTS)
-        counts = (  # one combine for every count: records, terms, (term, cluster) pairs, object events
-            recs
-            | "Counts" >> beam.FlatMap(batch_counts, m=cfg.min_pair_count, vocabulary=vocabulary)
-            | "CountAll" >> beam.CombinePerKey(sum)
+        counts = (  # one combine for every count: records, terms, object events, words, small-cluster pairs
+            recs | "Counts" >> beam.ParDo(CountBatches(m, vocabulary)) | "CountAll" >> beam.CombinePerKey(sum)
         )
         n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = counts | "PruneTerms" >> beam.FlatMap(_tagged, tag="t", m=cfg.min_keyword_count)
-        pairs = counts | "PrunePairs" >> beam.FlatMap(_tagged, tag="p", m=cfg.min_pair_count)
+        duplication = (
+            recs  # clustered_members lists in hash buckets of cluster ids: no element per record
+            | "CaptionByCluster"
+            >> beam.FlatMap(lambda b, n, m: split_buckets(clustered_members(b, m), n), n=self.buckets, m=m)
+            | "GroupClusterCaptions" >> beam.GroupByKey()
+            | "ClassifyCluster"
+            >> beam.FlatMap(classified, share=cfg.full_duplication_share, m=m).with_outputs(
+                "rows", "pairs", main="classes"
+            )
+        )
+        small_pairs = counts | "PrunePairs" >> beam.FlatMap(_tagged, tag="p", m=m)  # clusters of one (m = 1)
+        pairs = (duplication.pairs, small_pairs) | "AllPairs" >> beam.Flatten()
         keywords = self._keyword_triggers(pairs, kw_counts, n_total)
         objects = self._object_triggers(counts, vocabulary, kw_counts, n_total)
+        return {
+            "keywords": keywords,
+            "objects": objects,
+            "codes": self._codes(recs, counts, keywords, objects),
+            "duplication": duplication.classes,
+            "duplication_rows": duplication.rows,
+        }
+
+    def _codes(self, recs, counts, keywords, objects):
+        """-> (shard, Batch of (key, codes)): trigger codes per batch, caption codes batched."""
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
         trigger_codes = (
             recs
-            | "CodeRows" >> beam.FlatMap(code_rows, m=cfg.min_pair_count)
+            | "CodeRows" >> beam.FlatMap(code_rows, m=self.cfg.min_pair_count)
             | "TriggerCodes"
             >> beam.FlatMap(_batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
         )
-        codes = (trigger_codes, *self._caption_codes(recs)) | "AllCodes" >> beam.Flatten()
-        duplication = (
-            recs  # (cluster id, caption) lists in hash buckets of cluster ids: no element per record
-            | "CaptionByCluster" >> beam.FlatMap(lambda b, n: split_buckets(clustered_captions(b), n), n=self.buckets)
-            | "GroupClusterCaptions" >> beam.GroupByKey()
-            | "ClassifyCluster"
-            >> beam.FlatMap(
-                per_group,
-                group_fn=lambda kv, share=cfg.full_duplication_share: [(kv[0], cluster_duplication(kv[1], share))],
-            )
-        )
-        return {"keywords": keywords, "objects": objects, "codes": codes, "duplication": duplication}
+        caption_codes = tuple(self._caption_codes(recs, counts))
+        caption_codes |= "CaptionCodes" >> beam.Flatten(pipeline=recs.pipeline)
+        caption_codes |= "CaptionCodesByShard" >> beam.ParDo(CodesByShard())
+        return (trigger_codes, caption_codes) | "AllCodes" >> beam.Flatten()
 
     def _records(self, inputs):
         """-> batches (lists) of records, per shard."""
@@ -260,14 +356,12 @@ class MineTriggers(beam.PTransform):
             )
         )
 
-    def _caption_codes(self, recs):
+    def _caption_codes(self, recs, counts):
         cfg, n = self.cfg, self.buckets
         out = [recs | "DuplicateCaptions" >> CaptionCodes(cfg.near_duplicate_captions, n)]
-        frequent = (
-            recs
-            | "Words" >> beam.FlatMap(_word_counts)
-            | "CountWords" >> beam.CombinePerKey(sum)
-            | "Frequent" >> beam.Filter(lambda kv, m: kv[1] >= m, m=cfg.template_min_df)
+        frequent = (  # the words of the normalized captions, counted in the one combine
+            counts
+            | "Frequent" >> beam.FlatMap(_tagged, tag="w", m=cfg.template_min_df)
             | "FrequentWords" >> beam.Keys()
         )
         templates = TemplateCodes(_as_set(frequent), n, cfg.template_min_count, cfg.template_min_distinct)

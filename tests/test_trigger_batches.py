@@ -1,0 +1,121 @@
+"""Trigger mining's batch paths against their per-record references: Arrow terms and norms of
+``ShardRecordsFn``, the bundle-summed counts of ``CountBatches``, codes batched per shard."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from tests.test_trigger_paths import TRICKY, _batch_records, _real_captions
+from transforms.keywords import KeywordExtractor, normalize_caption
+
+ODD = ["\x1c\x1dx\x1e\x1fy\x85z\xa0w\u2028v\u3000u", "A_B__c\t\n\r\x0b\x0c", "ÀÉÎ ﬁ ① ｆｕｌｌ", " lead  trail "]
+ODD += ["\x00a\x7fb"]
+ODD += ["".join(chr(c) for c in range(0, 128)), "".join(chr(c) for c in range(0, 256)), "Mr. Smith's CAR-park"]
+
+
+@pytest.mark.parametrize("bigrams", [False, True])
+def test_batch_terms_equal_the_per_caption_term_columns(bigrams):
+    """Arrow's split of ASCII captions + one lookup per distinct piece == ``terms_tuple`` per
+    caption (odd whitespace and non-ASCII captions take the per-caption path)."""
+    import pyarrow as pa
+
+    from transforms.trigger_records import term_columns
+
+    captions = TRICKY + ODD + _real_captions(1500)
+    random.Random(1).shuffle(captions)
+    fast, ref = KeywordExtractor(bigrams), KeywordExtractor(bigrams)
+    plain = [c for c in captions if c.isascii() and not any("\x1c" <= ch <= "\x1f" for ch in c)]
+    assert len(plain) < len(captions)  # Arrow's ASCII split for a batch of plain captions, else its Unicode one
+    for part in [plain[:500]] + [captions[lo : lo + 700] for lo in range(0, len(captions), 700)]:
+        got = fast.batch_terms(pa.chunked_array([pa.array(part[:9]), pa.array(part[9:], pa.string())]))
+        want = term_columns([ref.terms_tuple(c) for c in part])
+        assert got[0] == want[0]
+        for g, w in zip(got[1:], want[1:], strict=True):
+            assert g.dtype == w.dtype and g.tolist() == w.tolist()
+    assert fast.batch_terms(pa.array([], pa.string()))[0] == ()
+
+
+def test_shard_records_equal_the_per_record_fields():
+    """ShardRecordsFn's columns (Arrow norms and terms, clusters by index, objects) == the
+    per-record reference, a key repeated in the shard keeping its first record."""
+    from schemas import arrow
+    from schemas.elements import SampleInfo
+    from transforms import trigger_records
+    from transforms.objects import metadata_objects
+    from transforms.trigger_records import ShardRecordsFn
+
+    captions = TRICKY + ODD + _real_captions(400)
+    metas = ['{"objects": ["Flag"]}', "{}", '{"\\u006fbjects": ["dome"]}', '{"x": 1}']
+    infos = [SampleInfo(f"k{i:04d}", "s0", "", c, "", "", 1, 1, meta_json=metas[i % 4]) for i, c in enumerate(captions)]
+    infos.append(SampleInfo("k0003", "s0", "", "a later copy", "", "", 1, 1))
+    tables = [arrow.info_table(infos[:100]), arrow.info_table(infos[100:])]
+    assigned = [[(f"k{i:04d}", f"c{i % 5}", 7 + i % 5) for i in range(0, len(captions), 3)]]
+    fn = ShardRecordsFn(False, True)
+    fn.setup()
+    old_chunk = trigger_records.CHUNK
+    trigger_records.CHUNK = 128
+    try:
+        got = [r for b in fn.process(("s0", {"info": tables, "a": assigned})) for r in b]
+    finally:
+        trigger_records.CHUNK = old_chunk
+    lookup = {k: (c, s) for k, c, s in assigned[0]}
+    ex = KeywordExtractor()
+    want = [
+        {
+            "key": i.key,
+            "shard": "s0",
+            "caption": i.caption,
+            "norm": normalize_caption(i.caption),
+            "terms": ex.terms_tuple(i.caption),
+            "objects": metadata_objects(i.meta_json),
+            "cluster_id": lookup.get(i.key, (i.key, 1))[0],
+            "cluster_size": lookup.get(i.key, (i.key, 1))[1],
+        }
+        for i in infos[:-1]
+    ]
+    assert got == want and any(r["objects"] for r in got)
+
+
+def test_codes_by_shard_batches_records_and_passes_batches():
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from transforms.shard_columns import Batch
+    from transforms.triggers import CodesByShard
+
+    fn = CodesByShard()
+    fn.start_bundle()
+    ready = Batch([("k9", ("near_duplicate_caption",))])
+    out = [kv for x in [(("k1", "s0"), ("a",)), ("s1", ready), (("k2", "s1"), ("b",))] for kv in fn.process(x)]
+    out += [w.value if isinstance(w, WindowedValue) else w for w in fn.finish_bundle()]
+    assert out == [("s1", ready), ("s0", [("k1", ("a",))]), ("s1", [("k2", ("b",))])]
+    assert all(isinstance(b, Batch) for _, b in out)
+
+
+def test_count_batches_sums_a_bundle_and_flushes():
+    """CountBatches' elements, summed per key, are the batches' counts (small-cluster pairs
+    only), whether or not it flushes inside the bundle."""
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from transforms.trigger_counts import batch_counts
+    from transforms.trigger_records import RecordBatch
+    from transforms.triggers import CountBatches
+
+    vocabulary = frozenset(["car", "flag", "traffic light"])
+    batches = [RecordBatch.from_records(_batch_records(300, seed)) for seed in (5, 6)]
+    want: Counter = Counter()
+    for b in batches:
+        for k, c in batch_counts(b, 1, vocabulary, words=True):
+            if k[0] != "p" or k[3] < 2:
+                want[k] += c
+    assert any(k[0] == "w" for k in want) and any(k[0] == "p" for k in want)
+    for flush in (CountBatches.FLUSH, 50):
+        fn = CountBatches(1, vocabulary)
+        fn.FLUSH = flush
+        fn.start_bundle()
+        out = [kv for b in batches for kv in fn.process(b)]
+        out += [w.value if isinstance(w, WindowedValue) else w for w in fn.finish_bundle()]
+        got: Counter = Counter()
+        for k, c in out:
+            got[k] += c
+        assert got == want and (len(out) > len(want)) == (flush == 50)
