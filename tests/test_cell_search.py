@@ -138,3 +138,20 @@ def test_write_batches_tables_equal_rows(tmp_path):
         a, b = pq.read_table(tmp_path / "rows" / name), pq.read_table(tmp_path / "tables" / name)
         assert a.equals(b) and a.schema.metadata == b.schema.metadata
         assert a.column("key").to_pylist() == sorted(a.column("key").to_pylist())
+
+
+def test_search_group_threads_give_the_same_results(small, monkeypatch):
+    keys, vectors = small
+    keys = np.asarray(keys)
+    vecs = np.asarray(vectors, dtype=np.float16)[:, None, :]
+    plan = cell_search.make_plan(len(keys), vecs[:, 0].astype(np.float32), requested_cells=12, seed=0)
+    cells = cell_search.assign(vecs, plan)
+    runs = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(cell_search, "SEARCH_THREADS", threads)
+        runs.append(cell_search.search_group(keys, vecs, cells, 0, 1, (0,), 0.9, forest=True))
+    assert len(runs[0]["edges"][0]) > 0
+    for other in runs[1:]:
+        for name, cols in runs[0].items():
+            for a, b in zip(cols, other[name], strict=True):
+                np.testing.assert_array_equal(a, b)

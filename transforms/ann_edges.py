@@ -94,7 +94,7 @@ class AssignCells(beam.DoFn):
             in_group = cs.groups_of(cells, plan.groups)
             for g in np.unique(in_group[in_group >= 0]).tolist():
                 rows = np.flatnonzero((in_group == g).any(axis=1))
-                self._hold(g, keys[rows], payload[rows], cells[rows])
+                self._hold(g, keys[rows], (payload, rows), cells[rows])
         if self.rows >= self.flush_rows:
             yield from self._flush(lambda v: v)
 
@@ -111,7 +111,8 @@ class AssignCells(beam.DoFn):
         held, self.held, self.rows = self.held, {}, 0
         for g in sorted(held):
             parts = held.pop(g)
-            arrays = [np.concatenate([p[i] for p in parts]) for i in range(3)]
+            arrays = [np.concatenate([p[0] for p in parts]), row_blobs.gathered([p[1] for p in parts])]
+            arrays.append(np.concatenate([p[2] for p in parts]))
             value = (
                 spill.write(self.spill, *arrays, self.groups) if self.spill else row_blobs.pack(*arrays, self.groups)
             )

@@ -19,6 +19,9 @@ Functions take and return numpy arrays; the Beam wiring is ``transforms.ann_edge
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import numpy as np
 
 from transforms.cell_plan import (  # noqa: F401  (the plan's names, as callers know them)
@@ -35,6 +38,7 @@ from transforms.cell_plan import (  # noqa: F401  (the plan's names, as callers 
 
 NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
 BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
+SEARCH_THREADS = int(os.environ.get("MEMSIEVE_SEARCH_THREADS", min(2, os.cpu_count() or 1)))  # cells at once
 DENSE_RECHECK = 50  # a block with more than 1/50 of its products near the threshold is re-done in fp32
 
 
@@ -201,6 +205,25 @@ def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return np.isin(np.minimum(i, j) * n + np.maximum(i, j), kept)
 
 
+def _in_threads(fn, items: list) -> Iterator:
+    """``map(fn, items)`` in order, on ``SEARCH_THREADS`` threads (the in-cell work is numpy and
+    torch, which release the GIL: gathers, conversions and re-checks of one cell overlap another
+    cell's products). Results are the same as one thread's; at most 2 threads ahead are held."""
+    threads = SEARCH_THREADS if len(items) > 1 else 1
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        pending = [pool.submit(fn, x) for x in items[:threads]]
+        for k in range(len(items)):
+            done = pending.pop(0).result()
+            if k + threads < len(items):
+                pending.append(pool.submit(fn, items[k + threads]))
+            yield done
+
+
 def search_group(
     keys,
     payload,
@@ -231,13 +254,15 @@ def search_group(
     starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]]) if len(flat) else np.empty(0, np.int64)
     ends = np.r_[starts[1:], len(flat)]
     ea, eb, es, wa, wb, ws = [], [], [], [], [], []
-    for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-        if hi - lo < 2:
-            continue
-        members = row[lo:hi]
+    spans = [(lo, hi) for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True) if hi - lo >= 2]
+
+    def one(span):
+        members = row[span[0] : span[1]]
         vecs = payload[rows[members]]
         vecs = vectorize(vecs) if vectorize else vecs
-        i, j, sim, nn, nn_sim = (cell_fn or search_cell)(vecs, query_rows, threshold, bf16)
+        return members, (cell_fn or search_cell)(vecs, query_rows, threshold, bf16)
+
+    for (lo, _), (members, (i, j, sim, nn, nn_sim)) in zip(spans, _in_threads(one, spans), strict=True):
         gi, gj = members[i], members[j]
         own = owner_cell(cells[gi], cells[gj]) == flat[lo]  # a pair in several cells: the smallest reports it
         ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])

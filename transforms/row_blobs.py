@@ -61,3 +61,19 @@ def rows_of(batch) -> tuple:
     from transforms import spill
 
     return unpack(spill.read(batch))
+
+
+def gathered(parts: list) -> np.ndarray:
+    """Held payloads (an array, or (a batch's payload, row indices) to take) -> one array: the
+    rows are taken straight into it (one copy, not a gather and then a concatenation)."""
+    sizes = [len(p[1]) if isinstance(p, tuple) else len(p) for p in parts]
+    first = parts[0][0] if isinstance(parts[0], tuple) else parts[0]
+    out = np.empty((sum(sizes), *first.shape[1:]), dtype=first.dtype)
+    pos = 0
+    for p, size in zip(parts, sizes, strict=True):
+        if isinstance(p, tuple):
+            np.take(p[0], p[1], axis=0, out=out[pos : pos + size])
+        else:
+            out[pos : pos + size] = p
+        pos += size
+    return out
