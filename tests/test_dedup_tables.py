@@ -15,7 +15,6 @@ from transforms.assignment_tables import (
     assignment_elements,
     assignment_rows,
     cluster_table,
-    member_shards,
     representatives,
 )
 from transforms.dedup import FindDuplicates
@@ -79,7 +78,6 @@ def test_assignment_table_and_its_consumers():
     assert set(clusters.column("embedder").to_pylist()) <= {"exact", "clip"}
     assert clusters.column_names == ["key", "cluster_id", "embedder", "similarity", "cluster_size", "is_representative"]
     assert list(representatives(table)) == [("s0", "b")]
-    assert sorted(member_shards(table)) == [("a", ("a", "s1")), ("a", ("b", "s0")), ("a", ("c", "s1"))]
 
 
 def test_tables_without_per_key_elements_hold_the_same_assignments():

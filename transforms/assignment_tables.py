@@ -71,14 +71,6 @@ def _by_column(table: pa.Table, column: str) -> Iterator[tuple[str, pa.Table]]:
         yield ordered[start], table.take(pa.array(order[start:end]))
 
 
-def member_shards(table: pa.Table) -> Iterator[tuple[str, tuple[str, str]]]:
-    """An assignment table -> (cluster_id, (key, shard)) of members of clusters of two or more."""
-    t = table.filter(pa.array(table.column("cluster_size").to_numpy() > 1))
-    yield from zip(
-        t["cluster_id"].to_pylist(), zip(t["key"].to_pylist(), t["shard"].to_pylist(), strict=True), strict=True
-    )
-
-
 def representatives(table: pa.Table) -> Iterator[tuple[str, str]]:
     """An assignment table -> (shard, key) of the keeper of each cluster of two or more."""
     keeps = table.column("is_representative").to_numpy(zero_copy_only=False).astype(bool)

@@ -71,10 +71,3 @@ def read(ref: SpillRef) -> bytes:
     if len(data) != ref.nbytes:
         raise EOFError(f"{ref.path}: {len(data)} bytes, {ref.nbytes} written")
     return data
-
-
-def spill_batch(batch, folder: str) -> SpillRef:
-    """A batch (packed bytes, a tuple or a reference) -> a reference (written unless it is one)."""
-    if isinstance(batch, SpillRef):
-        return batch
-    return write(folder, *row_blobs.rows_of(batch))
