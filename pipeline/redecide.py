@@ -89,8 +89,8 @@ def _context(parts: list[str], cfg) -> tuple[dict[str, list[str]], list[str], ob
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from transforms.decide_columns import decide_columns
     from transforms.diversify import caption_word_counts
-    from transforms.shard_columns import decide_columns
 
     diversify = cfg.diversify.enabled
     columns = ["key", "url", *DECIDE_INPUTS] + (["caption"] if diversify else [])
@@ -262,7 +262,7 @@ def _decide_part(path: str, cfg, context, staged: dict, counts: dict, old_divers
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from transforms.shard_columns import decide_columns, manifest_table
+    from transforms.decide_columns import decide_columns, manifest_table
 
     t = pq.read_table(path)
     if not t.num_rows:

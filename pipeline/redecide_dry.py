@@ -45,7 +45,7 @@ def _dry_part(path: str, old_path: str, cfg, tally: dict) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from transforms.shard_columns import decide_columns
+    from transforms.decide_columns import decide_columns
 
     t = pq.read_table(path, columns=["key", *DECIDE_INPUTS])
     decisions, reasons = decide_columns(t, cfg.decide)

@@ -78,6 +78,14 @@ Next session, quiet machine (load ~1), ``--rows 1000000 --check-subset 10000``: 
 FindDuplicates / per-shard stage / triggers / caption near-duplicates, malloc thresholds), 10:15:
 SemDeDup 28.1 s (21.9 s algorithm, 2.11 GiB), dedup-only **54.7 s (1.95x), 4.02 GiB** (RSS target
 met, time missed), full **128.5 s (4.57x), 6.33 GiB** (both missed), P/R 1.000 for all three.
+
+2026-11-30 afternoon, quiet machine (load ~1), same command: at the start (27cb1ed, 11:05)
+SemDeDup 30.8 s, dedup-only 52.8 s (1.72x, 4.03 GB), full 127.3 s (4.14x, 6.30 GB); at 12:38
+(data-plane runner patches, spilled vectors, columnar near captions and diversify) SemDeDup 27.0 s,
+dedup-only 37.5 s (1.39x, 2.03 GB), full 82.0 s (3.04x, 4.35 GB); at 13:02 (plus batched trigger
+mining, search cells in 2 threads) SemDeDup 28.0 s (21.9 s algorithm), dedup-only **35.2 s
+(1.26x), 2.04 GB**, full **68.9 s (2.46x), 4.47 GB**: RSS target met for both, time targets
+missed (1.2x, 1.5x); P/R 1.000 for all three.
 """
 
 from __future__ import annotations

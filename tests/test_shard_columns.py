@@ -16,8 +16,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.config import DecideConfig
 from schemas.elements import Annotation
 from transforms.decide import BlocklistRows, blocklist_row, decide, manifest_row
+from transforms.decide_columns import decide_columns, manifest_table
 from transforms.diversify import caption_word_counts, caption_words
-from transforms.shard_columns import annotation_rows_table, decide_columns, manifest_table
+from transforms.shard_columns import annotation_rows_table
 from transforms.write import bucket, bucket_labels, crc32s
 
 CODES = ("word_trigger:cat", "implicit_object:a->b", "near_duplicate_caption", "template_caption", "object_trigger:x")

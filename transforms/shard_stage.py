@@ -30,12 +30,11 @@ from schemas.elements import Annotation, ClusterAssignment
 from transforms import fsio
 from transforms.annotate import build_annotation
 from transforms.decide import DIVERSIFY, DROP, reason_family
+from transforms.decide_columns import decide_columns, manifest_table
 from transforms.shard_columns import (
     annotation_table,
     assignment_tuples,
     by_key,
-    decide_columns,
-    manifest_table,
     sample_infos,
     unbatched,
 )
