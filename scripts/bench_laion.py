@@ -85,7 +85,8 @@ SemDeDup 30.8 s, dedup-only 52.8 s (1.72x, 4.03 GB), full 127.3 s (4.14x, 6.30 G
 dedup-only 37.5 s (1.39x, 2.03 GB), full 82.0 s (3.04x, 4.35 GB); at 13:02 (plus batched trigger
 mining, search cells in 2 threads) SemDeDup 28.0 s (21.9 s algorithm), dedup-only **35.2 s
 (1.26x), 2.04 GB**, full **68.9 s (2.46x), 4.47 GB**: RSS target met for both, time targets
-missed (1.2x, 1.5x); P/R 1.000 for all three.
+missed (1.2x, 1.5x); P/R 1.000 for all three. Again at 13:13 (same code, load ~1.1): SemDeDup
+26.2 s, dedup-only 35.2 s (1.35x, 2.10 GB), full 69.3 s (2.65x, 4.40 GB).
 """
 
 from __future__ import annotations
