@@ -294,6 +294,20 @@ def annotation_rows_table(rows: list[Annotation]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def joined_annotations(keys, sparse: dict, infos: dict, failures: dict) -> list[Annotation]:
+    """``build_annotation`` of each key (in the given order) on its info, failures and sparse
+    records (``sparse``: record name -> {key: [records]})."""
+    out = []
+    for key in keys:
+        joined = {name: values.get(key, ()) for name, values in sparse.items()}
+        joined["info"] = [infos[key]] if key in infos else []
+        joined["failure"] = failures.get(key, [])
+        a = build_annotation(key, joined)
+        if a is not None:
+            out.append(a)
+    return out
+
+
 def annotation_table(grouped: dict) -> pa.Table:
     """Pure: one shard's joined records (``transforms.shard_stage.shard_annotations``' ``grouped``)
     -> the annotations table of every key, sorted by key."""
@@ -318,15 +332,7 @@ def annotation_table(grouped: dict) -> pa.Table:
             "score": by_key((r["key"], r) for r in grouped.get("score", ()) if r["key"] in wanted),
             "duplication": by_key(kv for kv in grouped.get("duplication", ()) if kv[0] in wanted),
         }
-        built = []
-        for key in rare:
-            joined = {name: values.get(key, ()) for name, values in sparse.items()}
-            joined["info"] = [infos[key]] if key in infos else []
-            joined["failure"] = failures.get(key, [])
-            a = build_annotation(key, joined)
-            if a is not None:
-                built.append(a)
-        parts.append(annotation_rows_table(built))
+        parts.append(annotation_rows_table(joined_annotations(rare, sparse, infos, failures)))
     if not parts:
         return arrow.ANNOTATIONS.empty_table()
     out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]

@@ -28,13 +28,13 @@ from pipeline import progress
 from schemas import arrow
 from schemas.elements import Annotation, ClusterAssignment
 from transforms import fsio
-from transforms.annotate import build_annotation
 from transforms.decide import DIVERSIFY, DROP, reason_family
 from transforms.decide_columns import decide_columns, manifest_table
 from transforms.shard_columns import (
     annotation_table,
     assignment_tuples,
     by_key,
+    joined_annotations,
     sample_infos,
     unbatched,
 )
@@ -64,15 +64,7 @@ def shard_annotations(grouped: dict) -> list[Annotation]:
         "duplication": by_key(grouped.get("duplication", ())),
     }
     failures = by_key((f.key, f) for f in (*grouped.get("failure", ()), *grouped.get("late_failure", ())))
-    out = []
-    for key in sorted((infos.keys() | failures.keys()) - moved):
-        joined = {name: values.get(key, ()) for name, values in sparse.items()}
-        joined["info"] = [infos[key]] if key in infos else []
-        joined["failure"] = failures.get(key, [])
-        a = build_annotation(key, joined)
-        if a is not None:
-            out.append(a)
-    return out
+    return joined_annotations(sorted((infos.keys() | failures.keys()) - moved), sparse, infos, failures)
 
 
 def _failure_row(f) -> dict:
