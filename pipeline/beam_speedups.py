@@ -12,10 +12,13 @@ with its function); anything else (a ``functools.partial``, a callable object, a
 inspected as before. ``install()`` is idempotent and changes no result: the cached value is what
 Beam's own function returns, copied so that no caller can alter the cache.
 
-The in-process runner's per-byte costs: ``pipeline/beam_speedups_runner.py``.
+The in-process runner's per-byte costs: ``pipeline/beam_speedups_runner.py``; its per-element
+encoding and decoding between stages (elements passed by reference, ``refs``):
+``pipeline/beam_speedups_refs.py``.
 
 ``MEMSIEVE_BEAM_SPEEDUPS`` chooses what ``install()`` installs: ``all`` (the default), ``off``,
-or a comma list of ``inspect`` (the caches), ``group``, ``plane`` and ``sizes``. Each is idempotent and
+or a comma list of ``inspect`` (the caches), ``group``, ``plane``, ``sizes`` and ``refs`` (which
+brings ``plane``). Each is idempotent and
 undone by ``uninstall()``.
 """
 

@@ -31,6 +31,8 @@ of them:
   ``--performance_runtime_type_check`` check the sampled elements: those counters keep
   sampling). Element counts stay.
 
+- **elements by reference** (``refs``): ``pipeline/beam_speedups_refs.py``.
+
 ``install_runner(names)`` installs the named patches (idempotent; on Beam 2.77 only, whose
 internals they replace); ``uninstall_runner()`` restores Beam's own methods.
 ``pipeline.beam_speedups.install()`` calls it for a run.
@@ -129,7 +131,7 @@ def install_plane() -> None:
         inputs = conn.inverse()._inputs
         for chunk in byte_streams or ():
             if len(chunk):  # Beam's one message holds them all; an empty one is skipped by its reader
-                payload = chunk if type(chunk) is bytes else bytes(chunk)
+                payload = bytes(chunk) if isinstance(chunk, (bytearray, memoryview)) else chunk  # or refs' chunk
                 inputs.append(
                     data_message(instruction_id=process_bundle_id, transform_id=read_transform_id, data=token(payload))
                 )
@@ -250,7 +252,17 @@ def install_group() -> None:
     _patch(cls, "partition", _partition)
 
 
-PATCHES = {"group": install_group, "plane": install_plane, "sizes": install_sizes}
+def install_refs() -> None:
+    """``pipeline.beam_speedups_refs`` (elements by reference), over the ``plane`` patch."""
+    from pipeline.beam_speedups_refs import install_refs as install
+
+    if "plane" not in _INSTALLED:
+        install_plane()
+        _INSTALLED.add("plane")
+    install()
+
+
+PATCHES = {"group": install_group, "plane": install_plane, "sizes": install_sizes, "refs": install_refs}
 
 
 BEAM_VERSION = "2.77."  # the internals these patches replace are this release's
@@ -267,8 +279,8 @@ def install_runner(names) -> None:
             BEAM_VERSION,
         )
         return
-    for name in names:
-        if name in PATCHES and name not in _INSTALLED:
+    for name in PATCHES:  # in this order: each wraps what the ones before it left
+        if name in names and name not in _INSTALLED:
             PATCHES[name]()
             _INSTALLED.add(name)
 

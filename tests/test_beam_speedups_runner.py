@@ -128,7 +128,7 @@ def test_same_elements_in_the_same_order(beams_own):
 
     beam_speedups_runner.token = counting_token
     try:
-        patched = _run(["group", "plane", "sizes"])
+        patched = _run(["group", "plane", "sizes", "refs"])
     finally:
         beam_speedups_runner.token = token
     assert counted["n"] > 20  # the patch carried the payloads
@@ -143,7 +143,7 @@ def test_same_elements_in_the_same_order(beams_own):
 
 
 def test_each_patch_alone(beams_own):
-    for names in (["group"], ["plane"], ["sizes"], ["plane", "group"]):
+    for names in (["group"], ["plane"], ["sizes"], ["plane", "group"], ["refs"], ["refs", "group"]):
         assert _run(names) == beams_own
 
 
@@ -237,7 +237,7 @@ def test_switch(monkeypatch):
     monkeypatch.setenv("MEMSIEVE_BEAM_SPEEDUPS", "sizes, inspect,bogus")
     assert beam_speedups.enabled() == ["inspect", "sizes"]
     monkeypatch.delenv("MEMSIEVE_BEAM_SPEEDUPS")
-    assert beam_speedups.enabled() == ["inspect", "group", "plane", "sizes"]
+    assert beam_speedups.enabled() == ["inspect", "group", "plane", "sizes", "refs"]
     monkeypatch.setenv("MEMSIEVE_BEAM_SPEEDUPS", "off")
     original = execution.ListBuffer.append
     beam_speedups.install()
