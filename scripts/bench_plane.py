@@ -106,6 +106,8 @@ def install() -> None:
     from apache_beam.runners.portability.fn_api_runner import execution, fn_runner
     from apache_beam.runners.worker import bundle_processor
 
+    from pipeline.beam_speedups_refs import raw_chunks  # as held: elements passed by reference stay so
+
     if _SAVED:
         return
     bm = fn_runner.BundleManager
@@ -125,9 +127,9 @@ def install() -> None:
             _CURRENT.update(previous)
 
     def send(self, process_bundle_id, read_transform_id, byte_streams):
-        chunks = list(byte_streams or [])  # a GroupingBuffer partitions here (timed as group_s)
+        chunks = raw_chunks(byte_streams)  # a GroupingBuffer partitions here (timed as group_s)
         t1 = time.perf_counter()
-        n = sum(len(c) for c in chunks)
+        n = sum(len(c) for c in chunks if isinstance(c, (bytes, bytearray, memoryview)))  # not refs' chunks
         name, coder = _CURRENT["pcolls"].get(read_transform_id, (read_transform_id, "?"))
         STAGES[_CURRENT["stage"]]["in_bytes"] += n
         PCOLLS[name]["bytes"] += n
