@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from transforms.diversify import MAX_NUMBER, RC_TOKENS
-from transforms.mt_streams import streams
+from transforms.mt_streams import joined_streams
 
 # precomputed outputs per generator, by its number of draws (each rejected with probability < 1/2,
 # about 0.45 at worst in practice): a generator needing more than 6 per draw is rare, and redone
@@ -93,17 +93,29 @@ def inserted(flat, starts: np.ndarray, lengths: np.ndarray, tokens: list, extra=
     size = lengths + len(tokens)
     offsets = np.zeros(len(size) + 1, dtype=np.int64)
     np.cumsum(size, out=offsets[1:])
-    row = np.repeat(np.arange(len(size)), size)
-    slot = np.arange(offsets[-1]) - offsets[row]
-    source = starts[row] + slot
-    for f in final:
-        source -= f[row] < slot
-    for f, (_, index) in zip(final, tokens, strict=True):
-        at = slot == f[row]
-        source[at] = np.asarray(index)[row[at]]
+    # the output's word slots take the lists' words in order; its token slots, the tokens
+    is_token = np.zeros(offsets[-1], dtype=bool)
+    at = [offsets[:-1] + f for f in final]
+    for a in at:
+        is_token[a] = True
+    n_words = int(lengths.sum())
+    words = np.arange(n_words, dtype=np.int64)
+    if _contiguous(starts, lengths):
+        words += starts[0] if len(starts) else 0
+    else:
+        words += np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    source = np.empty(offsets[-1], dtype=np.int64)
+    source[~is_token] = words
+    for a, (_, index) in zip(at, tokens, strict=True):
+        source[a] = index
     values = pa.concat_arrays([flat, extra]) if extra is not None else flat
     lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values.take(pa.array(source)))
     return pc.binary_join(lists, " ")
+
+
+def _contiguous(starts: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether each list's words follow the previous list's (``starts`` the running sum)."""
+    return bool(len(starts) == 0 or (starts[1:] == starts[:-1] + lengths[:-1]).all())
 
 
 def cluster_pools(tables, ids, limit: int) -> dict:
@@ -160,7 +172,7 @@ class _Rows:
         import pyarrow.compute as pc
 
         self.n, self.seed, self.vocab = rows.num_rows, seed, pa.array(vocab, pa.string())
-        self.keys = rows.column("key").to_pylist()
+        self.keys = rows.column("key").combine_chunks()
         self.captions = pc.fill_null(rows.column("caption").combine_chunks(), "")
         self.flat, self.lengths = words_of(self.captions)
         self.starts = np.cumsum(self.lengths) - self.lengths
@@ -168,8 +180,9 @@ class _Rows:
         self.redo = np.zeros(self.n, dtype=bool)  # rows left to ``alternatives``
 
     def draws(self, strategy: str, rows: np.ndarray) -> Draws:
-        seeds = [f"{self.seed}:{self.keys[i]}:{strategy}" for i in rows.tolist()]
-        return Draws(streams(seeds, DRAWS[strategy] * OUTPUTS_PER_DRAW))
+        """The generators ``random.Random(f"{seed}:{key}:{strategy}")`` of the given rows' keys."""
+        keys = self.keys if len(rows) == self.n else self.keys.take(pa_indices(rows))
+        return Draws(joined_streams(f"{self.seed}:", keys, f":{strategy}", DRAWS[strategy] * OUTPUTS_PER_DRAW))
 
     def column(self, strategy: str):
         """One strategy's alternative of every row (an Arrow string array, null where it gives
