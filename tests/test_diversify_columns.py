@@ -260,3 +260,14 @@ def test_cluster_pools_are_cluster_captions(limit):
     got = dc.cluster_pools(tables + [tables[0].slice(0, 0)], pa.array(["a", "b", "é", None, "zz"]), limit)
     assert got == {cid: caps for cid, caps in want.items() if caps}
     assert dc.cluster_pools(tables, pa.array(["zz"], pa.string()), limit) == {}
+
+
+def test_printable_ascii_is_the_regex():
+    import pyarrow.compute as pc
+
+    from transforms.diversify import printable_ascii
+
+    captions = pa.array([c for c in CAPTIONS if c is not None] + ["del\x7f", "bell\x07", "ok ~", "é", ""] * 3)
+    for arr in (captions, captions.slice(3, 11), captions.cast(pa.large_string())):
+        want = pc.match_substring_regex(arr, r"^[\x20-\x7e\t\n\r\x0b\x0c]*$").to_pylist()
+        assert printable_ascii(arr).tolist() == want

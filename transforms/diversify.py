@@ -155,6 +155,31 @@ def cluster_captions(captions, limit: int) -> list[str]:
     return sorted({c for c in captions if c})[:limit]
 
 
+_PRINTABLE = None
+
+
+def printable_ascii(captions):
+    """Per string of an Arrow string array (no nulls): whether it is printable ASCII and ASCII
+    whitespace only (``^[\\x20-\\x7e\\t\\n\\r\\x0b\\x0c]*$``), where Arrow's ASCII word split is
+    ``str.split``'s. One table lookup per byte; a numpy bool array."""
+    import numpy as np
+
+    from transforms.mt_streams import utf8_buffers
+
+    global _PRINTABLE
+    if _PRINTABLE is None:
+        table = np.zeros(256, dtype=bool)
+        table[0x20:0x7F] = True
+        table[[0x09, 0x0A, 0x0B, 0x0C, 0x0D]] = True
+        _PRINTABLE = table
+    offsets, data = utf8_buffers(captions)
+    bad = np.flatnonzero(~_PRINTABLE[data[offsets[0] : offsets[-1]]]) + offsets[0] if len(offsets) > 1 else []
+    out = np.ones(len(offsets) - 1, dtype=bool)
+    if len(bad):
+        out[np.unique(np.searchsorted(offsets, bad, side="right") - 1)] = False
+    return out
+
+
 def caption_word_counts(captions):
     """``caption_words`` of every caption (an Arrow string array), counted: a (word, count)
     table, a word counted once per caption. Captions of printable ASCII and ASCII spaces are
@@ -167,7 +192,7 @@ def caption_word_counts(captions):
     if isinstance(captions, pa.ChunkedArray):
         captions = captions.combine_chunks()
     captions = captions.filter(pc.is_valid(captions))
-    simple = pc.match_substring_regex(captions, r"^[\x20-\x7e\t\n\r\x0b\x0c]*$")
+    simple = pa.array(printable_ascii(captions))
     words = pc.ascii_split_whitespace(captions.filter(simple))
     flat, parent = pc.list_flatten(words), pc.list_parent_indices(words)
     keep = pc.and_(pc.ascii_is_alpha(flat), pc.greater_equal(pc.binary_length(flat), 3))

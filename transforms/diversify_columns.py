@@ -35,17 +35,26 @@ class Draws:
 
     def below(self, n) -> np.ndarray:
         """One ``rng._randbelow(n)`` per generator (``n`` an int or one per generator, >= 1)."""
-        n = np.broadcast_to(np.asarray(n, dtype=np.int64), self.pos.shape)
+        n = np.asarray(n, dtype=np.int64)
         shift = (32 - np.frexp(n.astype(np.float64))[1]).astype(np.uint32)  # 32 - n.bit_length()
-        got = np.zeros(len(n), dtype=np.int64)
-        todo = np.arange(len(n))
+        k, m = self.outputs.shape
+        flat = self.outputs.reshape(-1)
+        # every generator's first try at once (no index of the ones left), then the rejected ones
+        usable = self.pos < k
+        self.lost |= ~usable
+        value = (flat.take(np.minimum(self.pos, k - 1) * m + np.arange(m)) >> shift).astype(np.int64)
+        self.pos += usable
+        ok = (value < n) & usable
+        got = np.where(ok, value, 0)
+        todo = np.flatnonzero(~ok & usable)
+        n, shift = np.broadcast_to(n, (m,)), np.broadcast_to(shift, (m,))
         while todo.size:
             pos = self.pos[todo]
-            short = pos >= len(self.outputs)
+            short = pos >= k
             if short.any():
                 self.lost[todo[short]] = True
                 todo, pos = todo[~short], pos[~short]
-            value = (self.outputs[pos, todo] >> shift[todo]).astype(np.int64)
+            value = (flat.take(pos * m + todo) >> shift[todo]).astype(np.int64)
             self.pos[todo] = pos + 1
             ok = value < n[todo]
             got[todo[ok]] = value[ok]
@@ -66,7 +75,9 @@ def words_of(captions) -> tuple:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if pc.all(pc.match_substring_regex(captions, r"^[\x20-\x7e\t\n\r\x0b\x0c]*$")).as_py() is not False:
+    from transforms.diversify import printable_ascii
+
+    if printable_ascii(captions).all():
         words = pc.ascii_split_whitespace(captions)
         flat, parent = pc.list_flatten(words), pc.list_parent_indices(words)
         keep = pc.greater(pc.binary_length(flat), 0)

@@ -78,14 +78,16 @@ def seed_keys(seeds: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 def utf8_buffers(values) -> tuple[np.ndarray, np.ndarray]:
     """An Arrow string array without nulls -> (int64 offsets, uint8 data): each value's UTF-8
-    bytes (``str.encode()``'s) are ``data[offsets[i]:offsets[i + 1]]``."""
+    bytes (``str.encode()``'s) are ``data[offsets[i]:offsets[i + 1]]`` (the array's own buffers)."""
     import pyarrow as pa
 
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
-    values = values.cast(pa.large_string())
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.large_string())
     _, offsets, data = values.buffers()
-    offsets = np.frombuffer(offsets, dtype=np.int64)[values.offset : values.offset + len(values) + 1]
+    width = np.int64 if pa.types.is_large_string(values.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype=width)[values.offset : values.offset + len(values) + 1].astype(np.int64)
     data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
     return offsets, data
 
