@@ -185,7 +185,6 @@ def caption_word_counts(captions):
     table, a word counted once per caption. Captions of printable ASCII and ASCII spaces are
     split by Arrow (the same words as ``str.split``); the others by ``caption_words``."""
     import numpy as np
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -200,9 +199,11 @@ def caption_word_counts(captions):
     encoded = pc.dictionary_encode(flat)
     codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     names = encoded.dictionary.to_pylist()
-    pair = parent.to_numpy(zero_copy_only=False).astype(np.int64) * max(1, len(names)) + codes
-    first = ~pd.Series(pair).duplicated().to_numpy()
-    counts = dict(zip(names, np.bincount(codes[first], minlength=len(names)).tolist(), strict=True))
+    width = max(1, len(names))
+    pair = np.sort(parent.to_numpy(zero_copy_only=False).astype(np.int64) * width + codes, kind="stable")
+    first = np.ones(len(pair), dtype=bool)  # a (caption, word) pair once: a word counts once per caption
+    np.not_equal(pair[1:], pair[:-1], out=first[1:])
+    counts = dict(zip(names, np.bincount(pair[first] % width, minlength=len(names)).tolist(), strict=True))
     for caption in captions.filter(pc.invert(simple)).to_pylist():
         for w in caption_words(caption):
             counts[w] = counts.get(w, 0) + 1
