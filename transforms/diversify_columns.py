@@ -304,13 +304,18 @@ def diversify_table(rows, pools: dict, vocab, cfg, seed: int):
     offsets = pa.array(np.concatenate([[0], np.cumsum(present[kept].sum(axis=1))]).astype(np.int32))
     alts = pa.concat_arrays(arrays).take(pa_indices(which * rows.num_rows + kept[row]))
     labels = pa.array(strategies, pa.string()).take(pa_indices(which))
-    parts = [_table(rows.take(pa_indices(kept)), alts, labels, offsets, cfg)]
+    taken = rows if len(kept) == rows.num_rows else rows.take(pa_indices(kept))
+    parts = [_table(taken, alts, labels, offsets, cfg)]
     redone = _per_row(rows, np.flatnonzero(state.redo), pools, vocab, cfg, seed)
     if redone is not None:
         parts.append(redone[0])
         kept = np.concatenate([kept, redone[1]])
     table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    return table.take(pa_indices(np.argsort(kept, kind="stable"))) if table.num_rows else None
+    if not table.num_rows:
+        return None
+    if redone is None:  # the rows are in input order already
+        return table
+    return table.take(pa_indices(np.argsort(kept, kind="stable")))
 
 
 def _table(taken, alts, labels, offsets, cfg):
