@@ -172,8 +172,10 @@ def test_redraws_and_short_streams_go_per_row(monkeypatch):
     assert dc.diversify_table(_table(rows), pools, ["zebra"], cfg, 1).equals(want)
     monkeypatch.setattr(dc, "OUTPUTS_PER_DRAW", 1)  # most generators run out of precomputed outputs
     calls = []
-    per_row = dc._per_row
-    monkeypatch.setattr(dc, "_per_row", lambda rows, which, *a: calls.append(len(which)) or per_row(rows, which, *a))
+    per_row = dc._per_row_dicts
+    monkeypatch.setattr(
+        dc, "_per_row_dicts", lambda rows, which, *a: calls.append(len(which)) or per_row(rows, which, *a)
+    )
     assert dc.diversify_table(_table(rows), pools, ["zebra"], cfg, 1).equals(want)
     assert calls and calls[0] > 10
 

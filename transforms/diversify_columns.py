@@ -296,26 +296,36 @@ def diversify_table(rows, pools: dict, vocab, cfg, seed: int):
     state = _Rows(rows, pools, vocab, seed)
     columns = {s: state.column(s) for s in dict.fromkeys(strategies)}
     arrays = [columns[s] for s in strategies]
+    n = rows.num_rows
     present = np.stack([a.is_valid().to_numpy(zero_copy_only=False) for a in arrays], axis=1)
     present &= np.cumsum(present, axis=1) <= cfg.n_alternatives
-    present[state.redo] = False
-    kept = np.flatnonzero(present.any(axis=1))
-    row, which = np.nonzero(present[kept])
-    offsets = pa.array(np.concatenate([[0], np.cumsum(present[kept].sum(axis=1))]).astype(np.int32))
-    alts = pa.concat_arrays(arrays).take(pa_indices(which * rows.num_rows + kept[row]))
-    labels = pa.array(strategies, pa.string()).take(pa_indices(which))
-    taken = rows if len(kept) == rows.num_rows else rows.take(pa_indices(kept))
-    parts = [_table(taken, alts, labels, offsets, cfg)]
-    redone = _per_row(rows, np.flatnonzero(state.redo), pools, vocab, cfg, seed)
-    if redone is not None:
-        parts.append(redone[0])
-        kept = np.concatenate([kept, redone[1]])
-    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    if not table.num_rows:
+    redo = np.flatnonzero(state.redo)
+    present[redo] = False
+    counts = present.sum(axis=1)
+    row, which = np.nonzero(present)  # row-major: each row's alternatives in strategy order
+    index = which * n + row  # into the strategies' columns, concatenated
+    names = list(dict.fromkeys(strategies))
+    label = np.array([names.index(s) for s in strategies], dtype=np.int64)[which]
+    extra = []
+    if len(redo):  # rows the per-row code makes (a few): their alternatives spliced in at their rows
+        at, extra_labels = [], []
+        for i, d in zip(redo.tolist(), _per_row_dicts(rows, redo, pools, vocab, cfg, seed), strict=True):
+            if d is not None:
+                counts[i] = len(d["alternatives"])
+                at += [i] * counts[i]
+                extra += d["alternatives"]
+                extra_labels += [names.index(s) for s in d["alternative_strategies"]]
+        where = np.searchsorted(row, np.array(at, dtype=np.int64))
+        index = np.insert(index, where, len(arrays) * n + np.arange(len(extra)))
+        label = np.insert(label, where, np.array(extra_labels, dtype=np.int64))
+    kept = np.flatnonzero(counts)
+    if not len(kept):
         return None
-    if redone is None:  # the rows are in input order already
-        return table
-    return table.take(pa_indices(np.argsort(kept, kind="stable")))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts[kept])]).astype(np.int32))
+    alts = pa.concat_arrays([*arrays, pa.array(extra, pa.string())]).take(pa_indices(index))
+    labels = pa.array(names, pa.string()).take(pa_indices(label))
+    taken = rows if len(kept) == n else rows.take(pa_indices(kept))
+    return _table(taken, alts, labels, offsets, cfg)
 
 
 def _table(taken, alts, labels, offsets, cfg):
@@ -345,14 +355,19 @@ def _per_row(rows, which: np.ndarray, pools: dict, vocab: list[str], cfg, seed: 
     alternative, their positions in ``rows``), or None."""
     import pyarrow as pa
 
-    from transforms.diversify import _with_shard, diversify_row
+    from transforms.diversify import _with_shard
 
-    out, at = [], []
-    for i, row in zip(which.tolist(), rows.take(pa_indices(which)).to_pylist(), strict=True):
-        d = diversify_row(row, pools.get(row["cluster_id"], []), vocab, cfg, seed)
-        if d is not None:
-            out.append(d)
-            at.append(i)
-    if not out:
+    dicts = _per_row_dicts(rows, which, pools, vocab, cfg, seed)
+    got = [(i, d) for i, d in zip(which.tolist(), dicts, strict=True) if d]
+    if not got:
         return None
-    return pa.Table.from_pylist(out, schema=_with_shard()), np.array(at, dtype=np.int64)
+    table = pa.Table.from_pylist([d for _, d in got], schema=_with_shard())
+    return table, np.array([i for i, _ in got], dtype=np.int64)
+
+
+def _per_row_dicts(rows, which: np.ndarray, pools: dict, vocab: list[str], cfg, seed: int) -> list:
+    """``diversify_row`` of each given row (a dict, or None where no alternative applies)."""
+    from transforms.diversify import diversify_row
+
+    taken = rows.take(pa_indices(which)).to_pylist()
+    return [diversify_row(row, pools.get(row["cluster_id"], []), vocab, cfg, seed) for row in taken]
