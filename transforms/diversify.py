@@ -193,14 +193,18 @@ def caption_word_counts(captions):
     captions = captions.filter(pc.is_valid(captions))
     simple = pa.array(printable_ascii(captions))
     words = pc.ascii_split_whitespace(captions.filter(simple))
-    flat, parent = pc.list_flatten(words), pc.list_parent_indices(words)
-    keep = pc.and_(pc.ascii_is_alpha(flat), pc.greater_equal(pc.binary_length(flat), 3))
-    flat, parent = pc.ascii_lower(flat.filter(keep)), parent.filter(keep)
-    encoded = pc.dictionary_encode(flat)
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    names = encoded.dictionary.to_pylist()
+    raw = pc.dictionary_encode(pc.list_flatten(words))  # the checks and lower-casing run on distinct words
+    distinct = raw.dictionary
+    keep = pc.and_(pc.ascii_is_alpha(distinct), pc.greater_equal(pc.binary_length(distinct), 3))
+    lowered = pc.dictionary_encode(pc.ascii_lower(distinct.filter(keep)))  # names in first-use order
+    names = lowered.dictionary.to_pylist()
+    code_of = np.full(len(distinct), -1, dtype=np.int64)  # raw word -> its vocabulary word, -1: none
+    code_of[np.flatnonzero(keep.to_numpy(zero_copy_only=False))] = lowered.indices.to_numpy(zero_copy_only=False)
+    codes = code_of[raw.indices.to_numpy(zero_copy_only=False)]
+    parent = pc.list_parent_indices(words).to_numpy(zero_copy_only=False).astype(np.int64)[codes >= 0]
+    codes = codes[codes >= 0]
     width = max(1, len(names))
-    pair = np.sort(parent.to_numpy(zero_copy_only=False).astype(np.int64) * width + codes, kind="stable")
+    pair = np.sort(parent * width + codes, kind="stable")
     first = np.ones(len(pair), dtype=bool)  # a (caption, word) pair once: a word counts once per caption
     np.not_equal(pair[1:], pair[:-1], out=first[1:])
     counts = dict(zip(names, np.bincount(pair[first] % width, minlength=len(names)).tolist(), strict=True))
