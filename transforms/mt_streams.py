@@ -9,6 +9,8 @@ value is below ``n``. ``streams`` runs ``init_by_array`` for a batch of seeds in
 numpy operation per step over the batch, so each seed costs a fraction of CPython's scalar loop) and
 gives each generator's first ``K`` outputs; ``Draws`` replays ``_randbelow`` on them, and says
 which generators ran out (the caller redraws those with ``random.Random`` itself).
+``joined_streams`` does the same for seeds ``prefix + s + suffix`` over an Arrow string column:
+the seeds' bytes, their digests' and the key words are built as arrays (no string per seed).
 
 Nothing here is random: the same seeds give the same numbers as ``random.Random`` does, which
 ``tests/test_diversify_columns.py`` checks against CPython's own generator.
