@@ -39,6 +39,8 @@ from transforms.cell_plan import (  # noqa: F401  (the plan's names, as callers 
 NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
 BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
 SEARCH_THREADS = int(os.environ.get("MEMSIEVE_SEARCH_THREADS", min(2, os.cpu_count() or 1)))  # cells at once
+FP32_ROWS = 256  # fp32 cells: rows a block (its products against the later columns stay in cache)
+DENSE_MIN_SIDE = 16  # a dense re-check multiplies at least this many rows and columns
 DENSE_RECHECK = 50  # a block with more than 1/50 of its products near the threshold is re-done in fp32
 
 
@@ -117,6 +119,8 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
         none = np.empty(0, np.int64)
         return none, none, np.empty(0, np.float32), np.full(m, -1, np.int64), np.full(m, np.nan, np.float32)
     t32 = torch.from_numpy(x32)
+    if h == 1 and q == [0] and not low:
+        return _fp32_triangle(t32.reshape(m, d), threshold)
     shape = (m, h, len(q), h == 1 and q == [0])
     full = (t32[:, q].reshape(m * len(q), d), t32.reshape(m * h, d))
     t = t32.to(torch.bfloat16) if low else t32
@@ -137,9 +141,10 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
             if low and len(hit) * DENSE_RECHECK < (e - s) * m:
                 loose.append(hit)  # few: re-scored pair by pair below
                 continue
-            if low:  # many: the block again in fp32
+            got = _dense_recheck(full[1], hit) if low and shape[3] else None
+            if got is None and low:  # many: the block again in fp32
                 sims = _block_sims(*full, s, e, *shape)
-            got = sims[hit[:, 0] - s, hit[:, 1]].numpy()
+            got = sims[hit[:, 0] - s, hit[:, 1]].numpy() if got is None else got
             done.append((hit[got >= threshold], got[got >= threshold]))
     if loose:
         hit = np.concatenate(loose)
@@ -152,6 +157,57 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
     cand, top = np.concatenate(nn_cand).astype(np.int64), np.concatenate(nn_top)
     nn, nn_sim = _nearest(x32, cand, top, tuple(q), 2 * eps) if low else (cand[:, 0], top[:, 0])
     return i[order], j[order], sim[order], nn, nn_sim
+
+
+def _dense_recheck(x, hit: np.ndarray):
+    """fp32 products of many pairs (rows of x (m, d)) as entries of one product of the rows and
+    the columns that have pairs (a block's rows without a candidate, most of them, are not
+    multiplied again): the same values as the block's full product. None when either side is
+    thin (a product of a few rows or columns may sum in another order)."""
+    rows, at_row = np.unique(hit[:, 0], return_inverse=True)
+    cols, at_col = np.unique(hit[:, 1], return_inverse=True)
+    if min(len(rows), len(cols)) < DENSE_MIN_SIDE:
+        return None
+    return (x[rows] @ x[cols].T)[at_row, at_col].numpy()
+
+
+def _fp32_triangle(x, threshold: float, rows: int = 0):
+    """``search_cell`` of one fp32 embedding per row, at half the products: blocks of rows against
+    the columns from the block's first row on (a pair's product is computed once, for the upper
+    triangle; each block's column maxima are the lower triangle's row maxima). A product's value
+    is the full matrix's, bit for bit (the same dot product in the same order; symmetric), and the
+    nearest neighbour is the first of equal maxima, as a maximum over the full row gives."""
+    import torch
+
+    m = len(x)
+    b = rows or FP32_ROWS
+    starts = list(range(0, m, b))
+    if len(starts) > 1 and m - starts[-1] < b // 2:  # no thin last block
+        starts.pop()
+    ends = starts[1:] + [m]
+    best = torch.full((m,), -np.inf)
+    nn = torch.zeros(m, dtype=torch.int64)
+    pairs, sims = [], []
+    with torch.inference_mode():
+        for s, e in zip(starts, ends, strict=True):
+            block = x[s:e] @ x[s:].T  # rows s..e against columns s..m
+            r = torch.arange(e - s)
+            block[r, r] = -np.inf
+            top, col = block.max(dim=1)  # columns >= s: later than any seen for these rows
+            take = top > best[s:e]
+            best[s:e] = torch.where(take, top, best[s:e])
+            nn[s:e] = torch.where(take, col + s, nn[s:e])
+            if e < m:  # rows e..m against columns s..e (their earlier columns: ties keep the older)
+                value, row = block[:, e - s :].max(dim=0)
+                take = value > best[e:]
+                best[e:] = torch.where(take, value, best[e:])
+                nn[e:] = torch.where(take, row + s, nn[e:])
+            hit = _block_hits(block, top, 0, threshold)  # block coordinates, column > row
+            pairs.append(hit + s), sims.append(block[hit[:, 0], hit[:, 1]].numpy())
+    hit = np.concatenate(pairs)
+    sim = np.concatenate(sims).astype(np.float32)
+    order = np.lexsort((hit[:, 1], hit[:, 0]))
+    return hit[order, 0], hit[order, 1], sim[order], nn.numpy(), best.numpy()
 
 
 def _nearest(x32: np.ndarray, cand: np.ndarray, top: np.ndarray, q: tuple[int, ...], gap: float):
