@@ -55,12 +55,13 @@ def owner_cell(cells_a: np.ndarray, cells_b: np.ndarray) -> np.ndarray:
     return np.where(best == big, -1, best)
 
 
-def pair_sims(x: np.ndarray, a: np.ndarray, b: np.ndarray, query_rows: tuple[int, ...], chunk: int = 65536):
-    """fp32 similarity of pairs (a[i], b[i]) of rows of x (m, H, d): best over query x any, both ways."""
-    out = np.empty(len(a), dtype=np.float32)
+def pair_sims(x: np.ndarray, a, b: np.ndarray, query_rows: tuple[int, ...], chunk: int = 65536):
+    """fp32 similarity of pairs (a[i], b[i]) of rows of x (m, H, d): best over query x any, both
+    ways. ``a`` None: every row in order (pairs (i, b[i]), no gather)."""
+    out = np.empty(len(b), dtype=np.float32)
     q = list(query_rows)
-    for s in range(0, len(a), chunk):
-        xa, xb = x[a[s : s + chunk]], x[b[s : s + chunk]]
+    for s in range(0, len(b), chunk):
+        xa, xb = x[s : s + chunk] if a is None else x[a[s : s + chunk]], x[b[s : s + chunk]]
         if x.shape[1] == 1 and q == [0]:
             out[s : s + chunk] = np.einsum("pd,pd->p", xa[:, 0], xb[:, 0])
             continue
@@ -216,7 +217,7 @@ def _nearest(x32: np.ndarray, cand: np.ndarray, top: np.ndarray, q: tuple[int, .
     the bf16 error) keeps it; the others re-score all k."""
     m, k = cand.shape
     best = cand[:, 0].copy()
-    sim = pair_sims(x32, np.arange(m), best, q)
+    sim = pair_sims(x32, None, best, q)
     unsure = np.flatnonzero(top[:, 0] - top[:, 1] <= gap) if k > 1 else np.empty(0, np.int64)
     if len(unsure):
         sims = pair_sims(x32, np.repeat(unsure, k), cand[unsure].ravel(), q).reshape(len(unsure), k)
@@ -255,10 +256,7 @@ def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     rows, cols = np.concatenate([i, top]), np.concatenate([j, roots])
     both = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n + 1, n + 1)).tocsr()
     _, pred = breadth_first_order(both, n, directed=False, return_predecessors=True)
-    child = np.flatnonzero((pred[:n] >= 0) & (pred[:n] != n))
-    parent = pred[child].astype(np.int64)
-    kept = np.minimum(parent, child) * n + np.maximum(parent, child)
-    return np.isin(np.minimum(i, j) * n + np.maximum(i, j), kept)
+    return (pred[i] == j) | (pred[j] == i)  # a tree's edges: (parent, child) either way round
 
 
 def _in_threads(fn, items: list) -> Iterator:
