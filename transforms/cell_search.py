@@ -55,9 +55,11 @@ def owner_cell(cells_a: np.ndarray, cells_b: np.ndarray) -> np.ndarray:
     return np.where(best == big, -1, best)
 
 
-def pair_sims(x: np.ndarray, a, b: np.ndarray, query_rows: tuple[int, ...], chunk: int = 65536):
+def pair_sims(x: np.ndarray, a, b: np.ndarray, query_rows: tuple[int, ...], chunk: int = 1024):
     """fp32 similarity of pairs (a[i], b[i]) of rows of x (m, H, d): best over query x any, both
-    ways. ``a`` None: every row in order (pairs (i, b[i]), no gather)."""
+    ways. ``a`` None: every row in order (pairs (i, b[i]), no gather). Pairs go ``chunk`` at a
+    time, so the gathered rows are still in cache when multiplied (1,024: 3.4x faster than 65,536
+    on a 1,500-row cell's 40k pairs)."""
     out = np.empty(len(b), dtype=np.float32)
     q = list(query_rows)
     for s in range(0, len(b), chunk):
