@@ -39,6 +39,7 @@ from transforms.cell_plan import (  # noqa: F401  (the plan's names, as callers 
 NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
 BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
 SEARCH_THREADS = int(os.environ.get("MEMSIEVE_SEARCH_THREADS", min(2, os.cpu_count() or 1)))  # cells at once
+SYMMETRIC_ROWS = 256  # bf16 cells of 2 blocks and more: the upper triangle only (the lower copied)
 FP32_ROWS = 256  # fp32 cells: rows a block (its products against the later columns stay in cache)
 DENSE_MIN_SIDE = 16  # a dense re-check multiplies at least this many rows and columns
 DENSE_RECHECK = 50  # a block with more than 1/50 of its products near the threshold is re-done in fp32
@@ -77,7 +78,9 @@ def _block_sims(queries, db, s: int, e: int, m: int, h: int, nq: int, symmetric:
     """Similarities of rows s..e against all m rows of the cell (either dtype), self excluded."""
     import torch
 
-    if symmetric:
+    if symmetric and e - s == m >= 2 * SYMMETRIC_ROWS:
+        sims = _symmetric_product(db)
+    elif symmetric:
         sims = queries[s:e] @ db.T
     else:
         sims = (queries[s * nq : e * nq] @ db.T).view(e - s, nq, m, h).amax(dim=(1, 3))
@@ -86,6 +89,29 @@ def _block_sims(queries, db, s: int, e: int, m: int, h: int, nq: int, symmetric:
     rows = torch.arange(e - s)
     sims[rows, rows + s] = -np.inf
     return sims
+
+
+def _row_blocks(m: int, rows: int) -> list[tuple[int, int]]:
+    """(start, end) of blocks of ``rows`` rows, the last one at least half that (a product of a
+    few rows may be computed by another kernel, which sums in another order)."""
+    starts = list(range(0, m, rows))
+    if len(starts) > 1 and m - starts[-1] < rows // 2:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [m], strict=True))
+
+
+def _symmetric_product(x, rows: int = 0):
+    """x @ x.T, computed for the upper triangle only (blocks of rows against the columns from the
+    block's first row on), the lower triangle copied from it: the same values (a product's value
+    does not depend on the block it is computed in, and x_i . x_j = x_j . x_i bit for bit)."""
+    import torch
+
+    m = len(x)
+    out = torch.empty((m, m), dtype=x.dtype)
+    for s, e in _row_blocks(m, rows or SYMMETRIC_ROWS):
+        out[s:e, s:] = x[s:e] @ x[s:].T
+        out[e:, s:e] = out[s:e, e:].T
+    return out
 
 
 def _block_hits(sims, best, s: int, floor: float) -> np.ndarray:
@@ -183,16 +209,11 @@ def _fp32_triangle(x, threshold: float, rows: int = 0):
     import torch
 
     m = len(x)
-    b = rows or FP32_ROWS
-    starts = list(range(0, m, b))
-    if len(starts) > 1 and m - starts[-1] < b // 2:  # no thin last block
-        starts.pop()
-    ends = starts[1:] + [m]
     best = torch.full((m,), -np.inf)
     nn = torch.zeros(m, dtype=torch.int64)
     pairs, sims = [], []
     with torch.inference_mode():
-        for s, e in zip(starts, ends, strict=True):
+        for s, e in _row_blocks(m, rows or FP32_ROWS):
             block = x[s:e] @ x[s:].T  # rows s..e against columns s..m
             r = torch.arange(e - s)
             block[r, r] = -np.inf
@@ -216,13 +237,17 @@ def _fp32_triangle(x, threshold: float, rows: int = 0):
 def _nearest(x32: np.ndarray, cand: np.ndarray, top: np.ndarray, q: tuple[int, ...], gap: float):
     """bf16 top candidates (m, k) and their bf16 similarities -> each row's best in fp32 (ties:
     the smaller index). A row whose first candidate leads the second by more than ``gap`` (twice
-    the bf16 error) keeps it; the others re-score all k."""
+    the bf16 error) keeps it; the others re-score the candidates within ``gap`` of the first (one
+    further below is below the first in fp32 too: it can neither win nor tie)."""
     m, k = cand.shape
     best = cand[:, 0].copy()
     sim = pair_sims(x32, None, best, q)
     unsure = np.flatnonzero(top[:, 0] - top[:, 1] <= gap) if k > 1 else np.empty(0, np.int64)
     if len(unsure):
-        sims = pair_sims(x32, np.repeat(unsure, k), cand[unsure].ravel(), q).reshape(len(unsure), k)
+        r, c = np.nonzero(top[unsure, 1:] >= top[unsure, :1] - gap)
+        sims = np.full((len(unsure), k), -np.inf, dtype=np.float32)
+        sims[:, 0] = sim[unsure]
+        sims[r, c + 1] = pair_sims(x32, unsure[r], cand[unsure[r], c + 1], q)
         hi = sims.max(axis=1)
         best[unsure] = np.where(sims == hi[:, None], cand[unsure], np.iinfo(np.int64).max).min(axis=1)
         sim[unsure] = hi
