@@ -270,18 +270,22 @@ def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     rooted at its component's first row (the smallest key): the same components from at most
     n - 1 real edges (a group of 500 copies: 499, not 124,750), and trees as shallow as the
     graph allows (copies of one image: a star), which keeps the component rounds few."""
-    from scipy.sparse import coo_matrix
+    from scipy.sparse import coo_matrix, csr_matrix
     from scipy.sparse.csgraph import breadth_first_order, connected_components
 
     if len(i) < 2:
         return np.ones(len(i), dtype=bool)
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    # one sorted adjacency (rows sorted by column) for both searches; node n: no pair yet
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n + 1, n + 1)).tocsr()
     _, labels = connected_components(graph, directed=False)
     roots = np.full(labels.max() + 1, n, dtype=np.int64)
-    np.minimum.at(roots, labels, np.arange(n))
-    top = np.full(len(roots), n)  # a virtual node n above every root: one breadth-first search
-    rows, cols = np.concatenate([i, top]), np.concatenate([j, roots])
-    both = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n + 1, n + 1)).tocsr()
+    np.minimum.at(roots, labels[:n], np.arange(n))
+    roots = np.sort(roots[roots < n])
+    # node n becomes a virtual node above every root: one breadth-first search
+    indptr = graph.indptr.astype(np.int64)
+    indptr[n + 1] += len(roots)
+    indices = np.concatenate([graph.indices, roots])
+    both = csr_matrix((np.ones(len(indices), np.int8), indices, indptr), shape=(n + 1, n + 1))
     _, pred = breadth_first_order(both, n, directed=False, return_predecessors=True)
     return (pred[i] == j) | (pred[j] == i)  # a tree's edges: (parent, child) either way round
 
