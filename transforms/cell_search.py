@@ -189,15 +189,23 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
 
 
 def _dense_recheck(x, hit: np.ndarray):
-    """fp32 products of many pairs (rows of x (m, d)) as entries of one product of the rows and
-    the columns that have pairs (a block's rows without a candidate, most of them, are not
-    multiplied again): the same values as the block's full product. None when either side is
-    thin (a product of a few rows or columns may sum in another order)."""
-    rows, at_row = np.unique(hit[:, 0], return_inverse=True)
-    cols, at_col = np.unique(hit[:, 1], return_inverse=True)
+    """fp32 products of many pairs i < j (rows of x (m, d), by row) as entries of products of the
+    rows and the columns that have pairs (a block's rows without a candidate, most of them, are
+    not multiplied again; blocks of rows only against the later columns): the same values as the
+    block's full product. None when either side is thin (a product of a few rows or columns may
+    sum in another order)."""
+    rows, cols = np.unique(hit[:, 0]), np.unique(hit[:, 1])
     if min(len(rows), len(cols)) < DENSE_MIN_SIDE:
         return None
-    return (x[rows] @ x[cols].T)[at_row, at_col].numpy()
+    out = np.empty(len(hit), dtype=np.float32)
+    for a, b in _row_blocks(len(rows), SYMMETRIC_ROWS):  # hits come by row: j > i, no column below
+        lo, hi = np.searchsorted(hit[:, 0], [rows[a], rows[b - 1] + 1])
+        c0 = min(np.searchsorted(cols, rows[a], side="right"), len(cols) - DENSE_MIN_SIDE)
+        part = x[rows[a:b]] @ x[cols[c0:]].T
+        at_row = np.searchsorted(rows[a:b], hit[lo:hi, 0])
+        at_col = np.searchsorted(cols[c0:], hit[lo:hi, 1])
+        out[lo:hi] = part[at_row, at_col].numpy()
+    return out
 
 
 def _fp32_triangle(x, threshold: float, rows: int = 0):
