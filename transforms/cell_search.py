@@ -348,6 +348,7 @@ def search_group(
     ends = np.r_[starts[1:], len(flat)]
     ea, eb, es, wa, wb, ws = [], [], [], [], [], []
     spans = [(lo, hi) for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True) if hi - lo >= 2]
+    several = (cells >= 0).sum(axis=1) > 1
 
     def one(span):
         members = row[span[0] : span[1]]
@@ -357,7 +358,9 @@ def search_group(
 
     for (lo, _), (members, (i, j, sim, nn, nn_sim)) in zip(spans, _in_threads(one, spans), strict=True):
         gi, gj = members[i], members[j]
-        own = owner_cell(cells[gi], cells[gj]) == flat[lo]  # a pair in several cells: the smallest reports it
+        own = np.ones(len(gi), dtype=bool)  # a row in one cell: its pairs are this cell's to report
+        shared = np.flatnonzero(several[gi] & several[gj])  # in several cells: the smallest reports it
+        own[shared] = owner_cell(cells[gi[shared]], cells[gj[shared]]) == flat[lo]
         ea.append(gi[own]), eb.append(gj[own]), es.append(sim[own])
         valid = nn >= 0
         wa.append(members[valid]), wb.append(members[nn[valid]]), ws.append(nn_sim[valid])
@@ -367,11 +370,11 @@ def search_group(
         keep = shallow_forest(len(keys), a, b)
         a, b, s = a[keep], b[keep], s[keep]
     ns = cat(ws, np.float32)
-    several = (cells[w] >= 0).sum(axis=1) > 1
+    part = several[w]
     return {
         "edges": (keys[a], keys[b], s),
-        "nn": (keys[w[~several]], keys[o[~several]], ns[~several]),
-        "nn_partial": (keys[w[several]], keys[o[several]], ns[several]),
+        "nn": (keys[w[~part]], keys[o[~part]], ns[~part]),
+        "nn_partial": (keys[w[part]], keys[o[part]], ns[part]),
     }
 
 
