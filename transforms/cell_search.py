@@ -298,10 +298,13 @@ def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return (pred[i] == j) | (pred[j] == i)  # a tree's edges: (parent, child) either way round
 
 
-def _in_threads(fn, items: list) -> Iterator:
+def _in_threads(fn, items: list, costs: list | None = None) -> Iterator:
     """``map(fn, items)`` in order, on ``SEARCH_THREADS`` threads (the in-cell work is numpy and
     torch, which release the GIL: gathers, conversions and re-checks of one cell overlap another
-    cell's products). Results are the same as one thread's; at most 2 threads ahead are held."""
+    cell's products). Results are the same as one thread's. With ``costs``, every item is in flight
+    and the costliest start first (cells' costs differ 15x: taken in order, a thread that had
+    finished a small cell waited for the large one before it; 4 captured 1M cell groups, simulated
+    on 2 threads: 0.46 s in order, 0.38 s costliest first, 0.38 s the ideal)."""
     threads = SEARCH_THREADS if len(items) > 1 else 1
     if threads <= 1:
         yield from map(fn, items)
@@ -309,6 +312,14 @@ def _in_threads(fn, items: list) -> Iterator:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads) as pool:
+        if costs is not None:
+            futures = [None] * len(items)
+            for k in sorted(range(len(items)), key=lambda k: -costs[k]):
+                futures[k] = pool.submit(fn, items[k])
+            for k in range(len(items)):
+                yield futures[k].result()
+                futures[k] = None  # its result is the caller's now
+            return
         pending = [pool.submit(fn, x) for x in items[:threads]]
         for k in range(len(items)):
             done = pending.pop(0).result()
@@ -356,7 +367,9 @@ def search_group(
         vecs = vectorize(vecs) if vectorize else vecs
         return members, (cell_fn or search_cell)(vecs, query_rows, threshold, bf16)
 
-    for (lo, _), (members, (i, j, sim, nn, nn_sim)) in zip(spans, _in_threads(one, spans), strict=True):
+    for (lo, _), (members, (i, j, sim, nn, nn_sim)) in zip(
+        spans, _in_threads(one, spans, [(hi - lo) ** 2 for lo, hi in spans]), strict=True
+    ):
         gi, gj = members[i], members[j]
         own = np.ones(len(gi), dtype=bool)  # a row in one cell: its pairs are this cell's to report
         shared = np.flatnonzero(several[gi] & several[gj])  # in several cells: the smallest reports it
