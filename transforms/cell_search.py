@@ -151,9 +151,10 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
     if h == 1 and q == [0] and not low:
         return _fp32_triangle(t32.reshape(m, d), threshold)
     shape = (m, h, len(q), h == 1 and q == [0])
-    full = (t32[:, q].reshape(m * len(q), d), t32.reshape(m * h, d))
+    queries = (lambda v: v.reshape(m, d)) if shape[3] else (lambda v: v[:, q].reshape(m * len(q), d))
+    full = (queries(t32), t32.reshape(m * h, d))
     t = t32.to(torch.bfloat16) if low else t32
-    fast = (t[:, q].reshape(m * len(q), d), t.reshape(m * h, d)) if low else full
+    fast = (queries(t), t.reshape(m * h, d)) if low else full
     eps = BF16_EPS * float(np.max(np.einsum("mhd,mhd->mh", x32, x32))) if low else 0.0
     floor = threshold - eps - (2.0**-8 if low else 0.0)  # and the floor's own rounding to bf16
     block = int(max(1, min(2048, 2**25 // max(1, m * h * len(q)))))
@@ -182,7 +183,7 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
     i = np.concatenate([np.empty(0, np.int64)] + [p[:, 0] for p, _ in done]).astype(np.int64)
     j = np.concatenate([np.empty(0, np.int64)] + [p[:, 1] for p, _ in done]).astype(np.int64)
     sim = np.concatenate([np.empty(0, np.float32)] + [g for _, g in done]).astype(np.float32)
-    order = np.lexsort((j, i))
+    order = _pair_order(i, j, m)
     cand, top = np.concatenate(nn_cand).astype(np.int64), np.concatenate(nn_top)
     nn, nn_sim = _nearest(x32, cand, top, tuple(q), 2 * eps) if low else (cand[:, 0], top[:, 0])
     return i[order], j[order], sim[order], nn, nn_sim
@@ -238,8 +239,14 @@ def _fp32_triangle(x, threshold: float, rows: int = 0):
             pairs.append(hit + s), sims.append(block[hit[:, 0], hit[:, 1]].numpy())
     hit = np.concatenate(pairs)
     sim = np.concatenate(sims).astype(np.float32)
-    order = np.lexsort((hit[:, 1], hit[:, 0]))
+    order = _pair_order(hit[:, 0], hit[:, 1], m)
     return hit[order, 0], hit[order, 1], sim[order], nn.numpy(), best.numpy()
+
+
+def _pair_order(i: np.ndarray, j: np.ndarray, m: int):
+    """Order of pairs by (i, j): a slice when they come so already (a block's rows in order)."""
+    key = i * m + j
+    return slice(None) if (key[1:] > key[:-1]).all() else np.lexsort((j, i))
 
 
 def _nearest(x32: np.ndarray, cand: np.ndarray, top: np.ndarray, q: tuple[int, ...], gap: float):
