@@ -185,7 +185,7 @@ def neighbour_table(key: np.ndarray, nn_key: np.ndarray, sim: np.ndarray, embedd
 
     from schemas import arrow
 
-    columns = [pa.array(key, pa.string()), pa.array([embedder] * len(key), pa.string())]
+    columns = [pa.array(key, pa.string()), pa.repeat(pa.scalar(embedder, pa.string()), len(key))]
     columns += [pa.array(nn_key, pa.string()), pa.array(np.asarray(sim, np.float64))]
     return pa.Table.from_arrays(columns, schema=arrow.TABLES["neighbours"])
 
