@@ -9,7 +9,11 @@ The plan (``transforms.cell_plan``): spherical k-means centroids trained on a bo
 row goes to the cell of the centroid nearest to each of its query vectors, and to the
 second-nearest one too when that is within ``margin`` of the first. Rows are shuffled by cell
 group and compared inside each cell with dense products (bf16 where the CPU has native bf16, then
-an fp32 re-check of every pair near the threshold, so the decisions are fp32's). A pair that
+an fp32 re-check of every pair near the threshold, so the decisions are fp32's). One embedding a
+row: a cell's products are symmetric, so each pair is multiplied once (the upper triangle, in
+blocks of rows); a product's value does not depend on the block it is computed in, so the results
+are the full matrix's bit for bit (1M LAION-layout rows, 4 captured cell groups: 40% less CPU
+than the full products, the same pairs, similarities and neighbours). A pair that
 shares several cells is reported only by the smallest cell they share, so no global
 de-duplication is needed. At or below ``single_cell_below`` rows there is one cell and the search
 is exact.
