@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from transforms import cell_search
+from transforms import cell_products, cell_search
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
 from make_laion_embeddings import generate  # noqa: E402
@@ -193,7 +193,7 @@ def test_symmetric_product_and_dense_recheck_equal_the_full_product(m):
 
     x = torch.from_numpy(_cell_with_copies(m)[:, 0])
     for t in (x, x.to(torch.bfloat16)):
-        assert torch.equal(cell_search._symmetric_product(t), t @ t.T)
+        assert torch.equal(cell_products.symmetric_product(t), t @ t.T)
     hit = np.stack(np.nonzero(np.triu((x @ x.T).numpy() >= 0.85, 1)), axis=1)
-    np.testing.assert_array_equal(cell_search._dense_recheck(x, hit), (x @ x.T).numpy()[hit[:, 0], hit[:, 1]])
-    assert cell_search._dense_recheck(x, hit[:3]) is None  # too thin: the caller multiplies the block
+    np.testing.assert_array_equal(cell_products.dense_recheck(x, hit), (x @ x.T).numpy()[hit[:, 0], hit[:, 1]])
+    assert cell_products.dense_recheck(x, hit[:3]) is None  # too thin: the caller multiplies the block

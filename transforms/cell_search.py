@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from transforms import cell_products
 from transforms.cell_plan import (  # noqa: F401  (the plan's names, as callers know them)
     BF16_EPS,
     Plan,
@@ -43,9 +44,6 @@ from transforms.cell_plan import (  # noqa: F401  (the plan's names, as callers 
 NN_CANDIDATES = 4  # bf16 top candidates re-scored in fp32 for each row's nearest neighbour
 BF16_MIN_ROWS = 1024  # smaller cells: fp32 (bf16 conversion and re-checks cost more than they save)
 SEARCH_THREADS = int(os.environ.get("MEMSIEVE_SEARCH_THREADS", min(2, os.cpu_count() or 1)))  # cells at once
-SYMMETRIC_ROWS = 256  # bf16 cells of 2 blocks and more: the upper triangle only (the lower copied)
-FP32_ROWS = 256  # fp32 cells: rows a block (its products against the later columns stay in cache)
-DENSE_MIN_SIDE = 16  # a dense re-check multiplies at least this many rows and columns
 DENSE_RECHECK = 50  # a block with more than 1/50 of its products near the threshold is re-done in fp32
 
 
@@ -82,8 +80,8 @@ def _block_sims(queries, db, s: int, e: int, m: int, h: int, nq: int, symmetric:
     """Similarities of rows s..e against all m rows of the cell (either dtype), self excluded."""
     import torch
 
-    if symmetric and e - s == m >= 2 * SYMMETRIC_ROWS:
-        sims = _symmetric_product(db)
+    if symmetric and e - s == m >= 2 * cell_products.SYMMETRIC_ROWS:
+        sims = cell_products.symmetric_product(db)
     elif symmetric:
         sims = queries[s:e] @ db.T
     else:
@@ -93,42 +91,6 @@ def _block_sims(queries, db, s: int, e: int, m: int, h: int, nq: int, symmetric:
     rows = torch.arange(e - s)
     sims[rows, rows + s] = -np.inf
     return sims
-
-
-def _row_blocks(m: int, rows: int) -> list[tuple[int, int]]:
-    """(start, end) of blocks of ``rows`` rows, the last one at least half that (a product of a
-    few rows may be computed by another kernel, which sums in another order)."""
-    starts = list(range(0, m, rows))
-    if len(starts) > 1 and m - starts[-1] < rows // 2:
-        starts.pop()
-    return list(zip(starts, starts[1:] + [m], strict=True))
-
-
-def _symmetric_product(x, rows: int = 0):
-    """x @ x.T, computed for the upper triangle only (blocks of rows against the columns from the
-    block's first row on), the lower triangle copied from it: the same values (a product's value
-    does not depend on the block it is computed in, and x_i . x_j = x_j . x_i bit for bit)."""
-    import torch
-
-    m = len(x)
-    out = torch.empty((m, m), dtype=x.dtype)
-    for s, e in _row_blocks(m, rows or SYMMETRIC_ROWS):
-        out[s:e, s:] = x[s:e] @ x[s:].T
-        out[e:, s:e] = out[s:e, e:].T
-    return out
-
-
-def _block_hits(sims, best, s: int, floor: float) -> np.ndarray:
-    """(row, col) cell indices of the block's similarities >= floor with col > row. Only rows
-    whose best similarity reaches the floor are scanned (most rows have no duplicate)."""
-    import torch
-
-    rows = torch.nonzero(best >= floor)[:, 0]
-    if not len(rows):
-        return np.empty((0, 2), np.int64)
-    hit = torch.nonzero(sims[rows] >= floor).numpy()
-    hit[:, 0] = rows.numpy()[hit[:, 0]] + s
-    return hit[hit[:, 1] > hit[:, 0]]
 
 
 def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float, bf16: bool | None = None):
@@ -153,7 +115,7 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
         return none, none, np.empty(0, np.float32), np.full(m, -1, np.int64), np.full(m, np.nan, np.float32)
     t32 = torch.from_numpy(x32)
     if h == 1 and q == [0] and not low:
-        return _fp32_triangle(t32.reshape(m, d), threshold)
+        return cell_products.fp32_triangle(t32.reshape(m, d), threshold)
     shape = (m, h, len(q), h == 1 and q == [0])
     queries = (lambda v: v.reshape(m, d)) if shape[3] else (lambda v: v[:, q].reshape(m * len(q), d))
     full = (queries(t32), t32.reshape(m * h, d))
@@ -171,11 +133,11 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
             values = top.values.reshape(e - s, k)
             nn_cand.append(top.indices.reshape(e - s, k).numpy())
             nn_top.append(values.float().numpy())
-            hit = _block_hits(sims, values[:, 0], s, floor)
+            hit = cell_products.block_hits(sims, values[:, 0], s, floor)
             if low and len(hit) * DENSE_RECHECK < (e - s) * m:
                 loose.append(hit)  # few: re-scored pair by pair below
                 continue
-            got = _dense_recheck(full[1], hit) if low and shape[3] else None
+            got = cell_products.dense_recheck(full[1], hit) if low and shape[3] else None
             if got is None and low:  # many: the block again in fp32
                 sims = _block_sims(*full, s, e, *shape)
             got = sims[hit[:, 0] - s, hit[:, 1]].numpy() if got is None else got
@@ -187,70 +149,10 @@ def search_cell(vecs: np.ndarray, query_rows: tuple[int, ...], threshold: float,
     i = np.concatenate([np.empty(0, np.int64)] + [p[:, 0] for p, _ in done]).astype(np.int64)
     j = np.concatenate([np.empty(0, np.int64)] + [p[:, 1] for p, _ in done]).astype(np.int64)
     sim = np.concatenate([np.empty(0, np.float32)] + [g for _, g in done]).astype(np.float32)
-    order = _pair_order(i, j, m)
+    order = cell_products.pair_order(i, j, m)
     cand, top = np.concatenate(nn_cand).astype(np.int64), np.concatenate(nn_top)
     nn, nn_sim = _nearest(x32, cand, top, tuple(q), 2 * eps) if low else (cand[:, 0], top[:, 0])
     return i[order], j[order], sim[order], nn, nn_sim
-
-
-def _dense_recheck(x, hit: np.ndarray):
-    """fp32 products of many pairs i < j (rows of x (m, d), by row) as entries of products of the
-    rows and the columns that have pairs (a block's rows without a candidate, most of them, are
-    not multiplied again; blocks of rows only against the later columns): the same values as the
-    block's full product. None when either side is thin (a product of a few rows or columns may
-    sum in another order)."""
-    rows, cols = np.unique(hit[:, 0]), np.unique(hit[:, 1])
-    if min(len(rows), len(cols)) < DENSE_MIN_SIDE:
-        return None
-    out = np.empty(len(hit), dtype=np.float32)
-    for a, b in _row_blocks(len(rows), SYMMETRIC_ROWS):  # hits come by row: j > i, no column below
-        lo, hi = np.searchsorted(hit[:, 0], [rows[a], rows[b - 1] + 1])
-        c0 = min(np.searchsorted(cols, rows[a], side="right"), len(cols) - DENSE_MIN_SIDE)
-        part = x[rows[a:b]] @ x[cols[c0:]].T
-        at_row = np.searchsorted(rows[a:b], hit[lo:hi, 0])
-        at_col = np.searchsorted(cols[c0:], hit[lo:hi, 1])
-        out[lo:hi] = part[at_row, at_col].numpy()
-    return out
-
-
-def _fp32_triangle(x, threshold: float, rows: int = 0):
-    """``search_cell`` of one fp32 embedding per row, at half the products: blocks of rows against
-    the columns from the block's first row on (a pair's product is computed once, for the upper
-    triangle; each block's column maxima are the lower triangle's row maxima). A product's value
-    is the full matrix's, bit for bit (the same dot product in the same order; symmetric), and the
-    nearest neighbour is the first of equal maxima, as a maximum over the full row gives."""
-    import torch
-
-    m = len(x)
-    best = torch.full((m,), -np.inf)
-    nn = torch.zeros(m, dtype=torch.int64)
-    pairs, sims = [], []
-    with torch.inference_mode():
-        for s, e in _row_blocks(m, rows or FP32_ROWS):
-            block = x[s:e] @ x[s:].T  # rows s..e against columns s..m
-            r = torch.arange(e - s)
-            block[r, r] = -np.inf
-            top, col = block.max(dim=1)  # columns >= s: later than any seen for these rows
-            take = top > best[s:e]
-            best[s:e] = torch.where(take, top, best[s:e])
-            nn[s:e] = torch.where(take, col + s, nn[s:e])
-            if e < m:  # rows e..m against columns s..e (their earlier columns: ties keep the older)
-                value, row = block[:, e - s :].max(dim=0)
-                take = value > best[e:]
-                best[e:] = torch.where(take, value, best[e:])
-                nn[e:] = torch.where(take, row + s, nn[e:])
-            hit = _block_hits(block, top, 0, threshold)  # block coordinates, column > row
-            pairs.append(hit + s), sims.append(block[hit[:, 0], hit[:, 1]].numpy())
-    hit = np.concatenate(pairs)
-    sim = np.concatenate(sims).astype(np.float32)
-    order = _pair_order(hit[:, 0], hit[:, 1], m)
-    return hit[order, 0], hit[order, 1], sim[order], nn.numpy(), best.numpy()
-
-
-def _pair_order(i: np.ndarray, j: np.ndarray, m: int):
-    """Order of pairs by (i, j): a slice when they come so already (a block's rows in order)."""
-    key = i * m + j
-    return slice(None) if (key[1:] > key[:-1]).all() else np.lexsort((j, i))
 
 
 def _nearest(x32: np.ndarray, cand: np.ndarray, top: np.ndarray, q: tuple[int, ...], gap: float):
