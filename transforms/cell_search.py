@@ -180,6 +180,9 @@ def dedup_keys(keys: np.ndarray, vecs: np.ndarray) -> np.ndarray:
     (key, first vector value) order, so the choice does not depend on arrival order)."""
     if len(keys) < 2 or (keys[1:] > keys[:-1]).all():
         return np.arange(len(keys))
+    order = np.argsort(keys, kind="stable")  # unique keys (the rule): the order, half a lexsort's cost
+    if (keys[order][1:] != keys[order][:-1]).all():
+        return order
     order = np.lexsort((vecs.reshape(len(vecs), -1)[:, 0], keys))
     first = np.ones(len(order), dtype=bool)
     first[1:] = keys[order][1:] != keys[order][:-1]
