@@ -197,3 +197,17 @@ def test_symmetric_product_and_dense_recheck_equal_the_full_product(m):
     hit = np.stack(np.nonzero(np.triu((x @ x.T).numpy() >= 0.85, 1)), axis=1)
     np.testing.assert_array_equal(cell_products.dense_recheck(x, hit), (x @ x.T).numpy()[hit[:, 0], hit[:, 1]])
     assert cell_products.dense_recheck(x, hit[:3]) is None  # too thin: the caller multiplies the block
+
+
+def test_dedup_keys_sorted_unique_and_repeated():
+    rng = np.random.default_rng(0)
+    keys = np.array([f"k{i:04d}" for i in rng.permutation(300)])
+    vecs = rng.standard_normal((300, 1, 8)).astype(np.float16)
+    got = cell_search.dedup_keys(keys, vecs)
+    assert (keys[got] == np.sort(keys)).all()  # unique keys: every row, by key
+    keys[:5] = keys[10:15]  # repeated: the row of the smaller first vector value is kept
+    got = cell_search.dedup_keys(keys, vecs)
+    assert len(got) == 295 and (keys[got][1:] > keys[got][:-1]).all()
+    for a, b in zip(range(5), range(10, 15), strict=True):
+        kept = a if (vecs[a, 0, 0], a) < (vecs[b, 0, 0], b) else b
+        assert kept in got and (a + b - kept) not in got
