@@ -54,6 +54,20 @@ def test_sample_gather_takes_rows_across_chunks():
     assert np.array_equal(cell_plan._gather(chunks, take), whole[take])
 
 
+def test_key_priority_is_pandas_categorized_hash():
+    """The sample's priorities: pandas' default hash_array (factorize, then SipHash each distinct
+    key), with repeated, empty, non-ASCII and long keys, from lists and numpy string arrays."""
+    import pandas as pd
+
+    keys = ["a", "", "bé", "a", "x" * 300, "日本語", "00000000001", "bé", "a b"] * 3
+    for seed in (0, 7):
+        want = pd.util.hash_array(np.asarray(keys, dtype=object), hash_key=f"memsieve{seed:08d}"[:16])
+        for given in (keys, np.array(keys)):
+            got = cell_plan.key_priority(given, seed)
+            assert got.dtype == np.uint64 and np.array_equal(got, want.astype(np.uint64))
+    assert not np.array_equal(cell_plan.key_priority(keys, 0), cell_plan.key_priority(keys, 1))
+
+
 def test_training_rows_is_what_make_plan_trains_on(vectors, monkeypatch):
     """``_plan`` converts only the sample rows k-means uses: the same plan as from all of them."""
     from transforms.ann_edges import _plan, float_vectors
