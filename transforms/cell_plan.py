@@ -245,8 +245,10 @@ def _gather(chunks: list, take: np.ndarray) -> np.ndarray:
     out = np.empty((len(take), *first.shape[1:]), dtype=first.dtype)
     starts = np.cumsum([0] + [len(c[2]) for c in chunks])
     which = np.searchsorted(starts, take, side="right") - 1
-    for i in np.unique(which).tolist():
-        sel = np.flatnonzero(which == i)
+    order = np.argsort(which, kind="stable")  # the rows of each chunk together: one pass, not one per chunk
+    cuts = np.searchsorted(which[order], np.arange(len(chunks) + 1))
+    for i in np.flatnonzero(np.diff(cuts)).tolist():
+        sel = order[cuts[i] : cuts[i + 1]]
         out[sel] = chunks[i][2][take[sel] - starts[i]]
     return out
 
