@@ -358,7 +358,10 @@ class CellSearch(beam.PTransform):
 
 def _columnar(batch, folder: str = ""):
     """(keys, vectors) -> packed (keys, (n, 1, d) float16) rows (``transforms.row_blobs``), or,
-    given a spill folder, a ``SpillRef`` to a file of them (``transforms.spill``)."""
+    given a spill folder, a ``SpillRef`` to a file of them (``transforms.spill``). A
+    ``spill.InputRows`` (rows read again from the input file) as it is."""
+    if isinstance(batch, spill.InputRows):
+        return batch
     keys, vecs = batch
     v = np.asarray(vecs, dtype=np.float16)
     k, v = np.asarray(keys, dtype=str), v.reshape(len(v), 1, -1)

@@ -67,14 +67,17 @@ def unpack(blob: bytes) -> tuple:
 
 
 def rows_of(batch) -> tuple:
-    """A batch as the cell search receives it: packed bytes, a (keys, payload, ...) tuple, or a
-    ``transforms.spill.SpillRef`` to packed bytes in a file (read here)."""
+    """A batch as the cell search receives it: packed bytes, a (keys, payload, ...) tuple, a
+    ``transforms.spill.SpillRef`` to packed bytes in a file or a ``transforms.spill.InputRows``
+    (rows of an input file; read here)."""
     if isinstance(batch, bytes | bytearray):
         return unpack(batch)
     if isinstance(batch, tuple | list):
         return tuple(batch)
     from transforms import spill
 
+    if isinstance(batch, spill.InputRows):
+        return spill.read_input(batch)
     return unpack(spill.read(batch))
 
 
