@@ -46,12 +46,30 @@ def test_float16_rows_get_the_cells_of_their_float32_copy(vectors, native, monke
         cell_plan.bf16_native.cache_clear()
 
 
-def test_sample_gather_takes_rows_across_chunks():
+def test_sample_buffer_compacts_in_place_to_the_smallest_rows():
+    """The held rows fill one buffer; compaction moves the cap smallest (priority, key) forward
+    in place (blocks of 4096 rows, rows that stay put and rows that move far) and tightens the
+    bound; pickled, the accumulator keeps only its rows."""
+    import pickle
+
     rng = np.random.default_rng(1)
-    chunks = [(None, None, rng.standard_normal((n, 1, 3)).astype(np.float16)) for n in (5, 1, 7)]
-    whole = np.concatenate([c[2] for c in chunks])
-    take = np.array([12, 0, 5, 6, 4, 5])
-    assert np.array_equal(cell_plan._gather(chunks, take), whole[take])
+    cap, held = 5000, cell_plan._Held()
+    prios, keys, rows = [], [], []
+    for n in (3000, 1, 4000, 2999):  # 10,000 rows: full at 2 x cap
+        p = rng.integers(0, 1 << 40, n).astype(np.uint64)
+        k = np.array([f"k{len(prios)}-{i}" for i in range(n)])
+        x = rng.standard_normal((n, 1, 3)).astype(np.float16)
+        take = np.flatnonzero(rng.random(n) < 0.999)
+        held.add(p, k, x, take, cap)
+        prios.append(p[take]), keys.append(k[take]), rows.append(x[take])
+    p, k, x = np.concatenate(prios), np.concatenate(keys), np.concatenate(rows)
+    assert held.fill == len(p) and np.array_equal(held.rows[: held.fill], x)
+    held.compact(cap)
+    keep = np.sort(np.lexsort((k, p))[:cap])
+    assert held.fill == cap and np.array_equal(held.rows[:cap], x[keep]) and held.bound == p[keep].max()
+    assert np.array_equal(held.held()[0], p[keep]) and np.array_equal(held.held()[1], k[keep])
+    back = pickle.loads(pickle.dumps(held))
+    assert len(back.rows) == cap and np.array_equal(back.rows, x[keep]) and back.bound == held.bound
 
 
 def test_key_priority_is_pandas_categorized_hash():
