@@ -216,7 +216,8 @@ class ReadRangeFn(beam.DoFn):
         rows = None if whole else good
         if s.reread_vectors and unit_already(vecs, norms, rows):  # as stored: the cell search reads them again
             keys = np.asarray(table.column("key").to_pylist(), dtype=str)
-            yield beam.pvalue.TaggedOutput("vectors", InputRows(lf.npy, start, start + n_vec, keys, rows))
+            payload = (vecs if rows is None else vecs[rows]).reshape(len(keys), 1, -1)  # for the fused sample
+            yield beam.pvalue.TaggedOutput("vectors", InputRows(lf.npy, start, start + n_vec, keys, rows, payload))
             return
         # float16, as the cell search stores them: half the bytes in flight
         unit = unit_float16(vecs, norms, rows)
