@@ -91,21 +91,6 @@ def row_norms(vecs: np.ndarray, chunk: int = 256) -> np.ndarray:
     return out
 
 
-def unit_norms(vecs: np.ndarray) -> np.ndarray | None:
-    """float32 norms of float16 rows that are all unit for sure (LAION's), else None (then
-    ``row_norms``). torch's cast and sum (a third of ``row_norms``' cost) differ from numpy's
-    float32 norm by float32 rounding only (< 1e-6 here, 512 terms near 1: < 6e-5 at worst), so
-    rows within ``UNIT_TOL - 1e-4`` of 1 are within ``UNIT_TOL`` by ``row_norms`` too: every
-    row is then usable and ``unit_float16`` passes it unchanged, whichever norms decided it."""
-    if vecs.dtype != np.float16 or not len(vecs):
-        return None
-    import torch
-
-    x = torch.from_numpy(vecs)
-    norms = torch.linalg.vector_norm(x.float(), dim=1).numpy()
-    return norms if float(np.abs(norms - 1).max()) <= UNIT_TOL - 1e-4 else None
-
-
 def unit_already(vecs: np.ndarray, norms: np.ndarray, rows: np.ndarray | None) -> bool:
     """True when the float16 ``rows`` (None: all) are their own unit vectors (LAION's are)."""
     n = norms if rows is None else norms[rows]
@@ -184,9 +169,7 @@ class ReadRangeFn(beam.DoFn):
         if batch is None:  # past the metadata: every row fails, its vector is not needed
             n_vec = 0
         vecs = self.vectors.rows(lf.npy, start, start + n_vec) if n_vec else np.empty((0, lf.dim), np.float32)
-        norms = unit_norms(vecs)
-        if norms is None:
-            norms = row_norms(vecs)
+        norms = row_norms(vecs)
         good_vec = np.isfinite(norms) & (norms > MIN_NORM)
         s = self.settings
         keys = self._keys(lf, batch, start, n)
