@@ -142,3 +142,17 @@ def test_assign_cells_holds_rows_and_sends_one_element_per_group(vectors):
             k, payload, c = found[g]
             assert np.array_equal(k, keys[rows]) and np.array_equal(c, cells[rows])
             assert np.array_equal(payload[:, 0], vectors[rows])
+
+
+def test_group_rows_of_equals_a_scan_per_group():
+    """AssignCells' grouping (one sort of (group, row) pairs) gives each group's rows as a scan
+    of every row per group would: groups ascending, rows ascending, a row twice in one group once."""
+    from transforms.ann_edges import _group_rows_of
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        in_group = rng.integers(-1, 6, (int(rng.integers(0, 40)), int(rng.integers(1, 4))))
+        want = [(g, np.flatnonzero((in_group == g).any(axis=1))) for g in np.unique(in_group[in_group >= 0]).tolist()]
+        got = list(_group_rows_of(in_group))
+        assert [g for g, _ in got] == [g for g, _ in want]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True))
