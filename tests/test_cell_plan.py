@@ -156,3 +156,21 @@ def test_group_rows_of_equals_a_scan_per_group():
         got = list(_group_rows_of(in_group))
         assert [g for g, _ in got] == [g for g, _ in want]
         assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True))
+
+
+def test_bf16_argmax_is_the_float32_images_first_maximum():
+    """k-means' nearest centre from the bf16 bits: ties (first wins), negative and zero rows,
+    -0 against +0, infinities and NaN, as numpy's argmax of the float32 image."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.standard_normal((500, 37)).astype(np.float32)).to(torch.bfloat16)
+    x[0, 3] = x[0, 9] = 50.0  # a tie: the first
+    x[1] = -torch.rand(37).to(torch.bfloat16) - 0.1  # all negative
+    x[2] = 0.0
+    x[2, 5] = -0.0  # -0 and +0 are equal
+    x[3, :] = -1.0
+    x[3, 30] = -0.0
+    x[4, 7], x[5, 2], x[6, 4] = float("inf"), float("nan"), float("-inf")
+    want = x.float().numpy().argmax(axis=1)
+    assert np.array_equal(cell_plan._bf16_argmax(x), want)

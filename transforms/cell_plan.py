@@ -118,7 +118,7 @@ def train_centroids(sample: np.ndarray, k: int, seed: int, niter: int = 8, bf16:
     reused by every block and iteration (a fresh 100 MB array a block cost more in page faults
     than its argmax); each row's nearest centre is numpy's argmax of the float32 image of the
     products (torch's argmax of bf16 on a CPU costs as much as the product). Both take the first
-    of equal maxima."""
+    of equal maxima. bf16 products: numpy's argmax of their bits as int16 (``_bf16_argmax``)."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
@@ -131,7 +131,6 @@ def train_centroids(sample: np.ndarray, k: int, seed: int, niter: int = 8, bf16:
     low = [b.to(torch.bfloat16) for b in blocks] if bf16 else blocks
     rows = min(len(x), KMEANS_BLOCK)
     prod = torch.empty((rows, k), dtype=torch.bfloat16 if bf16 else torch.float32)
-    image = torch.empty((rows, k), dtype=torch.float32) if bf16 else prod
     nearest = np.empty(len(x), dtype=np.int64)
     with torch.inference_mode():
         for _ in range(niter):
@@ -139,14 +138,31 @@ def train_centroids(sample: np.ndarray, k: int, seed: int, niter: int = 8, bf16:
             for s, b in zip(starts, low, strict=True):
                 torch.mm(b, c, out=prod[: len(b)])
                 if bf16:
-                    image[: len(b)].copy_(prod[: len(b)])
-                nearest[s : s + len(b)] = image[: len(b)].numpy().argmax(axis=1)
+                    nearest[s : s + len(b)] = _bf16_argmax(prod[: len(b)])
+                else:
+                    nearest[s : s + len(b)] = prod[: len(b)].numpy().argmax(axis=1)
             assign = torch.from_numpy(nearest)
             sums = torch.zeros_like(centres).index_add_(0, assign, x)
             counts = torch.bincount(assign, minlength=k)
             filled = counts > 0
             centres[filled] = torch.nn.functional.normalize(sums[filled], dim=1)
     return centres.numpy()
+
+
+def _bf16_argmax(prod) -> np.ndarray:
+    """Each row's first maximum of a bf16 tensor, as numpy's argmax of its float32 image gives it:
+    the argmax of the bits read as int16 (half the bytes, no cast). Positive bf16 values order as
+    their bits do, and every negative value or -0 reads below them; a row whose largest value is
+    not a positive finite number (none, in practice) is taken from the float32 image."""
+    import torch
+
+    bits = prod.view(torch.int16).numpy()
+    best = bits.argmax(axis=1)
+    top = bits[np.arange(len(bits)), best]
+    odd = np.flatnonzero((top <= 0) | (top >= 0x7F80))  # +-0 or all negative; inf or NaN
+    if len(odd):
+        best[odd] = prod[torch.from_numpy(odd)].float().numpy().argmax(axis=1)
+    return best
 
 
 def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
