@@ -119,3 +119,28 @@ def test_count_batches_sums_a_bundle_and_flushes():
         for k, c in out:
             got[k] += c
         assert got == want and (len(out) > len(want)) == (flush == 50)
+
+
+def test_norm_duplication_equals_cluster_duplication_to_the_bit():
+    """``norm_duplication`` of normalized captions == ``captions.cluster_duplication`` of the
+    captions (floats compared by repr), for clusters of every size: small ones (pairs of sets),
+    large ones (one matrix product; repeated and empty captions; more than max_pairs)."""
+    from transforms.captions import cluster_duplication
+    from transforms.trigger_counts import norm_duplication
+
+    rng = random.Random(3)
+    words = "a cat dog on the mat red blue sky tree car x y z 1 2".split()
+    real = _real_captions(300)
+    for size in [0, 1, 2, 3, 4, 5, 7, 9, 20, 49, 50, 51, 120] * 6:
+        captions = [
+            rng.choice([" ".join(rng.choices(words, k=rng.randint(0, 7))) + rng.choice(["", "!", " A."]), *real[:3]])
+            for _ in range(size)
+        ]
+        if size and rng.random() < 0.3:
+            captions = [captions[0]] * (size - 1) + captions[-1:]
+        want = cluster_duplication(captions)
+        got = norm_duplication([normalize_caption(c) for c in captions])
+        assert repr(got) == repr(want)
+        assert repr(norm_duplication([normalize_caption(c) for c in captions], 0.8, 10)) == repr(
+            cluster_duplication(captions, 0.8, 10)
+        )

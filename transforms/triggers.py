@@ -15,7 +15,6 @@ from itertools import chain
 import apache_beam as beam
 
 from pipeline import progress
-from transforms.captions import cluster_duplication
 from transforms.key_batches import grouped, split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
@@ -28,6 +27,7 @@ from transforms.trigger_counts import (
     cluster_pair_counts,
     clustered_members,
     code_rows,
+    norm_duplication,
 )
 from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
@@ -190,7 +190,7 @@ def classified(item, share: float, m: int) -> Iterator:
     _, lists = item
     rows: dict[str, Batch] = {}
     for cluster, members in sorted(grouped(lists).items()):
-        found = cluster_duplication([r[0] for r in members], share)
+        found = norm_duplication([r[0] for r in members], share)
         yield cluster, found
         for kv in cluster_pair_counts(cluster, members, m):
             yield beam.pvalue.TaggedOutput("pairs", kv)
@@ -263,10 +263,13 @@ class MineTriggers(beam.PTransform):
             | "TriggerCodes"
             >> beam.FlatMap(_batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
         )
-        caption_codes = tuple(self._caption_codes(recs, counts))
-        caption_codes |= "CaptionCodes" >> beam.Flatten(pipeline=recs.pipeline)
-        caption_codes |= "CaptionCodesByShard" >> beam.ParDo(CodesByShard())
-        return (trigger_codes, caption_codes) | "AllCodes" >> beam.Flatten()
+        # each caption branch batches its per-record codes by shard in the stage that makes them
+        # (fused): a Flatten of per-record elements would cross the data plane one by one
+        caption_codes = tuple(
+            codes | f"{name}ByShard" >> beam.ParDo(CodesByShard())
+            for name, codes in zip(("DuplicateCodes", "TemplateCodes"), self._caption_codes(recs, counts), strict=True)
+        )
+        return (trigger_codes, *caption_codes) | "AllCodes" >> beam.Flatten()
 
     def _records(self, inputs):
         """-> batches (lists) of records, per shard."""
