@@ -144,3 +144,28 @@ def test_norm_duplication_equals_cluster_duplication_to_the_bit():
         assert repr(norm_duplication([normalize_caption(c) for c in captions], 0.8, 10)) == repr(
             cluster_duplication(captions, 0.8, 10)
         )
+
+
+@pytest.mark.parametrize("vocabulary", [None, frozenset(), frozenset(["car", "flag", "traffic light", "pole street"])])
+def test_bundle_counts_equal_summed_batch_counts(vocabulary):
+    """``BundleCounts`` over batches (an empty one, one whose norms Arrow refuses, rows with
+    and without metadata objects, m = 1 and 10) == the sum of their ``batch_counts``."""
+    from transforms.trigger_bundle import BundleCounts
+    from transforms.trigger_counts import batch_counts
+    from transforms.trigger_records import RecordBatch
+
+    records = [_batch_records(n, seed) for n, seed in ((300, 8), (0, 1), (250, 9))]
+    odd = [dict(r, norm="\ud800 " + r["norm"]) for r in _batch_records(40, 10)]
+    batches = [RecordBatch.from_records(r) for r in [*records, odd]]
+    for m in (1, 10):
+        want: Counter = Counter()
+        for b in batches:
+            for k, c in batch_counts(b, m, vocabulary, words=True, pairs_below=2):
+                want[k] += c
+        counts = BundleCounts(m, vocabulary)
+        for b in batches:
+            counts.add(b)
+        got = counts.items()
+        assert dict(got) == dict(want) and len(got) == len(dict(got))
+        assert len(counts) >= len(got)
+    assert any(k[0] == "kw_mention" for k in want) == (vocabulary is not None)

@@ -140,7 +140,8 @@ def norm_words(batch):
     words = encoded.dictionary.to_pylist()
     width = max(len(words), 1)
     rows = pc.list_parent_indices(lists).to_numpy().astype(np.int64)
-    pairs = sorted_unique(rows * width + encoded.indices.to_numpy().astype(np.int64))
+    pairs = np.sort(rows * width + encoded.indices.to_numpy().astype(np.int64))
+    pairs = pairs[np.append(True, pairs[1:] != pairs[:-1])] if len(pairs) else pairs
     return words, pairs // width, pairs % width
 
 

@@ -19,17 +19,17 @@ from transforms.key_batches import grouped, split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.shard_columns import Batch, BatchByShard
+from transforms.trigger_bundle import BundleCounts
 from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
 from transforms.trigger_counts import (
     EVENTS,
     batch_codes,
-    batch_counts,
     cluster_pair_counts,
     clustered_members,
     code_rows,
     norm_duplication,
 )
-from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column
+from transforms.trigger_records import CHUNK, INFO_COLUMNS, RecordBatch, ShardRecordsFn, column
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -62,6 +62,13 @@ class _SampleRecords(beam.DoFn):
             "cluster_id": a.cluster_id if a else key,
             "cluster_size": a.cluster_size if a else 1,
         }
+
+
+def _info_by_shard(table) -> tuple:
+    """An info batch -> (its shard, only the columns records read): the rest stay out of the join."""
+    from schemas import arrow
+
+    return arrow.batch_shard(table), table.select(list(INFO_COLUMNS)) if table.num_rows else table
 
 
 def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[dict]:
@@ -114,8 +121,9 @@ def _word_counts(batch: list[dict]):
 class CountBatches(beam.DoFn):
     """Record batches -> their ``batch_counts`` (words included; (term, cluster) pairs only of
     clusters of one: the others are counted per cluster, ``classified``) summed over the
-    bundle: one (key, count) element per key and bundle (flushed every ``FLUSH`` keys), not per
-    key and batch, so the combine after it sees a few elements per key."""
+    bundle (``trigger_bundle.BundleCounts``): one (key, count) element per key and bundle
+    (flushed at ``FLUSH`` keys), not per key and batch, so the combine after it sees a few
+    elements per key."""
 
     FLUSH = 200_000
 
@@ -123,21 +131,19 @@ class CountBatches(beam.DoFn):
         self.m, self.vocabulary = m, vocabulary
 
     def start_bundle(self):
-        self.counts: dict[tuple, int] = {}
+        self.counts = BundleCounts(self.m, self.vocabulary)
 
     def process(self, batch) -> Iterator[tuple]:
-        counts = self.counts
-        for key, n in batch_counts(batch, self.m, self.vocabulary, words=True, pairs_below=2):
-            counts[key] = counts.get(key, 0) + n
-        if len(counts) >= self.FLUSH:
-            self.counts = {}
+        self.counts.add(batch)
+        if len(self.counts) >= self.FLUSH:
+            counts, self.counts = self.counts, BundleCounts(self.m, self.vocabulary)
             yield from counts.items()
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.windowed_value import WindowedValue
 
-        counts, self.counts = self.counts, {}
+        counts, self.counts = self.counts, BundleCounts(self.m, self.vocabulary)
         for kv in counts.items():
             yield WindowedValue(kv, 0, [GlobalWindow()])
 
@@ -275,14 +281,12 @@ class MineTriggers(beam.PTransform):
         """-> batches (lists) of records, per shard."""
         use_meta = self.cfg.object_source in ("auto", "metadata")
         if "info_batches" in inputs:
-            from schemas import arrow
-
             if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
                 by_shard = inputs["assignment_rows"]
             else:
                 by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
             keyed = {
-                "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
+                "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(_info_by_shard),
                 "a": by_shard,
             }
             joined = keyed | "JoinShard" >> beam.CoGroupByKey()
