@@ -169,3 +169,23 @@ def test_bundle_counts_equal_summed_batch_counts(vocabulary):
         assert dict(got) == dict(want) and len(got) == len(dict(got))
         assert len(counts) >= len(got)
     assert any(k[0] == "kw_mention" for k in want) == (vocabulary is not None)
+
+
+def test_plain_reads_the_slice_bytes_like_the_arrow_checks():
+    """``keywords._plain`` (ASCII without \\x1c-\\x1f, from the UTF-8 bytes) == Arrow's
+    string_is_ascii and regex checks, on slices of string and large_string arrays."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from transforms.keywords import _plain
+
+    texts = ["plain words", "caf\u00e9 au lait", "x\x1dy", "tab\there", "", "\x7f end", "a\x1f"]
+    rng = random.Random(4)
+    for kind in (pa.string(), pa.large_string()):
+        for _ in range(200):
+            lo = rng.randrange(len(texts))
+            values = pa.array([rng.choice(texts[:1] + texts) for _ in range(6)], kind).slice(lo % 3, rng.randrange(4))
+            want = pc.all(pc.string_is_ascii(values)).as_py() is not False and not (
+                pc.any(pc.match_substring_regex(values, "[\\x1c-\\x1f]")).as_py()
+            )
+            assert _plain(values) == want
