@@ -189,3 +189,47 @@ def test_plain_reads_the_slice_bytes_like_the_arrow_checks():
                 pc.any(pc.match_substring_regex(values, "[\\x1c-\\x1f]")).as_py()
             )
             assert _plain(values) == want
+
+
+@pytest.mark.parametrize("m", [1, 10])
+def test_member_columns_classify_like_the_per_member_lists(m):
+    """``member_columns`` + ``classified_columns`` over a bucket's batches give what
+    ``clustered_members`` + ``classified`` give: every cluster's class dict, the pair counts and
+    the per-shard rows (as sets), whatever the buckets."""
+    from apache_beam.pvalue import TaggedOutput
+
+    from transforms.key_batches import split_buckets
+    from transforms.trigger_clusters import classified_columns, member_columns
+    from transforms.trigger_counts import clustered_members
+    from transforms.trigger_records import RecordBatch
+    from transforms.triggers import classified
+
+    def split(outputs):
+        out: dict = {"main": [], "pairs": [], "rows": []}
+        for o in outputs:
+            if isinstance(o, TaggedOutput):
+                out[o.tag].extend([(o.value[0], kv) for kv in o.value[1]] if o.tag == "rows" else [o.value])
+            else:
+                out["main"].append(o)
+        return out
+
+    records = [_batch_records(n, seed) for n, seed in ((300, 11), (0, 2), (260, 12), (90, 13))]
+    for r in records[2]:  # a cluster across batches, with two sizes (assignments that disagree)
+        r["cluster_id"] = r["cluster_id"].replace("d", "c")
+    batches = [RecordBatch.from_records(r) for r in records]
+    for n in (1, 3):
+        old: dict = {}
+        for b in batches:
+            for bucket, lst in split_buckets(clustered_members(b, m), n):
+                old.setdefault(bucket, []).append(lst)
+        new: dict = {}
+        for b in batches:
+            for bucket, part in member_columns(b, m, n):
+                new.setdefault(bucket, []).append(part)
+        want = split(o for bucket, lists in old.items() for o in classified((bucket, lists), 0.5, m))
+        got = split(o for bucket, parts in new.items() for o in classified_columns((bucket, iter(parts)), 0.5, m))
+        assert sorted(got["main"]) == sorted(want["main"]) and len(want["main"]) > 5
+        assert repr(sorted(got["main"])) == repr(sorted(want["main"]))
+        assert sorted(got["pairs"]) == sorted(want["pairs"]) and want["pairs"]
+        assert sorted(got["rows"]) == sorted(want["rows"]) and {s for s, _ in want["rows"]} == {"s0", "s1"}
+    assert list(member_columns(RecordBatch.from_records(records[1]), m, 3)) == []

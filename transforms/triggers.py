@@ -15,17 +15,17 @@ from itertools import chain
 import apache_beam as beam
 
 from pipeline import progress
-from transforms.key_batches import grouped, split_buckets
+from transforms.key_batches import grouped
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.shard_columns import Batch, BatchByShard
 from transforms.trigger_bundle import BundleCounts
 from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
+from transforms.trigger_clusters import classified_columns, member_columns
 from transforms.trigger_counts import (
     EVENTS,
     batch_codes,
     cluster_pair_counts,
-    clustered_members,
     code_rows,
     norm_duplication,
 )
@@ -238,12 +238,11 @@ class MineTriggers(beam.PTransform):
         n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = counts | "PruneTerms" >> beam.FlatMap(_tagged, tag="t", m=cfg.min_keyword_count)
         duplication = (
-            recs  # clustered_members lists in hash buckets of cluster ids: no element per record
-            | "CaptionByCluster"
-            >> beam.FlatMap(lambda b, n, m: split_buckets(clustered_members(b, m), n), n=self.buckets, m=m)
+            recs  # member columns in hash buckets of cluster ids: no element per record
+            | "CaptionByCluster" >> beam.FlatMap(member_columns, m=m, n=self.buckets)
             | "GroupClusterCaptions" >> beam.GroupByKey()
             | "ClassifyCluster"
-            >> beam.FlatMap(classified, share=cfg.full_duplication_share, m=m).with_outputs(
+            >> beam.FlatMap(classified_columns, share=cfg.full_duplication_share, m=m).with_outputs(
                 "rows", "pairs", main="classes"
             )
         )
