@@ -144,6 +144,8 @@ def test_norm_duplication_equals_cluster_duplication_to_the_bit():
         assert repr(norm_duplication([normalize_caption(c) for c in captions], 0.8, 10)) == repr(
             cluster_duplication(captions, 0.8, 10)
         )
+    for same in (["A cat!"] * 9, ["..."] * 7, ["x"] * 60 + ["y"]):  # one caption repeated; empty word sets
+        assert repr(norm_duplication([normalize_caption(c) for c in same])) == repr(cluster_duplication(same))
 
 
 @pytest.mark.parametrize("vocabulary", [None, frozenset(), frozenset(["car", "flag", "traffic light", "pole street"])])

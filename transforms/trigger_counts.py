@@ -336,6 +336,8 @@ def _mean_distance(normalized: list[str]) -> float:
         return sum(1 - jaccard(sets[i], sets[j]) for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) // 2)
     distinct: dict[str, int] = {}
     at = np.array([distinct.setdefault(c, len(distinct)) for c in normalized], dtype=np.int64)
+    if len(distinct) == 1:  # one caption repeated: every distance 1 - 1.0, summed
+        return 0.0
     index: dict[str, int] = {}
     rows = [[index.setdefault(w, len(index)) for w in set(c.split())] for c in distinct]
     has = np.zeros((len(rows), max(len(index), 1)), dtype=np.float64)
@@ -343,7 +345,13 @@ def _mean_distance(normalized: list[str]) -> float:
         has[r, ids] = 1.0
     inter = (has @ has.T).astype(np.int64)
     size = np.diagonal(inter)
-    i, j = np.triu_indices(k, 1)  # (0, 1), (0, 2), ..., (1, 2), ...: combinations' order
+    i, j = _pairs(k)
     both, union = inter[at[i], at[j]], size[at[i]] + size[at[j]] - inter[at[i], at[j]]
     dist = 1 - np.divide(both, union, out=np.ones(len(both)), where=union > 0)  # two empty sets: 1.0
     return sum(dist.tolist()) / len(both)
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(0, 1), (0, 2), ..., (1, 2), ...: ``itertools.combinations``' order of k items' pairs."""
+    return np.triu_indices(k, 1)
