@@ -304,9 +304,11 @@ class ShardRecordsFn(beam.DoFn):
         ascii_ = mask(pc.string_is_ascii(captions))
         lowered = pc.ascii_lower(captions)
         clean = ascii_ & mask(pc.match_substring_regex(lowered, "^[0-9a-z_]+(?: [0-9a-z_]+)*$"))
-        out = lowered.to_pylist()
-        for i in np.flatnonzero(clean & mask(pc.equal(lowered, captions))).tolist():
-            out[i] = texts[i]
+        out = list(texts)  # a caption that is its own normalized form stays itself
+        lower = np.flatnonzero(clean & ~mask(pc.equal(lowered, captions)))
+        if len(lower):
+            for i, norm in zip(lower.tolist(), lowered.take(pa.array(lower)).to_pylist(), strict=True):
+                out[i] = norm
         dirty = np.flatnonzero(ascii_ & ~clean)
         if len(dirty):
             words = pc.replace_substring_regex(lowered.take(pa.array(dirty)), "[^0-9a-z_]+", " ")
