@@ -235,3 +235,24 @@ def test_member_columns_classify_like_the_per_member_lists(m):
         assert sorted(got["pairs"]) == sorted(want["pairs"]) and want["pairs"]
         assert sorted(got["rows"]) == sorted(want["rows"]) and {s for s, _ in want["rows"]} == {"s0", "s1"}
     assert list(member_columns(RecordBatch.from_records(records[1]), m, 3)) == []
+
+
+def test_may_name_objects_reads_the_bytes_like_the_substring_kernels():
+    """``may_name_objects`` (a byte search of the whole slice first) == Arrow's substring
+    matches per row, on slices with nulls, empty strings and either marker."""
+    import itertools
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from transforms.trigger_records import may_name_objects
+
+    values = ['{"x": 1}', None, '{"objects": ["a"]}', '{"\\u0041": 2}', "{}", ""]
+    for combo in itertools.product(values, repeat=3):
+        column = pa.array(list(combo) * 2, pa.string())
+        for lo, n in itertools.product(range(6), range(7)):
+            part = column.slice(lo, n)
+            hit = pc.or_(pc.match_substring(part, "objects"), pc.match_substring(part, "\\u"))
+            want = pc.fill_null(hit, False).to_numpy(zero_copy_only=False).tolist()
+            assert may_name_objects(part).tolist() == want
+            assert may_name_objects(pa.chunked_array([part], pa.string())).tolist() == want
