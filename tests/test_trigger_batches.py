@@ -86,10 +86,14 @@ def test_codes_by_shard_batches_records_and_passes_batches():
     fn = CodesByShard()
     fn.start_bundle()
     ready = Batch([("k9", ("near_duplicate_caption",))])
-    out = [kv for x in [(("k1", "s0"), ("a",)), ("s1", ready), (("k2", "s1"), ("b",))] for kv in fn.process(x)]
+    out = [kv for x in [(("k1", "s0"), ("a",)), ("s1", ready), (("k2", "s1"), ("b",))] for kv in fn.process(x) or ()]
     out += [w.value if isinstance(w, WindowedValue) else w for w in fn.finish_bundle()]
     assert out == [("s1", ready), ("s0", [("k1", ("a",))]), ("s1", [("k2", ("b",))])]
     assert all(isinstance(b, Batch) for _, b in out)
+    fn.size = 2  # a full shard batch goes out at once
+    fn.start_bundle()
+    got = [fn.process((("k1", "s0"), ("a",))), fn.process((("k2", "s0"), ("b",))), fn.process((("k3", "s0"), ("c",)))]
+    assert got == [None, [("s0", [("k1", ("a",)), ("k2", ("b",))])], None]
 
 
 def test_count_batches_sums_a_bundle_and_flushes():

@@ -182,10 +182,18 @@ class CodesByShard(BatchByShard):
         super().__init__(route=_code_by_shard)
 
     def process(self, kv):
+        """One call per coded record: a plain function (no generator) that returns None unless a
+        shard's batch is full."""
         if isinstance(kv[1], Batch):
-            yield kv
-        else:
-            yield from super().process(kv)
+            return [kv]
+        (key, shard), codes = kv
+        batch = self.held.get(shard)
+        if batch is None:
+            batch = self.held[shard] = Batch()
+        batch.append((key, codes))
+        if len(batch) >= self.size:
+            return [(shard, self.held.pop(shard))]
+        return None
 
 
 def classified(item, share: float, m: int) -> Iterator:
