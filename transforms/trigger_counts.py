@@ -338,6 +338,13 @@ def _mean_distance(normalized: list[str]) -> float:
     at = np.array([distinct.setdefault(c, len(distinct)) for c in normalized], dtype=np.int64)
     if len(distinct) == 1:  # one caption repeated: every distance 1 - 1.0, summed
         return 0.0
+    if len(distinct) <= 6 and k <= 30:  # a few distinct captions: their distances, then a lookup per pair
+        from transforms.captions import jaccard
+
+        sets = [frozenset(c.split()) for c in distinct]
+        table = [[1 - jaccard(a, b) for b in sets] for a in sets]
+        ids = at.tolist()
+        return sum(table[ids[i]][ids[j]] for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) // 2)
     index: dict[str, int] = {}
     rows = [[index.setdefault(w, len(index)) for w in set(c.split())] for c in distinct]
     has = np.zeros((len(rows), max(len(index), 1)), dtype=np.float64)
