@@ -271,7 +271,7 @@ def clustered_captions(batch) -> list[tuple[str, str]]:
 def clustered_members(batch, m: int) -> list[tuple[str, tuple]]:
     """(cluster id, (normalized caption, key, shard, cluster size, terms)) of the records in
     clusters of more than one; terms only for clusters of >= m records (``cluster_pair_counts``),
-    else ()."""
+    else (). The per-member reference of ``trigger_clusters.member_columns``."""
     rows = np.flatnonzero(batch.cluster_size > 1).tolist()
     if not rows:
         return []

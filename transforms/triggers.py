@@ -200,7 +200,8 @@ def classified(item, share: float, m: int) -> Iterator:
     """(bucket, lists of ``clustered_members``) -> (cluster id, its ``cluster_duplication``) per
     cluster; tagged "rows", (shard, Batch of (key, (cluster id, class))) per shard of the
     bucket's members (the classes reach the members' shards without a join on the cluster id);
-    tagged "pairs", the (term, cluster) pairs on >= m records (``cluster_pair_counts``)."""
+    tagged "pairs", the (term, cluster) pairs on >= m records (``cluster_pair_counts``). The
+    per-member reference of ``trigger_clusters.classified_columns``, which the graph runs."""
     _, lists = item
     rows: dict[str, Batch] = {}
     for cluster, members in sorted(grouped(lists).items()):
