@@ -41,7 +41,9 @@ first) and is undone by its ``uninstall_runner()``.
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import types
 
 from pipeline import beam_speedups_runner as runner
 
@@ -121,12 +123,52 @@ def lazy_iterables() -> frozenset:
 
 def passes(value, kind: str) -> bool:
     """Whether ``value`` decodes to itself (same type, equal) under the ``kind`` of coder."""
-    lazy = _LAZY or lazy_iterables()
     if kind == "fp":
-        return type(value) not in lazy
+        return exact(value)
     if type(value) is not tuple or len(value) != 2:
         return False
-    return simple_key(value[0]) and type(value[1]) not in lazy
+    return simple_key(value[0]) and exact(value[1])
+
+
+_PRIMITIVE = frozenset({str, bytes, int, float, bool, type(None)})
+_SEQUENCES = frozenset({list, tuple, set, frozenset})
+_PICKLE_HOOKS = ("__getstate__", "__reduce__", "__reduce_ex__", "__getnewargs__", "__getnewargs_ex__")
+_EXACT: dict[type, bool] = {}
+
+
+def exact_type(t: type) -> bool:
+    """Whether pickling (FastPrimitivesCoder's fallback) gives back an equal object of type ``t``
+    as far as the type alone says: not one of Beam's lazy iterables, and no pickling hook of its
+    own in Python (memsieve's ``spill.InputRows`` drops its rows, ``SampleRows``' accumulator its
+    spare buffer: they cross a stage boundary encoded, as Beam would)."""
+    hit = _EXACT.get(t)
+    if hit is None:
+        hooks = (inspect.getattr_static(t, name, None) for name in _PICKLE_HOOKS)
+        own = any(isinstance(h, (types.FunctionType, classmethod, staticmethod)) for h in hooks)
+        hit = _EXACT[t] = t not in (_LAZY or lazy_iterables()) and not own
+    return hit
+
+
+def exact(value, depth: int = 4) -> bool:
+    """Whether ``value`` decodes to itself under FastPrimitivesCoder: its type (``exact_type``)
+    and, for lists, tuples, sets and dicts, every item's, ``depth`` levels down (deeper: no).
+    An object's attributes are not walked."""
+    t = type(value)
+    if t in _PRIMITIVE:
+        return True
+    if t in _SEQUENCES or t is dict:
+        if depth == 0:
+            return False
+        items = value.items() if t is dict else value
+        kinds = set(map(type, value.keys() if t is dict else value))
+        if t is dict:
+            kinds |= set(map(type, value.values()))
+        if kinds <= _PRIMITIVE:
+            return True
+        if t is dict:
+            return all(exact(k, depth - 1) and exact(v, depth - 1) for k, v in items)
+        return all(exact(v, depth - 1) for v in items)
+    return exact_type(t)
 
 
 def simple_key(key) -> bool:

@@ -53,6 +53,28 @@ def test_what_passes_as_it_is():
     assert not refs.passes((np.int64(3), 1), "kv") and not refs.passes((frozenset(), 1), "kv")
 
 
+class Dropping:
+    """Pickled without its payload (as ``spill.InputRows``)."""
+
+    def __init__(self, payload):
+        self.payload = payload
+
+    def __getstate__(self):
+        return {"payload": None}
+
+
+class Plain:
+    def __init__(self, payload):
+        self.payload = payload
+
+
+def test_own_pickling_hooks_cross_encoded():
+    assert FP.decode(FP.encode(Dropping([1]))).payload is None  # the premise
+    assert not refs.passes(Dropping([1]), "fp") and not refs.passes(("k", [Dropping(1)]), "kv")
+    assert not refs.passes({"a": (1, Dropping(2))}, "fp") and not refs.passes([[[[["deep"]]]]], "fp")
+    assert refs.passes(Plain([1]), "fp") and refs.passes(("k", {"a": [np.zeros(2)], 2: "b"}), "kv")
+
+
 def _pre_post(worker: bool):
     """A GroupByKey's coders as the worker (length-prefixed FastPrimitives) or the runner (bytes) sees them."""
     key, value = (LP(DFP), LP(FP)) if worker else (coders.BytesCoder(), coders.BytesCoder())
