@@ -140,30 +140,35 @@ def _columns(vals: np.ndarray) -> list[np.ndarray]:
 def _word_sets(norms: list[str]):
     """Distinct captions -> (set of each caption, numbered in order of first appearance; CSR of
     the sets' sorted word ids: offsets, ids; number of words)."""
+    import pandas as pd
+
     offsets, ids, vocab = split_words(norms)
     sizes = np.diff(offsets)
     h = _word_hashes(len(vocab))
     running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[ids], dtype=np.uint64)])
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each caption's word hashes summed, mod 2**64
     key = sums ^ (sizes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))  # the size mixed in
-    order = np.argsort(key, kind="stable")
-    new = np.ones(len(order), dtype=bool)
-    new[1:] = key[order][1:] != key[order][:-1]
-    first = order[new]  # stable: each key's first caption
-    inverse = np.empty(len(order), dtype=np.int64)
-    inverse[order] = np.cumsum(new) - 1
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    cap_set, reps = rank[inverse], np.sort(first)
-    rep = reps[cap_set]  # each caption's first caption of its (hash, size)
-    owner = np.repeat(np.arange(len(norms)), sizes)
-    at = np.arange(len(ids)) - offsets[owner]
-    if not np.array_equal(ids, ids[offsets[rep][owner] + at]):  # two sets with one hash: by the words
-        return _word_sets_exact(offsets, ids, len(vocab))
+    cap_set = pd.factorize(key)[0].astype(np.int64)  # numbered in order of first appearance
+    reps = _firsts(cap_set)  # each set's first caption
+    later = np.flatnonzero(np.arange(len(cap_set)) != reps[cap_set])  # the other captions of a set
+    rep = reps[cap_set[later]]
+    if not (
+        np.array_equal(sizes[later], sizes[rep])
+        and np.array_equal(_words_of(later, offsets, ids), _words_of(rep, offsets, ids))
+    ):
+        return _word_sets_exact(offsets, ids, len(vocab))  # two sets with one hash: by the words
     set_offsets = np.zeros(len(reps) + 1, dtype=np.int64)
     np.cumsum(sizes[reps], out=set_offsets[1:])
-    keep = np.repeat(np.isin(np.arange(len(norms)), reps), sizes)
-    return cap_set, set_offsets, ids[keep], len(vocab)
+    is_rep = np.zeros(len(cap_set), dtype=bool)
+    is_rep[reps] = True
+    return cap_set, set_offsets, ids[np.repeat(is_rep, sizes)], len(vocab)
+
+
+def _words_of(rows: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The word ids of CSR ``rows``, concatenated."""
+    sizes = np.diff(offsets)[rows]
+    at = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return ids[np.repeat(offsets[rows], sizes) + at]
 
 
 def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
