@@ -101,40 +101,43 @@ def bucket_entries(hv: np.ndarray, n: int) -> Iterator[tuple[int, np.ndarray, np
 def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
     sorted by the keys' hash (its high bits, the entry's index in the low bits: one sort of
-    numbers instead of an argsort), then each run of one hash prefix checked to hold one key;
-    a run that holds several is sorted by the keys."""
+    numbers instead of an argsort), then each run of one hash prefix checked to hold one key
+    (the keys' rows gathered in that order, compared with their neighbours); a run that holds
+    several is sorted by the keys."""
     bits = max(1, (len(mix) - 1).bit_length())
     low = np.uint64((1 << bits) - 1)
     packed = np.sort((mix & ~low) | np.arange(len(mix), dtype=np.uint64))
     order = (packed & low).astype(np.int64)
     new = np.ones(len(order), dtype=bool)
     new[1:] = (packed[1:] ^ packed[:-1]) > low  # another hash prefix
-    cols = (k_idx, *_columns(vals))
-    differ = np.zeros(max(0, len(order) - 1), dtype=bool)
-    for col in cols:
-        c = col[order]  # one column at a time: a 1-D gather
-        differ |= c[1:] != c[:-1]
+    rows = _rows(vals)
+    band, keys = k_idx[order], np.take(rows, order, axis=0)  # np.take: a row at a time, fast
+    differ = band[1:] != band[:-1]
+    for j in range(keys.shape[1]):
+        differ |= keys[1:, j] != keys[:-1, j]
     differ &= ~new[1:]  # two keys in one run
     if differ.any():
-        run = np.cumsum(new) - 1
-        bad = np.zeros(int(run[-1]) + 1, dtype=bool)
-        bad[run[1:][differ]] = True
-        at = np.flatnonzero(bad[run])  # the positions of those runs (each run contiguous)
+        starts = np.flatnonzero(new)
+        bad = np.unique(np.searchsorted(starts, np.flatnonzero(differ), "right") - 1)  # those runs
+        lens = np.append(starts[1:], len(order))[bad] - starts[bad]
+        at = np.repeat(starts[bad] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        run = np.repeat(np.arange(len(bad)), lens)
         sub = order[at]
-        sub = sub[np.lexsort(tuple(col[sub] for col in reversed(cols)) + (run[at],))]
+        cols = [k_idx] + [rows[:, j] for j in range(rows.shape[1])]
+        sub = sub[np.lexsort(tuple(col[sub] for col in reversed(cols)) + (run,))]
         order[at] = sub
-        change = run[at[1:]] != run[at[:-1]]
+        change = run[1:] != run[:-1]
         for col in cols:
             change |= col[sub[1:]] != col[sub[:-1]]
         new[at[1:]] = change
     return order, new
 
 
-def _columns(vals: np.ndarray) -> list[np.ndarray]:
-    """Band values (keys x ROWS) as contiguous columns (pairs of uint32 as one uint64)."""
+def _rows(vals: np.ndarray) -> np.ndarray:
+    """Band values (keys x ROWS) as rows of uint64 (pairs of uint32 as one)."""
     if vals.dtype == np.uint32 and vals.shape[1] % 2 == 0:
-        vals = np.ascontiguousarray(vals).view(np.uint64)
-    return [np.ascontiguousarray(vals[:, j]) for j in range(vals.shape[1])]
+        return np.ascontiguousarray(vals).view(np.uint64)
+    return vals
 
 
 def _word_sets(norms: list[str]):
@@ -337,7 +340,8 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     once = np.zeros(len(cap_of), dtype=bool)
     once[_firsts(cap_of)] = True
     keep = once[rows]  # each caption's keys once
-    cap, band, vals = cap_of[rows[keep]], bands[keep], values[keep]
+    at = np.flatnonzero(keep)
+    cap, band, vals = cap_of[rows[at]], bands[at], np.take(values, at, axis=0)
     order, new = _band_groups(entry_mix(band, vals), vals, band)
     cap, band = cap[order], band[order]
     starts = np.flatnonzero(new)
