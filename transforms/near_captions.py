@@ -197,17 +197,17 @@ def _word_hashes(v: int) -> np.ndarray:
 
 
 def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.ndarray, v: int) -> np.ndarray:
-    """|A & B| for pairs of sets (CSR of sorted word ids): A's words looked up among B's."""
-    sizes = np.diff(offsets)
+    """|A & B| for pairs of sets (CSR of sorted word ids): both sets' words tagged with the pair,
+    sorted as one array of numbers; a word of both is a repeated number."""
     if not len(a) or not len(words):
         return np.zeros(len(a), dtype=np.int64)
-    la = sizes[a]
-    owner = np.repeat(np.arange(len(a)), la)
-    pos = np.repeat(offsets[a] - np.cumsum(la) + la, la) + np.arange(int(la.sum()))
-    keys = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes) * v + words  # sorted
-    query = b[owner] * v + words[pos]
-    found = keys[np.minimum(np.searchsorted(keys, query), len(keys) - 1)] == query
-    return np.bincount(owner[found], minlength=len(a))
+    both = np.concatenate([a, b])
+    n = np.diff(offsets)[both]
+    bits = max(1, v).bit_length()
+    pair = np.repeat(np.tile(np.arange(len(a), dtype=np.int64), 2) << bits, n)
+    tagged = np.sort(pair | words[np.repeat(offsets[both] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))])
+    repeated = tagged[1:][tagged[1:] == tagged[:-1]]
+    return np.bincount(repeated >> bits, minlength=len(a))
 
 
 def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> np.ndarray:
@@ -221,25 +221,27 @@ def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, 
 
 
 def _equal_join(keys: np.ndarray, query: np.ndarray):
-    """-> (query index, key index) for every equal pair: by a hash table where the keys are
-    distinct, else by sorting them."""
-    import pandas as pd
-
-    index = pd.Index(keys)
-    if index.is_unique:
-        ki = index.get_indexer(query)
-        qi = np.flatnonzero(ki >= 0)
-        return qi, ki[qi]
-    order = np.argsort(keys)
-    sk = keys[order]
-    lo = np.searchsorted(sk, query, "left")
-    if len(sk) and (sk[1:] != sk[:-1]).all():  # distinct keys: one match at most
-        count = (sk[np.minimum(lo, len(sk) - 1)] == query).astype(np.int64)
-    else:
-        count = np.searchsorted(sk, query, "right") - lo
-    qi = np.repeat(np.arange(len(query)), count)
-    first = np.repeat(lo - np.cumsum(count) + count, count)
-    return qi, order[first + np.arange(len(qi))]
+    """-> (query index, key index) for every pair of equal high bits (a superset of the equal
+    pairs; the caller checks each): keys and queries as one sorted array of numbers (the high
+    bits, the index in the low bits), so a run of one value holds its keys first."""
+    n = len(keys) + len(query)
+    if not len(keys) or not len(query):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bits = (n - 1).bit_length()
+    low = np.uint64((1 << bits) - 1)
+    both = np.concatenate([keys, query]).astype(np.uint64)
+    packed = np.sort((both & ~low) | np.arange(n, dtype=np.uint64))
+    idx = (packed & low).astype(np.int64)
+    new = np.ones(n, dtype=bool)
+    new[1:] = (packed[1:] ^ packed[:-1]) > low
+    run = np.cumsum(new) - 1
+    is_key = idx < len(keys)
+    n_keys = np.bincount(run[is_key], minlength=int(run[-1]) + 1)  # the first entries of their run
+    at = np.flatnonzero(~is_key & (n_keys[run] > 0))  # queries with keys in their run
+    count = n_keys[run[at]]
+    qi = np.repeat(idx[at] - len(keys), count)
+    first = np.flatnonzero(new)[run[at]]
+    return qi, idx[np.repeat(first - np.cumsum(count) + count, count) + np.arange(int(count.sum()))]
 
 
 def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndarray):
@@ -268,10 +270,11 @@ def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
     """Per word set (each with an eligible band here): near (see the module). ``s_idx``,
     ``k_idx``, ``gid``: the sets' eligible band entries (set, band, group), grouped by ``gid``."""
     near = set_caps >= 2  # one set's own captions: any eligible band
-    groups = np.full((len(set_caps), BANDS), -1, dtype=np.int64)
+    groups = np.full((len(set_caps), BANDS), -1, dtype=np.int64 if len(gid) and gid[-1] >= 2**31 else np.int32)
     groups[s_idx, k_idx] = gid  # -1: no eligible band here
     a, b = _subset_pairs(offsets, words, v, np.ones(len(set_caps), dtype=bool))
-    share = ((groups[a] == groups[b]) & (groups[a] >= 0)).any(axis=1)
+    ga, gb = np.take(groups, a, axis=0), np.take(groups, b, axis=0)  # np.take: rows, fast
+    share = ((ga == gb) & (ga >= 0)).any(axis=1)
     near[a[share]] = near[b[share]] = True
     sizes = np.diff(offsets)
     for a, b in _large_pairs(s_idx, gid, sizes):
