@@ -26,9 +26,10 @@ def split_words(norms):
     ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     empty = pc.index(encoded.dictionary, "").as_py()  # "" pieces: from empty captions only, if regular
     blanks = int(np.count_nonzero(ids == empty)) if empty >= 0 else 0
-    if blanks != pc.sum(pc.equal(pc.binary_length(texts), 0)).as_py() or pc.any(
-        pc.match_substring_regex(encoded.dictionary, _OTHER)
-    ).as_py():  # a caption not spaced by single spaces: ``split()`` in Python
+    if (
+        blanks != pc.sum(pc.equal(pc.binary_length(texts), 0)).as_py()
+        or pc.any(pc.match_substring_regex(encoded.dictionary, _OTHER)).as_py()
+    ):  # a caption not spaced by single spaces: ``split()`` in Python
         return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
     vocab = encoded.dictionary.to_pylist()
     bits = len(vocab).bit_length()  # (caption << bits) | word id: one number a word, sorted
@@ -92,11 +93,8 @@ def take_texts(texts, idx: np.ndarray):
     return texts.take(idx)
 
 
-def sorted_texts(texts, idx: np.ndarray) -> list[str]:
-    """The texts at ``idx``, sorted (code point order; Arrow sorts UTF-8 bytes, the same)."""
+def text_list(texts, idx: np.ndarray) -> list[str]:
+    """The texts at ``idx``, as a list."""
     if isinstance(texts, list):
-        return sorted(texts[i] for i in idx.tolist())
-    import pyarrow.compute as pc
-
-    picked = texts.take(idx)
-    return picked.take(pc.sort_indices(picked)).to_pylist()
+        return [texts[i] for i in idx.tolist()]
+    return texts.take(idx).to_pylist()

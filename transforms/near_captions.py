@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from transforms.caption_texts import caption_ids, sorted_texts, split_words, take_texts
+from transforms.caption_texts import caption_ids, split_words, take_texts, text_list
 
 NUM_PERM, BANDS, SEED = 64, 16, 1
 ROWS = NUM_PERM // BANDS
@@ -333,7 +333,7 @@ def _decoded(codes: list, n: int):
 
 def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray, values: np.ndarray, max_band: int):
     """One bucket's captions (a caption may repeat), their records, and its band keys (their
-    caption's row in ``norms``, band number, band values) -> the sorted near captions by them.
+    caption's row in ``norms``, band number, band values) -> the near captions by them (in order of first appearance).
     Only captions with a band key of >= 2 captions and <= ``max_band`` records are split into
     words."""
     cap_of, distinct = caption_ids(norms)
@@ -364,7 +364,7 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     c = local[cap[ok]]
     on = rep[c]
     near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[ok][on], gid[ok][on], offsets, words, v)
-    return sorted_texts(texts, np.flatnonzero(near[cap_set]))
+    return text_list(texts, np.flatnonzero(near[cap_set]))
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:
