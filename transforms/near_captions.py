@@ -339,20 +339,22 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     cap_of, distinct = caption_ids(norms)
     if not len(distinct):
         return []
-    cap_count = np.bincount(cap_of, weights=counts, minlength=len(distinct)).astype(np.int64)
     once = np.zeros(len(cap_of), dtype=bool)
-    once[_firsts(cap_of)] = True
-    keep = once[rows]  # each caption's keys once
-    at = np.flatnonzero(keep)
-    cap, band, vals = cap_of[rows[at]], bands[at], np.take(values, at, axis=0)
-    order, new = _band_groups(entry_mix(band, vals), vals, band)
-    cap, band = cap[order], band[order]
+    once[_firsts(cap_of)] = True  # a caption's first row: its keys once
+    order, new = _band_groups(entry_mix(bands, values), values, bands)
+    row = rows[order]
+    first = once[row]
     starts = np.flatnonzero(new)
     gid = np.cumsum(new) - 1
-    size = np.diff(np.append(starts, len(cap)))
-    eligible = (np.add.reduceat(cap_count[cap], starts) <= max_band) & (size >= 2) if len(cap) else new[:0]
-    ok = eligible[gid]
-    cand = _marked(cap[ok], len(distinct))
+    if len(row):  # >= 2 captions, <= max_band records (each row's records: every key's group)
+        eligible = (np.add.reduceat(first, starts, dtype=np.int64) >= 2) & (
+            np.add.reduceat(counts[row], starts) <= max_band
+        )
+    else:
+        eligible = new[:0]
+    ok = np.flatnonzero(eligible[gid] & first)
+    cap, band, gid = cap_of[row[ok]], bands[order[ok]], gid[ok]
+    cand = _marked(cap, len(distinct))
     if not len(cand):
         return []
     local = np.full(len(distinct), -1, dtype=np.int64)
@@ -361,9 +363,9 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     cap_set, offsets, words, v = _word_sets(texts)
     rep = np.zeros(len(cand), dtype=bool)
     rep[_firsts(cap_set)] = True  # a set's keys: those of its first caption
-    c = local[cap[ok]]
+    c = local[cap]
     on = rep[c]
-    near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[ok][on], gid[ok][on], offsets, words, v)
+    near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[on], gid[on], offsets, words, v)
     return text_list(texts, np.flatnonzero(near[cap_set]))
 
 
