@@ -333,27 +333,24 @@ def _decoded(codes: list, n: int):
 
 def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray, values: np.ndarray, max_band: int):
     """One bucket's captions (a caption may repeat), their records, and its band keys (their
-    caption's row in ``norms``, band number, band values) -> the near captions by them (in order of first appearance).
-    Only captions with a band key of >= 2 captions and <= ``max_band`` records are split into
+    caption's row in ``norms``, band number, band values) -> the near captions by them (in order
+    of first appearance). Only captions with a band key of >= 2 captions and <= ``max_band`` records are split into
     words."""
     cap_of, distinct = caption_ids(norms)
     if not len(distinct):
         return []
-    once = np.zeros(len(cap_of), dtype=bool)
-    once[_firsts(cap_of)] = True  # a caption's first row: its keys once
     order, new = _band_groups(entry_mix(bands, values), values, bands)
-    row = rows[order]
-    first = once[row]
+    cap, band, first, records = _entry_columns(cap_of, counts, rows, bands, order, max_band)
     starts = np.flatnonzero(new)
     gid = np.cumsum(new) - 1
-    if len(row):  # >= 2 captions, <= max_band records (each row's records: every key's group)
+    if len(cap):  # >= 2 captions, <= max_band records (each row's records: every key's group)
         eligible = (np.add.reduceat(first, starts, dtype=np.int64) >= 2) & (
-            np.add.reduceat(counts[row], starts) <= max_band
+            np.add.reduceat(records, starts) <= max_band
         )
     else:
         eligible = new[:0]
     ok = np.flatnonzero(eligible[gid] & first)
-    cap, band, gid = cap_of[row[ok]], bands[order[ok]], gid[ok]
+    cap, band, gid = cap[ok], band[ok], gid[ok]
     cand = _marked(cap, len(distinct))
     if not len(cand):
         return []
@@ -367,6 +364,18 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     on = rep[c]
     near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[on], gid[on], offsets, words, v)
     return text_list(texts, np.flatnonzero(near[cap_set]))
+
+
+def _entry_columns(cap_of, counts, rows, bands, order, max_band: int):
+    """Band entries, in ``order`` -> (caption, band, whether the row is its caption's first, the
+    row's records, at most max_band + 1): one number an entry, so one gather in that order."""
+    if not 0 <= max_band < (1 << 22):
+        raise ValueError(f"max_band {max_band}: records a band key are packed in 23 bits")
+    once = np.zeros(len(cap_of), dtype=bool)
+    once[_firsts(cap_of)] = True  # a caption's first row: its keys once
+    row = (cap_of << 32) | (once.astype(np.int64) << 23) | np.minimum(counts, max_band + 1)
+    packed = (row[rows] | (bands.astype(np.int64) << 24))[order]
+    return packed >> 32, (packed >> 24) & 0xFF, (packed >> 23) & 1 == 1, packed & ((1 << 23) - 1)
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:
