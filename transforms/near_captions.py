@@ -13,7 +13,7 @@ rule is decided per word set:
 - two different sets A, B (sizes a <= b) are near when 9 x |A & B| >= 4 x (a + b), i.e. their
   symmetric difference d has 9 d <= a + b, and they share an eligible band. For a + b <= 17
   that is d = 1: A inside B with b = a + 1 and a >= 4, found by joining each B less one word
-  with the sets (additive word hashes in a hash table, every hit checked word by word). For
+  with the sets (additive word hashes, joined by one sort; every hit checked word by word). For
   a + b >= 18 both have >= 8 words: those pairs are taken from the eligible band groups and
   intersected exactly.
 
