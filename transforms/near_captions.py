@@ -340,17 +340,19 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     if not len(distinct):
         return []
     order, new = _band_groups(entry_mix(bands, values), values, bands)
-    cap, band, first, records = _entry_columns(cap_of, counts, rows, bands, order, max_band)
+    packed = _entry_columns(cap_of, counts, rows, bands, order, max_band)
+    first = (packed >> 23) & 1 == 1
     starts = np.flatnonzero(new)
     gid = np.cumsum(new) - 1
-    if len(cap):  # >= 2 captions, <= max_band records (each row's records: every key's group)
+    if len(packed):  # >= 2 captions, <= max_band records (each row's records: every key's group)
         eligible = (np.add.reduceat(first, starts, dtype=np.int64) >= 2) & (
-            np.add.reduceat(records, starts) <= max_band
+            np.add.reduceat(packed & ((1 << 23) - 1), starts) <= max_band
         )
     else:
         eligible = new[:0]
     ok = np.flatnonzero(eligible[gid] & first)
-    cap, band, gid = cap[ok], band[ok], gid[ok]
+    packed, gid = packed[ok], gid[ok]
+    cap, band = packed >> 32, (packed >> 24) & 0xFF
     cand = _marked(cap, len(distinct))
     if not len(cand):
         return []
@@ -366,16 +368,17 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     return text_list(texts, np.flatnonzero(near[cap_set]))
 
 
-def _entry_columns(cap_of, counts, rows, bands, order, max_band: int):
-    """Band entries, in ``order`` -> (caption, band, whether the row is its caption's first, the
-    row's records, at most max_band + 1): one number an entry, so one gather in that order."""
+def _entry_columns(cap_of, counts, rows, bands, order, max_band: int) -> np.ndarray:
+    """Band entries, in ``order`` -> one int64 each, gathered once: caption << 32 | band << 24 |
+    whether the row is its caption's first << 23 | the row's records (at most max_band + 1)."""
     if not 0 <= max_band < (1 << 22):
         raise ValueError(f"max_band {max_band}: records a band key are packed in 23 bits")
     once = np.zeros(len(cap_of), dtype=bool)
     once[_firsts(cap_of)] = True  # a caption's first row: its keys once
     row = (cap_of << 32) | (once.astype(np.int64) << 23) | np.minimum(counts, max_band + 1)
-    packed = (row[rows] | (bands.astype(np.int64) << 24))[order]
-    return packed >> 32, (packed >> 24) & 0xFF, (packed >> 23) & 1 == 1, packed & ((1 << 23) - 1)
+    packed = row[rows]
+    packed |= bands.astype(np.int64) << 24
+    return packed[order]
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:
