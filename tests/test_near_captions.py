@@ -216,7 +216,8 @@ def test_intersections_and_equal_join_by_sorting():
     words = np.array([w for s in sets for w in s], dtype=np.int64)
     a, b = rng.integers(0, 300, 2000), rng.integers(0, 300, 2000)
     want = [len(set(sets[x]) & set(sets[y])) for x, y in zip(a.tolist(), b.tolist(), strict=True)]
-    assert _intersections(a, b, offsets, words, 40).tolist() == want
+    for limit in (1 << 24, 50, 1):  # one run, runs of pairs, a pair a run
+        assert _intersections(a, b, offsets, words, 40, limit).tolist() == want
     keys = rng.integers(0, 50, 200).astype(np.uint64) << np.uint64(40)  # repeated keys, equal high bits
     query = np.concatenate([keys[:30], rng.integers(0, 2**62, 100).astype(np.uint64)])
     qi, ki = _equal_join(keys, query)

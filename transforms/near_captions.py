@@ -196,18 +196,25 @@ def _word_hashes(v: int) -> np.ndarray:
     ) + np.uint64(1)
 
 
-def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.ndarray, v: int) -> np.ndarray:
+def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.ndarray, v: int, limit: int = 1 << 24):
     """|A & B| for pairs of sets (CSR of sorted word ids): both sets' words tagged with the pair,
-    sorted as one array of numbers; a word of both is a repeated number."""
+    sorted as one array of numbers, a word of both a repeated number; in runs of pairs of at
+    most ``limit`` words (one pair more where a pair alone has more), so memory stays bounded."""
     if not len(a) or not len(words):
         return np.zeros(len(a), dtype=np.int64)
-    both = np.concatenate([a, b])
-    n = np.diff(offsets)[both]
+    sizes = np.diff(offsets)
+    ends = np.cumsum(sizes[a] + sizes[b])
+    cuts = np.unique(np.searchsorted(ends, np.arange(limit, int(ends[-1]), limit), "right"))
+    bounds = [0, *cuts[(cuts > 0) & (cuts < len(a))].tolist(), len(a)]
     bits = max(1, v).bit_length()
-    pair = np.repeat(np.tile(np.arange(len(a), dtype=np.int64), 2) << bits, n)
-    tagged = np.sort(pair | words[np.repeat(offsets[both] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))])
-    repeated = tagged[1:][tagged[1:] == tagged[:-1]]
-    return np.bincount(repeated >> bits, minlength=len(a))
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        both = np.concatenate([a[lo:hi], b[lo:hi]])
+        n = sizes[both]
+        pair = np.repeat(np.tile(np.arange(hi - lo, dtype=np.int64), 2) << bits, n)
+        tagged = np.sort(pair | words[np.repeat(offsets[both] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))])
+        out.append(np.bincount(tagged[1:][tagged[1:] == tagged[:-1]] >> bits, minlength=hi - lo))
+    return np.concatenate(out)
 
 
 def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> np.ndarray:
