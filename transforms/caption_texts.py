@@ -33,8 +33,10 @@ def split_words(norms):
         return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
     vocab = encoded.dictionary.to_pylist()
     bits = len(vocab).bit_length()  # (caption << bits) | word id: one number a word, sorted
-    packed = np.repeat(np.arange(len(norms), dtype=np.int64) << bits, np.diff(lists.offsets.to_numpy())) | ids
-    unique = np.sort(packed[ids != empty] if blanks else packed)
+    packed = np.repeat(np.arange(len(norms), dtype=np.int64) << bits, np.diff(lists.offsets.to_numpy()))
+    packed |= ids
+    unique = packed[ids != empty] if blanks else packed
+    unique.sort()
     if len(unique):
         unique = unique[np.concatenate([[True], unique[1:] != unique[:-1]])]
     offsets = np.zeros(len(norms) + 1, dtype=np.int64)

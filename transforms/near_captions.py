@@ -72,10 +72,11 @@ def entry_mix(bands: np.ndarray, values: np.ndarray) -> np.ndarray:
     else:
         values = values.astype(np.uint64)
     mix = np.broadcast_to(np.asarray(bands).astype(np.uint64) + np.uint64(1), values.shape[:-1]).copy()
+    shifted = np.empty_like(mix)  # one buffer for every step (fresh pages cost system time)
     for j in range(values.shape[-1]):
         mix *= _PRIME
         mix += values[..., j]  # wraps mod 2**64: deterministic
-        mix ^= mix >> np.uint64(29)
+        mix ^= np.right_shift(mix, np.uint64(29), out=shifted)
     return mix
 
 
@@ -106,10 +107,14 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
     several is sorted by the keys."""
     bits = max(1, (len(mix) - 1).bit_length())
     low = np.uint64((1 << bits) - 1)
-    packed = np.sort((mix & ~low) | np.arange(len(mix), dtype=np.uint64))
-    order = (packed & low).astype(np.int64)
+    packed = mix & ~low  # in place from here: fresh pages cost system time
+    packed |= np.arange(len(mix), dtype=np.uint64)
+    packed.sort()
+    order = (packed & low).view(np.int64)
+    packed &= ~low
     new = np.ones(len(order), dtype=bool)
-    new[1:] = (packed[1:] ^ packed[:-1]) > low  # another hash prefix
+    np.not_equal(packed[1:], packed[:-1], out=new[1:])  # another hash prefix
+    del packed
     rows = _rows(vals)
     band, keys = k_idx[order], np.take(rows, order, axis=0)  # np.take: a row at a time, fast
     differ = band[1:] != band[:-1]
@@ -236,11 +241,15 @@ def _equal_join(keys: np.ndarray, query: np.ndarray):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     bits = (n - 1).bit_length()
     low = np.uint64((1 << bits) - 1)
-    both = np.concatenate([keys, query]).astype(np.uint64)
-    packed = np.sort((both & ~low) | np.arange(n, dtype=np.uint64))
-    idx = (packed & low).astype(np.int64)
+    packed = np.concatenate([keys, query]).astype(np.uint64, copy=False)
+    packed &= ~low  # in place from here: fresh pages cost system time
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    idx = (packed & low).view(np.int64)
+    packed &= ~low
     new = np.ones(n, dtype=bool)
-    new[1:] = (packed[1:] ^ packed[:-1]) > low
+    np.not_equal(packed[1:], packed[:-1], out=new[1:])
+    del packed
     run = np.cumsum(new) - 1
     is_key = idx < len(keys)
     n_keys = np.bincount(run[is_key], minlength=int(run[-1]) + 1)  # the first entries of their run
@@ -348,9 +357,10 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
         return []
     order, new = _band_groups(entry_mix(bands, values), values, bands)
     packed = _entry_columns(cap_of, counts, rows, bands, order, max_band)
-    first = (packed >> 23) & 1 == 1
+    first = (packed & (1 << 23)) != 0
     starts = np.flatnonzero(new)
-    gid = np.cumsum(new) - 1
+    gid = np.cumsum(new)
+    gid -= 1
     if len(packed):  # >= 2 captions, <= max_band records (each row's records: every key's group)
         eligible = (np.add.reduceat(first, starts, dtype=np.int64) >= 2) & (
             np.add.reduceat(packed & ((1 << 23) - 1), starts) <= max_band
@@ -384,7 +394,9 @@ def _entry_columns(cap_of, counts, rows, bands, order, max_band: int) -> np.ndar
     once[_firsts(cap_of)] = True  # a caption's first row: its keys once
     row = (cap_of << 32) | (once.astype(np.int64) << 23) | np.minimum(counts, max_band + 1)
     packed = row[rows]
-    packed |= bands.astype(np.int64) << 24
+    band = bands.astype(np.int64)
+    band <<= 24
+    packed |= band
     return packed[order]
 
 
