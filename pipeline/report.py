@@ -220,27 +220,32 @@ def _figures(out_dir: str, rdir: str, config: dict, reuse: bool) -> list[dict]:
 
 def _reason_counts(table) -> tuple[Counter, Counter]:
     """A manifest part (decision, reasons) -> (Counter of (family, decision): samples with a
-    reason of that family, Counter of decision: samples without a reason)."""
+    reason of that family, Counter of decision: samples without a reason). Columnar: the
+    decisions as dictionary codes, a (sample, family) pair counted once."""
     import numpy as np
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
     reasons = table.column("reasons").combine_chunks()
-    decision = table.column("decision").to_numpy(zero_copy_only=False)
+    decision = pc.dictionary_encode(pc.fill_null(table.column("decision").cast(pa.string()), "None"))
+    if isinstance(decision, pa.ChunkedArray):
+        decision = decision.combine_chunks()
+    d_code = decision.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    d_names = decision.dictionary.to_pylist()
     none = pc.fill_null(pc.list_value_length(reasons), 0).to_numpy(zero_copy_only=False) == 0
-    alone = Counter(dict(zip(*np.unique(decision[none].astype(str), return_counts=True), strict=True)))
+    alone = Counter({d_names[i]: int(n) for i, n in enumerate(np.bincount(d_code[none], minlength=len(d_names))) if n})
     flat = pc.list_flatten(reasons)
     by: Counter = Counter()
     if len(flat):
         uniq = pc.unique(flat)
         families = sorted({reason_family(r) for r in uniq.to_pylist()})
-        fam_of = pa.array([families.index(reason_family(r)) for r in uniq.to_pylist()], pa.int64())
-        fam = pc.take(fam_of, pc.index_in(flat, value_set=uniq)).to_numpy()
-        parent = pc.list_parent_indices(reasons).to_numpy().astype(np.int64)
-        first = ~pd.Series(parent * len(families) + fam).duplicated().to_numpy()
-        d_code, d_names = pd.factorize(decision[parent[first]])  # a few decisions: count int pairs
-        pairs = np.bincount(fam[first] * len(d_names) + d_code, minlength=len(families) * len(d_names))
+        fam_of = np.array([families.index(reason_family(r)) for r in uniq.to_pylist()], dtype=np.int64)
+        fam = fam_of[pc.index_in(flat, value_set=uniq).to_numpy(zero_copy_only=False)]
+        parent = pc.list_parent_indices(reasons).to_numpy(zero_copy_only=False).astype(np.int64)
+        pair = np.sort(parent * len(families) + fam, kind="stable")  # sorted runs already: timsort is linear
+        pair = pair[np.r_[True, pair[1:] != pair[:-1]]]  # a sample's family once
+        codes = (pair % len(families)) * len(d_names) + d_code[pair // len(families)]
+        pairs = np.bincount(codes, minlength=len(families) * len(d_names))
         by = Counter(
             {(families[i // len(d_names)], d_names[i % len(d_names)]): int(n) for i, n in enumerate(pairs) if n}
         )

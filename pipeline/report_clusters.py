@@ -131,12 +131,17 @@ CLUSTER_COLUMNS = [
 ]
 
 
-def _clustered(t):
-    """A manifest part -> its rows of ok samples in duplicate clusters."""
+def _clustered_mask(t):
+    """A manifest part -> the mask of its rows of ok samples in duplicate clusters."""
     import pyarrow.compute as pc
 
     mask = pc.and_(pc.equal(t.column("status"), "ok"), pc.greater(pc.fill_null(t.column("cluster_size"), 1), 1))
-    return t.filter(pc.fill_null(mask, False))
+    return pc.fill_null(mask, False)
+
+
+def _clustered(t):
+    """A manifest part -> its rows of ok samples in duplicate clusters."""
+    return t.filter(_clustered_mask(t))
 
 
 def cluster_sizes(out_dir: str) -> dict[str, tuple[int, bool]]:
@@ -161,11 +166,12 @@ def cluster_sizes(out_dir: str) -> dict[str, tuple[int, bool]]:
 KEYS_LISTED = 50  # member keys of a cluster in the table's search text
 
 
-def _listed_rows(out_dir: str, ids: list[str], shown: set[str]) -> dict[str, dict]:
+def _listed_rows(out_dir: str, ids: list[str], shown: set[str], thumbed: set[str] = frozenset()) -> dict[str, dict]:
     """The listed clusters' ok members in the manifest (rows in ``_ordered``'s order, sorted once
-    as columns) -> {cluster id: {"rows": the first rows as dicts (``CLUSTER_COLUMNS``; 4, or
-    ``MAX_MEMBERS`` for the ``shown`` clusters), "size": members, "decisions": {decision: members},
-    "keys": the first ``KEYS_LISTED`` members' keys, space-separated}}."""
+    as columns) -> {cluster id: {"rows": the first rows as dicts (``CLUSTER_COLUMNS``; the kept
+    one, 4 for the ``thumbed`` clusters (the table's thumbnails), ``MAX_MEMBERS`` for the ``shown``
+    ones), "size": members, "decisions": {decision: members}, "keys": the first ``KEYS_LISTED``
+    members' keys, space-separated}}."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -178,40 +184,47 @@ def _listed_rows(out_dir: str, ids: list[str], shown: set[str]) -> dict[str, dic
     wanted = pa.array(sorted(ids), pa.string())
     parts = []
     for t in part_tables(out_dir, "manifest", [*CLUSTER_COLUMNS, "status", "cluster_size"]):
-        t = _clustered(t)
-        parts.append(t.filter(pc.is_in(t.column("cluster_id"), value_set=wanted)).select(CLUSTER_COLUMNS))
+        t = t.select(CLUSTER_COLUMNS).filter(_clustered_mask(t))
+        parts.append(t.filter(pc.fill_null(pc.is_in(t.column("cluster_id"), value_set=wanted), False)))
     if not parts or not sum(p.num_rows for p in parts):
         return groups
     t = pa.concat_tables(parts)
-    t = t.append_column("_later", pc.invert(pc.fill_null(t.column("is_representative"), False)))
-    t = t.append_column("_dropped", pc.equal(t.column("decision"), "drop"))
-    order = [("cluster_id", "ascending"), ("_later", "ascending"), ("_dropped", "ascending"), ("key", "ascending")]
-    t = t.sort_by(order).select(CLUSTER_COLUMNS)
-    cids = t.column("cluster_id").to_numpy(zero_copy_only=False)
-    starts = np.concatenate([[0], np.flatnonzero(cids[1:] != cids[:-1]) + 1])
-    ends = np.append(starts[1:], len(cids))
-    rank = np.arange(len(cids)) - np.repeat(starts, ends - starts)
-    for cid, n in zip(cids[starts].tolist(), (ends - starts).tolist(), strict=True):
+    narrow = pa.table(
+        {
+            "cluster_id": t.column("cluster_id"),
+            "_later": pc.invert(pc.fill_null(t.column("is_representative"), False)),
+            "_dropped": pc.equal(t.column("decision"), "drop"),
+            "key": t.column("key"),
+        }
+    )
+    order = pc.sort_indices(narrow, [(c, "ascending") for c in narrow.column_names])  # the wide columns stay put
+    cid_col = t.column("cluster_id").take(order).combine_chunks()
+    starts = np.concatenate(
+        [[0], np.flatnonzero(pc.not_equal(cid_col[1:], cid_col[:-1]).to_numpy(zero_copy_only=False)) + 1]
+    )
+    ends = np.append(starts[1:], len(cid_col))
+    rank = np.arange(len(cid_col)) - np.repeat(starts, ends - starts)
+    names = cid_col.take(pa.array(starts)).to_pylist()
+    for cid, n in zip(names, (ends - starts).tolist(), strict=True):
         groups[cid]["size"] = n
     counts = t.group_by(["cluster_id", "decision"], use_threads=False).aggregate([("key", "count")])
     for cid, d, n in zip(*(counts.column(c).to_pylist() for c in ("cluster_id", "decision", "key_count")), strict=True):
         groups[cid]["decisions"][d] = n
     for g in groups.values():
         g["decisions"] = {d: g["decisions"][d] for d in DECISIONS if g["decisions"].get(d)}
-    listed = t.filter(pa.array(rank < KEYS_LISTED))
-    keys = listed.column("key").to_pylist()
-    listed_cids = listed.column("cluster_id").to_pylist()
+    listed = rank < KEYS_LISTED
+    keys = t.column("key").take(pa.array(order.to_numpy()[listed])).to_pylist()
     at = 0
-    for cid, n in zip(cids[starts].tolist(), np.minimum(ends - starts, KEYS_LISTED).tolist(), strict=True):
+    for cid, n in zip(names, np.minimum(ends - starts, KEYS_LISTED).tolist(), strict=True):
         groups[cid]["keys"] = " ".join(keys[at : at + n])
         at += n
-    assert at == len(listed_cids)
-    head = rank < 4
-    if shown:
-        head |= (rank < MAX_MEMBERS) & pc.is_in(
-            t.column("cluster_id"), value_set=pa.array(sorted(shown), pa.string())
-        ).to_numpy(zero_copy_only=False)
-    small = t.filter(pa.array(head))
+    assert at == len(keys)
+    head = rank < 1
+    for wanted_ids, members in ((thumbed, 4), (shown, MAX_MEMBERS)):
+        if wanted_ids:
+            chosen = pc.is_in(cid_col, value_set=pa.array(sorted(wanted_ids), pa.string()))
+            head |= (rank < members) & chosen.to_numpy(zero_copy_only=False)
+    small = t.take(pa.array(order.to_numpy()[head]))
     columns = [small.column(c).to_pylist() for c in CLUSTER_COLUMNS]  # faster than to_pylist's dicts
     for values in zip(*columns, strict=True):
         r = dict(zip(CLUSTER_COLUMNS, values, strict=True))
@@ -224,7 +237,9 @@ def clusters(out_dir: str, shard_paths: list[str], rdir: str, max_clusters: int)
     from the manifest's cluster sizes (an aggregate) and the rows of the listed clusters only."""
     sizes = cluster_sizes(out_dir)
     ranked_ids = sorted(sizes, key=lambda cid: (-sizes[cid][0], cid))
-    groups = _listed_rows(out_dir, ranked_ids[:MAX_TABLE], set(ranked_ids[:max_clusters]))
+    groups = _listed_rows(
+        out_dir, ranked_ids[:MAX_TABLE], set(ranked_ids[:max_clusters]), set(ranked_ids[: min(TABLE_THUMBS, MAX_TABLE)])
+    )
     listed = [(cid, groups[cid]["rows"]) for cid in ranked_ids[:MAX_TABLE]]
     shown = {cid: rows[:MAX_MEMBERS] for cid, rows in listed[:max_clusters]}
     wanted: dict[str, set[str]] = {}

@@ -46,12 +46,44 @@ def test_float16_rows_get_the_cells_of_their_float32_copy(vectors, native, monke
         cell_plan.bf16_native.cache_clear()
 
 
-def test_sample_gather_takes_rows_across_chunks():
+def test_sample_buffer_compacts_in_place_to_the_smallest_rows():
+    """The held rows fill one buffer; compaction moves the cap smallest (priority, key) forward
+    in place (blocks of 4096 rows, rows that stay put and rows that move far) and tightens the
+    bound; pickled, the accumulator keeps only its rows."""
+    import pickle
+
     rng = np.random.default_rng(1)
-    chunks = [(None, None, rng.standard_normal((n, 1, 3)).astype(np.float16)) for n in (5, 1, 7)]
-    whole = np.concatenate([c[2] for c in chunks])
-    take = np.array([12, 0, 5, 6, 4, 5])
-    assert np.array_equal(cell_plan._gather(chunks, take), whole[take])
+    cap, held = 5000, cell_plan._Held()
+    prios, keys, rows = [], [], []
+    for n in (3000, 1, 4000, 2999):  # 10,000 rows: full at 2 x cap
+        p = rng.integers(0, 1 << 40, n).astype(np.uint64)
+        k = np.array([f"k{len(prios)}-{i}" for i in range(n)])
+        x = rng.standard_normal((n, 1, 3)).astype(np.float16)
+        take = np.flatnonzero(rng.random(n) < 0.999)
+        held.add(p, k, x, take, cap)
+        prios.append(p[take]), keys.append(k[take]), rows.append(x[take])
+    p, k, x = np.concatenate(prios), np.concatenate(keys), np.concatenate(rows)
+    assert held.fill == len(p) and np.array_equal(held.rows[: held.fill], x)
+    held.compact(cap)
+    keep = np.sort(np.lexsort((k, p))[:cap])
+    assert held.fill == cap and np.array_equal(held.rows[:cap], x[keep]) and held.bound == p[keep].max()
+    assert np.array_equal(held.held()[0], p[keep]) and np.array_equal(held.held()[1], k[keep])
+    back = pickle.loads(pickle.dumps(held))
+    assert len(back.rows) == cap and np.array_equal(back.rows, x[keep]) and back.bound == held.bound
+
+
+def test_key_priority_is_pandas_categorized_hash():
+    """The sample's priorities: pandas' default hash_array (factorize, then SipHash each distinct
+    key), with repeated, empty, non-ASCII and long keys, from lists and numpy string arrays."""
+    import pandas as pd
+
+    keys = ["a", "", "bé", "a", "x" * 300, "日本語", "00000000001", "bé", "a b"] * 3
+    for seed in (0, 7):
+        want = pd.util.hash_array(np.asarray(keys, dtype=object), hash_key=f"memsieve{seed:08d}"[:16])
+        for given in (keys, np.array(keys)):
+            got = cell_plan.key_priority(given, seed)
+            assert got.dtype == np.uint64 and np.array_equal(got, want.astype(np.uint64))
+    assert not np.array_equal(cell_plan.key_priority(keys, 0), cell_plan.key_priority(keys, 1))
 
 
 def test_training_rows_is_what_make_plan_trains_on(vectors, monkeypatch):
@@ -110,3 +142,35 @@ def test_assign_cells_holds_rows_and_sends_one_element_per_group(vectors):
             k, payload, c = found[g]
             assert np.array_equal(k, keys[rows]) and np.array_equal(c, cells[rows])
             assert np.array_equal(payload[:, 0], vectors[rows])
+
+
+def test_group_rows_of_equals_a_scan_per_group():
+    """AssignCells' grouping (one sort of (group, row) pairs) gives each group's rows as a scan
+    of every row per group would: groups ascending, rows ascending, a row twice in one group once."""
+    from transforms.ann_edges import _group_rows_of
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        in_group = rng.integers(-1, 6, (int(rng.integers(0, 40)), int(rng.integers(1, 4))))
+        want = [(g, np.flatnonzero((in_group == g).any(axis=1))) for g in np.unique(in_group[in_group >= 0]).tolist()]
+        got = list(_group_rows_of(in_group))
+        assert [g for g, _ in got] == [g for g, _ in want]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True))
+
+
+def test_bf16_argmax_is_the_float32_images_first_maximum():
+    """k-means' nearest centre from the bf16 bits: ties (first wins), negative and zero rows,
+    -0 against +0, infinities and NaN, as numpy's argmax of the float32 image."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.standard_normal((500, 37)).astype(np.float32)).to(torch.bfloat16)
+    x[0, 3] = x[0, 9] = 50.0  # a tie: the first
+    x[1] = -torch.rand(37).to(torch.bfloat16) - 0.1  # all negative
+    x[2] = 0.0
+    x[2, 5] = -0.0  # -0 and +0 are equal
+    x[3, :] = -1.0
+    x[3, 30] = -0.0
+    x[4, 7], x[5, 2], x[6, 4] = float("inf"), float("nan"), float("-inf")
+    want = x.float().numpy().argmax(axis=1)
+    assert np.array_equal(cell_plan._bf16_argmax(x), want)

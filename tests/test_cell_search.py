@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from transforms import cell_search
+from transforms import cell_products, cell_search
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
 from make_laion_embeddings import generate  # noqa: E402
@@ -88,7 +88,7 @@ def test_sample_rows_is_the_cap_smallest_whatever_the_order():
                 acc = fn.add_input(acc, (keys[rows], payload[rows]))
             if seed:  # what a runner may do before sending a partial accumulator on
                 acc = fn.compact(acc)
-                assert sum(len(c[0]) for c in acc[1]) <= 300
+                assert acc.fill <= 300
             accs.append(acc)
         n, sample = fn.extract_output(fn.merge_accumulators(accs[::-1]))
         assert n == 5000 and sample.shape == (300, 1, 4) and (sample == want).all()
@@ -155,3 +155,59 @@ def test_search_group_threads_give_the_same_results(small, monkeypatch):
         for name, cols in runs[0].items():
             for a, b in zip(cols, other[name], strict=True):
                 np.testing.assert_array_equal(a, b)
+
+
+def _cell_with_copies(m: int, d: int = 64, seed: int = 3) -> np.ndarray:
+    """(m, 1, d) float32 unit rows: near-duplicate clusters around the threshold and exact copies
+    (equal products: ties for the nearest neighbour)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    x[m // 2 : m // 2 + m // 4] = x[: m // 4] + 0.33 * rng.standard_normal((m // 4, d)).astype(np.float32)
+    x[-20:] = x[5:25]  # exact copies
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16).astype(np.float32)[:, None, :]
+
+
+@pytest.mark.parametrize("m", [300, 700, 1100])
+def test_fp32_upper_triangle_equals_the_full_product(m):
+    """fp32 cells multiply each pair once (blocks of rows against later columns): the pairs, their
+    values and each row's nearest (the first of equal maxima) are the full product's, bit for bit."""
+    import torch
+
+    x = _cell_with_copies(m)
+    full = torch.from_numpy(x[:, 0]) @ torch.from_numpy(x[:, 0]).T
+    full.fill_diagonal_(-np.inf)
+    best, nn = full.max(dim=1)
+    i, j = np.nonzero(np.triu(full.numpy() >= 0.9, 1))
+    got = cell_search.search_cell(x, (0,), 0.9, bf16=False)
+    assert len(i) > m // 10
+    np.testing.assert_array_equal(got[0], i), np.testing.assert_array_equal(got[1], j)
+    np.testing.assert_array_equal(got[2], full.numpy()[i, j])
+    np.testing.assert_array_equal(got[3], nn.numpy()), np.testing.assert_array_equal(got[4], best.numpy())
+    assert (got[3][-20:] == np.arange(5, 25)).all()  # an exact copy's nearest: the first of its equals
+
+
+@pytest.mark.parametrize("m", [600, 1030, 1500])
+def test_symmetric_product_and_dense_recheck_equal_the_full_product(m):
+    import torch
+
+    x = torch.from_numpy(_cell_with_copies(m)[:, 0])
+    for t in (x, x.to(torch.bfloat16)):
+        assert torch.equal(cell_products.symmetric_product(t), t @ t.T)
+    hit = np.stack(np.nonzero(np.triu((x @ x.T).numpy() >= 0.85, 1)), axis=1)
+    np.testing.assert_array_equal(cell_products.dense_recheck(x, hit), (x @ x.T).numpy()[hit[:, 0], hit[:, 1]])
+    assert cell_products.dense_recheck(x, hit[:3]) is None  # too thin: the caller multiplies the block
+
+
+def test_dedup_keys_sorted_unique_and_repeated():
+    rng = np.random.default_rng(0)
+    keys = np.array([f"k{i:04d}" for i in rng.permutation(300)])
+    vecs = rng.standard_normal((300, 1, 8)).astype(np.float16)
+    got = cell_search.dedup_keys(keys, vecs)
+    assert (keys[got] == np.sort(keys)).all()  # unique keys: every row, by key
+    keys[:5] = keys[10:15]  # repeated: the row of the smaller first vector value is kept
+    got = cell_search.dedup_keys(keys, vecs)
+    assert len(got) == 295 and (keys[got][1:] > keys[got][:-1]).all()
+    for a, b in zip(range(5), range(10, 15), strict=True):
+        kept = a if (vecs[a, 0, 0], a) < (vecs[b, 0, 0], b) else b
+        assert kept in got and (a + b - kept) not in got

@@ -10,7 +10,7 @@ import pytest
 import transforms.diversify_columns as dc
 from pipeline.config import DiversifyConfig
 from transforms.diversify import _with_shard, cluster_captions, diversify_row
-from transforms.mt_streams import MAX_OUTPUTS, streams
+from transforms.mt_streams import MAX_OUTPUTS, joined_streams, streams
 
 SEEDS = [
     "\x00k:MC",  # a leading zero byte (one key word fewer), as long as the next one
@@ -35,6 +35,30 @@ def test_streams_are_random_random_outputs():
         assert column.tolist() == [rng.getrandbits(32) for _ in range(MAX_OUTPUTS)], seed
     with pytest.raises(ValueError):
         streams(SEEDS, MAX_OUTPUTS + 1)
+
+
+@pytest.mark.parametrize(("prefix", "suffix"), [("0:", ":MC"), ("12345:", ":RT"), ("-3:", ""), ("7:", ":RNA")])
+def test_joined_streams_are_the_seed_strings_streams(prefix, suffix):
+    """Seeds built as byte arrays (prefix + key + suffix) give ``random.Random(seed)``'s outputs:
+    keys of several byte lengths (one batch each), multi-byte UTF-8, empty, past the state's length."""
+    middles = [
+        "",
+        "a",
+        "ключ",
+        "00010000001",
+        "x" * 3000,
+        *(f"{i:011d}" for i in range(30)),
+        *("é" * i for i in range(9)),
+    ]
+    got = joined_streams(prefix, pa.array(middles, pa.string()), suffix, 40)
+    assert (got == streams([f"{prefix}{m}{suffix}" for m in middles], 40)).all()
+    for m, column in zip(middles[:12], got.T[:12], strict=True):
+        rng = random.Random(f"{prefix}{m}{suffix}")
+        assert column.tolist() == [rng.getrandbits(32) for _ in range(40)]
+    with_null = pa.array(["k", None], pa.string())  # None: its string, as an f-string gives it
+    assert (
+        joined_streams(prefix, with_null, suffix, 3) == streams([f"{prefix}k{suffix}", f"{prefix}None{suffix}"], 3)
+    ).all()
 
 
 def test_draws_replay_randbelow():
@@ -148,8 +172,10 @@ def test_redraws_and_short_streams_go_per_row(monkeypatch):
     assert dc.diversify_table(_table(rows), pools, ["zebra"], cfg, 1).equals(want)
     monkeypatch.setattr(dc, "OUTPUTS_PER_DRAW", 1)  # most generators run out of precomputed outputs
     calls = []
-    per_row = dc._per_row
-    monkeypatch.setattr(dc, "_per_row", lambda rows, which, *a: calls.append(len(which)) or per_row(rows, which, *a))
+    per_row = dc._per_row_dicts
+    monkeypatch.setattr(
+        dc, "_per_row_dicts", lambda rows, which, *a: calls.append(len(which)) or per_row(rows, which, *a)
+    )
     assert dc.diversify_table(_table(rows), pools, ["zebra"], cfg, 1).equals(want)
     assert calls and calls[0] > 10
 
@@ -236,3 +262,14 @@ def test_cluster_pools_are_cluster_captions(limit):
     got = dc.cluster_pools(tables + [tables[0].slice(0, 0)], pa.array(["a", "b", "é", None, "zz"]), limit)
     assert got == {cid: caps for cid, caps in want.items() if caps}
     assert dc.cluster_pools(tables, pa.array(["zz"], pa.string()), limit) == {}
+
+
+def test_printable_ascii_is_the_regex():
+    import pyarrow.compute as pc
+
+    from transforms.diversify import printable_ascii
+
+    captions = pa.array([c for c in CAPTIONS if c is not None] + ["del\x7f", "bell\x07", "ok ~", "é", ""] * 3)
+    for arr in (captions, captions.slice(3, 11), captions.cast(pa.large_string())):
+        want = pc.match_substring_regex(arr, r"^[\x20-\x7e\t\n\r\x0b\x0c]*$").to_pylist()
+        assert printable_ascii(arr).tolist() == want

@@ -5,6 +5,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 
 import apache_beam as beam
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from transforms import laion_rows as lr
+from transforms import row_blobs, spill
 from transforms.key_arrays import SeenKeys, bucket_repeats, key_hashes, split_key_arrays
 from transforms.key_batches import _repeats
 from transforms.laion_files import list_files, plan_ranges
@@ -104,7 +106,7 @@ def test_each_failure_reason_and_synthetic_keys(tmp_path):
     assert sorted(infos) == ["metadata_0:000000007", "metadata_0:000000008", "ok0", "ok11"]
     assert infos["ok11"]["caption"] == "padded" and infos["ok0"]["url"] == "u0"
     assert infos["ok0"]["shard"] == "metadata_0" and infos["ok0"]["pixel_sha256"] == ""
-    keys, vecs = zip(*out["vectors"], strict=True)
+    keys, vecs = zip(*(row_blobs.rows_of(b)[:2] for b in out["vectors"]), strict=True)
     assert sorted(k for ks in keys for k in ks) == sorted(infos)
     assert all(x.dtype == np.float16 for x in vecs)
 
@@ -305,6 +307,42 @@ def test_unit_float16_equals_the_division(scale):
     assert np.array_equal(unit_float16(v, norms, None), (x32 / norms[:, None]).astype(np.float16))
     v32 = v.astype(np.float32)  # float32 rows: always divided
     assert np.array_equal(unit_float16(v32, norms, rows), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_unit_float16_rows_travel_as_input_references(tmp_path, dtype):
+    """Unit float16 rows (all good, or some rows failed) become ``spill.InputRows`` that read back
+    the same keys and vectors as the copied batches (``reread_vectors=False``); float32 or
+    non-unit rows are copied."""
+
+    def exact_unit(n: int, seed: int) -> np.ndarray:  # exactly unit in float16: +-1 or four +-0.5
+        rng = np.random.default_rng(seed)
+        x = np.zeros((n, DIM), dtype=dtype)
+        for i in range(n):
+            at = rng.choice(DIM, 1 + 3 * (i % 2), replace=False)
+            x[i, at] = rng.choice([-1, 1], len(at)) / np.sqrt(len(at))
+        return x
+
+    v = exact_unit(10, 5)
+    v[3] = np.nan  # a bad row: the reference keeps the others
+    _write(tmp_path, 0, v, pa.table({"key": [f"k{i}" for i in range(10)], "caption": ["c"] * 10}), row_group_rows=4)
+    _write(tmp_path, 1, exact_unit(6, 6), pa.table({"key": [f"m{i}" for i in range(6)], "caption": ["c"] * 6}))
+    settings = LaionSettings(batch_rows=4)
+    refs, copies = (
+        _read(tmp_path, settings)["vectors"],
+        _read(tmp_path, LaionSettings(batch_rows=4, reread_vectors=False))["vectors"],
+    )
+    assert len(refs) == len(copies) == 5 and all(isinstance(c, tuple) for c in copies)
+    assert all(isinstance(r, spill.InputRows) for r in refs) == (dtype == np.float16)
+    for ref, (keys, unit) in zip(refs, copies, strict=True):
+        sent = pickle.loads(pickle.dumps(ref))  # past a stage boundary: the rows are read again from the file
+        assert not isinstance(ref, spill.InputRows) or (ref.payload is not None and sent.payload is None)
+        for batch in (ref, sent):
+            k, p = row_blobs.rows_of(batch)[:2]
+            assert list(k) == keys and p.dtype == np.float16 and np.array_equal(p.reshape(len(p), -1), unit)
+    assert [len(r.take) if isinstance(r, spill.InputRows) and r.take is not None else None for r in refs][:2] == (
+        [3, None] if dtype == np.float16 else [None, None]
+    )
 
 
 def test_float16_norms_equal_numpys_bit_for_bit():

@@ -16,7 +16,7 @@ from pipeline.config import load_job
 from pipeline.job import run_job
 from pipeline.redecide import redecide
 from transforms import read_laion
-from transforms.write import write_arrow
+from transforms.write import dictionary_columns, write_arrow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -78,7 +78,9 @@ def test_writer_bytes_do_not_depend_on_chunks(tmp_path):
         plain.append(buf.getvalue())
     assert plain[0] != plain[1]  # pyarrow's bytes follow the chunks ...
     ours = [write_arrow(str(tmp_path / name), table) for name, table in (("one", one), ("many", many))]
-    assert open(ours[0], "rb").read() == open(ours[1], "rb").read() == plain[0]  # ... the project writer's do not
+    single = io.BytesIO()  # the one-chunk table with the writer's settings (unique urls: no dictionary)
+    pq.write_table(one, single, compression="zstd", write_statistics=True, use_dictionary=dictionary_columns(one))
+    assert open(ours[0], "rb").read() == open(ours[1], "rb").read() == single.getvalue()  # ... the writer's do not
 
 
 def test_laion_decide_without_override_reproduces_the_bytes(laion_run, tmp_path):

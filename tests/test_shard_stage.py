@@ -151,3 +151,20 @@ def test_columnar_join_equals_the_row_path_on_repeats_and_strays(tmp_path):
     assert set(rows) == set(expected)
     for key, a in expected.items():
         assert rows[key] == annotation_row(a) | {"trigger_codes": list(a.trigger_codes)}, key
+
+
+def test_duplication_classes_of_distinct_keys_equal_the_row_path():
+    """Each key once in the duplication records (the columnar lookup by key, no merge): a class
+    of another cluster id is not the row's; a key of no row, or unclustered, gets none."""
+    from transforms.shard_columns import annotation_table
+
+    grouped = _grouped()
+    grouped["duplication"] = [
+        ("k2", ("k9", "full")),
+        ("k1", ("k1", "partial")),
+        ("k6", ("k6", "full")),
+        ("zz", ("k1", "full")),
+    ]
+    expected = {a.key: a.duplication for a in shard_annotations(grouped)}
+    got = {r["key"]: r["duplication"] for r in annotation_table(grouped).to_pylist()}
+    assert got == expected and got["k1"] == "partial" and got["k2"] == "" and got["k6"] == ""

@@ -109,8 +109,9 @@ def _laion_job(tmp_path, out):
 
 
 def test_job_spills_and_removes_the_folder_even_when_it_fails(tmp_path, monkeypatch):
-    """A LAION-layout job writes its vectors under <staging>/_spill (the reader's batches and the
-    cell groups) and leaves none behind: neither after a commit nor after a failed search."""
+    """A LAION-layout job writes its vectors under <staging>/_spill (the cell groups; the reader's
+    unit float16 batches are references to the input file's rows) and leaves none behind: neither
+    after a commit nor after a failed search."""
     from pipeline.job import run_job
     from transforms import ann_edges, cell_search
 
@@ -119,7 +120,7 @@ def test_job_spills_and_removes_the_folder_even_when_it_fails(tmp_path, monkeypa
     monkeypatch.setattr(spill, "write", lambda folder, *a: written.append(folder) or real_write(folder, *a))
     cfg = _laion_job(tmp_path, tmp_path / "out")
     run_job(cfg)
-    assert {os.path.basename(f) for f in written} == {"vectors-clip"} and len(written) >= 2
+    assert {os.path.basename(f) for f in written} == {"vectors-clip"} and len(written) >= 1
     assert all("/_staging/" in f and f.endswith("/_spill/vectors-clip") for f in written)
     assert not (tmp_path / "out" / "_staging").exists()
 

@@ -91,9 +91,7 @@ class AssignCells(beam.DoFn):
             self._hold(0, keys, payload, np.zeros((len(keys), 1), dtype=np.int32))
         else:
             cells = cs.assign(_queries(payload, self.vectorize, self.query_rows), plan)
-            in_group = cs.groups_of(cells, plan.groups)
-            for g in np.unique(in_group[in_group >= 0]).tolist():
-                rows = np.flatnonzero((in_group == g).any(axis=1))
+            for g, rows in _group_rows_of(cs.groups_of(cells, plan.groups)):
                 self._hold(g, keys[rows], (payload, rows), cells[rows])
         if self.rows >= self.flush_rows:
             yield from self._flush(lambda v: v)
@@ -117,6 +115,19 @@ class AssignCells(beam.DoFn):
                 spill.write(self.spill, *arrays, self.groups) if self.spill else row_blobs.pack(*arrays, self.groups)
             )
             yield beam.pvalue.TaggedOutput(str(g % self.splits), wrap((g, value)))
+
+
+def _group_rows_of(in_group: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(m, C) shuffle group of each row's cells (-1: none) -> (group, its rows ascending) per
+    group, ascending: one sort of the (group, row) pairs, not one scan of every row per group."""
+    r, c = np.nonzero(in_group >= 0)
+    m = max(1, len(in_group))
+    pairs = np.unique(in_group[r, c].astype(np.int64) * m + r)  # a row twice in a group: once
+    if not len(pairs):
+        return
+    groups, rows = np.divmod(pairs, m)
+    cuts = np.flatnonzero(np.diff(groups)) + 1
+    yield from zip(groups[np.r_[0, cuts]].tolist(), np.split(rows, cuts), strict=True)
 
 
 class _RoundRobin:
@@ -185,7 +196,7 @@ def neighbour_table(key: np.ndarray, nn_key: np.ndarray, sim: np.ndarray, embedd
 
     from schemas import arrow
 
-    columns = [pa.array(key, pa.string()), pa.array([embedder] * len(key), pa.string())]
+    columns = [pa.array(key, pa.string()), pa.repeat(pa.scalar(embedder, pa.string()), len(key))]
     columns += [pa.array(nn_key, pa.string()), pa.array(np.asarray(sim, np.float64))]
     return pa.Table.from_arrays(columns, schema=arrow.TABLES["neighbours"])
 
@@ -242,8 +253,11 @@ def identity_similarity(s: np.ndarray) -> np.ndarray:
 
 
 def float_vectors(payload: np.ndarray) -> np.ndarray:
-    """Stored (m, 1, d) float16 rows -> float32."""
-    return np.asarray(payload, dtype=np.float32)
+    """Stored (m, 1, d) float16 rows -> float32 (a new array; float16 through torch, whose
+    conversion is vectorised: 8x numpy's, the same values)."""
+    if payload.dtype != np.float16 or payload.size < 4096:
+        return np.asarray(payload, dtype=np.float32)
+    return cell_plan._tensor(np.ascontiguousarray(payload)).float().numpy()
 
 
 class CellSearch(beam.PTransform):
@@ -358,7 +372,10 @@ class CellSearch(beam.PTransform):
 
 def _columnar(batch, folder: str = ""):
     """(keys, vectors) -> packed (keys, (n, 1, d) float16) rows (``transforms.row_blobs``), or,
-    given a spill folder, a ``SpillRef`` to a file of them (``transforms.spill``)."""
+    given a spill folder, a ``SpillRef`` to a file of them (``transforms.spill``). A
+    ``spill.InputRows`` (rows read again from the input file) as it is."""
+    if isinstance(batch, spill.InputRows):
+        return batch
     keys, vecs = batch
     v = np.asarray(vecs, dtype=np.float16)
     k, v = np.asarray(keys, dtype=str), v.reshape(len(v), 1, -1)

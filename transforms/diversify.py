@@ -155,29 +155,59 @@ def cluster_captions(captions, limit: int) -> list[str]:
     return sorted({c for c in captions if c})[:limit]
 
 
+_PRINTABLE = None
+
+
+def printable_ascii(captions):
+    """Per string of an Arrow string array (no nulls): whether it is printable ASCII and ASCII
+    whitespace only (``^[\\x20-\\x7e\\t\\n\\r\\x0b\\x0c]*$``), where Arrow's ASCII word split is
+    ``str.split``'s. One table lookup per byte; a numpy bool array."""
+    import numpy as np
+
+    from transforms.mt_streams import utf8_buffers
+
+    global _PRINTABLE
+    if _PRINTABLE is None:
+        table = np.zeros(256, dtype=bool)
+        table[0x20:0x7F] = True
+        table[[0x09, 0x0A, 0x0B, 0x0C, 0x0D]] = True
+        _PRINTABLE = table
+    offsets, data = utf8_buffers(captions)
+    bad = np.flatnonzero(~_PRINTABLE[data[offsets[0] : offsets[-1]]]) + offsets[0] if len(offsets) > 1 else []
+    out = np.ones(len(offsets) - 1, dtype=bool)
+    if len(bad):
+        out[np.unique(np.searchsorted(offsets, bad, side="right") - 1)] = False
+    return out
+
+
 def caption_word_counts(captions):
     """``caption_words`` of every caption (an Arrow string array), counted: a (word, count)
     table, a word counted once per caption. Captions of printable ASCII and ASCII spaces are
     split by Arrow (the same words as ``str.split``); the others by ``caption_words``."""
     import numpy as np
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if isinstance(captions, pa.ChunkedArray):
         captions = captions.combine_chunks()
     captions = captions.filter(pc.is_valid(captions))
-    simple = pc.match_substring_regex(captions, r"^[\x20-\x7e\t\n\r\x0b\x0c]*$")
+    simple = pa.array(printable_ascii(captions))
     words = pc.ascii_split_whitespace(captions.filter(simple))
-    flat, parent = pc.list_flatten(words), pc.list_parent_indices(words)
-    keep = pc.and_(pc.ascii_is_alpha(flat), pc.greater_equal(pc.binary_length(flat), 3))
-    flat, parent = pc.ascii_lower(flat.filter(keep)), parent.filter(keep)
-    encoded = pc.dictionary_encode(flat)
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    names = encoded.dictionary.to_pylist()
-    pair = parent.to_numpy(zero_copy_only=False).astype(np.int64) * max(1, len(names)) + codes
-    first = ~pd.Series(pair).duplicated().to_numpy()
-    counts = dict(zip(names, np.bincount(codes[first], minlength=len(names)).tolist(), strict=True))
+    raw = pc.dictionary_encode(pc.list_flatten(words))  # the checks and lower-casing run on distinct words
+    distinct = raw.dictionary
+    keep = pc.and_(pc.ascii_is_alpha(distinct), pc.greater_equal(pc.binary_length(distinct), 3))
+    lowered = pc.dictionary_encode(pc.ascii_lower(distinct.filter(keep)))  # names in first-use order
+    names = lowered.dictionary.to_pylist()
+    code_of = np.full(len(distinct), -1, dtype=np.int64)  # raw word -> its vocabulary word, -1: none
+    code_of[np.flatnonzero(keep.to_numpy(zero_copy_only=False))] = lowered.indices.to_numpy(zero_copy_only=False)
+    codes = code_of[raw.indices.to_numpy(zero_copy_only=False)]
+    parent = pc.list_parent_indices(words).to_numpy(zero_copy_only=False).astype(np.int64)[codes >= 0]
+    codes = codes[codes >= 0]
+    width = max(1, len(names))
+    pair = np.sort(parent * width + codes, kind="stable")
+    first = np.ones(len(pair), dtype=bool)  # a (caption, word) pair once: a word counts once per caption
+    np.not_equal(pair[1:], pair[:-1], out=first[1:])
+    counts = dict(zip(names, np.bincount(pair[first] % width, minlength=len(names)).tolist(), strict=True))
     for caption in captions.filter(pc.invert(simple)).to_pylist():
         for w in caption_words(caption):
             counts[w] = counts.get(w, 0) + 1

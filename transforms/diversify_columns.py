@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from transforms.diversify import MAX_NUMBER, RC_TOKENS
-from transforms.mt_streams import streams
+from transforms.mt_streams import joined_streams
 
 # precomputed outputs per generator, by its number of draws (each rejected with probability < 1/2,
 # about 0.45 at worst in practice): a generator needing more than 6 per draw is rare, and redone
@@ -35,17 +35,26 @@ class Draws:
 
     def below(self, n) -> np.ndarray:
         """One ``rng._randbelow(n)`` per generator (``n`` an int or one per generator, >= 1)."""
-        n = np.broadcast_to(np.asarray(n, dtype=np.int64), self.pos.shape)
+        n = np.asarray(n, dtype=np.int64)
         shift = (32 - np.frexp(n.astype(np.float64))[1]).astype(np.uint32)  # 32 - n.bit_length()
-        got = np.zeros(len(n), dtype=np.int64)
-        todo = np.arange(len(n))
+        k, m = self.outputs.shape
+        flat = self.outputs.reshape(-1)
+        # every generator's first try at once (no index of the ones left), then the rejected ones
+        usable = self.pos < k
+        self.lost |= ~usable
+        value = (flat.take(np.minimum(self.pos, k - 1) * m + np.arange(m)) >> shift).astype(np.int64)
+        self.pos += usable
+        ok = (value < n) & usable
+        got = np.where(ok, value, 0)
+        todo = np.flatnonzero(~ok & usable)
+        n, shift = np.broadcast_to(n, (m,)), np.broadcast_to(shift, (m,))
         while todo.size:
             pos = self.pos[todo]
-            short = pos >= len(self.outputs)
+            short = pos >= k
             if short.any():
                 self.lost[todo[short]] = True
                 todo, pos = todo[~short], pos[~short]
-            value = (self.outputs[pos, todo] >> shift[todo]).astype(np.int64)
+            value = (flat.take(pos * m + todo) >> shift[todo]).astype(np.int64)
             self.pos[todo] = pos + 1
             ok = value < n[todo]
             got[todo[ok]] = value[ok]
@@ -66,7 +75,9 @@ def words_of(captions) -> tuple:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if pc.all(pc.match_substring_regex(captions, r"^[\x20-\x7e\t\n\r\x0b\x0c]*$")).as_py() is not False:
+    from transforms.diversify import printable_ascii
+
+    if printable_ascii(captions).all():
         words = pc.ascii_split_whitespace(captions)
         flat, parent = pc.list_flatten(words), pc.list_parent_indices(words)
         keep = pc.greater(pc.binary_length(flat), 0)
@@ -93,17 +104,29 @@ def inserted(flat, starts: np.ndarray, lengths: np.ndarray, tokens: list, extra=
     size = lengths + len(tokens)
     offsets = np.zeros(len(size) + 1, dtype=np.int64)
     np.cumsum(size, out=offsets[1:])
-    row = np.repeat(np.arange(len(size)), size)
-    slot = np.arange(offsets[-1]) - offsets[row]
-    source = starts[row] + slot
-    for f in final:
-        source -= f[row] < slot
-    for f, (_, index) in zip(final, tokens, strict=True):
-        at = slot == f[row]
-        source[at] = np.asarray(index)[row[at]]
+    # the output's word slots take the lists' words in order; its token slots, the tokens
+    is_token = np.zeros(offsets[-1], dtype=bool)
+    at = [offsets[:-1] + f for f in final]
+    for a in at:
+        is_token[a] = True
+    n_words = int(lengths.sum())
+    words = np.arange(n_words, dtype=np.int64)
+    if _contiguous(starts, lengths):
+        words += starts[0] if len(starts) else 0
+    else:
+        words += np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    source = np.empty(offsets[-1], dtype=np.int64)
+    source[~is_token] = words
+    for a, (_, index) in zip(at, tokens, strict=True):
+        source[a] = index
     values = pa.concat_arrays([flat, extra]) if extra is not None else flat
     lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values.take(pa.array(source)))
     return pc.binary_join(lists, " ")
+
+
+def _contiguous(starts: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether each list's words follow the previous list's (``starts`` the running sum)."""
+    return bool(len(starts) == 0 or (starts[1:] == starts[:-1] + lengths[:-1]).all())
 
 
 def cluster_pools(tables, ids, limit: int) -> dict:
@@ -160,7 +183,7 @@ class _Rows:
         import pyarrow.compute as pc
 
         self.n, self.seed, self.vocab = rows.num_rows, seed, pa.array(vocab, pa.string())
-        self.keys = rows.column("key").to_pylist()
+        self.keys = rows.column("key").combine_chunks()
         self.captions = pc.fill_null(rows.column("caption").combine_chunks(), "")
         self.flat, self.lengths = words_of(self.captions)
         self.starts = np.cumsum(self.lengths) - self.lengths
@@ -168,8 +191,9 @@ class _Rows:
         self.redo = np.zeros(self.n, dtype=bool)  # rows left to ``alternatives``
 
     def draws(self, strategy: str, rows: np.ndarray) -> Draws:
-        seeds = [f"{self.seed}:{self.keys[i]}:{strategy}" for i in rows.tolist()]
-        return Draws(streams(seeds, DRAWS[strategy] * OUTPUTS_PER_DRAW))
+        """The generators ``random.Random(f"{seed}:{key}:{strategy}")`` of the given rows' keys."""
+        keys = self.keys if len(rows) == self.n else self.keys.take(pa_indices(rows))
+        return Draws(joined_streams(f"{self.seed}:", keys, f":{strategy}", DRAWS[strategy] * OUTPUTS_PER_DRAW))
 
     def column(self, strategy: str):
         """One strategy's alternative of every row (an Arrow string array, null where it gives
@@ -272,21 +296,36 @@ def diversify_table(rows, pools: dict, vocab, cfg, seed: int):
     state = _Rows(rows, pools, vocab, seed)
     columns = {s: state.column(s) for s in dict.fromkeys(strategies)}
     arrays = [columns[s] for s in strategies]
+    n = rows.num_rows
     present = np.stack([a.is_valid().to_numpy(zero_copy_only=False) for a in arrays], axis=1)
     present &= np.cumsum(present, axis=1) <= cfg.n_alternatives
-    present[state.redo] = False
-    kept = np.flatnonzero(present.any(axis=1))
-    row, which = np.nonzero(present[kept])
-    offsets = pa.array(np.concatenate([[0], np.cumsum(present[kept].sum(axis=1))]).astype(np.int32))
-    alts = pa.concat_arrays(arrays).take(pa_indices(which * rows.num_rows + kept[row]))
-    labels = pa.array(strategies, pa.string()).take(pa_indices(which))
-    parts = [_table(rows.take(pa_indices(kept)), alts, labels, offsets, cfg)]
-    redone = _per_row(rows, np.flatnonzero(state.redo), pools, vocab, cfg, seed)
-    if redone is not None:
-        parts.append(redone[0])
-        kept = np.concatenate([kept, redone[1]])
-    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    return table.take(pa_indices(np.argsort(kept, kind="stable"))) if table.num_rows else None
+    redo = np.flatnonzero(state.redo)
+    present[redo] = False
+    counts = present.sum(axis=1)
+    row, which = np.nonzero(present)  # row-major: each row's alternatives in strategy order
+    index = which * n + row  # into the strategies' columns, concatenated
+    names = list(dict.fromkeys(strategies))
+    label = np.array([names.index(s) for s in strategies], dtype=np.int64)[which]
+    extra = []
+    if len(redo):  # rows the per-row code makes (a few): their alternatives spliced in at their rows
+        at, extra_labels = [], []
+        for i, d in zip(redo.tolist(), _per_row_dicts(rows, redo, pools, vocab, cfg, seed), strict=True):
+            if d is not None:
+                counts[i] = len(d["alternatives"])
+                at += [i] * counts[i]
+                extra += d["alternatives"]
+                extra_labels += [names.index(s) for s in d["alternative_strategies"]]
+        where = np.searchsorted(row, np.array(at, dtype=np.int64))
+        index = np.insert(index, where, len(arrays) * n + np.arange(len(extra)))
+        label = np.insert(label, where, np.array(extra_labels, dtype=np.int64))
+    kept = np.flatnonzero(counts)
+    if not len(kept):
+        return None
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts[kept])]).astype(np.int32))
+    alts = pa.concat_arrays([*arrays, pa.array(extra, pa.string())]).take(pa_indices(index))
+    labels = pa.array(names, pa.string()).take(pa_indices(label))
+    taken = rows if len(kept) == n else rows.take(pa_indices(kept))
+    return _table(taken, alts, labels, offsets, cfg)
 
 
 def _table(taken, alts, labels, offsets, cfg):
@@ -316,14 +355,19 @@ def _per_row(rows, which: np.ndarray, pools: dict, vocab: list[str], cfg, seed: 
     alternative, their positions in ``rows``), or None."""
     import pyarrow as pa
 
-    from transforms.diversify import _with_shard, diversify_row
+    from transforms.diversify import _with_shard
 
-    out, at = [], []
-    for i, row in zip(which.tolist(), rows.take(pa_indices(which)).to_pylist(), strict=True):
-        d = diversify_row(row, pools.get(row["cluster_id"], []), vocab, cfg, seed)
-        if d is not None:
-            out.append(d)
-            at.append(i)
-    if not out:
+    dicts = _per_row_dicts(rows, which, pools, vocab, cfg, seed)
+    got = [(i, d) for i, d in zip(which.tolist(), dicts, strict=True) if d]
+    if not got:
         return None
-    return pa.Table.from_pylist(out, schema=_with_shard()), np.array(at, dtype=np.int64)
+    table = pa.Table.from_pylist([d for _, d in got], schema=_with_shard())
+    return table, np.array([i for i, _ in got], dtype=np.int64)
+
+
+def _per_row_dicts(rows, which: np.ndarray, pools: dict, vocab: list[str], cfg, seed: int) -> list:
+    """``diversify_row`` of each given row (a dict, or None where no alternative applies)."""
+    from transforms.diversify import diversify_row
+
+    taken = rows.take(pa_indices(which)).to_pylist()
+    return [diversify_row(row, pools.get(row["cluster_id"], []), vocab, cfg, seed) for row in taken]

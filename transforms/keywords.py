@@ -127,10 +127,7 @@ class KeywordExtractor:
         import numpy as np
         import pyarrow.compute as pc
 
-        plain = pc.all(pc.string_is_ascii(captions)).as_py() is not False
-        if plain and pc.any(pc.match_substring_regex(captions, "[\\x1c-\\x1f]")).as_py():
-            plain = False
-        lists = (pc.ascii_split_whitespace if plain else pc.utf8_split_whitespace)(captions)
+        lists = (pc.ascii_split_whitespace if _plain(captions) else pc.utf8_split_whitespace)(captions)
         encoded = pc.list_flatten(lists).dictionary_encode()
         kept = [[index.setdefault(t, len(index)) for t in self._piece(p)] for p in encoded.dictionary.to_pylist()]
         lens = np.array([len(k) for k in kept], dtype=np.int64)
@@ -174,6 +171,25 @@ class KeywordExtractor:
         if self._nlp is None:
             self._load()
         return [self.terms(t) for t in texts]
+
+
+def _plain(captions) -> bool:
+    """Whether an Arrow string array's text is ASCII without \\x1c-\\x1f (where Arrow's ASCII
+    whitespace split is Python's), read from its UTF-8 bytes at once."""
+    import numpy as np
+    import pyarrow as pa
+
+    if len(captions) == 0:
+        return True
+    if captions.type not in (pa.string(), pa.large_string()):
+        captions = captions.cast(pa.large_string())
+    _, off_buf, data_buf = captions.buffers()
+    if data_buf is None:
+        return True
+    width = np.int64 if captions.type == pa.large_string() else np.int32
+    offsets = np.frombuffer(off_buf, width)
+    data = np.frombuffer(data_buf, np.uint8)[offsets[captions.offset] : offsets[captions.offset + len(captions)]]
+    return not ((data >= 0x80) | ((data >= 0x1C) & (data <= 0x1F))).any()
 
 
 # ASCII characters that are neither word nor space (``_NON_WORD``) -> " ", for str.translate

@@ -9,6 +9,8 @@ value is below ``n``. ``streams`` runs ``init_by_array`` for a batch of seeds in
 numpy operation per step over the batch, so each seed costs a fraction of CPython's scalar loop) and
 gives each generator's first ``K`` outputs; ``Draws`` replays ``_randbelow`` on them, and says
 which generators ran out (the caller redraws those with ``random.Random`` itself).
+``joined_streams`` does the same for seeds ``prefix + s + suffix`` over an Arrow string column:
+the seeds' bytes, their digests' and the key words are built as arrays (no string per seed).
 
 Nothing here is random: the same seeds give the same numbers as ``random.Random`` does, which
 ``tests/test_diversify_columns.py`` checks against CPython's own generator.
@@ -16,10 +18,19 @@ Nothing here is random: the same seeds give the same numbers as ``random.Random`
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
-from hashlib import sha512 as _sha512
+from operator import itemgetter
 
 import numpy as np
+
+try:  # CPython's own SHA-512 (the same digests as OpenSSL's; a little cheaper per short message)
+    from _sha512 import sha512 as _sha512
+except ImportError:  # pragma: no cover - a build without it
+    from hashlib import sha512 as _sha512
+
+_HASH_DIGEST = type(_sha512()).digest
+_first = itemgetter(0)
 
 N, M = 624, 397
 MAX_OUTPUTS = N - M  # outputs computable from the seeded state before its second half is twisted
@@ -67,14 +78,80 @@ def seed_keys(seeds: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield rows, np.ascontiguousarray(padded.view("<u4").T)
 
 
-def _digests(seeds: list[bytes]) -> list[bytes]:
-    """SHA-512 of each (copies of one empty OpenSSL context: cheaper than a new one each)."""
+def utf8_buffers(values) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow string array without nulls -> (int64 offsets, uint8 data): each value's UTF-8
+    bytes (``str.encode()``'s) are ``data[offsets[i]:offsets[i + 1]]`` (the array's own buffers)."""
+    import pyarrow as pa
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.large_string())
+    _, offsets, data = values.buffers()
+    width = np.int64 if pa.types.is_large_string(values.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype=width)[values.offset : values.offset + len(values) + 1].astype(np.int64)
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+def joined_keys(prefix: bytes, offsets: np.ndarray, data: np.ndarray, suffix: bytes, batch: int = 1 << 62):
+    """``seed_keys`` of the seeds ``prefix + middle + suffix`` (middle i: ``data[offsets[i]:
+    offsets[i + 1]]``), in batches of at most ``batch`` seeds, built from the bytes at once (no
+    string per seed): (positions, (key length, n) keys). ``prefix`` must not start with a zero byte."""
+    if not prefix or prefix[0] == 0:
+        raise ValueError("prefix must be non-empty and start with a non-zero byte")
+    lengths = np.diff(offsets)
+    head, tail = np.frombuffer(prefix, np.uint8), np.frombuffer(suffix, np.uint8)
+    for length in np.unique(lengths).tolist():
+        same = np.flatnonzero(lengths == length)
+        size = len(prefix) + length + len(suffix)  # the seed's bytes; the integer adds the digest's 64
+        width = -(-(size + 64) // 4) * 4
+        pad = width - size - 64  # zero bytes before the most significant one: the integer is unchanged
+        middle = np.arange(length)
+        for start in range(0, len(same), batch):
+            rows = same[start : start + batch]
+            seeds = np.empty((len(rows), size), dtype=np.uint8)
+            seeds[:, : len(prefix)] = head
+            seeds[:, len(prefix) : len(prefix) + length] = data[offsets[rows][:, None] + middle]
+            seeds[:, len(prefix) + length :] = tail
+            buf = np.zeros((len(rows), width), dtype=np.uint8)
+            buf[:, pad : pad + size] = seeds
+            digests = _digests_of(seeds.tobytes(), size)
+            buf[:, pad + size :] = np.frombuffer(digests, dtype=np.uint8).reshape(len(rows), 64)
+            # big-endian words, most significant first -> init_by_array's words, least significant first
+            yield rows, np.ascontiguousarray(buf.view(">u4")[:, ::-1].T, dtype=np.uint32)
+
+
+def joined_streams(prefix: str, middle, suffix: str, k: int) -> np.ndarray:
+    """``streams`` of the seeds ``prefix + m + suffix`` for each string ``m`` of ``middle`` (an
+    Arrow string array): the same outputs, the seeds' bytes built as arrays."""
+    if not 0 < k <= MAX_OUTPUTS:
+        raise ValueError(f"k must be in 1..{MAX_OUTPUTS}")
+    head, tail = prefix.encode(), suffix.encode()
+    if middle.null_count or not head or head[0] == 0:
+        return streams([f"{prefix}{m}{suffix}" for m in middle.to_pylist()], k)
+    offsets, data = utf8_buffers(middle)
+    out = np.empty((k, len(offsets) - 1), dtype=np.uint32)
+    for rows, key in joined_keys(head, offsets, data, tail, _BATCH):
+        out[:, rows] = _outputs(_seeded(key, k), k)
+    return out
+
+
+def _digests(seeds) -> list[bytes]:
+    """SHA-512 of each (copies of one empty context: cheaper than a new one each)."""
     empty, out = _sha512(), []
     for b in seeds:
         h = empty.copy()
         h.update(b)
         out.append(h.digest())
     return out
+
+
+def _digests_of(flat: bytes, size: int) -> bytes:
+    """The SHA-512 digests of ``flat``'s consecutive ``size``-byte pieces, concatenated (C-level
+    iteration: no Python frame per piece)."""
+    pieces = map(_first, struct.iter_unpack(f"{size}s", flat))
+    return b"".join(map(_HASH_DIGEST, map(_sha512, pieces)))
 
 
 def _key_of(b: bytes) -> np.ndarray:

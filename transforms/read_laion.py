@@ -10,7 +10,10 @@ items are row ranges (metadata row groups); each yields, per batch of a few thou
   download status other than success; no usable vector: NaN, infinite or zero; a caption over
   ``max_caption_bytes`` in UTF-8 or none; a key repeated inside the range), so every row's key
   still reaches the manifest,
-- one vector batch ``(keys, float16 unit vectors)`` of the good rows, for ``VectorEdges``.
+- one vector batch of the good rows, for ``VectorEdges``: ``(keys, float16 unit vectors)``, or,
+  when the file's rows are unit float16 already (LAION's are), a ``spill.InputRows`` reference to
+  them (keys and row numbers): the cell search reads them again from the input file instead of
+  writing a copy to its spill folder.
 
 The rules run on columns (``transforms.laion_rows``): the metadata's Arrow record batch and the
 batch's vector norms give a reason code per row, the good rows' table is built with
@@ -33,6 +36,7 @@ from transforms import laion_rows as lr
 from transforms.key_arrays import RepeatedKeyArrays, SeenKeys, key_hashes
 from transforms.key_batches import n_buckets
 from transforms.laion_files import LaionFile, RowRange, VectorSource, open_file
+from transforms.spill import InputRows
 
 VECTOR_BATCH = 4096  # rows per vector element (16 MB at 1024 dims)
 EMBEDDER = "clip"  # LAION's img_emb are CLIP image embeddings
@@ -48,6 +52,9 @@ class LaionSettings:
     require_caption: bool = True
     max_caption_bytes: int = 16 * 1024
     batch_rows: int = VECTOR_BATCH
+    # unit float16 rows travel as a reference to the input file's rows (``spill.InputRows``),
+    # read again by the cell search's stages instead of written to its spill folder
+    reread_vectors: bool = True
 
 
 def synthetic_key(shard: str, row: int) -> str:
@@ -84,15 +91,20 @@ def row_norms(vecs: np.ndarray, chunk: int = 256) -> np.ndarray:
     return out
 
 
+def unit_already(vecs: np.ndarray, norms: np.ndarray, rows: np.ndarray | None) -> bool:
+    """True when the float16 ``rows`` (None: all) are their own unit vectors (LAION's are)."""
+    n = norms if rows is None else norms[rows]
+    return vecs.dtype == np.float16 and bool(len(n)) and float(np.abs(n - 1).max()) <= UNIT_TOL
+
+
 def unit_float16(vecs: np.ndarray, norms: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
     """The ``rows`` (None: all) as float16 unit vectors, float32 x / norm rounded to float16;
     float16 rows that are unit already (LAION's are) are that result as they are, no casts."""
     sel = slice(None) if rows is None else rows
-    n = norms[sel]
-    if vecs.dtype == np.float16 and len(n) and float(np.abs(n - 1).max()) <= UNIT_TOL:
+    if unit_already(vecs, norms, rows):
         return vecs[sel]
     x = vecs[sel].astype(np.float32)
-    x /= n[:, None]
+    x /= norms[sel][:, None]
     return x.astype(np.float16)
 
 
@@ -184,8 +196,14 @@ class ReadRangeFn(beam.DoFn):
         )
         table = pa.Table.from_arrays([cols[f.name] for f in INFO_BATCH], schema=INFO_BATCH)
         yield table  # one info batch per reader batch, not one element per row
+        rows = None if whole else good
+        if s.reread_vectors and unit_already(vecs, norms, rows):  # as stored: the cell search reads them again
+            keys = np.asarray(table.column("key").to_pylist(), dtype=str)
+            payload = (vecs if rows is None else vecs[rows]).reshape(len(keys), 1, -1)  # for the fused sample
+            yield beam.pvalue.TaggedOutput("vectors", InputRows(lf.npy, start, start + n_vec, keys, rows, payload))
+            return
         # float16, as the cell search stores them: half the bytes in flight
-        unit = unit_float16(vecs, norms, None if whole else good)
+        unit = unit_float16(vecs, norms, rows)
         yield beam.pvalue.TaggedOutput("vectors", (table.column("key").to_pylist(), unit))
 
     def _failures(self, lf, batch, start, n, keys, caption, status, reasons, first) -> Iterator:

@@ -102,7 +102,7 @@ def first_per_key(tables: list) -> pa.Table | None:
     if not tables:
         return None
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    if pc.count_distinct(table.column("key")).as_py() == table.num_rows:
+    if _sorted(table.column("key")) or pc.count_distinct(table.column("key")).as_py() == table.num_rows:
         return table
     keys = table.column("key").to_pylist()
     seen: set[str] = set()
@@ -138,6 +138,18 @@ def _lookup(keys, index_keys) -> np.ndarray:
         index_keys = pa.array(index_keys, pa.string())
     pos = pc.index_in(keys, value_set=index_keys)
     return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _rows_of(values, keys) -> np.ndarray:
+    """``_lookup(values, keys)`` (``keys`` distinct) with the hash table built on ``values``' distinct
+    strings rather than on ``keys`` (when ``values`` are the fewer, as the sparse records are)."""
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    at = _lookup(keys, encoded.dictionary)  # each key -> its position among the distinct values
+    row = np.full(len(encoded.dictionary), -1, dtype=np.int64)
+    row[at[at >= 0]] = np.flatnonzero(at >= 0)
+    return row[encoded.indices.to_numpy(zero_copy_only=False)] if len(values) else np.zeros(0, np.int64)
 
 
 def assignment_table(values: Iterable) -> pa.Table:
@@ -194,39 +206,65 @@ def _taken(column, pos: np.ndarray, default) -> pa.Array:
 def _duplication(keys: pa.Array, cluster_id: pa.Array, clustered: np.ndarray, pairs: list) -> pa.Array:
     """Each row's duplication class: of (its key, its cluster id) in ``pairs`` ((key, (cluster id,
     class)), the last pair winning), for ``clustered`` rows; "" elsewhere."""
+    sel = np.flatnonzero(clustered)
+    if not pairs or not len(sel):
+        return _constant("", len(keys))
+    pair_keys = pa.array([k for k, _ in pairs], pa.string())
+    pair_cids = pa.array([v[0] for _, v in pairs], pa.string())
+    classes = pa.array([v[1] for _, v in pairs], pa.string())
+    if pair_keys.null_count or pair_cids.null_count or pc.count_distinct(pair_keys).as_py() != len(pair_keys):
+        return _duplication_merge(keys, cluster_id, sel, pairs)
+    # each key once (the usual case): a row's pair is its key's, if the cluster ids agree
+    where = pa.array(sel)
+    pos = _lookup(keys.take(where), pair_keys)
+    found = pos >= 0
+    at = pa.array(np.where(found, pos, 0))
+    agree = pc.equal(pair_cids.take(at), pc.take(cluster_id, where)).to_numpy(zero_copy_only=False)
+    hit = found & agree
+    got = np.full(len(keys), -1, dtype=np.int64)
+    got[sel[hit]] = pos[hit]
+    return pc.fill_null(classes.take(pa.array(got, mask=got < 0)), "")
+
+
+def _duplication_merge(keys: pa.Array, cluster_id: pa.Array, sel: np.ndarray, pairs: list) -> pa.Array:
+    """``_duplication`` by a pandas merge on (key, cluster id) (repeated keys, null ids)."""
     import pandas as pd
 
     out = np.full(len(keys), "", dtype=object)
-    sel = np.flatnonzero(clustered)
-    if pairs and len(sel):
-        right = pd.DataFrame(
-            {"k": [k for k, _ in pairs], "c": [v[0] for _, v in pairs], "cls": [v[1] for _, v in pairs]}
-        ).drop_duplicates(["k", "c"], keep="last")
-        left = pd.DataFrame(
-            {
-                "k": keys.take(pa.array(sel)).to_numpy(zero_copy_only=False),
-                "c": cluster_id.take(pa.array(sel)).to_numpy(zero_copy_only=False),
-            }
-        )
-        got = left.merge(right, on=["k", "c"], how="left", sort=False)["cls"]
-        out[sel] = got.where(got.notna(), "").to_numpy(dtype=object)
+    right = pd.DataFrame(
+        {"k": [k for k, _ in pairs], "c": [v[0] for _, v in pairs], "cls": [v[1] for _, v in pairs]}
+    ).drop_duplicates(["k", "c"], keep="last")
+    left = pd.DataFrame(
+        {
+            "k": keys.take(pa.array(sel)).to_numpy(zero_copy_only=False),
+            "c": pc.take(cluster_id, pa.array(sel)).to_numpy(zero_copy_only=False),
+        }
+    )
+    got = left.merge(right, on=["k", "c"], how="left", sort=False)["cls"]
+    out[sel] = got.where(got.notna(), "").to_numpy(dtype=object)
     return pa.array(out, pa.string())
 
 
 def _codes_column(keys: pa.Array, pairs: list) -> pa.Array:
-    """Row i -> the sorted union of the codes of its key in ``pairs`` ((key, codes)), as list<string>."""
+    """Row i -> the sorted union of the codes of its key in ``pairs`` ((key, codes)), as list<string>.
+    The codes are ranked as strings once (a few distinct ones); each row's union is a sort of
+    (row, rank) integers."""
     n = len(keys)
-    code_keys = [k for k, values in pairs for _ in values]
-    if not code_keys:
+    lengths = np.fromiter(map(len, (values for _, values in pairs)), dtype=np.int64, count=len(pairs))
+    if not lengths.sum():
         return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), EMPTY)
-    codes = pa.array([c for _, values in pairs for c in values], pa.string())
-    row = _lookup(pa.array(code_keys, pa.string()), keys)
-    t = pa.table({"row": row, "code": codes}).filter(pa.array(row >= 0))
-    t = t.group_by(["row", "code"], use_threads=False).aggregate([])
-    t = t.sort_by([("row", "ascending"), ("code", "ascending")])
-    rows = t.column("row").to_numpy()
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), t.column("code").combine_chunks())
+    codes = pc.dictionary_encode(pa.array([c for _, values in pairs for c in values], pa.string()))
+    names = codes.dictionary
+    order = pc.array_sort_indices(names).to_numpy()
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[order] = np.arange(len(names))
+    row = np.repeat(_rows_of(pa.array([k for k, _ in pairs], pa.string()), keys), lengths)
+    found = row >= 0
+    width = max(1, len(names))
+    pair = np.sort(row[found] * width + rank[codes.indices.to_numpy(zero_copy_only=False)[found]])
+    pair = pair[np.r_[True, pair[1:] != pair[:-1]]] if len(pair) else pair  # each code once per row
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(pair // width, minlength=n))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(order[pair % width])))
 
 
 def _fast_table(rows: pa.Table, grouped: dict) -> pa.Table:
@@ -340,5 +378,9 @@ def annotation_table(grouped: dict) -> pa.Table:
 
 
 def _sorted(keys) -> bool:
-    values = keys.to_numpy(zero_copy_only=False)
-    return bool(len(values) < 2 or (values[1:] > values[:-1]).all())
+    """Whether a string column's values increase strictly (compared by Arrow, no object per value)."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if len(keys) < 2:
+        return True
+    return pc.all(pc.fill_null(pc.greater(keys[1:], keys[:-1]), False)).as_py() is not False

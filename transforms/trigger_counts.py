@@ -140,7 +140,8 @@ def norm_words(batch):
     words = encoded.dictionary.to_pylist()
     width = max(len(words), 1)
     rows = pc.list_parent_indices(lists).to_numpy().astype(np.int64)
-    pairs = sorted_unique(rows * width + encoded.indices.to_numpy().astype(np.int64))
+    pairs = np.sort(rows * width + encoded.indices.to_numpy().astype(np.int64))
+    pairs = pairs[np.append(True, pairs[1:] != pairs[:-1])] if len(pairs) else pairs
     return words, pairs // width, pairs % width
 
 
@@ -268,12 +269,13 @@ def clustered_captions(batch) -> list[tuple[str, str]]:
 
 
 def clustered_members(batch, m: int) -> list[tuple[str, tuple]]:
-    """(cluster id, (caption, key, shard, cluster size, terms)) of the records in clusters of
-    more than one; terms only for clusters of >= m records (``cluster_pair_counts``), else ()."""
+    """(cluster id, (normalized caption, key, shard, cluster size, terms)) of the records in
+    clusters of more than one; terms only for clusters of >= m records (``cluster_pair_counts``),
+    else (). The per-member reference of ``trigger_clusters.member_columns``."""
     rows = np.flatnonzero(batch.cluster_size > 1).tolist()
     if not rows:
         return []
-    cid, caption, key, shard = batch.cluster_id, batch.caption, batch.key, batch.shard
+    cid, caption, key, shard = batch.cluster_id, batch.norm, batch.key, batch.shard
     sizes = batch.cluster_size.tolist()
     terms = _terms_of_rows(batch, batch.cluster_size >= max(m, 2))
     return [(cid[i], (caption[i], key[i], shard[i], sizes[i], terms.get(i, ()))) for i in rows]
@@ -301,3 +303,62 @@ def cluster_pair_counts(cluster: str, members: list[tuple], m: int) -> Iterator[
         for term, n in sorted(Counter(chain.from_iterable(terms)).items()):
             if n >= m:
                 yield (term, cluster, size), n
+
+
+def norm_duplication(norms: list[str], full_share: float = 0.5, max_pairs: int = 50) -> dict:
+    """``captions.cluster_duplication`` of captions whose normalized forms are ``norms``, equal
+    to it to the bit: the pairwise Jaccard distances of the first ``max_pairs`` sorted captions
+    come from one matrix product of their word indicators (the same int / int divisions), then
+    Python's ``sum`` adds them in ``itertools.combinations`` order."""
+    normalized = sorted(norms)
+    counts = Counter(normalized)
+    modal = max(counts.values()) if counts else 0
+    share = modal / len(normalized) if normalized else 0.0
+    full = modal >= 2 and share >= full_share  # one caption *repeated*: two different ones are partial
+    return {
+        "class": "full" if full else "partial",
+        "modal_share": share,
+        "distinct": len(counts),
+        "size": len(normalized),
+        "diversity": _mean_distance(normalized[:max_pairs]),
+    }
+
+
+def _mean_distance(normalized: list[str]) -> float:
+    """The mean of 1 - Jaccard over every pair of the captions' word sets (0.0 for < 2)."""
+    k = len(normalized)
+    if k < 2:
+        return 0.0
+    if k <= 4:  # a few pairs: the sets themselves
+        from transforms.captions import jaccard
+
+        sets = [frozenset(c.split()) for c in normalized]
+        return sum(1 - jaccard(sets[i], sets[j]) for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) // 2)
+    distinct: dict[str, int] = {}
+    at = np.array([distinct.setdefault(c, len(distinct)) for c in normalized], dtype=np.int64)
+    if len(distinct) == 1:  # one caption repeated: every distance 1 - 1.0, summed
+        return 0.0
+    if len(distinct) <= 6 and k <= 30:  # a few distinct captions: their distances, then a lookup per pair
+        from transforms.captions import jaccard
+
+        sets = [frozenset(c.split()) for c in distinct]
+        table = [[1 - jaccard(a, b) for b in sets] for a in sets]
+        ids = at.tolist()
+        return sum(table[ids[i]][ids[j]] for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) // 2)
+    index: dict[str, int] = {}
+    rows = [[index.setdefault(w, len(index)) for w in set(c.split())] for c in distinct]
+    has = np.zeros((len(rows), max(len(index), 1)), dtype=np.float64)
+    for r, ids in enumerate(rows):
+        has[r, ids] = 1.0
+    inter = (has @ has.T).astype(np.int64)
+    size = np.diagonal(inter)
+    i, j = _pairs(k)
+    both, union = inter[at[i], at[j]], size[at[i]] + size[at[j]] - inter[at[i], at[j]]
+    dist = 1 - np.divide(both, union, out=np.ones(len(both)), where=union > 0)  # two empty sets: 1.0
+    return sum(dist.tolist()) / len(both)
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(0, 1), (0, 2), ..., (1, 2), ...: ``itertools.combinations``' order of k items' pairs."""
+    return np.triu_indices(k, 1)

@@ -304,9 +304,11 @@ class ShardRecordsFn(beam.DoFn):
         ascii_ = mask(pc.string_is_ascii(captions))
         lowered = pc.ascii_lower(captions)
         clean = ascii_ & mask(pc.match_substring_regex(lowered, "^[0-9a-z_]+(?: [0-9a-z_]+)*$"))
-        out = lowered.to_pylist()
-        for i in np.flatnonzero(clean & mask(pc.equal(lowered, captions))).tolist():
-            out[i] = texts[i]
+        out = list(texts)  # a caption that is its own normalized form stays itself
+        lower = np.flatnonzero(clean & ~mask(pc.equal(lowered, captions)))
+        if len(lower):
+            for i, norm in zip(lower.tolist(), lowered.take(pa.array(lower)).to_pylist(), strict=True):
+                out[i] = norm
         dirty = np.flatnonzero(ascii_ & ~clean)
         if len(dirty):
             words = pc.replace_substring_regex(lowered.take(pa.array(dirty)), "[^0-9a-z_]+", " ")
@@ -320,8 +322,16 @@ class ShardRecordsFn(beam.DoFn):
 
 def may_name_objects(metas) -> np.ndarray:
     """Which rows' metadata json ``metadata_objects`` parses (the others have no objects)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    text = metas.combine_chunks() if isinstance(metas, pa.ChunkedArray) else metas
+    _, off_buf, data_buf = text.buffers() if text.type == pa.string() else (None, None, None)
+    if data_buf is not None and len(text):  # neither anywhere in the bytes: no row has one
+        offsets = np.frombuffer(off_buf, np.int32)[text.offset : text.offset + len(text) + 1]
+        data = data_buf.to_pybytes()[offsets[0] : offsets[-1]] if offsets[-1] > offsets[0] else b""
+        if b"objects" not in data and b"\\u" not in data:
+            return np.zeros(len(text), dtype=bool)
     hit = pc.or_(pc.match_substring(metas, "objects"), pc.match_substring(metas, "\\u"))
     return pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
 

@@ -15,21 +15,21 @@ from itertools import chain
 import apache_beam as beam
 
 from pipeline import progress
-from transforms.captions import cluster_duplication
-from transforms.key_batches import grouped, split_buckets
+from transforms.key_batches import grouped
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
 from transforms.shard_columns import Batch, BatchByShard
+from transforms.trigger_bundle import BundleCounts
 from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
+from transforms.trigger_clusters import classified_columns, member_columns
 from transforms.trigger_counts import (
     EVENTS,
     batch_codes,
-    batch_counts,
     cluster_pair_counts,
-    clustered_members,
     code_rows,
+    norm_duplication,
 )
-from transforms.trigger_records import CHUNK, RecordBatch, ShardRecordsFn, column
+from transforms.trigger_records import CHUNK, INFO_COLUMNS, RecordBatch, ShardRecordsFn, column
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -62,6 +62,13 @@ class _SampleRecords(beam.DoFn):
             "cluster_id": a.cluster_id if a else key,
             "cluster_size": a.cluster_size if a else 1,
         }
+
+
+def _info_by_shard(table) -> tuple:
+    """An info batch -> (its shard, only the columns records read): the rest stay out of the join."""
+    from schemas import arrow
+
+    return arrow.batch_shard(table), table.select(list(INFO_COLUMNS)) if table.num_rows else table
 
 
 def _object_candidates(both, counts, kw_counts, n_total, min_keyword) -> list[dict]:
@@ -114,8 +121,9 @@ def _word_counts(batch: list[dict]):
 class CountBatches(beam.DoFn):
     """Record batches -> their ``batch_counts`` (words included; (term, cluster) pairs only of
     clusters of one: the others are counted per cluster, ``classified``) summed over the
-    bundle: one (key, count) element per key and bundle (flushed every ``FLUSH`` keys), not per
-    key and batch, so the combine after it sees a few elements per key."""
+    bundle (``trigger_bundle.BundleCounts``): one (key, count) element per key and bundle
+    (flushed at ``FLUSH`` keys), not per key and batch, so the combine after it sees a few
+    elements per key."""
 
     FLUSH = 200_000
 
@@ -123,21 +131,19 @@ class CountBatches(beam.DoFn):
         self.m, self.vocabulary = m, vocabulary
 
     def start_bundle(self):
-        self.counts: dict[tuple, int] = {}
+        self.counts = BundleCounts(self.m, self.vocabulary)
 
     def process(self, batch) -> Iterator[tuple]:
-        counts = self.counts
-        for key, n in batch_counts(batch, self.m, self.vocabulary, words=True, pairs_below=2):
-            counts[key] = counts.get(key, 0) + n
-        if len(counts) >= self.FLUSH:
-            self.counts = {}
+        self.counts.add(batch)
+        if len(self.counts) >= self.FLUSH:
+            counts, self.counts = self.counts, BundleCounts(self.m, self.vocabulary)
             yield from counts.items()
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.windowed_value import WindowedValue
 
-        counts, self.counts = self.counts, {}
+        counts, self.counts = self.counts, BundleCounts(self.m, self.vocabulary)
         for kv in counts.items():
             yield WindowedValue(kv, 0, [GlobalWindow()])
 
@@ -176,21 +182,30 @@ class CodesByShard(BatchByShard):
         super().__init__(route=_code_by_shard)
 
     def process(self, kv):
+        """One call per coded record: a plain function (no generator) that returns None unless a
+        shard's batch is full."""
         if isinstance(kv[1], Batch):
-            yield kv
-        else:
-            yield from super().process(kv)
+            return [kv]
+        (key, shard), codes = kv
+        batch = self.held.get(shard)
+        if batch is None:
+            batch = self.held[shard] = Batch()
+        batch.append((key, codes))
+        if len(batch) >= self.size:
+            return [(shard, self.held.pop(shard))]
+        return None
 
 
 def classified(item, share: float, m: int) -> Iterator:
     """(bucket, lists of ``clustered_members``) -> (cluster id, its ``cluster_duplication``) per
     cluster; tagged "rows", (shard, Batch of (key, (cluster id, class))) per shard of the
     bucket's members (the classes reach the members' shards without a join on the cluster id);
-    tagged "pairs", the (term, cluster) pairs on >= m records (``cluster_pair_counts``)."""
+    tagged "pairs", the (term, cluster) pairs on >= m records (``cluster_pair_counts``). The
+    per-member reference of ``trigger_clusters.classified_columns``, which the graph runs."""
     _, lists = item
     rows: dict[str, Batch] = {}
     for cluster, members in sorted(grouped(lists).items()):
-        found = cluster_duplication([r[0] for r in members], share)
+        found = norm_duplication([r[0] for r in members], share)
         yield cluster, found
         for kv in cluster_pair_counts(cluster, members, m):
             yield beam.pvalue.TaggedOutput("pairs", kv)
@@ -232,12 +247,11 @@ class MineTriggers(beam.PTransform):
         n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = counts | "PruneTerms" >> beam.FlatMap(_tagged, tag="t", m=cfg.min_keyword_count)
         duplication = (
-            recs  # clustered_members lists in hash buckets of cluster ids: no element per record
-            | "CaptionByCluster"
-            >> beam.FlatMap(lambda b, n, m: split_buckets(clustered_members(b, m), n), n=self.buckets, m=m)
+            recs  # member columns in hash buckets of cluster ids: no element per record
+            | "CaptionByCluster" >> beam.FlatMap(member_columns, m=m, n=self.buckets)
             | "GroupClusterCaptions" >> beam.GroupByKey()
             | "ClassifyCluster"
-            >> beam.FlatMap(classified, share=cfg.full_duplication_share, m=m).with_outputs(
+            >> beam.FlatMap(classified_columns, share=cfg.full_duplication_share, m=m).with_outputs(
                 "rows", "pairs", main="classes"
             )
         )
@@ -263,23 +277,24 @@ class MineTriggers(beam.PTransform):
             | "TriggerCodes"
             >> beam.FlatMap(_batch_codes, ws=beam.pvalue.AsList(word_sig), os_=beam.pvalue.AsList(object_sig))
         )
-        caption_codes = tuple(self._caption_codes(recs, counts))
-        caption_codes |= "CaptionCodes" >> beam.Flatten(pipeline=recs.pipeline)
-        caption_codes |= "CaptionCodesByShard" >> beam.ParDo(CodesByShard())
-        return (trigger_codes, caption_codes) | "AllCodes" >> beam.Flatten()
+        # each caption branch batches its per-record codes by shard in the stage that makes them
+        # (fused): a Flatten of per-record elements would cross the data plane one by one
+        caption_codes = tuple(
+            codes | f"{name}ByShard" >> beam.ParDo(CodesByShard())
+            for name, codes in zip(("DuplicateCodes", "TemplateCodes"), self._caption_codes(recs, counts), strict=True)
+        )
+        return (trigger_codes, *caption_codes) | "AllCodes" >> beam.Flatten()
 
     def _records(self, inputs):
         """-> batches (lists) of records, per shard."""
         use_meta = self.cfg.object_source in ("auto", "metadata")
         if "info_batches" in inputs:
-            from schemas import arrow
-
             if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
                 by_shard = inputs["assignment_rows"]
             else:
                 by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
             keyed = {
-                "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(lambda t: (arrow.batch_shard(t), t)),
+                "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(_info_by_shard),
                 "a": by_shard,
             }
             joined = keyed | "JoinShard" >> beam.CoGroupByKey()

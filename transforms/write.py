@@ -117,12 +117,39 @@ def write_rows(path: str, rows: list[dict], schema) -> str:
 def write_arrow(path: str, table) -> str:
     """Write a pyarrow Table to ``path`` atomically (as ``write_rows``); returns the path.
     One chunk per column first: Parquet's page and dictionary-fallback boundaries follow the
-    chunks, so the bytes depend only on the rows (``memsieve decide`` rewrites them exactly)."""
+    chunks, so the bytes depend only on the rows (``memsieve decide`` rewrites them exactly).
+    Dictionary encoding only for the columns that repeat values (``dictionary_columns``)."""
     import pyarrow.parquet as pq
 
+    table = table.combine_chunks()
     with fsio.atomic_writer(path) as f:
-        pq.write_table(table.combine_chunks(), f, compression="zstd", write_statistics=True)
+        pq.write_table(table, f, compression="zstd", write_statistics=True, use_dictionary=dictionary_columns(table))
     return path
+
+
+DICTIONARY_SAMPLE = 4096  # leading rows that decide a column's encoding
+
+
+def dictionary_columns(table) -> list[str] | bool:
+    """The Parquet column paths worth a dictionary: those whose first ``DICTIONARY_SAMPLE`` values
+    are at most half distinct. A column of mostly distinct values (keys, urls, captions,
+    similarities) is written plain: a dictionary there is built, outgrows its page and is
+    dropped (Parquet's fallback), work that makes the file larger. A function of the rows only."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = []
+    for field, column in zip(table.schema, table.columns, strict=True):
+        values, path = column.slice(0, DICTIONARY_SAMPLE), field.name
+        if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+            if pa.types.is_nested(field.type.value_type):
+                return True  # nested deeper: every column as Parquet's default
+            values, path = pc.list_flatten(values), f"{field.name}.list.element"
+        elif pa.types.is_nested(field.type):
+            return True
+        if len(values) == 0 or pc.count_distinct(values, mode="all").as_py() * 2 <= len(values):
+            out.append(path)
+    return out
 
 
 def atomic_write_text(path: str, text: str) -> None:
