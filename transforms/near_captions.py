@@ -115,7 +115,8 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
     new = np.ones(len(order), dtype=bool)
     np.not_equal(packed[1:], packed[:-1], out=new[1:])  # another hash prefix
     del packed
-    rows = _rows(vals)
+    pairs = vals.dtype == np.uint32 and vals.shape[1] % 2 == 0  # two uint32 as one uint64
+    rows = np.ascontiguousarray(vals).view(np.uint64) if pairs else vals
     band, keys = k_idx[order], np.take(rows, order, axis=0)  # np.take: a row at a time, fast
     differ = band[1:] != band[:-1]
     for j in range(keys.shape[1]):
@@ -136,13 +137,6 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
             change |= col[sub[1:]] != col[sub[:-1]]
         new[at[1:]] = change
     return order, new
-
-
-def _rows(vals: np.ndarray) -> np.ndarray:
-    """Band values (keys x ROWS) as rows of uint64 (pairs of uint32 as one)."""
-    if vals.dtype == np.uint32 and vals.shape[1] % 2 == 0:
-        return np.ascontiguousarray(vals).view(np.uint64)
-    return vals
 
 
 def _word_sets(norms: list[str]):
