@@ -115,7 +115,7 @@ def test_word_sets_and_a_set_of_several_captions(monkeypatch):
     norms = ["a b c d", "d c b a", "x"]
     ((_, rows, at, bands, values),) = bucket_entries(minhash_rows(norms), 1)
     got = near_captions([norms[i] for i in rows], np.array([1, 1, 1]), at, bands, values, MAX_BAND)
-    assert got == ["a b c d", "d c b a"]
+    assert sorted(got) == ["a b c d", "d c b a"]
 
 
 def test_large_pairs_in_chunks_are_every_pair_of_a_group():
@@ -186,3 +186,42 @@ def test_bucket_entries_are_each_rows_band_keys_in_their_bucket():
             assert vals.tolist() == hv[r, 4 * k : 4 * k + 4].tolist()
             seen.add((r, k))
     assert seen == {(r, k) for r in range(len(hv)) for k in range(16)}
+
+
+@pytest.mark.parametrize(
+    "norms",
+    [
+        ["a b", "", "b c a", "c"],  # single spaces and an empty caption: Arrow
+        ["a b", " a", "b c "],  # a leading or trailing space
+        ["a  b", "b c"],  # two spaces
+        ["a\tb", "b\u3000c", "c\xa0d e"],  # other spaces (split() splits them; Arrow's pattern does not)
+        ["", ""],
+    ],
+)
+def test_split_words_equal_python_split(norms):
+    from transforms.caption_texts import as_texts, split_words
+
+    offsets, ids, vocab = split_words(as_texts(norms))
+    got = [[vocab[i] for i in ids[a:b]] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    assert [sorted(w) for w in got] == [sorted(set(x.split())) for x in norms]
+    assert all(list(ids[a:b]) == sorted(ids[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+
+
+def test_intersections_and_equal_join_by_sorting():
+    from transforms.near_captions import _equal_join, _intersections
+
+    rng = np.random.default_rng(3)
+    sets = [sorted(set(rng.integers(0, 40, rng.integers(0, 15)).tolist())) for _ in range(300)]
+    offsets = np.cumsum([0] + [len(s) for s in sets])
+    words = np.array([w for s in sets for w in s], dtype=np.int64)
+    a, b = rng.integers(0, 300, 2000), rng.integers(0, 300, 2000)
+    want = [len(set(sets[x]) & set(sets[y])) for x, y in zip(a.tolist(), b.tolist(), strict=True)]
+    for limit in (1 << 24, 50, 1):  # one run, runs of pairs, a pair a run
+        assert _intersections(a, b, offsets, words, 40, limit).tolist() == want
+    keys = rng.integers(0, 50, 200).astype(np.uint64) << np.uint64(40)  # repeated keys, equal high bits
+    query = np.concatenate([keys[:30], rng.integers(0, 2**62, 100).astype(np.uint64)])
+    qi, ki = _equal_join(keys, query)
+    got = set(zip(qi.tolist(), ki.tolist(), strict=True))
+    exact = {(q, k) for q in range(len(query)) for k in range(len(keys)) if query[q] == keys[k]}
+    assert exact <= got and len(got) == len(exact)  # high bits of random queries: no false hit here
+    assert _equal_join(keys[:0], query)[0].size == 0

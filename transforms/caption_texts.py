@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 _OTHER_SPACE = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c != " ")  # no space >= U+3001
-_IRREGULAR = "^ | $|  |[" + "".join(f"\\x{{{ord(c):x}}}" for c in _OTHER_SPACE) + "]"  # RE2
+_OTHER = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in _OTHER_SPACE) + "]"  # RE2
 
 
 def split_words(norms):
@@ -21,22 +21,27 @@ def split_words(norms):
     texts = as_texts(norms)
     if isinstance(texts, list):
         return _split_words_py(texts)
-    if pc.any(pc.match_substring_regex(texts, _IRREGULAR)).as_py():
-        return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
     lists = pc.split_pattern(texts, pattern=" ")
-    pieces = lists.flatten()
-    encoded = pieces.dictionary_encode()
-    vocab = encoded.dictionary.to_pylist()
+    encoded = lists.flatten().dictionary_encode()
     ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    owner = np.repeat(np.arange(len(norms), dtype=np.int64), np.diff(lists.offsets.to_numpy()))
-    keep = pc.not_equal(pc.utf8_length(pieces), 0).to_numpy(zero_copy_only=False)  # "": no word
-    unique = np.sort(owner[keep] * max(1, len(vocab)) + ids[keep])
+    empty = pc.index(encoded.dictionary, "").as_py()  # "" pieces: from empty captions only, if regular
+    blanks = int(np.count_nonzero(ids == empty)) if empty >= 0 else 0
+    if (
+        blanks != pc.sum(pc.equal(pc.binary_length(texts), 0)).as_py()
+        or pc.any(pc.match_substring_regex(encoded.dictionary, _OTHER)).as_py()
+    ):  # a caption not spaced by single spaces: ``split()`` in Python
+        return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
+    vocab = encoded.dictionary.to_pylist()
+    bits = len(vocab).bit_length()  # (caption << bits) | word id: one number a word, sorted
+    packed = np.repeat(np.arange(len(norms), dtype=np.int64) << bits, np.diff(lists.offsets.to_numpy()))
+    packed |= ids
+    unique = packed[ids != empty] if blanks else packed
+    unique.sort()
     if len(unique):
         unique = unique[np.concatenate([[True], unique[1:] != unique[:-1]])]
-    owner, ids = unique // max(1, len(vocab)), unique % max(1, len(vocab))
     offsets = np.zeros(len(norms) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owner, minlength=len(norms)), out=offsets[1:])
-    return offsets, ids, vocab
+    np.cumsum(np.bincount(unique >> bits, minlength=len(norms)), out=offsets[1:])
+    return offsets, unique & ((1 << bits) - 1), vocab
 
 
 def _split_words_py(norms: list[str]):
@@ -90,11 +95,8 @@ def take_texts(texts, idx: np.ndarray):
     return texts.take(idx)
 
 
-def sorted_texts(texts, idx: np.ndarray) -> list[str]:
-    """The texts at ``idx``, sorted (code point order; Arrow sorts UTF-8 bytes, the same)."""
+def text_list(texts, idx: np.ndarray) -> list[str]:
+    """The texts at ``idx``, as a list."""
     if isinstance(texts, list):
-        return sorted(texts[i] for i in idx.tolist())
-    import pyarrow.compute as pc
-
-    picked = texts.take(idx)
-    return picked.take(pc.sort_indices(picked)).to_pylist()
+        return [texts[i] for i in idx.tolist()]
+    return texts.take(idx).to_pylist()

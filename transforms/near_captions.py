@@ -13,7 +13,7 @@ rule is decided per word set:
 - two different sets A, B (sizes a <= b) are near when 9 x |A & B| >= 4 x (a + b), i.e. their
   symmetric difference d has 9 d <= a + b, and they share an eligible band. For a + b <= 17
   that is d = 1: A inside B with b = a + 1 and a >= 4, found by joining each B less one word
-  with the sets (additive word hashes in a hash table, every hit checked word by word). For
+  with the sets (additive word hashes, joined by one sort; every hit checked word by word). For
   a + b >= 18 both have >= 8 words: those pairs are taken from the eligible band groups and
   intersected exactly.
 
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from transforms.caption_texts import caption_ids, sorted_texts, split_words, take_texts
+from transforms.caption_texts import caption_ids, split_words, take_texts, text_list
 
 NUM_PERM, BANDS, SEED = 64, 16, 1
 ROWS = NUM_PERM // BANDS
@@ -72,10 +72,11 @@ def entry_mix(bands: np.ndarray, values: np.ndarray) -> np.ndarray:
     else:
         values = values.astype(np.uint64)
     mix = np.broadcast_to(np.asarray(bands).astype(np.uint64) + np.uint64(1), values.shape[:-1]).copy()
+    shifted = np.empty_like(mix)  # one buffer for every step (fresh pages cost system time)
     for j in range(values.shape[-1]):
         mix *= _PRIME
         mix += values[..., j]  # wraps mod 2**64: deterministic
-        mix ^= mix >> np.uint64(29)
+        mix ^= np.right_shift(mix, np.uint64(29), out=shifted)
     return mix
 
 
@@ -101,69 +102,75 @@ def bucket_entries(hv: np.ndarray, n: int) -> Iterator[tuple[int, np.ndarray, np
 def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
     sorted by the keys' hash (its high bits, the entry's index in the low bits: one sort of
-    numbers instead of an argsort), then each run of one hash prefix checked to hold one key;
-    a run that holds several is sorted by the keys."""
+    numbers instead of an argsort), then each run of one hash prefix checked to hold one key
+    (the keys' rows gathered in that order, compared with their neighbours); a run that holds
+    several is sorted by the keys."""
     bits = max(1, (len(mix) - 1).bit_length())
     low = np.uint64((1 << bits) - 1)
-    packed = np.sort((mix & ~low) | np.arange(len(mix), dtype=np.uint64))
-    order = (packed & low).astype(np.int64)
+    packed = mix & ~low  # in place from here: fresh pages cost system time
+    packed |= np.arange(len(mix), dtype=np.uint64)
+    packed.sort()
+    order = (packed & low).view(np.int64)
+    packed &= ~low
     new = np.ones(len(order), dtype=bool)
-    new[1:] = (packed[1:] ^ packed[:-1]) > low  # another hash prefix
-    cols = (k_idx, *_columns(vals))
-    differ = np.zeros(max(0, len(order) - 1), dtype=bool)
-    for col in cols:
-        c = col[order]  # one column at a time: a 1-D gather
-        differ |= c[1:] != c[:-1]
+    np.not_equal(packed[1:], packed[:-1], out=new[1:])  # another hash prefix
+    del packed
+    pairs = vals.dtype == np.uint32 and vals.shape[1] % 2 == 0  # two uint32 as one uint64
+    rows = np.ascontiguousarray(vals).view(np.uint64) if pairs else vals
+    band, keys = k_idx[order], np.take(rows, order, axis=0)  # np.take: a row at a time, fast
+    differ = band[1:] != band[:-1]
+    for j in range(keys.shape[1]):
+        differ |= keys[1:, j] != keys[:-1, j]
     differ &= ~new[1:]  # two keys in one run
     if differ.any():
-        run = np.cumsum(new) - 1
-        bad = np.zeros(int(run[-1]) + 1, dtype=bool)
-        bad[run[1:][differ]] = True
-        at = np.flatnonzero(bad[run])  # the positions of those runs (each run contiguous)
+        starts = np.flatnonzero(new)
+        bad = np.unique(np.searchsorted(starts, np.flatnonzero(differ), "right") - 1)  # those runs
+        lens = np.append(starts[1:], len(order))[bad] - starts[bad]
+        at = np.repeat(starts[bad] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        run = np.repeat(np.arange(len(bad)), lens)
         sub = order[at]
-        sub = sub[np.lexsort(tuple(col[sub] for col in reversed(cols)) + (run[at],))]
+        cols = [k_idx] + [rows[:, j] for j in range(rows.shape[1])]
+        sub = sub[np.lexsort(tuple(col[sub] for col in reversed(cols)) + (run,))]
         order[at] = sub
-        change = run[at[1:]] != run[at[:-1]]
+        change = run[1:] != run[:-1]
         for col in cols:
             change |= col[sub[1:]] != col[sub[:-1]]
         new[at[1:]] = change
     return order, new
 
 
-def _columns(vals: np.ndarray) -> list[np.ndarray]:
-    """Band values (keys x ROWS) as contiguous columns (pairs of uint32 as one uint64)."""
-    if vals.dtype == np.uint32 and vals.shape[1] % 2 == 0:
-        vals = np.ascontiguousarray(vals).view(np.uint64)
-    return [np.ascontiguousarray(vals[:, j]) for j in range(vals.shape[1])]
-
-
 def _word_sets(norms: list[str]):
     """Distinct captions -> (set of each caption, numbered in order of first appearance; CSR of
     the sets' sorted word ids: offsets, ids; number of words)."""
+    import pandas as pd
+
     offsets, ids, vocab = split_words(norms)
     sizes = np.diff(offsets)
     h = _word_hashes(len(vocab))
     running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[ids], dtype=np.uint64)])
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each caption's word hashes summed, mod 2**64
     key = sums ^ (sizes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))  # the size mixed in
-    order = np.argsort(key, kind="stable")
-    new = np.ones(len(order), dtype=bool)
-    new[1:] = key[order][1:] != key[order][:-1]
-    first = order[new]  # stable: each key's first caption
-    inverse = np.empty(len(order), dtype=np.int64)
-    inverse[order] = np.cumsum(new) - 1
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    cap_set, reps = rank[inverse], np.sort(first)
-    rep = reps[cap_set]  # each caption's first caption of its (hash, size)
-    owner = np.repeat(np.arange(len(norms)), sizes)
-    at = np.arange(len(ids)) - offsets[owner]
-    if not np.array_equal(ids, ids[offsets[rep][owner] + at]):  # two sets with one hash: by the words
-        return _word_sets_exact(offsets, ids, len(vocab))
+    cap_set = pd.factorize(key)[0].astype(np.int64)  # numbered in order of first appearance
+    reps = _firsts(cap_set)  # each set's first caption
+    later = np.flatnonzero(np.arange(len(cap_set)) != reps[cap_set])  # the other captions of a set
+    rep = reps[cap_set[later]]
+    if not (
+        np.array_equal(sizes[later], sizes[rep])
+        and np.array_equal(_words_of(later, offsets, ids), _words_of(rep, offsets, ids))
+    ):
+        return _word_sets_exact(offsets, ids, len(vocab))  # two sets with one hash: by the words
     set_offsets = np.zeros(len(reps) + 1, dtype=np.int64)
     np.cumsum(sizes[reps], out=set_offsets[1:])
-    keep = np.repeat(np.isin(np.arange(len(norms)), reps), sizes)
-    return cap_set, set_offsets, ids[keep], len(vocab)
+    is_rep = np.zeros(len(cap_set), dtype=bool)
+    is_rep[reps] = True
+    return cap_set, set_offsets, ids[np.repeat(is_rep, sizes)], len(vocab)
+
+
+def _words_of(rows: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The word ids of CSR ``rows``, concatenated."""
+    sizes = np.diff(offsets)[rows]
+    at = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return ids[np.repeat(offsets[rows], sizes) + at]
 
 
 def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
@@ -188,18 +195,25 @@ def _word_hashes(v: int) -> np.ndarray:
     ) + np.uint64(1)
 
 
-def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.ndarray, v: int) -> np.ndarray:
-    """|A & B| for pairs of sets (CSR of sorted word ids): A's words looked up among B's."""
-    sizes = np.diff(offsets)
+def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.ndarray, v: int, limit: int = 1 << 24):
+    """|A & B| for pairs of sets (CSR of sorted word ids): both sets' words tagged with the pair,
+    sorted as one array of numbers, a word of both a repeated number; in runs of pairs of at
+    most ``limit`` words (one pair more where a pair alone has more), so memory stays bounded."""
     if not len(a) or not len(words):
         return np.zeros(len(a), dtype=np.int64)
-    la = sizes[a]
-    owner = np.repeat(np.arange(len(a)), la)
-    pos = np.repeat(offsets[a] - np.cumsum(la) + la, la) + np.arange(int(la.sum()))
-    keys = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes) * v + words  # sorted
-    query = b[owner] * v + words[pos]
-    found = keys[np.minimum(np.searchsorted(keys, query), len(keys) - 1)] == query
-    return np.bincount(owner[found], minlength=len(a))
+    sizes = np.diff(offsets)
+    ends = np.cumsum(sizes[a] + sizes[b])
+    cuts = np.unique(np.searchsorted(ends, np.arange(limit, int(ends[-1]), limit), "right"))
+    bounds = [0, *cuts[(cuts > 0) & (cuts < len(a))].tolist(), len(a)]
+    bits = max(1, v).bit_length()
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        both = np.concatenate([a[lo:hi], b[lo:hi]])
+        n = sizes[both]
+        pair = np.repeat(np.tile(np.arange(hi - lo, dtype=np.int64), 2) << bits, n)
+        tagged = np.sort(pair | words[np.repeat(offsets[both] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))])
+        out.append(np.bincount(tagged[1:][tagged[1:] == tagged[:-1]] >> bits, minlength=hi - lo))
+    return np.concatenate(out)
 
 
 def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> np.ndarray:
@@ -213,25 +227,31 @@ def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, 
 
 
 def _equal_join(keys: np.ndarray, query: np.ndarray):
-    """-> (query index, key index) for every equal pair: by a hash table where the keys are
-    distinct, else by sorting them."""
-    import pandas as pd
-
-    index = pd.Index(keys)
-    if index.is_unique:
-        ki = index.get_indexer(query)
-        qi = np.flatnonzero(ki >= 0)
-        return qi, ki[qi]
-    order = np.argsort(keys)
-    sk = keys[order]
-    lo = np.searchsorted(sk, query, "left")
-    if len(sk) and (sk[1:] != sk[:-1]).all():  # distinct keys: one match at most
-        count = (sk[np.minimum(lo, len(sk) - 1)] == query).astype(np.int64)
-    else:
-        count = np.searchsorted(sk, query, "right") - lo
-    qi = np.repeat(np.arange(len(query)), count)
-    first = np.repeat(lo - np.cumsum(count) + count, count)
-    return qi, order[first + np.arange(len(qi))]
+    """-> (query index, key index) for every pair of equal high bits (a superset of the equal
+    pairs; the caller checks each): keys and queries as one sorted array of numbers (the high
+    bits, the index in the low bits), so a run of one value holds its keys first."""
+    n = len(keys) + len(query)
+    if not len(keys) or not len(query):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bits = (n - 1).bit_length()
+    low = np.uint64((1 << bits) - 1)
+    packed = np.concatenate([keys, query]).astype(np.uint64, copy=False)
+    packed &= ~low  # in place from here: fresh pages cost system time
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    idx = (packed & low).view(np.int64)
+    packed &= ~low
+    new = np.ones(n, dtype=bool)
+    np.not_equal(packed[1:], packed[:-1], out=new[1:])
+    del packed
+    run = np.cumsum(new) - 1
+    is_key = idx < len(keys)
+    n_keys = np.bincount(run[is_key], minlength=int(run[-1]) + 1)  # the first entries of their run
+    at = np.flatnonzero(~is_key & (n_keys[run] > 0))  # queries with keys in their run
+    count = n_keys[run[at]]
+    qi = np.repeat(idx[at] - len(keys), count)
+    first = np.flatnonzero(new)[run[at]]
+    return qi, idx[np.repeat(first - np.cumsum(count) + count, count) + np.arange(int(count.sum()))]
 
 
 def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndarray):
@@ -260,10 +280,11 @@ def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
     """Per word set (each with an eligible band here): near (see the module). ``s_idx``,
     ``k_idx``, ``gid``: the sets' eligible band entries (set, band, group), grouped by ``gid``."""
     near = set_caps >= 2  # one set's own captions: any eligible band
-    groups = np.full((len(set_caps), BANDS), -1, dtype=np.int64)
+    groups = np.full((len(set_caps), BANDS), -1, dtype=np.int64 if len(gid) and gid[-1] >= 2**31 else np.int32)
     groups[s_idx, k_idx] = gid  # -1: no eligible band here
     a, b = _subset_pairs(offsets, words, v, np.ones(len(set_caps), dtype=bool))
-    share = ((groups[a] == groups[b]) & (groups[a] >= 0)).any(axis=1)
+    ga, gb = np.take(groups, a, axis=0), np.take(groups, b, axis=0)  # np.take: rows, fast
+    share = ((ga == gb) & (ga >= 0)).any(axis=1)
     near[a[share]] = near[b[share]] = True
     sizes = np.diff(offsets)
     for a, b in _large_pairs(s_idx, gid, sizes):
@@ -322,25 +343,28 @@ def _decoded(codes: list, n: int):
 
 def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray, values: np.ndarray, max_band: int):
     """One bucket's captions (a caption may repeat), their records, and its band keys (their
-    caption's row in ``norms``, band number, band values) -> the sorted near captions by them.
-    Only captions with a band key of >= 2 captions and <= ``max_band`` records are split into
+    caption's row in ``norms``, band number, band values) -> the near captions by them (in order
+    of first appearance). Only captions with a band key of >= 2 captions and <= ``max_band`` records are split into
     words."""
     cap_of, distinct = caption_ids(norms)
     if not len(distinct):
         return []
-    cap_count = np.bincount(cap_of, weights=counts, minlength=len(distinct)).astype(np.int64)
-    once = np.zeros(len(cap_of), dtype=bool)
-    once[_firsts(cap_of)] = True
-    keep = once[rows]  # each caption's keys once
-    cap, band, vals = cap_of[rows[keep]], bands[keep], values[keep]
-    order, new = _band_groups(entry_mix(band, vals), vals, band)
-    cap, band = cap[order], band[order]
+    order, new = _band_groups(entry_mix(bands, values), values, bands)
+    packed = _entry_columns(cap_of, counts, rows, bands, order, max_band)
+    first = (packed & (1 << 23)) != 0
     starts = np.flatnonzero(new)
-    gid = np.cumsum(new) - 1
-    size = np.diff(np.append(starts, len(cap)))
-    eligible = (np.add.reduceat(cap_count[cap], starts) <= max_band) & (size >= 2) if len(cap) else new[:0]
-    ok = eligible[gid]
-    cand = _marked(cap[ok], len(distinct))
+    gid = np.cumsum(new)
+    gid -= 1
+    if len(packed):  # >= 2 captions, <= max_band records (each row's records: every key's group)
+        eligible = (np.add.reduceat(first, starts, dtype=np.int64) >= 2) & (
+            np.add.reduceat(packed & ((1 << 23) - 1), starts) <= max_band
+        )
+    else:
+        eligible = new[:0]
+    ok = np.flatnonzero(eligible[gid] & first)
+    packed, gid = packed[ok], gid[ok]
+    cap, band = packed >> 32, (packed >> 24) & 0xFF
+    cand = _marked(cap, len(distinct))
     if not len(cand):
         return []
     local = np.full(len(distinct), -1, dtype=np.int64)
@@ -349,10 +373,25 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     cap_set, offsets, words, v = _word_sets(texts)
     rep = np.zeros(len(cand), dtype=bool)
     rep[_firsts(cap_set)] = True  # a set's keys: those of its first caption
-    c = local[cap[ok]]
+    c = local[cap]
     on = rep[c]
-    near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[ok][on], gid[ok][on], offsets, words, v)
-    return sorted_texts(texts, np.flatnonzero(near[cap_set]))
+    near = near_sets(np.bincount(cap_set), cap_set[c[on]], band[on], gid[on], offsets, words, v)
+    return text_list(texts, np.flatnonzero(near[cap_set]))
+
+
+def _entry_columns(cap_of, counts, rows, bands, order, max_band: int) -> np.ndarray:
+    """Band entries, in ``order`` -> one int64 each, gathered once: caption << 32 | band << 24 |
+    whether the row is its caption's first << 23 | the row's records (at most max_band + 1)."""
+    if not 0 <= max_band < (1 << 22):
+        raise ValueError(f"max_band {max_band}: records a band key are packed in 23 bits")
+    once = np.zeros(len(cap_of), dtype=bool)
+    once[_firsts(cap_of)] = True  # a caption's first row: its keys once
+    row = (cap_of << 32) | (once.astype(np.int64) << 23) | np.minimum(counts, max_band + 1)
+    packed = row[rows]
+    band = bands.astype(np.int64)
+    band <<= 24
+    packed |= band
+    return packed[order]
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:
