@@ -182,8 +182,8 @@ class CodesByShard(BatchByShard):
         super().__init__(route=_code_by_shard)
 
     def process(self, kv):
-        """One call per coded record: a plain function (no generator) that returns None unless a
-        shard's batch is full."""
+        """One call per coded record: a plain function (no generator) that returns nothing (an empty
+        tuple: Beam warns on None) unless a shard's batch is full."""
         if isinstance(kv[1], Batch):
             return [kv]
         (key, shard), codes = kv
@@ -193,7 +193,7 @@ class CodesByShard(BatchByShard):
         batch.append((key, codes))
         if len(batch) >= self.size:
             return [(shard, self.held.pop(shard))]
-        return None
+        return ()
 
 
 def classified(item, share: float, m: int) -> Iterator:
