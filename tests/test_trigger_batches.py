@@ -93,7 +93,7 @@ def test_codes_by_shard_batches_records_and_passes_batches():
     fn.size = 2  # a full shard batch goes out at once
     fn.start_bundle()
     got = [fn.process((("k1", "s0"), ("a",))), fn.process((("k2", "s0"), ("b",))), fn.process((("k3", "s0"), ("c",)))]
-    assert got == [None, [("s0", [("k1", ("a",)), ("k2", ("b",))])], None]
+    assert got == [(), [("s0", [("k1", ("a",)), ("k2", ("b",))])], ()]
 
 
 def test_count_batches_sums_a_bundle_and_flushes():
