@@ -23,7 +23,7 @@ def split_words(norms):
         return _split_words_py(texts)
     lists = pc.split_pattern(texts, pattern=" ")
     encoded = lists.flatten().dictionary_encode()
-    ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = encoded.indices.to_numpy(zero_copy_only=False)  # int32: no int64 copy (fresh pages cost system time)
     empty = pc.index(encoded.dictionary, "").as_py()  # "" pieces: from empty captions only, if regular
     blanks = int(np.count_nonzero(ids == empty)) if empty >= 0 else 0
     if (
@@ -38,10 +38,14 @@ def split_words(norms):
     unique = packed[ids != empty] if blanks else packed
     unique.sort()
     if len(unique):
-        unique = unique[np.concatenate([[True], unique[1:] != unique[:-1]])]
+        keep = np.empty(len(unique), dtype=bool)
+        keep[0] = True
+        np.not_equal(unique[1:], unique[:-1], out=keep[1:])
+        unique = unique[keep]
     offsets = np.zeros(len(norms) + 1, dtype=np.int64)
     np.cumsum(np.bincount(unique >> bits, minlength=len(norms)), out=offsets[1:])
-    return offsets, unique & ((1 << bits) - 1), vocab
+    unique &= (1 << bits) - 1  # in place: the word ids
+    return offsets, unique, vocab
 
 
 def _split_words_py(norms: list[str]):

@@ -146,8 +146,7 @@ def _word_sets(norms: list[str]):
 
     offsets, ids, vocab = split_words(norms)
     sizes = np.diff(offsets)
-    h = _word_hashes(len(vocab))
-    running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[ids], dtype=np.uint64)])
+    running = _running_hashes(ids, len(vocab))
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each caption's word hashes summed, mod 2**64
     key = sums ^ (sizes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))  # the size mixed in
     cap_set = pd.factorize(key)[0].astype(np.int64)  # numbered in order of first appearance
@@ -187,6 +186,13 @@ def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
             set_offsets.append(len(words))
         cap_set[i] = s
     return cap_set, np.asarray(set_offsets, dtype=np.int64), np.asarray(words, dtype=np.int64), v
+
+
+def _running_hashes(ids: np.ndarray, v: int) -> np.ndarray:
+    """Word ids -> the running sum of their hashes (mod 2**64), a leading 0: one buffer."""
+    running = np.zeros(len(ids) + 1, dtype=np.uint64)
+    np.cumsum(_word_hashes(v)[ids], out=running[1:])
+    return running
 
 
 def _word_hashes(v: int) -> np.ndarray:
@@ -258,17 +264,26 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     """Pairs (A, B) of sets (both ``among``) with A inside B, b = a + 1, 4 <= a <= 8 (d = 1,
     a + b <= 17)."""
     sizes = np.diff(offsets)
-    h = _word_hashes(v)
-    running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(h[words], dtype=np.uint64)])
+    hw = _word_hashes(v)[words]  # each word's hash
+    running = np.zeros(len(words) + 1, dtype=np.uint64)
+    np.cumsum(hw, out=running[1:])
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each set's word hashes summed, mod 2**64
+    del running
     small = np.flatnonzero((sizes >= 4) & (sizes <= 8) & among)
     big = np.flatnonzero((sizes >= 5) & (sizes <= 9) & among)
     if not len(small) or not len(big):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     nb = sizes[big]
     owner = np.repeat(big, nb)
-    pos = np.repeat(offsets[big] - np.cumsum(nb) + nb, nb) + np.arange(int(nb.sum()))
-    qi, ki = _equal_join(sums[small], sums[owner] - h[words[pos]])
+    pos = np.ones(int(nb.sum()), dtype=np.int64)  # B's word positions: steps of one, cumsum in place
+    heads = np.cumsum(nb) - nb
+    pos[heads] = offsets[big]
+    pos[heads[1:]] -= offsets[big[:-1]] + nb[:-1] - 1
+    np.cumsum(pos, out=pos)
+    query = np.take(sums, owner)
+    query -= np.take(hw, pos)  # B less one word
+    qi, ki = _equal_join(sums[small], query)
+    del query
     a, b, j = small[ki], owner[qi], pos[qi] - offsets[owner[qi]]
     keep = sizes[a] == sizes[b] - 1
     a, b, j = a[keep], b[keep], j[keep]
