@@ -146,7 +146,8 @@ def _word_sets(norms: list[str]):
 
     offsets, ids, vocab = split_words(norms)
     sizes = np.diff(offsets)
-    running = _running_hashes(ids, len(vocab))
+    running = np.zeros(len(ids) + 1, dtype=np.uint64)  # running sums of word hashes, one buffer
+    np.cumsum(_word_hashes(len(vocab))[ids], out=running[1:])
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each caption's word hashes summed, mod 2**64
     key = sums ^ (sizes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))  # the size mixed in
     cap_set = pd.factorize(key)[0].astype(np.int64)  # numbered in order of first appearance
@@ -186,13 +187,6 @@ def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
             set_offsets.append(len(words))
         cap_set[i] = s
     return cap_set, np.asarray(set_offsets, dtype=np.int64), np.asarray(words, dtype=np.int64), v
-
-
-def _running_hashes(ids: np.ndarray, v: int) -> np.ndarray:
-    """Word ids -> the running sum of their hashes (mod 2**64), a leading 0: one buffer."""
-    running = np.zeros(len(ids) + 1, dtype=np.uint64)
-    np.cumsum(_word_hashes(v)[ids], out=running[1:])
-    return running
 
 
 def _word_hashes(v: int) -> np.ndarray:
@@ -236,12 +230,16 @@ def _equal_join(keys: np.ndarray, query: np.ndarray):
     """-> (query index, key index) for every pair of equal high bits (a superset of the equal
     pairs; the caller checks each): keys and queries as one sorted array of numbers (the high
     bits, the index in the low bits), so a run of one value holds its keys first."""
-    n = len(keys) + len(query)
-    if not len(keys) or not len(query):
+    return _joined(np.concatenate([keys, query]).astype(np.uint64, copy=False), len(keys))
+
+
+def _joined(packed: np.ndarray, k: int):
+    """``_equal_join`` of keys ``packed[:k]`` and queries ``packed[k:]`` (uint64, overwritten)."""
+    n = len(packed)
+    if not k or k == n:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     bits = (n - 1).bit_length()
     low = np.uint64((1 << bits) - 1)
-    packed = np.concatenate([keys, query]).astype(np.uint64, copy=False)
     packed &= ~low  # in place from here: fresh pages cost system time
     packed |= np.arange(n, dtype=np.uint64)
     packed.sort()
@@ -250,12 +248,15 @@ def _equal_join(keys: np.ndarray, query: np.ndarray):
     new = np.ones(n, dtype=bool)
     np.not_equal(packed[1:], packed[:-1], out=new[1:])
     del packed
-    run = np.cumsum(new) - 1
-    is_key = idx < len(keys)
+    run = np.cumsum(new, dtype=np.int32 if n < 2**31 else np.int64)
+    run -= 1
+    is_key = idx < k
     n_keys = np.bincount(run[is_key], minlength=int(run[-1]) + 1)  # the first entries of their run
-    at = np.flatnonzero(~is_key & (n_keys[run] > 0))  # queries with keys in their run
+    with_keys = np.take(n_keys > 0, run)  # bool masks, in place: fresh pages cost system time
+    with_keys &= np.greater_equal(idx, k, out=is_key)
+    at = np.flatnonzero(with_keys)  # queries with keys in their run
     count = n_keys[run[at]]
-    qi = np.repeat(idx[at] - len(keys), count)
+    qi = np.repeat(idx[at] - k, count)
     first = np.flatnonzero(new)[run[at]]
     return qi, idx[np.repeat(first - np.cumsum(count) + count, count) + np.arange(int(count.sum()))]
 
@@ -274,16 +275,19 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     if not len(small) or not len(big):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     nb = sizes[big]
-    owner = np.repeat(big, nb)
+    owner = np.repeat(big.astype(np.int32) if len(sizes) < 2**31 else big, nb)
     pos = np.ones(int(nb.sum()), dtype=np.int64)  # B's word positions: steps of one, cumsum in place
     heads = np.cumsum(nb) - nb
     pos[heads] = offsets[big]
     pos[heads[1:]] -= offsets[big[:-1]] + nb[:-1] - 1
     np.cumsum(pos, out=pos)
-    query = np.take(sums, owner)
+    both = np.empty(len(small) + len(pos), dtype=np.uint64)  # the join's keys and queries, one buffer
+    np.take(sums, small, out=both[: len(small)], mode="clip")  # clip: no buffered copy (indices valid)
+    query = np.take(sums, owner, out=both[len(small) :], mode="clip")
     query -= np.take(hw, pos)  # B less one word
-    qi, ki = _equal_join(sums[small], query)
-    del query
+    del hw, query
+    qi, ki = _joined(both, len(small))
+    del both
     a, b, j = small[ki], owner[qi], pos[qi] - offsets[owner[qi]]
     keep = sizes[a] == sizes[b] - 1
     a, b, j = a[keep], b[keep], j[keep]
