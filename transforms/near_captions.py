@@ -370,19 +370,26 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
         return []
     order, new = _band_groups(entry_mix(bands, values), values, bands)
     packed = _entry_columns(cap_of, counts, rows, bands, order, max_band)
-    first = (packed & (1 << 23)) != 0
+    del order
+    field = np.bitwise_and(packed, 1 << 23)  # one buffer for both fields: fresh pages cost system time
+    first = field != 0
     starts = np.flatnonzero(new)
-    gid = np.cumsum(new)
+    gid = np.cumsum(new, dtype=np.int32 if len(new) < 2**31 else np.int64)
     gid -= 1
     if len(packed):  # >= 2 captions, <= max_band records (each row's records: every key's group)
         eligible = (np.add.reduceat(first, starts, dtype=np.int64) >= 2) & (
-            np.add.reduceat(packed & ((1 << 23) - 1), starts) <= max_band
+            np.add.reduceat(np.bitwise_and(packed, (1 << 23) - 1, out=field), starts) <= max_band
         )
     else:
         eligible = new[:0]
-    ok = np.flatnonzero(eligible[gid] & first)
+    del field
+    keep = np.take(eligible, gid)
+    keep &= first
+    ok = np.flatnonzero(keep)
     packed, gid = packed[ok], gid[ok]
-    cap, band = packed >> 32, (packed >> 24) & 0xFF
+    band = packed >> 24
+    band &= 0xFF
+    cap = np.right_shift(packed, 32, out=packed)
     cand = _marked(cap, len(distinct))
     if not len(cand):
         return []
