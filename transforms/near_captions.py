@@ -169,8 +169,9 @@ def _word_sets(norms: list[str]):
 def _words_of(rows: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The word ids of CSR ``rows``, concatenated."""
     sizes = np.diff(offsets)[rows]
-    at = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    return ids[np.repeat(offsets[rows], sizes) + at]
+    at = np.repeat(offsets[rows] - np.cumsum(sizes) + sizes, sizes)
+    at += np.arange(len(at))  # in place: fresh pages cost system time
+    return ids[at]
 
 
 def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
@@ -303,7 +304,9 @@ def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
     groups[s_idx, k_idx] = gid  # -1: no eligible band here
     a, b = _subset_pairs(offsets, words, v, np.ones(len(set_caps), dtype=bool))
     ga, gb = np.take(groups, a, axis=0), np.take(groups, b, axis=0)  # np.take: rows, fast
-    share = ((ga == gb) & (ga >= 0)).any(axis=1)
+    same = ga == gb
+    same &= ga >= 0
+    share = same.any(axis=1)
     near[a[share]] = near[b[share]] = True
     sizes = np.diff(offsets)
     for a, b in _large_pairs(s_idx, gid, sizes):
