@@ -131,10 +131,11 @@ class AnnotateShardFn(beam.DoFn):
         from transforms.diversify import caption_word_counts
 
         ok = pc.fill_null(pc.equal(annotations.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
-        words = caption_word_counts(annotations.column("caption").filter(pa.array(ok)))
+        caption = annotations.column("caption")
+        words = caption_word_counts(caption if ok.all() else caption.filter(pa.array(ok)))
         if words.num_rows:
             yield beam.pvalue.TaggedOutput("words", words)
-        caption = pc.fill_null(annotations.column("caption"), "")
+        caption = pc.fill_null(caption, "")
         size = annotations.column("cluster_size").to_numpy(zero_copy_only=False)
         clustered = ok & (size > 1) & pc.not_equal(caption, "").to_numpy(zero_copy_only=False)
         if clustered.any():
