@@ -31,12 +31,17 @@ def cluster_duplication(captions: list[str], full_share: float = 0.5, max_pairs:
     captions in sorted order, so it is deterministic and bounded).
     """
     normalized = sorted(normalize_caption(c) for c in captions)
-    counts = Counter(normalized)
-    modal = max(counts.values()) if counts else 0
-    share = modal / len(normalized) if normalized else 0.0
     sets = [frozenset(c.split()) for c in normalized[:max_pairs]]
     pairs = list(itertools.combinations(sets, 2))
     diversity = sum(1 - jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
+    return duplication_summary(normalized, full_share, diversity)
+
+
+def duplication_summary(normalized: list[str], full_share: float, diversity: float) -> dict:
+    """A cluster's duplication record from its sorted normalized captions and their diversity."""
+    counts = Counter(normalized)
+    modal = max(counts.values()) if counts else 0
+    share = modal / len(normalized) if normalized else 0.0
     full = modal >= 2 and share >= full_share  # one caption *repeated*: two different ones are partial
     return {
         "class": "full" if full else "partial",

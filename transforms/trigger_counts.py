@@ -310,18 +310,10 @@ def norm_duplication(norms: list[str], full_share: float = 0.5, max_pairs: int =
     to it to the bit: the pairwise Jaccard distances of the first ``max_pairs`` sorted captions
     come from one matrix product of their word indicators (the same int / int divisions), then
     Python's ``sum`` adds them in ``itertools.combinations`` order."""
+    from transforms.captions import duplication_summary
+
     normalized = sorted(norms)
-    counts = Counter(normalized)
-    modal = max(counts.values()) if counts else 0
-    share = modal / len(normalized) if normalized else 0.0
-    full = modal >= 2 and share >= full_share  # one caption *repeated*: two different ones are partial
-    return {
-        "class": "full" if full else "partial",
-        "modal_share": share,
-        "distinct": len(counts),
-        "size": len(normalized),
-        "diversity": _mean_distance(normalized[:max_pairs]),
-    }
+    return duplication_summary(normalized, full_share, _mean_distance(normalized[:max_pairs]))
 
 
 def _mean_distance(normalized: list[str]) -> float:
