@@ -15,8 +15,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import DecideConfig
 from schemas.elements import Annotation
-from transforms.decide import BlocklistRows, blocklist_row, decide, manifest_row
-from transforms.decide_columns import decide_columns, manifest_table
+from transforms.decide import DECISIONS, BlocklistRows, blocklist_row, decide, manifest_row
+from transforms.decide_columns import decide_codes, decide_columns, manifest_table
 from transforms.diversify import caption_word_counts, caption_words
 from transforms.shard_columns import annotation_rows_table
 from transforms.write import bucket, bucket_labels, crc32s
@@ -70,6 +70,18 @@ def test_decide_columns_equal_decide_row_by_row(cfg):
     expected = [manifest_row(a, *decide(a, cfg)) for a in rows]
     assert got == expected
     assert {r["decision"] for r in got} >= {"keep", "drop"}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_decide_codes_manifest_equals_decide_row_by_row(cfg):
+    """The shard stage's path: int8 decision codes, the manifest's strings made from them."""
+    rows = _annotations()
+    table = annotation_rows_table(rows)
+    codes, reasons = decide_codes(table, cfg)
+    assert codes.dtype == np.int8
+    got = manifest_table(table, codes, reasons).to_pylist()
+    assert got == [manifest_row(a, *decide(a, cfg)) for a in rows]
+    assert [DECISIONS[c] for c in codes.tolist()] == [r["decision"] for r in got]
 
 
 def test_blocklist_tables_equal_blocklist_row():

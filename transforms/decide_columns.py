@@ -11,9 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas import arrow
-from transforms.decide import DIVERSIFY, DROP, KEEP
+from transforms.decide import DECISIONS, DIVERSIFY, DROP, KEEP
 
 EMPTY = pa.array([], pa.string())
+# ``decide_codes``' decisions: an int8 per row, the position of its decision in ``DECISIONS``
+KEEP_CODE, DIVERSIFY_CODE, DROP_CODE = (DECISIONS.index(d) for d in (KEEP, DIVERSIFY, DROP))
 
 
 def _np(col, fill=None) -> np.ndarray:
@@ -22,10 +24,21 @@ def _np(col, fill=None) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def _equal(col, value: str) -> np.ndarray:
+    """A string column == ``value`` (null: False) as a numpy bool array, compared by Arrow."""
+    return _np(pc.equal(col, value), False).astype(bool)
+
+
 def decide_columns(t: pa.Table, cfg) -> tuple[np.ndarray, pa.ListArray]:
     """``decide`` for every row of an annotations table -> (decisions, reason code lists)."""
+    codes, reasons = decide_codes(t, cfg)
+    return np.array(DECISIONS, dtype=object)[codes], reasons
+
+
+def decide_codes(t: pa.Table, cfg) -> tuple[np.ndarray, pa.ListArray]:
+    """``decide_columns`` with each decision as its position in ``DECISIONS`` (int8; no string per row)."""
     n = t.num_rows
-    failed = _np(t.column("status"), "") != "ok"
+    failed = ~_equal(t.column("status"), "ok")
     size = _np(t.column("cluster_size"), 1)
     rep = _np(t.column("is_representative"), True).astype(bool)
     if cfg.probe_threshold is None:
@@ -38,7 +51,7 @@ def decide_columns(t: pa.Table, cfg) -> tuple[np.ndarray, pa.ListArray]:
     probe_drop = ok & flagged & bool(cfg.drop_flagged_probe)
     dropped = dup | probe_drop
     notes = ok & ~dropped
-    full = notes & (_np(t.column("duplication"), "") == "full") & (size >= max(2, cfg.min_full_duplication_size))
+    full = notes & _equal(t.column("duplication"), "full") & (size >= max(2, cfg.min_full_duplication_size))
     full &= bool(cfg.diversify_full_duplication)
     rows = np.arange(n)
     pieces = []  # (rows, slot, position, values): a row's reasons in (slot, position) order
@@ -76,10 +89,10 @@ def decide_columns(t: pa.Table, cfg) -> tuple[np.ndarray, pa.ListArray]:
     for r, slot, _, _ in pieces:
         if slot >= 3:
             has_notes[r] = True
-    decisions = np.full(n, KEEP, dtype=object)
-    decisions[has_notes] = DIVERSIFY
-    decisions[dropped] = DROP
-    decisions[failed] = DROP if cfg.drop_failed else KEEP
+    decisions = np.full(n, KEEP_CODE, dtype=np.int8)
+    decisions[has_notes] = DIVERSIFY_CODE
+    decisions[dropped] = DROP_CODE
+    decisions[failed] = DROP_CODE if cfg.drop_failed else KEEP_CODE
     return decisions, _reason_lists(n, pieces)
 
 
@@ -96,10 +109,15 @@ def _reason_lists(n: int, pieces: list) -> pa.ListArray:
 
 
 def manifest_table(t: pa.Table, decisions: np.ndarray, reasons: pa.ListArray) -> pa.Table:
-    """``manifest_row`` for every row of an annotations table, as a table."""
+    """``manifest_row`` for every row of an annotations table, as a table. ``decisions``: strings
+    (``decide_columns``) or int codes (``decide_codes``)."""
     cid = pc.fill_null(t.column("cluster_id"), "")
+    if decisions.dtype.kind in "iu":
+        decision = pa.array(DECISIONS, pa.string()).take(pa.array(decisions))
+    else:
+        decision = pa.array(decisions, pa.string())
     columns = {
-        "decision": pa.array(decisions, pa.string()),
+        "decision": decision,
         "reasons": reasons,
         "cluster_id": pc.if_else(pc.equal(cid, ""), t.column("key"), cid),
     }

@@ -357,8 +357,11 @@ def annotation_table(grouped: dict) -> pa.Table:
     parts, infos = [], {}
     if table is not None:
         is_slow = is_in(table.column("key"), slow)
-        parts.append(_fast_table(table.filter(pa.array(~is_slow)), grouped))
-        infos = {i.key: i for i in sample_infos(table.filter(pa.array(is_slow)))}
+        if is_slow.any():  # rare: most shards have neither failures nor moved keys
+            parts.append(_fast_table(table.filter(pa.array(~is_slow)), grouped))
+            infos = {i.key: i for i in sample_infos(table.filter(pa.array(is_slow)))}
+        else:
+            parts.append(_fast_table(table, grouped))
     rare = sorted((infos.keys() | failures.keys()) - moved)
     if rare:
         wanted = set(rare)

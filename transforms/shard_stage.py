@@ -17,7 +17,6 @@ A shard's rows are held by one worker while its parts are written: bounded by th
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -29,8 +28,8 @@ from pipeline import progress
 from schemas import arrow
 from schemas.elements import Annotation, ClusterAssignment
 from transforms import fsio
-from transforms.decide import DIVERSIFY, DROP, reason_family
-from transforms.decide_columns import decide_columns, manifest_table
+from transforms.decide import DECISIONS, reason_family
+from transforms.decide_columns import DIVERSIFY_CODE, DROP_CODE, decide_codes, manifest_table
 from transforms.shard_columns import (
     annotation_table,
     assignment_tuples,
@@ -94,9 +93,8 @@ class AnnotateShardFn(beam.DoFn):
         grouped = unbatched(grouped)
         annotations = annotation_table(grouped)
         n = annotations.num_rows
-        status = annotations.column("status").to_numpy(zero_copy_only=False)
         # "dedup" ticks in FindDuplicates (cluster_columns.labelled, assign_tables): its own span
-        decisions, reasons = decide_columns(annotations, self.cfg)
+        decisions, reasons = decide_codes(annotations, self.cfg)  # int8 positions in DECISIONS
         self._count(decisions, reasons)
         progress.advance("decide", n)
         manifest = manifest_table(annotations, decisions, reasons)
@@ -108,18 +106,20 @@ class AnnotateShardFn(beam.DoFn):
         kept_copy = (
             annotations.column("is_representative").to_numpy(zero_copy_only=False).astype(bool)
             & (annotations.column("cluster_size").to_numpy(zero_copy_only=False) > 1)
-            & (decisions != DROP)
+            & (decisions != DROP_CODE)
         )
-        blockable = (decisions == DROP) | kept_copy
+        blockable = (decisions == DROP_CODE) | kept_copy
         if blockable.any():
             yield beam.pvalue.TaggedOutput("blockable", manifest.select(BLOCKABLE).filter(pa.array(blockable)))
         if self.diversify:
-            yield from self._diversify_inputs(annotations, manifest, decisions, status)
+            yield from self._diversify_inputs(annotations, manifest, decisions)
 
     @staticmethod
     def _count(decisions: np.ndarray, reasons: pa.ListArray) -> None:
-        for name, c in sorted(Counter(decisions.tolist()).items()):  # a few distinct decisions
-            beam.metrics.Metrics.counter("decide", str(name)).inc(c)
+        counts = np.bincount(decisions, minlength=len(DECISIONS)).tolist()
+        for name, c in sorted(zip(DECISIONS, counts, strict=True)):
+            if c:
+                beam.metrics.Metrics.counter("decide", name).inc(c)
         families: dict[str, int] = {}
         for r in pc.value_counts(pc.list_flatten(reasons)).to_pylist():
             family = reason_family(r["values"])
@@ -127,20 +127,21 @@ class AnnotateShardFn(beam.DoFn):
         for name, c in families.items():
             beam.metrics.Metrics.counter("decide_reason", name).inc(c)
 
-    def _diversify_inputs(self, annotations, manifest, decisions, status) -> Iterator:
+    def _diversify_inputs(self, annotations, manifest, decisions) -> Iterator:
         from transforms.diversify import caption_word_counts
 
-        ok = status == "ok"
-        words = caption_word_counts(annotations.column("caption").filter(pa.array(ok)))
+        ok = pc.fill_null(pc.equal(annotations.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
+        caption = annotations.column("caption")
+        words = caption_word_counts(caption if ok.all() else caption.filter(pa.array(ok)))
         if words.num_rows:
             yield beam.pvalue.TaggedOutput("words", words)
-        caption = pc.fill_null(annotations.column("caption"), "")
+        caption = pc.fill_null(caption, "")
         size = annotations.column("cluster_size").to_numpy(zero_copy_only=False)
         clustered = ok & (size > 1) & pc.not_equal(caption, "").to_numpy(zero_copy_only=False)
         if clustered.any():
             captions = annotations.select(["cluster_id", "caption"]).filter(pa.array(clustered))
             yield beam.pvalue.TaggedOutput("cluster_captions", captions)
-        chosen = decisions == DIVERSIFY
+        chosen = decisions == DIVERSIFY_CODE
         if chosen.any():
             yield beam.pvalue.TaggedOutput("diversify", manifest.select(TO_DIVERSIFY).filter(pa.array(chosen)))
 
