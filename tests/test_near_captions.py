@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from transforms.captions import minhash_bands
-from transforms.near_captions import _band_groups, _word_sets, band_mix, bucket_entries, minhash_rows, near_captions
+from transforms.near_captions import _band_groups, band_mix, bucket_entries, minhash_rows, near_captions
 from transforms.trigger_captions import MAX_BAND, band_entries, near_in_bands, near_norms
+from transforms.word_sets import _word_sets
 
 
 def _reference(norms: list[str]) -> set[str]:
@@ -98,7 +99,7 @@ def test_band_groups_fall_back_to_the_keys_when_hashes_collide():
 
 
 def test_word_sets_and_a_set_of_several_captions(monkeypatch):
-    import transforms.near_captions as nc
+    import transforms.word_sets as nc
 
     for norms in (["b a", "a b b", "c", "", "a b", "c d"], ["b  a", "a\tb b", " c", "", "a b", "c d "]):
         cap_set, offsets, words, v = _word_sets(norms)  # Arrow, then Python (irregular spaces)
@@ -140,7 +141,7 @@ def test_large_pairs_in_chunks_are_every_pair_of_a_group():
 
 
 def test_subset_pairs_by_hash_join_or_sort_equal_every_pair(monkeypatch):
-    import transforms.near_captions as nc
+    import transforms.word_sets as nc
 
     rng = random.Random(7)
     norms = [" ".join(rng.sample([f"w{i}" for i in range(9)], rng.randint(3, 9))) for _ in range(300)]
@@ -208,7 +209,7 @@ def test_split_words_equal_python_split(norms):
 
 
 def test_intersections_and_equal_join_by_sorting():
-    from transforms.near_captions import _equal_join, _intersections
+    from transforms.word_sets import _equal_join, _intersections
 
     rng = np.random.default_rng(3)
     sets = [sorted(set(rng.integers(0, 40, rng.integers(0, 15)).tolist())) for _ in range(300)]
