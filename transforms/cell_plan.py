@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 BF16_EPS = 2.0**-6  # |bf16 product - fp32 product| bound for unit vectors (inputs and output rounded)
 KMEANS_BLOCK = 32768  # sample rows per k-means product (a row's products do not depend on it)
 SAMPLE_PER_CELL = 40  # k-means sample rows per cell, unless the settings give a sample size
+ASSIGN_ROWS = 4096  # rows an ``assign`` step: its products stay in cache (1M rows: ~35% less CPU than 32,768)
 
 
 @functools.cache
@@ -165,7 +166,7 @@ def _bf16_argmax(prod) -> np.ndarray:
     return best
 
 
-def assign(queries: np.ndarray, plan: Plan, batch: int = 32768) -> np.ndarray:
+def assign(queries: np.ndarray, plan: Plan, batch: int = ASSIGN_ROWS) -> np.ndarray:
     """(m, Q, d) query vectors (float16 or float32) -> (m, C) int32 cell ids per row, -1 padded,
     unique, ascending. float16 rows go to bf16 directly (the same values as through float32)."""
     import torch
@@ -230,19 +231,51 @@ def _nearest_centroids(x, ct_low, c32, c_norm: float, per: int, margin: float):
     """bf16 products -> (values, ids) of each row's ``per`` nearest centroids. A row whose first
     two are within ``margin`` plus twice the bf16 error (its order, or its second-cell decision,
     could differ in fp32: a few percent of rows) is ranked again in fp32 among its bf16 top
-    per + 2; the others' bf16 choice is fp32's."""
+    per + 2; the others' bf16 choice is fp32's. Each row's first two values come from two
+    reductions of the products' bits (``_first_two``), not a top-k (a sixth of its cost); the
+    top per + 2 is taken only for the rows that need it, the same as over the whole batch (a
+    row's top-k does not depend on the other rows). An unsure row's second id is dropped by
+    ``assign`` (its second cell is not within the margin)."""
     import torch
 
-    top = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1)
-    values, short = top.values.float(), top.indices
+    prod = x.to(torch.bfloat16) @ ct_low
     eps = BF16_EPS * float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()) * c_norm
-    rows = torch.nonzero(values[:, 0] - values[:, 1] <= (margin if per == 2 else 0.0) + 2 * eps)[:, 0]
-    values, ids = values[:, :per].clone(), short[:, :per].clone()
-    if len(rows):
-        exact = torch.bmm(c32[short[rows]], x[rows].float()[:, :, None])[:, :, 0]
+    first, values, odd = _first_two(prod)
+    gap = (values[:, 0] - values[:, 1]) <= (margin if per == 2 else 0.0) + 2 * eps
+    redo = torch.nonzero(gap | odd)[:, 0]
+    values, ids = values[:, :per].clone(), first[:, None].repeat(1, per)
+    if not len(redo):
+        return values, ids
+    top = torch.topk(prod[redo], per + 2, dim=1)  # as over the whole batch, for these rows
+    near, short = top.values.float(), top.indices
+    values[redo], ids[redo] = near[:, :per], short[:, :per]
+    unsure = torch.nonzero(near[:, 0] - near[:, 1] <= (margin if per == 2 else 0.0) + 2 * eps)[:, 0]
+    if len(unsure):
+        rows = redo[unsure]
+        exact = torch.bmm(c32[short[unsure]], x[rows].float()[:, :, None])[:, :, 0]
         best = torch.topk(exact, per, dim=1)
-        values[rows], ids[rows] = best.values, torch.gather(short[rows], 1, best.indices)
+        values[rows], ids[rows] = best.values, torch.gather(short[unsure], 1, best.indices)
     return values, ids
+
+
+def _first_two(prod) -> tuple:
+    """bf16 products (n, k), k >= 2 -> (each row's first maximum's index, its (largest, second
+    largest) values as float32 (n, 2), rows whose bits do not order as their values: a largest
+    or second value that is not a positive finite number). Positive bf16 values order as their
+    bits read as int16 (``_bf16_argmax``); the second is the largest once the first is masked."""
+    import torch
+
+    bits = prod.view(torch.int16).numpy()
+    rows = np.arange(len(bits))
+    best = bits.argmax(axis=1)
+    top = bits[rows, best]
+    bits[rows, best] = np.iinfo(np.int16).min
+    second = bits.max(axis=1)
+    bits[rows, best] = top
+    two = np.stack([top, second], axis=1)
+    odd = ((two <= 0) | (two >= 0x7F80)).any(axis=1)
+    values = (two.astype(np.int32) << 16).view(np.float32)
+    return torch.from_numpy(best), torch.from_numpy(values), torch.from_numpy(odd)
 
 
 def groups_of(cells: np.ndarray, groups: int) -> np.ndarray:
