@@ -216,3 +216,18 @@ def test_nearest_centroids_equal_a_full_top_k(vectors, per):
         keep = (want[0][:, 0] - want[0][:, -1] <= margin).numpy() if per == 2 else np.ones(len(x), bool)
         assert torch.equal(got[0][:, 0], want[0][:, 0]) and torch.equal(got[1][:, 0], want[1][:, 0])
         assert torch.equal(got[0][keep], want[0][keep]) and torch.equal(got[1][keep], want[1][keep])
+
+
+def test_assign_steps_of_any_size_give_the_same_cells(vectors, monkeypatch):
+    """Steps whose rows are padded with zero rows to a multiple of SHAPE_STEP (1000, 77) or not
+    (1024, all at once) place every row in the same cells."""
+    monkeypatch.setenv("MEMSIEVE_BF16", "1")
+    cell_plan.bf16_native.cache_clear()
+    try:
+        cent = cell_plan.train_centroids(vectors[:1500].astype(np.float32), 40, seed=0)
+        plan = cell_plan.Plan(cent, 4, 0.05, True)
+        want = cell_plan.assign(vectors[:, None], plan, batch=len(vectors))
+        for batch in (1000, 1024, 77):
+            assert np.array_equal(cell_plan.assign(vectors[:, None], plan, batch=batch), want)
+    finally:
+        cell_plan.bf16_native.cache_clear()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 
+from transforms.cell_products import SHAPE_STEP
 from transforms.row_blobs import rows_of
 
 # Idle OpenMP threads sleep instead of spinning (set before torch loads libgomp; a user's setting
@@ -238,7 +239,11 @@ def _nearest_centroids(x, ct_low, c32, c_norm: float, per: int, margin: float):
     ``assign`` (its second cell is not within the margin)."""
     import torch
 
-    prod = x.to(torch.bfloat16) @ ct_low
+    n = len(x)
+    low = x.to(torch.bfloat16)
+    if n % SHAPE_STEP:  # zero rows up to a multiple: a batch's last step reuses a kernel (cell_products)
+        low = torch.cat([low, low.new_zeros((-n % SHAPE_STEP, low.shape[1]))])
+    prod = (low @ ct_low)[:n]
     eps = BF16_EPS * float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()) * c_norm
     first, values, odd = _first_two(prod)
     gap = (values[:, 0] - values[:, 1]) <= (margin if per == 2 else 0.0) + 2 * eps
