@@ -240,9 +240,8 @@ def _nearest_centroids(x, ct_low, c32, c_norm: float, per: int, margin: float):
     import torch
 
     n = len(x)
-    low = x.to(torch.bfloat16)
-    if n % SHAPE_STEP:  # zero rows up to a multiple: a batch's last step reuses a kernel (cell_products)
-        low = torch.cat([low, low.new_zeros((-n % SHAPE_STEP, low.shape[1]))])
+    low = torch.empty((n + -n % SHAPE_STEP, x.shape[1]), dtype=torch.bfloat16)
+    low[:n], low[n:] = x, 0  # zero rows up to a multiple: the product reuses a kernel (cell_products)
     prod = (low @ ct_low)[:n]
     eps = BF16_EPS * float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()) * c_norm
     first, values, odd = _first_two(prod)
