@@ -230,13 +230,11 @@ def _tensor(x: np.ndarray):
 
 def _nearest_centroids(x, ct_low, c32, c_norm: float, per: int, margin: float):
     """bf16 products -> (values, ids) of each row's ``per`` nearest centroids. A row whose first
-    two are within ``margin`` plus twice the bf16 error (its order, or its second-cell decision,
-    could differ in fp32: a few percent of rows) is ranked again in fp32 among its bf16 top
-    per + 2; the others' bf16 choice is fp32's. Each row's first two values come from two
-    reductions of the products' bits (``_first_two``), not a top-k (a sixth of its cost); the
-    top per + 2 is taken only for the rows that need it, the same as over the whole batch (a
-    row's top-k does not depend on the other rows). An unsure row's second id is dropped by
-    ``assign`` (its second cell is not within the margin)."""
+    two are within ``margin`` plus twice the bf16 error (its order or second cell could differ in
+    fp32) is ranked again in fp32 among its bf16 top per + 2; the others' bf16 choice is fp32's.
+    The first two come from two reductions of the bits (``_first_two``: a sixth of a top-k's
+    cost); the top-k only for rows that need it (a row's does not depend on the others). A sure
+    row's second id (its first, repeated) is dropped by ``assign``: not within the margin."""
     import torch
 
     n = len(x)
@@ -244,16 +242,16 @@ def _nearest_centroids(x, ct_low, c32, c_norm: float, per: int, margin: float):
     low[:n], low[n:] = x, 0  # zero rows up to a multiple: the product reuses a kernel (cell_products)
     prod = (low @ ct_low)[:n]
     eps = BF16_EPS * float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()) * c_norm
+    limit = (margin if per == 2 else 0.0) + 2 * eps
     first, values, odd = _first_two(prod)
-    gap = (values[:, 0] - values[:, 1]) <= (margin if per == 2 else 0.0) + 2 * eps
-    redo = torch.nonzero(gap | odd)[:, 0]
+    redo = torch.nonzero(((values[:, 0] - values[:, 1]) <= limit) | odd)[:, 0]
     values, ids = values[:, :per].clone(), first[:, None].repeat(1, per)
     if not len(redo):
         return values, ids
     top = torch.topk(prod[redo], per + 2, dim=1)  # as over the whole batch, for these rows
     near, short = top.values.float(), top.indices
     values[redo], ids[redo] = near[:, :per], short[:, :per]
-    unsure = torch.nonzero(near[:, 0] - near[:, 1] <= (margin if per == 2 else 0.0) + 2 * eps)[:, 0]
+    unsure = torch.nonzero(near[:, 0] - near[:, 1] <= limit)[:, 0]
     if len(unsure):
         rows = redo[unsure]
         exact = torch.bmm(c32[short[unsure]], x[rows].float()[:, :, None])[:, :, 0]
@@ -270,12 +268,10 @@ def _first_two(prod) -> tuple:
     import torch
 
     bits = prod.view(torch.int16).numpy()
-    rows = np.arange(len(bits))
-    best = bits.argmax(axis=1)
+    rows, best = np.arange(len(bits)), bits.argmax(axis=1)
     top = bits[rows, best]
-    bits[rows, best] = np.iinfo(np.int16).min
-    second = bits.max(axis=1)
-    bits[rows, best] = top
+    bits[rows, best] = np.iinfo(np.int16).min  # masked for the second, then put back
+    second, bits[rows, best] = bits.max(axis=1), top
     two = np.stack([top, second], axis=1)
     odd = ((two <= 0) | (two >= 0x7F80)).any(axis=1)
     values = (two.astype(np.int32) << 16).view(np.float32)
