@@ -65,17 +65,21 @@ def dense_recheck(x, hit: np.ndarray):
     not multiplied again; blocks of rows only against the later columns): the same values as the
     block's full product. None when either side is thin (a product of a few rows or columns may
     sum in another order)."""
-    rows, cols = np.unique(hit[:, 0]), np.unique(hit[:, 1])
+    first = np.flatnonzero(np.r_[True, hit[1:, 0] != hit[:-1, 0]]) if len(hit) else np.empty(0, np.int64)
+    rows, has = hit[first, 0], np.zeros(len(x), dtype=bool)  # hits come sorted by row
+    has[hit[:, 1]] = True
+    cols = np.flatnonzero(has)  # the sorted distinct columns, without a sort
     if min(len(rows), len(cols)) < DENSE_MIN_SIDE:
         return None
+    at_col = np.cumsum(has) - 1  # a column's index among cols
+    ends = np.r_[first[1:], len(hit)]
     out = np.empty(len(hit), dtype=np.float32)
     for a, b in row_blocks(len(rows), SYMMETRIC_ROWS):  # hits come by row: j > i, no column below
-        lo, hi = np.searchsorted(hit[:, 0], [rows[a], rows[b - 1] + 1])
+        lo, hi = first[a], ends[b - 1]
         c0 = min(np.searchsorted(cols, rows[a], side="right"), len(cols) - DENSE_MIN_SIDE)
         part = x[rows[a:b]] @ x[cols[c0:]].T
-        at_row = np.searchsorted(rows[a:b], hit[lo:hi, 0])
-        at_col = np.searchsorted(cols[c0:], hit[lo:hi, 1])
-        out[lo:hi] = part[at_row, at_col].numpy()
+        at_row = np.repeat(np.arange(b - a), ends[a:b] - first[a:b])
+        out[lo:hi] = part[at_row, at_col[hit[lo:hi, 1]] - c0].numpy()
     return out
 
 
