@@ -197,6 +197,9 @@ def test_symmetric_product_and_dense_recheck_equal_the_full_product(m):
     hit = np.stack(np.nonzero(np.triu((x @ x.T).numpy() >= 0.85, 1)), axis=1)
     np.testing.assert_array_equal(cell_products.dense_recheck(x, hit), (x @ x.T).numpy()[hit[:, 0], hit[:, 1]])
     assert cell_products.dense_recheck(x, hit[:3]) is None  # too thin: the caller multiplies the block
+    part = hit[(hit[:, 0] >= 100) & (hit[:, 0] < m - 150) & (hit[:, 1] % 3 > 0)]  # rows and columns with gaps
+    np.testing.assert_array_equal(cell_products.dense_recheck(x, part), (x @ x.T).numpy()[part[:, 0], part[:, 1]])
+    assert cell_products.dense_recheck(x, hit[:0]) is None
 
 
 def test_dedup_keys_sorted_unique_and_repeated():
