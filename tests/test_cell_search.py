@@ -214,3 +214,38 @@ def test_dedup_keys_sorted_unique_and_repeated():
     for a, b in zip(range(5), range(10, 15), strict=True):
         kept = a if (vecs[a, 0, 0], a) < (vecs[b, 0, 0], b) else b
         assert kept in got and (a + b - kept) not in got
+
+
+def _forest_reference(n, i, j):
+    """Breadth-first searches from each unseen row in order, neighbours larger then smaller (each
+    ascending) -> (mask of the pairs that are tree edges, the rows in the order found)."""
+    larger, smaller = [[] for _ in range(n)], [[] for _ in range(n)]
+    for a, b in sorted(set(zip(i.tolist(), j.tolist(), strict=True))):
+        larger[a].append(b), smaller[b].append(a)
+    pred, seen, found = np.full(n, -1), np.zeros(n, dtype=bool), []
+    for r in range(n):
+        if seen[r]:
+            continue
+        seen[r], queue = True, [r]
+        for u in queue:
+            for v in larger[u] + smaller[u]:
+                if not seen[v]:
+                    seen[v], pred[v] = True, u
+                    queue.append(v)
+        found += queue
+    return (pred[i] == j) | (pred[j] == i), np.array(found)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shallow_forest_is_the_breadth_first_forest(seed):
+    """Rows at random (components with several rows without a smaller neighbour: the long way) and
+    numbered in the order found (one each: the short way, which drops pairs of a root's
+    neighbours); sparse graphs (deep trees) and dense ones (groups of copies)."""
+    rng = np.random.default_rng(seed)
+    for n, e in ((60, 50), (60, 400), (200, 180), (40, 700), (300, 2000)):
+        i, j = rng.integers(0, n, e), rng.integers(0, n, e)
+        i, j = np.minimum(i, j)[i != j], np.maximum(i, j)[i != j]
+        label = np.empty(n, dtype=np.int64)
+        label[_forest_reference(n, i, j)[1]] = np.arange(n)
+        for a, b in ((i, j), (np.minimum(label[i], label[j]), np.maximum(label[i], label[j]))):
+            np.testing.assert_array_equal(cell_search.shallow_forest(n, a, b), _forest_reference(n, a, b)[0])

@@ -194,24 +194,58 @@ def shallow_forest(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     rooted at its component's first row (the smallest key): the same components from at most
     n - 1 real edges (a group of 500 copies: 499, not 124,750), and trees as shallow as the
     graph allows (copies of one image: a star), which keeps the component rounds few."""
+    if len(i) < 2:
+        return np.ones(len(i), dtype=bool)
+    pred = _pred_from_first_rows(n, i, j) if bool((i < j).all()) else None
+    if pred is None:
+        _, labels = _search_graph(n, i, j, None)
+        roots = np.full(labels.max() + 1, n, dtype=np.int64)
+        np.minimum.at(roots, labels[:n], np.arange(n))
+        pred = _search_graph(n, i, j, np.sort(roots[roots < n]))
+    return (pred[i] == j) | (pred[j] == i)  # a tree's edges: (parent, child) either way round
+
+
+def _search_graph(n: int, i: np.ndarray, j: np.ndarray, roots):
+    """``roots`` None: the components of the pairs' graph; else the predecessors of one breadth-
+    first search from node n, made a virtual node above ``roots`` (ascending), so each tree is a
+    search from its root alone (one sorted adjacency, rows sorted by column)."""
     from scipy.sparse import coo_matrix, csr_matrix
     from scipy.sparse.csgraph import breadth_first_order, connected_components
 
-    if len(i) < 2:
-        return np.ones(len(i), dtype=bool)
-    # one sorted adjacency (rows sorted by column) for both searches; node n: no pair yet
     graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n + 1, n + 1)).tocsr()
-    _, labels = connected_components(graph, directed=False)
-    roots = np.full(labels.max() + 1, n, dtype=np.int64)
-    np.minimum.at(roots, labels[:n], np.arange(n))
-    roots = np.sort(roots[roots < n])
-    # node n becomes a virtual node above every root: one breadth-first search
+    if roots is None:
+        return connected_components(graph, directed=False)
     indptr = graph.indptr.astype(np.int64)
     indptr[n + 1] += len(roots)
     indices = np.concatenate([graph.indices, roots])
     both = csr_matrix((np.ones(len(indices), np.int8), indices, indptr), shape=(n + 1, n + 1))
-    _, pred = breadth_first_order(both, n, directed=False, return_predecessors=True)
-    return (pred[i] == j) | (pred[j] == i)  # a tree's edges: (parent, child) either way round
+    return breadth_first_order(both, n, directed=False, return_predecessors=True)[1]
+
+
+def _pred_from_first_rows(n: int, i: np.ndarray, j: np.ndarray):
+    """The search's predecessors for pairs i < j, without the components pass and the pairs that
+    cannot matter; None when that does not hold (then the caller does it the long way). Roots: the
+    rows with no smaller neighbour (each component's first row is one). A root's neighbours are
+    found first, so a pair of two of them never finds a row: dropped (a group of copies: all but
+    the star's). Holds when every row is reached and no pair joins two trees: each tree is then a
+    component with one root, its first row; the kept pairs keep their order in each row's list."""
+    later = np.zeros(n, dtype=bool)
+    later[j] = True
+    roots = np.flatnonzero(~later)
+    near = np.zeros(n, dtype=bool)
+    near[j[~later[i]]] = True  # a root's neighbours
+    keep = ~(near[i] & near[j])
+    pred = _search_graph(n, i[keep], j[keep], roots)
+    top = pred[:n].astype(np.int64)
+    if (top < 0).any():
+        return None
+    top[roots] = roots
+    while True:  # each row's root, by pointer jumping (shallow trees: a few rounds)
+        up = top[top]
+        if np.array_equal(up, top):
+            break
+        top = up
+    return pred if bool((top[i] == top[j]).all()) else None
 
 
 def _in_threads(fn, items: list, costs: list | None = None) -> Iterator:
