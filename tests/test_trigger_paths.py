@@ -15,7 +15,15 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.captions import minhash_bands
 from transforms.keywords import KeywordExtractor, normalize_caption
-from transforms.trigger_captions import MAX_BAND, CaptionCodes, group_codes, near_norms
+from transforms.trigger_captions import (
+    MAX_BAND,
+    MEMBERS,
+    NEAR,
+    CaptionCodes,
+    caption_codes,
+    group_codes,
+    near_norms,
+)
 
 TRICKY = [
     "",
@@ -409,3 +417,32 @@ def test_cluster_lookup_reads_elements_and_assignment_rows_alike():
     lists = [rows for _, rows in assignment_rows(table)]
     assert cluster_lookup(elements) == want == cluster_lookup(lists) and len(lists) == 2
     assert cluster_columns(["k1", "z"], want) == (["c1", "z"], [4, 1])  # no assignment: a cluster of one
+
+
+def _caption_codes_reference(parts) -> list:
+    """caption_codes by dicts and sets: every record's caption counted, clusters compared."""
+    near = {n for p in parts if p[0] == NEAR for n in p[1]}
+    rows = [r for p in parts if p[0] != NEAR for r in zip(*p[1:], strict=True)]
+    records, clusters = Counter(r[0] for r in rows), {}
+    for norm, _, _, cluster in rows:
+        clusters.setdefault(norm, set()).add(cluster)
+    out = [((k, s), ("duplicate_caption",)) for n, k, s, _ in rows if records[n] >= 2 and len(clusters[n]) >= 2]
+    return out + [((k, s), ("near_duplicate_caption",)) for n, k, s, _ in rows if n in near]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_caption_codes_equal_a_dict_reference(seed):
+    rng = random.Random(seed)
+    texts = ["a b", "a b c", "x", "", "y z", "\ud800 lone", "a  b"]
+    parts = []
+    for i in range(rng.randint(0, 5)):
+        m = rng.randint(0, 30)
+        norms = [rng.choice(texts) for _ in range(m)]
+        keys = [f"k{i}-{j}" for j in range(m)]
+        shards = [rng.choice(["s0", "s1"]) for _ in range(m)]
+        clusters = [rng.choice(["c0", "c1", "c2", None, 7]) for _ in range(m)]
+        parts.append((MEMBERS, norms, keys, shards, clusters))
+        if rng.random() < 0.6:
+            parts.append((NEAR, rng.sample(texts + ["only near"], rng.randint(0, 3))))
+    rng.shuffle(parts)
+    assert list(caption_codes((0, parts))) == _caption_codes_reference(parts)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from itertools import chain, repeat
 
 import apache_beam as beam
 
@@ -131,43 +132,55 @@ def _near_marks(near: list[str], n: int) -> Iterator[tuple[int, tuple]]:
             yield b, (NEAR, norms)
 
 
-def _ids(values: list):
-    """Values -> (int64 ids, one per distinct value, in order of first appearance; how many)."""
-    import numpy as np
-
-    index: dict = {}
-    ids = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
-    return ids, len(index), list(index)
-
-
 def caption_codes(item) -> Iterator:
     """(caption bucket, member columns and near marks) -> (member, (code,)): duplicate_caption
     for the records of a caption on >= 2 records in >= 2 clusters, near_duplicate_caption for
     the records of a caption marked near."""
-    import numpy as np
-
     _, parts = item
-    near: set[str] = set()
-    norms, keys, shards, clusters = [], [], [], []
+    members, near = [], set()
     for part in parts:
         if part[0] == NEAR:
             near.update(part[1])
         else:
-            for column, values in zip((norms, keys, shards, clusters), part[1:], strict=True):
-                column.extend(values)
-    if not norms:
+            members.append(part)
+    if not members:
         return
-    caption, n_captions, distinct = _ids(norms)
-    cluster, n_clusters, _ = _ids(clusters)
-    records = np.bincount(caption, minlength=n_captions)
-    pairs = np.sort(caption * n_clusters + cluster)  # np.unique, without its slower path
-    pairs = pairs[np.append(True, pairs[1:] != pairs[:-1])] if len(pairs) else pairs
-    spread = np.bincount(pairs // n_clusters, minlength=n_captions)
-    duplicate = ((records >= 2) & (spread >= 2))[caption]
-    marked = np.array([d in near for d in distinct], dtype=bool)[caption]
-    for code, hit in (("duplicate_caption", duplicate), ("near_duplicate_caption", marked)):
-        for i in np.flatnonzero(hit).tolist():
-            yield (keys[i], shards[i]), (code,)
+    norms, keys, shards, clusters = (list(chain.from_iterable(part[j] for part in members)) for j in (1, 2, 3, 4))
+    duplicate, marked = _coded_rows(norms, clusters, near)
+    for code, rows in (("duplicate_caption", duplicate), ("near_duplicate_caption", marked)):
+        codes = (code,)  # one tuple for every record of the code
+        members = zip(map(keys.__getitem__, rows), map(shards.__getitem__, rows), strict=True)
+        yield from zip(members, repeat(codes, len(rows)), strict=True)
+
+
+def _coded_rows(norms: list, clusters: list, near: set) -> tuple[list, list]:
+    """Records' captions and clusters, the near captions -> the rows (ascending) of records whose
+    caption is on >= 2 records in >= 2 clusters, and of those whose caption is near. Captions are
+    numbered by one hash table (pandas, as a dict's equality); clusters are compared only for
+    the few records of captions on >= 2 records."""
+    import numpy as np
+    import pandas as pd
+
+    caption, distinct = pd.factorize(_objects(norms), use_na_sentinel=False)
+    records = np.bincount(caption, minlength=len(distinct))
+    multi = np.flatnonzero(np.take(records >= 2, caption))  # rows of captions on >= 2 records
+    cap = caption[multi]
+    cluster = pd.factorize(_objects([clusters[i] for i in multi.tolist()]), use_na_sentinel=False)[0]
+    pairs = np.unique(cap * (int(cluster.max()) + 1 if len(cluster) else 1) + cluster)  # distinct (caption, cluster)
+    spread = np.bincount(pairs // (int(cluster.max()) + 1 if len(cluster) else 1), minlength=len(distinct))
+    duplicate = multi[spread[cap] >= 2]
+    hit = np.fromiter(map(near.__contains__, distinct), dtype=bool, count=len(distinct)) if near else None
+    marked = np.flatnonzero(np.take(hit, caption)) if near else multi[:0]
+    return duplicate.tolist(), marked.tolist()
+
+
+def _objects(values: list):
+    """A list -> a 1-d object array of its values (``np.array`` would build rows of tuples)."""
+    import numpy as np
+
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 class CaptionCodes(beam.PTransform):
