@@ -15,6 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.captions import minhash_bands
 from transforms.keywords import KeywordExtractor, normalize_caption
+from transforms.shard_columns import Batch
 from transforms.trigger_captions import (
     MAX_BAND,
     MEMBERS,
@@ -114,8 +115,13 @@ def test_caption_codes_by_distinct_caption_equal_the_per_record_path(seed):
     assert {c for _, (c,) in want} == {"duplicate_caption", "near_duplicate_caption"}
     batches = [recs[i : i + 97] for i in range(0, len(recs), 97)]
     with TestPipeline(runner="DirectRunner") as p:
-        got = p | beam.Create(batches, reshuffle=False) | CaptionCodes(near=True, n=5)
+        got = p | beam.Create(batches, reshuffle=False) | CaptionCodes(near=True, n=5) | beam.FlatMap(_unbatched)
         assert_that(got, equal_to(want))
+
+
+def _unbatched(kv) -> list:
+    """(shard, Batch of (key, codes)) -> [((key, shard), codes)]."""
+    return [((key, kv[0]), codes) for key, codes in kv[1]]
 
 
 def test_near_norms_with_known_and_integer_test_equal_every_pair():
@@ -445,4 +451,11 @@ def test_caption_codes_equal_a_dict_reference(seed):
         if rng.random() < 0.6:
             parts.append((NEAR, rng.sample(texts + ["only near"], rng.randint(0, 3))))
     rng.shuffle(parts)
-    assert list(caption_codes((0, parts))) == _caption_codes_reference(parts)
+    got = list(caption_codes((0, parts), size=7))
+    assert all(isinstance(batch, Batch) and 0 < len(batch) <= 7 for _, batch in got)
+    assert [shard for shard, _ in got] == sorted(shard for shard, _ in got)
+    flat = [kv for item in got for kv in _unbatched(item)]
+    want = _caption_codes_reference(parts)
+    assert sorted(flat) == sorted(want)
+    for shard in ("s0", "s1"):  # each shard's codes in the order of the reference
+        assert [kv for kv in flat if kv[0][1] == shard] == [kv for kv in want if kv[0][1] == shard]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from itertools import chain, repeat
+from itertools import chain
 
 import apache_beam as beam
 
@@ -132,10 +132,16 @@ def _near_marks(near: list[str], n: int) -> Iterator[tuple[int, tuple]]:
             yield b, (NEAR, norms)
 
 
-def caption_codes(item) -> Iterator:
-    """(caption bucket, member columns and near marks) -> (member, (code,)): duplicate_caption
-    for the records of a caption on >= 2 records in >= 2 clusters, near_duplicate_caption for
-    the records of a caption marked near."""
+def caption_codes(item, size: int = 50_000) -> Iterator:
+    """(caption bucket, member columns and near marks) -> (shard, ``Batch`` of (key, (code,))),
+    at most ``size`` a batch: duplicate_caption for the records of a caption on >= 2 records in
+    >= 2 clusters, near_duplicate_caption for the records of a caption marked near. Batched by
+    shard here (``triggers.CodesByShard`` passes batches on), not one element per record."""
+    import numpy as np
+    import pandas as pd
+
+    from transforms.shard_columns import Batch
+
     _, parts = item
     members, near = [], set()
     for part in parts:
@@ -147,13 +153,21 @@ def caption_codes(item) -> Iterator:
         return
     norms, keys, shards, clusters = (list(chain.from_iterable(part[j] for part in members)) for j in (1, 2, 3, 4))
     duplicate, marked = _coded_rows(norms, clusters, near)
-    for code, rows in (("duplicate_caption", duplicate), ("near_duplicate_caption", marked)):
-        codes = (code,)  # one tuple for every record of the code
-        members = zip(map(keys.__getitem__, rows), map(shards.__getitem__, rows), strict=True)
-        yield from zip(members, repeat(codes, len(rows)), strict=True)
+    rows = np.concatenate([duplicate, marked])
+    if not len(rows):
+        return
+    codes = [("duplicate_caption",)] * len(duplicate) + [("near_duplicate_caption",)] * len(marked)
+    shard, names = pd.factorize(_objects([shards[i] for i in rows.tolist()]), use_na_sentinel=False)
+    order = np.argsort(shard, kind="stable")  # by shard, each in the order above
+    bounds = np.searchsorted(shard[order], np.arange(len(names) + 1))
+    for s in sorted(range(len(names)), key=names.__getitem__):
+        at = order[bounds[s] : bounds[s + 1]].tolist()
+        coded = list(zip(map(keys.__getitem__, rows[at].tolist()), map(codes.__getitem__, at), strict=True))
+        for i in range(0, len(coded), size):
+            yield names[s], Batch(coded[i : i + size])
 
 
-def _coded_rows(norms: list, clusters: list, near: set) -> tuple[list, list]:
+def _coded_rows(norms: list, clusters: list, near: set):
     """Records' captions and clusters, the near captions -> the rows (ascending) of records whose
     caption is on >= 2 records in >= 2 clusters, and of those whose caption is near. Captions are
     numbered by one hash table (pandas, as a dict's equality); clusters are compared only for
@@ -171,7 +185,7 @@ def _coded_rows(norms: list, clusters: list, near: set) -> tuple[list, list]:
     duplicate = multi[spread[cap] >= 2]
     hit = np.fromiter(map(near.__contains__, distinct), dtype=bool, count=len(distinct)) if near else None
     marked = np.flatnonzero(np.take(hit, caption)) if near else multi[:0]
-    return duplicate.tolist(), marked.tolist()
+    return duplicate, marked
 
 
 def _objects(values: list):
