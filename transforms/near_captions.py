@@ -147,10 +147,7 @@ def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
     groups = np.full((len(set_caps), BANDS), -1, dtype=np.int64 if len(gid) and gid[-1] >= 2**31 else np.int32)
     groups[s_idx, k_idx] = gid  # -1: no eligible band here
     a, b = _subset_pairs(offsets, words, v, np.ones(len(set_caps), dtype=bool))
-    ga, gb = np.take(groups, a, axis=0), np.take(groups, b, axis=0)  # np.take: rows, fast
-    same = ga == gb
-    same &= ga >= 0
-    share = same.any(axis=1)
+    share = _shared_groups(groups, a, b)
     near[a[share]] = near[b[share]] = True
     sizes = np.diff(offsets)
     for a, b in _large_pairs(s_idx, gid, sizes):
@@ -161,35 +158,60 @@ def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
     return near
 
 
+def _shared_groups(groups: np.ndarray, a: np.ndarray, b: np.ndarray, step: int = 1 << 15) -> np.ndarray:
+    """Pairs of sets -> whether they share an eligible band group (``groups``: each set's group
+    per band, -1 for none); in runs of ``step`` pairs through the same few buffers (fresh pages
+    cost system time)."""
+    share = np.zeros(len(a), dtype=bool)
+    m = min(step, len(a))
+    ga, gb = np.empty((m, groups.shape[1]), groups.dtype), np.empty((m, groups.shape[1]), groups.dtype)
+    same, some = np.empty((m, groups.shape[1]), bool), np.empty((m, groups.shape[1]), bool)
+    for lo in range(0, len(a), step):
+        k = min(step, len(a) - lo)
+        np.take(groups, a[lo : lo + k], axis=0, out=ga[:k], mode="clip")  # clip: no buffered copy
+        np.take(groups, b[lo : lo + k], axis=0, out=gb[:k], mode="clip")
+        np.equal(ga[:k], gb[:k], out=same[:k])
+        same[:k] &= np.greater_equal(ga[:k], 0, out=some[:k])
+        np.any(same[:k], axis=1, out=share[lo : lo + k])
+    return share
+
+
 def _large_pairs(members: np.ndarray, gid: np.ndarray, sizes: np.ndarray, chunk: int = 1 << 22):
     """Chunks of distinct pairs of sets of >= 8 words in one eligible band group (contiguous
-    ``gid``) whose sizes allow Jaccard >= 0.8 and sum to >= 18. Pair (i, i + r) of a group is
-    taken at step r from the entries with more than r followers in their group (a prefix once
-    sorted by followers), so the work is the number of pairs; chunks bound the memory."""
+    ``gid``) whose sizes allow Jaccard >= 0.8 and sum to >= 18. An entry with f followers in its
+    group pairs with each of them: all pairs of a run of entries at once (``np.repeat``); a chunk
+    holds at least ``chunk`` pairs (the last one fewer), so the memory stays bounded."""
     keep = sizes[members] >= 8
     members, gid = members[keep], gid[keep]
     if len(members) < 2:
         return
     new = np.ones(len(gid), dtype=bool)
-    new[1:] = gid[1:] != gid[:-1]
+    np.not_equal(gid[1:], gid[:-1], out=new[1:])
     starts = np.flatnonzero(new)
     ends = np.append(starts[1:], len(gid))
-    group = np.cumsum(new) - 1
-    followers = ends[group] - np.arange(len(gid)) - 1
-    order = np.argsort(-followers, kind="stable")
-    most = -followers[order]
-    codes, held = [], 0
-    for r in range(1, int(followers.max()) + 1):
-        at = order[: np.searchsorted(most, -r, side="right")]  # entries with >= r followers
-        x, y = members[at], members[at + r]
-        lo, hi = np.minimum(x, y), np.maximum(x, y)
-        la, lb = np.minimum(sizes[x], sizes[y]), np.maximum(sizes[x], sizes[y])
-        ok = (5 * la >= 4 * lb) & (la + lb >= 18)
-        codes.append(lo[ok] * len(sizes) + hi[ok])
-        held += int(ok.sum())
+    followers = np.repeat(ends - 1, ends - starts)
+    followers -= np.arange(len(gid))
+    total = np.cumsum(followers)
+    codes, held, lo = [], 0, 0
+    while lo < len(gid):
+        base = int(total[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(total, base + min(chunk, 1 << 16), side="right")))  # small runs:
+        f = followers[lo:hi]  # their arrays come back from the heap (fresh pages cost system time)
+        x = np.repeat(np.arange(lo, hi), f)  # each entry once per follower ...
+        y = np.arange(1, len(x) + 1) - np.repeat(total[lo:hi] - f - base, f)
+        y += x  # ... with each follower: x + 1, ..., x + f
+        x, y = members[x], members[y]
+        sx, sy = sizes[x], sizes[y]
+        la, lb = np.minimum(sx, sy), np.maximum(sx, sy)
+        ok = 5 * la >= 4 * lb
+        ok &= la + lb >= 18
+        x, y = x[ok], y[ok]
+        codes.append(np.minimum(x, y) * len(sizes) + np.maximum(x, y))
+        held += len(x)
         if held >= chunk:
             yield _decoded(codes, len(sizes))
             codes, held = [], 0
+        lo = hi
     if held:
         yield _decoded(codes, len(sizes))
 

@@ -137,11 +137,10 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     """Pairs (A, B) of sets (both ``among``) with A inside B, b = a + 1, 4 <= a <= 8 (d = 1,
     a + b <= 17)."""
     sizes = np.diff(offsets)
-    hw = _word_hashes(v)[words]  # each word's hash
-    running = np.zeros(len(words) + 1, dtype=np.uint64)
-    np.cumsum(hw, out=running[1:])
+    running = np.zeros(len(words) + 1, dtype=np.uint64)  # running sums of word hashes, one buffer
+    np.take(_word_hashes(v), words, out=running[1:], mode="clip")  # clip: no buffered copy
+    np.cumsum(running[1:], out=running[1:])
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each set's word hashes summed, mod 2**64
-    del running
     small = np.flatnonzero((sizes >= 4) & (sizes <= 8) & among)
     big = np.flatnonzero((sizes >= 5) & (sizes <= 9) & among)
     if not len(small) or not len(big):
@@ -156,8 +155,9 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     both = np.empty(len(small) + len(pos), dtype=np.uint64)  # the join's keys and queries, one buffer
     np.take(sums, small, out=both[: len(small)], mode="clip")  # clip: no buffered copy (indices valid)
     query = np.take(sums, owner, out=both[len(small) :], mode="clip")
-    query -= np.take(hw, pos)  # B less one word
-    del hw, query
+    query -= np.take(running, pos + 1)  # B less one word (its hash: a step of the running sums)
+    query += np.take(running, pos)
+    del running, query
     qi, ki = _joined(both, len(small))
     del both
     a, b, j = small[ki], owner[qi], pos[qi] - offsets[owner[qi]]
