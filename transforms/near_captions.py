@@ -33,6 +33,7 @@ from transforms.word_sets import _firsts, _intersections, _subset_pairs, _word_s
 NUM_PERM, BANDS, SEED = 64, 16, 1
 ROWS = NUM_PERM // BANDS
 _PRIME = np.uint64(0x100000001B3)
+_STEP = 1 << 20  # entries a step where temporaries are made in steps (8 MB of int64: back from the heap)
 
 
 def minhash_rows(norms) -> np.ndarray:
@@ -72,7 +73,9 @@ def entry_mix(bands: np.ndarray, values: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(values).view(np.uint64)
     else:
         values = values.astype(np.uint64)
-    mix = np.broadcast_to(np.asarray(bands).astype(np.uint64) + np.uint64(1), values.shape[:-1]).copy()
+    mix = np.empty(values.shape[:-1], dtype=np.uint64)  # one array: fresh pages cost system time
+    mix[...] = bands
+    mix += np.uint64(1)
     shifted = np.empty_like(mix)  # one buffer for every step (fresh pages cost system time)
     for j in range(values.shape[-1]):
         mix *= _PRIME
@@ -104,12 +107,14 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
     """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
     sorted by the keys' hash (its high bits, the entry's index in the low bits: one sort of
     numbers instead of an argsort), then each run of one hash prefix checked to hold one key
-    (the keys' rows gathered in that order, compared with their neighbours); a run that holds
-    several is sorted by the keys."""
+    (the keys' rows gathered in that order a run of entries at a time, compared with their
+    neighbours); a run that holds several is sorted by the keys. ``mix`` is overwritten."""
     bits = max(1, (len(mix) - 1).bit_length())
     low = np.uint64((1 << bits) - 1)
-    packed = mix & ~low  # in place from here: fresh pages cost system time
-    packed |= np.arange(len(mix), dtype=np.uint64)
+    packed = mix  # in place from here, temporaries in steps: fresh pages cost system time
+    packed &= ~low
+    for lo in range(0, len(packed), _STEP):
+        packed[lo : lo + _STEP] |= np.arange(lo, min(lo + _STEP, len(packed)), dtype=np.uint64)
     packed.sort()
     order = (packed & low).view(np.int64)
     packed &= ~low
@@ -118,10 +123,12 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
     del packed
     pairs = vals.dtype == np.uint32 and vals.shape[1] % 2 == 0  # two uint32 as one uint64
     rows = np.ascontiguousarray(vals).view(np.uint64) if pairs else vals
-    band, keys = k_idx[order], np.take(rows, order, axis=0)  # np.take: a row at a time, fast
+    band = k_idx[order]
     differ = band[1:] != band[:-1]
-    for j in range(keys.shape[1]):
-        differ |= keys[1:, j] != keys[:-1, j]
+    for lo in range(0, len(order) - 1, _STEP):
+        keys = np.take(rows, order[lo : lo + _STEP + 1], axis=0)  # np.take: a row at a time, fast
+        for j in range(keys.shape[1]):
+            differ[lo : lo + _STEP] |= keys[1:, j] != keys[:-1, j]
     differ &= ~new[1:]  # two keys in one run
     if differ.any():
         starts = np.flatnonzero(new)
@@ -282,8 +289,10 @@ def _entry_columns(cap_of, counts, rows, bands, order, max_band: int) -> np.ndar
     once = np.zeros(len(cap_of), dtype=bool)
     once[_firsts(cap_of)] = True  # a caption's first row: its keys once
     row = (cap_of << 32) | (once.astype(np.int64) << 23) | np.minimum(counts, max_band + 1)
-    packed = row[rows]
-    band = bands.astype(np.int64)
-    band <<= 24
-    packed |= band
-    return packed[order]
+    packed = np.empty(len(order), dtype=np.int64)
+    for lo in range(0, len(order), _STEP):  # temporaries in steps: fresh pages cost system time
+        at = order[lo : lo + _STEP]
+        out = packed[lo : lo + _STEP]
+        np.take(row, np.take(rows, at), out=out, mode="clip")  # clip: no buffered copy
+        out |= np.left_shift(np.take(bands, at), 24, dtype=np.int64)
+    return packed

@@ -96,7 +96,10 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
         return
     norms = joined_texts([part[0] for part in parts])
     start = np.cumsum([0] + [len(part[0]) for part in parts[:-1]])
-    rows = np.concatenate([part[2].astype(np.int64) + s for part, s in zip(parts, start.tolist(), strict=True)])
+    small = int(start[-1]) + len(parts[-1][0]) < 2**31  # int32 rows: half the bytes
+    rows = np.concatenate(
+        [part[2].astype(np.int32 if small else np.int64) + s for part, s in zip(parts, start.tolist(), strict=True)]
+    )
     counts, bands, values = (np.concatenate([part[j] for part in parts]) for j in (1, 3, 4))
     near = near_captions(norms, counts, rows, bands, values, MAX_BAND)
     yield from _near_marks(near, n)
