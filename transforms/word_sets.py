@@ -152,19 +152,32 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     pos[heads] = offsets[big]
     pos[heads[1:]] -= offsets[big[:-1]] + nb[:-1] - 1
     np.cumsum(pos, out=pos)
-    both = np.empty(len(small) + len(pos), dtype=np.uint64)  # the join's keys and queries, one buffer
-    np.take(sums, small, out=both[: len(small)], mode="clip")  # clip: no buffered copy (indices valid)
-    query = np.take(sums, owner, out=both[len(small) :], mode="clip")
+    keys = np.take(sums, small)
+    query = np.take(sums, owner)
     query -= np.take(running, pos + 1)  # B less one word (its hash: a step of the running sums)
     query += np.take(running, pos)
-    del running, query
+    del running
+    maybe = _maybe_in(keys, query)  # few queries meet a key: only those go into the join's sort
+    both = np.concatenate([keys, query[maybe]])
+    del query
     qi, ki = _joined(both, len(small))
+    qi = maybe[qi]
     del both
     a, b, j = small[ki], owner[qi], pos[qi] - offsets[owner[qi]]
     keep = sizes[a] == sizes[b] - 1
     a, b, j = a[keep], b[keep], j[keep]
     exact = _less_one(a, b, j, offsets, words)  # the hash hit, checked
     return a[exact], b[exact]
+
+
+def _maybe_in(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The queries (uint64) whose top bits equal some key's (a superset of those equal to one):
+    a table of at least 16 slots a key, indexed by the top bits, so most others drop out."""
+    bits = min(30, max(8, (16 * len(keys)).bit_length()))
+    shift = np.uint64(64 - bits)
+    seen = np.zeros(1 << bits, dtype=bool)
+    seen[keys >> shift] = True
+    return np.flatnonzero(np.take(seen, query >> shift))
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:
