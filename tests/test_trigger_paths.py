@@ -428,7 +428,12 @@ def test_cluster_lookup_reads_elements_and_assignment_rows_alike():
 def _caption_codes_reference(parts) -> list:
     """caption_codes by dicts and sets: every record's caption counted, clusters compared."""
     near = {n for p in parts if p[0] == NEAR for n in p[1]}
-    rows = [r for p in parts if p[0] != NEAR for r in zip(*p[1:], strict=True)]
+    rows = [
+        (n, k, p[3] if isinstance(p[3], str) else s, c)
+        for p in parts
+        if p[0] != NEAR
+        for n, k, s, c in zip(p[1], p[2], p[3] if not isinstance(p[3], str) else p[2], p[4], strict=True)
+    ]
     records, clusters = Counter(r[0] for r in rows), {}
     for norm, _, _, cluster in rows:
         clusters.setdefault(norm, set()).add(cluster)
@@ -447,7 +452,8 @@ def test_caption_codes_equal_a_dict_reference(seed):
         keys = [f"k{i}-{j}" for j in range(m)]
         shards = [rng.choice(["s0", "s1"]) for _ in range(m)]
         clusters = [rng.choice(["c0", "c1", "c2", None, 7]) for _ in range(m)]
-        parts.append((MEMBERS, norms, keys, shards, clusters))
+        one = rng.random() < 0.3  # a batch of one shard: the shard once, as a string
+        parts.append((MEMBERS, norms, keys, "s1" if one else shards, clusters))
         if rng.random() < 0.6:
             parts.append((NEAR, rng.sample(texts + ["only near"], rng.randint(0, 3))))
     rng.shuffle(parts)

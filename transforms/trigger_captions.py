@@ -135,11 +135,21 @@ def _near_marks(near: list[str], n: int) -> Iterator[tuple[int, tuple]]:
             yield b, (NEAR, norms)
 
 
+def _ids(values: list):
+    """Values -> (int64 ids, one per distinct value, in order of first appearance; how many)."""
+    import numpy as np
+
+    index: dict = {}
+    ids = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return ids, len(index), list(index)
+
+
 def caption_codes(item, size: int = 50_000) -> Iterator:
     """(caption bucket, member columns and near marks) -> (shard, ``Batch`` of (key, (code,))),
     at most ``size`` a batch: duplicate_caption for the records of a caption on >= 2 records in
     >= 2 clusters, near_duplicate_caption for the records of a caption marked near. Batched by
-    shard here (``triggers.CodesByShard`` passes batches on), not one element per record."""
+    shard here (``triggers.CodesByShard`` passes batches on), not one element per record. A
+    part's shards: a column, or one string for all its records."""
     import numpy as np
     import pandas as pd
 
@@ -154,7 +164,8 @@ def caption_codes(item, size: int = 50_000) -> Iterator:
             members.append(part)
     if not members:
         return
-    norms, keys, shards, clusters = (list(chain.from_iterable(part[j] for part in members)) for j in (1, 2, 3, 4))
+    norms, keys, clusters = (list(chain.from_iterable(part[j] for part in members)) for j in (1, 2, 4))
+    shards = list(chain.from_iterable([p[3]] * len(p[1]) if isinstance(p[3], str) else p[3] for p in members))
     duplicate, marked = _coded_rows(norms, clusters, near)
     rows = np.concatenate([duplicate, marked])
     if not len(rows):
@@ -183,8 +194,9 @@ def _coded_rows(norms: list, clusters: list, near: set):
     multi = np.flatnonzero(np.take(records >= 2, caption))  # rows of captions on >= 2 records
     cap = caption[multi]
     cluster = pd.factorize(_objects([clusters[i] for i in multi.tolist()]), use_na_sentinel=False)[0]
-    pairs = np.unique(cap * (int(cluster.max()) + 1 if len(cluster) else 1) + cluster)  # distinct (caption, cluster)
-    spread = np.bincount(pairs // (int(cluster.max()) + 1 if len(cluster) else 1), minlength=len(distinct))
+    width = int(cluster.max()) + 1 if len(cluster) else 1
+    pairs = np.unique(cap * width + cluster)  # the distinct (caption, cluster) pairs
+    spread = np.bincount(pairs // width, minlength=len(distinct))
     duplicate = multi[spread[cap] >= 2]
     hit = np.fromiter(map(near.__contains__, distinct), dtype=bool, count=len(distinct)) if near else None
     marked = np.flatnonzero(np.take(hit, caption)) if near else multi[:0]
