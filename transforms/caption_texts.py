@@ -33,7 +33,8 @@ def split_words(norms):
         return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
     vocab = encoded.dictionary.to_pylist()
     bits = len(vocab).bit_length()  # (caption << bits) | word id: one number a word, sorted
-    packed = np.repeat(np.arange(len(norms), dtype=np.int64) << bits, np.diff(lists.offsets.to_numpy()))
+    packed = slots(np.zeros(len(norms), dtype=np.int64), np.diff(lists.offsets.to_numpy()))[0]
+    packed <<= bits
     packed |= ids
     unique = packed[ids != empty] if blanks else packed
     unique.sort()
@@ -46,6 +47,29 @@ def split_words(norms):
     np.cumsum(np.bincount(unique >> bits, minlength=len(norms)), out=offsets[1:])
     unique &= (1 << bits) - 1  # in place: the word ids
     return offsets, unique, vocab
+
+
+def slots(first: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of ``counts[i]`` slots numbered ``first[i]``, ``first[i] + 1``, ... -> (the run of each
+    slot, its number), int64: ``np.repeat(arange, counts)`` and ``np.repeat(first - starts,
+    counts) + arange`` from one scatter and two running sums each (np.repeat holds the GIL; these
+    numpy calls do not)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    run, number = np.zeros(total, dtype=np.int64), np.ones(total, dtype=np.int64)
+    if not total:
+        return run, number
+    some = np.flatnonzero(counts)  # runs with slots
+    heads = np.cumsum(counts)[some]
+    heads -= counts[some]  # each run's first slot
+    run[heads[1:]] = np.diff(some)
+    run[0] = some[0]
+    np.cumsum(run, out=run)
+    at = np.asarray(first, dtype=np.int64)[some]
+    number[heads[0]] = at[0]
+    number[heads[1:]] = at[1:] - at[:-1] - counts[some[:-1]] + 1  # from the previous run's last
+    np.cumsum(number, out=number)
+    return run, number
 
 
 def _split_words_py(norms: list[str]):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transforms.caption_texts import split_words
+from transforms.caption_texts import slots, split_words
 
 
 def _word_sets(norms: list[str]):
@@ -34,15 +34,12 @@ def _word_sets(norms: list[str]):
     np.cumsum(sizes[reps], out=set_offsets[1:])
     is_rep = np.zeros(len(cap_set), dtype=bool)
     is_rep[reps] = True
-    return cap_set, set_offsets, ids[np.repeat(is_rep, sizes)], len(vocab)
+    return cap_set, set_offsets, ids[slots(offsets[:-1][reps], sizes[reps])[1]], len(vocab)
 
 
 def _words_of(rows: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The word ids of CSR ``rows``, concatenated."""
-    sizes = np.diff(offsets)[rows]
-    at = np.repeat(offsets[rows] - np.cumsum(sizes) + sizes, sizes)
-    at += np.arange(len(at))  # in place: fresh pages cost system time
-    return ids[at]
+    return ids[slots(offsets[rows], np.diff(offsets)[rows])[1]]
 
 
 def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
@@ -81,9 +78,11 @@ def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.
     out = []
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         both = np.concatenate([a[lo:hi], b[lo:hi]])
-        n = sizes[both]
-        pair = np.repeat(np.tile(np.arange(hi - lo, dtype=np.int64), 2) << bits, n)
-        tagged = np.sort(pair | words[np.repeat(offsets[both] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))])
+        tagged, at = slots(offsets[both], sizes[both])  # each word's entry of ``both``, its position
+        np.subtract(tagged, hi - lo, out=tagged, where=tagged >= hi - lo)  # the pair
+        tagged <<= bits
+        tagged |= np.take(words, at)
+        tagged.sort()
         out.append(np.bincount(tagged[1:][tagged[1:] == tagged[:-1]] >> bits, minlength=hi - lo))
     return np.concatenate(out)
 
@@ -91,8 +90,7 @@ def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.
 def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> np.ndarray:
     """Whether set A's sorted words are set B's less B's j-th (pairs with b = a + 1)."""
     la = np.diff(offsets)[a]
-    owner = np.repeat(np.arange(len(a)), la)
-    t = np.arange(int(la.sum())) - np.repeat(np.cumsum(la) - la, la)  # position in A
+    owner, t = slots(np.zeros(len(a), dtype=np.int64), la)  # the pair, the position in A
     wa = words[offsets[a][owner] + t]
     wb = words[offsets[b][owner] + t + (t >= j[owner])]
     return np.bincount(owner[wa != wb], minlength=len(a)) == 0
@@ -145,13 +143,8 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     big = np.flatnonzero((sizes >= 5) & (sizes <= 9) & among)
     if not len(small) or not len(big):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    nb = sizes[big]
-    owner = np.repeat(big.astype(np.int32) if len(sizes) < 2**31 else big, nb)
-    pos = np.ones(int(nb.sum()), dtype=np.int64)  # B's word positions: steps of one, cumsum in place
-    heads = np.cumsum(nb) - nb
-    pos[heads] = offsets[big]
-    pos[heads[1:]] -= offsets[big[:-1]] + nb[:-1] - 1
-    np.cumsum(pos, out=pos)
+    owner, pos = slots(offsets[big], sizes[big])  # B's words: B, their positions
+    owner = np.take(big.astype(np.int32) if len(sizes) < 2**31 else big, owner)
     keys = np.take(sums, small)
     query = np.take(sums, owner)
     query -= np.take(running, pos + 1)  # B less one word (its hash: a step of the running sums)
