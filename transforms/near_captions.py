@@ -250,7 +250,8 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     field = np.bitwise_and(packed, 1 << 23)  # one buffer for both fields: fresh pages cost system time
     first = field != 0
     starts = np.flatnonzero(new)
-    gid = np.cumsum(new, dtype=np.int32 if len(new) < 2**31 else np.int64)
+    gid = new.astype(np.int32 if len(new) < 2**31 else np.int64)  # then summed in place: a bool
+    np.cumsum(gid, out=gid)  # cumsum with a dtype holds the GIL
     gid -= 1
     if len(packed):  # >= 2 captions, <= max_band records (each row's records: every key's group)
         eligible = (np.add.reduceat(first, starts, dtype=np.int64) >= 2) & (

@@ -118,7 +118,8 @@ def _joined(packed: np.ndarray, k: int):
     new = np.ones(n, dtype=bool)
     np.not_equal(packed[1:], packed[:-1], out=new[1:])
     del packed
-    run = np.cumsum(new, dtype=np.int32 if n < 2**31 else np.int64)
+    run = new.astype(np.int32 if n < 2**31 else np.int64)  # then summed in place: a bool cumsum
+    np.cumsum(run, out=run)  # with a dtype holds the GIL
     run -= 1
     is_key = idx < k
     n_keys = np.bincount(run[is_key], minlength=int(run[-1]) + 1)  # the first entries of their run
