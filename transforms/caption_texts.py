@@ -33,7 +33,7 @@ def split_words(norms):
         return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
     vocab = encoded.dictionary.to_pylist()
     bits = len(vocab).bit_length()  # (caption << bits) | word id: one number a word, sorted
-    packed = slots(np.zeros(len(norms), dtype=np.int64), np.diff(lists.offsets.to_numpy()))[0]
+    packed = slots(None, np.diff(lists.offsets.to_numpy()), number=False)[0]
     packed <<= bits
     packed |= ids
     unique = packed[ids != empty] if blanks else packed
@@ -49,27 +49,31 @@ def split_words(norms):
     return offsets, unique, vocab
 
 
-def slots(first: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def slots(first, counts, run: bool = True, number: bool = True) -> tuple:
     """Runs of ``counts[i]`` slots numbered ``first[i]``, ``first[i] + 1``, ... -> (the run of each
-    slot, its number), int64: ``np.repeat(arange, counts)`` and ``np.repeat(first - starts,
-    counts) + arange`` from one scatter and two running sums each (np.repeat holds the GIL; these
-    numpy calls do not)."""
+    slot, its number), int64 (each None unless asked for): ``np.repeat(arange, counts)`` and
+    ``np.repeat(first - starts, counts) + arange``, each from one scatter and a running sum
+    (np.repeat holds the GIL; these numpy calls do not)."""
     counts = np.asarray(counts, dtype=np.int64)
     total = int(counts.sum())
-    run, number = np.zeros(total, dtype=np.int64), np.ones(total, dtype=np.int64)
-    if not total:
-        return run, number
     some = np.flatnonzero(counts)  # runs with slots
     heads = np.cumsum(counts)[some]
     heads -= counts[some]  # each run's first slot
-    run[heads[1:]] = np.diff(some)
-    run[0] = some[0]
-    np.cumsum(run, out=run)
-    at = np.asarray(first, dtype=np.int64)[some]
-    number[heads[0]] = at[0]
-    number[heads[1:]] = at[1:] - at[:-1] - counts[some[:-1]] + 1  # from the previous run's last
-    np.cumsum(number, out=number)
-    return run, number
+    runs = numbers = None
+    if run:
+        runs = np.zeros(total, dtype=np.int64)
+        if total:
+            runs[heads[1:]] = np.diff(some)
+            runs[0] = some[0]
+            np.cumsum(runs, out=runs)
+    if number:
+        numbers = np.ones(total, dtype=np.int64)
+        if total:
+            at = np.asarray(first, dtype=np.int64)[some]
+            numbers[heads[0]] = at[0]
+            numbers[heads[1:]] = at[1:] - at[:-1] - counts[some[:-1]] + 1  # from the previous run's last
+            np.cumsum(numbers, out=numbers)
+    return runs, numbers
 
 
 def _split_words_py(norms: list[str]):

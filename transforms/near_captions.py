@@ -290,10 +290,7 @@ def _entry_columns(cap_of, counts, rows, bands, order, max_band: int) -> np.ndar
     once = np.zeros(len(cap_of), dtype=bool)
     once[_firsts(cap_of)] = True  # a caption's first row: its keys once
     row = (cap_of << 32) | (once.astype(np.int64) << 23) | np.minimum(counts, max_band + 1)
-    packed = np.empty(len(order), dtype=np.int64)
-    for lo in range(0, len(order), _STEP):  # temporaries in steps: fresh pages cost system time
-        at = order[lo : lo + _STEP]
-        out = packed[lo : lo + _STEP]
-        np.take(row, np.take(rows, at), out=out, mode="clip")  # clip: no buffered copy
-        out |= np.left_shift(np.take(bands, at), 24, dtype=np.int64)
-    return packed
+    packed = np.take(row, rows)  # in the rows' order (a gather that runs along ``row``)
+    for lo in range(0, len(packed), _STEP):  # the bands in steps: fresh pages cost system time
+        packed[lo : lo + _STEP] |= np.left_shift(bands[lo : lo + _STEP], 24, dtype=np.int64)
+    return np.take(packed, order)

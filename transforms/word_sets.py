@@ -34,12 +34,12 @@ def _word_sets(norms: list[str]):
     np.cumsum(sizes[reps], out=set_offsets[1:])
     is_rep = np.zeros(len(cap_set), dtype=bool)
     is_rep[reps] = True
-    return cap_set, set_offsets, ids[slots(offsets[:-1][reps], sizes[reps])[1]], len(vocab)
+    return cap_set, set_offsets, ids[slots(offsets[:-1][reps], sizes[reps], run=False)[1]], len(vocab)
 
 
 def _words_of(rows: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The word ids of CSR ``rows``, concatenated."""
-    return ids[slots(offsets[rows], np.diff(offsets)[rows])[1]]
+    return ids[slots(offsets[rows], np.diff(offsets)[rows], run=False)[1]]
 
 
 def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
