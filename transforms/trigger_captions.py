@@ -72,15 +72,46 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
 
 def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
     """A record batch -> (bucket, (captions, their records, keys' caption rows, keys' bands,
-    keys' values)): each distinct normalized caption of the batch once per bucket that holds
-    one of its band keys, with its band keys there (not its whole MinHash)."""
-    import numpy as np
+    keys' values)): ``caption_bands`` of its normalized captions."""
+    return caption_bands(column(batch, "norm"), n)
 
-    counts = sorted(Counter(column(batch, "norm")).items())
-    texts = as_texts([norm for norm, _ in counts])
-    records = np.array([c for _, c in counts], dtype=np.int64)
+
+def caption_bands(norms: list[str], n: int) -> Iterator[tuple[int, tuple]]:
+    """A batch's normalized captions -> (bucket, (captions, their records, keys' caption rows,
+    keys' bands, keys' values)): each distinct caption once per bucket that holds one of its
+    band keys, with its band keys there (not its whole MinHash)."""
+    texts, records = _distinct(norms)
     for b, rows, at, bands, values in bucket_entries(minhash_rows(texts), n):
         yield b, (take_texts(texts, rows), records[rows], at, bands, values)
+
+
+def _distinct(norms):
+    """Captions (a list or ``as_texts``' array) -> (the distinct ones in sorted order, as
+    ``as_texts``; how many times each is there)."""
+    import numpy as np
+
+    if isinstance(norms, list):
+        counts = sorted(Counter(norms).items())
+        return as_texts([norm for norm, _ in counts]), np.array([c for _, c in counts], dtype=np.int64)
+    import pyarrow.compute as pc
+
+    found = pc.value_counts(norms)
+    values = found.field("values")
+    order = pc.sort_indices(values)  # UTF-8 byte order: Python's code point order
+    return values.take(order), found.field("counts").take(order).to_numpy().astype(np.int64)
+
+
+def _norm_column(batch) -> list:
+    """A record batch -> [(its first key, its normalized captions as ``as_texts``)] (none when
+    it is empty): an Arrow array crosses the shuffle as a few buffers."""
+    keys = column(batch, "key")
+    return [(keys[0], as_texts(column(batch, "norm")))] if len(keys) else []
+
+
+def _bands_of_columns(item, n: int) -> Iterator[tuple[int, tuple]]:
+    """(first key, [normalized captions of a batch]) -> ``caption_bands`` of each batch."""
+    for norms in item[1]:
+        yield from caption_bands(norms, n)
 
 
 def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
@@ -171,20 +202,26 @@ def caption_codes(item) -> Iterator:
 
 
 class CaptionCodes(beam.PTransform):
-    """Record batches -> (member, (code,)) for duplicate and (when ``near``) near-duplicate
-    captions, through ``n`` hash buckets of captions and of band keys."""
+    """Record batches (or {"members": record batches, "captions": the same records, read before
+    their clusters are known}) -> (member, (code,)) for duplicate and (when ``near``)
+    near-duplicate captions, through ``n`` hash buckets of captions and of band keys. The band
+    entries are made after a shuffle of the batches' caption columns, so neither they nor the
+    bands' comparisons wait for the clusters or run in the stage that makes the batches."""
 
     def __init__(self, near: bool, n: int):
         super().__init__()
         self.near, self.n = near, n
 
-    def expand(self, batches):
+    def expand(self, inputs):
         n = self.n
+        batches, captions = (inputs["members"], inputs["captions"]) if isinstance(inputs, dict) else (inputs, inputs)
         members = batches | "Members" >> beam.FlatMap(_members, n=n)
         if self.near:
             marks = (
-                batches
-                | "Bands" >> beam.FlatMap(band_entries, n=n)
+                captions
+                | "NormColumns" >> beam.FlatMap(_norm_column)
+                | "ShuffleNorms" >> beam.GroupByKey()
+                | "Bands" >> beam.FlatMap(_bands_of_columns, n=n)
                 | "GroupBands" >> beam.GroupByKey()
                 | "NearInBands" >> beam.FlatMap(near_in_bands, n=n)
             )

@@ -29,7 +29,14 @@ from transforms.trigger_counts import (
     code_rows,
     norm_duplication,
 )
-from transforms.trigger_records import CHUNK, INFO_COLUMNS, RecordBatch, ShardRecordsFn, column
+from transforms.trigger_records import (
+    CHUNK,
+    INFO_COLUMNS,
+    CaptionRecordsFn,
+    ClusterRecordsFn,
+    RecordBatch,
+    column,
+)
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
 
@@ -239,11 +246,12 @@ class MineTriggers(beam.PTransform):
 
     def expand(self, inputs):
         cfg, m = self.cfg, self.cfg.min_pair_count
-        recs = self._records(inputs)
+        recs, captions = self._records(inputs)
         vocabulary = None if cfg.object_source == "none" else frozenset(cfg.objects or DEFAULT_OBJECTS)
-        counts = (  # one combine for every count: records, terms, object events, words, small-cluster pairs
-            recs | "Counts" >> beam.ParDo(CountBatches(m, vocabulary)) | "CountAll" >> beam.CombinePerKey(sum)
-        )
+        # one combine for every count: records, terms, object events, words, small-cluster pairs;
+        # pairs of clusters of one count only for m = 1: for m >= 2 no count needs a cluster
+        counted = captions if m >= 2 else recs
+        counts = counted | "Counts" >> beam.ParDo(CountBatches(m, vocabulary)) | "CountAll" >> beam.CombinePerKey(sum)
         n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = counts | "PruneTerms" >> beam.FlatMap(_tagged, tag="t", m=cfg.min_keyword_count)
         duplication = (
@@ -262,12 +270,12 @@ class MineTriggers(beam.PTransform):
         return {
             "keywords": keywords,
             "objects": objects,
-            "codes": self._codes(recs, counts, keywords, objects),
+            "codes": self._codes(recs, captions, counts, keywords, objects),
             "duplication": duplication.classes,
             "duplication_rows": duplication.rows,
         }
 
-    def _codes(self, recs, counts, keywords, objects):
+    def _codes(self, recs, captions, counts, keywords, objects):
         """-> (shard, Batch of (key, codes)): trigger codes per batch, caption codes batched."""
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
@@ -281,27 +289,33 @@ class MineTriggers(beam.PTransform):
         # (fused): a Flatten of per-record elements would cross the data plane one by one
         caption_codes = tuple(
             codes | f"{name}ByShard" >> beam.ParDo(CodesByShard())
-            for name, codes in zip(("DuplicateCodes", "TemplateCodes"), self._caption_codes(recs, counts), strict=True)
+            for name, codes in zip(("DuplicateCodes", "TemplateCodes"), self._caption_codes(recs, captions, counts), strict=True)
         )
         return (trigger_codes, *caption_codes) | "AllCodes" >> beam.Flatten()
 
     def _records(self, inputs):
-        """-> batches (lists) of records, per shard."""
+        """-> (record batches, the same records as clusters of one: what the caption stages and
+        the counts read). From info tables, the second are made per shard (``CaptionRecordsFn``)
+        after a shuffle of their own, as soon as the reader has them: not in the reader's stage,
+        and not after the duplicate search; the shard join then only adds the clusters."""
         use_meta = self.cfg.object_source in ("auto", "metadata")
         if "info_batches" in inputs:
             if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
                 by_shard = inputs["assignment_rows"]
             else:
                 by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
-            keyed = {
-                "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(_info_by_shard),
-                "a": by_shard,
-            }
-            joined = keyed | "JoinShard" >> beam.CoGroupByKey()
-            return joined | "Records" >> beam.ParDo(ShardRecordsFn(self.cfg.bigrams, use_meta))
+            parts = (  # (shard, (row start, RecordBatch))
+                inputs["info_batches"]
+                | "InfoByShard" >> beam.Map(_info_by_shard)
+                | "GroupInfos" >> beam.GroupByKey()
+                | "Captions" >> beam.ParDo(CaptionRecordsFn(self.cfg.bigrams, use_meta))
+            )
+            joined = {"part": parts, "a": by_shard} | "JoinShard" >> beam.CoGroupByKey()
+            recs = joined | "Records" >> beam.ParDo(ClusterRecordsFn())
+            return recs, parts | "CaptionBatches" >> beam.Map(lambda kv: kv[1][1])
         keyed_i = inputs["infos"] | "KeyInfos" >> beam.Map(lambda i: (i.key, i))
         keyed_a = inputs["assignments"] | "KeyAssign" >> beam.Map(lambda a: (a.key, a))
-        return (
+        recs = (
             {"i": keyed_i, "a": keyed_a}
             | "JoinSample" >> beam.CoGroupByKey()
             | "Records" >> beam.ParDo(_SampleRecords(self.cfg.bigrams, use_meta))
@@ -309,6 +323,7 @@ class MineTriggers(beam.PTransform):
             | "GroupShard" >> beam.GroupByKey()
             | "Batches" >> beam.FlatMap(_chunks)
         )
+        return recs, recs
 
     def _keyword_triggers(self, pairs, kw_counts, n_total):
         cfg = self.cfg
@@ -371,16 +386,17 @@ class MineTriggers(beam.PTransform):
             )
         )
 
-    def _caption_codes(self, recs, counts):
+    def _caption_codes(self, recs, captions, counts):
         cfg, n = self.cfg, self.buckets
-        out = [recs | "DuplicateCaptions" >> CaptionCodes(cfg.near_duplicate_captions, n)]
+        duplicates = CaptionCodes(cfg.near_duplicate_captions, n)
+        out = [{"members": recs, "captions": captions} | "DuplicateCaptions" >> duplicates]
         frequent = (  # the words of the normalized captions, counted in the one combine
             counts
             | "Frequent" >> beam.FlatMap(_tagged, tag="w", m=cfg.template_min_df)
             | "FrequentWords" >> beam.Keys()
         )
         templates = TemplateCodes(_as_set(frequent), n, cfg.template_min_count, cfg.template_min_distinct)
-        out.append(recs | "Skeletons" >> templates)
+        out.append(captions | "Skeletons" >> templates)
         return out
 
 
