@@ -287,10 +287,8 @@ class MineTriggers(beam.PTransform):
         )
         # each caption branch batches its per-record codes by shard in the stage that makes them
         # (fused): a Flatten of per-record elements would cross the data plane one by one
-        caption_codes = tuple(
-            codes | f"{name}ByShard" >> beam.ParDo(CodesByShard())
-            for name, codes in zip(("DuplicateCodes", "TemplateCodes"), self._caption_codes(recs, captions, counts), strict=True)
-        )
+        named = zip(("DuplicateCodes", "TemplateCodes"), self._caption_codes(recs, captions, counts), strict=True)
+        caption_codes = tuple(codes | f"{name}ByShard" >> beam.ParDo(CodesByShard()) for name, codes in named)
         return (trigger_codes, *caption_codes) | "AllCodes" >> beam.Flatten()
 
     def _records(self, inputs):
