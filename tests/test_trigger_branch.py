@@ -114,16 +114,18 @@ def test_caption_branch_does_not_wait_for_the_assignments():
     producers = _producers(p)
     early = [
         "MineTriggers/Captions",
-        "MineTriggers/DuplicateCaptions/NearInBands",
+        "MineTriggers/DuplicateCaptions/Near/NearInBands",
+        "MineTriggers/DuplicateCaptions/NearAndShared/FlatMap(near_and_shared)",
         "MineTriggers/Skeletons/PerGroup",
         "MineTriggers/CountAll/Combine/ParDo(CombineValuesDoFn)",
     ]
-    for label in [*early, "MineTriggers/Records"]:
+    for label in [*early, "MineTriggers/Records/ParDo(ClusterRecordsFn)"]:
         assert label in producers, label
     for label in early:
         assert not any(up.startswith("AssignmentRows") for up in _upstream(producers, label)), label
-    assert "AssignmentRows/Map(decode)" in _upstream(producers, "MineTriggers/Records")
+    assert "AssignmentRows/Map(decode)" in _upstream(producers, "MineTriggers/Records/ParDo(ClusterRecordsFn)")
     # the caption records are made after a shuffle of their own (not in the reader's stage), and
     # the band entries after another (not in the stage that makes the records)
     assert producers["MineTriggers/Captions"] == {"MineTriggers/GroupInfos"}
-    assert producers["MineTriggers/DuplicateCaptions/Bands"] == {"MineTriggers/DuplicateCaptions/ShuffleNorms"}
+    near = "MineTriggers/DuplicateCaptions/Near/"
+    assert producers[near + "Bands"] == {near + "ShuffleNorms"}

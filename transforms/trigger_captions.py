@@ -202,31 +202,92 @@ def caption_codes(item) -> Iterator:
 
 
 class CaptionCodes(beam.PTransform):
-    """Record batches (or {"members": record batches, "captions": the same records, read before
-    their clusters are known}) -> (member, (code,)) for duplicate and (when ``near``)
-    near-duplicate captions, through ``n`` hash buckets of captions and of band keys. The band
-    entries are made after a shuffle of the batches' caption columns, so neither they nor the
-    bands' comparisons wait for the clusters or run in the stage that makes the batches."""
+    """Record batches -> (member, (code,)) for duplicate and (when ``near``) near-duplicate
+    captions, through ``n`` hash buckets of captions and of band keys (``CaptionGroups`` and
+    ``caption_codes`` on the shared records is the same in two steps, the first before the
+    clusters are known)."""
 
     def __init__(self, near: bool, n: int):
         super().__init__()
         self.near, self.n = near, n
 
-    def expand(self, inputs):
-        n = self.n
-        batches, captions = (inputs["members"], inputs["captions"]) if isinstance(inputs, dict) else (inputs, inputs)
-        members = batches | "Members" >> beam.FlatMap(_members, n=n)
+    def expand(self, batches):
+        members = batches | "Members" >> beam.FlatMap(_members, n=self.n)
         if self.near:
-            marks = (
-                captions
-                | "NormColumns" >> beam.FlatMap(_norm_column)
-                | "ShuffleNorms" >> beam.GroupByKey()
-                | "Bands" >> beam.FlatMap(_bands_of_columns, n=n)
-                | "GroupBands" >> beam.GroupByKey()
-                | "NearInBands" >> beam.FlatMap(near_in_bands, n=n)
-            )
-            members = (members, marks) | "WithNearMarks" >> beam.Flatten()
+            members = (members, batches | "Near" >> NearMarks(self.n)) | "WithNearMarks" >> beam.Flatten()
         return members | "GroupCaptions" >> beam.GroupByKey() | "Codes" >> beam.FlatMap(caption_codes)
+
+
+def near_and_shared(item) -> Iterator:
+    """(caption bucket, member columns of clusters of one and near marks) -> (member,
+    ("near_duplicate_caption",)) for the records of a caption marked near; tagged "shared",
+    (shard, [(key, caption)]) for the records of a caption on >= 2 records: only those can be
+    duplicate captions (``caption_codes`` once their clusters are known), so only they wait for
+    the clusters."""
+    import numpy as np
+
+    _, parts = item
+    near: set[str] = set()
+    norms, keys, shards = [], [], []
+    for part in parts:
+        if part[0] == NEAR:
+            near.update(part[1])
+        else:
+            for column, values in zip((norms, keys, shards), part[1:4], strict=True):
+                column.extend(values)
+    if not norms:
+        return
+    caption, n_captions, distinct = _ids(norms)
+    if near:
+        marked = np.array([d in near for d in distinct], dtype=bool)[caption]
+        for i in np.flatnonzero(marked).tolist():
+            yield (keys[i], shards[i]), ("near_duplicate_caption",)
+    by_shard: dict[str, list] = {}
+    for i in np.flatnonzero(np.bincount(caption, minlength=n_captions)[caption] >= 2).tolist():
+        by_shard.setdefault(shards[i], []).append((keys[i], norms[i]))
+    for shard, pairs in sorted(by_shard.items()):
+        yield beam.pvalue.TaggedOutput("shared", (shard, pairs))
+
+
+class CaptionGroups(beam.PTransform):
+    """Record batches of clusters of one (made before the clusters are known) -> {"near":
+    (member, ("near_duplicate_caption",)), "shared": (shard, [(key, caption)]) for the records
+    whose caption is on >= 2 records}: ``CaptionCodes`` less what needs the clusters (duplicate
+    captions: ``caption_codes`` of the shared records' member columns with their clusters)."""
+
+    def __init__(self, near: bool, n: int):
+        super().__init__()
+        self.near, self.n = near, n
+
+    def expand(self, captions):
+        members = captions | "Members" >> beam.FlatMap(_members, n=self.n)
+        if self.near:
+            members = (members, captions | "Near" >> NearMarks(self.n)) | "WithNearMarks" >> beam.Flatten()
+        found = (
+            members
+            | "GroupCaptions" >> beam.GroupByKey()
+            | "NearAndShared" >> beam.FlatMap(near_and_shared).with_outputs("shared", main="near")
+        )
+        return {"near": found.near, "shared": found.shared}
+
+
+class NearMarks(beam.PTransform):
+    """Record batches -> (caption bucket, (NEAR, captions)) for the captions near another: the
+    batches' caption columns shuffled, their band entries grouped in ``n`` buckets of band keys."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def expand(self, batches):
+        return (
+            batches
+            | "NormColumns" >> beam.FlatMap(_norm_column)
+            | "ShuffleNorms" >> beam.GroupByKey()
+            | "Bands" >> beam.FlatMap(_bands_of_columns, n=self.n)
+            | "GroupBands" >> beam.GroupByKey()
+            | "NearInBands" >> beam.FlatMap(near_in_bands, n=self.n)
+        )
 
 
 def caption_columns(batch: list[dict]) -> tuple[list, list, list]:

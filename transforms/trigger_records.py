@@ -14,13 +14,12 @@ lists.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
 
 from pipeline import progress
-from transforms.key_batches import grouped, split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import metadata_objects
 
@@ -310,16 +309,37 @@ def with_clusters(batch: RecordBatch, lookup: dict) -> RecordBatch:
 
 class ClusterRecordsFn(beam.DoFn):
     """(shard, {"part": [(row start, RecordBatch of clusters of one)], "a": ClusterAssignment or
-    lists of assignment tuples}) -> the shard's RecordBatches with their clusters, in row order."""
+    lists of assignment tuples, "shared": lists of (key, normalized caption)}) -> the shard's
+    RecordBatches with their clusters, in row order; tagged "shared", (caption bucket of ``n``,
+    (MEMBERS, captions, keys, shards, cluster ids)) for the (key, caption) pairs of "shared":
+    the records whose caption another record has, now with their clusters."""
 
-    def process(self, item) -> Iterator[RecordBatch]:
-        _, joined = item
+    def __init__(self, n: int = 1):
+        self.n = n
+
+    def process(self, item) -> Iterator:
+        shard, joined = item
         parts = sorted(joined["part"], key=lambda part: part[0])
-        if not parts:
-            return
         lookup = cluster_lookup(joined["a"])
         for _, batch in parts:
             yield with_clusters(batch, lookup)
+        yield from shared_members(shard, joined.get("shared", ()), lookup, self.n)
+
+
+def shared_members(shard: str, lists, lookup: dict, n: int) -> Iterator:
+    """Lists of (key, caption) of a shard -> tagged "shared", (caption bucket, (MEMBERS,
+    captions, keys, shards, cluster ids)) per bucket (``trigger_captions.caption_codes``' input)."""
+    from transforms.key_batches import bucket_of
+    from transforms.trigger_captions import MEMBERS
+
+    out: dict[int, tuple[list, list, list, list]] = {}
+    for key, norm in (pair for pairs in lists for pair in pairs):
+        found = lookup.get(key)
+        columns = out.setdefault(bucket_of(norm, n) if n > 1 else 0, ([], [], [], []))
+        for column, value in zip(columns, (norm, key, shard, found[0] if found else key), strict=True):
+            column.append(value)
+    for b, columns in sorted(out.items()):
+        yield beam.pvalue.TaggedOutput("shared", (b, (MEMBERS, *columns)))
 
 
 class ShardRecordsFn(CaptionRecordsFn):
@@ -363,35 +383,3 @@ def _shared(values: list[str]) -> list[str]:
     """Equal strings as one object each (pickled once)."""
     seen: dict[str, str] = {}
     return [seen.setdefault(v, v) for v in values]
-
-
-def bucketed(batch, pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:
-    """A batch's records -> (bucket, [(group key, member)]) lists, for grouping by group key."""
-    yield from split_buckets((p for r in batch for p in pairs(r)), n)
-
-
-def per_group(item, group_fn: Callable) -> Iterator:
-    """(bucket, lists of (group key, member)) -> group_fn((group key, members)) for each group."""
-    _, lists = item
-    for group, members in sorted(grouped(lists).items()):
-        yield from group_fn((group, members))
-
-
-def _bucketed_with(batch, side, pairs: Callable, n: int) -> Iterator[tuple[int, list]]:
-    return bucketed(batch, lambda r: pairs(r, side), n)
-
-
-class GroupInBuckets(beam.PTransform):
-    """Record batches -> fn((group key, members)) per group key, the members gathered through
-    ``n`` hash buckets of lists (``pairs(record)`` gives a record's (group key, member) pairs)."""
-
-    def __init__(self, pairs: Callable, fn: Callable, n: int, side=None):
-        super().__init__()
-        self.pairs, self.fn, self.n, self.side = pairs, fn, n, side
-
-    def expand(self, batches):
-        if self.side is None:
-            split = batches | "Split" >> beam.FlatMap(bucketed, pairs=self.pairs, n=self.n)
-        else:  # pairs(record, side value): e.g. the frequent words for template skeletons
-            split = batches | "Split" >> beam.FlatMap(_bucketed_with, pairs=self.pairs, side=self.side, n=self.n)
-        return split | "Group" >> beam.GroupByKey() | "PerGroup" >> beam.FlatMap(per_group, group_fn=self.fn)

@@ -14,13 +14,11 @@ from itertools import chain
 
 import apache_beam as beam
 
-from pipeline import progress
 from transforms.key_batches import grouped
-from transforms.keywords import KeywordExtractor, normalize_caption
-from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
+from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, related_fn
 from transforms.shard_columns import Batch, BatchByShard
 from transforms.trigger_bundle import BundleCounts
-from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
+from transforms.trigger_captions import CaptionCodes, CaptionGroups, TemplateCodes, caption_codes, near_norms
 from transforms.trigger_clusters import classified_columns, member_columns
 from transforms.trigger_counts import (
     EVENTS,
@@ -29,46 +27,9 @@ from transforms.trigger_counts import (
     code_rows,
     norm_duplication,
 )
-from transforms.trigger_records import (
-    CHUNK,
-    INFO_COLUMNS,
-    CaptionRecordsFn,
-    ClusterRecordsFn,
-    RecordBatch,
-    column,
-)
+from transforms.trigger_records import INFO_COLUMNS, CaptionRecordsFn, ClusterRecordsFn, column
+from transforms.trigger_samples import sample_records
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
-
-
-class _SampleRecords(beam.DoFn):
-    """(key, {"i": [SampleInfo], "a": [ClusterAssignment]}) -> one record dict per ok sample
-    (the per-sample path of ``SampleInfo`` elements; ``_chunks`` makes them batches)."""
-
-    def __init__(self, bigrams: bool, use_metadata: bool):
-        self.bigrams = bigrams
-        self.use_metadata = use_metadata
-
-    def setup(self):
-        self.extractor = KeywordExtractor(self.bigrams)
-
-    def process(self, item) -> Iterator[dict]:
-        key, grouped = item
-        infos = sorted(grouped["i"], key=lambda i: i.shard)
-        if not infos:
-            return
-        info, assignments = infos[0], list(grouped["a"])
-        a = assignments[0] if assignments else None
-        progress.advance("triggers")
-        yield {
-            "key": key,
-            "shard": info.shard,
-            "caption": info.caption,
-            "norm": normalize_caption(info.caption),
-            "terms": self.extractor.terms_tuple(info.caption),
-            "objects": metadata_objects(info.meta_json) if self.use_metadata else [],
-            "cluster_id": a.cluster_id if a else key,
-            "cluster_size": a.cluster_size if a else 1,
-        }
 
 
 def _info_by_shard(table) -> tuple:
@@ -222,13 +183,6 @@ def classified(item, share: float, m: int) -> Iterator:
         yield beam.pvalue.TaggedOutput("rows", (shard, batch))
 
 
-def _chunks(item) -> Iterator[RecordBatch]:
-    _, records = item
-    records = sorted(records, key=lambda r: r["key"])
-    for i in range(0, len(records), CHUNK):
-        yield RecordBatch.from_records(records[i : i + CHUNK])
-
-
 class MineTriggers(beam.PTransform):
     """{"info_batches": SampleInfo tables (or "infos": SampleInfo elements), "assignments":
     ClusterAssignment (of clustered keys; a key without one is a cluster of one), or with info
@@ -246,7 +200,7 @@ class MineTriggers(beam.PTransform):
 
     def expand(self, inputs):
         cfg, m = self.cfg, self.cfg.min_pair_count
-        recs, captions = self._records(inputs)
+        recs, captions, by_caption = self._records(inputs)
         vocabulary = None if cfg.object_source == "none" else frozenset(cfg.objects or DEFAULT_OBJECTS)
         # one combine for every count: records, terms, object events, words, small-cluster pairs;
         # pairs of clusters of one count only for m = 1: for m >= 2 no count needs a cluster
@@ -267,15 +221,16 @@ class MineTriggers(beam.PTransform):
         pairs = (duplication.pairs, small_pairs) | "AllPairs" >> beam.Flatten()
         keywords = self._keyword_triggers(pairs, kw_counts, n_total)
         objects = self._object_triggers(counts, vocabulary, kw_counts, n_total)
+        by_caption["TemplateCodes"] = self._template_codes(captions, counts)
         return {
             "keywords": keywords,
             "objects": objects,
-            "codes": self._codes(recs, captions, counts, keywords, objects),
+            "codes": self._codes(recs, by_caption, keywords, objects),
             "duplication": duplication.classes,
             "duplication_rows": duplication.rows,
         }
 
-    def _codes(self, recs, captions, counts, keywords, objects):
+    def _codes(self, recs, by_caption: dict, keywords, objects):
         """-> (shard, Batch of (key, codes)): trigger codes per batch, caption codes batched."""
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
@@ -287,41 +242,41 @@ class MineTriggers(beam.PTransform):
         )
         # each caption branch batches its per-record codes by shard in the stage that makes them
         # (fused): a Flatten of per-record elements would cross the data plane one by one
-        named = zip(("DuplicateCodes", "TemplateCodes"), self._caption_codes(recs, captions, counts), strict=True)
-        caption_codes = tuple(codes | f"{name}ByShard" >> beam.ParDo(CodesByShard()) for name, codes in named)
-        return (trigger_codes, *caption_codes) | "AllCodes" >> beam.Flatten()
+        batched = tuple(codes | f"{name}ByShard" >> beam.ParDo(CodesByShard()) for name, codes in by_caption.items())
+        return (trigger_codes, *batched) | "AllCodes" >> beam.Flatten()
 
     def _records(self, inputs):
-        """-> (record batches, the same records as clusters of one: what the caption stages and
-        the counts read). From info tables, the second are made per shard (``CaptionRecordsFn``)
-        after a shuffle of their own, as soon as the reader has them: not in the reader's stage,
-        and not after the duplicate search; the shard join then only adds the clusters."""
-        use_meta = self.cfg.object_source in ("auto", "metadata")
-        if "info_batches" in inputs:
-            if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
-                by_shard = inputs["assignment_rows"]
-            else:
-                by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
-            parts = (  # (shard, (row start, RecordBatch))
-                inputs["info_batches"]
-                | "InfoByShard" >> beam.Map(_info_by_shard)
-                | "GroupInfos" >> beam.GroupByKey()
-                | "Captions" >> beam.ParDo(CaptionRecordsFn(self.cfg.bigrams, use_meta))
+        """-> (record batches, the same records as clusters of one: what the counts and the
+        caption stages read, {name: caption codes}). From info tables, the second are made per
+        shard (``CaptionRecordsFn``) after a shuffle of their own, as soon as the reader has them:
+        not in the reader's stage, and not after the duplicate search; the caption stages run
+        on them (``CaptionGroups``); the shard join then adds the clusters, to the records and
+        to the few records whose caption another record has (duplicate captions need them)."""
+        cfg, n = self.cfg, self.buckets
+        use_meta = cfg.object_source in ("auto", "metadata")
+        if "info_batches" not in inputs:
+            recs = sample_records(inputs, cfg.bigrams, use_meta)
+            return (
+                recs,
+                recs,
+                {"DuplicateCodes": recs | "DuplicateCaptions" >> CaptionCodes(cfg.near_duplicate_captions, n)},
             )
-            joined = {"part": parts, "a": by_shard} | "JoinShard" >> beam.CoGroupByKey()
-            recs = joined | "Records" >> beam.ParDo(ClusterRecordsFn())
-            return recs, parts | "CaptionBatches" >> beam.Map(lambda kv: kv[1][1])
-        keyed_i = inputs["infos"] | "KeyInfos" >> beam.Map(lambda i: (i.key, i))
-        keyed_a = inputs["assignments"] | "KeyAssign" >> beam.Map(lambda a: (a.key, a))
-        recs = (
-            {"i": keyed_i, "a": keyed_a}
-            | "JoinSample" >> beam.CoGroupByKey()
-            | "Records" >> beam.ParDo(_SampleRecords(self.cfg.bigrams, use_meta))
-            | "ByShard" >> beam.Map(lambda r: (r["shard"], r))
-            | "GroupShard" >> beam.GroupByKey()
-            | "Batches" >> beam.FlatMap(_chunks)
+        if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
+            by_shard = inputs["assignment_rows"]
+        else:
+            by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
+        parts = (  # (shard, (row start, RecordBatch))
+            inputs["info_batches"]
+            | "InfoByShard" >> beam.Map(_info_by_shard)
+            | "GroupInfos" >> beam.GroupByKey()
+            | "Captions" >> beam.ParDo(CaptionRecordsFn(cfg.bigrams, use_meta))
         )
-        return recs, recs
+        captions = parts | "CaptionBatches" >> beam.Map(lambda kv: kv[1][1])
+        groups = captions | "DuplicateCaptions" >> CaptionGroups(cfg.near_duplicate_captions, n)
+        joined = {"part": parts, "a": by_shard, "shared": groups["shared"]} | "JoinShard" >> beam.CoGroupByKey()
+        recs = joined | "Records" >> beam.ParDo(ClusterRecordsFn(n)).with_outputs("shared", main="records")
+        duplicates = recs.shared | "GroupShared" >> beam.GroupByKey() | "SharedCodes" >> beam.FlatMap(caption_codes)
+        return recs.records, captions, {"NearCodes": groups["near"], "DuplicateCodes": duplicates}
 
     def _keyword_triggers(self, pairs, kw_counts, n_total):
         cfg = self.cfg
@@ -384,18 +339,15 @@ class MineTriggers(beam.PTransform):
             )
         )
 
-    def _caption_codes(self, recs, captions, counts):
-        cfg, n = self.cfg, self.buckets
-        duplicates = CaptionCodes(cfg.near_duplicate_captions, n)
-        out = [{"members": recs, "captions": captions} | "DuplicateCaptions" >> duplicates]
+    def _template_codes(self, captions, counts):
+        cfg = self.cfg
         frequent = (  # the words of the normalized captions, counted in the one combine
             counts
             | "Frequent" >> beam.FlatMap(_tagged, tag="w", m=cfg.template_min_df)
             | "FrequentWords" >> beam.Keys()
         )
-        templates = TemplateCodes(_as_set(frequent), n, cfg.template_min_count, cfg.template_min_distinct)
-        out.append(captions | "Skeletons" >> templates)
-        return out
+        templates = TemplateCodes(_as_set(frequent), self.buckets, cfg.template_min_count, cfg.template_min_distinct)
+        return captions | "Skeletons" >> templates
 
 
 def _as_set(pcoll):
