@@ -129,3 +129,35 @@ def test_caption_branch_does_not_wait_for_the_assignments():
     assert producers["MineTriggers/Captions"] == {"MineTriggers/GroupInfos"}
     near = "MineTriggers/DuplicateCaptions/Near/"
     assert producers[near + "Bands"] == {near + "ShuffleNorms"}
+
+
+def test_join_part_rows_are_the_batch_rows():
+    """A JoinPart (Arrow keys and captions, CSR terms) gives back the batch's rows, as
+    ``RecordBatch.take`` does, the raw caption replaced by the normalized one; a caption Arrow
+    does not take (a lone surrogate) and a batch of several shards travel too."""
+    import numpy as np
+
+    from transforms.trigger_join import JoinPart
+    from transforms.trigger_records import RecordBatch
+
+    records = [
+        {
+            "key": f"k{i}",
+            "shard": f"s{i % 2}" if i > 3 else "s0",
+            "caption": f"Raw {i}",
+            "norm": "caf\udce9 bar" if i == 5 else f"raw {i}",
+            "terms": tuple(sorted({f"t{i % 3}", f"t{i % 5}"})) if i % 4 else (),
+            "objects": ["tree"] if i % 3 == 0 else [],
+            "cluster_id": f"k{i}",
+            "cluster_size": 1,
+        }
+        for i in range(12)
+    ]
+    batch = RecordBatch.from_records(records)
+    part = pickle.loads(pickle.dumps(JoinPart.of(batch)))
+    assert isinstance(part.norms, list)  # the surrogate: no Arrow array
+    for rows in (None, np.array([0, 3, 5, 11]), np.array([7])):
+        want = list(batch) if rows is None else list(batch.take(rows.tolist()))
+        got = list(part.records(rows))
+        assert got == [dict(r, caption=r["norm"]) for r in want]
+    assert JoinPart.of(RecordBatch.from_records(records[:4])).shard == "s0"

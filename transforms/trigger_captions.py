@@ -132,17 +132,23 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
     yield from _near_marks(near, n)
 
 
-def _members(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
+def _members(batch: list[dict], n: int, clusters: bool = True) -> Iterator[tuple[int, tuple]]:
     """A record batch -> (caption bucket, (MEMBERS, captions, keys, shards, cluster ids)):
-    the records as columns, split by their caption's bucket."""
+    the records as columns, split by their caption's bucket. Without ``clusters`` (records not
+    yet clustered: ``near_and_shared``) no cluster ids, and a batch of one shard sends its shard
+    once (a string, not a column)."""
     norms = column(batch, "norm")
     buckets = [bucket_of(norm, n) for norm in norms] if n > 1 else [0] * len(norms)
     rows: dict[int, list[int]] = {}
     for i, b in enumerate(buckets):
         rows.setdefault(b, []).append(i)
+    keys, shards = column(batch, "key"), column(batch, "shard")
+    one = not clusters and len(shards) and shards.count(shards[0]) == len(shards)
+    cids = column(batch, "cluster_id") if clusters else None
     for b, idx in sorted(rows.items()):
-        columns = ([col[i] for i in idx] for col in (column(batch, c) for c in ("key", "shard", "cluster_id")))
-        yield b, (MEMBERS, [norms[i] for i in idx], *columns)
+        shard = shards[0] if one else [shards[i] for i in idx]
+        tail = (shard,) if cids is None else (shard, [cids[i] for i in idx])
+        yield b, (MEMBERS, [norms[i] for i in idx], [keys[i] for i in idx], *tail)
 
 
 def _near_marks(near: list[str], n: int) -> Iterator[tuple[int, tuple]]:
@@ -233,8 +239,9 @@ def near_and_shared(item) -> Iterator:
         if part[0] == NEAR:
             near.update(part[1])
         else:
-            for column, values in zip((norms, keys, shards), part[1:4], strict=True):
-                column.extend(values)
+            norms.extend(part[1])
+            keys.extend(part[2])
+            shards.extend([part[3]] * len(part[1]) if isinstance(part[3], str) else part[3])
     if not norms:
         return
     caption, n_captions, distinct = _ids(norms)
@@ -260,7 +267,7 @@ class CaptionGroups(beam.PTransform):
         self.near, self.n = near, n
 
     def expand(self, captions):
-        members = captions | "Members" >> beam.FlatMap(_members, n=self.n)
+        members = captions | "Members" >> beam.FlatMap(_members, n=self.n, clusters=False)
         if self.near:
             members = (members, captions | "Near" >> NearMarks(self.n)) | "WithNearMarks" >> beam.Flatten()
         found = (

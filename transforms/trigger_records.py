@@ -307,41 +307,6 @@ def with_clusters(batch: RecordBatch, lookup: dict) -> RecordBatch:
     return batch
 
 
-class ClusterRecordsFn(beam.DoFn):
-    """(shard, {"part": [(row start, RecordBatch of clusters of one)], "a": ClusterAssignment or
-    lists of assignment tuples, "shared": lists of (key, normalized caption)}) -> the shard's
-    RecordBatches with their clusters, in row order; tagged "shared", (caption bucket of ``n``,
-    (MEMBERS, captions, keys, shards, cluster ids)) for the (key, caption) pairs of "shared":
-    the records whose caption another record has, now with their clusters."""
-
-    def __init__(self, n: int = 1):
-        self.n = n
-
-    def process(self, item) -> Iterator:
-        shard, joined = item
-        parts = sorted(joined["part"], key=lambda part: part[0])
-        lookup = cluster_lookup(joined["a"])
-        for _, batch in parts:
-            yield with_clusters(batch, lookup)
-        yield from shared_members(shard, joined.get("shared", ()), lookup, self.n)
-
-
-def shared_members(shard: str, lists, lookup: dict, n: int) -> Iterator:
-    """Lists of (key, caption) of a shard -> tagged "shared", (caption bucket, (MEMBERS,
-    captions, keys, shards, cluster ids)) per bucket (``trigger_captions.caption_codes``' input)."""
-    from transforms.key_batches import bucket_of
-    from transforms.trigger_captions import MEMBERS
-
-    out: dict[int, tuple[list, list, list, list]] = {}
-    for key, norm in (pair for pairs in lists for pair in pairs):
-        found = lookup.get(key)
-        columns = out.setdefault(bucket_of(norm, n) if n > 1 else 0, ([], [], [], []))
-        for column, value in zip(columns, (norm, key, shard, found[0] if found else key), strict=True):
-            column.append(value)
-    for b, columns in sorted(out.items()):
-        yield beam.pvalue.TaggedOutput("shared", (b, (MEMBERS, *columns)))
-
-
 class ShardRecordsFn(CaptionRecordsFn):
     """(shard, {"info": info tables, "a": assignments}) -> RecordBatch (<= CHUNK rows): the
     caption columns (``CaptionRecordsFn``) and the clusters (``with_clusters``) in one step."""

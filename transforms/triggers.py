@@ -27,7 +27,8 @@ from transforms.trigger_counts import (
     code_rows,
     norm_duplication,
 )
-from transforms.trigger_records import INFO_COLUMNS, CaptionRecordsFn, ClusterRecordsFn, column
+from transforms.trigger_join import ClusterRecordsFn, join_part
+from transforms.trigger_records import INFO_COLUMNS, CaptionRecordsFn, column
 from transforms.trigger_samples import sample_records
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
 
@@ -273,8 +274,11 @@ class MineTriggers(beam.PTransform):
         )
         captions = parts | "CaptionBatches" >> beam.Map(lambda kv: kv[1][1])
         groups = captions | "DuplicateCaptions" >> CaptionGroups(cfg.near_duplicate_captions, n)
-        joined = {"part": parts, "a": by_shard, "shared": groups["shared"]} | "JoinShard" >> beam.CoGroupByKey()
-        recs = joined | "Records" >> beam.ParDo(ClusterRecordsFn(n)).with_outputs("shared", main="records")
+        lean = parts | "JoinParts" >> beam.Map(join_part)
+        joined = {"part": lean, "a": by_shard, "shared": groups["shared"]} | "JoinShard" >> beam.CoGroupByKey()
+        every_row = cfg.min_pair_count <= 1  # else only clustered rows and rows with objects need a cluster
+        records = ClusterRecordsFn(n, every_row)
+        recs = joined | "Records" >> beam.ParDo(records).with_outputs("shared", main="records")
         duplicates = recs.shared | "GroupShared" >> beam.GroupByKey() | "SharedCodes" >> beam.FlatMap(caption_codes)
         return recs.records, captions, {"NearCodes": groups["near"], "DuplicateCodes": duplicates}
 
