@@ -12,6 +12,13 @@ carries it: the marks join the records (as columns) by caption bucket, next to t
 duplicates, and no per-record band entry is shipped. Template captions group the captions'
 skeletons (``TemplateCodes``) from caption columns, so the stage that reads the frequent words
 does not decode whole record batches again.
+
+None of it needs the records' clusters but the exact duplicates (a caption on >= 2 records in
+>= 2 clusters). From info tables (``CaptionGroups``) the records are grouped by caption before
+the clusters are known: near codes leave at once, and only the records whose caption another
+record has go on to meet their clusters (``trigger_join``; ~0.3% of LAION's rows), grouped
+again by caption for ``caption_codes``. ``CaptionCodes`` is the same in one step, after the
+clusters (the per-sample path).
 """
 
 from __future__ import annotations

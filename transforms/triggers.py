@@ -192,7 +192,12 @@ class MineTriggers(beam.PTransform):
     "duplication": (cluster_id, dict with "class"), "duplication_rows": (shard, Batch of (key,
     (cluster_id, class))) for the members of clusters of more than one}. Records travel as batches
     (``transforms.trigger_records``), and so do the codes: a key may have codes in several of
-    its shard's batches (word triggers, caption kinds), which the per-shard stage merges."""
+    its shard's batches (word triggers, caption kinds), which the per-shard stage merges.
+
+    From info tables, what needs no cluster runs as soon as the reader has the tables, after a
+    shuffle by shard of its own (``_records``): caption records, counts (but clusters of one's
+    pairs at ``min_pair_count`` 1), template skeletons, near-duplicate captions; the shard join
+    with the assignments then adds the clusters (``transforms.trigger_join``)."""
 
     def __init__(self, cfg, buckets: int = 16):
         super().__init__()
