@@ -136,13 +136,13 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     failure cap, diagnostics instead (RunFailed)."""
     import apache_beam as beam
 
-    from pipeline import beam_speedups, beam_startup, gc_tuning, heap, outdir, runinfo
+    from pipeline import beam_speedups, beam_speedups_startup, gc_tuning, heap, outdir, runinfo
     from pipeline.graph import build_graph, read_input
     from transforms import fsio
 
     started = time.time()
     beam_speedups.install()  # Beam in-process: memoised DoFn inspection, no data-plane copies (MEMSIEVE_BEAM_SPEEDUPS)
-    beam_startup.install_views()  # Beam's option views memoised (MEMSIEVE_BEAM_STARTUP)
+    beam_speedups_startup.install_views()  # Beam's option views memoised (MEMSIEVE_BEAM_STARTUP)
     heap.configure()  # freed stage buffers leave the process (in-process runners)
     log.info("job %s: %s input, %d paths -> %s", cfg.name, fmt, len(inputs), out_dir)
     from transforms.outputs import runner_needs_split, split_by_filter
@@ -150,7 +150,7 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     options = beam_options(cfg, beam_args)
     split_by_filter(runner_needs_split(str(options.get_all_options().get("runner") or "")))
     # the DirectRunner's FnApiRunner without its Prism attempt first (None: Beam's choice)
-    pipeline = beam.Pipeline(runner=beam_startup.in_process_runner(options), options=options)
+    pipeline = beam.Pipeline(runner=beam_speedups_startup.in_process_runner(options), options=options)
     read = read_input(pipeline, cfg, fmt, inputs, out_dir)
     build_graph(pipeline, cfg, read, out_dir)
     from pipeline import progress

@@ -1,4 +1,4 @@
-"""pipeline.beam_startup: option views memoised per options object (answers as Beam's own), the
+"""pipeline.beam_speedups_startup: option views memoised per options object (answers as Beam's own), the
 DirectRunner run on the FnApiRunner without a Prism attempt; pipeline.gc_tuning.freeze_at_exit."""
 
 import subprocess
@@ -9,15 +9,15 @@ import pytest
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions, TypeOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import beam_startup
+from pipeline import beam_speedups_startup
 
 
 @pytest.fixture
 def views(monkeypatch):
     monkeypatch.delenv("MEMSIEVE_BEAM_STARTUP", raising=False)
-    beam_startup.install_views()
+    beam_speedups_startup.install_views()
     yield
-    beam_startup.uninstall_views()
+    beam_speedups_startup.uninstall_views()
 
 
 def test_views_answer_as_fresh_ones(views):
@@ -33,7 +33,7 @@ def test_views_answer_as_fresh_ones(views):
     other = PipelineOptions(["--runner=Y"])  # another object: its own views
     assert other.view_as(StandardOptions).runner == "Y"
     assert options.view_as(StandardOptions).runner == "X"
-    beam_startup.uninstall_views()
+    beam_speedups_startup.uninstall_views()
     fresh = PipelineOptions(flags)
     fresh.view_as(StandardOptions).runner = "X"
     assert fresh.get_all_options() == options.get_all_options()
@@ -49,10 +49,10 @@ def test_view_rebuilt_when_the_flags_change(views):
 
 def test_off_leaves_view_as(monkeypatch):
     monkeypatch.setenv("MEMSIEVE_BEAM_STARTUP", "off")
-    beam_startup.install_views()
+    beam_speedups_startup.install_views()
     options = PipelineOptions([])
     assert options.view_as(TypeOptions) is not options.view_as(TypeOptions)
-    assert beam_startup.in_process_runner(options) is None
+    assert beam_speedups_startup.in_process_runner(options) is None
 
 
 @pytest.mark.parametrize(
@@ -70,12 +70,12 @@ def test_off_leaves_view_as(monkeypatch):
 def test_which_runners_run_in_process(monkeypatch, runner, direct):
     monkeypatch.delenv("MEMSIEVE_BEAM_STARTUP", raising=False)
     options = PipelineOptions([f"--runner={runner}"] if runner else [])
-    assert (beam_startup.in_process_runner(options) is not None) is direct
+    assert (beam_speedups_startup.in_process_runner(options) is not None) is direct
 
 
 def test_streaming_is_left_to_beam(monkeypatch):
     monkeypatch.delenv("MEMSIEVE_BEAM_STARTUP", raising=False)
-    assert beam_startup.in_process_runner(PipelineOptions(["--streaming"])) is None
+    assert beam_speedups_startup.in_process_runner(PipelineOptions(["--streaming"])) is None
 
 
 def test_in_process_runner_runs_without_prism(monkeypatch):
@@ -91,7 +91,7 @@ def test_in_process_runner_runs_without_prism(monkeypatch):
 
     monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", no_prism)
     options = PipelineOptions(["--runner=DirectRunner", "--experiments=memsieve_test"])
-    runner = beam_startup.in_process_runner(options)
+    runner = beam_speedups_startup.in_process_runner(options)
     with beam.Pipeline(runner=runner, options=options) as p:
         out = p | beam.Create([3, 1, 2]) | beam.Map(lambda x: (x % 2, x)) | beam.GroupByKey()
         sums = out | beam.MapTuple(lambda k, xs: (k, sum(xs)))
