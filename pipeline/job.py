@@ -161,9 +161,12 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
             gc_tuning.configure()  # fewer collections, none through the modules and the graph (MEMSIEVE_GC)
             result = pipeline.run()
             result.wait_until_finish()
-    finally:
+    except BaseException:
         gc_tuning.restore()
         fsio.remove(spill.folder_of(out_dir))  # vectors the search stages read (transforms/spill.py)
+        raise
+    gc_tuning.restore()
+    spilled = _remove_later(spill.folder_of(out_dir))  # ~1 GB at 1M rows: unlinked while the tables are summarised
     pipeline_s = time.time() - started
     outdir.fault_point("tables")
     post = time.time()
@@ -192,6 +195,7 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)
     info["checksums"] = runinfo.checksums(out_dir, RUN_TABLES)
+    spilled.join()  # gone before run.json, diagnostics and the commit
     try:
         _check_failure_ratio(cfg, info["summary"])
     except RunFailed as exc:
@@ -200,6 +204,18 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     runinfo.write_run_json(fsio.join(out_dir, "run.json"), info)
     log.info("job %s done in %.1f s: %s", cfg.name, info["timings_s"]["total"], info["summary"])
     return info
+
+
+def _remove_later(path: str):
+    """Delete ``path`` (a folder tree) on a thread, started now; -> the thread (join it before the
+    folder that holds ``path`` is committed). Unlinking releases the GIL: the post-run steps go on."""
+    import threading
+
+    from transforms import fsio
+
+    thread = threading.Thread(target=fsio.remove, args=(path,), name="memsieve-remove-spill", daemon=True)
+    thread.start()
+    return thread
 
 
 def _value_counts(table_dir: str, *columns: str) -> list[dict]:
