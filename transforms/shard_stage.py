@@ -38,7 +38,7 @@ from transforms.shard_columns import (
     sample_infos,
     unbatched,
 )
-from transforms.write import safe_part_name, write_arrow
+from transforms.write import BackgroundWrites, safe_part_name
 
 EXTRA_TAGS = ("blockable", "diversify", "words", "cluster_captions")
 BLOCKABLE = ("key", "shard", "url", "sha256", "decision", "reasons", "cluster_id", "cluster_size", "is_representative")
@@ -87,6 +87,13 @@ class AnnotateShardFn(beam.DoFn):
         self.cfg = decide_cfg
         self.out_dir = out_dir
         self.diversify = diversify
+        self._writes = BackgroundWrites()
+
+    def start_bundle(self):
+        self._writes = BackgroundWrites()  # parts written while the next shard is built
+
+    def finish_bundle(self):
+        self._writes.wait()  # every part of the bundle is in place before its paths count
 
     def process(self, item) -> Iterator:
         shard, grouped = item
@@ -149,7 +156,7 @@ class AnnotateShardFn(beam.DoFn):
         if not data.num_rows:  # like WriteTable: a partition without rows has no part
             return
         path = fsio.join(self.out_dir, table, f"part-{safe_part_name(shard)}.parquet")
-        write_arrow(path, data)
+        self._writes.submit(path, data)
         beam.metrics.Metrics.counter("write", table).inc(data.num_rows)
         progress.advance("write", data.num_rows)
         yield path

@@ -9,6 +9,7 @@ complete, and two runs write identical bytes.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
@@ -127,6 +128,44 @@ def write_arrow(path: str, table) -> str:
     return path
 
 
+class BackgroundWrites:
+    """``write_arrow`` calls run on helper threads while the caller goes on: Parquet encoding and
+    compression run in pyarrow's C++ without the GIL, so a stage's next shard is built while its
+    last one is written. At most ``limit`` tables wait at once (memory stays bounded); ``wait``
+    (at the end of a bundle, before its outputs count) returns once every file is in place and
+    raises the first write's error. Counters stay with the caller (Beam's metrics are per thread)."""
+
+    def __init__(self, limit: int = 2):
+        self.limit, self.pending = limit, []
+
+    def submit(self, path: str, table) -> str:
+        self.pending.append(_writer_pool().submit(write_arrow, path, table))
+        while len(self.pending) > self.limit:
+            self.pending.pop(0).result()
+        return path
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, []
+        for f in pending:  # every write finishes (no half-written temporary left behind) ...
+            f.exception()
+        for f in pending:  # ... then the first error, if any, is raised
+            f.result()
+
+
+WRITER_THREADS = 2
+_WRITERS: list = []  # the process's writer threads (created once, shared by every stage)
+_WRITERS_LOCK = threading.Lock()
+
+
+def _writer_pool():
+    with _WRITERS_LOCK:
+        if not _WRITERS:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _WRITERS.append(ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="parquet-writer"))
+        return _WRITERS[0]
+
+
 DICTIONARY_SAMPLE = 4096  # leading rows that decide a column's encoding
 
 
@@ -231,6 +270,13 @@ class _WriteBatchPart(_WritePart):
     def __init__(self, table_dir: str, schema, sort_key, sort_columns):
         super().__init__(table_dir, schema, sort_key)
         self.sort_columns = sort_columns
+        self._writes = BackgroundWrites()
+
+    def start_bundle(self):
+        self._writes = BackgroundWrites()
+
+    def finish_bundle(self):
+        self._writes.wait()  # the bundle's parts are in place before its paths count
 
     def process(self, item):
         partition, rows = item
@@ -239,7 +285,7 @@ class _WriteBatchPart(_WritePart):
             return
         table = rows.sort_by([(c, "ascending") for c in self.sort_columns]).select(self.schema.names)
         table = table.cast(self.schema)
-        path = write_arrow(fsio.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet"), table)
+        path = self._writes.submit(fsio.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet"), table)
         beam.metrics.Metrics.counter("write", fsio.basename(self.table_dir)).inc(table.num_rows)
         progress.advance("write", table.num_rows)
         yield path
