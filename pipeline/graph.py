@@ -257,6 +257,11 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
             )
         )
         p.__dict__.setdefault("_memsieve_written", []).append(written)
+    from pipeline.report_stage import add_report_parts
+
+    report = add_report_parts(p, cfg, read, out_dir)  # the report's tables part, beside diversification
+    if report is not None:
+        p.__dict__["_memsieve_written"].append(report)
     if cfg.diversify.enabled:
         div = {
             "rows": staged["diversify"],
