@@ -73,6 +73,7 @@ def _write_parts(_, out_dir: str, shard_paths: list[str], config: dict, ready: i
         parts = table_parts(out_dir, shard_paths, config, rdir, False, MAX_CLUSTERS)
     path = os.path.join(rdir, PARTS)
     atomic_write_text(path, json.dumps(parts, ensure_ascii=False))
+    beam.metrics.Metrics.counter("report", "gathered").inc()  # run.json: the page's tables were read in the run
     yield path
 
 
