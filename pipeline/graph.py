@@ -270,7 +270,10 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
         } | "DiversifyCaptions" >> DiversifyCaptions(cfg.diversify, cfg.run.seed, dec.get("buckets", 1))
         _write_tables(div, out_dir, "diversify", _shard_labels, ("key",))
     blocked = staged["blockable"] | "BlockRows" >> BlocklistRows(dec.get("buckets", 1))
-    _write_tables(blocked, out_dir, "blocklist", _shard_labels, ("key",))
+    blocklist = _write_tables(blocked, out_dir, "blocklist", _shard_labels, ("key",))
+    from pipeline.blocklist import add_blocklist_files  # blocklist.txt, .tsv and .json beside diversification
+
+    p.__dict__["_memsieve_written"].append(add_blocklist_files(blocklist, out_dir))
     _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     _join_sinks(p)
     return {"written": staged["written"], "assignment_tables": tables}
