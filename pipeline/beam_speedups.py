@@ -17,8 +17,8 @@ encoding and decoding between stages (elements passed by reference, ``refs``):
 ``pipeline/beam_speedups_refs.py``.
 
 ``MEMSIEVE_BEAM_SPEEDUPS`` chooses what ``install()`` installs: ``all`` (the default), ``off``,
-or a comma list of ``inspect`` (the caches), ``group``, ``plane``, ``sizes`` and ``refs`` (which
-brings ``plane``). Each is idempotent and
+or a comma list of ``inspect`` (the caches), ``group``, ``plane``, ``sizes``, ``refs`` (which
+brings ``plane``) and ``waves`` (independent bundles at once: ``pipeline/beam_speedups_waves.py``). Each is idempotent and
 undone by ``uninstall()``.
 """
 

@@ -32,6 +32,7 @@ of them:
   sampling). Element counts stay.
 
 - **elements by reference** (``refs``): ``pipeline/beam_speedups_refs.py``.
+- **independent bundles at once** (``waves``): ``pipeline/beam_speedups_waves.py``.
 
 ``install_runner(names)`` installs the named patches (idempotent; on Beam 2.77 only, whose
 internals they replace); ``uninstall_runner()`` restores Beam's own methods.
@@ -262,7 +263,20 @@ def install_refs() -> None:
     install()
 
 
-PATCHES = {"group": install_group, "plane": install_plane, "sizes": install_sizes, "refs": install_refs}
+def install_waves() -> None:
+    """``pipeline.beam_speedups_waves`` (a wave's independent bundles on a thread pool)."""
+    from pipeline.beam_speedups_waves import install_waves as install
+
+    install()
+
+
+PATCHES = {
+    "group": install_group,
+    "plane": install_plane,
+    "sizes": install_sizes,
+    "refs": install_refs,
+    "waves": install_waves,
+}
 
 
 BEAM_VERSION = "2.77."  # the internals these patches replace are this release's

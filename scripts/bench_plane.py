@@ -18,7 +18,9 @@ memsieve's own runner patches (``pipeline.beam_speedups``, as ``MEMSIEVE_BEAM_SP
 are installed first, the probes on top of them: compare ``MEMSIEVE_BEAM_SPEEDUPS=inspect`` (Beam's
 own data plane) with the default. Element counts come from ``DataInputOperation.index`` (what
 the worker decoded); bytes are the encoded chunks the runner hands the worker. The probes' own
-cost is a few ``len()`` calls and clock reads per chunk, not per element.
+cost is a few ``len()`` calls and clock reads per chunk, not per element. The probes keep one
+current stage, so the job's stages run one at a time here (``MEMSIEVE_STAGE_THREADS=1``, unless
+set: the ``waves`` patch would run a wave's independent bundles at once and mix their figures).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import sys
 import time
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
     from pipeline import beam_speedups, cli
 
+    os.environ.setdefault("MEMSIEVE_STAGE_THREADS", "1")  # one current stage for the probes
     beam_speedups.install()  # memsieve's own patches first (as MEMSIEVE_BEAM_SPEEDUPS says), the probes on top
     install()
 

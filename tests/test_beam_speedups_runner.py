@@ -237,7 +237,7 @@ def test_switch(monkeypatch):
     monkeypatch.setenv("MEMSIEVE_BEAM_SPEEDUPS", "sizes, inspect,bogus")
     assert beam_speedups.enabled() == ["inspect", "sizes"]
     monkeypatch.delenv("MEMSIEVE_BEAM_SPEEDUPS")
-    assert beam_speedups.enabled() == ["inspect", "group", "plane", "sizes", "refs"]
+    assert beam_speedups.enabled() == ["inspect", "group", "plane", "sizes", "refs", "waves"]
     monkeypatch.setenv("MEMSIEVE_BEAM_SPEEDUPS", "off")
     original = execution.ListBuffer.append
     beam_speedups.install()
