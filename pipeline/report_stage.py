@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 
 import apache_beam as beam
@@ -69,8 +70,12 @@ def _write_parts(_, out_dir: str, shard_paths: list[str], config: dict, ready: i
 
     rdir = os.path.join(out_dir, "report")
     os.makedirs(rdir, exist_ok=True)
-    with _gc_paused():  # bounded allocations, as write_report's
-        parts = table_parts(out_dir, shard_paths, config, rdir, False, MAX_CLUSTERS)
+    try:
+        with _gc_paused():  # bounded allocations, as write_report's
+            parts = table_parts(out_dir, shard_paths, config, rdir, False, MAX_CLUSTERS)
+    except Exception:  # noqa: BLE001 - the run's tables are written: the page is built at the end instead
+        logging.getLogger(__name__).warning("report tables not gathered in the run", exc_info=True)
+        return
     path = os.path.join(rdir, PARTS)
     atomic_write_text(path, json.dumps(parts, ensure_ascii=False))
     beam.metrics.Metrics.counter("report", "gathered").inc()  # run.json: the page's tables were read in the run

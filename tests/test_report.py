@@ -198,3 +198,14 @@ def test_page_gathered_in_the_run_is_the_page_built_at_the_end(demo_run, tmp_pat
     assert "from the parts file" in page and not (copy / "report" / PARTS).exists()
     (copy / "report" / PARTS).write_text("{not json")
     assert gathered_parts(str(copy / "report")) is None and not (copy / "report" / PARTS).exists()
+
+
+def test_parts_step_leaves_the_page_to_the_end_when_it_fails(tmp_path, monkeypatch):
+    import pipeline.report_stage as stage
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no figures today")
+
+    monkeypatch.setattr(stage, "table_parts", broken)
+    assert list(stage._write_parts(None, str(tmp_path), [], {}, ready=1)) == []
+    assert not (tmp_path / "report" / stage.PARTS).exists()
