@@ -19,7 +19,6 @@ Nothing here is random: the same seeds give the same numbers as ``random.Random`
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Iterator
 from operator import itemgetter
 
@@ -155,19 +154,13 @@ def joined_streams(prefix: str, middle, suffix: str, k: int) -> np.ndarray:
 
 
 SEEDING_THREADS = 2
-_POOL = None
-_POOL_LOCK = threading.Lock()
 
 
 def _seeding_pool():
-    """The process's seeding threads (created once; daemon threads, idle between uses)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            from concurrent.futures import ThreadPoolExecutor
+    """The process's seeding threads (``transforms.threads``: created once, idle between uses)."""
+    from transforms.threads import pool
 
-            _POOL = ThreadPoolExecutor(SEEDING_THREADS, thread_name_prefix="mt-seeding")
-        return _POOL
+    return pool("mt-seeding", SEEDING_THREADS)
 
 
 def _digests(seeds) -> list[bytes]:

@@ -9,7 +9,6 @@ complete, and two runs write identical bytes.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
@@ -153,17 +152,12 @@ class BackgroundWrites:
 
 
 WRITER_THREADS = 2
-_WRITERS: list = []  # the process's writer threads (created once, shared by every stage)
-_WRITERS_LOCK = threading.Lock()
 
 
 def _writer_pool():
-    with _WRITERS_LOCK:
-        if not _WRITERS:
-            from concurrent.futures import ThreadPoolExecutor
+    from transforms.threads import pool
 
-            _WRITERS.append(ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="parquet-writer"))
-        return _WRITERS[0]
+    return pool("parquet-writer", WRITER_THREADS)
 
 
 DICTIONARY_SAMPLE = 4096  # leading rows that decide a column's encoding
