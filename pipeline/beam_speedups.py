@@ -18,8 +18,8 @@ encoding and decoding between stages (elements passed by reference, ``refs``):
 
 ``MEMSIEVE_BEAM_SPEEDUPS`` chooses what ``install()`` installs: ``all`` (the default), ``off``,
 or a comma list of ``inspect`` (the caches), ``group``, ``plane``, ``sizes``, ``refs`` (which
-brings ``plane``) and ``waves`` (independent bundles at once: ``pipeline/beam_speedups_waves.py``). Each is idempotent and
-undone by ``uninstall()``.
+brings ``plane``) and ``waves`` (independent bundles at once: ``pipeline/beam_speedups_waves.py``).
+Each is idempotent and undone by ``uninstall()``.
 """
 
 from __future__ import annotations
