@@ -305,7 +305,7 @@ def _neighbour_parts(table, n: int):
 
 
 def _shard_labels(table):
-    return table["shard"].to_numpy(zero_copy_only=False).astype(object)
+    return table["shard"]  # an Arrow column: the writer encodes it without a string per row
 
 
 def _write_tables(pcoll, out_dir: str, table: str, table_partition, sort_columns: tuple[str, ...]):

@@ -1,5 +1,6 @@
-"""Parquet parts written on helper threads (transforms.write.BackgroundWrites): the same bytes as
-``write_arrow`` in the caller's thread, every file in place after ``wait``, errors raised there."""
+"""transforms.write: parts written on helper threads (BackgroundWrites: the same bytes as
+``write_arrow`` in the caller's thread, every file in place after ``wait``, errors raised there),
+and Arrow partition labels split as pandas' factorize splits them."""
 
 import os
 
@@ -37,3 +38,25 @@ def test_error_raised_at_wait_after_the_others_finish(tmp_path):
     assert os.path.isfile(good)
     assert writes.pending == []
     writes.wait()  # nothing left: no error twice
+
+
+def test_arrow_partition_labels_factorize_as_pandas():
+    import numpy as np
+    import pandas as pd
+
+    from transforms.write import _factorized, _partition_lists
+
+    labels = pa.chunked_array([["s1", "s0", "s1"], ["s2", "s0"]])
+    codes, names = _factorized(labels)
+    want_codes, want_names = pd.factorize(np.asarray(labels, dtype=object))
+    assert codes.tolist() == want_codes.tolist() and list(names) == list(want_names) == ["s1", "s0", "s2"]
+    table = pa.table({"key": list("abcde"), "shard": labels})
+    parts = dict(_partition_lists(table, None, lambda t: t["shard"]))
+    assert {k: v.column("key").to_pylist() for k, v in parts.items()} == {
+        "s1": ["a", "c"],
+        "s0": ["b", "e"],
+        "s2": ["d"],
+    }
+    with_null = pa.array(["s1", None, "s1"])  # nulls: pandas' way (the null row in no partition)
+    assert _factorized(with_null)[0].tolist() == pd.factorize(np.asarray(with_null, dtype=object))[0].tolist()
+    assert list(_partition_lists(table.slice(0, 0), None, lambda t: t["shard"])) == []

@@ -224,14 +224,31 @@ class WriteTable(beam.PTransform):
         )
 
 
+def _factorized(labels):
+    """Partition labels per row (an Arrow string column, or anything numpy takes) -> (an int code
+    per row, the distinct labels in first-seen order), as ``pandas.factorize``; an Arrow column
+    without nulls is encoded by Arrow (no Python string per row)."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(labels, pa.ChunkedArray | pa.Array) and not labels.null_count:
+        encoded = pc.dictionary_encode(labels)
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        return codes, pd.Index(encoded.dictionary.to_pylist(), dtype=object)
+    return pd.factorize(np.asarray(labels, dtype=object))
+
+
 def _partition_lists(rows, partition: Callable[[dict], str], table_partition=None) -> Iterator[tuple[str, object]]:
     """A list of row dicts, or a pyarrow Table (``table_partition``: the table -> a partition
     label per row), -> (partition, its rows as a list or a Table)."""
     if table_partition is not None and not isinstance(rows, list):
         import numpy as np
-        import pandas as pd
 
-        codes, labels = pd.factorize(np.asarray(table_partition(rows), dtype=object))
+        codes, labels = _factorized(table_partition(rows))
         if len(labels) == 1:
             yield str(labels[0]), rows
             return
