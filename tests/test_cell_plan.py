@@ -174,3 +174,60 @@ def test_bf16_argmax_is_the_float32_images_first_maximum():
     x[4, 7], x[5, 2], x[6, 4] = float("inf"), float("nan"), float("-inf")
     want = x.float().numpy().argmax(axis=1)
     assert np.array_equal(cell_plan._bf16_argmax(x), want)
+
+
+def _nearest_by_topk(x, ct_low, c32, c_norm, per, margin):
+    """The reference: the bf16 top per + 2 of every row, then the fp32 ranking of unsure rows."""
+    import torch
+
+    top = torch.topk(x.to(torch.bfloat16) @ ct_low, per + 2, dim=1)
+    values, short = top.values.float(), top.indices
+    eps = cell_plan.BF16_EPS * float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()) * c_norm
+    rows = torch.nonzero(values[:, 0] - values[:, 1] <= (margin if per == 2 else 0.0) + 2 * eps)[:, 0]
+    values, ids = values[:, :per].clone(), short[:, :per].clone()
+    if len(rows):
+        exact = torch.bmm(c32[short[rows]], x[rows].float()[:, :, None])[:, :, 0]
+        best = torch.topk(exact, per, dim=1)
+        values[rows], ids[rows] = best.values, torch.gather(short[rows], 1, best.indices)
+    return values, ids
+
+
+@pytest.mark.parametrize("per", [1, 2])
+def test_nearest_centroids_equal_a_full_top_k(vectors, per):
+    """Two reductions of the bits and a top-k of the unsure rows give the full top-k's cells:
+    ties (a repeated centroid), a row whose only positive product is just above a negative second
+    one (negative bits do not order as their values), an all-zero row, margins."""
+    import torch
+
+    cent = cell_plan.train_centroids(vectors[:1500].astype(np.float32), 40, seed=0)
+    cent[:, 0] = -np.abs(cent[:, 0]) - 0.3  # every product with e0 is below -0.2
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    pair = np.zeros((2, 64), np.float32)
+    pair[:, 0], pair[0, 1], pair[1, 2] = (0.01, -0.005), np.sqrt(1 - 1e-4), np.sqrt(1 - 2.5e-5)
+    cent = np.concatenate([cent, cent[:3], pair]).astype(np.float32)  # equal products: ties
+    x = vectors.astype(np.float32)
+    x[:20], x[20:25] = np.eye(64)[0], 0.0  # e0: one positive product, then -0.005, then < -0.2
+    assert ((x[:20] @ cent.T) < -0.2).sum(axis=1).min() == len(cent) - 2
+    xt = torch.from_numpy(x)
+    c32, ct, ct_low, c_norm = cell_plan._centroid_tensors(cent, True)
+    for margin in (0.0, 0.02, 0.3):
+        want = _nearest_by_topk(xt, ct_low, c32, c_norm, per, margin)
+        got = cell_plan._nearest_centroids(xt, ct_low, c32, c_norm, per, margin)
+        keep = (want[0][:, 0] - want[0][:, -1] <= margin).numpy() if per == 2 else np.ones(len(x), bool)
+        assert torch.equal(got[0][:, 0], want[0][:, 0]) and torch.equal(got[1][:, 0], want[1][:, 0])
+        assert torch.equal(got[0][keep], want[0][keep]) and torch.equal(got[1][keep], want[1][keep])
+
+
+def test_assign_steps_of_any_size_give_the_same_cells(vectors, monkeypatch):
+    """Steps whose rows are padded with zero rows to a multiple of SHAPE_STEP (1000, 77) or not
+    (1024, all at once) place every row in the same cells."""
+    monkeypatch.setenv("MEMSIEVE_BF16", "1")
+    cell_plan.bf16_native.cache_clear()
+    try:
+        cent = cell_plan.train_centroids(vectors[:1500].astype(np.float32), 40, seed=0)
+        plan = cell_plan.Plan(cent, 4, 0.05, True)
+        want = cell_plan.assign(vectors[:, None], plan, batch=len(vectors))
+        for batch in (1000, 1024, 77):
+            assert np.array_equal(cell_plan.assign(vectors[:, None], plan, batch=batch), want)
+    finally:
+        cell_plan.bf16_native.cache_clear()

@@ -187,7 +187,7 @@ def test_fp32_upper_triangle_equals_the_full_product(m):
     assert (got[3][-20:] == np.arange(5, 25)).all()  # an exact copy's nearest: the first of its equals
 
 
-@pytest.mark.parametrize("m", [600, 1030, 1500])
+@pytest.mark.parametrize("m", [600, 1024, 1030, 1500])
 def test_symmetric_product_and_dense_recheck_equal_the_full_product(m):
     import torch
 
