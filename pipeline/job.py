@@ -170,7 +170,12 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     pipeline_s = time.time() - started
     outdir.fault_point("tables")
     post = time.time()
-    n_blocked = write_blocklist_txt(out_dir)
+    from pipeline.blocklist import urls_published
+
+    counters = runinfo.beam_counters(result)
+    n_blocked = urls_published(counters)  # blocklist.txt written inside the run (pipeline.blocklist)
+    if n_blocked is None:
+        n_blocked = write_blocklist_txt(out_dir)
     counts = runinfo.table_counts(out_dir, RUN_TABLES)
     info = {
         "job": cfg.name,
@@ -178,7 +183,7 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
         "versions": runinfo.package_versions(),
         "input": dict(read["input"], skipped=meta["skipped"]),
         "run_id": meta["run_id"],
-        "counters": runinfo.beam_counters(result),
+        "counters": counters,
         "outputs": dict(counts, blocklist_urls=n_blocked),
         "timings_s": {"pipeline": round(pipeline_s, 3)},
         "stages": progress.stage_report(result),
