@@ -134,3 +134,35 @@ def write_blocklist_txt(out_dir: str) -> int:
     meta = sidecar(counts, len(unique))
     atomic_write_text(fsio.join(out_dir, "blocklist.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return len(unique)
+
+
+COUNTER = ("blocklist", "urls_in_blocklist_txt")  # the run's Beam counter of the files written in it
+
+
+def _files_step(_, out_dir: str, ready: int):
+    """-> the written blocklist.json path, once the ``blocklist/`` parts are (``ready``: counted)."""
+    import apache_beam as beam
+
+    n = write_blocklist_txt(out_dir)
+    beam.metrics.Metrics.counter(*COUNTER).inc(n)
+    yield fsio.join(out_dir, "blocklist.json")
+
+
+def add_blocklist_files(written, out_dir: str):
+    """Write blocklist.txt, .tsv and .json inside the pipeline, once ``written`` (the paths of
+    the ``blocklist/`` writer) is complete: beside the stages still running, instead of after
+    the run. -> the written path (``urls_published`` reads the count back from the counter)."""
+    import apache_beam as beam
+
+    ready = written | "BlocklistReady" >> beam.combiners.Count.Globally()
+    return (
+        written.pipeline
+        | "BlocklistStart" >> beam.Create([None])
+        | "BlocklistFiles" >> beam.FlatMap(_files_step, out_dir=out_dir, ready=beam.pvalue.AsSingleton(ready))
+    )
+
+
+def urls_published(counters: dict) -> int | None:
+    """The run's ``runinfo.beam_counters`` -> the URLs in the blocklist.txt written inside the
+    run, or None where it was not (then ``write_blocklist_txt`` writes the files after the run)."""
+    return counters.get(COUNTER[0], {}).get(COUNTER[1])

@@ -173,6 +173,9 @@ def cmd_init(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads unless the user sets HF_HUB_OFFLINE=0
+    from pipeline import gc_tuning
+
+    gc_tuning.freeze_at_exit()  # the process's last act: no cycle search through the heap at shutdown
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     _setup(args)

@@ -257,6 +257,11 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
             )
         )
         p.__dict__.setdefault("_memsieve_written", []).append(written)
+    from pipeline.report_stage import add_report_parts
+
+    report = add_report_parts(p, cfg, read, out_dir)  # the report's tables part, beside diversification
+    if report is not None:
+        p.__dict__["_memsieve_written"].append(report)
     if cfg.diversify.enabled:
         div = {
             "rows": staged["diversify"],
@@ -265,7 +270,10 @@ def build_graph(p: beam.Pipeline, cfg, read: dict, out_dir: str) -> dict:
         } | "DiversifyCaptions" >> DiversifyCaptions(cfg.diversify, cfg.run.seed, dec.get("buckets", 1))
         _write_tables(div, out_dir, "diversify", _shard_labels, ("key",))
     blocked = staged["blockable"] | "BlockRows" >> BlocklistRows(dec.get("buckets", 1))
-    _write_tables(blocked, out_dir, "blocklist", _shard_labels, ("key",))
+    blocklist = _write_tables(blocked, out_dir, "blocklist", _shard_labels, ("key",))
+    from pipeline.blocklist import add_blocklist_files  # blocklist.txt, .tsv and .json beside diversification
+
+    p.__dict__["_memsieve_written"].append(add_blocklist_files(blocklist, out_dir))
     _write(read["shards"], out_dir, "shards", lambda r: "all", lambda r: (r["shard"], r["path"]))
     _join_sinks(p)
     return {"written": staged["written"], "assignment_tables": tables}
@@ -297,7 +305,7 @@ def _neighbour_parts(table, n: int):
 
 
 def _shard_labels(table):
-    return table["shard"].to_numpy(zero_copy_only=False).astype(object)
+    return table["shard"]  # an Arrow column: the writer encodes it without a string per row
 
 
 def _write_tables(pcoll, out_dir: str, table: str, table_partition, sort_columns: tuple[str, ...]):

@@ -136,19 +136,21 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     failure cap, diagnostics instead (RunFailed)."""
     import apache_beam as beam
 
-    from pipeline import beam_speedups, gc_tuning, heap, outdir, runinfo
+    from pipeline import beam_speedups, beam_speedups_startup, gc_tuning, heap, outdir, runinfo
     from pipeline.graph import build_graph, read_input
     from transforms import fsio
 
     started = time.time()
     beam_speedups.install()  # Beam in-process: memoised DoFn inspection, no data-plane copies (MEMSIEVE_BEAM_SPEEDUPS)
+    beam_speedups_startup.install_views()  # Beam's option views memoised (MEMSIEVE_BEAM_STARTUP)
     heap.configure()  # freed stage buffers leave the process (in-process runners)
     log.info("job %s: %s input, %d paths -> %s", cfg.name, fmt, len(inputs), out_dir)
     from transforms.outputs import runner_needs_split, split_by_filter
 
     options = beam_options(cfg, beam_args)
     split_by_filter(runner_needs_split(str(options.get_all_options().get("runner") or "")))
-    pipeline = beam.Pipeline(options=options)
+    # the DirectRunner's FnApiRunner without its Prism attempt first (None: Beam's choice)
+    pipeline = beam.Pipeline(runner=beam_speedups_startup.in_process_runner(options), options=options)
     read = read_input(pipeline, cfg, fmt, inputs, out_dir)
     build_graph(pipeline, cfg, read, out_dir)
     from pipeline import progress
@@ -159,13 +161,21 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
             gc_tuning.configure()  # fewer collections, none through the modules and the graph (MEMSIEVE_GC)
             result = pipeline.run()
             result.wait_until_finish()
-    finally:
+    except BaseException:
         gc_tuning.restore()
         fsio.remove(spill.folder_of(out_dir))  # vectors the search stages read (transforms/spill.py)
+        raise
+    gc_tuning.restore()
+    spilled = _remove_later(spill.folder_of(out_dir))  # ~1 GB at 1M rows: unlinked while the tables are summarised
     pipeline_s = time.time() - started
     outdir.fault_point("tables")
     post = time.time()
-    n_blocked = write_blocklist_txt(out_dir)
+    from pipeline.blocklist import urls_published
+
+    counters = runinfo.beam_counters(result)
+    n_blocked = urls_published(counters)  # blocklist.txt written inside the run (pipeline.blocklist)
+    if n_blocked is None:
+        n_blocked = write_blocklist_txt(out_dir)
     counts = runinfo.table_counts(out_dir, RUN_TABLES)
     info = {
         "job": cfg.name,
@@ -173,7 +183,7 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
         "versions": runinfo.package_versions(),
         "input": dict(read["input"], skipped=meta["skipped"]),
         "run_id": meta["run_id"],
-        "counters": runinfo.beam_counters(result),
+        "counters": counters,
         "outputs": dict(counts, blocklist_urls=n_blocked),
         "timings_s": {"pipeline": round(pipeline_s, 3)},
         "stages": progress.stage_report(result),
@@ -190,6 +200,7 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     info["timings_s"]["post"] = round(time.time() - post, 3)
     info["timings_s"]["total"] = round(time.time() - started, 3)
     info["checksums"] = runinfo.checksums(out_dir, RUN_TABLES)
+    spilled.join()  # gone before run.json, diagnostics and the commit
     try:
         _check_failure_ratio(cfg, info["summary"])
     except RunFailed as exc:
@@ -198,6 +209,18 @@ def _run(cfg: JobConfig, fmt: str, inputs: list[str], out_dir: str, beam_args: l
     runinfo.write_run_json(fsio.join(out_dir, "run.json"), info)
     log.info("job %s done in %.1f s: %s", cfg.name, info["timings_s"]["total"], info["summary"])
     return info
+
+
+def _remove_later(path: str):
+    """Delete ``path`` (a folder tree) on a thread, started now; -> the thread (join it before the
+    folder that holds ``path`` is committed). Unlinking releases the GIL: the post-run steps go on."""
+    import threading
+
+    from transforms import fsio
+
+    thread = threading.Thread(target=fsio.remove, args=(path,), name="memsieve-remove-spill", daemon=True)
+    thread.start()
+    return thread
 
 
 def _value_counts(table_dir: str, *columns: str) -> list[dict]:

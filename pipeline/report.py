@@ -16,7 +16,7 @@ import json
 import os
 from collections import Counter
 
-from pipeline.report_clusters import MAX_CLUSTERS, clusters, keeper_rule
+from pipeline.report_clusters import MAX_CLUSTERS, keeper_rule
 from transforms.decide import DECISIONS, reason_family
 from transforms.write import atomic_write_text
 
@@ -339,11 +339,14 @@ def _diversify_examples(out_dir: str, n: int = 10) -> list[dict]:
 
 
 def _page_context(out_dir: str, info: dict, rdir: str, reuse: bool, max_clusters: int) -> dict:
-    from pipeline.report_header import header, next_steps, output_links, trigger_rows
+    from pipeline.report_header import header, next_steps, output_links
+    from pipeline.report_stage import gathered_parts, table_parts  # the tables' part: maybe gathered in the run
 
     config = info.get("config", {})
-    found = clusters(out_dir, info.get("input", {}).get("shards", []), rdir, max_clusters)
-    keywords = trigger_rows(head_rows(out_dir, "triggers/keywords", 20), found["table"])
+    parts = gathered_parts(rdir) if max_clusters == MAX_CLUSTERS else None
+    if parts is None:
+        parts = table_parts(out_dir, info.get("input", {}).get("shards", []), config, rdir, reuse, max_clusters)
+    found = parts["found"]
     return dict(
         job=info.get("job", ""),
         summary=info["summary"],
@@ -354,18 +357,18 @@ def _page_context(out_dir: str, info: dict, rdir: str, reuse: bool, max_clusters
         redecided=info.get("redecided", []),
         settings=sorted(config.get("decide", {}).items()),
         diversify_cfg=config.get("diversify", {}),
-        reasons=_reason_table(part_tables(out_dir, "manifest", ["decision", "reasons"])),
-        figures=_figures(out_dir, rdir, config, reuse),
+        reasons=parts["reasons"],
+        figures=parts["figures"],
         clusters=found["galleries"],
         n_clusters=found["n_clusters"],
         n_dropped_clusters=found["n_dropped_clusters"],
         cluster_table=found["table"],
         keeper=config.get("dedup", {}).get("keeper", "resolution"),
         keeper_rule=keeper_rule(config.get("dedup", {}).get("keeper", "resolution")),
-        keywords=keywords,
-        objects=head_rows(out_dir, "triggers/objects", 20),
+        keywords=parts["keywords"],
+        objects=parts["objects"],
         diversify=_diversify_examples(out_dir),
-        failures=_failure_table(part_tables(out_dir, "failures", ["stage", "error_type", "message"])),
+        failures=parts["failures"],
         header=header(info),
         outputs=output_links(out_dir),
         next_steps=next_steps(out_dir, info),

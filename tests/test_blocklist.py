@@ -71,3 +71,19 @@ def test_no_parts_writes_empty_files(tmp_path):
     assert write_blocklist_txt(str(tmp_path)) == 0
     assert (tmp_path / "blocklist.txt").read_bytes() == b""
     assert (tmp_path / "blocklist.tsv").read_text() == "\t".join(TSV_COLUMNS) + "\n"
+
+
+def test_files_written_in_the_run_are_the_files_written_after_it(demo_run, tmp_path):
+    """The run writes blocklist.txt, .tsv and .json inside the pipeline (``add_blocklist_files``,
+    its URL count a counter); writing them again from ``blocklist/`` gives the same bytes."""
+    import shutil
+
+    from pipeline.blocklist import urls_published
+
+    run = json.loads((demo_run / "run.json").read_text())
+    assert urls_published(run["counters"]) == run["outputs"]["blocklist_urls"]
+    assert urls_published({}) is None
+    shutil.copytree(demo_run / "blocklist", tmp_path / "blocklist")
+    assert write_blocklist_txt(str(tmp_path)) == run["outputs"]["blocklist_urls"]
+    for name in ("blocklist.txt", "blocklist.tsv", "blocklist.json"):
+        assert (tmp_path / name).read_bytes() == (demo_run / name).read_bytes(), name

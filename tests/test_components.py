@@ -9,7 +9,17 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.elements import ClusterAssignment, Edge, SampleInfo
-from transforms.components import Components, NotConverged, edge_lists, large_star, small_star, star_labels
+from transforms.components import (
+    Components,
+    NotConverged,
+    edge_lists,
+    id_edge_lists,
+    large_star,
+    local_star,
+    rounds_for,
+    small_star,
+    star_labels,
+)
 from transforms.dedup import FindDuplicates
 
 
@@ -29,21 +39,27 @@ def _scipy_labels(edges):
     return {k: first[lab] for k, lab in zip(keys, labels, strict=True)}
 
 
-def _run_rounds(edges, rounds, n=4):
+def _group(items):
+    out = {}
+    for b, (src, dst) in items:
+        half = len(src) // 2
+        out.setdefault(b, []).extend([(src[:half], dst[:half]), (src[half:], dst[half:])])
+    return sorted(out.items())
+
+
+def _run_rounds(edges, rounds, n=4, local=False):
     """The same batched round functions as the Beam transform, run as plain Python (buckets
-    grouped by a dict; each list split in two to stand for lists from several batches)."""
+    grouped by a dict; each list split in two to stand for lists from several batches):
+    ``local`` rounds (``local_star``, the transform's) or large-star / small-star pairs."""
 
-    def group(items):
-        out = {}
-        for b, (src, dst) in items:
-            half = len(src) // 2
-            out.setdefault(b, []).extend([(src[:half], dst[:half]), (src[half:], dst[half:])])
-        return sorted(out.items())
-
+    group = _group
     batcher = edge_lists(n)
     batcher.start_bundle()
     lists = [kv for e in edges for kv in batcher.process(e)] + list(batcher._flush())
     for _ in range(rounds):
+        if local:
+            lists = [kv for item in group(lists) for kv in local_star(item, n)]
+            continue
         large = [kv for item in group(lists) for kv in large_star(item, n)]
         lists = [kv for item in group(large) for kv in small_star(item, n)]
     out = {}
@@ -64,32 +80,69 @@ def _graph(seed: int, n: int, m: int):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rounds_match_scipy_on_random_graphs(seed):
+@pytest.mark.parametrize("local", [False, True])
+def test_rounds_match_scipy_on_random_graphs(seed, local):
     edges = _graph(seed, 3000, 2500)
-    assert _run_rounds(edges, 12) == _scipy_labels(edges)
+    assert _run_rounds(edges, 12, local=local) == _scipy_labels(edges)
 
 
-def test_long_path_in_shuffled_key_order():
+@pytest.mark.parametrize("local", [False, True])
+def test_long_path_in_shuffled_key_order(local):
     rng = random.Random(5)
     names = [f"n{i:05d}" for i in range(1000)]
     rng.shuffle(names)
     edges = [tuple(sorted(p)) for p in zip(names, names[1:], strict=False)]
-    labels = _run_rounds(edges, 12)
+    labels = _run_rounds(edges, 12, local=local)
     assert set(labels.values()) == {min(names)} and len(labels) == 1000
 
 
-def test_too_few_rounds_fail_loudly():
+@pytest.mark.parametrize("local", [False, True])
+def test_too_few_rounds_fail_loudly(local):
     names = [f"n{i:04d}" for i in range(200)]
     edges = list(zip(names, names[1:], strict=False))
     with pytest.raises(NotConverged, match="did not converge in 1 rounds.*FindDuplicates\\(rounds="):
-        _run_rounds(edges, 1)
+        _run_rounds(edges, 1, n=16, local=local)
 
 
-def test_components_transform_on_pipeline():
+def _id_rounds(lo, hi, n, rounds):
+    """Local-star rounds on int64 ids as FindDuplicates runs them -> ({id: root id}, rounds it took
+    to converge, None past ``rounds``)."""
+    lists = list(id_edge_lists((lo, hi), n))
+    for r in range(1, rounds + 1):
+        lists = [kv for item in _group(lists) for kv in local_star(item, n)]
+        try:
+            out = {}
+            for item in _group(lists):
+                for _, (nodes, roots) in star_labels(item, r):
+                    out.update(zip(nodes.tolist(), roots.tolist(), strict=True))
+            return out, r
+        except NotConverged:
+            continue
+    return None, None
+
+
+@pytest.mark.parametrize("buckets, most", [(1, 1), (2, 2), (16, 8), (256, 14)])
+def test_local_rounds_on_a_shuffled_path(buckets, most):
+    """A path of 20,000 random ids: one round is union-find in one bucket; more buckets need more
+    rounds, all within ``rounds_for``; every id's root is the smallest id."""
+    ids = np.random.default_rng(buckets).choice(1 << 40, 20_000, replace=False).astype(np.int64)
+    lo, hi = np.minimum(ids[:-1], ids[1:]), np.maximum(ids[:-1], ids[1:])
+    labels, took = _id_rounds(lo, hi, buckets, rounds_for(buckets))
+    assert took is not None and took <= most <= rounds_for(buckets)
+    assert labels == dict.fromkeys(ids.tolist(), int(ids.min()))
+
+
+def test_rounds_for_the_buckets():
+    assert [rounds_for(b) for b in (1, 2, 3, 16, 256, 4096)] == [4, 6, 8, 12, 16, 16]
+    assert Components(buckets=2).rounds == 6 and Components(rounds=3, buckets=2).rounds == 3
+
+
+@pytest.mark.parametrize("rounds", [12, None])
+def test_components_transform_on_pipeline(rounds):
     edges = _graph(7, 400, 300)
     truth = _scipy_labels(edges)
     with TestPipeline(runner="DirectRunner") as p:
-        out = p | beam.Create(edges) | Components(rounds=12, buckets=5)
+        out = p | beam.Create(edges) | Components(rounds=rounds, buckets=5)
         assert_that(out, equal_to(sorted(truth.items())))
 
 
@@ -146,7 +199,7 @@ def test_rounds_order_keys_as_python_strings():
     names = ["b", "a\x00", "a", "é", "Z", "ab", "日本", "a\x00x", "\U0001f600", "ba"]
     edges = [tuple(sorted(p)) for p in zip(names, names[1:], strict=False)] + [("x1", "x2")]
     labels = _run_rounds(edges, 8, n=3)
-    assert labels == _scipy_labels(edges)
+    assert labels == _scipy_labels(edges) == _run_rounds(edges, 8, n=3, local=True)
     assert set(labels.values()) == {min(names), "x1"}
 
 

@@ -61,6 +61,20 @@ def test_joined_streams_are_the_seed_strings_streams(prefix, suffix):
     ).all()
 
 
+def test_joined_streams_in_several_batches_on_threads(monkeypatch):
+    """More seeds than one batch: the batches are seeded on helper threads, in any order, and
+    land in their own columns (the same outputs as one batch in this thread)."""
+    import transforms.mt_streams as ms
+
+    middles = pa.array([f"{i:05d}" for i in range(300)] + ["ключ", "", "x" * 40] * 7, pa.string())
+    want = joined_streams("3:", middles, ":RT", 24)
+    monkeypatch.setattr(ms, "_BATCH", 16)
+    got = joined_streams("3:", middles, ":RT", 24)
+    assert (got == want).all()
+    rng = random.Random("3:00299:RT")
+    assert got[:, 299].tolist() == [rng.getrandbits(32) for _ in range(24)]
+
+
 def test_draws_replay_randbelow():
     sizes = [1, 2, 3, 4, 7, 8, 9, 139, 1024, 5000, 10_001, (1 << 31) - 1]
     draws = dc.Draws(streams(SEEDS, 200))

@@ -34,6 +34,8 @@ ALLOWED = {
     r"EmbedClip/NotPersisted": "one entry per shard",
     r"EmbedClip/Save": "one name per shard (identity + content digest)",
     r"CountWritten\b.*": "the final writer join: one count of written files",
+    r"(ReportReady|BlocklistReady)\b.*": "a gate: one count of the written files it waits for",
+    r"(ReportParts|BlocklistFiles)": "that one count (the report's and blocklist files' steps)",
     r"FindOrbCopies/CountImages\b.*": "one count (the ORB vocabulary grows with it)",
     r"FindOrbCopies/Postings": "the image count, a scalar (stop-words join by key)",
 }

@@ -226,3 +226,32 @@ def test_intersections_and_equal_join_by_sorting():
     exact = {(q, k) for q in range(len(query)) for k in range(len(keys)) if query[q] == keys[k]}
     assert exact <= got and len(got) == len(exact)  # high bits of random queries: no false hit here
     assert _equal_join(keys[:0], query)[0].size == 0
+
+
+def test_maybe_in_keeps_every_query_equal_to_a_key_and_drops_most_others():
+    from transforms.word_sets import _maybe_in
+
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 2**63, 5000, dtype=np.int64).view(np.uint64) * np.uint64(2)
+    query = np.concatenate([keys[::7], rng.integers(0, 2**63, 20000, dtype=np.int64).view(np.uint64), keys[:3]])
+    rng.shuffle(query)
+    got = _maybe_in(keys, query)
+    assert set(np.flatnonzero(np.isin(query, keys)).tolist()) <= set(got.tolist())
+    assert len(got) < np.isin(query, keys).sum() + 0.1 * 20000
+    assert _maybe_in(keys[:0], query).tolist() == [] and _maybe_in(keys, query[:0]).tolist() == []
+
+
+def test_slots_equal_np_repeat():
+    from transforms.caption_texts import slots
+
+    rng = np.random.default_rng(5)
+    for counts in (rng.integers(0, 4, 50), np.zeros(3, dtype=np.int64), np.array([0, 0, 5]), np.array([2]), []):
+        counts = np.asarray(counts, dtype=np.int64)
+        first = rng.integers(0, 100, len(counts))
+        run, number = slots(first, counts)
+        want_run = np.repeat(np.arange(len(counts)), counts)
+        assert run.tolist() == want_run.tolist()
+        assert (
+            number.tolist()
+            == (first[want_run] + np.arange(len(want_run)) - (np.cumsum(counts) - counts)[want_run]).tolist()
+        )

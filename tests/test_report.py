@@ -168,3 +168,44 @@ def test_captions_and_urls_are_text_and_the_table_pages(tmp_path):
     )
     assert len(data) == 60 and data[0]["caption"] == caption  # every cluster reachable, caption intact
     assert "The memorization probe did not run" in dom and "the smallest key" in dom
+
+
+def test_page_gathered_in_the_run_is_the_page_built_at_the_end(demo_run, tmp_path):
+    """The run's page reads its tables inside the pipeline (``report_stage``: report/_parts.json,
+    read once and removed); building the whole page after the run gives the same page."""
+    import re
+    import shutil
+
+    from pipeline.report_stage import PARTS, gathered_parts, table_parts
+
+    run = json.loads((demo_run / "run.json").read_text())
+    assert run["counters"]["report"] == {"gathered": 1}  # the run's page took the gathered part
+    assert not (demo_run / "report" / PARTS).exists()
+    copy = tmp_path / "out"
+    shutil.copytree(demo_run, copy, ignore=shutil.ignore_patterns("report", "run.json"))  # as at report time
+    again = open(write_report(str(copy), run)).read()
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC")
+    assert stamp.sub("", again).replace(str(copy), str(demo_run)) == stamp.sub(
+        "", (demo_run / "report" / "index.html").read_text()
+    )
+    assert sorted(p.name for p in (copy / "report").iterdir()) == sorted(
+        p.name for p in (demo_run / "report").iterdir()
+    )
+    parts = table_parts(str(copy), run["input"]["shards"], run["config"], str(copy / "report"), True, 8)
+    parts["failures"] = [{"stage": "planted", "error_type": "marker", "n": 1, "example": "from the parts file"}]
+    (copy / "report" / PARTS).write_text(json.dumps(parts))
+    page = open(write_report(str(copy), run)).read()  # the saved part is what the page shows, read once
+    assert "from the parts file" in page and not (copy / "report" / PARTS).exists()
+    (copy / "report" / PARTS).write_text("{not json")
+    assert gathered_parts(str(copy / "report")) is None and not (copy / "report" / PARTS).exists()
+
+
+def test_parts_step_leaves_the_page_to_the_end_when_it_fails(tmp_path, monkeypatch):
+    import pipeline.report_stage as stage
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no figures today")
+
+    monkeypatch.setattr(stage, "table_parts", broken)
+    assert list(stage._write_parts(None, str(tmp_path), [], {}, ready=1)) == []
+    assert not (tmp_path / "report" / stage.PARTS).exists()

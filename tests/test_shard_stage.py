@@ -45,7 +45,9 @@ def test_plain_keys_written_columnar_equal_the_row_path(tmp_path):
     keys = [a.key for a in expected]
     assert keys == sorted(keys) and "k4" not in keys and {"k0", "k8", "k9"} <= set(keys)
     fn = AnnotateShardFn(cfg, str(tmp_path), diversify=True)
+    fn.start_bundle()
     out = list(fn.process(("s0", grouped)))
+    fn.finish_bundle()  # the parts are written on helper threads: in place when the bundle ends
     written = [o for o in out if not isinstance(o, beam.pvalue.TaggedOutput)]
     assert len(written) == 3  # annotations, manifest, failures parts
     manifest = read_table(str(tmp_path / "manifest")).to_pylist()
@@ -93,7 +95,10 @@ def test_keys_with_only_an_assignment_equal_build_annotation(tmp_path):
         assert by_key[key] == expected and expected.cluster_id == "k6"
     assert [a.key for a in rich] == sorted(by_key)
     cfg = DecideConfig()
-    list(AnnotateShardFn(cfg, str(tmp_path), diversify=False).process(("s0", grouped)))
+    fn = AnnotateShardFn(cfg, str(tmp_path), diversify=False)
+    fn.start_bundle()
+    list(fn.process(("s0", grouped)))
+    fn.finish_bundle()
     manifest = {r["key"]: r for r in read_table(str(tmp_path / "manifest")).to_pylist()}
     assert manifest["k7"] == manifest_row(by_key["k7"], *decide(by_key["k7"], cfg))
     assert manifest["k7"]["decision"] == "drop" and manifest["k6"]["is_representative"]

@@ -133,3 +133,26 @@ def test_job_spills_and_removes_the_folder_even_when_it_fails(tmp_path, monkeypa
         run_job(cfg)
     stages = list((tmp_path / "out" / "_staging").iterdir())  # kept until the next run on OUT
     assert len(stages) == 1 and not (stages[0] / "_spill").exists()
+
+
+def test_job_removes_the_spill_folder_before_the_commit(tmp_path, monkeypatch):
+    """The spill folder is unlinked on a thread while the tables are summarised: the commit
+    waits for it, however slow, so OUT never holds a _spill folder."""
+    import time
+
+    from pipeline import job
+    from transforms import fsio
+
+    real_remove = fsio.remove
+    removed = []
+
+    def slow_remove(path):
+        if path.endswith("/_spill"):
+            time.sleep(1.0)
+            removed.append(path)
+        real_remove(path)
+
+    monkeypatch.setattr(fsio, "remove", slow_remove)
+    info = job.run_job(_laion_job(tmp_path, tmp_path / "out"))
+    assert len(removed) == 1 and info["summary"]["keys"] == 1200
+    assert not (tmp_path / "out" / "_spill").exists() and not (tmp_path / "out" / "_staging").exists()

@@ -15,7 +15,16 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.captions import minhash_bands
 from transforms.keywords import KeywordExtractor, normalize_caption
-from transforms.trigger_captions import MAX_BAND, CaptionCodes, group_codes, near_norms
+from transforms.shard_columns import Batch
+from transforms.trigger_captions import (
+    MAX_BAND,
+    MEMBERS,
+    NEAR,
+    CaptionCodes,
+    caption_codes,
+    group_codes,
+    near_norms,
+)
 
 TRICKY = [
     "",
@@ -106,8 +115,13 @@ def test_caption_codes_by_distinct_caption_equal_the_per_record_path(seed):
     assert {c for _, (c,) in want} == {"duplicate_caption", "near_duplicate_caption"}
     batches = [recs[i : i + 97] for i in range(0, len(recs), 97)]
     with TestPipeline(runner="DirectRunner") as p:
-        got = p | beam.Create(batches, reshuffle=False) | CaptionCodes(near=True, n=5)
+        got = p | beam.Create(batches, reshuffle=False) | CaptionCodes(near=True, n=5) | beam.FlatMap(_unbatched)
         assert_that(got, equal_to(want))
+
+
+def _unbatched(kv) -> list:
+    """(shard, Batch of (key, codes)) -> [((key, shard), codes)]."""
+    return [((key, kv[0]), codes) for key, codes in kv[1]]
 
 
 def test_near_norms_with_known_and_integer_test_equal_every_pair():
@@ -409,3 +423,45 @@ def test_cluster_lookup_reads_elements_and_assignment_rows_alike():
     lists = [rows for _, rows in assignment_rows(table)]
     assert cluster_lookup(elements) == want == cluster_lookup(lists) and len(lists) == 2
     assert cluster_columns(["k1", "z"], want) == (["c1", "z"], [4, 1])  # no assignment: a cluster of one
+
+
+def _caption_codes_reference(parts) -> list:
+    """caption_codes by dicts and sets: every record's caption counted, clusters compared."""
+    near = {n for p in parts if p[0] == NEAR for n in p[1]}
+    rows = [
+        (n, k, p[3] if isinstance(p[3], str) else s, c)
+        for p in parts
+        if p[0] != NEAR
+        for n, k, s, c in zip(p[1], p[2], p[3] if not isinstance(p[3], str) else p[2], p[4], strict=True)
+    ]
+    records, clusters = Counter(r[0] for r in rows), {}
+    for norm, _, _, cluster in rows:
+        clusters.setdefault(norm, set()).add(cluster)
+    out = [((k, s), ("duplicate_caption",)) for n, k, s, _ in rows if records[n] >= 2 and len(clusters[n]) >= 2]
+    return out + [((k, s), ("near_duplicate_caption",)) for n, k, s, _ in rows if n in near]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_caption_codes_equal_a_dict_reference(seed):
+    rng = random.Random(seed)
+    texts = ["a b", "a b c", "x", "", "y z", "\ud800 lone", "a  b"]
+    parts = []
+    for i in range(rng.randint(0, 5)):
+        m = rng.randint(0, 30)
+        norms = [rng.choice(texts) for _ in range(m)]
+        keys = [f"k{i}-{j}" for j in range(m)]
+        shards = [rng.choice(["s0", "s1"]) for _ in range(m)]
+        clusters = [rng.choice(["c0", "c1", "c2", None, 7]) for _ in range(m)]
+        one = rng.random() < 0.3  # a batch of one shard: the shard once, as a string
+        parts.append((MEMBERS, norms, keys, "s1" if one else shards, clusters))
+        if rng.random() < 0.6:
+            parts.append((NEAR, rng.sample(texts + ["only near"], rng.randint(0, 3))))
+    rng.shuffle(parts)
+    got = list(caption_codes((0, parts), size=7))
+    assert all(isinstance(batch, Batch) and 0 < len(batch) <= 7 for _, batch in got)
+    assert [shard for shard, _ in got] == sorted(shard for shard, _ in got)
+    flat = [kv for item in got for kv in _unbatched(item)]
+    want = _caption_codes_reference(parts)
+    assert sorted(flat) == sorted(want)
+    for shard in ("s0", "s1"):  # each shard's codes in the order of the reference
+        assert [kv for kv in flat if kv[0][1] == shard] == [kv for kv in want if kv[0][1] == shard]

@@ -33,7 +33,8 @@ def split_words(norms):
         return _split_words_py(texts.to_pylist() if not isinstance(norms, list) else norms)
     vocab = encoded.dictionary.to_pylist()
     bits = len(vocab).bit_length()  # (caption << bits) | word id: one number a word, sorted
-    packed = np.repeat(np.arange(len(norms), dtype=np.int64) << bits, np.diff(lists.offsets.to_numpy()))
+    packed = slots(None, np.diff(lists.offsets.to_numpy()), number=False)[0]
+    packed <<= bits
     packed |= ids
     unique = packed[ids != empty] if blanks else packed
     unique.sort()
@@ -46,6 +47,33 @@ def split_words(norms):
     np.cumsum(np.bincount(unique >> bits, minlength=len(norms)), out=offsets[1:])
     unique &= (1 << bits) - 1  # in place: the word ids
     return offsets, unique, vocab
+
+
+def slots(first, counts, run: bool = True, number: bool = True) -> tuple:
+    """Runs of ``counts[i]`` slots numbered ``first[i]``, ``first[i] + 1``, ... -> (the run of each
+    slot, its number), int64 (each None unless asked for): ``np.repeat(arange, counts)`` and
+    ``np.repeat(first - starts, counts) + arange``, each from one scatter and a running sum
+    (np.repeat holds the GIL; these numpy calls do not)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    some = np.flatnonzero(counts)  # runs with slots
+    heads = np.cumsum(counts)[some]
+    heads -= counts[some]  # each run's first slot
+    runs = numbers = None
+    if run:
+        runs = np.zeros(total, dtype=np.int64)
+        if total:
+            runs[heads[1:]] = np.diff(some)
+            runs[0] = some[0]
+            np.cumsum(runs, out=runs)
+    if number:
+        numbers = np.ones(total, dtype=np.int64)
+        if total:
+            at = np.asarray(first, dtype=np.int64)[some]
+            numbers[heads[0]] = at[0]
+            numbers[heads[1:]] = at[1:] - at[:-1] - counts[some[:-1]] + 1  # from the previous run's last
+            np.cumsum(numbers, out=numbers)
+    return runs, numbers
 
 
 def _split_words_py(norms: list[str]):

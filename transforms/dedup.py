@@ -37,7 +37,7 @@ from transforms.cluster_columns import (
     single_edges,
     split_by,
 )
-from transforms.components import DEFAULT_ROUNDS, Components
+from transforms.components import Components
 from transforms.key_batches import key_ids
 
 
@@ -220,7 +220,7 @@ class FindDuplicates(beam.PTransform):
         exact: bool = True,
         exact_pixels: bool = True,
         old_keys=None,
-        rounds: int = DEFAULT_ROUNDS,
+        rounds: int | None = None,  # local-star rounds; None: components.rounds_for(buckets)
         buckets: int = 16,
         per_key: bool = True,
     ):

@@ -139,10 +139,12 @@ def cluster_pools(tables, ids, limit: int) -> dict:
     from transforms.diversify import cluster_captions
 
     parts = [t.select(["cluster_id", "caption"]) for t in tables if t.num_rows]
-    parts = [t.filter(pc.is_in(t.column("cluster_id"), value_set=ids)) for t in parts]
-    if not any(t.num_rows for t in parts):
+    if not parts:
         return {}
-    table = pa.concat_tables(parts)
+    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]  # one lookup set of ``ids``, not one a part
+    table = table.filter(pc.is_in(table.column("cluster_id"), value_set=ids))
+    if not table.num_rows:
+        return {}
     pools = {}
     unnamed = pc.is_null(table.column("cluster_id"))
     if pc.any(unnamed).as_py():  # a null cluster id: its own pool, as the per-row code gives it

@@ -132,9 +132,35 @@ def joined_streams(prefix: str, middle, suffix: str, k: int) -> np.ndarray:
         return streams([f"{prefix}{m}{suffix}" for m in middle.to_pylist()], k)
     offsets, data = utf8_buffers(middle)
     out = np.empty((k, len(offsets) - 1), dtype=np.uint32)
-    for rows, key in joined_keys(head, offsets, data, tail, _BATCH):
+
+    def fill(rows: np.ndarray, key: np.ndarray) -> None:
         out[:, rows] = _outputs(_seeded(key, k), k)
+
+    batches = joined_keys(head, offsets, data, tail, _BATCH)
+    if len(offsets) - 1 <= _BATCH:
+        for rows, key in batches:
+            fill(rows, key)
+        return out
+    # several batches: the seeding (numpy over a batch: the GIL is released inside each operation)
+    # runs on helper threads while this one hashes the next batch's seeds (SHA-512 holds the GIL)
+    pool, pending = _seeding_pool(), []
+    for rows, key in batches:
+        pending.append(pool.submit(fill, rows, key))
+        while len(pending) > SEEDING_THREADS + 1:  # bounded: a few batches' keys alive at once
+            pending.pop(0).result()
+    for f in pending:
+        f.result()
     return out
+
+
+SEEDING_THREADS = 2
+
+
+def _seeding_pool():
+    """The process's seeding threads (``transforms.threads``: created once, idle between uses)."""
+    from transforms.threads import pool
+
+    return pool("mt-seeding", SEEDING_THREADS)
 
 
 def _digests(seeds) -> list[bytes]:

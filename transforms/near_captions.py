@@ -33,6 +33,7 @@ from transforms.word_sets import _firsts, _intersections, _subset_pairs, _word_s
 NUM_PERM, BANDS, SEED = 64, 16, 1
 ROWS = NUM_PERM // BANDS
 _PRIME = np.uint64(0x100000001B3)
+_STEP = 1 << 20  # entries a step where temporaries are made in steps (8 MB of int64: back from the heap)
 
 
 def minhash_rows(norms) -> np.ndarray:
@@ -72,7 +73,9 @@ def entry_mix(bands: np.ndarray, values: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(values).view(np.uint64)
     else:
         values = values.astype(np.uint64)
-    mix = np.broadcast_to(np.asarray(bands).astype(np.uint64) + np.uint64(1), values.shape[:-1]).copy()
+    mix = np.empty(values.shape[:-1], dtype=np.uint64)  # one array: fresh pages cost system time
+    mix[...] = bands
+    mix += np.uint64(1)
     shifted = np.empty_like(mix)  # one buffer for every step (fresh pages cost system time)
     for j in range(values.shape[-1]):
         mix *= _PRIME
@@ -104,12 +107,14 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
     """Band entries -> (order grouping equal keys together, first-of-group flags in that order):
     sorted by the keys' hash (its high bits, the entry's index in the low bits: one sort of
     numbers instead of an argsort), then each run of one hash prefix checked to hold one key
-    (the keys' rows gathered in that order, compared with their neighbours); a run that holds
-    several is sorted by the keys."""
+    (the keys' rows gathered in that order a run of entries at a time, compared with their
+    neighbours); a run that holds several is sorted by the keys. ``mix`` is overwritten."""
     bits = max(1, (len(mix) - 1).bit_length())
     low = np.uint64((1 << bits) - 1)
-    packed = mix & ~low  # in place from here: fresh pages cost system time
-    packed |= np.arange(len(mix), dtype=np.uint64)
+    packed = mix  # in place from here, temporaries in steps: fresh pages cost system time
+    packed &= ~low
+    for lo in range(0, len(packed), _STEP):
+        packed[lo : lo + _STEP] |= np.arange(lo, min(lo + _STEP, len(packed)), dtype=np.uint64)
     packed.sort()
     order = (packed & low).view(np.int64)
     packed &= ~low
@@ -118,10 +123,12 @@ def _band_groups(mix: np.ndarray, vals: np.ndarray, k_idx: np.ndarray) -> tuple[
     del packed
     pairs = vals.dtype == np.uint32 and vals.shape[1] % 2 == 0  # two uint32 as one uint64
     rows = np.ascontiguousarray(vals).view(np.uint64) if pairs else vals
-    band, keys = k_idx[order], np.take(rows, order, axis=0)  # np.take: a row at a time, fast
+    band = k_idx[order]
     differ = band[1:] != band[:-1]
-    for j in range(keys.shape[1]):
-        differ |= keys[1:, j] != keys[:-1, j]
+    for lo in range(0, len(order) - 1, _STEP):
+        keys = np.take(rows, order[lo : lo + _STEP + 1], axis=0)  # np.take: a row at a time, fast
+        for j in range(keys.shape[1]):
+            differ[lo : lo + _STEP] |= keys[1:, j] != keys[:-1, j]
     differ &= ~new[1:]  # two keys in one run
     if differ.any():
         starts = np.flatnonzero(new)
@@ -147,10 +154,7 @@ def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
     groups = np.full((len(set_caps), BANDS), -1, dtype=np.int64 if len(gid) and gid[-1] >= 2**31 else np.int32)
     groups[s_idx, k_idx] = gid  # -1: no eligible band here
     a, b = _subset_pairs(offsets, words, v, np.ones(len(set_caps), dtype=bool))
-    ga, gb = np.take(groups, a, axis=0), np.take(groups, b, axis=0)  # np.take: rows, fast
-    same = ga == gb
-    same &= ga >= 0
-    share = same.any(axis=1)
+    share = _shared_groups(groups, a, b)
     near[a[share]] = near[b[share]] = True
     sizes = np.diff(offsets)
     for a, b in _large_pairs(s_idx, gid, sizes):
@@ -161,35 +165,60 @@ def near_sets(set_caps, s_idx, k_idx, gid, offsets, words, v) -> np.ndarray:
     return near
 
 
+def _shared_groups(groups: np.ndarray, a: np.ndarray, b: np.ndarray, step: int = 1 << 15) -> np.ndarray:
+    """Pairs of sets -> whether they share an eligible band group (``groups``: each set's group
+    per band, -1 for none); in runs of ``step`` pairs through the same few buffers (fresh pages
+    cost system time)."""
+    share = np.zeros(len(a), dtype=bool)
+    m = min(step, len(a))
+    ga, gb = np.empty((m, groups.shape[1]), groups.dtype), np.empty((m, groups.shape[1]), groups.dtype)
+    same, some = np.empty((m, groups.shape[1]), bool), np.empty((m, groups.shape[1]), bool)
+    for lo in range(0, len(a), step):
+        k = min(step, len(a) - lo)
+        np.take(groups, a[lo : lo + k], axis=0, out=ga[:k], mode="clip")  # clip: no buffered copy
+        np.take(groups, b[lo : lo + k], axis=0, out=gb[:k], mode="clip")
+        np.equal(ga[:k], gb[:k], out=same[:k])
+        same[:k] &= np.greater_equal(ga[:k], 0, out=some[:k])
+        np.any(same[:k], axis=1, out=share[lo : lo + k])
+    return share
+
+
 def _large_pairs(members: np.ndarray, gid: np.ndarray, sizes: np.ndarray, chunk: int = 1 << 22):
     """Chunks of distinct pairs of sets of >= 8 words in one eligible band group (contiguous
-    ``gid``) whose sizes allow Jaccard >= 0.8 and sum to >= 18. Pair (i, i + r) of a group is
-    taken at step r from the entries with more than r followers in their group (a prefix once
-    sorted by followers), so the work is the number of pairs; chunks bound the memory."""
+    ``gid``) whose sizes allow Jaccard >= 0.8 and sum to >= 18. An entry with f followers in its
+    group pairs with each of them: all pairs of a run of entries at once (``np.repeat``); a chunk
+    holds at least ``chunk`` pairs (the last one fewer), so the memory stays bounded."""
     keep = sizes[members] >= 8
     members, gid = members[keep], gid[keep]
     if len(members) < 2:
         return
     new = np.ones(len(gid), dtype=bool)
-    new[1:] = gid[1:] != gid[:-1]
+    np.not_equal(gid[1:], gid[:-1], out=new[1:])
     starts = np.flatnonzero(new)
     ends = np.append(starts[1:], len(gid))
-    group = np.cumsum(new) - 1
-    followers = ends[group] - np.arange(len(gid)) - 1
-    order = np.argsort(-followers, kind="stable")
-    most = -followers[order]
-    codes, held = [], 0
-    for r in range(1, int(followers.max()) + 1):
-        at = order[: np.searchsorted(most, -r, side="right")]  # entries with >= r followers
-        x, y = members[at], members[at + r]
-        lo, hi = np.minimum(x, y), np.maximum(x, y)
-        la, lb = np.minimum(sizes[x], sizes[y]), np.maximum(sizes[x], sizes[y])
-        ok = (5 * la >= 4 * lb) & (la + lb >= 18)
-        codes.append(lo[ok] * len(sizes) + hi[ok])
-        held += int(ok.sum())
+    followers = np.repeat(ends - 1, ends - starts)
+    followers -= np.arange(len(gid))
+    total = np.cumsum(followers)
+    codes, held, lo = [], 0, 0
+    while lo < len(gid):
+        base = int(total[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(total, base + min(chunk, 1 << 16), side="right")))  # small runs:
+        f = followers[lo:hi]  # their arrays come back from the heap (fresh pages cost system time)
+        x = np.repeat(np.arange(lo, hi), f)  # each entry once per follower ...
+        y = np.arange(1, len(x) + 1) - np.repeat(total[lo:hi] - f - base, f)
+        y += x  # ... with each follower: x + 1, ..., x + f
+        x, y = members[x], members[y]
+        sx, sy = sizes[x], sizes[y]
+        la, lb = np.minimum(sx, sy), np.maximum(sx, sy)
+        ok = 5 * la >= 4 * lb
+        ok &= la + lb >= 18
+        x, y = x[ok], y[ok]
+        codes.append(np.minimum(x, y) * len(sizes) + np.maximum(x, y))
+        held += len(x)
         if held >= chunk:
             yield _decoded(codes, len(sizes))
             codes, held = [], 0
+        lo = hi
     if held:
         yield _decoded(codes, len(sizes))
 
@@ -221,7 +250,8 @@ def near_captions(norms, counts: np.ndarray, rows: np.ndarray, bands: np.ndarray
     field = np.bitwise_and(packed, 1 << 23)  # one buffer for both fields: fresh pages cost system time
     first = field != 0
     starts = np.flatnonzero(new)
-    gid = np.cumsum(new, dtype=np.int32 if len(new) < 2**31 else np.int64)
+    gid = new.astype(np.int32 if len(new) < 2**31 else np.int64)  # then summed in place: a bool
+    np.cumsum(gid, out=gid)  # cumsum with a dtype holds the GIL
     gid -= 1
     if len(packed):  # >= 2 captions, <= max_band records (each row's records: every key's group)
         eligible = (np.add.reduceat(first, starts, dtype=np.int64) >= 2) & (
@@ -260,8 +290,7 @@ def _entry_columns(cap_of, counts, rows, bands, order, max_band: int) -> np.ndar
     once = np.zeros(len(cap_of), dtype=bool)
     once[_firsts(cap_of)] = True  # a caption's first row: its keys once
     row = (cap_of << 32) | (once.astype(np.int64) << 23) | np.minimum(counts, max_band + 1)
-    packed = row[rows]
-    band = bands.astype(np.int64)
-    band <<= 24
-    packed |= band
-    return packed[order]
+    packed = np.take(row, rows)  # in the rows' order (a gather that runs along ``row``)
+    for lo in range(0, len(packed), _STEP):  # the bands in steps: fresh pages cost system time
+        packed[lo : lo + _STEP] |= np.left_shift(bands[lo : lo + _STEP], 24, dtype=np.int64)
+    return np.take(packed, order)

@@ -118,14 +118,18 @@ class ReadRangeFn(beam.DoFn):
     def setup(self):
         self.vectors = VectorSource()
         self.rows_read = beam.metrics.Metrics.counter("read", "laion_rows")
+        self._ahead = None
 
     def teardown(self):
+        if getattr(self, "_ahead", None) is not None:
+            self._ahead.shutdown(wait=True)
+            self._ahead = None
         self.vectors.close()
 
     def process(self, item: RowRange) -> Iterator:
         seen = SeenKeys()  # keys of this range (row groups): a repeat is dropped here
-        for batch, start, n in self._metadata_batches(item):
-            yield from self._batch(item.file, batch, start, n, seen)
+        for batch, start, n, vecs, norms in self._read_ahead(item):
+            yield from self._batch(item.file, batch, start, n, vecs, norms, seen)
             self.rows_read.inc(n)
             progress.advance("samples decoded", n)
         for kv in seen.split(item.file.shard, self.buckets):
@@ -148,6 +152,37 @@ class ReadRangeFn(beam.DoFn):
         for s in range(item.start, item.stop, size):
             yield None, s, min(item.stop, s + size) - s
 
+    def _read_ahead(self, item: RowRange) -> Iterator[tuple]:
+        """-> (metadata batch, first row, rows, vectors, their norms) per batch, in order. The next
+        batch is read (Parquet decode, the .npy rows) and its norms computed on one helper thread
+        while this one checks the current batch: mostly work that releases the GIL, so the
+        range's first stage overlaps its reads with its checks. One batch ahead at most."""
+        if getattr(self, "_ahead", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memsieve-read-ahead")
+        batches = self._metadata_batches(item)
+        lf = item.file
+
+        def fetch():  # runs on the helper thread only: the generator and the open .npy stay there
+            got = next(batches, None)
+            if got is None:
+                return None
+            batch, start, n = got
+            n_vec = max(0, min(start + n, lf.n_vectors) - start) if batch is not None else 0
+            vecs = self.vectors.rows(lf.npy, start, start + n_vec) if n_vec else np.empty((0, lf.dim), np.float32)
+            return batch, start, n, vecs, row_norms(vecs)
+
+        pending = self._ahead.submit(fetch)
+        try:
+            while (got := pending.result()) is not None:
+                pending = self._ahead.submit(fetch)
+                yield got
+        finally:  # the helper is idle again before the generator closes (or the next range)
+            if not pending.cancel():
+                pending.exception()  # waits for a read in flight; its error, if any, is not this one's
+            batches.close()
+
     def _keys(self, lf: LaionFile, batch, start: int, n: int):
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -160,16 +195,13 @@ class ReadRangeFn(beam.DoFn):
             keys = pc.replace_with_mask(keys, empty, made)
         return keys
 
-    def _batch(self, lf: LaionFile, batch, start: int, n: int, seen: SeenKeys) -> Iterator:
+    def _batch(self, lf: LaionFile, batch, start: int, n: int, vecs, norms, seen: SeenKeys) -> Iterator:
+        """One metadata batch and its vectors (none past the metadata: every row fails there)."""
         import pyarrow as pa
 
         from schemas.arrow import INFO_BATCH
 
-        n_vec = max(0, min(start + n, lf.n_vectors) - start)
-        if batch is None:  # past the metadata: every row fails, its vector is not needed
-            n_vec = 0
-        vecs = self.vectors.rows(lf.npy, start, start + n_vec) if n_vec else np.empty((0, lf.dim), np.float32)
-        norms = row_norms(vecs)
+        n_vec = len(vecs)
         good_vec = np.isfinite(norms) & (norms > MIN_NORM)
         s = self.settings
         keys = self._keys(lf, batch, start, n)

@@ -38,7 +38,7 @@ from transforms.shard_columns import (
     sample_infos,
     unbatched,
 )
-from transforms.write import safe_part_name, write_arrow
+from transforms.write import BackgroundWrites, safe_part_name
 
 EXTRA_TAGS = ("blockable", "diversify", "words", "cluster_captions")
 BLOCKABLE = ("key", "shard", "url", "sha256", "decision", "reasons", "cluster_id", "cluster_size", "is_representative")
@@ -87,12 +87,20 @@ class AnnotateShardFn(beam.DoFn):
         self.cfg = decide_cfg
         self.out_dir = out_dir
         self.diversify = diversify
+        self._writes = BackgroundWrites()
+
+    def start_bundle(self):
+        self._writes = BackgroundWrites()  # parts written while the next shard is built
+
+    def finish_bundle(self):
+        self._writes.wait()  # every part of the bundle is in place before its paths count
 
     def process(self, item) -> Iterator:
         shard, grouped = item
         grouped = unbatched(grouped)
         annotations = annotation_table(grouped)
         n = annotations.num_rows
+        words = _words_counted(annotations) if self.diversify else None  # on a helper thread meanwhile
         # "dedup" ticks in FindDuplicates (cluster_columns.labelled, assign_tables): its own span
         decisions, reasons = decide_codes(annotations, self.cfg)  # int8 positions in DECISIONS
         self._count(decisions, reasons)
@@ -112,7 +120,7 @@ class AnnotateShardFn(beam.DoFn):
         if blockable.any():
             yield beam.pvalue.TaggedOutput("blockable", manifest.select(BLOCKABLE).filter(pa.array(blockable)))
         if self.diversify:
-            yield from self._diversify_inputs(annotations, manifest, decisions)
+            yield from self._diversify_inputs(annotations, manifest, decisions, words.result())
 
     @staticmethod
     def _count(decisions: np.ndarray, reasons: pa.ListArray) -> None:
@@ -127,15 +135,11 @@ class AnnotateShardFn(beam.DoFn):
         for name, c in families.items():
             beam.metrics.Metrics.counter("decide_reason", name).inc(c)
 
-    def _diversify_inputs(self, annotations, manifest, decisions) -> Iterator:
-        from transforms.diversify import caption_word_counts
-
-        ok = pc.fill_null(pc.equal(annotations.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
-        caption = annotations.column("caption")
-        words = caption_word_counts(caption if ok.all() else caption.filter(pa.array(ok)))
+    def _diversify_inputs(self, annotations, manifest, decisions, words) -> Iterator:
         if words.num_rows:
             yield beam.pvalue.TaggedOutput("words", words)
-        caption = pc.fill_null(caption, "")
+        ok = _ok(annotations)
+        caption = pc.fill_null(annotations.column("caption"), "")
         size = annotations.column("cluster_size").to_numpy(zero_copy_only=False)
         clustered = ok & (size > 1) & pc.not_equal(caption, "").to_numpy(zero_copy_only=False)
         if clustered.any():
@@ -149,10 +153,30 @@ class AnnotateShardFn(beam.DoFn):
         if not data.num_rows:  # like WriteTable: a partition without rows has no part
             return
         path = fsio.join(self.out_dir, table, f"part-{safe_part_name(shard)}.parquet")
-        write_arrow(path, data)
+        self._writes.submit(path, data)
         beam.metrics.Metrics.counter("write", table).inc(data.num_rows)
         progress.advance("write", data.num_rows)
         yield path
+
+
+def _ok(annotations) -> np.ndarray:
+    return pc.fill_null(pc.equal(annotations.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
+
+
+def _caption_words(annotations):
+    """The (word, count) table of a shard's ok captions (``caption_word_counts``)."""
+    from transforms.diversify import caption_word_counts
+
+    ok, caption = _ok(annotations), annotations.column("caption")
+    return caption_word_counts(caption if ok.all() else caption.filter(pa.array(ok)))
+
+
+def _words_counted(annotations):
+    """``_caption_words`` started on a helper thread (Arrow and numpy work, the GIL mostly
+    released) while the shard is decided and written: a future of the table."""
+    from transforms.threads import pool
+
+    return pool("shard-words", 1).submit(_caption_words, annotations)
 
 
 class AnnotateShards(beam.PTransform):

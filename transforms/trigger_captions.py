@@ -12,12 +12,20 @@ carries it: the marks join the records (as columns) by caption bucket, next to t
 duplicates, and no per-record band entry is shipped. Template captions group the captions'
 skeletons (``TemplateCodes``) from caption columns, so the stage that reads the frequent words
 does not decode whole record batches again.
+
+None of it needs the records' clusters but the exact duplicates (a caption on >= 2 records in
+>= 2 clusters). From info tables (``CaptionGroups``) the records are grouped by caption before
+the clusters are known: near codes leave at once, and only the records whose caption another
+record has go on to meet their clusters (``trigger_join``; ~0.3% of LAION's rows), grouped
+again by caption for ``caption_codes``. ``CaptionCodes`` is the same in one step, after the
+clusters (the per-sample path).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from itertools import chain
 
 import apache_beam as beam
 
@@ -72,15 +80,46 @@ def near_norms(norms, known: frozenset[str] | set[str] = frozenset()) -> set[str
 
 def band_entries(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
     """A record batch -> (bucket, (captions, their records, keys' caption rows, keys' bands,
-    keys' values)): each distinct normalized caption of the batch once per bucket that holds
-    one of its band keys, with its band keys there (not its whole MinHash)."""
-    import numpy as np
+    keys' values)): ``caption_bands`` of its normalized captions."""
+    return caption_bands(column(batch, "norm"), n)
 
-    counts = sorted(Counter(column(batch, "norm")).items())
-    texts = as_texts([norm for norm, _ in counts])
-    records = np.array([c for _, c in counts], dtype=np.int64)
+
+def caption_bands(norms: list[str], n: int) -> Iterator[tuple[int, tuple]]:
+    """A batch's normalized captions -> (bucket, (captions, their records, keys' caption rows,
+    keys' bands, keys' values)): each distinct caption once per bucket that holds one of its
+    band keys, with its band keys there (not its whole MinHash)."""
+    texts, records = _distinct(norms)
     for b, rows, at, bands, values in bucket_entries(minhash_rows(texts), n):
         yield b, (take_texts(texts, rows), records[rows], at, bands, values)
+
+
+def _distinct(norms):
+    """Captions (a list or ``as_texts``' array) -> (the distinct ones in sorted order, as
+    ``as_texts``; how many times each is there)."""
+    import numpy as np
+
+    if isinstance(norms, list):
+        counts = sorted(Counter(norms).items())
+        return as_texts([norm for norm, _ in counts]), np.array([c for _, c in counts], dtype=np.int64)
+    import pyarrow.compute as pc
+
+    found = pc.value_counts(norms)
+    values = found.field("values")
+    order = pc.sort_indices(values)  # UTF-8 byte order: Python's code point order
+    return values.take(order), found.field("counts").take(order).to_numpy().astype(np.int64)
+
+
+def _norm_column(batch) -> list:
+    """A record batch -> [(its first key, its normalized captions as ``as_texts``)] (none when
+    it is empty): an Arrow array crosses the shuffle as a few buffers."""
+    keys = column(batch, "key")
+    return [(keys[0], as_texts(column(batch, "norm")))] if len(keys) else []
+
+
+def _bands_of_columns(item, n: int) -> Iterator[tuple[int, tuple]]:
+    """(first key, [normalized captions of a batch]) -> ``caption_bands`` of each batch."""
+    for norms in item[1]:
+        yield from caption_bands(norms, n)
 
 
 def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
@@ -95,23 +134,32 @@ def near_in_bands(item, n: int) -> Iterator[tuple[int, list]]:
         return
     norms = joined_texts([part[0] for part in parts])
     start = np.cumsum([0] + [len(part[0]) for part in parts[:-1]])
-    rows = np.concatenate([part[2].astype(np.int64) + s for part, s in zip(parts, start.tolist(), strict=True)])
+    small = int(start[-1]) + len(parts[-1][0]) < 2**31  # int32 rows: half the bytes
+    rows = np.concatenate(
+        [part[2].astype(np.int32 if small else np.int64) + s for part, s in zip(parts, start.tolist(), strict=True)]
+    )
     counts, bands, values = (np.concatenate([part[j] for part in parts]) for j in (1, 3, 4))
     near = near_captions(norms, counts, rows, bands, values, MAX_BAND)
     yield from _near_marks(near, n)
 
 
-def _members(batch: list[dict], n: int) -> Iterator[tuple[int, tuple]]:
+def _members(batch: list[dict], n: int, clusters: bool = True) -> Iterator[tuple[int, tuple]]:
     """A record batch -> (caption bucket, (MEMBERS, captions, keys, shards, cluster ids)):
-    the records as columns, split by their caption's bucket."""
+    the records as columns, split by their caption's bucket. Without ``clusters`` (records not
+    yet clustered: ``near_and_shared``) no cluster ids, and a batch of one shard sends its shard
+    once (a string, not a column)."""
     norms = column(batch, "norm")
     buckets = [bucket_of(norm, n) for norm in norms] if n > 1 else [0] * len(norms)
     rows: dict[int, list[int]] = {}
     for i, b in enumerate(buckets):
         rows.setdefault(b, []).append(i)
+    keys, shards = column(batch, "key"), column(batch, "shard")
+    one = not clusters and len(shards) and shards.count(shards[0]) == len(shards)
+    cids = column(batch, "cluster_id") if clusters else None
     for b, idx in sorted(rows.items()):
-        columns = ([col[i] for i in idx] for col in (column(batch, c) for c in ("key", "shard", "cluster_id")))
-        yield b, (MEMBERS, [norms[i] for i in idx], *columns)
+        shard = shards[0] if one else [shards[i] for i in idx]
+        tail = (shard,) if cids is None else (shard, [cids[i] for i in idx])
+        yield b, (MEMBERS, [norms[i] for i in idx], [keys[i] for i in idx], *tail)
 
 
 def _near_marks(near: list[str], n: int) -> Iterator[tuple[int, tuple]]:
@@ -140,56 +188,162 @@ def _ids(values: list):
     return ids, len(index), list(index)
 
 
-def caption_codes(item) -> Iterator:
-    """(caption bucket, member columns and near marks) -> (member, (code,)): duplicate_caption
-    for the records of a caption on >= 2 records in >= 2 clusters, near_duplicate_caption for
-    the records of a caption marked near."""
+def caption_codes(item, size: int = 50_000) -> Iterator:
+    """(caption bucket, member columns and near marks) -> (shard, ``Batch`` of (key, (code,))),
+    at most ``size`` a batch: duplicate_caption for the records of a caption on >= 2 records in
+    >= 2 clusters, near_duplicate_caption for the records of a caption marked near. Batched by
+    shard here (``triggers.CodesByShard`` passes batches on), not one element per record. A
+    part's shards: a column, or one string for all its records."""
     import numpy as np
+    import pandas as pd
+
+    from transforms.shard_columns import Batch
 
     _, parts = item
-    near: set[str] = set()
-    norms, keys, shards, clusters = [], [], [], []
+    members, near = [], set()
     for part in parts:
         if part[0] == NEAR:
             near.update(part[1])
         else:
-            for column, values in zip((norms, keys, shards, clusters), part[1:], strict=True):
-                column.extend(values)
-    if not norms:
+            members.append(part)
+    if not members:
         return
-    caption, n_captions, distinct = _ids(norms)
-    cluster, n_clusters, _ = _ids(clusters)
-    records = np.bincount(caption, minlength=n_captions)
-    pairs = np.sort(caption * n_clusters + cluster)  # np.unique, without its slower path
-    pairs = pairs[np.append(True, pairs[1:] != pairs[:-1])] if len(pairs) else pairs
-    spread = np.bincount(pairs // n_clusters, minlength=n_captions)
-    duplicate = ((records >= 2) & (spread >= 2))[caption]
-    marked = np.array([d in near for d in distinct], dtype=bool)[caption]
-    for code, hit in (("duplicate_caption", duplicate), ("near_duplicate_caption", marked)):
-        for i in np.flatnonzero(hit).tolist():
-            yield (keys[i], shards[i]), (code,)
+    norms, keys, clusters = (list(chain.from_iterable(part[j] for part in members)) for j in (1, 2, 4))
+    shards = list(chain.from_iterable([p[3]] * len(p[1]) if isinstance(p[3], str) else p[3] for p in members))
+    duplicate, marked = _coded_rows(norms, clusters, near)
+    rows = np.concatenate([duplicate, marked])
+    if not len(rows):
+        return
+    codes = [("duplicate_caption",)] * len(duplicate) + [("near_duplicate_caption",)] * len(marked)
+    shard, names = pd.factorize(_objects([shards[i] for i in rows.tolist()]), use_na_sentinel=False)
+    order = np.argsort(shard, kind="stable")  # by shard, each in the order above
+    bounds = np.searchsorted(shard[order], np.arange(len(names) + 1))
+    for s in sorted(range(len(names)), key=names.__getitem__):
+        at = order[bounds[s] : bounds[s + 1]].tolist()
+        coded = list(zip(map(keys.__getitem__, rows[at].tolist()), map(codes.__getitem__, at), strict=True))
+        for i in range(0, len(coded), size):
+            yield names[s], Batch(coded[i : i + size])
+
+
+def _coded_rows(norms: list, clusters: list, near: set):
+    """Records' captions and clusters, the near captions -> the rows (ascending) of records whose
+    caption is on >= 2 records in >= 2 clusters, and of those whose caption is near. Captions are
+    numbered by one hash table (pandas, as a dict's equality); clusters are compared only for
+    the few records of captions on >= 2 records."""
+    import numpy as np
+    import pandas as pd
+
+    caption, distinct = pd.factorize(_objects(norms), use_na_sentinel=False)
+    records = np.bincount(caption, minlength=len(distinct))
+    multi = np.flatnonzero(np.take(records >= 2, caption))  # rows of captions on >= 2 records
+    cap = caption[multi]
+    cluster = pd.factorize(_objects([clusters[i] for i in multi.tolist()]), use_na_sentinel=False)[0]
+    width = int(cluster.max()) + 1 if len(cluster) else 1
+    pairs = np.unique(cap * width + cluster)  # the distinct (caption, cluster) pairs
+    spread = np.bincount(pairs // width, minlength=len(distinct))
+    duplicate = multi[spread[cap] >= 2]
+    hit = np.fromiter(map(near.__contains__, distinct), dtype=bool, count=len(distinct)) if near else None
+    marked = np.flatnonzero(np.take(hit, caption)) if near else multi[:0]
+    return duplicate, marked
+
+
+def _objects(values: list):
+    """A list -> a 1-d object array of its values (``np.array`` would build rows of tuples)."""
+    import numpy as np
+
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 class CaptionCodes(beam.PTransform):
     """Record batches -> (member, (code,)) for duplicate and (when ``near``) near-duplicate
-    captions, through ``n`` hash buckets of captions and of band keys."""
+    captions, through ``n`` hash buckets of captions and of band keys (``CaptionGroups`` and
+    ``caption_codes`` on the shared records is the same in two steps, the first before the
+    clusters are known)."""
 
     def __init__(self, near: bool, n: int):
         super().__init__()
         self.near, self.n = near, n
 
     def expand(self, batches):
-        n = self.n
-        members = batches | "Members" >> beam.FlatMap(_members, n=n)
+        members = batches | "Members" >> beam.FlatMap(_members, n=self.n)
         if self.near:
-            marks = (
-                batches
-                | "Bands" >> beam.FlatMap(band_entries, n=n)
-                | "GroupBands" >> beam.GroupByKey()
-                | "NearInBands" >> beam.FlatMap(near_in_bands, n=n)
-            )
-            members = (members, marks) | "WithNearMarks" >> beam.Flatten()
+            members = (members, batches | "Near" >> NearMarks(self.n)) | "WithNearMarks" >> beam.Flatten()
         return members | "GroupCaptions" >> beam.GroupByKey() | "Codes" >> beam.FlatMap(caption_codes)
+
+
+def near_and_shared(item) -> Iterator:
+    """(caption bucket, member columns of clusters of one and near marks) -> (member,
+    ("near_duplicate_caption",)) for the records of a caption marked near; tagged "shared",
+    (shard, [(key, caption)]) for the records of a caption on >= 2 records: only those can be
+    duplicate captions (``caption_codes`` once their clusters are known), so only they wait for
+    the clusters."""
+    import numpy as np
+
+    _, parts = item
+    near: set[str] = set()
+    norms, keys, shards = [], [], []
+    for part in parts:
+        if part[0] == NEAR:
+            near.update(part[1])
+        else:
+            norms.extend(part[1])
+            keys.extend(part[2])
+            shards.extend([part[3]] * len(part[1]) if isinstance(part[3], str) else part[3])
+    if not norms:
+        return
+    caption, n_captions, distinct = _ids(norms)
+    if near:
+        marked = np.array([d in near for d in distinct], dtype=bool)[caption]
+        for i in np.flatnonzero(marked).tolist():
+            yield (keys[i], shards[i]), ("near_duplicate_caption",)
+    by_shard: dict[str, list] = {}
+    for i in np.flatnonzero(np.bincount(caption, minlength=n_captions)[caption] >= 2).tolist():
+        by_shard.setdefault(shards[i], []).append((keys[i], norms[i]))
+    for shard, pairs in sorted(by_shard.items()):
+        yield beam.pvalue.TaggedOutput("shared", (shard, pairs))
+
+
+class CaptionGroups(beam.PTransform):
+    """Record batches of clusters of one (made before the clusters are known) -> {"near":
+    (member, ("near_duplicate_caption",)), "shared": (shard, [(key, caption)]) for the records
+    whose caption is on >= 2 records}: ``CaptionCodes`` less what needs the clusters (duplicate
+    captions: ``caption_codes`` of the shared records' member columns with their clusters)."""
+
+    def __init__(self, near: bool, n: int):
+        super().__init__()
+        self.near, self.n = near, n
+
+    def expand(self, captions):
+        members = captions | "Members" >> beam.FlatMap(_members, n=self.n, clusters=False)
+        if self.near:
+            members = (members, captions | "Near" >> NearMarks(self.n)) | "WithNearMarks" >> beam.Flatten()
+        found = (
+            members
+            | "GroupCaptions" >> beam.GroupByKey()
+            | "NearAndShared" >> beam.FlatMap(near_and_shared).with_outputs("shared", main="near")
+        )
+        return {"near": found.near, "shared": found.shared}
+
+
+class NearMarks(beam.PTransform):
+    """Record batches -> (caption bucket, (NEAR, captions)) for the captions near another: the
+    batches' caption columns shuffled, their band entries grouped in ``n`` buckets of band keys."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def expand(self, batches):
+        return (
+            batches
+            | "NormColumns" >> beam.FlatMap(_norm_column)
+            | "ShuffleNorms" >> beam.GroupByKey()
+            | "Bands" >> beam.FlatMap(_bands_of_columns, n=self.n)
+            | "GroupBands" >> beam.GroupByKey()
+            | "NearInBands" >> beam.FlatMap(near_in_bands, n=self.n)
+        )
 
 
 def caption_columns(batch: list[dict]) -> tuple[list, list, list]:

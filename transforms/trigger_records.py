@@ -14,13 +14,12 @@ lists.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
 
 from pipeline import progress
-from transforms.key_batches import grouped, split_buckets
 from transforms.keywords import KeywordExtractor, normalize_caption
 from transforms.objects import metadata_objects
 
@@ -183,21 +182,6 @@ def cluster_columns(keys: list[str], lookup: dict) -> tuple[list[str], list[int]
     return [g[0] if g else k for g, k in zip(got, keys, strict=True)], [g[1] if g else 1 for g in got]
 
 
-def cluster_positions(keys, lookup: dict) -> tuple[np.ndarray, list, np.ndarray]:
-    """An Arrow key column and ``cluster_lookup``'s dict -> (each key's index into the lookup's
-    entries, -1 when it has none; the entries' cluster ids; their sizes): ``cluster_columns``
-    in Arrow for a whole shard."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not lookup:
-        return np.full(len(keys), -1, dtype=np.int64), [], np.zeros(0, np.int64)
-    pos = pc.index_in(keys, value_set=pa.array(list(lookup), pa.string()))
-    values = list(lookup.values())
-    sizes = np.fromiter((v[1] for v in values), dtype=np.int64, count=len(values))
-    return pc.fill_null(pos, -1).to_numpy().astype(np.int64), [v[0] for v in values], sizes
-
-
 class _Row:
     """The info columns records need (no SampleInfo per row)."""
 
@@ -231,9 +215,11 @@ def first_table(tables: list):
     return table.filter(pa.array(keep))
 
 
-class ShardRecordsFn(beam.DoFn):
-    """(shard, {"info": info tables, "a": ClusterAssignment or lists of assignment tuples}) ->
-    RecordBatch (<= CHUNK rows), built column by column (``_batch``)."""
+class CaptionRecordsFn(beam.DoFn):
+    """(shard, info tables) -> (shard, (row start, RecordBatch)) per <= CHUNK rows of the shard
+    (``first_table``): every column but the clusters, built column by column (``_batch``); each
+    record is a cluster of one (its key, size 1) until ``with_clusters`` gives it its cluster.
+    Nothing here waits for the duplicate search: the caption stages read these batches."""
 
     def __init__(self, bigrams: bool, use_metadata: bool):
         self.bigrams = bigrams
@@ -251,44 +237,35 @@ class ShardRecordsFn(beam.DoFn):
                 self.norms[caption] = norm
         return norm
 
-    def process(self, item) -> Iterator[RecordBatch]:
-        _, joined = item
-        table = first_table(list(joined["info"]))
+    def process(self, item) -> Iterator[tuple[str, tuple[int, RecordBatch]]]:
+        shard, tables = item
+        table = first_table(list(tables))
         if table is None:
             return
-        pos, cids, sizes = cluster_positions(table.column("key"), cluster_lookup(joined["a"]))
         for start in range(0, table.num_rows, CHUNK):
-            at = pos[start : start + CHUNK]
-            yield self._batch(table.slice(start, CHUNK), at, cids, sizes)
+            yield shard, (start, self._batch(table.slice(start, CHUNK)))
 
-    def _batch(self, table, pos: np.ndarray, cids: list, sizes: np.ndarray) -> RecordBatch:
-        """A chunk of the shard's rows; ``pos``: each row's index into the shard's assignments'
-        cluster ids ``cids`` and sizes (-1: none, a cluster of one)."""
+    def _batch(self, table) -> RecordBatch:
+        """A chunk of the shard's rows, every record a cluster of one."""
         keys = table.column("key").to_pylist()
         captions = table.column("caption").combine_chunks()
         texts = captions.to_pylist()
-        cluster_id = list(keys)
-        for i in np.flatnonzero(pos >= 0).tolist():
-            cluster_id[i] = cids[pos[i]]
-        cluster_size = np.where(pos >= 0, sizes[np.maximum(pos, 0)], 1) if len(sizes) else np.ones(len(keys), np.int64)
         objects = {}
         if self.use_metadata:
             metas = table.column("meta_json")
             maybe = np.flatnonzero(may_name_objects(metas)).tolist()
             named = metas.take(maybe).to_pylist() if maybe else []
             objects = {i: o for i, m in zip(maybe, named, strict=True) if (o := metadata_objects(m))}
-        batch = RecordBatch(
+        return RecordBatch(
             keys,
             shard_column(table.column("shard")),
             texts,
             self._norms(captions, texts),
-            cluster_id,
-            cluster_size,
+            keys,  # the same list: pickled once
+            np.ones(len(keys), dtype=np.int64),
             self.extractor.batch_terms(captions, texts),
             objects,
         )
-        progress.advance("triggers", len(keys))
-        return batch
 
     def _norms(self, captions, texts: list[str]) -> list[str]:
         """``normalize_caption`` of each caption: ASCII ones in Arrow (the words are the runs of
@@ -318,6 +295,27 @@ class ShardRecordsFn(beam.DoFn):
             norm = self._norm(texts[i])
             out[i] = texts[i] if norm == texts[i] else norm
         return out
+
+
+def with_clusters(batch: RecordBatch, lookup: dict) -> RecordBatch:
+    """A batch of ``CaptionRecordsFn`` with each record's cluster (``cluster_lookup``'s dict;
+    a key without an assignment stays a cluster of one), in place."""
+    if lookup:
+        batch.cluster_id, sizes = cluster_columns(batch.key, lookup)
+        batch.cluster_size = np.asarray(sizes, dtype=np.int64)
+    progress.advance("triggers", len(batch))
+    return batch
+
+
+class ShardRecordsFn(CaptionRecordsFn):
+    """(shard, {"info": info tables, "a": assignments}) -> RecordBatch (<= CHUNK rows): the
+    caption columns (``CaptionRecordsFn``) and the clusters (``with_clusters``) in one step."""
+
+    def process(self, item) -> Iterator[RecordBatch]:
+        shard, joined = item
+        lookup = cluster_lookup(joined["a"])
+        for _, (_, batch) in super().process((shard, joined["info"])):
+            yield with_clusters(batch, lookup)
 
 
 def may_name_objects(metas) -> np.ndarray:
@@ -350,35 +348,3 @@ def _shared(values: list[str]) -> list[str]:
     """Equal strings as one object each (pickled once)."""
     seen: dict[str, str] = {}
     return [seen.setdefault(v, v) for v in values]
-
-
-def bucketed(batch, pairs: Callable[[dict], Iterable[tuple]], n: int) -> Iterator[tuple[int, list]]:
-    """A batch's records -> (bucket, [(group key, member)]) lists, for grouping by group key."""
-    yield from split_buckets((p for r in batch for p in pairs(r)), n)
-
-
-def per_group(item, group_fn: Callable) -> Iterator:
-    """(bucket, lists of (group key, member)) -> group_fn((group key, members)) for each group."""
-    _, lists = item
-    for group, members in sorted(grouped(lists).items()):
-        yield from group_fn((group, members))
-
-
-def _bucketed_with(batch, side, pairs: Callable, n: int) -> Iterator[tuple[int, list]]:
-    return bucketed(batch, lambda r: pairs(r, side), n)
-
-
-class GroupInBuckets(beam.PTransform):
-    """Record batches -> fn((group key, members)) per group key, the members gathered through
-    ``n`` hash buckets of lists (``pairs(record)`` gives a record's (group key, member) pairs)."""
-
-    def __init__(self, pairs: Callable, fn: Callable, n: int, side=None):
-        super().__init__()
-        self.pairs, self.fn, self.n, self.side = pairs, fn, n, side
-
-    def expand(self, batches):
-        if self.side is None:
-            split = batches | "Split" >> beam.FlatMap(bucketed, pairs=self.pairs, n=self.n)
-        else:  # pairs(record, side value): e.g. the frequent words for template skeletons
-            split = batches | "Split" >> beam.FlatMap(_bucketed_with, pairs=self.pairs, side=self.side, n=self.n)
-        return split | "Group" >> beam.GroupByKey() | "PerGroup" >> beam.FlatMap(per_group, group_fn=self.fn)

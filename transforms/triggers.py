@@ -14,13 +14,11 @@ from itertools import chain
 
 import apache_beam as beam
 
-from pipeline import progress
 from transforms.key_batches import grouped
-from transforms.keywords import KeywordExtractor, normalize_caption
-from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, metadata_objects, related_fn
+from transforms.objects import DEFAULT_OBJECTS, DEFAULT_RELATED, related_fn
 from transforms.shard_columns import Batch, BatchByShard
 from transforms.trigger_bundle import BundleCounts
-from transforms.trigger_captions import CaptionCodes, TemplateCodes, near_norms
+from transforms.trigger_captions import CaptionCodes, CaptionGroups, TemplateCodes, caption_codes, near_norms
 from transforms.trigger_clusters import classified_columns, member_columns
 from transforms.trigger_counts import (
     EVENTS,
@@ -29,39 +27,10 @@ from transforms.trigger_counts import (
     code_rows,
     norm_duplication,
 )
-from transforms.trigger_records import CHUNK, INFO_COLUMNS, RecordBatch, ShardRecordsFn, column
+from transforms.trigger_join import ClusterRecordsFn, join_part
+from transforms.trigger_records import INFO_COLUMNS, CaptionRecordsFn, column
+from transforms.trigger_samples import sample_records
 from transforms.trigger_stats import keyword_cluster_rows, keyword_object_rows
-
-
-class _SampleRecords(beam.DoFn):
-    """(key, {"i": [SampleInfo], "a": [ClusterAssignment]}) -> one record dict per ok sample
-    (the per-sample path of ``SampleInfo`` elements; ``_chunks`` makes them batches)."""
-
-    def __init__(self, bigrams: bool, use_metadata: bool):
-        self.bigrams = bigrams
-        self.use_metadata = use_metadata
-
-    def setup(self):
-        self.extractor = KeywordExtractor(self.bigrams)
-
-    def process(self, item) -> Iterator[dict]:
-        key, grouped = item
-        infos = sorted(grouped["i"], key=lambda i: i.shard)
-        if not infos:
-            return
-        info, assignments = infos[0], list(grouped["a"])
-        a = assignments[0] if assignments else None
-        progress.advance("triggers")
-        yield {
-            "key": key,
-            "shard": info.shard,
-            "caption": info.caption,
-            "norm": normalize_caption(info.caption),
-            "terms": self.extractor.terms_tuple(info.caption),
-            "objects": metadata_objects(info.meta_json) if self.use_metadata else [],
-            "cluster_id": a.cluster_id if a else key,
-            "cluster_size": a.cluster_size if a else 1,
-        }
 
 
 def _info_by_shard(table) -> tuple:
@@ -215,13 +184,6 @@ def classified(item, share: float, m: int) -> Iterator:
         yield beam.pvalue.TaggedOutput("rows", (shard, batch))
 
 
-def _chunks(item) -> Iterator[RecordBatch]:
-    _, records = item
-    records = sorted(records, key=lambda r: r["key"])
-    for i in range(0, len(records), CHUNK):
-        yield RecordBatch.from_records(records[i : i + CHUNK])
-
-
 class MineTriggers(beam.PTransform):
     """{"info_batches": SampleInfo tables (or "infos": SampleInfo elements), "assignments":
     ClusterAssignment (of clustered keys; a key without one is a cluster of one), or with info
@@ -230,7 +192,12 @@ class MineTriggers(beam.PTransform):
     "duplication": (cluster_id, dict with "class"), "duplication_rows": (shard, Batch of (key,
     (cluster_id, class))) for the members of clusters of more than one}. Records travel as batches
     (``transforms.trigger_records``), and so do the codes: a key may have codes in several of
-    its shard's batches (word triggers, caption kinds), which the per-shard stage merges."""
+    its shard's batches (word triggers, caption kinds), which the per-shard stage merges.
+
+    From info tables, what needs no cluster runs as soon as the reader has the tables, after a
+    shuffle by shard of its own (``_records``): caption records, counts (but clusters of one's
+    pairs at ``min_pair_count`` 1), template skeletons, near-duplicate captions; the shard join
+    with the assignments then adds the clusters (``transforms.trigger_join``)."""
 
     def __init__(self, cfg, buckets: int = 16):
         super().__init__()
@@ -239,11 +206,12 @@ class MineTriggers(beam.PTransform):
 
     def expand(self, inputs):
         cfg, m = self.cfg, self.cfg.min_pair_count
-        recs = self._records(inputs)
+        recs, captions, by_caption = self._records(inputs)
         vocabulary = None if cfg.object_source == "none" else frozenset(cfg.objects or DEFAULT_OBJECTS)
-        counts = (  # one combine for every count: records, terms, object events, words, small-cluster pairs
-            recs | "Counts" >> beam.ParDo(CountBatches(m, vocabulary)) | "CountAll" >> beam.CombinePerKey(sum)
-        )
+        # one combine for every count: records, terms, object events, words, small-cluster pairs;
+        # pairs of clusters of one count only for m = 1: for m >= 2 no count needs a cluster
+        counted = captions if m >= 2 else recs
+        counts = counted | "Counts" >> beam.ParDo(CountBatches(m, vocabulary)) | "CountAll" >> beam.CombinePerKey(sum)
         n_total = counts | "BatchSizes" >> beam.FlatMap(_tagged, tag="n") | "CountSamples" >> beam.CombineGlobally(sum)
         kw_counts = counts | "PruneTerms" >> beam.FlatMap(_tagged, tag="t", m=cfg.min_keyword_count)
         duplication = (
@@ -259,15 +227,16 @@ class MineTriggers(beam.PTransform):
         pairs = (duplication.pairs, small_pairs) | "AllPairs" >> beam.Flatten()
         keywords = self._keyword_triggers(pairs, kw_counts, n_total)
         objects = self._object_triggers(counts, vocabulary, kw_counts, n_total)
+        by_caption["TemplateCodes"] = self._template_codes(captions, counts)
         return {
             "keywords": keywords,
             "objects": objects,
-            "codes": self._codes(recs, counts, keywords, objects),
+            "codes": self._codes(recs, by_caption, keywords, objects),
             "duplication": duplication.classes,
             "duplication_rows": duplication.rows,
         }
 
-    def _codes(self, recs, counts, keywords, objects):
+    def _codes(self, recs, by_caption: dict, keywords, objects):
         """-> (shard, Batch of (key, codes)): trigger codes per batch, caption codes batched."""
         word_sig = keywords | "WordSig" >> beam.Map(lambda r: (r["keyword"], r["cluster_id"]))
         object_sig = objects | "ObjectSig" >> beam.Map(lambda r: (r["keyword"], (r["object"], r["relation"])))
@@ -279,36 +248,44 @@ class MineTriggers(beam.PTransform):
         )
         # each caption branch batches its per-record codes by shard in the stage that makes them
         # (fused): a Flatten of per-record elements would cross the data plane one by one
-        caption_codes = tuple(
-            codes | f"{name}ByShard" >> beam.ParDo(CodesByShard())
-            for name, codes in zip(("DuplicateCodes", "TemplateCodes"), self._caption_codes(recs, counts), strict=True)
-        )
-        return (trigger_codes, *caption_codes) | "AllCodes" >> beam.Flatten()
+        batched = tuple(codes | f"{name}ByShard" >> beam.ParDo(CodesByShard()) for name, codes in by_caption.items())
+        return (trigger_codes, *batched) | "AllCodes" >> beam.Flatten()
 
     def _records(self, inputs):
-        """-> batches (lists) of records, per shard."""
-        use_meta = self.cfg.object_source in ("auto", "metadata")
-        if "info_batches" in inputs:
-            if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
-                by_shard = inputs["assignment_rows"]
-            else:
-                by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
-            keyed = {
-                "info": inputs["info_batches"] | "InfoByShard" >> beam.Map(_info_by_shard),
-                "a": by_shard,
-            }
-            joined = keyed | "JoinShard" >> beam.CoGroupByKey()
-            return joined | "Records" >> beam.ParDo(ShardRecordsFn(self.cfg.bigrams, use_meta))
-        keyed_i = inputs["infos"] | "KeyInfos" >> beam.Map(lambda i: (i.key, i))
-        keyed_a = inputs["assignments"] | "KeyAssign" >> beam.Map(lambda a: (a.key, a))
-        return (
-            {"i": keyed_i, "a": keyed_a}
-            | "JoinSample" >> beam.CoGroupByKey()
-            | "Records" >> beam.ParDo(_SampleRecords(self.cfg.bigrams, use_meta))
-            | "ByShard" >> beam.Map(lambda r: (r["shard"], r))
-            | "GroupShard" >> beam.GroupByKey()
-            | "Batches" >> beam.FlatMap(_chunks)
+        """-> (record batches, the same records as clusters of one: what the counts and the
+        caption stages read, {name: caption codes}). From info tables, the second are made per
+        shard (``CaptionRecordsFn``) after a shuffle of their own, as soon as the reader has them:
+        not in the reader's stage, and not after the duplicate search; the caption stages run
+        on them (``CaptionGroups``); the shard join then adds the clusters, to the records and
+        to the few records whose caption another record has (duplicate captions need them)."""
+        cfg, n = self.cfg, self.buckets
+        use_meta = cfg.object_source in ("auto", "metadata")
+        if "info_batches" not in inputs:
+            recs = sample_records(inputs, cfg.bigrams, use_meta)
+            return (
+                recs,
+                recs,
+                {"DuplicateCodes": recs | "DuplicateCaptions" >> CaptionCodes(cfg.near_duplicate_captions, n)},
+            )
+        if "assignment_rows" in inputs:  # (shard, [assignment tuples]): no element per key
+            by_shard = inputs["assignment_rows"]
+        else:
+            by_shard = inputs["assignments"] | "AssignByShard" >> beam.Map(lambda a: (a.shard, a))
+        parts = (  # (shard, (row start, RecordBatch))
+            inputs["info_batches"]
+            | "InfoByShard" >> beam.Map(_info_by_shard)
+            | "GroupInfos" >> beam.GroupByKey()
+            | "Captions" >> beam.ParDo(CaptionRecordsFn(cfg.bigrams, use_meta))
         )
+        captions = parts | "CaptionBatches" >> beam.Map(lambda kv: kv[1][1])
+        groups = captions | "DuplicateCaptions" >> CaptionGroups(cfg.near_duplicate_captions, n)
+        lean = parts | "JoinParts" >> beam.Map(join_part)
+        joined = {"part": lean, "a": by_shard, "shared": groups["shared"]} | "JoinShard" >> beam.CoGroupByKey()
+        every_row = cfg.min_pair_count <= 1  # else only clustered rows and rows with objects need a cluster
+        records = ClusterRecordsFn(n, every_row)
+        recs = joined | "Records" >> beam.ParDo(records).with_outputs("shared", main="records")
+        duplicates = recs.shared | "GroupShared" >> beam.GroupByKey() | "SharedCodes" >> beam.FlatMap(caption_codes)
+        return recs.records, captions, {"NearCodes": groups["near"], "DuplicateCodes": duplicates}
 
     def _keyword_triggers(self, pairs, kw_counts, n_total):
         cfg = self.cfg
@@ -371,17 +348,15 @@ class MineTriggers(beam.PTransform):
             )
         )
 
-    def _caption_codes(self, recs, counts):
-        cfg, n = self.cfg, self.buckets
-        out = [recs | "DuplicateCaptions" >> CaptionCodes(cfg.near_duplicate_captions, n)]
+    def _template_codes(self, captions, counts):
+        cfg = self.cfg
         frequent = (  # the words of the normalized captions, counted in the one combine
             counts
             | "Frequent" >> beam.FlatMap(_tagged, tag="w", m=cfg.template_min_df)
             | "FrequentWords" >> beam.Keys()
         )
-        templates = TemplateCodes(_as_set(frequent), n, cfg.template_min_count, cfg.template_min_distinct)
-        out.append(recs | "Skeletons" >> templates)
-        return out
+        templates = TemplateCodes(_as_set(frequent), self.buckets, cfg.template_min_count, cfg.template_min_distinct)
+        return captions | "Skeletons" >> templates
 
 
 def _as_set(pcoll):

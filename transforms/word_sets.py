@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transforms.caption_texts import split_words
+from transforms.caption_texts import slots, split_words
 
 
 def _word_sets(norms: list[str]):
@@ -34,15 +34,12 @@ def _word_sets(norms: list[str]):
     np.cumsum(sizes[reps], out=set_offsets[1:])
     is_rep = np.zeros(len(cap_set), dtype=bool)
     is_rep[reps] = True
-    return cap_set, set_offsets, ids[np.repeat(is_rep, sizes)], len(vocab)
+    return cap_set, set_offsets, ids[slots(offsets[:-1][reps], sizes[reps], run=False)[1]], len(vocab)
 
 
 def _words_of(rows: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The word ids of CSR ``rows``, concatenated."""
-    sizes = np.diff(offsets)[rows]
-    at = np.repeat(offsets[rows] - np.cumsum(sizes) + sizes, sizes)
-    at += np.arange(len(at))  # in place: fresh pages cost system time
-    return ids[at]
+    return ids[slots(offsets[rows], np.diff(offsets)[rows], run=False)[1]]
 
 
 def _word_sets_exact(offsets: np.ndarray, ids: np.ndarray, v: int):
@@ -81,9 +78,11 @@ def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.
     out = []
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         both = np.concatenate([a[lo:hi], b[lo:hi]])
-        n = sizes[both]
-        pair = np.repeat(np.tile(np.arange(hi - lo, dtype=np.int64), 2) << bits, n)
-        tagged = np.sort(pair | words[np.repeat(offsets[both] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))])
+        tagged, at = slots(offsets[both], sizes[both])  # each word's entry of ``both``, its position
+        np.subtract(tagged, hi - lo, out=tagged, where=tagged >= hi - lo)  # the pair
+        tagged <<= bits
+        tagged |= np.take(words, at)
+        tagged.sort()
         out.append(np.bincount(tagged[1:][tagged[1:] == tagged[:-1]] >> bits, minlength=hi - lo))
     return np.concatenate(out)
 
@@ -91,8 +90,7 @@ def _intersections(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, words: np.
 def _less_one(a: np.ndarray, b: np.ndarray, j: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> np.ndarray:
     """Whether set A's sorted words are set B's less B's j-th (pairs with b = a + 1)."""
     la = np.diff(offsets)[a]
-    owner = np.repeat(np.arange(len(a)), la)
-    t = np.arange(int(la.sum())) - np.repeat(np.cumsum(la) - la, la)  # position in A
+    owner, t = slots(np.zeros(len(a), dtype=np.int64), la)  # the pair, the position in A
     wa = words[offsets[a][owner] + t]
     wb = words[offsets[b][owner] + t + (t >= j[owner])]
     return np.bincount(owner[wa != wb], minlength=len(a)) == 0
@@ -120,7 +118,8 @@ def _joined(packed: np.ndarray, k: int):
     new = np.ones(n, dtype=bool)
     np.not_equal(packed[1:], packed[:-1], out=new[1:])
     del packed
-    run = np.cumsum(new, dtype=np.int32 if n < 2**31 else np.int64)
+    run = new.astype(np.int32 if n < 2**31 else np.int64)  # then summed in place: a bool cumsum
+    np.cumsum(run, out=run)  # with a dtype holds the GIL
     run -= 1
     is_key = idx < k
     n_keys = np.bincount(run[is_key], minlength=int(run[-1]) + 1)  # the first entries of their run
@@ -137,34 +136,42 @@ def _subset_pairs(offsets: np.ndarray, words: np.ndarray, v: int, among: np.ndar
     """Pairs (A, B) of sets (both ``among``) with A inside B, b = a + 1, 4 <= a <= 8 (d = 1,
     a + b <= 17)."""
     sizes = np.diff(offsets)
-    hw = _word_hashes(v)[words]  # each word's hash
-    running = np.zeros(len(words) + 1, dtype=np.uint64)
-    np.cumsum(hw, out=running[1:])
+    running = np.zeros(len(words) + 1, dtype=np.uint64)  # running sums of word hashes, one buffer
+    np.take(_word_hashes(v), words, out=running[1:], mode="clip")  # clip: no buffered copy
+    np.cumsum(running[1:], out=running[1:])
     sums = running[offsets[1:]] - running[offsets[:-1]]  # each set's word hashes summed, mod 2**64
-    del running
     small = np.flatnonzero((sizes >= 4) & (sizes <= 8) & among)
     big = np.flatnonzero((sizes >= 5) & (sizes <= 9) & among)
     if not len(small) or not len(big):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    nb = sizes[big]
-    owner = np.repeat(big.astype(np.int32) if len(sizes) < 2**31 else big, nb)
-    pos = np.ones(int(nb.sum()), dtype=np.int64)  # B's word positions: steps of one, cumsum in place
-    heads = np.cumsum(nb) - nb
-    pos[heads] = offsets[big]
-    pos[heads[1:]] -= offsets[big[:-1]] + nb[:-1] - 1
-    np.cumsum(pos, out=pos)
-    both = np.empty(len(small) + len(pos), dtype=np.uint64)  # the join's keys and queries, one buffer
-    np.take(sums, small, out=both[: len(small)], mode="clip")  # clip: no buffered copy (indices valid)
-    query = np.take(sums, owner, out=both[len(small) :], mode="clip")
-    query -= np.take(hw, pos)  # B less one word
-    del hw, query
+    owner, pos = slots(offsets[big], sizes[big])  # B's words: B, their positions
+    owner = np.take(big.astype(np.int32) if len(sizes) < 2**31 else big, owner)
+    keys = np.take(sums, small)
+    query = np.take(sums, owner)
+    query -= np.take(running, pos + 1)  # B less one word (its hash: a step of the running sums)
+    query += np.take(running, pos)
+    del running
+    maybe = _maybe_in(keys, query)  # few queries meet a key: only those go into the join's sort
+    both = np.concatenate([keys, query[maybe]])
+    del query
     qi, ki = _joined(both, len(small))
+    qi = maybe[qi]
     del both
     a, b, j = small[ki], owner[qi], pos[qi] - offsets[owner[qi]]
     keep = sizes[a] == sizes[b] - 1
     a, b, j = a[keep], b[keep], j[keep]
     exact = _less_one(a, b, j, offsets, words)  # the hash hit, checked
     return a[exact], b[exact]
+
+
+def _maybe_in(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The queries (uint64) whose top bits equal some key's (a superset of those equal to one):
+    a table of at least 16 slots a key, indexed by the top bits, so most others drop out."""
+    bits = min(30, max(8, (16 * len(keys)).bit_length()))
+    shift = np.uint64(64 - bits)
+    seen = np.zeros(1 << bits, dtype=bool)
+    seen[keys >> shift] = True
+    return np.flatnonzero(np.take(seen, query >> shift))
 
 
 def _firsts(ids: np.ndarray) -> np.ndarray:

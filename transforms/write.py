@@ -127,6 +127,39 @@ def write_arrow(path: str, table) -> str:
     return path
 
 
+class BackgroundWrites:
+    """``write_arrow`` calls run on helper threads while the caller goes on: Parquet encoding and
+    compression run in pyarrow's C++ without the GIL, so a stage's next shard is built while its
+    last one is written. At most ``limit`` tables wait at once (memory stays bounded); ``wait``
+    (at the end of a bundle, before its outputs count) returns once every file is in place and
+    raises the first write's error. Counters stay with the caller (Beam's metrics are per thread)."""
+
+    def __init__(self, limit: int = 2):
+        self.limit, self.pending = limit, []
+
+    def submit(self, path: str, table) -> str:
+        self.pending.append(_writer_pool().submit(write_arrow, path, table))
+        while len(self.pending) > self.limit:
+            self.pending.pop(0).result()
+        return path
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, []
+        for f in pending:  # every write finishes (no half-written temporary left behind) ...
+            f.exception()
+        for f in pending:  # ... then the first error, if any, is raised
+            f.result()
+
+
+WRITER_THREADS = 2
+
+
+def _writer_pool():
+    from transforms.threads import pool
+
+    return pool("parquet-writer", WRITER_THREADS)
+
+
 DICTIONARY_SAMPLE = 4096  # leading rows that decide a column's encoding
 
 
@@ -191,14 +224,31 @@ class WriteTable(beam.PTransform):
         )
 
 
+def _factorized(labels):
+    """Partition labels per row (an Arrow string column, or anything numpy takes) -> (an int code
+    per row, the distinct labels in first-seen order), as ``pandas.factorize``; an Arrow column
+    without nulls is encoded by Arrow (no Python string per row)."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(labels, pa.ChunkedArray | pa.Array) and not labels.null_count:
+        encoded = pc.dictionary_encode(labels)
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        return codes, pd.Index(encoded.dictionary.to_pylist(), dtype=object)
+    return pd.factorize(np.asarray(labels, dtype=object))
+
+
 def _partition_lists(rows, partition: Callable[[dict], str], table_partition=None) -> Iterator[tuple[str, object]]:
     """A list of row dicts, or a pyarrow Table (``table_partition``: the table -> a partition
     label per row), -> (partition, its rows as a list or a Table)."""
     if table_partition is not None and not isinstance(rows, list):
         import numpy as np
-        import pandas as pd
 
-        codes, labels = pd.factorize(np.asarray(table_partition(rows), dtype=object))
+        codes, labels = _factorized(table_partition(rows))
         if len(labels) == 1:
             yield str(labels[0]), rows
             return
@@ -231,6 +281,13 @@ class _WriteBatchPart(_WritePart):
     def __init__(self, table_dir: str, schema, sort_key, sort_columns):
         super().__init__(table_dir, schema, sort_key)
         self.sort_columns = sort_columns
+        self._writes = BackgroundWrites()
+
+    def start_bundle(self):
+        self._writes = BackgroundWrites()
+
+    def finish_bundle(self):
+        self._writes.wait()  # the bundle's parts are in place before its paths count
 
     def process(self, item):
         partition, rows = item
@@ -239,7 +296,7 @@ class _WriteBatchPart(_WritePart):
             return
         table = rows.sort_by([(c, "ascending") for c in self.sort_columns]).select(self.schema.names)
         table = table.cast(self.schema)
-        path = write_arrow(fsio.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet"), table)
+        path = self._writes.submit(fsio.join(self.table_dir, f"part-{safe_part_name(partition)}.parquet"), table)
         beam.metrics.Metrics.counter("write", fsio.basename(self.table_dir)).inc(table.num_rows)
         progress.advance("write", table.num_rows)
         yield path
