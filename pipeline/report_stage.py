@@ -31,9 +31,10 @@ def table_parts(out_dir: str, shard_paths: list[str], config: dict, rdir: str, r
     """The page's entries read from the tables that exist once the per-shard stage has written
     (manifest, annotations, failures, clusters, neighbours, scores, triggers): all but the
     diversification examples. Draws the figures and thumbnails into ``rdir``. JSON-safe."""
-    from pipeline.report import _failure_table, _figures, _reason_table, head_rows, part_tables
+    from pipeline.report import _figures, head_rows, part_tables
     from pipeline.report_clusters import clusters
     from pipeline.report_header import trigger_rows
+    from pipeline.report_tables import _failure_table, _reason_table
 
     found = clusters(out_dir, shard_paths, rdir, max_clusters)
     return dict(

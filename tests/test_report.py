@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.report import _failure_table, _reason_table, write_report
+from pipeline.report import write_report
+from pipeline.report_tables import _failure_table, _reason_table
 from scripts.render_report import chromium_binary, dom_counts, dump_dom, screenshot
 from transforms.write import read_table
 
