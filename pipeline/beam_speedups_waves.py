@@ -13,9 +13,10 @@ queued after the current one start early on a small thread pool: a bundle starts
 turn only if nothing queued before it (and not yet retired) shares its stage, one of its output
 buffers or one of its input buffer objects. The bookkeeping stays Beam's own code, run on the
 launching thread in queue order when each bundle's turn comes (the early run's result is handed
-to it in place of running the bundle again). So every buffer receives its writers' output in
-the same order as without the patch, every decision the scheduler takes is the same, and the
-run is as deterministic as before: the same stages, bundles and outputs, some of them sooner.
+to it in place of running the bundle again), and after each bundle the newly ready stages join
+the queue (Beam looks only when the queue is empty; its comment says either works). So every
+buffer receives its writers' output in an order fixed by the queue, the scheduler takes the same
+decisions on every run, and the run is as deterministic as before.
 Bundles that share nothing run at once: Beam's bundle manager is thread-safe (its parallel mode
 runs bundles on threads), and each pool thread gets its own in-process worker (its own data
 channel, bundle processors and state cache; the state servicer is shared and locked). DoFns of
@@ -30,6 +31,7 @@ bundles still running have finished.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline import beam_speedups_runner as runner
 
 _LOCAL = threading.local()  # .slot: this pool thread's worker number (1, 2, ...); absent on others
-_SLOTS = iter(range(1, 1 << 30))
-_SLOTS_LOCK = threading.Lock()
+_SLOTS = itertools.count(1)  # next() on a count is atomic under the GIL
 
 
 def threads() -> int:
@@ -57,8 +58,7 @@ def threads() -> int:
 
 
 def _name_slot() -> None:
-    with _SLOTS_LOCK:
-        _LOCAL.slot = next(_SLOTS)
+    _LOCAL.slot = next(_SLOTS)
 
 
 def conflict_keys(stage_name: str, bcm, data_input) -> frozenset:
@@ -90,9 +90,11 @@ class Ahead:
         blocked = set(current)
         running = 1 + len(self.started)
         for stage_name, data_input in list(ctx.queues.ready_inputs._q):
+            if running >= self.n:
+                break  # the pool is full: nothing more can start now
             bcm = ctx.bundle_manager_for(ctx.stages[stage_name])
             keys = conflict_keys(stage_name, bcm, data_input)
-            if id(data_input) not in self.started and running < self.n and not keys & blocked:
+            if id(data_input) not in self.started and not keys & blocked:
                 self.started[id(data_input)] = self.submit(fn_runner, ctx, bcm, data_input)
                 running += 1
             blocked |= keys
@@ -179,14 +181,12 @@ def install_waves() -> None:
             future = ahead.submit(self, ctx, bcm, data_input)
         try:
             ahead.start_ahead(self, ctx, conflict_keys(bcm.stage.name, bcm, data_input))
-            result = future.result()
+            ahead.stash[id(data_input)] = future.result()
+            out = execute(self, ctx, bcm, data_input)  # Beam's bookkeeping; its _run_bundle: the stash
         except BaseException:
-            ahead.drain()
+            ahead.drain()  # before Beam's own clean-up closes the workers the early bundles run on
             raise
-        ahead.stash[id(data_input)] = result
-        out = execute(self, ctx, bcm, data_input)  # Beam's bookkeeping; its _run_bundle: the stash
-        if os.environ.get("MEMSIEVE_WAVES_EAGER", "1") == "1":
-            self._schedule_ready_bundles(ctx)  # stages this bundle completed join the queue now
+        self._schedule_ready_bundles(ctx)  # stages this bundle completed join the queue now
         return out
 
     def waves_run_bundle(self, ctx, bcm, data_input, *args):

@@ -140,7 +140,7 @@ def test_large_pairs_in_chunks_are_every_pair_of_a_group():
         assert len(chunks) > 1 if chunk == 5 else len(chunks) == 1
 
 
-def test_subset_pairs_by_hash_join_or_sort_equal_every_pair(monkeypatch):
+def test_subset_pairs_equal_every_pair_with_and_without_hash_collisions(monkeypatch):
     import transforms.word_sets as nc
 
     rng = random.Random(7)
@@ -155,10 +155,10 @@ def test_subset_pairs_by_hash_join_or_sort_equal_every_pair(monkeypatch):
     }
     assert len(want) > 50
     among = np.ones(len(sets), dtype=bool)
-    got = nc._subset_pairs(offsets, words, v, among)  # distinct sums: the hash table
+    got = nc._subset_pairs(offsets, words, v, among)  # distinct word-hash sums
     assert set(zip(got[0].tolist(), got[1].tolist(), strict=True)) == want
     monkeypatch.setattr(nc, "_word_hashes", lambda v: np.ones(max(1, v), dtype=np.uint64))  # sums: sizes only
-    got = nc._subset_pairs(offsets, words, v, among)  # repeated keys: the sorted join, every hit checked
+    got = nc._subset_pairs(offsets, words, v, among)  # every sum collides: every hit checked by its words
     assert set(zip(got[0].tolist(), got[1].tolist(), strict=True)) == want
 
 

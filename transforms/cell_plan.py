@@ -208,8 +208,9 @@ def _centroid_tensors(centroids: np.ndarray, low: bool) -> tuple:
     norm), made once per plan, not once per assigned batch."""
     import torch
 
-    if _CENTROIDS and _CENTROIDS[0][0] is centroids and _CENTROIDS[0][1] == low:
-        return _CENTROIDS[0][2]
+    last = _CENTROIDS[0] if _CENTROIDS else None  # read once: another stage's thread may replace it
+    if last is not None and last[0] is centroids and last[1] == low:
+        return last[2]
     c32 = torch.from_numpy(centroids)
     ct = c32.T.contiguous()
     made = (c32, ct, ct.to(torch.bfloat16) if low else ct, float(torch.linalg.vector_norm(c32, dim=1).max()))

@@ -102,7 +102,7 @@ class ClusterRecordsFn(beam.DoFn):
 
         shard, joined = item
         lookup = cluster_lookup(joined["a"])
-        clustered = pa.array(list(lookup), pa.string())
+        clustered = None if self.every_row else pa.array(list(lookup), pa.string())
         for _, part in sorted(joined["part"], key=lambda p: p[0]):
             progress.advance("triggers", len(part))
             rows = None

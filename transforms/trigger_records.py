@@ -327,7 +327,7 @@ def may_name_objects(metas) -> np.ndarray:
     _, off_buf, data_buf = text.buffers() if text.type == pa.string() else (None, None, None)
     if data_buf is not None and len(text):  # neither anywhere in the bytes: no row has one
         offsets = np.frombuffer(off_buf, np.int32)[text.offset : text.offset + len(text) + 1]
-        data = data_buf.to_pybytes()[offsets[0] : offsets[-1]] if offsets[-1] > offsets[0] else b""
+        data = data_buf[offsets[0] : offsets[-1]].to_pybytes() if offsets[-1] > offsets[0] else b""
         if b"objects" not in data and b"\\u" not in data:
             return np.zeros(len(text), dtype=bool)
     hit = pc.or_(pc.match_substring(metas, "objects"), pc.match_substring(metas, "\\u"))

@@ -138,21 +138,14 @@ def _batch_codes(batch, ws, os_) -> Iterator[tuple[str, list]]:
     yield from sorted(by_shard.items())
 
 
-def _code_by_shard(kv) -> tuple[str, tuple]:
-    """((key, shard), codes) -> (shard, (key, codes))."""
-    return kv[0][1], (kv[0][0], kv[1])
-
-
 class CodesByShard(BatchByShard):
     """((key, shard), codes) per record -> (shard, Batch of (key, codes)) per shard and bundle;
     elements already (shard, Batch) pass as they are (a caption stage that batches its codes)."""
 
-    def __init__(self):
-        super().__init__(route=_code_by_shard)
-
     def process(self, kv):
         """One call per coded record: a plain function (no generator) that returns nothing (an empty
-        tuple: Beam warns on None) unless a shard's batch is full."""
+        tuple: Beam warns on None) unless a shard's batch is full (the key and shard split here:
+        the base class's ``route`` is not used)."""
         if isinstance(kv[1], Batch):
             return [kv]
         (key, shard), codes = kv

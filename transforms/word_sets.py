@@ -32,9 +32,7 @@ def _word_sets(norms: list[str]):
         return _word_sets_exact(offsets, ids, len(vocab))  # two sets with one hash: by the words
     set_offsets = np.zeros(len(reps) + 1, dtype=np.int64)
     np.cumsum(sizes[reps], out=set_offsets[1:])
-    is_rep = np.zeros(len(cap_set), dtype=bool)
-    is_rep[reps] = True
-    return cap_set, set_offsets, ids[slots(offsets[:-1][reps], sizes[reps], run=False)[1]], len(vocab)
+    return cap_set, set_offsets, _words_of(reps, offsets, ids), len(vocab)
 
 
 def _words_of(rows: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
